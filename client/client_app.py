@@ -1,0 +1,100 @@
+"""The fedpggan ClientApp: one hospital site.
+
+``query``: reply with the site's public facts (size, image shape, class names).
+``train``: DP-SGD on the discriminator with the site's own images (client/site_round.py),
+reply with D's weights and the privacy spend. Nothing else leaves the site.
+
+A round that was trained but whose reply was lost (the server died) is replayed from the
+site's cache when the server asks for it again with the same inputs: the same output is
+released again, so the spend is not charged twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import warnings
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import SiteState, load_site_data, site_identity, state_dir
+from client.site_round import public_facts, run_site_round
+from fedpggan.build import build_gan
+from fedpggan.config import RunConfig
+from fedpggan.io import atomic_write_bytes
+from fedpggan.wire import arrays_sha256, generator_arrays, load_generators, reply_content
+
+# Keys the server adds to the run options in a message's "config" record.
+ROUND_KEYS = ("round", "run-id", "site-state-root")
+
+app = ClientApp()
+warnings.filterwarnings("ignore", module="opacus")
+
+
+def run_config_of(msg: Message) -> tuple[RunConfig, dict]:
+    raw = dict(msg.content["config"])
+    cfg = RunConfig.from_flower({k: v for k, v in raw.items() if k not in ROUND_KEYS})
+    return cfg, raw
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    cfg, _ = run_config_of(msg)
+    data = load_site_data(context.node_config, cfg)
+    facts = public_facts(site_identity(context.node_config), data)
+    return Message(RecordDict({"site": ConfigRecord(facts)}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, raw = run_config_of(msg)
+    torch.set_num_threads(max(1, int(cfg.client_cpus)))
+    round_num, run_id = int(raw["round"]), str(raw["run-id"])
+    site_id = site_identity(context.node_config)
+    state = SiteState.load(state_dir(context.node_config, raw), run_id)
+    input_sha = arrays_sha256(msg.content["d"], msg.content["g"])
+
+    cached = replay(state, round_num, input_sha)
+    if cached is not None:
+        return Message(cached, reply_to=msg)
+
+    data = load_site_data(context.node_config, cfg)
+    gan = build_gan(cfg, data.image_size, data.channels, data.num_classes)
+    gan.d.load_state_dict(msg.content["d"].to_torch_state_dict())
+    load_generators(gan, msg.content["g"])
+    site_index = int(context.node_config.get("partition-id", int(hashlib.sha256(site_id.encode()).hexdigest()[:8], 16)))
+    result = run_site_round(gan, data, cfg, state, round_num, site_index)
+    status = {"status": result.status, "site-id": site_id, "accountant": cfg.accountant, "replayed": False}
+    g_record = generator_arrays(gan) if cfg.generator_training == "local" and result.status == "trained" else None
+    privacy = {k: v for k, v in result.privacy.items() if v is not None and not (isinstance(v, float) and math.isinf(v))}
+    content = reply_content(gan.d.state_dict(), privacy, status, g_record)
+    if cfg.dp and result.status == "trained":
+        remember(state, round_num, input_sha, content)
+    return Message(content, reply_to=msg)
+
+
+def remember(state: SiteState, round_num: int, input_sha: str, content: RecordDict) -> None:
+    """Keep the last reply so a lost reply can be re-sent without training (and spending) again."""
+    buffer = io.BytesIO()
+    torch.save({
+        "round": round_num, "input_sha": input_sha,
+        "d": content["d"].to_torch_state_dict(),
+        "g": content["g"].to_torch_state_dict() if "g" in content else None,
+        "privacy": dict(content["privacy"]), "status": dict(content["status"]),
+    }, buffer)
+    atomic_write_bytes(state.reply_cache, buffer.getvalue())
+
+
+def replay(state: SiteState, round_num: int, input_sha: str) -> RecordDict | None:
+    """The cached reply of ``round_num`` if it was computed from exactly these inputs."""
+    if not state.reply_cache.exists():
+        return None
+    cached = torch.load(state.reply_cache, weights_only=False)
+    if cached["round"] != round_num or cached["input_sha"] != input_sha:
+        return None
+    status = {**cached["status"], "replayed": True}
+    g_record = ArrayRecord(cached["g"]) if cached["g"] is not None else None
+    return reply_content(cached["d"], cached["privacy"], status, g_record)

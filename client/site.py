@@ -1,0 +1,103 @@
+"""A hospital site: its own images and its persistent privacy state.
+
+Data: in a deployment the site's node config names its own data (``data-path``); in a
+simulation, the site is partition ``partition-id`` of the run's dataset.
+
+State: the site's accountant history lives in ``<state dir>/<run id>/site_state.json``
+and is written *before* a round trains (privacy first): a process that dies mid-round has
+already counted that round as spent, and a restarted site cannot overspend its budget.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedpggan.build import open_training_data
+from fedpggan.config import RunConfig
+from fedpggan.data import ImageDataset, open_dataset, partition
+from fedpggan.errors import FedPGGANError
+from fedpggan.io import atomic_write_json
+
+
+def site_identity(node_config: dict[str, Any]) -> str:
+    """The site id: ``site-id`` from the node config, else the simulation partition id."""
+    if "site-id" in node_config:
+        return str(node_config["site-id"])
+    if "partition-id" in node_config:
+        return str(node_config["partition-id"])
+    raise FedPGGANError("node config has neither 'site-id' nor 'partition-id'; start the SuperNode with --node-config \"site-id=... data-path=... state-dir=...\"")
+
+
+def load_site_data(node_config: dict[str, Any], cfg: RunConfig) -> ImageDataset:
+    """This site's training images (never leave the site)."""
+    if "data-path" in node_config:
+        return _open_cached(str(node_config["data-path"]), cfg.image_size)
+    if "partition-id" not in node_config:
+        raise FedPGGANError("node config lacks 'data-path'; start the SuperNode with --node-config \"data-path=/data/site.npz ...\"")
+    return _partition_cached(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.partition, cfg.alpha,
+                             cfg.min_per_site, int(node_config["num-partitions"]), int(node_config["partition-id"]))
+
+
+# Loaded datasets are immutable; caching them per process saves reloading every round.
+@functools.lru_cache(maxsize=4)
+def _open_cached(path: str, image_size: int) -> ImageDataset:
+    return open_dataset(path, "train", None, image_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _partition_cached(dataset: str, data_dir: str, image_size: int, seed: int, scheme: str, alpha: float,
+                      min_per_site: int, num_sites: int, site: int) -> ImageDataset:
+    cfg = RunConfig(dataset=dataset, data_dir=data_dir, image_size=image_size, seed=seed)
+    data = open_training_data(cfg)
+    parts = partition(data.labels.numpy(), num_sites, scheme, alpha, min_per_site, seed)
+    return data.subset(parts[site])
+
+
+def state_dir(node_config: dict[str, Any], config: dict[str, Any]) -> Path:
+    """Where this site keeps its accountant: ``state-dir`` (deployment) or the run's sites/ folder."""
+    if "state-dir" in node_config:
+        return Path(str(node_config["state-dir"]))
+    if config.get("site-state-root"):
+        return Path(str(config["site-state-root"])) / f"site_{site_identity(node_config)}"
+    raise FedPGGANError("no state directory for the site's accountant; set --node-config \"state-dir=...\"")
+
+
+@dataclass
+class SiteState:
+    """A site's privacy state for one run: mechanism, history, and what each round did."""
+
+    path: Path
+    run_id: str
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    delta: float | None = None
+    budget_epsilon: float | None = None
+    accountant: str = "prv"
+    planned_steps: int = 0
+    history: list[list[float]] = field(default_factory=list)
+    rounds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    exhausted: bool = False
+
+    @classmethod
+    def load(cls, root: Path, run_id: str) -> "SiteState":
+        path = root / run_id / "site_state.json"
+        if not path.exists():
+            return cls(path=path, run_id=run_id)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise FedPGGANError(f"{path}: site privacy state is corrupt ({exc.msg}); restore it from backup -- never delete it, or the site's spend is forgotten") from exc
+        return cls(path=path, **{k: v for k, v in data.items() if k != "path"})
+
+    def save(self) -> None:
+        data = asdict(self)
+        data.pop("path")
+        atomic_write_json(self.path, data)
+
+    @property
+    def reply_cache(self) -> Path:
+        return self.path.parent / "last_reply.pt"

@@ -1,0 +1,3 @@
+"""fedpggan: federated, differentially private Parallel-Generator GAN for medical images."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,65 @@
+"""Turn a RunConfig and a dataset into the objects a trainer needs (shared by every trainer)."""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import numpy as np
+import torch
+
+from fedpggan.config import RunConfig, class_prior
+from fedpggan.data import ImageDataset, open_dataset
+from fedpggan.errors import FedPGGANError
+from pggan_model import PGGAN, GANConfig, ModelShape
+
+
+def open_training_data(cfg: RunConfig, split: str = "train") -> ImageDataset:
+    """The run's dataset; ``auto`` means PneumoniaMNIST when it can be found, else phantom.
+
+    Only ``auto`` falls back, loudly: a dataset the user named that cannot be found is an error.
+    """
+    if cfg.dataset != "auto":
+        return open_dataset(cfg.dataset, split, cfg.data_dir or None, cfg.image_size, cfg.seed)
+    try:
+        return open_dataset("pneumoniamnist", split, cfg.data_dir or None, cfg.image_size, cfg.seed)
+    except FedPGGANError as exc:
+        warnings.warn(f"--dataset auto: {exc} -- using 'phantom' instead (procedurally generated, NOT medical data)")
+        return open_dataset("phantom", split, None, cfg.image_size, cfg.seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FedPGGANError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derived_seed(*parts: int) -> int:
+    """A seed for one (run seed, round, site, ...) tuple: rounds are reproducible on their own,
+    which is what makes a resumed run equal an uninterrupted one."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def build_gan(cfg: RunConfig, image_size: int, channels: int, num_classes: int) -> PGGAN:
+    shape = ModelShape(image_size=image_size, channels=channels, num_classes=num_classes,
+                       latent_dim=cfg.latent_dim, g_width=cfg.g_width, d_width=cfg.d_width)
+    gan_cfg = GANConfig(loss_rule=cfg.loss_rule, lr_g=cfg.lr_g, lr_d=cfg.lr_d, ema_decay=cfg.ema_decay)
+    return PGGAN(shape, gan_cfg)
+
+
+def prior_tensor(cfg: RunConfig, num_classes: int) -> torch.Tensor | None:
+    """The public class prior as a tensor (None = uniform); must match the class count."""
+    weights = class_prior(cfg.class_prior)
+    if weights is None:
+        return None
+    if len(weights) != num_classes:
+        raise FedPGGANError(f"--class-prior has {len(weights)} weights but the dataset has {num_classes} classes")
+    return torch.tensor(weights, dtype=torch.float)

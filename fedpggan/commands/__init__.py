@@ -1,0 +1,1 @@
+"""Sub-commands of the ``fedpggan`` CLI (see fedpggan/cli.py)."""

@@ -1,0 +1,31 @@
+"""``fedpggan train``: the centralised trainer."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from fedpggan import config
+
+OPTIONS = [
+    "dataset", "data_dir", "image_size", "class_prior", "epochs", "batch_size", "g_batch_size", "d_steps",
+    "loss_rule", "lr_d", "lr_g", "ema_decay", "latent_dim", "g_width", "d_width", "epsilon", "delta",
+    "max_grad_norm", "accountant", "grad_sample_mode", "checkpoint_every", "keep_checkpoints",
+    "device", "seed", "out",
+]
+# Centralised training is plain PyTorch unless a budget is asked for (--epsilon E).
+DEFAULTS = {"epsilon": math.inf}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the PGGAN on one machine (DP with --epsilon E)",
+                       description="Centralised PGGAN training; with --epsilon E, D is trained with Opacus DP-SGD.")
+    config.add_arguments(p, OPTIONS, DEFAULTS)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedpggan.train import train_centralised
+
+    train_centralised(config.resolve(args, OPTIONS, DEFAULTS))
+    return 0

@@ -1,0 +1,201 @@
+"""Every run option, in one place: defaults, help, types, validation, TOML and Flower I/O.
+
+The CLI flags, the ``--config`` TOML file and Flower's ``run_config`` all map onto
+:class:`RunConfig`; precedence is defaults < TOML file < command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedpggan.errors import FedPGGANError
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, group: str = "run") -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+
+
+@dataclass
+class RunConfig:
+    # --- data ------------------------------------------------------------------------
+    dataset: str = opt("auto", "MedMNIST name (pneumoniamnist, breastmnist, ...), path to an .npz, an ImageFolder directory, or 'phantom' (offline, not medical data); 'auto' = pneumoniamnist when found, else phantom with a warning", group="data")
+    data_dir: str = opt("", "folder holding MedMNIST .npz files (else $MEDMNIST_ROOT, ~/.medmnist)", group="data")
+    image_size: int = opt(28, "image size to train at (28, 32, 64, ...); data are resized if needed", group="data")
+    partition: str = opt("iid", "how records are split into sites", ("iid", "dirichlet", "quantity"), group="data")
+    alpha: float = opt(0.5, "Dirichlet concentration for --partition dirichlet/quantity (smaller = more skew)", group="data")
+    min_per_site: int = opt(20, "fewest records any site may hold", group="data")
+    class_prior: str = opt("uniform", "public class prior for fake labels: 'uniform' or comma-separated weights, e.g. '0.3,0.7'", group="data")
+    # --- federation ------------------------------------------------------------------
+    clients: int = opt(5, "number of simulated sites", group="federation")
+    rounds: int = opt(200, "federated rounds", group="federation")
+    fraction: float = opt(1.0, "fraction of sites selected each round", group="federation")
+    min_clients: int = opt(0, "fewest replies a round needs (0 = all selected sites)", group="federation")
+    local_steps: int = opt(10, "DP-SGD steps on D at each site per round", group="federation")
+    g_steps: int = opt(2, "generator steps on the server per round", group="federation")
+    generator_training: str = opt("server", "where G1/G2 learn: 'server' (default) or 'local' at each site, then averaged", ("server", "local"), group="federation")
+    aggregation: str = opt("fedavg", "how D updates are combined (equal weights)", ("fedavg", "median", "trimmed-mean"), group="federation")
+    round_timeout: float = opt(600.0, "seconds to wait for a round's replies", group="federation")
+    sample_every: int = opt(25, "write a sample grid every N rounds (and at the end)", group="federation")
+    checkpoint_every: int = opt(1, "write a checkpoint every N rounds/epochs (and at the end); every round makes --resume exact", group="federation")
+    keep_checkpoints: int = opt(3, "how many recent checkpoints to keep", group="federation")
+    client_cpus: float = opt(1.0, "CPU cores per simulated site", group="federation")
+    client_gpus: float = opt(0.0, "GPU share per simulated site (e.g. 0.2 lets 5 sites share one GPU)", group="federation")
+    # --- centralised trainer ---------------------------------------------------------
+    epochs: int = opt(20, "centralised training: passes over the data", group="centralised")
+    d_steps: int = opt(5, "centralised training: D steps per generator step", group="centralised")
+    # --- optimisation ----------------------------------------------------------------
+    batch_size: int = opt(64, "expected real batch per D step (Poisson sampling under DP); also the fake batch size", group="optimisation")
+    g_batch_size: int = opt(128, "batch per generator step", group="optimisation")
+    lr_d: float = opt(2e-4, "discriminator learning rate (Adam)", group="optimisation")
+    lr_g: float = opt(2e-4, "generator learning rate (Adam)", group="optimisation")
+    ema_decay: float = opt(0.995, "EMA decay of the sampling generators", group="optimisation")
+    loss_rule: str = opt("average", "generator loss rule", ("average", "mean", "single"), group="optimisation")
+    latent_dim: int = opt(64, "generator latent size", group="optimisation")
+    g_width: int = opt(64, "generator base width", group="optimisation")
+    d_width: int = opt(32, "discriminator base width", group="optimisation")
+    # --- privacy ---------------------------------------------------------------------
+    epsilon: float = opt(10.0, "per-site privacy budget epsilon; 'none' trains without DP", group="privacy")
+    delta: float = opt(0.0, "per-site delta (0 = min(1e-5, 1/(10 n_site)))", group="privacy")
+    max_grad_norm: float = opt(1.0, "per-sample gradient clipping norm C", group="privacy")
+    accountant: str = opt("prv", "Opacus accountant", ("prv", "rdp"), group="privacy")
+    grad_sample_mode: str = opt("hooks", "Opacus per-sample gradient mode", ("hooks", "functorch", "ghost"), group="privacy")
+    # --- run -------------------------------------------------------------------------
+    device: str = opt("auto", "where to train", ("auto", "cpu", "cuda"))
+    seed: int = opt(0, "random seed (runs are deterministic for a seed on CPU)")
+    out: str = opt("", "run folder (default runs/<timestamp>)")
+
+    @property
+    def dp(self) -> bool:
+        return not math.isinf(self.epsilon)
+
+    def validate(self) -> "RunConfig":
+        """Check ranges; each failure is one line naming the option and a valid value."""
+        positive = ("clients", "rounds", "local_steps", "batch_size", "g_batch_size", "epochs", "d_steps",
+                    "image_size", "latent_dim", "g_width", "d_width", "sample_every", "checkpoint_every",
+                    "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise FedPGGANError(f"--{flag(name)} {getattr(self, name)} is invalid: it must be >= 1")
+        for name in ("g_steps", "min_clients", "min_per_site", "client_gpus", "delta"):
+            if getattr(self, name) < 0:
+                raise FedPGGANError(f"--{flag(name)} {getattr(self, name)} is invalid: it must be >= 0")
+        for name in ("alpha", "lr_d", "lr_g", "max_grad_norm", "epsilon", "round_timeout", "client_cpus"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise FedPGGANError(f"--{flag(name)} {value} is invalid: it must be > 0")
+        if not 0 < self.fraction <= 1:
+            raise FedPGGANError(f"--fraction {self.fraction} is invalid: it must be in (0, 1]")
+        if not 0 <= self.ema_decay < 1:
+            raise FedPGGANError(f"--ema-decay {self.ema_decay} is invalid: it must be in [0, 1)")
+        if self.delta >= 1:
+            raise FedPGGANError(f"--delta {self.delta} is invalid: it must be < 1 (typically 1e-5)")
+        if self.min_clients > self.clients:
+            raise FedPGGANError(f"--min-clients {self.min_clients} exceeds --clients {self.clients}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise FedPGGANError(f"--{flag(f.name)} {getattr(self, f.name)!r} is invalid: choose one of {', '.join(choices)}")
+        class_prior(self.class_prior)  # raises on a malformed prior
+        return self
+
+    # --- Flower run_config (kebab-case keys, scalar values) -----------------------------
+    def to_flower(self) -> dict[str, Any]:
+        return {flag(k): ("none" if k == "epsilon" and not self.dp else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_flower(cls, run_config: dict[str, Any]) -> "RunConfig":
+        values = {k.replace("-", "_"): v for k, v in run_config.items()}
+        return cls.from_dict(values, source="Flower run_config")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str) -> "RunConfig":
+        """Defaults overridden by ``values`` (typed and checked); unknown keys are errors."""
+        known = {f.name: f for f in fields(cls)}
+        out = cls()
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise FedPGGANError(f"{source}: unknown option '{key}'; see 'fedpggan simulate --help' for valid names")
+            setattr(out, name, coerce(name, value, known[name].default, source))
+        return out.validate()
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def coerce(name: str, value: Any, default: Any, source: str) -> Any:
+    """Convert ``value`` to the option's type; 'none'/'inf' for epsilon means no DP."""
+    if name == "epsilon" and isinstance(value, str) and value.strip().lower() in ("none", "inf", "off"):
+        return math.inf
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise FedPGGANError(f"{source}: option '{flag(name)}' = {value!r} is not a valid {type(default).__name__}") from None
+
+
+def class_prior(spec: str) -> list[float] | None:
+    """Parse --class-prior: None for uniform, else normalised weights (public, user given)."""
+    if spec.strip().lower() == "uniform":
+        return None
+    try:
+        weights = [float(w) for w in spec.split(",")]
+    except ValueError:
+        raise FedPGGANError(f"--class-prior {spec!r} is invalid: use 'uniform' or weights like '0.3,0.7'") from None
+    if len(weights) < 2 or any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
+        raise FedPGGANError(f"--class-prior {spec!r} is invalid: give one non-negative weight per class")
+    return [w / sum(weights) for w in weights]
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FedPGGANError(f"--config {path}: file not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise FedPGGANError(f"--config {path}: invalid TOML ({exc})") from None
+    # Accept a flat file or one with a [fedpggan] table.
+    return data.get("fedpggan", data)
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: list[str], defaults: dict[str, Any] | None = None) -> None:
+    """Add ``--flag`` options for the named RunConfig fields, grouped as in the dataclass."""
+    defaults = defaults or {}
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(RunConfig):
+        if f.name not in names:
+            continue
+        group = groups.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
+        default = defaults.get(f.name, f.default)
+        shown = "none" if isinstance(default, float) and math.isinf(default) else default
+        group.add_argument(
+            f"--{flag(f.name)}", dest=f.name, default=argparse.SUPPRESS, metavar=type(f.default).__name__.upper(),
+            choices=f.metadata["choices"], help=f"{f.metadata['help']} (default: {shown!r})",
+        )
+    parser.add_argument("--config", metavar="FILE", help="TOML file of options (flags override it)")
+
+
+def resolve(args: argparse.Namespace, names: list[str], defaults: dict[str, Any] | None = None) -> RunConfig:
+    """defaults < command defaults < TOML file < flags, then validated."""
+    values: dict[str, Any] = dict(defaults or {})
+    if getattr(args, "config", None):
+        values.update(load_toml(args.config))
+    values.update({n: getattr(args, n) for n in names if hasattr(args, n)})
+    return RunConfig.from_dict(values, source=f"--config {args.config}" if getattr(args, "config", None) else "options")

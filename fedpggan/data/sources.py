@@ -1,0 +1,38 @@
+"""``--dataset SPEC`` -> :class:`ImageDataset`: one option for every kind of source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedpggan.data.dataset import ImageDataset
+from fedpggan.data.folder import load_folder
+from fedpggan.data.medmnist import MEDMNIST, resolve
+from fedpggan.data.npz import load_npz
+from fedpggan.data.phantom import open_phantom
+from fedpggan.errors import FedPGGANError
+
+SPLITS = ("train", "val", "test")
+DEFAULT_IMAGE_SIZE = 28
+
+
+def open_dataset(spec: str, split: str = "train", data_dir: str | None = None,
+                 image_size: int | None = None, seed: int = 0) -> ImageDataset:
+    """Open ``split`` of ``spec``: a MedMNIST name, an ``.npz`` path, an ImageFolder directory
+    or ``phantom``. ``image_size`` resizes (None keeps npz images as stored, 28 otherwise);
+    ``seed`` only affects the generated phantom."""
+    if split not in SPLITS:
+        raise FedPGGANError(f"split {split!r}: unknown; choose train, val or test")
+    if image_size is not None and image_size < 4:
+        raise FedPGGANError(f"--image-size {image_size}: must be >= 4")
+    if spec.lower() == "phantom":
+        return open_phantom(split, image_size=image_size or DEFAULT_IMAGE_SIZE, seed=seed)
+    if spec.lower() in MEDMNIST:
+        name = spec.lower()
+        return load_npz(resolve(name, data_dir, image_size), split, name, image_size)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return load_folder(path, split, spec, image_size or DEFAULT_IMAGE_SIZE)
+    if path.suffix.lower() == ".npz" or path.is_file():
+        return load_npz(path, split, spec, image_size)
+    raise FedPGGANError(f"--dataset {spec}: not a MedMNIST name ({', '.join(MEDMNIST)}), an .npz file, "
+                        "an ImageFolder directory or 'phantom'; check the spelling or path")

@@ -1,0 +1,156 @@
+"""Train the discriminator on one data holder's records, with Opacus DP-SGD or plainly.
+
+Used by a federated site (client/) and by the centralised trainer alike. Privacy
+assumptions (DP mode):
+- real records enter D only through Opacus: Poisson sampling at rate q, per-sample clipping
+  to ``max_grad_norm``, Gaussian noise of std ``noise_multiplier * max_grad_norm``;
+- fakes are generated from public inputs (generator weights, labels from the public class
+  prior), in a batch of fixed size, so they neither depend on nor reveal the real batch;
+- real and fake images go through D in one forward pass (``torch.cat``), which every Opacus
+  grad-sample mode supports (ghost clipping rejects two forward passes per step).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedpggan.privacy.accounting import History, epsilon_of
+from pggan_model import PGGAN, discriminator_loss
+from pggan_model.losses import real_fake_targets
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+
+
+def sample_rate(num_records: int, batch_size: int) -> float:
+    """Poisson sampling rate Opacus uses for a loader of ``batch_size`` over ``num_records``."""
+    return 1.0 / math.ceil(num_records / batch_size)
+
+
+def strip_opacus_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Opacus wraps the model as ``_module``: drop that prefix when weights leave the wrapper."""
+    return {k.removeprefix("_module."): v for k, v in state.items()}
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """The DP-SGD mechanism of one data holder (fixed for a whole run)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    accountant: str = "prv"
+    grad_sample_mode: str = "hooks"
+
+
+class DiscriminatorTrainer:
+    """Runs D steps on one holder's images; in DP mode, keeps the accountant history.
+
+    ``history`` is the spend before this trainer was made (e.g. from earlier rounds): the
+    Opacus accountant starts from it, so epsilon always covers every step ever taken.
+    """
+
+    def __init__(
+        self,
+        gan: PGGAN,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        privacy: PrivacySettings | None = None,
+        history: History | None = None,
+        prior: torch.Tensor | None = None,
+    ) -> None:
+        self.gan, self.batch_size, self.privacy, self.prior = gan, batch_size, privacy, prior
+        self.device = next(gan.parameters()).device
+        c = gan.config
+        # Train a copy: Opacus attaches hooks and renames parameters (``_module.``).
+        self.d = copy.deepcopy(gan.d).train()
+        optimizer = torch.optim.Adam(self.d.parameters(), lr=c.lr_d, betas=(c.beta1, c.beta2))
+        loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=privacy is None)
+        self.criterion = None
+        self.engine = None
+        if privacy is None:
+            self.model, self.optimizer, self.loader = self.d, optimizer, loader
+        else:
+            torch.backends.cudnn.benchmark = False  # Poisson batch shapes vary every step
+            self.engine = PrivacyEngine(accountant=privacy.accountant)
+            self.engine.accountant.history = list(history or [])
+            wrapped = self.engine.make_private(
+                module=self.d,
+                optimizer=optimizer,
+                data_loader=loader,
+                criterion=torch.nn.BCEWithLogitsLoss(),
+                noise_multiplier=privacy.noise_multiplier,
+                max_grad_norm=privacy.max_grad_norm,
+                poisson_sampling=True,
+                grad_sample_mode=privacy.grad_sample_mode,
+            )
+            if privacy.grad_sample_mode == "ghost":
+                self.model, self.optimizer, self.criterion, self.loader = wrapped
+            else:
+                self.model, self.optimizer, self.loader = wrapped
+        self._batches = iter(self.loader)
+
+    @property
+    def sample_rate(self) -> float:
+        return 1.0 / len(self.loader)
+
+    @property
+    def history(self) -> History:
+        """The accountant's history: (noise multiplier, sample rate, steps) entries."""
+        return [] if self.engine is None else [tuple(h) for h in self.engine.accountant.history]
+
+    def epsilon(self) -> float:
+        if self.privacy is None:
+            return math.inf
+        return epsilon_of(self.history, self.privacy.delta, self.privacy.accountant)
+
+    def _next_real_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return next(self._batches)
+        except StopIteration:
+            self._batches = iter(self.loader)
+            return next(self._batches)
+
+    def step(self) -> dict[str, float]:
+        """One D step on a real batch and a fixed-size batch of fakes from both generators.
+
+        The returned statistics are computed from real records: fine on the holder's own
+        machine, never to be sent off a federated site in the clear.
+        """
+        real, real_labels = self._next_real_batch()
+        real, real_labels = real.to(self.device), real_labels.to(self.device)
+        fake, fake_labels = self.gan.fake_batch(self.batch_size, self.prior)
+        logits = self.model(torch.cat([real, fake]), torch.cat([real_labels, fake_labels]))
+        n_real = real.shape[0]
+        if self.criterion is not None:  # ghost clipping: the wrapped criterion runs both passes
+            loss = self.criterion(logits, real_fake_targets(logits, n_real))
+        else:
+            loss = discriminator_loss(logits, n_real)
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # images need no gradient; torch warns about Opacus' hooks
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            correct_real = (logits[:n_real] > 0).float().sum()
+            correct_fake = (logits[n_real:] <= 0).float().mean()
+            bce = F.binary_cross_entropy_with_logits(logits.detach(), real_fake_targets(logits, n_real))
+        return {
+            "d_loss": float(bce),
+            "d_acc_real": float(correct_real / max(n_real, 1)) if n_real else float("nan"),
+            "d_acc_fake": float(correct_fake),
+        }
+
+    def train(self, steps: int) -> list[dict[str, float]]:
+        """``steps`` D steps; afterwards ``gan.d`` holds the new weights."""
+        stats = [self.step() for _ in range(steps)]
+        self.gan.d.load_state_dict(strip_opacus_prefix(self.model.state_dict()))
+        return stats

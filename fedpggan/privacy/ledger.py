@@ -1,0 +1,85 @@
+"""The run's privacy ledger: everything an auditor needs to recompute every epsilon.
+
+Per site: the budget, delta, accountant, mechanism parameters (noise multiplier, sample
+rate, clipping norm), the planned number of steps the noise was calibrated for, and per
+round the steps taken and the cumulative epsilon. The run-level guarantee is the maximum
+over sites (each site's records are protected by that site's own accountant).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from fedpggan.io import atomic_write_json
+
+ASSUMPTIONS = [
+    "unit of privacy: one image (record) at one site; add/remove adjacency",
+    "each site's (epsilon, delta) covers every D step that site ever took (accountant history is never reset)",
+    "site record counts are public: they set the sample rate recorded here",
+    "the class prior used for fake labels is public (uniform or given by the user), never the private label counts",
+    "aggregation uses equal weights, so no site's record count enters the model",
+    "generator training and everything the server does touch no real data: post-processing of DP outputs",
+]
+
+
+def finite_or_none(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+class PrivacyLedger:
+    """In-memory ledger, written atomically to ``privacy_ledger.json`` after every change."""
+
+    def __init__(self, path: str | Path, run_id: str, dp: bool, versions: dict[str, str], mechanism: str) -> None:
+        self.path = Path(path)
+        self.data: dict[str, Any] = {
+            "format": 1,
+            "run_id": run_id,
+            "dp": dp,
+            "mechanism": mechanism,
+            "assumptions": ASSUMPTIONS if dp else ["NO differential privacy: this run trained D on real data without DP-SGD"],
+            "versions": versions,
+            "sites": {},
+            "checkpoints": [],
+            "guarantee": {},
+        }
+
+    @classmethod
+    def load(cls, path: str | Path, data: dict[str, Any]) -> "PrivacyLedger":
+        ledger = cls.__new__(cls)
+        ledger.path, ledger.data = Path(path), data
+        return ledger
+
+    def site(self, site_id: str) -> dict[str, Any]:
+        return self.data["sites"][site_id]
+
+    def register_site(self, site_id: str, **mechanism: Any) -> None:
+        """First contact with a site: its budget and mechanism (noise multiplier, q, C, ...)."""
+        entry = self.data["sites"].setdefault(site_id, {"rounds": [], "events": [], "status": "active", "epsilon": 0.0})
+        entry.update(mechanism)
+
+    def record_round(self, site_id: str, round_num: int, **spend: Any) -> None:
+        """A round a site trained in: steps, mechanism, cumulative epsilon (as the site reported)."""
+        entry = self.site(site_id)
+        entry["rounds"].append({"round": round_num, **spend})
+        entry["epsilon"] = spend.get("epsilon", entry["epsilon"])
+
+    def record_event(self, site_id: str, round_num: int, event: str, reason: str, status: str | None = None) -> None:
+        entry = self.data["sites"].setdefault(site_id, {"rounds": [], "events": [], "status": "active", "epsilon": 0.0})
+        entry["events"].append({"round": round_num, "event": event, "reason": reason})
+        if status:
+            entry["status"] = status
+
+    def record_checkpoint(self, round_num: int, file: str, sha256: str) -> None:
+        self.data["checkpoints"].append({"round": round_num, "file": file, "sha256": sha256})
+
+    def save(self) -> None:
+        sites = self.data["sites"].values()
+        eps = [s["epsilon"] for s in sites if s.get("epsilon") is not None]
+        self.data["guarantee"] = {
+            "epsilon": finite_or_none(max(eps)) if eps and self.data["dp"] else None,
+            "delta": max((s.get("delta", 0.0) for s in sites), default=None) if self.data["dp"] else None,
+            "meaning": "every site's records are (epsilon, delta)-DP w.r.t. everything released" if self.data["dp"] else "no DP guarantee",
+        }
+        atomic_write_json(self.path, self.data)

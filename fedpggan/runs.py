@@ -1,0 +1,131 @@
+"""The run folder: one place that knows where a run keeps what.
+
+    RUN/run.json               resolved config, dataset, partition, versions, status, ledger hash
+    RUN/privacy_ledger.json    per-site, per-round DP spend (see fedpggan.privacy.ledger)
+    RUN/metrics.jsonl          one JSON line per round (federated) or epoch (centralised)
+    RUN/checkpoints/ckpt_NNNNN.pt + index.json (file name, round, sha256; last N kept)
+    RUN/samples/*.png          sample grids, one row per class
+    RUN/curves/*.png           loss, case-count and epsilon curves
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import warnings
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from fedpggan.errors import FedPGGANError
+from fedpggan.io import atomic_write_json, sha256_file
+
+VERSIONED_PACKAGES = ("fedpggan", "torch", "torchvision", "opacus", "flwr", "numpy")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+class RunFolder:
+    """Paths and crash-safe writers for one run folder."""
+
+    def __init__(self, root: str | Path, keep_checkpoints: int = 3) -> None:
+        self.root = Path(root)
+        self.keep_checkpoints = keep_checkpoints
+
+    run_json = property(lambda self: self.root / "run.json")
+    ledger_json = property(lambda self: self.root / "privacy_ledger.json")
+    metrics_jsonl = property(lambda self: self.root / "metrics.jsonl")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    samples = property(lambda self: self.root / "samples")
+    curves = property(lambda self: self.root / "curves")
+
+    def create(self, overwrite: bool = False) -> None:
+        """Make the folder; refuse one that already holds a run unless ``overwrite``."""
+        if self.run_json.exists() and not overwrite:
+            raise FedPGGANError(
+                f"{self.root}: already holds a run; choose another --out (or --resume it)"
+            )
+        for sub in (self.root, self.checkpoints, self.samples, self.curves):
+            sub.mkdir(parents=True, exist_ok=True)
+
+    def read_json(self, path: Path) -> Any:
+        if not path.is_file():
+            raise FedPGGANError(f"{path}: not found; is {self.root} a fedpggan run folder?")
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise FedPGGANError(f"{path}: unreadable JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from exc
+
+    def read_run(self) -> dict[str, Any]:
+        return self.read_json(self.run_json)
+
+    def write_run(self, run: dict[str, Any]) -> None:
+        """Write run.json, recording the current ledger's hash so tampering is detectable."""
+        if self.ledger_json.exists():
+            run["ledger_sha256"] = sha256_file(self.ledger_json)
+        atomic_write_json(self.run_json, run)
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.metrics_jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_jsonl.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_jsonl.read_text().splitlines() if line.strip()]
+
+    # --- checkpoints -----------------------------------------------------------------
+    def checkpoint_index(self) -> list[dict[str, Any]]:
+        index = self.checkpoints / "index.json"
+        return self.read_json(index) if index.exists() else []
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoints / f"ckpt_{step:05d}.pt"
+
+    def record_checkpoint(self, step: int, sha256: str) -> None:
+        """Add a written checkpoint to the index and delete the oldest beyond ``keep``."""
+        entries = [e for e in self.checkpoint_index() if e["round"] != step]
+        entries.append({"round": step, "file": self.checkpoint_path(step).name, "sha256": sha256})
+        entries.sort(key=lambda e: e["round"])
+        for old in entries[: -self.keep_checkpoints]:
+            (self.checkpoints / old["file"]).unlink(missing_ok=True)
+        atomic_write_json(self.checkpoints / "index.json", entries[-self.keep_checkpoints :])
+
+    def latest_checkpoint(self) -> tuple[Path, dict[str, Any]]:
+        """Newest checkpoint whose content hash verifies; a corrupt one is skipped with a warning."""
+        entries = self.checkpoint_index()
+        if not entries:
+            raise FedPGGANError(f"{self.root}: no checkpoints found; train a run first or pass a run folder")
+        for entry in reversed(entries):
+            path = self.checkpoints / entry["file"]
+            if path.is_file() and sha256_file(path) == entry["sha256"]:
+                return path, entry
+            warnings.warn(f"{path}: missing or hash mismatch (corrupt or truncated); using an earlier checkpoint")
+        raise FedPGGANError(f"{self.root}: every checkpoint fails its hash check; the run cannot be used")
+
+
+def resolve_checkpoint(run_or_file: str | Path) -> Path:
+    """A run folder (its newest verified checkpoint) or a checkpoint file, as given by the user."""
+    path = Path(run_or_file)
+    if path.is_dir():
+        return RunFolder(path).latest_checkpoint()[0]
+    if path.is_file():
+        return path
+    raise FedPGGANError(f"{path}: no such run folder or checkpoint file")

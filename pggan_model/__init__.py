@@ -1,0 +1,12 @@
+"""Parallel-Generator GAN (PGGAN) in pure PyTorch: networks, losses, sampling, checkpoints."""
+
+from pggan_model.checkpoint import gan_from_checkpoint, load_checkpoint, save_checkpoint
+from pggan_model.losses import CASES, LOSS_RULES, discriminator_loss, generator_rule_loss, rule_weights
+from pggan_model.networks import Discriminator, Generator, ModelShape
+from pggan_model.pggan import GANConfig, GeneratorTrainer, PGGAN
+
+__all__ = [
+    "CASES", "LOSS_RULES", "Discriminator", "GANConfig", "Generator", "GeneratorTrainer", "ModelShape",
+    "PGGAN", "discriminator_loss", "gan_from_checkpoint", "generator_rule_loss", "load_checkpoint",
+    "rule_weights", "save_checkpoint",
+]

@@ -1,0 +1,320 @@
+"""The server side of a federated run: rounds, aggregation, generator training, ledger.
+
+The server owns G1 and G2 and never sees a real image: it sends D and the generators to
+the sites, receives DP-trained discriminators and each site's privacy spend, averages the
+discriminators, and trains the generators against the average (post-processing).
+Rounds are seeded from (seed, round), so a run resumed from its last checkpoint continues
+exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from tqdm import tqdm
+
+from fedpggan.build import build_gan, derived_seed, pick_device, prior_tensor
+from fedpggan.config import RunConfig
+from fedpggan.errors import FedPGGANError
+from fedpggan.plots import save_curves, save_sample_grid
+from fedpggan.privacy import calibrate_noise, default_delta
+from fedpggan.privacy.dp_discriminator import sample_rate
+from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
+from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
+from fedpggan.wire import train_content
+from pggan_model import CASES, GeneratorTrainer, load_checkpoint, save_checkpoint
+from server.aggregation import aggregate
+from server.validation import update_problem
+
+# Rounds in a row with fewer than --min-clients valid replies before the run stops.
+MAX_FAILED_ROUNDS = 3
+SERVER_STREAM = 1_000_003  # seed stream of the server's own randomness (selection, G steps)
+
+CURVE_PANELS = {
+    "generator losses": ["loss_g1", "loss_g2"],
+    "average-loss rule cases": [f"case_{c}" for c in CASES],
+    "D score of fakes (server side)": ["d_fake_score"],
+}
+
+
+class FederatedRun:
+    """One run: call :meth:`run` with a Flower Grid."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, resume: bool = False) -> None:
+        self.grid, self.cfg, self.resume = grid, cfg, resume
+        self.folder = RunFolder(cfg.out or default_run_dir(), cfg.keep_checkpoints)
+        self.device = pick_device(cfg.device)
+        self.sites: dict[int, dict[str, Any]] = {}  # node id -> public facts
+        self.expected_mechanism: dict[str, tuple[float, float, float]] = {}
+        self.failed_rounds = 0
+
+    # --- set-up ------------------------------------------------------------------------
+    def run(self) -> Path:
+        cfg = self.cfg
+        if not self.resume:
+            self.folder.create()
+        self.sites = self.discover_sites()
+        facts = next(iter(self.sites.values()))
+        self.class_names = list(facts["class-names"])
+        self.gan = build_gan(cfg, int(facts["image-size"]), int(facts["channels"]), len(self.class_names)).to(self.device)
+        self.g_trainer = GeneratorTrainer(self.gan)
+        self.prior = prior_tensor(cfg, len(self.class_names))
+        first_round = self.restore() if self.resume else self.start(facts)
+        status, reason = "completed", f"{cfg.rounds} rounds done"
+        bar = tqdm(range(first_round, cfg.rounds + 1), desc="rounds", unit="round", initial=first_round - 1, total=cfg.rounds)
+        for round_num in bar:
+            outcome = self.run_round(round_num)
+            eps = self.ledger.data["guarantee"].get("epsilon")
+            bar.set_postfix(eps=f"{eps:.2f}" if eps is not None else "no DP", sites=outcome)
+            if not self.active_nodes():
+                status, reason = "completed", f"every site exhausted its budget or was excluded by round {round_num}"
+                break
+            if self.failed_rounds >= MAX_FAILED_ROUNDS:
+                status, reason = "stopped", f"fewer than --min-clients valid replies for {MAX_FAILED_ROUNDS} rounds in a row; resume with --resume {self.folder.root}"
+                break
+        self.finish(status, reason)
+        return self.folder.root
+
+    def discover_sites(self) -> dict[int, dict[str, Any]]:
+        """Wait for the sites to connect, then ask each for its public facts."""
+        deadline = time.monotonic() + self.cfg.round_timeout
+        nodes = list(self.grid.get_node_ids())
+        while len(nodes) < self.cfg.clients and time.monotonic() < deadline:
+            time.sleep(1.0)
+            nodes = list(self.grid.get_node_ids())
+        if not nodes:
+            raise FedPGGANError(f"no site connected within --round-timeout {self.cfg.round_timeout}s; start the SuperNodes first")
+        config = ConfigRecord(self.cfg.to_flower())
+        messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type="query") for n in nodes]
+        sites = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
+            if reply.has_error():
+                print(f"warning: node {reply.metadata.src_node_id} failed to describe itself: {reply.error.reason}")
+                continue
+            sites[reply.metadata.src_node_id] = dict(reply.content["site"])
+        if not sites:
+            raise FedPGGANError("no site could load its data; check each site's data path (see 'fedpggan site check')")
+        shapes = {(f["image-size"], f["channels"], tuple(f["class-names"])) for f in sites.values()}
+        if len(shapes) > 1:
+            raise FedPGGANError(f"sites disagree on image size / channels / classes: {sorted(shapes)}; give every site data of one kind")
+        return sites
+
+    def site_id(self, node: int) -> str:
+        return str(self.sites[node]["site-id"])
+
+    def start(self, facts: dict[str, Any]) -> int:
+        cfg = self.cfg
+        self.run_id = self.folder.root.name
+        self.ledger = PrivacyLedger(self.folder.ledger_json, self.run_id, cfg.dp, library_versions(),
+                                    "Opacus DP-SGD on D at each site" if cfg.dp else "none")
+        for node, site in self.sites.items():
+            if cfg.dp:
+                sigma, q, delta = self.mechanism_for(int(site["num-records"]))
+                self.ledger.register_site(
+                    self.site_id(node), budget_epsilon=cfg.epsilon, delta=delta, accountant=cfg.accountant,
+                    noise_multiplier=sigma, sample_rate=q, max_grad_norm=cfg.max_grad_norm,
+                    planned_steps=cfg.rounds * cfg.local_steps, public_num_records=int(site["num-records"]))
+            else:
+                self.ledger.register_site(self.site_id(node), public_num_records=int(site["num-records"]))
+        self.ledger.save()
+        self.run_info = {
+            "run_id": self.run_id, "kind": "federated", "config": cfg.to_flower(),
+            "dataset": {"name": facts["dataset"] if facts["is-medical"] else f"{facts['dataset']} (not medical data)",
+                        "is_medical": bool(facts["is-medical"]), "num_classes": len(self.class_names),
+                        "class_names": self.class_names, "image_size": int(facts["image-size"]),
+                        "channels": int(facts["channels"]),
+                        "num_records": sum(int(s["num-records"]) for s in self.sites.values())},
+            "num_sites": len(self.sites), "sites": {self.site_id(n): int(s["num-records"]) for n, s in self.sites.items()},
+            "versions": library_versions(), "seed": cfg.seed, "started": now_iso(), "status": "running",
+        }
+        self.folder.write_run(self.run_info)
+        if not facts["is-medical"]:
+            print("warning: this run uses 'phantom', procedurally generated data: NOT medical data")
+        return 1
+
+    def mechanism_for(self, num_records: int) -> tuple[float, float, float]:
+        """(sigma, q, delta) a site of this (public) size must use; the server checks replies
+        against it, so a site reporting a spend inconsistent with the config is excluded."""
+        cfg = self.cfg
+        q = sample_rate(num_records, cfg.batch_size)
+        delta = cfg.delta or default_delta(num_records)
+        key = f"{num_records}"
+        if key not in self.expected_mechanism:
+            sigma = calibrate_noise(cfg.epsilon, delta, q, cfg.rounds * cfg.local_steps, cfg.accountant)
+            self.expected_mechanism[key] = (sigma, q, delta)
+        return self.expected_mechanism[key]
+
+    def restore(self) -> int:
+        """Continue from the newest verified checkpoint (a corrupt one falls back to the previous)."""
+        path, entry = self.folder.latest_checkpoint()
+        payload = load_checkpoint(path, self.gan)
+        self.g_trainer.load_state_dict(payload["generator_optim"])
+        self.run_info = self.folder.read_run()
+        self.run_id = self.run_info["run_id"]
+        self.ledger = PrivacyLedger.load(self.folder.ledger_json, payload["ledger"])
+        self.ledger.data["checkpoints"][-1]["sha256"] = entry["sha256"]  # a file cannot hold its own hash
+        self.failed_rounds = payload.get("failed_rounds", 0)
+        rows = [r for r in self.folder.read_metrics() if r["round"] <= entry["round"]]
+        self.folder.metrics_jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.run_info.update(status="running", resumed_at=now_iso(), resumed_from_round=entry["round"])
+        self.ledger.save()
+        self.folder.write_run(self.run_info)
+        print(f"resuming {self.folder.root} after round {entry['round']} ({path.name})")
+        return int(entry["round"]) + 1
+
+    # --- one round ---------------------------------------------------------------------
+    def active_nodes(self) -> list[int]:
+        return [n for n in self.sites if self.ledger.site(self.site_id(n))["status"] == "active"]
+
+    def select(self, round_num: int) -> list[int]:
+        nodes = sorted(self.active_nodes())
+        k = max(1, math.ceil(self.cfg.fraction * len(nodes))) if nodes else 0
+        rng = np.random.default_rng(derived_seed(self.cfg.seed, round_num, SERVER_STREAM))
+        return sorted(rng.choice(nodes, size=k, replace=False).tolist()) if k < len(nodes) else nodes
+
+    def run_round(self, round_num: int) -> str:
+        cfg, t0 = self.cfg, time.perf_counter()
+        selected = self.select(round_num)
+        config = {**cfg.to_flower(), "round": round_num, "run-id": self.run_id,
+                  "site-state-root": str((self.folder.root / "sites").resolve())}
+        messages = [Message(train_content(self.gan, config), dst_node_id=n, message_type="train", group_id=str(round_num))
+                    for n in selected]
+        replies = list(self.grid.send_and_receive(messages, timeout=cfg.round_timeout))
+        t_sites = time.perf_counter() - t0
+        global_d = {k: v.detach().cpu().clone() for k, v in self.gan.d.state_dict().items()}
+        d_states, g_states = self.accept_replies(round_num, selected, replies, global_d)
+        needed = cfg.min_clients or len(selected)
+        t1 = time.perf_counter()
+        row: dict[str, Any] = {"round": round_num, "selected": len(selected), "accepted": len(d_states)}
+        if len(d_states) >= max(needed, 1):
+            self.failed_rounds = 0
+            self.gan.d.load_state_dict(aggregate(d_states, cfg.aggregation))
+            row.update(self.train_generators(round_num, g_states))
+        else:
+            self.failed_rounds += 1
+            row["skipped"] = f"{len(d_states)} valid replies < {needed} needed"
+        t_gen = time.perf_counter() - t1
+        row.update(self.privacy_row())
+        row.update(t_sites=t_sites, t_server=t_gen, t_round=time.perf_counter() - t0)
+        self.folder.append_metrics(row)
+        self.checkpoint(round_num)
+        if round_num % cfg.sample_every == 0 or round_num == cfg.rounds:
+            save_sample_grid(self.gan, self.folder.samples / f"round_{round_num:05d}.png", self.class_names,
+                             title=f"{self.run_info['dataset']['name']} round {round_num}  eps={row.get('epsilon_max', 'no DP')}")
+        return f"{len(d_states)}/{len(selected)}"
+
+    def accept_replies(self, round_num: int, selected: list[int], replies: list[Message],
+                       global_d: dict[str, torch.Tensor]) -> tuple[list, list]:
+        """Validate each reply, record its spend, and keep the valid updates."""
+        d_states, g_states = [], []
+        answered = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            site = self.site_id(node)
+            if reply.has_error():
+                self.ledger.record_event(site, round_num, "failed", f"site error: {reply.error.reason[:200]}")
+                continue
+            status = dict(reply.content["status"])
+            privacy = dict(reply.content["privacy"])
+            if status["status"] == "exhausted":
+                self.ledger.record_event(site, round_num, "budget_exhausted",
+                                         "the next round would exceed the site's budget; the site refused to train", "exhausted")
+                continue
+            problem = self.spend_problem(node, privacy) if self.cfg.dp else None
+            if problem:
+                self.ledger.record_event(site, round_num, "excluded", problem, "excluded")
+                continue
+            if self.cfg.dp:
+                self.ledger.record_round(site, round_num, steps=int(privacy["steps"]),
+                                         noise_multiplier=privacy["noise_multiplier"], sample_rate=privacy["sample_rate"],
+                                         epsilon=privacy["epsilon"], delta=privacy["delta"], replayed=bool(status.get("replayed")))
+            else:
+                self.ledger.record_round(site, round_num, steps=int(privacy["steps"]), epsilon=None)
+            if status.get("replayed"):
+                self.ledger.record_event(site, round_num, "replayed",
+                                         "reply re-sent from the site's cache after a restart; spent once, before the crash")
+            d_state = reply.content["d"].to_torch_state_dict()
+            problem = update_problem(d_state, global_d)
+            if problem:
+                self.ledger.record_event(site, round_num, "rejected_update", problem)
+                continue
+            d_states.append(d_state)
+            if "g" in reply.content:
+                g_states.append(reply.content["g"].to_torch_state_dict())
+        for node in set(selected) - answered:
+            self.ledger.record_event(self.site_id(node), round_num, "no_reply", f"no reply within --round-timeout {self.cfg.round_timeout}s")
+        return d_states, g_states
+
+    def spend_problem(self, node: int, privacy: dict[str, float]) -> str | None:
+        """Why a site's reported spend does not match what its config dictates (or None)."""
+        sigma, q, delta = self.mechanism_for(int(self.sites[node]["num-records"]))
+        for name, expected in (("noise_multiplier", sigma), ("sample_rate", q), ("delta", delta)):
+            if not math.isclose(float(privacy.get(name, math.nan)), expected, rel_tol=1e-6):
+                return f"reported {name}={privacy.get(name)} but the config dictates {expected:.6g}"
+        if int(privacy.get("steps", -1)) != self.cfg.local_steps:
+            return f"reported steps={privacy.get('steps')} but --local-steps is {self.cfg.local_steps}"
+        if float(privacy["epsilon"]) > self.cfg.epsilon * (1 + 1e-6):
+            return f"reported epsilon {privacy['epsilon']:.4f} exceeds the budget {self.cfg.epsilon}"
+        return None
+
+    def train_generators(self, round_num: int, g_states: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Server-side generator steps against the aggregated D (no real data involved)."""
+        torch.manual_seed(derived_seed(self.cfg.seed, round_num, SERVER_STREAM))
+        if self.cfg.generator_training == "local":
+            merged = aggregate(g_states, self.cfg.aggregation)
+            self.gan.g1.load_state_dict({k[3:]: v for k, v in merged.items() if k.startswith("g1.")})
+            self.gan.g2.load_state_dict({k[3:]: v for k, v in merged.items() if k.startswith("g2.")})
+            self.gan.update_ema()
+            return self.fake_score()
+        stats = [self.g_trainer.step(self.cfg.g_batch_size, self.prior) for _ in range(self.cfg.g_steps)]
+        out = {k: float(np.nanmean([s[k] for s in stats])) for k in ("loss_g1", "loss_g2")} if stats else {}
+        out.update({f"case_{c}": sum(s[f"case_{c}"] for s in stats) for c in CASES})
+        out.update(self.fake_score())
+        return out
+
+    @torch.no_grad()
+    def fake_score(self) -> dict[str, float]:
+        """Mean D probability on EMA fakes: a training curve made of server-side quantities only."""
+        images, labels = self.gan.sample(256)
+        return {"d_fake_score": float(torch.sigmoid(self.gan.d.eval()(images, labels)).mean())}
+
+    def privacy_row(self) -> dict[str, Any]:
+        self.ledger.save()
+        sites = self.ledger.data["sites"]
+        row = {f"epsilon_site_{s}": finite_or_none(v.get("epsilon")) for s, v in sites.items()} if self.cfg.dp else {}
+        row["epsilon_max"] = self.ledger.data["guarantee"]["epsilon"]
+        return row
+
+    def checkpoint(self, round_num: int) -> None:
+        """Every round: the resume point (weights, optimisers, ledger snapshot)."""
+        if round_num % self.cfg.checkpoint_every and round_num != self.cfg.rounds:
+            return
+        path = self.folder.checkpoint_path(round_num)
+        self.ledger.record_checkpoint(round_num, path.name, "pending")
+        sha = save_checkpoint(path, self.gan, generator_optim=self.g_trainer.state_dict(), run_config=self.cfg.to_flower(),
+                              round=round_num, ledger=self.ledger.data, failed_rounds=self.failed_rounds)
+        self.ledger.data["checkpoints"][-1]["sha256"] = sha
+        self.ledger.save()
+        self.folder.record_checkpoint(round_num, sha)
+        self.folder.write_run(self.run_info)
+
+    def finish(self, status: str, reason: str) -> None:
+        rows = self.folder.read_metrics()
+        save_curves(rows, "round", CURVE_PANELS, self.folder.curves / "training.png")
+        eps_keys = sorted({k for r in rows for k in r if k.startswith("epsilon_site_")})
+        if eps_keys:
+            save_curves(rows, "round", {"epsilon per site": eps_keys}, self.folder.curves / "epsilon.png")
+        self.ledger.save()
+        self.run_info.update(status=status, reason=reason, ended=now_iso(), final_epsilon=self.ledger.data["guarantee"]["epsilon"])
+        self.folder.write_run(self.run_info)
+        print(f"{status}: {reason}; run folder {self.folder.root}; epsilon (max over sites) = "
+              f"{self.ledger.data['guarantee']['epsilon'] if self.cfg.dp else 'no DP'}")

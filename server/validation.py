@@ -1,0 +1,34 @@
+"""Check every update a site returns before it can touch the global model."""
+
+from __future__ import annotations
+
+import torch
+
+# An update that moves D by more than this multiple of D's own norm is not a few DP-SGD
+# steps from the global model: it is broken or hostile. Local steps with Adam at the
+# default learning rate move D by well under 1x.
+MAX_RELATIVE_UPDATE = 2.0
+
+
+def update_problem(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                   max_relative: float = MAX_RELATIVE_UPDATE) -> str | None:
+    """None if ``update`` is a plausible new version of ``reference``, else the reason."""
+    if set(update) != set(reference):
+        missing, extra = set(reference) - set(update), set(update) - set(reference)
+        return f"array names differ (missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})"
+    delta_sq, ref_sq = 0.0, 0.0
+    for key, ref in reference.items():
+        value = update[key]
+        if value.shape != ref.shape:
+            return f"{key}: shape {tuple(value.shape)} != {tuple(ref.shape)}"
+        if value.dtype != ref.dtype:
+            return f"{key}: dtype {value.dtype} != {ref.dtype}"
+        if value.is_floating_point():
+            if not torch.isfinite(value).all():
+                return f"{key}: non-finite values"
+            delta_sq += float((value.double() - ref.double()).pow(2).sum())
+            ref_sq += float(ref.double().pow(2).sum())
+    ratio = (delta_sq ** 0.5) / max(ref_sq ** 0.5, 1e-12)
+    if ratio > max_relative:
+        return f"update norm is {ratio:.2f}x the model norm (limit {max_relative}x)"
+    return None

@@ -1,0 +1,98 @@
+"""Run N simulated hospital sites on one machine with Flower's simulation engine.
+
+    python simulation/run.py --clients 5            (same as: fedpggan simulate --clients 5)
+    python simulation/run.py --resume runs/<id>     (continue a killed run)
+
+Before Flower starts, the runner checks the options and the data and prints the per-site
+partition table (it is the operator of a simulation and holds all the data; in a real
+deployment no one does). The ServerApp and ClientApps are the same as in deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from fedpggan import config
+from fedpggan.build import open_training_data
+from fedpggan.config import RunConfig
+from fedpggan.data import partition, partition_summary, partition_table
+from fedpggan.errors import FedPGGANError
+from fedpggan.io import atomic_write_json
+from fedpggan.runs import RunFolder, default_run_dir
+
+OPTIONS = [f.name for f in dataclasses.fields(RunConfig) if f.name not in ("epochs", "d_steps")]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    config.add_arguments(parser, OPTIONS)
+    parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
+
+
+def prepare(cfg: RunConfig) -> RunConfig:
+    """Resolve the dataset and check that it splits into the sites; print the partition table."""
+    data = open_training_data(cfg)
+    cfg = dataclasses.replace(cfg, dataset=data.source if cfg.dataset == "auto" and data.is_medical else
+                              ("phantom" if cfg.dataset == "auto" else cfg.dataset))
+    if cfg.min_clients > cfg.clients:
+        raise FedPGGANError(f"--min-clients {cfg.min_clients} exceeds --clients {cfg.clients}")
+    parts = partition(data.labels.numpy(), cfg.clients, cfg.partition, cfg.alpha, cfg.min_per_site, cfg.seed)
+    print(f"dataset: {data.name}{'' if data.is_medical else ' (NOT medical data)'} -- {len(data)} training images, "
+          f"{data.num_classes} classes, {data.channels}x{data.image_size}x{data.image_size}")
+    print(partition_table(data.labels.numpy(), parts, data.class_names))
+    return cfg, partition_summary(data.labels.numpy(), parts, data.class_names)
+
+
+def simulate(cfg: RunConfig, resume: str | None = None) -> Path:
+    """Run (or resume) a simulation; return the run folder. Raises FedPGGANError on failure."""
+    from flwr.simulation import run_simulation
+
+    from client.client_app import app as client_app
+    from server.server_app import make_server_app
+
+    if resume:
+        folder = RunFolder(resume)
+        cfg = RunConfig.from_flower(folder.read_run()["config"])
+        folder.latest_checkpoint()  # fail early, with one line, if nothing can be resumed
+    else:
+        cfg, summary = prepare(cfg)
+        cfg = dataclasses.replace(cfg, out=cfg.out or str(default_run_dir()))
+        folder = RunFolder(cfg.out)
+        folder.create()
+        atomic_write_json(folder.root / "partition.json", summary)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    backend = {
+        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
+        "init_args": {"include_dashboard": False, "log_to_driver": True},
+    }
+    run_simulation(server_app=make_server_app(dataclasses.replace(cfg, out=str(folder.root)), resume=bool(resume)),
+                   client_app=client_app, num_supernodes=cfg.clients, backend_config=backend)
+    status = json.loads(folder.run_json.read_text()).get("status") if folder.run_json.exists() else None
+    if status not in ("completed", "stopped"):
+        raise FedPGGANError(f"{folder.root}: the simulation ended with status {status!r}; see the log above, then "
+                            f"--resume {folder.root}")
+    return folder.root
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedpggan.cli import run_reporting_errors
+
+    parser = argparse.ArgumentParser(prog="simulation/run.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_reporting_errors(lambda: run_from_args(args), args.debug)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    cfg = None if args.resume else config.resolve(args, OPTIONS)
+    simulate(cfg, args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Shared test helpers: tiny configurations that run in seconds on a 2-core CPU."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedpggan.config import RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+torch.set_num_threads(2)
+warnings.filterwarnings("ignore", module="opacus")
+
+
+def tiny_config(out: Path, **overrides) -> RunConfig:
+    """A centralised/federated config small enough for unit tests."""
+    base = dict(dataset="phantom", epochs=1, d_steps=2, batch_size=32, g_batch_size=32, g_width=16, d_width=8,
+                latent_dim=16, epsilon=math.inf, out=str(out), clients=3, rounds=2, local_steps=2, g_steps=1,
+                sample_every=1, min_per_site=10)
+    base.update(overrides)
+    return RunConfig(**base).validate()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "pneumoniamnist.npz").exists():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA

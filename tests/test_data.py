@@ -1,0 +1,413 @@
+"""Tests for fedpggan.data: loaders, validation errors, phantom generator, partitioning."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from fedpggan.data import (ImageDataset, open_dataset, open_phantom, partition, partition_summary,
+                           partition_table)
+from fedpggan.data import medmnist
+from fedpggan.errors import FedPGGANError
+
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def write_npz(path: Path, n: tuple[int, int, int] = (12, 4, 6), size: int = 8, rgb: bool = False,
+              classes: int = 2, seed: int = 0, **override: np.ndarray) -> Path:
+    """A tiny MedMNIST-layout npz: every split has labels 0..classes-1 cycling, shape (N,1)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), n):
+        shape = (count, size, size, 3) if rgb else (count, size, size)
+        arrays[f"{split}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(count) % classes).astype(np.uint8)[:, None]
+    arrays.update(override)
+    np.savez(path, **arrays)
+    return path
+
+
+def one_line_error(excinfo: pytest.ExceptionInfo, *needles: str) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg and msg.strip() == msg and msg
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+    return msg
+
+
+# ---------------------------------------------------------------- phantom
+
+@pytest.mark.parametrize("size,channels,classes", [(28, 1, 2), (64, 3, 5), (28, 3, 5), (64, 1, 2)])
+def test_phantom_shapes_range_and_classes(size, channels, classes):
+    ds = open_phantom("train", n=100, image_size=size, num_classes=classes, channels=channels, seed=3)
+    assert ds.images.shape == (100, channels, size, size) and ds.images.dtype == torch.float32
+    assert ds.labels.dtype == torch.int64 and ds.labels.shape == (100,)
+    assert ds.images.min() >= -1 and ds.images.max() <= 1 and ds.images.std() > 0.2
+    assert ds.num_classes == classes == len(ds.class_names) and min(ds.class_counts()) >= 100 // classes
+    assert (ds.channels, ds.image_size, ds.is_medical, ds.name) == (channels, size, False, "phantom")
+    image, label = ds[0]
+    assert image.shape == (channels, size, size) and isinstance(label, int)
+
+
+def test_phantom_deterministic_and_splits_differ():
+    a, b = open_phantom("train", 50, seed=1), open_phantom("train", 50, seed=1)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, open_phantom("train", 50, seed=2).images)
+    assert not torch.equal(a.images, open_phantom("test", 50, seed=1).images)
+    assert not torch.equal(open_phantom("val", 50).images, open_phantom("test", 50).images)
+
+
+def test_phantom_defaults_via_open_dataset_are_fast():
+    start = time.perf_counter()
+    train = open_dataset("phantom")
+    assert time.perf_counter() - start < 2.0
+    assert len(train) == 2000 and train.images.shape[1:] == (1, 28, 28)
+    assert train.class_names == ["no lesion", "lesion"] and train.class_counts() == [1000, 1000]
+    assert train.source == "built-in (procedural)"
+    assert len(open_dataset("phantom", split="val")) == len(open_dataset("phantom", split="test")) == 400
+    assert open_dataset("phantom", image_size=32).image_size == 32
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny CPU models run fastest (and steadiest on a busy machine) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_phantom_classes_are_separable_by_a_small_cnn(one_thread):
+    torch.manual_seed(0)
+    train, test = open_phantom("train", 400), open_phantom("test", 200)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 5, padding=2), torch.nn.ReLU(),
+                              torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    for _ in range(3):
+        for idx in torch.randperm(len(train)).split(50):
+            net.zero_grad()
+            torch.nn.functional.cross_entropy(net(train.images[idx]), train.labels[idx]).backward()
+            with torch.no_grad():  # plain SGD: torch.optim's first import alone takes seconds
+                for p in net.parameters():
+                    p -= 0.5 * p.grad
+    with torch.no_grad():
+        accuracy = (net(test.images).argmax(1) == test.labels).float().mean().item()
+    assert accuracy > 0.9
+
+
+@pytest.mark.parametrize("kwargs", [{"num_classes": 1}, {"num_classes": 11}, {"channels": 2}, {"n": 1}])
+def test_phantom_rejects_bad_arguments(kwargs):
+    with pytest.raises(FedPGGANError) as excinfo:
+        open_phantom("train", **{"n": 20, **kwargs})
+    one_line_error(excinfo, "phantom")
+
+
+# ---------------------------------------------------------------- npz
+
+def test_npz_round_trip_grayscale(tmp_path):
+    path = write_npz(tmp_path / "mine.npz")
+    raw = np.load(path)
+    ds = open_dataset(str(path))
+    assert ds.images.shape == (12, 1, 8, 8) and ds.class_names == ["class_0", "class_1"]
+    assert torch.allclose(ds.images[:, 0], torch.from_numpy(raw["train_images"]).float() / 127.5 - 1)
+    assert ds.labels.tolist() == raw["train_labels"][:, 0].tolist()
+    assert (ds.name, ds.source, ds.is_medical) == (str(path), str(path.resolve()), True)
+    assert len(open_dataset(str(path), split="val")) == 4 and len(open_dataset(str(path), split="test")) == 6
+
+
+def test_npz_rgb_with_flat_labels(tmp_path):
+    path = tmp_path / "rgb.npz"
+    write_npz(path, rgb=True, classes=3, train_labels=np.arange(12) % 3)
+    ds = open_dataset(str(path))
+    raw = np.load(path)["train_images"]
+    assert ds.channels == 3 and ds.num_classes == 3 and ds.class_counts() == [4, 4, 4]
+    assert torch.allclose(ds.images[5, 2], torch.from_numpy(raw[5, :, :, 2]).float() / 127.5 - 1)
+
+
+def test_npz_known_stem_gets_medmnist_class_names(tmp_path):
+    ds = open_dataset(str(write_npz(tmp_path / "breastmnist.npz")))
+    assert ds.class_names == ["malignant", "normal, benign"]
+    ds64 = open_dataset(str(write_npz(tmp_path / "pneumoniamnist_64.npz")))
+    assert ds64.class_names == ["normal", "pneumonia"]
+
+
+def test_npz_resize_is_smooth_and_in_range(tmp_path):
+    flat = np.full((12, 8, 8), 200, dtype=np.uint8)
+    path = write_npz(tmp_path / "flat.npz", train_images=flat)
+    ds = open_dataset(str(path), image_size=16)
+    assert ds.images.shape == (12, 1, 16, 16)
+    assert torch.allclose(ds.images, torch.full_like(ds.images, 200 / 127.5 - 1), atol=1e-5)
+    small = open_dataset(str(write_npz(tmp_path / "noisy.npz", size=32)), image_size=8)
+    assert small.image_size == 8 and small.images.abs().max() <= 1
+
+
+def _truncated(tmp_path: Path) -> Path:
+    path = write_npz(tmp_path / "cut.npz")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+BAD_NPZ = {
+    "missing file": (lambda p: p / "absent.npz", "not found"),
+    "truncated": (_truncated, "truncated"),
+    "wrong keys": (lambda p: (np.savez(p / "keys.npz", x=np.zeros(3)), p / "keys.npz")[1], "train_labels"),
+    "negative label": (lambda p: write_npz(p / "neg.npz", train_labels=np.array([[0], [1], [-1]] * 4)),
+                       "outside"),
+    "label over table": (lambda p: write_npz(p / "breastmnist.npz", classes=3), "outside 0..1"),
+    "empty class": (lambda p: write_npz(p / "gap.npz", train_labels=(np.arange(12) % 2 * 2)[:, None]),
+                    "class 1 has no train images"),
+    "multi-label": (lambda p: write_npz(p / "multi.npz", train_labels=np.zeros((12, 3), np.uint8)),
+                    "multi-label"),
+    "nan images": (lambda p: write_npz(p / "nan.npz", train_images=np.full((12, 8, 8), np.nan, np.float32)),
+                   "NaN"),
+    "length mismatch": (lambda p: write_npz(p / "len.npz", train_labels=np.zeros((11, 1), np.uint8)),
+                        "must match"),
+    "wrong dtype": (lambda p: write_npz(p / "u16.npz", train_images=np.zeros((12, 8, 8), np.uint16)),
+                    "dtype uint16"),
+    "wrong ndim": (lambda p: write_npz(p / "flat.npz", train_images=np.zeros((12, 64), np.uint8)),
+                   "expected (N,H,W)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_NPZ)
+def test_bad_npz_gives_one_line_error_naming_the_file(tmp_path, case):
+    build, needle = BAD_NPZ[case]
+    path = build(tmp_path)
+    with pytest.raises(FedPGGANError) as excinfo:
+        open_dataset(str(path))
+    one_line_error(excinfo, path.name, needle)
+
+
+def test_unknown_spec_and_bad_split(tmp_path):
+    with pytest.raises(FedPGGANError) as excinfo:
+        open_dataset("nosuchmnist")
+    one_line_error(excinfo, "nosuchmnist", "phantom")
+    with pytest.raises(FedPGGANError) as excinfo:
+        open_dataset("phantom", split="holdout")
+    one_line_error(excinfo, "holdout")
+
+
+# ---------------------------------------------------------------- MedMNIST names
+
+@pytest.fixture
+def no_medmnist_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDMNIST_ROOT", str(tmp_path / "root"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+def test_medmnist_name_missing_and_download_failing(no_medmnist_cache, monkeypatch):
+    def offline(url, dest):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(medmnist, "fetch", offline)
+    data_dir = no_medmnist_cache / "data"
+    with pytest.raises(FedPGGANError) as excinfo:
+        open_dataset("pneumoniamnist", data_dir=str(data_dir))
+    one_line_error(excinfo, "pneumoniamnist", str(data_dir), str(no_medmnist_cache / "root"),
+                   "network is unreachable", "--data-dir", "phantom")
+    assert not list(data_dir.iterdir())  # no partial download left behind
+
+
+def test_download_with_wrong_md5_is_discarded(no_medmnist_cache, monkeypatch):
+    monkeypatch.setattr(medmnist, "fetch", lambda url, dest: Path(dest).write_bytes(b"not the file"))
+    data_dir = no_medmnist_cache / "data"
+    with pytest.raises(FedPGGANError) as excinfo:
+        open_dataset("breastmnist", data_dir=str(data_dir))
+    one_line_error(excinfo, "MD5", "750601b1f35ba3300ea97c75c52ff8f6")
+    assert not list(data_dir.iterdir())
+
+
+def test_medmnist_name_found_in_root_and_size_variant_preferred(no_medmnist_cache, monkeypatch):
+    root = no_medmnist_cache / "root"
+    root.mkdir()
+    write_npz(root / "breastmnist.npz", size=8)
+    write_npz(root / "breastmnist_64.npz", size=64)
+    monkeypatch.setattr(medmnist, "fetch", lambda url, dest: pytest.fail("must not download"))
+    ds = open_dataset("breastmnist")
+    assert ds.image_size == 8 and ds.name == "breastmnist" and ds.class_names[0] == "malignant"
+    assert ds.source == str((root / "breastmnist.npz").resolve())
+    assert open_dataset("breastmnist", image_size=64).source.endswith("breastmnist_64.npz")
+    assert open_dataset("breastmnist", image_size=32).source.endswith("breastmnist.npz")
+
+
+def test_multi_label_medmnist_name_is_refused():
+    with pytest.raises(FedPGGANError) as excinfo:
+        open_dataset("chestmnist")
+    one_line_error(excinfo, "chestmnist", "multi-label")
+
+
+# ---------------------------------------------------------------- ImageFolder
+
+def save_images(folder: Path, count: int, size: tuple[int, int] = (10, 10), mode: str = "L", seed: int = 0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / f"{i}.png")
+
+
+def test_image_folder_grayscale_with_resize(tmp_path):
+    save_images(tmp_path / "normal", 3)
+    save_images(tmp_path / "tumour", 2, seed=1)
+    (tmp_path / "notes.txt").write_text("ignored")
+    ds = open_dataset(str(tmp_path), image_size=16)
+    assert ds.images.shape == (5, 1, 16, 16) and ds.images.abs().max() <= 1
+    assert ds.class_names == ["normal", "tumour"] and ds.class_counts() == [3, 2]
+    assert ds.name == str(tmp_path) and ds.is_medical
+    assert open_dataset(str(tmp_path)).image_size == 28
+    with pytest.raises(FedPGGANError) as excinfo:
+        open_dataset(str(tmp_path), split="test")
+    one_line_error(excinfo, str(tmp_path), "train/val/test")
+
+
+def test_image_folder_rgb_with_split_folders(tmp_path):
+    for split, count in (("train", 3), ("test", 1)):
+        save_images(tmp_path / split / "a", count, mode="RGB")
+        save_images(tmp_path / split / "b", count, mode="RGB", seed=2)
+    train = open_dataset(str(tmp_path), image_size=10)
+    test = open_dataset(str(tmp_path), split="test", image_size=10)
+    assert train.channels == 3 and len(train) == 6 and len(test) == 2
+    assert test.class_names == train.class_names == ["a", "b"]
+    with pytest.raises(FedPGGANError) as excinfo:
+        open_dataset(str(tmp_path), split="val")
+    one_line_error(excinfo, "'val'")
+
+
+@pytest.mark.parametrize("case", ["mixed sizes", "empty class", "not an image"])
+def test_bad_image_folder(tmp_path, case):
+    save_images(tmp_path / "a", 2)
+    if case == "mixed sizes":
+        save_images(tmp_path / "b", 1, size=(12, 10))
+        needle, named = "12x10", str(tmp_path / "b" / "0.png")
+    elif case == "empty class":
+        (tmp_path / "b").mkdir()
+        needle, named = "no images", str(tmp_path / "b")
+    else:
+        (tmp_path / "b").mkdir()
+        (tmp_path / "b" / "broken.png").write_bytes(b"not a png")
+        needle, named = "not a readable image", str(tmp_path / "b" / "broken.png")
+    with pytest.raises(FedPGGANError) as excinfo:
+        open_dataset(str(tmp_path))
+    one_line_error(excinfo, needle, named)
+
+
+# ---------------------------------------------------------------- ImageDataset
+
+def test_subset_and_class_counts_keep_metadata():
+    ds = open_phantom("train", 40, num_classes=4)
+    sub = ds.subset(np.array([0, 5, 7]))
+    assert isinstance(sub, ImageDataset) and len(sub) == 3
+    assert torch.equal(sub.images[1], ds.images[5]) and sub.labels.tolist() == ds.labels[[0, 5, 7]].tolist()
+    assert (sub.class_names, sub.name, sub.source, sub.is_medical) == (ds.class_names, ds.name, ds.source, False)
+    assert sum(sub.class_counts()) == 3 and len(sub.class_counts()) == 4
+    assert ds.class_counts() == [10, 10, 10, 10]
+    assert ds.subset(ds.labels == 2).class_counts() == [0, 0, 10, 0]
+
+
+# ---------------------------------------------------------------- partition
+
+LABELS = np.repeat(np.arange(3), [600, 300, 100])
+
+
+def skew(labels: np.ndarray, parts: list[np.ndarray]) -> float:
+    """Mean L1 distance between each site's label distribution and the global one."""
+    overall = np.bincount(labels) / len(labels)
+    return float(np.mean([np.abs(np.bincount(labels[p], minlength=3) / len(p) - overall).sum() for p in parts]))
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "quantity"])
+def test_partition_is_deterministic_disjoint_complete(scheme):
+    parts = partition(LABELS, 7, scheme, alpha=0.3, min_per_site=20, seed=4)
+    assert len(parts) == 7 and min(map(len, parts)) >= 20
+    assert all(p.dtype == np.int64 for p in parts)
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(LABELS)))
+    again = partition(torch.from_numpy(LABELS), 7, scheme, alpha=0.3, min_per_site=20, seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    other = partition(LABELS, 7, scheme, alpha=0.3, min_per_site=20, seed=5)
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=300), st.integers(1, 8),
+       st.sampled_from(["iid", "dirichlet", "quantity"]), st.floats(0.01, 100), st.integers(0, 12),
+       st.integers(0, 2**32 - 1))
+def test_partition_invariants_hold_for_any_feasible_input(labels, sites, scheme, alpha, min_per_site, seed):
+    labels = np.array(labels)
+    if sites * max(min_per_site, 1) > len(labels):
+        with pytest.raises(FedPGGANError):
+            partition(labels, sites, scheme, alpha, min_per_site, seed)
+        return
+    parts = partition(labels, sites, scheme, alpha, min_per_site, seed)
+    assert len(parts) == sites and min(map(len, parts)) >= max(min_per_site, 1)
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
+
+
+def test_iid_is_balanced():
+    parts = partition(LABELS, 6, "iid")
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+    assert skew(LABELS, parts) < 0.15
+
+
+def test_dirichlet_small_alpha_is_skewed_and_tiny_alpha_still_fills_sites():
+    iid = skew(LABELS, partition(LABELS, 8, "iid", seed=0))
+    label_skew = skew(LABELS, partition(LABELS, 8, "dirichlet", alpha=0.1, seed=0))
+    assert label_skew > 0.5 and label_skew > 4 * iid
+    parts = partition(LABELS, 20, "dirichlet", alpha=0.01, min_per_site=40, seed=0)
+    assert min(map(len, parts)) >= 40
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(LABELS)))
+
+
+def test_quantity_sizes_vary_but_labels_stay_mixed():
+    parts = partition(LABELS, 10, "quantity", alpha=0.5, min_per_site=10, seed=0)
+    sizes = [len(p) for p in parts]
+    assert max(sizes) > 3 * min(sizes) and min(sizes) >= 10
+    big = max(parts, key=len)
+    assert np.abs(np.bincount(LABELS[big], minlength=3) / len(big) - [0.6, 0.3, 0.1]).sum() < 0.2
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"num_sites": 0}, "--clients must be >= 1"),
+    ({"num_sites": 50, "min_per_site": 10},
+     "--clients 50 with --min-per-site 10 needs 500 records; the dataset has 300: lower --clients or --min-per-site"),
+    ({"num_sites": 3, "scheme": "pathological"}, "pathological"),
+    ({"num_sites": 3, "scheme": "dirichlet", "alpha": 0.0}, "--alpha"),
+    ({"num_sites": 3, "scheme": "quantity", "alpha": -1.0}, "--alpha"),
+])
+def test_partition_errors(kwargs, needle):
+    with pytest.raises(FedPGGANError) as excinfo:
+        partition(np.arange(300) % 2, **kwargs)
+    one_line_error(excinfo, needle)
+
+
+def test_partition_summary_and_table():
+    labels = np.array([0, 0, 1, 1, 1, 0])
+    parts = [np.array([0, 2]), np.array([1, 3, 4, 5])]
+    summary = partition_summary(labels, parts, ["normal", "pneumonia"])
+    assert summary == [{"site": 0, "n": 2, "per_class": {"normal": 1, "pneumonia": 1}},
+                       {"site": 1, "n": 4, "per_class": {"normal": 2, "pneumonia": 2}}]
+    lines = partition_table(torch.from_numpy(labels), parts, ["normal", "pneumonia"]).splitlines()
+    assert len(lines) == 5 and len({len(line) for line in lines}) == 1
+    assert lines[0].split() == ["site", "n", "normal", "pneumonia"]
+    assert lines[-1].split() == ["total", "6", "3", "3"] and lines[2].split() == ["0", "2", "1", "1"]
+
+
+# ---------------------------------------------------------------- real MedMNIST files
+
+@pytest.mark.parametrize("name,n_train", [("pneumoniamnist", 4708), ("breastmnist", 546)])
+def test_real_medmnist(name, n_train):
+    if not (REAL_DATA / f"{name}.npz").is_file():
+        pytest.skip(f"{REAL_DATA / name}.npz not available")
+    ds = open_dataset(name, data_dir=str(REAL_DATA))
+    assert len(ds) == n_train and ds.num_classes == 2 and ds.images.shape[1:] == (1, 28, 28)
+    assert ds.is_medical and ds.images.min() >= -1 and ds.images.max() <= 1
+    assert min(ds.class_counts()) > 0
+    if name == "pneumoniamnist":
+        assert ds.class_counts() == [1214, 3494] and ds.class_names == ["normal", "pneumonia"]

@@ -1,0 +1,120 @@
+"""DP-SGD on the discriminator: per-sample gradients, accounting, budgets, persistence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from opacus import GradSampleModule
+
+from client.site import SiteState
+from client.site_round import run_site_round
+from fedpggan.data import open_dataset
+from fedpggan.errors import FedPGGANError
+from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, calibrate_noise, epsilon_of, extend_history
+from fedpggan.privacy.dp_discriminator import sample_rate, strip_opacus_prefix
+from pggan_model import PGGAN, ModelShape, discriminator_loss
+
+from conftest import tiny_config
+
+SHAPE = ModelShape(28, 1, 2, latent_dim=8, g_width=16, d_width=8)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_per_sample_gradients_equal_per_example_autograd(mode):
+    torch.manual_seed(0)
+    gan = PGGAN(SHAPE)
+    x, y = torch.randn(5, 1, 28, 28), torch.tensor([0, 1, 1, 0, 1])
+    gsm = GradSampleModule(gan.d, batch_first=True, loss_reduction="sum", force_functorch=mode == "functorch")
+    logits = gsm(x, y)
+    discriminator_loss(logits, num_real=2).mul(len(x)).backward()  # sum reduction
+    for i in range(len(x)):
+        ref = PGGAN(SHAPE)
+        ref.d.load_state_dict(strip_opacus_prefix(gsm.state_dict()))
+        loss = discriminator_loss(ref.d(x[i : i + 1], y[i : i + 1]), num_real=1 if i < 2 else 0)
+        grads = torch.autograd.grad(loss, list(ref.d.parameters()))
+        for p, g in zip(gsm._module.parameters(), grads):
+            assert torch.allclose(p.grad_sample[i], g, atol=1e-6), "per-sample gradient differs"
+    gsm._close()
+
+
+def test_dp_training_reports_epsilon_within_target():
+    torch.manual_seed(0)
+    data = open_dataset("phantom", image_size=28).subset(range(256))
+    gan = PGGAN(SHAPE)
+    q = sample_rate(len(data), 32)
+    sigma = calibrate_noise(3.0, 1e-5, q, 20, "prv")
+    trainer = DiscriminatorTrainer(gan, data.images, data.labels, 32, PrivacySettings(sigma, 1.0, 1e-5, "prv"))
+    before = {k: v.clone() for k, v in gan.d.state_dict().items()}
+    trainer.train(20)
+    assert trainer.history == [(sigma, q, 20)]
+    eps = trainer.epsilon()
+    assert 2.5 < eps <= 3.0 + 1e-6
+    assert epsilon_of(trainer.history, 1e-5, "rdp") >= eps * 0.95  # RDP is a looser bound
+    assert any(not torch.equal(before[k], v) for k, v in gan.d.state_dict().items())
+
+
+def test_ghost_clipping_mode_trains():
+    torch.manual_seed(0)
+    data = open_dataset("phantom", image_size=28).subset(range(128))
+    gan = PGGAN(SHAPE)
+    trainer = DiscriminatorTrainer(gan, data.images, data.labels, 32, PrivacySettings(1.0, 1.0, 1e-5, "prv", "ghost"))
+    stats = trainer.train(3)
+    assert len(stats) == 3 and all(math.isfinite(s["d_loss"]) for s in stats)
+    assert trainer.history[0][2] == 3
+
+
+def test_calibration_errors_and_history_merging():
+    with pytest.raises(FedPGGANError, match="--epsilon"):
+        calibrate_noise(0.0, 1e-5, 0.1, 100)
+    assert extend_history([(1.0, 0.1, 5)], 1.0, 0.1, 3) == [(1.0, 0.1, 8)]
+    assert extend_history([(1.0, 0.1, 5)], 2.0, 0.1, 3) == [(1.0, 0.1, 5), (2.0, 0.1, 3)]
+    assert epsilon_of([], 1e-5) == 0.0
+
+
+def site_setup(tmp_path, rounds=2):
+    cfg = tiny_config(tmp_path / "run", epsilon=5.0, rounds=rounds, local_steps=2)
+    data = open_dataset("phantom", image_size=28).subset(range(200))
+    return cfg, data
+
+
+def test_site_refuses_to_train_past_its_budget(tmp_path):
+    cfg, data = site_setup(tmp_path, rounds=2)
+    state = SiteState.load(tmp_path / "state", "run")
+    for r in (1, 2):
+        result = run_site_round(PGGAN(SHAPE), data, cfg, state, r, 0)
+        assert result.status == "trained"
+    assert result.privacy["epsilon"] <= 5.0
+    # A third round was never planned: it would exceed the budget, so the site refuses.
+    refused = run_site_round(PGGAN(SHAPE), data, cfg, state, 3, 0)
+    assert refused.status == "exhausted" and state.exhausted
+    assert refused.privacy["epsilon"] == pytest.approx(result.privacy["epsilon"])
+    assert SiteState.load(tmp_path / "state", "run").exhausted  # persisted
+
+
+def test_site_accountant_survives_a_restart(tmp_path):
+    cfg, data = site_setup(tmp_path, rounds=3)
+    uninterrupted = SiteState.load(tmp_path / "a", "run")
+    for r in (1, 2, 3):
+        eps_a = run_site_round(PGGAN(SHAPE), data, cfg, uninterrupted, r, 0).privacy["epsilon"]
+    for r in (1, 2, 3):  # reload the state from disk before every round: a restarted site
+        eps_b = run_site_round(PGGAN(SHAPE), data, cfg, SiteState.load(tmp_path / "b", "run"), r, 0).privacy["epsilon"]
+    assert eps_b == pytest.approx(eps_a)
+    assert SiteState.load(tmp_path / "b", "run").history == [list(h) for h in uninterrupted.history]
+
+
+def test_spend_is_recorded_before_training(tmp_path, monkeypatch):
+    """Privacy first: a site that dies mid-round has already counted that round."""
+    cfg, data = site_setup(tmp_path)
+    state = SiteState.load(tmp_path / "s", "run")
+
+    def crash(self, steps):
+        raise RuntimeError("killed mid-round")
+
+    monkeypatch.setattr(DiscriminatorTrainer, "train", crash)
+    with pytest.raises(RuntimeError):
+        run_site_round(PGGAN(SHAPE), data, cfg, state, 1, 0)
+    reloaded = SiteState.load(tmp_path / "s", "run")
+    assert reloaded.history and reloaded.history[0][2] == cfg.local_steps
+    assert reloaded.rounds["1"]["status"] == "reserved"

@@ -1,0 +1,122 @@
+"""A real Flower simulation (Ray) of 3 sites x 2 rounds, and what crosses the wire."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.simulation import run_simulation
+
+import fedpggan.data.sources as sources
+from client.client_app import app as client_app
+from fedpggan.wire import PRIVACY_METRICS, PUBLIC_SITE_FACTS
+from pggan_model import GeneratorTrainer
+from server.federated_run import FederatedRun
+from simulation.run import prepare
+
+from conftest import tiny_config
+
+STATUS_KEYS = {"status", "site-id", "accountant", "replayed"}
+
+
+class RecordingGrid:
+    """Delegates to Flower's Grid and keeps every reply: exactly what the sites sent."""
+
+    def __init__(self, grid, replies):
+        self.grid, self.replies = grid, replies
+
+    def get_node_ids(self):
+        return self.grid.get_node_ids()
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.replies.extend(replies)
+        return replies
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    """Run once: the server side runs in this process, with data loading forbidden."""
+    from flwr.serverapp import ServerApp
+
+    out = tmp_path_factory.mktemp("sim") / "run"
+    cfg, _ = prepare(tiny_config(out, epsilon=10.0))
+    replies, g_calls = [], []
+    patch = pytest.MonkeyPatch()
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the server process opened a dataset")
+
+    original_step = GeneratorTrainer.step
+
+    def recording_step(self, batch_size, prior=None):
+        g_calls.append((batch_size, prior))
+        return original_step(self, batch_size, prior)
+
+    patch.setattr(sources, "open_dataset", no_data)
+    patch.setattr(GeneratorTrainer, "step", recording_step)
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        FederatedRun(RecordingGrid(grid, replies), dataclasses.replace(cfg, out=str(out))).run()
+
+    try:
+        run_simulation(server_app=app, client_app=client_app, num_supernodes=3,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"include_dashboard": False}})
+    finally:
+        patch.undo()
+    return out, replies, g_calls
+
+
+def test_run_folder_is_complete_and_within_budget(simulated):
+    out, _, _ = simulated
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed", run
+    assert run["kind"] == "federated" and run["num_sites"] == 3
+    ledger = json.loads((out / "privacy_ledger.json").read_text())
+    assert set(ledger["sites"]) == {"0", "1", "2"}
+    for site in ledger["sites"].values():
+        assert [r["round"] for r in site["rounds"]] == [1, 2]
+        assert 0 < site["epsilon"] <= 10.0
+    assert ledger["guarantee"]["epsilon"] == max(s["epsilon"] for s in ledger["sites"].values())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and all(r["accepted"] == 3 for r in rows)
+    assert {"loss_g1", "loss_g2", "case_neither", "case_only_g1", "case_only_g2", "case_both", "epsilon_max",
+            "t_sites", "t_server"} <= set(rows[-1])
+    for name in ("samples/round_00002.png", "curves/training.png", "curves/epsilon.png"):
+        assert (out / name).stat().st_size > 0, name
+    for site in ("0", "1", "2"):  # each site's accountant state persisted on its side
+        state = json.loads((out / "sites" / f"site_{site}" / out.name / "site_state.json").read_text())
+        assert sum(h[2] for h in state["history"]) == 4
+
+
+def test_no_raw_data_crosses_the_wire(simulated):
+    _, replies, _ = simulated
+    queries = [r for r in replies if "site" in r.content]
+    trains = [r for r in replies if "d" in r.content]
+    assert len(queries) == 3 and len(trains) == 6
+    for reply in queries:
+        assert set(reply.content.keys()) == {"site"}
+        assert set(reply.content["site"].keys()) == set(PUBLIC_SITE_FACTS)
+    for reply in trains:
+        assert set(reply.content.keys()) == {"d", "privacy", "status"}
+        assert isinstance(reply.content["d"], ArrayRecord)
+        assert isinstance(reply.content["privacy"], MetricRecord)
+        assert isinstance(reply.content["status"], ConfigRecord)
+        assert set(reply.content["privacy"].keys()) <= set(PRIVACY_METRICS)
+        assert set(reply.content["status"].keys()) <= STATUS_KEYS
+        for name, array in reply.content["d"].to_torch_state_dict().items():
+            assert name.split(".")[0] in ("features", "head", "embed"), name
+            assert tuple(array.shape[-2:]) != (28, 28), f"{name} has an image's shape"
+
+
+def test_generator_training_never_sees_real_data(simulated):
+    _, _, g_calls = simulated
+    # The server process could not open any dataset (the fixture forbids it), and each
+    # generator step received only a batch size and the public prior.
+    assert len(g_calls) == 2
+    assert all(isinstance(b, int) and prior is None for b, prior in g_calls)
