@@ -70,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
     status = {"status": result.status, "site-id": site_id, "accountant": cfg.accountant, "replayed": False}
     g_record = generator_arrays(gan) if cfg.generator_training == "local" and result.status == "trained" else None
     privacy = {k: v for k, v in result.privacy.items() if v is not None and not (isinstance(v, float) and math.isinf(v))}
-    content = reply_content(gan.d.state_dict(), privacy, status, g_record)
+    content = reply_content(gan.d.state_dict(), privacy, status, g_record, result.embedding_release)
     if cfg.dp and result.status == "trained":
         remember(state, round_num, input_sha, content)
     return Message(content, reply_to=msg)
@@ -97,4 +97,5 @@ def replay(state: SiteState, round_num: int, input_sha: str) -> RecordDict | Non
         return None
     status = {**cached["status"], "replayed": True}
     g_record = ArrayRecord(cached["g"]) if cached["g"] is not None else None
-    return reply_content(cached["d"], cached["privacy"], status, g_record)
+    release = torch.load(state.release_file, weights_only=True) if state.release_file.exists() else None
+    return reply_content(cached["d"], cached["privacy"], status, g_record, release)

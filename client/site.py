@@ -78,6 +78,7 @@ class SiteState:
     budget_epsilon: float | None = None
     accountant: str = "prv"
     planned_steps: int = 0
+    release_noise: float | None = None  # noise multiplier of the one-shot embedding release
     history: list[list[float]] = field(default_factory=list)
     rounds: dict[str, dict[str, Any]] = field(default_factory=dict)
     exhausted: bool = False
@@ -97,6 +98,10 @@ class SiteState:
         data = asdict(self)
         data.pop("path")
         atomic_write_json(self.path, data)
+
+    @property
+    def release_file(self) -> Path:
+        return self.path.parent / "embedding_release.pt"
 
     @property
     def reply_cache(self) -> Path:

@@ -7,6 +7,7 @@ for the whole planned run (rounds x local steps at this site's sample rate).
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -19,11 +20,14 @@ from fedpggan.config import RunConfig
 from fedpggan.data import ImageDataset
 from fedpggan.errors import FedPGGANError
 from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, calibrate_noise, default_delta, epsilon_of, extend_history
+from fedpggan.io import atomic_write_bytes
 from fedpggan.privacy.dp_discriminator import sample_rate
+from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise, release_sum
 from pggan_model import PGGAN, GeneratorTrainer
 
 # Numerical slack when comparing a projected epsilon with the budget.
 BUDGET_TOLERANCE = 1e-6
+RELEASE_STREAM = 424_243  # seed stream of the embedding release's noise
 
 
 @dataclass
@@ -31,6 +35,7 @@ class RoundResult:
     status: str  # "trained" or "exhausted"
     privacy: dict[str, float]
     generator_stats: list[dict[str, float]]
+    embedding_release: torch.Tensor | None = None
 
 
 def ensure_mechanism(state: SiteState, cfg: RunConfig, num_records: int) -> None:
@@ -43,12 +48,38 @@ def ensure_mechanism(state: SiteState, cfg: RunConfig, num_records: int) -> None
     state.budget_epsilon = cfg.epsilon
     state.accountant = cfg.accountant
     state.planned_steps = cfg.rounds * cfg.local_steps
-    state.noise_multiplier = calibrate_noise(cfg.epsilon, state.delta, state.sample_rate, state.planned_steps, cfg.accountant)
+    if cfg.embedding_weight > 0:
+        state.release_noise = release_noise(cfg.epsilon, cfg.embedding_share, state.delta, cfg.accountant)
+    state.noise_multiplier = calibrate_noise(cfg.epsilon, state.delta, state.sample_rate, state.planned_steps,
+                                             cfg.accountant, release_history(state.release_noise))
     state.save()
 
 
-def spend(state: SiteState, steps: int) -> dict[str, float]:
-    epsilon = epsilon_of([tuple(h) for h in state.history], state.delta, state.accountant)
+def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset, site_index: int) -> torch.Tensor | None:
+    """The site's one-shot class-mean-embedding release (made on first use, then reused).
+
+    Privacy first: the release's spend enters the history before the data are read."""
+    if cfg.embedding_weight <= 0:
+        return None
+    if state.release_file.exists():
+        return torch.load(state.release_file, weights_only=True)
+    if cfg.dp:
+        state.history = [list(release_entry(state.release_noise)), *state.history]
+        state.save()
+    generator = torch.Generator().manual_seed(derived_seed(cfg.seed, 0, site_index, RELEASE_STREAM))
+    features = features_for(data.channels * data.image_size**2, cfg.embedding_frequencies, cfg.seed)
+    released = release_sum(features, data.images, data.labels, data.num_classes,
+                           state.release_noise if cfg.dp else None, generator)
+    buffer = io.BytesIO()
+    torch.save(released, buffer)
+    atomic_write_bytes(state.release_file, buffer.getvalue())
+    return released
+
+
+def spend(state: SiteState, steps: int, epsilon: float | None = None) -> dict[str, float]:
+    """The spend a site reports; ``epsilon`` may be passed when already computed for this history."""
+    if epsilon is None:
+        epsilon = epsilon_of([tuple(h) for h in state.history], state.delta, state.accountant)
     return {
         "epsilon": epsilon, "delta": state.delta, "noise_multiplier": state.noise_multiplier,
         "sample_rate": state.sample_rate, "steps": steps, "budget_epsilon": state.budget_epsilon,
@@ -61,16 +92,19 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
     """Train ``gan.d`` (and, with local generator training, G1/G2) for one round in place."""
     torch.manual_seed(derived_seed(cfg.seed, round_num, site_index))
     privacy = None
-    previous = [tuple(h) for h in state.history]
     if cfg.dp:
         ensure_mechanism(state, cfg, len(data))
+    release = ensure_release(state, cfg, data, site_index)
+    previous = [tuple(h) for h in state.history]
+    if cfg.dp:
         if state.exhausted:
-            return RoundResult("exhausted", spend(state, 0), [])
+            return RoundResult("exhausted", spend(state, 0), [], release)
         planned = extend_history(previous, state.noise_multiplier, state.sample_rate, cfg.local_steps)
-        if epsilon_of(planned, state.delta, state.accountant) > state.budget_epsilon + BUDGET_TOLERANCE:
+        planned_epsilon = epsilon_of(planned, state.delta, state.accountant)
+        if planned_epsilon > state.budget_epsilon + BUDGET_TOLERANCE:
             state.exhausted = True
             state.save()
-            return RoundResult("exhausted", spend(state, 0), [])
+            return RoundResult("exhausted", spend(state, 0), [], release)
         # Privacy first: record the spend before touching the data.
         state.history = [list(h) for h in planned]
         state.rounds[str(round_num)] = {"status": "reserved", "steps": cfg.local_steps}
@@ -86,10 +120,10 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
         g_trainer = GeneratorTrainer(gan)
         g_stats = [g_trainer.step(cfg.g_batch_size, prior) for _ in range(cfg.g_steps)]
     if privacy is None:
-        return RoundResult("trained", {"epsilon": math.inf, "steps": cfg.local_steps}, g_stats)
+        return RoundResult("trained", {"epsilon": math.inf, "steps": cfg.local_steps}, g_stats, release)
     state.rounds[str(round_num)]["status"] = "done"
     state.save()
-    return RoundResult("trained", spend(state, cfg.local_steps), g_stats)
+    return RoundResult("trained", spend(state, cfg.local_steps, planned_epsilon), g_stats, release)
 
 
 def public_facts(site_id: str, data: ImageDataset) -> dict[str, Any]:

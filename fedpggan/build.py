@@ -50,7 +50,8 @@ def derived_seed(*parts: int) -> int:
 
 def build_gan(cfg: RunConfig, image_size: int, channels: int, num_classes: int) -> PGGAN:
     shape = ModelShape(image_size=image_size, channels=channels, num_classes=num_classes,
-                       latent_dim=cfg.latent_dim, g_width=cfg.g_width, d_width=cfg.d_width)
+                       latent_dim=cfg.latent_dim, g_width=cfg.g_width, d_width=cfg.d_width,
+                       d_spectral_norm=cfg.d_spectral_norm)
     gan_cfg = GANConfig(loss_rule=cfg.loss_rule, lr_g=cfg.lr_g, lr_d=cfg.lr_d, ema_decay=cfg.ema_decay)
     return PGGAN(shape, gan_cfg)
 

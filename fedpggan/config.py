@@ -33,11 +33,11 @@ class RunConfig:
     class_prior: str = opt("uniform", "public class prior for fake labels: 'uniform' or comma-separated weights, e.g. '0.3,0.7'", group="data")
     # --- federation ------------------------------------------------------------------
     clients: int = opt(5, "number of simulated sites", group="federation")
-    rounds: int = opt(200, "federated rounds", group="federation")
+    rounds: int = opt(100, "federated rounds", group="federation")
     fraction: float = opt(1.0, "fraction of sites selected each round", group="federation")
     min_clients: int = opt(0, "fewest replies a round needs (0 = all selected sites)", group="federation")
-    local_steps: int = opt(10, "DP-SGD steps on D at each site per round", group="federation")
-    g_steps: int = opt(2, "generator steps on the server per round", group="federation")
+    local_steps: int = opt(8, "DP-SGD steps on D at each site per round", group="federation")
+    g_steps: int = opt(8, "generator steps on the server per round", group="federation")
     generator_training: str = opt("server", "where G1/G2 learn: 'server' (default) or 'local' at each site, then averaged", ("server", "local"), group="federation")
     aggregation: str = opt("fedavg", "how D updates are combined (equal weights)", ("fedavg", "median", "trimmed-mean"), group="federation")
     round_timeout: float = opt(600.0, "seconds to wait for a round's replies", group="federation")
@@ -57,8 +57,12 @@ class RunConfig:
     ema_decay: float = opt(0.995, "EMA decay of the sampling generators", group="optimisation")
     loss_rule: str = opt("average", "generator loss rule", ("average", "mean", "single"), group="optimisation")
     latent_dim: int = opt(64, "generator latent size", group="optimisation")
-    g_width: int = opt(64, "generator base width", group="optimisation")
+    g_width: int = opt(32, "generator base width", group="optimisation")
     d_width: int = opt(32, "discriminator base width", group="optimisation")
+    d_spectral_norm: bool = opt(False, "spectral norm in D (the SNGAN-style baseline; impossible with DP: Opacus cannot train it)", group="optimisation")
+    embedding_weight: float = opt(10.0, "weight of the auxiliary class-mean-embedding loss of the generators (0 = off); its target is each site's one-shot DP release (DP-MERF style)", group="optimisation")
+    embedding_frequencies: int = opt(500, "random Fourier frequencies of the mean embedding", group="optimisation")
+    embedding_share: float = opt(0.3, "share of each site's epsilon the embedding release alone would cost (composition makes the total cost far smaller)", group="privacy")
     # --- privacy ---------------------------------------------------------------------
     epsilon: float = opt(10.0, "per-site privacy budget epsilon; 'none' trains without DP", group="privacy")
     delta: float = opt(0.0, "per-site delta (0 = min(1e-5, 1/(10 n_site)))", group="privacy")
@@ -82,13 +86,17 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise FedPGGANError(f"--{flag(name)} {getattr(self, name)} is invalid: it must be >= 1")
-        for name in ("g_steps", "min_clients", "min_per_site", "client_gpus", "delta"):
+        for name in ("g_steps", "min_clients", "min_per_site", "client_gpus", "delta", "embedding_weight"):
             if getattr(self, name) < 0:
                 raise FedPGGANError(f"--{flag(name)} {getattr(self, name)} is invalid: it must be >= 0")
         for name in ("alpha", "lr_d", "lr_g", "max_grad_norm", "epsilon", "round_timeout", "client_cpus"):
             value = getattr(self, name)
             if not value > 0:
                 raise FedPGGANError(f"--{flag(name)} {value} is invalid: it must be > 0")
+        if not 0 < self.embedding_share < 1:
+            raise FedPGGANError(f"--embedding-share {self.embedding_share} is invalid: it must be in (0, 1)")
+        if self.embedding_frequencies < 1:
+            raise FedPGGANError(f"--embedding-frequencies {self.embedding_frequencies} is invalid: it must be >= 1")
         if not 0 < self.fraction <= 1:
             raise FedPGGANError(f"--fraction {self.fraction} is invalid: it must be in (0, 1]")
         if not 0 <= self.ema_decay < 1:
@@ -101,6 +109,8 @@ class RunConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise FedPGGANError(f"--{flag(f.name)} {getattr(self, f.name)!r} is invalid: choose one of {', '.join(choices)}")
+        if self.d_spectral_norm and self.dp:
+            raise FedPGGANError("--d-spectral-norm needs --epsilon none: Opacus cannot train spectral norm")
         class_prior(self.class_prior)  # raises on a malformed prior
         return self
 

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from fedpggan.build import build_gan, open_training_data, pick_device, prior_tensor, seed_everything
@@ -19,12 +20,14 @@ from fedpggan.config import RunConfig
 from fedpggan.plots import save_curves, save_sample_grid
 from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, calibrate_noise, default_delta
 from fedpggan.privacy.dp_discriminator import sample_rate
+from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise, release_sum
 from fedpggan.privacy.ledger import PrivacyLedger
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
 from pggan_model import CASES, GeneratorTrainer, save_checkpoint
+from pggan_model.mean_embedding import class_means
 
 CURVE_PANELS = {
-    "losses": ["d_loss", "loss_g1", "loss_g2"],
+    "losses": ["d_loss", "loss_g1", "loss_g2", "loss_embedding"],
     "D accuracy": ["d_acc_real", "d_acc_fake"],
     "average-loss rule cases": [f"case_{c}" for c in CASES],
     "epsilon": ["epsilon"],
@@ -46,15 +49,18 @@ def train_centralised(cfg: RunConfig) -> Path:
 
     versions = library_versions()
     ledger = PrivacyLedger(run.ledger_json, run.root.name, cfg.dp, versions, "Opacus DP-SGD on D" if cfg.dp else "none")
-    privacy = None
+    privacy, release = None, None
     if cfg.dp:
         delta = cfg.delta or default_delta(n)
         q = sample_rate(n, cfg.batch_size)
-        sigma = calibrate_noise(cfg.epsilon, delta, q, total_d_steps, cfg.accountant)
+        release = release_noise(cfg.epsilon, cfg.embedding_share, delta, cfg.accountant) if cfg.embedding_weight > 0 else None
+        sigma = calibrate_noise(cfg.epsilon, delta, q, total_d_steps, cfg.accountant, release_history(release))
         privacy = PrivacySettings(sigma, cfg.max_grad_norm, delta, cfg.accountant, cfg.grad_sample_mode)
         ledger.register_site("central", budget_epsilon=cfg.epsilon, delta=delta, accountant=cfg.accountant,
                              noise_multiplier=sigma, sample_rate=q, max_grad_norm=cfg.max_grad_norm,
-                             planned_steps=total_d_steps, public_num_records=n)
+                             planned_steps=total_d_steps, public_num_records=n,
+                             feature_release=None if release is None else dict(zip(("noise_multiplier", "sample_rate", "steps"),
+                                                                                    release_entry(release))))
     ledger.save()
     run_info = {
         "run_id": run.root.name, "kind": "centralised", "config": cfg.to_flower(),
@@ -65,8 +71,14 @@ def train_centralised(cfg: RunConfig) -> Path:
     if not data.is_medical:
         print("warning: dataset 'phantom' is procedurally generated, NOT medical data")
 
-    d_trainer = DiscriminatorTrainer(gan, data.images, data.labels, cfg.batch_size, privacy, prior=prior)
     g_trainer = GeneratorTrainer(gan)
+    if cfg.embedding_weight > 0:  # the one-shot release, accounted before any DP-SGD step
+        features = features_for(data.channels * data.image_size**2, cfg.embedding_frequencies, cfg.seed)
+        released = release_sum(features, data.images, data.labels, data.num_classes, release,
+                               torch.Generator().manual_seed(cfg.seed))
+        g_trainer.match_embedding(features, class_means(released)[0].to(device), cfg.embedding_weight)
+    d_trainer = DiscriminatorTrainer(gan, data.images, data.labels, cfg.batch_size, privacy,
+                                     history=release_history(release), prior=prior)
     bar = tqdm(range(1, cfg.epochs + 1), desc="epochs", unit="epoch")
     for epoch in bar:
         d_stats, g_stats = [], []
@@ -74,7 +86,7 @@ def train_centralised(cfg: RunConfig) -> Path:
             d_stats += d_trainer.train(cfg.d_steps)
             g_stats.append(g_trainer.step(cfg.g_batch_size, prior))
         row = {"epoch": epoch, **mean_stats(d_stats, ("d_loss", "d_acc_real", "d_acc_fake")),
-               **mean_stats(g_stats, ("loss_g1", "loss_g2")),
+               **mean_stats(g_stats, ("loss_g1", "loss_g2") + (("loss_embedding",) if cfg.embedding_weight > 0 else ())),
                **{f"case_{c}": sum(s[f"case_{c}"] for s in g_stats) for c in CASES}}
         if privacy is not None:
             row["epsilon"] = d_trainer.epsilon()

@@ -6,8 +6,10 @@ Site -> server (query reply): ConfigRecord "site" with public facts only: site i
 Server -> site ("train"): ArrayRecord "d" (global D), ArrayRecord "g" (G1/G2 weights,
     keys prefixed "g1." / "g2."), ConfigRecord "config" (run options + round + run id).
 Site -> server (train reply): ArrayRecord "d" (D after local DP-SGD), ArrayRecord "g" only
-    with --generator-training local, MetricRecord "privacy" (the spend), ConfigRecord
-    "status" (trained / replayed / exhausted, site id, accountant).
+    with --generator-training local, ArrayRecord "embedding" only with --embedding-weight > 0
+    (the site's one-shot DP release of its class-mean embedding: a noisy sum, never per-record
+    values), MetricRecord "privacy" (the spend), ConfigRecord "status" (trained / replayed /
+    exhausted, site id, accountant).
 No image, label, per-record statistic or label count is ever put in a message.
 """
 
@@ -63,7 +65,7 @@ def state_dict_of(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def reply_content(d_state: dict[str, torch.Tensor], privacy: dict[str, float], status: dict[str, Any],
-                  g_record: ArrayRecord | None = None) -> RecordDict:
+                  g_record: ArrayRecord | None = None, embedding: torch.Tensor | None = None) -> RecordDict:
     content = RecordDict({
         "d": ArrayRecord(d_state),
         "privacy": MetricRecord({k: privacy[k] for k in PRIVACY_METRICS if k in privacy}),
@@ -71,4 +73,6 @@ def reply_content(d_state: dict[str, torch.Tensor], privacy: dict[str, float], s
     })
     if g_record is not None:
         content["g"] = g_record
+    if embedding is not None:
+        content["embedding"] = ArrayRecord({"sum": embedding})
     return content

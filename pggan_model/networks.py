@@ -25,8 +25,11 @@ class ModelShape:
     channels: int
     num_classes: int
     latent_dim: int = 64
-    g_width: int = 64
+    g_width: int = 32
     d_width: int = 32
+    # Spectral norm on D's layers: the SNGAN-style baseline only. Opacus cannot train it,
+    # so it is refused together with DP (see fedpggan.build.build_gan).
+    d_spectral_norm: bool = False
 
 
 def upsampling_plan(image_size: int) -> tuple[int, int]:
@@ -96,6 +99,10 @@ class Discriminator(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(channels, 1)
         self.embed = nn.Embedding(shape.num_classes, channels)
+        if shape.d_spectral_norm:
+            for m in list(self.modules()):
+                if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
+                    nn.utils.parametrizations.spectral_norm(m)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         h = self.features(x).sum(dim=(2, 3))

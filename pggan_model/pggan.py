@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pggan_model.losses import CASES, generator_rule_loss
+from pggan_model.mean_embedding import RandomFourierFeatures, embedding_loss
 from pggan_model.networks import Discriminator, Generator, ModelShape, init_weights
 
 GENERATOR_CHOICES = ("1", "2", "both")
@@ -128,6 +129,12 @@ class GeneratorTrainer:
         c = gan.config
         self.opt1 = torch.optim.Adam(gan.g1.parameters(), lr=c.lr_g, betas=(c.beta1, c.beta2))
         self.opt2 = torch.optim.Adam(gan.g2.parameters(), lr=c.lr_g, betas=(c.beta1, c.beta2))
+        self.embedding: tuple[RandomFourierFeatures, torch.Tensor, float] | None = None
+
+    def match_embedding(self, features: RandomFourierFeatures, class_means: torch.Tensor, weight: float) -> None:
+        """Add ``weight`` x the class-conditional mean-embedding loss of the generators' mixture
+        (an auxiliary loss; the target must come from a DP release when data are private)."""
+        self.embedding = (features, class_means, weight) if weight > 0 else None
 
     def step(self, batch_size: int, prior: torch.Tensor | None = None) -> dict[str, float]:
         """One update of both generators against the current D; returns losses and case counts."""
@@ -139,15 +146,23 @@ class GeneratorTrainer:
         d.requires_grad_(False)
         gan.g1.train(), gan.g2.train()
         labels = gan.draw_labels(batch_size, prior, device)
-        logits1 = d(gan.g1(gan.latent(batch_size, device), labels), labels)
+        x1 = gan.g1(gan.latent(batch_size, device), labels)
+        logits1 = d(x1, labels)
         if gan.single:
-            logits2 = torch.zeros_like(logits1)
+            x2, logits2 = x1[:0], torch.zeros_like(logits1)
         else:
-            logits2 = d(gan.g2(gan.latent(batch_size, device), labels), labels)
+            x2 = gan.g2(gan.latent(batch_size, device), labels)
+            logits2 = d(x2, labels)
         losses = generator_rule_loss(logits1, logits2, gan.config.loss_rule)
+        loss = losses.loss
+        if self.embedding is not None:
+            features, means, weight = self.embedding
+            mixture_labels = labels if gan.single else torch.cat([labels, labels])
+            emb = embedding_loss(features, torch.cat([x1, x2]), mixture_labels, means)
+            loss = loss + weight * emb
         self.opt1.zero_grad(set_to_none=True)
         self.opt2.zero_grad(set_to_none=True)
-        losses.loss.backward()
+        loss.backward()
         self.opt1.step()
         if not gan.single:
             self.opt2.step()
@@ -155,6 +170,8 @@ class GeneratorTrainer:
         d.train(was_training)
         gan.update_ema()
         out = {"loss_g1": float(losses.loss_g1), "loss_g2": float(losses.loss_g2)}
+        if self.embedding is not None:
+            out["loss_embedding"] = float(emb)
         if gan.single:
             out["loss_g2"] = float("nan")
         out.update({f"case_{k}": float(losses.cases[k]) for k in CASES})

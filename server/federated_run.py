@@ -27,10 +27,12 @@ from fedpggan.errors import FedPGGANError
 from fedpggan.plots import save_curves, save_sample_grid
 from fedpggan.privacy import calibrate_noise, default_delta
 from fedpggan.privacy.dp_discriminator import sample_rate
+from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise
 from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
 from fedpggan.wire import train_content
 from pggan_model import CASES, GeneratorTrainer, load_checkpoint, save_checkpoint
+from pggan_model.mean_embedding import class_means
 from server.aggregation import aggregate
 from server.validation import update_problem
 
@@ -39,7 +41,7 @@ MAX_FAILED_ROUNDS = 3
 SERVER_STREAM = 1_000_003  # seed stream of the server's own randomness (selection, G steps)
 
 CURVE_PANELS = {
-    "generator losses": ["loss_g1", "loss_g2"],
+    "generator losses": ["loss_g1", "loss_g2", "loss_embedding"],
     "average-loss rule cases": [f"case_{c}" for c in CASES],
     "D score of fakes (server side)": ["d_fake_score"],
 }
@@ -67,6 +69,8 @@ class FederatedRun:
         self.gan = build_gan(cfg, int(facts["image-size"]), int(facts["channels"]), len(self.class_names)).to(self.device)
         self.g_trainer = GeneratorTrainer(self.gan)
         self.prior = prior_tensor(cfg, len(self.class_names))
+        self.features = features_for(int(facts["channels"]) * int(facts["image-size"]) ** 2, cfg.embedding_frequencies, cfg.seed)
+        self.releases: dict[str, torch.Tensor] = {}
         first_round = self.restore() if self.resume else self.start(facts)
         status, reason = "completed", f"{cfg.rounds} rounds done"
         bar = tqdm(range(first_round, cfg.rounds + 1), desc="rounds", unit="round", initial=first_round - 1, total=cfg.rounds)
@@ -117,11 +121,13 @@ class FederatedRun:
                                     "Opacus DP-SGD on D at each site" if cfg.dp else "none")
         for node, site in self.sites.items():
             if cfg.dp:
-                sigma, q, delta = self.mechanism_for(int(site["num-records"]))
+                sigma, q, delta, release = self.mechanism_for(int(site["num-records"]))
                 self.ledger.register_site(
                     self.site_id(node), budget_epsilon=cfg.epsilon, delta=delta, accountant=cfg.accountant,
                     noise_multiplier=sigma, sample_rate=q, max_grad_norm=cfg.max_grad_norm,
-                    planned_steps=cfg.rounds * cfg.local_steps, public_num_records=int(site["num-records"]))
+                    planned_steps=cfg.rounds * cfg.local_steps, public_num_records=int(site["num-records"]),
+                    feature_release=None if release is None else dict(zip(("noise_multiplier", "sample_rate", "steps"),
+                                                                          release_entry(release))))
             else:
                 self.ledger.register_site(self.site_id(node), public_num_records=int(site["num-records"]))
         self.ledger.save()
@@ -140,16 +146,18 @@ class FederatedRun:
             print("warning: this run uses 'phantom', procedurally generated data: NOT medical data")
         return 1
 
-    def mechanism_for(self, num_records: int) -> tuple[float, float, float]:
-        """(sigma, q, delta) a site of this (public) size must use; the server checks replies
-        against it, so a site reporting a spend inconsistent with the config is excluded."""
+    def mechanism_for(self, num_records: int) -> tuple[float, float, float, float | None]:
+        """(sigma, q, delta, release sigma) a site of this (public) size must use; the server checks
+        replies against it, so a site reporting a spend inconsistent with the config is excluded."""
         cfg = self.cfg
         q = sample_rate(num_records, cfg.batch_size)
         delta = cfg.delta or default_delta(num_records)
         key = f"{num_records}"
         if key not in self.expected_mechanism:
-            sigma = calibrate_noise(cfg.epsilon, delta, q, cfg.rounds * cfg.local_steps, cfg.accountant)
-            self.expected_mechanism[key] = (sigma, q, delta)
+            release = release_noise(cfg.epsilon, cfg.embedding_share, delta, cfg.accountant) if cfg.embedding_weight > 0 else None
+            sigma = calibrate_noise(cfg.epsilon, delta, q, cfg.rounds * cfg.local_steps, cfg.accountant,
+                                    release_history(release))
+            self.expected_mechanism[key] = (sigma, q, delta, release)
         return self.expected_mechanism[key]
 
     def restore(self) -> int:
@@ -183,6 +191,8 @@ class FederatedRun:
     def run_round(self, round_num: int) -> str:
         cfg, t0 = self.cfg, time.perf_counter()
         selected = self.select(round_num)
+        for node in set(self.active_nodes()) - set(selected):
+            self.ledger.record_event(self.site_id(node), round_num, "not_selected", f"--fraction {cfg.fraction}: not sampled this round")
         config = {**cfg.to_flower(), "round": round_num, "run-id": self.run_id,
                   "site-state-root": str((self.folder.root / "sites").resolve())}
         messages = [Message(train_content(self.gan, config), dst_node_id=n, message_type="train", group_id=str(round_num))
@@ -248,15 +258,29 @@ class FederatedRun:
                 self.ledger.record_event(site, round_num, "rejected_update", problem)
                 continue
             d_states.append(d_state)
+            self.receive_release(site, round_num, reply)
             if "g" in reply.content:
                 g_states.append(reply.content["g"].to_torch_state_dict())
         for node in set(selected) - answered:
             self.ledger.record_event(self.site_id(node), round_num, "no_reply", f"no reply within --round-timeout {self.cfg.round_timeout}s")
         return d_states, g_states
 
+    def receive_release(self, site: str, round_num: int, reply: Message) -> None:
+        """Keep each site's one-shot embedding release; the generators match the pooled class means."""
+        if self.cfg.embedding_weight <= 0 or "embedding" not in reply.content or site in self.releases:
+            return
+        released = reply.content["embedding"].to_torch_state_dict()["sum"]
+        expected = (self.features.dim + 1, len(self.class_names))
+        if tuple(released.shape) != expected or not torch.isfinite(released).all():
+            self.ledger.record_event(site, round_num, "rejected_release", f"embedding release of shape {tuple(released.shape)} (expected {expected}) or non-finite")
+            return
+        self.releases[site] = released.double()
+        means, _ = class_means(sum(self.releases.values()))
+        self.g_trainer.match_embedding(self.features, means.to(self.device), self.cfg.embedding_weight)
+
     def spend_problem(self, node: int, privacy: dict[str, float]) -> str | None:
         """Why a site's reported spend does not match what its config dictates (or None)."""
-        sigma, q, delta = self.mechanism_for(int(self.sites[node]["num-records"]))
+        sigma, q, delta, _ = self.mechanism_for(int(self.sites[node]["num-records"]))
         for name, expected in (("noise_multiplier", sigma), ("sample_rate", q), ("delta", delta)):
             if not math.isclose(float(privacy.get(name, math.nan)), expected, rel_tol=1e-6):
                 return f"reported {name}={privacy.get(name)} but the config dictates {expected:.6g}"
@@ -276,7 +300,8 @@ class FederatedRun:
             self.gan.update_ema()
             return self.fake_score()
         stats = [self.g_trainer.step(self.cfg.g_batch_size, self.prior) for _ in range(self.cfg.g_steps)]
-        out = {k: float(np.nanmean([s[k] for s in stats])) for k in ("loss_g1", "loss_g2")} if stats else {}
+        keys = ("loss_g1", "loss_g2") + (("loss_embedding",) if "loss_embedding" in stats[0] else ()) if stats else ()
+        out = {k: float(np.nanmean([s[k] for s in stats])) for k in keys}
         out.update({f"case_{c}": sum(s[f"case_{c}"] for s in stats) for c in CASES})
         out.update(self.fake_score())
         return out

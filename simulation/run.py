@@ -67,7 +67,8 @@ def simulate(cfg: RunConfig, resume: str | None = None) -> Path:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     backend = {
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
-        "init_args": {"include_dashboard": False, "log_to_driver": True},
+        # Ray binds to loopback only: a simulation never listens on a network interface.
+        "init_args": {"include_dashboard": False, "log_to_driver": True, "_node_ip_address": "127.0.0.1"},
     }
     run_simulation(server_app=make_server_app(dataclasses.replace(cfg, out=str(folder.root)), resume=bool(resume)),
                    client_app=client_app, num_supernodes=cfg.clients, backend_config=backend)

@@ -131,3 +131,20 @@ def test_checkpoint_round_trip_restores_identical_outputs(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(FedPGGANError, match="unreadable"):
         load_checkpoint(tmp_path / "bad.pt", gan)
+
+
+def test_embedding_loss_trains_the_mixture_of_both_generators():
+    from pggan_model.mean_embedding import RandomFourierFeatures
+
+    torch.manual_seed(0)
+    gan = PGGAN(ModelShape(28, 1, 2, latent_dim=8, g_width=16, d_width=8))
+    trainer = GeneratorTrainer(gan)
+    features = RandomFourierFeatures(28 * 28, 20, seed=0)
+    target = torch.zeros(features.dim, 2)
+    trainer.match_embedding(features, target, weight=5.0)
+    before = [p.clone() for p in (*gan.g1.parameters(), *gan.g2.parameters())]
+    stats = trainer.step(8)
+    assert stats["loss_embedding"] > 0
+    moved1 = any(not torch.equal(a, b) for a, b in zip(before, gan.g1.parameters()))
+    moved2 = any(not torch.equal(a, b) for a, b in zip(before[len(list(gan.g1.parameters())):], gan.g2.parameters()))
+    assert moved1 and moved2

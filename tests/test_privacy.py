@@ -116,5 +116,32 @@ def test_spend_is_recorded_before_training(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         run_site_round(PGGAN(SHAPE), data, cfg, state, 1, 0)
     reloaded = SiteState.load(tmp_path / "s", "run")
-    assert reloaded.history and reloaded.history[0][2] == cfg.local_steps
+    # the one-shot embedding release first (a Gaussian mechanism: q = 1, one step), then the round
+    assert reloaded.history[0] == [reloaded.release_noise, 1.0, 1]
+    assert reloaded.history[-1][2] == cfg.local_steps
     assert reloaded.rounds["1"]["status"] == "reserved"
+
+
+def test_embedding_release_has_sensitivity_one_and_is_accounted(tmp_path):
+    from fedpggan.privacy.feature_release import features_for
+    from pggan_model.mean_embedding import class_means, record_sum
+
+    data = open_dataset("phantom", image_size=28).subset(range(64))
+    features = features_for(28 * 28, 50, seed=0)
+    full = record_sum(features, data.images, data.labels, 2)
+    for i in (0, 17, 63):  # removing any one record moves the sum by exactly norm 1
+        keep = [j for j in range(64) if j != i]
+        without = record_sum(features, data.images[keep], data.labels[keep], 2)
+        assert float((full - without).norm()) == pytest.approx(1.0, abs=1e-9)
+        assert float((full - without).norm()) <= 1.0
+    means, counts = class_means(full)
+    assert counts.tolist() == pytest.approx([float(c) for c in data.class_counts()], abs=1e-4)
+    first = data.labels == 0
+    assert torch.allclose(means[:, 0], features(data.images[first]).mean(0), atol=1e-5)
+    # The site's history starts with the release, and the budget still holds at the end.
+    cfg, site_data = site_setup(tmp_path, rounds=2)
+    state = SiteState.load(tmp_path / "emb", "run")
+    result = run_site_round(PGGAN(SHAPE), site_data, cfg, state, 1, 0)
+    assert result.embedding_release is not None and tuple(result.embedding_release.shape) == (cfg.embedding_frequencies * 2 + 1, 2)
+    assert state.history[0] == [state.release_noise, 1.0, 1]
+    assert epsilon_of([tuple(h) for h in state.history], state.delta) == pytest.approx(result.privacy["epsilon"])

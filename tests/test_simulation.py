@@ -103,7 +103,9 @@ def test_no_raw_data_crosses_the_wire(simulated):
         assert set(reply.content.keys()) == {"site"}
         assert set(reply.content["site"].keys()) == set(PUBLIC_SITE_FACTS)
     for reply in trains:
-        assert set(reply.content.keys()) == {"d", "privacy", "status"}
+        assert set(reply.content.keys()) == {"d", "privacy", "status", "embedding"}
+        # the one-shot DP release: a noisy (features + 1) x classes sum, not per-record data
+        assert reply.content["embedding"].to_torch_state_dict()["sum"].shape == (2 * 500 + 1, 2)
         assert isinstance(reply.content["d"], ArrayRecord)
         assert isinstance(reply.content["privacy"], MetricRecord)
         assert isinstance(reply.content["status"], ConfigRecord)

@@ -11,13 +11,19 @@ recomputed from the whole history, so spend is never forgotten between rounds or
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from fedpggan.errors import FedPGGANError
+from fedpggan.io import atomic_write_json
 
 ACCOUNTANTS = ("prv", "rdp")
 History = list[tuple[float, float, int]]
+MAX_SIGMA = 2000.0
+EPSILON_TOLERANCE = 0.01
 
 
 def default_delta(num_records: int) -> float:
@@ -34,27 +40,67 @@ def epsilon_of(history: History, delta: float, accountant: str = "prv") -> float
     return float(acc.get_epsilon(delta=delta))
 
 
-def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv") -> float:
-    """Noise multiplier so that ``steps`` DP-SGD steps at ``sample_rate`` end at <= epsilon.
+def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv",
+                    prefix: History = ()) -> float:
+    """Noise multiplier so that ``prefix`` (mechanisms already planned, e.g. a feature release)
+    followed by ``steps`` DP-SGD steps at ``sample_rate`` ends at epsilon <= the budget.
 
-    Calibrated once, for the whole planned run, so the final spend meets the budget.
+    Calibrated once, for the whole planned run, so the final spend meets the budget. Same
+    search as Opacus' ``get_noise_multiplier`` (doubling, then bisection to within 0.01).
     """
     if epsilon <= 0:
         raise FedPGGANError(f"--epsilon {epsilon} must be > 0 (or leave it out to train without DP)")
     if not 0 < delta < 1:
         raise FedPGGANError(f"--delta {delta} must be in (0, 1)")
-    try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                steps=steps, accountant=accountant, epsilon_tolerance=0.01,
+
+    key = json.dumps([epsilon, delta, sample_rate, steps, accountant, [list(map(float, h)) for h in prefix]])
+    cache = CalibrationCache()
+    if (sigma := cache.get(key)) is not None:
+        return sigma
+
+    def spent(sigma: float) -> float:
+        return epsilon_of([*prefix, (sigma, sample_rate, steps)], delta, accountant)
+
+    low, high = 0.0, 10.0
+    while spent(high) > epsilon:
+        low, high = high, 2 * high
+        if high > MAX_SIGMA:
+            raise FedPGGANError(
+                f"--epsilon {epsilon}: no noise level reaches this budget for {steps} steps at sample rate "
+                f"{sample_rate:.4g}; raise --epsilon or lower the number of steps"
             )
-        )
-    except ValueError as exc:
-        raise FedPGGANError(
-            f"--epsilon {epsilon}: no noise level reaches this budget for {steps} steps at sample rate "
-            f"{sample_rate:.4g} ({exc}); raise --epsilon or lower the number of steps"
-        ) from exc
+    while epsilon - spent(high) > EPSILON_TOLERANCE:
+        mid = (low + high) / 2
+        low, high = (low, mid) if spent(mid) < epsilon else (mid, high)
+    cache.put(key, float(high))
+    return float(high)
+
+
+class CalibrationCache:
+    """Memo of calibrate_noise on disk: a pure function of its arguments, whose PRV search takes
+    seconds and is repeated by every site and by the server. A missing or unreadable cache is
+    simply recomputed; set FEDPGGAN_CACHE to move it, or to an empty string to turn it off."""
+
+    def __init__(self) -> None:
+        where = os.environ.get("FEDPGGAN_CACHE", str(Path.home() / ".cache" / "fedpggan"))
+        self.path = Path(where) / "calibration.json" if where else None
+
+    def _read(self) -> dict[str, float]:
+        try:
+            return json.loads(self.path.read_text()) if self.path and self.path.exists() else {}
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, key: str) -> float | None:
+        return self._read().get(key)
+
+    def put(self, key: str, sigma: float) -> None:
+        if self.path is None:
+            return
+        try:
+            atomic_write_json(self.path, {**self._read(), key: sigma})
+        except OSError:
+            pass  # a read-only home: calibration still works, only slower
 
 
 def extend_history(history: History, noise_multiplier: float, sample_rate: float, steps: int) -> History:

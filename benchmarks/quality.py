@@ -1,0 +1,210 @@
+"""Quality benchmark: train-on-synthetic / test-on-real for every run the quality issue asks for.
+
+    python benchmarks/quality.py --data-dir ../shared/data --profile gpu      # the full table
+    python benchmarks/quality.py --data-dir ../shared/data --profile cpu      # reduced, CPU-sized
+
+Writes benchmarks/results/quality-<dataset>-<device>-<date>.json and .md (one row per run,
+keys name ``eps`` and ``auc``) plus each run's folder under --work. Every number is measured
+here: rows that are not run are absent, never filled in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fedpggan.config import RunConfig
+from fedpggan.data import open_dataset
+from fedpggan.evaluation import ClassifierPrivacy, TrainingBudget, evaluate_run, trtr
+from fedpggan.io import atomic_write_bytes, atomic_write_json
+from fedpggan.runs import library_versions
+from fedpggan.train import train_centralised
+from simulation.run import simulate
+
+# Training lengths per profile. "gpu" is the configuration the targets are meant for; "cpu"
+# is what a shared 2-core machine runs in about an hour: the headline rows (eps 10 / 1 / no DP)
+# at "main" length, the comparisons (ablations, baselines, other data) at the shorter
+# "ablation" length, each against an IID average-rule reference row of that same length.
+PROFILES = {
+    "gpu": dict(main_rounds=300, ablation_rounds=300, local_steps=20, g_steps=16, eval_seeds=3,
+                n_synthetic=10000, ablation_seeds=3),
+    "cpu": dict(main_rounds=60, ablation_rounds=30, local_steps=8, g_steps=8, eval_seeds=3,
+                n_synthetic=5000, ablation_seeds=1),
+    "smoke": dict(main_rounds=2, ablation_rounds=2, local_steps=2, g_steps=1, eval_seeds=1,
+                  n_synthetic=200, ablation_seeds=1),
+}
+EMBEDDING_OFF = dict(embedding_weight=0.0)
+
+
+def row_specs(profile: dict[str, Any]) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(row name, kind, length, config overrides) for every GAN run of the table."""
+    rows = [
+        ("federated eps=10", "federated", "main", dict(epsilon=10.0)),
+        ("federated eps=1", "federated", "main", dict(epsilon=1.0)),
+        ("federated no DP", "federated", "main", dict(epsilon=math.inf)),
+        ("[short] federated eps=10 (reference for the rows below)", "federated", "ablation", dict(epsilon=10.0)),
+        ("[short] federated eps=10 dirichlet alpha=0.5", "federated", "ablation",
+         dict(epsilon=10.0, partition="dirichlet", alpha=0.5)),
+        ("[short] centralised eps=10 (one site, same D-step budget)", "centralised", "ablation", dict(epsilon=10.0)),
+        ("[short] ablation: no embedding loss (pure adversarial)", "federated", "ablation", dict(epsilon=10.0, **EMBEDDING_OFF)),
+    ]
+    for rule in ("average", "mean", "single"):
+        for seed in range(profile["ablation_seeds"]):
+            if rule == "average" and seed == 0:
+                continue  # the reference row is this run
+            rows.append((f"[short] loss rule {rule} eps=10 seed {seed}", "federated", "ablation",
+                         dict(epsilon=10.0, loss_rule=rule, seed=seed)))
+    rows.append(("[short] SNGAN-style baseline (spectral-norm D, single G, no DP, no embedding)", "centralised",
+                 "ablation", dict(epsilon=math.inf, loss_rule="single", d_spectral_norm=True, **EMBEDDING_OFF)))
+    rows.append(("[short] BreastMNIST federated 3 sites eps=10", "federated", "ablation",
+                 dict(epsilon=10.0, dataset="breastmnist", clients=3)))
+    return rows
+
+
+def run_gan_row(name: str, kind: str, length: str, overrides: dict[str, Any], base: RunConfig, work: Path,
+                profile: dict, device: str) -> dict:
+    rounds = profile[f"{length}_rounds"]
+    cfg = dataclasses.replace(base, rounds=rounds, sample_every=max(1, rounds // 4), **overrides)
+    if kind == "centralised":  # the federation's total D steps and generator steps, on one machine
+        d_steps_per_epoch = math.ceil(len(open_dataset(cfg.dataset, "train", cfg.data_dir)) / cfg.batch_size)
+        d_total = cfg.clients * rounds * cfg.local_steps
+        cfg = dataclasses.replace(cfg, d_steps=max(1, d_total // (rounds * cfg.g_steps)),
+                                  epochs=max(1, round(d_total / d_steps_per_epoch)))
+    out = work / slug(name)
+    cfg = dataclasses.replace(cfg, out=str(out)).validate()
+    t0 = time.perf_counter()
+    if (out / "run.json").exists() and json.loads((out / "run.json").read_text()).get("status") == "completed":
+        print(f"[{name}] reusing completed run {out}")
+    elif kind == "federated":
+        simulate(cfg)
+    else:
+        train_centralised(cfg)
+    train_s = time.perf_counter() - t0
+    result = evaluate_run(out, data_dir=base.data_dir, n_synthetic=profile["n_synthetic"], seeds=profile["eval_seeds"],
+                          device=device, progress=False)
+    tstr = result["tstr"]
+    collapsed = result["diversity"]["collapsed"]
+    return {
+        "run": name, "kind": kind, "dataset": cfg.dataset, "sites": cfg.clients if kind == "federated" else 1,
+        "eps": result["epsilon"], "delta": ledger_delta(out), "auc": tstr["auc"]["mean"], "auc_std": tstr["auc"]["std"],
+        "accuracy": tstr["accuracy"]["mean"], "label_fidelity": result["label_fidelity"]["overall"],
+        "fid": result["fid"], "collapsed_classes": collapsed, "trtr_auc": result["trtr"]["auc"]["mean"],
+        "train_seconds": round(train_s, 1), "run_folder": str(out), "length": length,
+        "config": {k: v for k, v in cfg.to_flower().items() if k in CONFIG_KEYS},
+    }
+
+
+CONFIG_KEYS = ("rounds", "local-steps", "g-steps", "epochs", "d-steps", "batch-size", "partition", "alpha", "loss-rule",
+               "seed", "clients", "epsilon", "embedding-weight", "d-spectral-norm")
+
+
+def classifier_rows(base: RunConfig, profile: dict, device: str) -> list[dict]:
+    """TRTR (real data, no privacy) and the direct DP-SGD classifier at eps 10 and 1."""
+    train = open_dataset(base.dataset, "train", base.data_dir)
+    test = open_dataset(base.dataset, "test", base.data_dir)
+    rows = []
+    for name, privacy in (("TRTR: classifier on real data, no DP", None),
+                          ("direct DP-SGD classifier on real data eps=10", ClassifierPrivacy(10.0)),
+                          ("direct DP-SGD classifier on real data eps=1", ClassifierPrivacy(1.0))):
+        t0 = time.perf_counter()
+        summary = trtr(train, test, profile["eval_seeds"], TrainingBudget(), device, privacy, progress=False)
+        rows.append({"run": name, "kind": "classifier", "dataset": base.dataset, "sites": 1,
+                     "eps": privacy.epsilon if privacy else None, "auc": summary["auc"]["mean"],
+                     "auc_std": summary["auc"]["std"], "accuracy": summary["accuracy"]["mean"],
+                     "train_seconds": round(time.perf_counter() - t0, 1)})
+    return rows
+
+
+def ledger_delta(run: Path) -> float | None:
+    return json.loads((run / "privacy_ledger.json").read_text())["guarantee"].get("delta")
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")[:60]
+
+
+def fmt(x: Any) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return "∞" if math.isinf(x) else f"{x:.3f}"
+    if isinstance(x, list):
+        return ", ".join(x) or "none"
+    return str(x)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Quality: {meta['dataset']} on {meta['device']} ({meta['date']}, profile {meta['profile']})", "",
+             f"TSTR = small CNN trained on {meta['n_synthetic']} synthetic images, tested on the real test split; "
+             f"mean ± std over {meta['eval_seeds']} classifier seeds. Settings: {meta['settings']}.", "",
+             "| run | eps | TSTR AUC | ± | accuracy | label fidelity | FID | collapsed classes | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {fmt(r.get('eps'))} | {fmt(r.get('auc'))} | {fmt(r.get('auc_std'))} | "
+                     f"{fmt(r.get('accuracy'))} | {fmt(r.get('label_fidelity'))} | {fmt(r.get('fid'))} | "
+                     f"{fmt(r.get('collapsed_classes'))} | {fmt(r.get('train_seconds'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", required=True, help="folder with pneumoniamnist.npz and breastmnist.npz")
+    p.add_argument("--dataset", default="pneumoniamnist")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="gpu" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--rows", default="", help="comma-separated substrings: run only matching rows")
+    p.add_argument("--skip", default="", help="comma-separated exact row names to leave out (e.g. rows run separately)")
+    p.add_argument("--work", default="runs/quality", help="where the runs' folders go")
+    p.add_argument("--results", default="benchmarks/results")
+    args = p.parse_args(argv)
+    profile = PROFILES[args.profile]
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    device_name = torch.cuda.get_device_name(0).replace(" ", "-") if device == "cuda" else "cpu"
+    base = RunConfig(dataset=args.dataset, data_dir=args.data_dir, clients=5, delta=1e-5, device=device,
+                     local_steps=profile["local_steps"], g_steps=profile["g_steps"])
+    work = Path(args.work) / args.profile
+    stem = Path(args.results) / f"quality-{args.dataset}-{device_name}-{date.today().isoformat()}"
+    meta = {"dataset": args.dataset, "device": f"{device_name} ({platform.processor() or platform.machine()})",
+            "date": date.today().isoformat(), "profile": args.profile, "versions": library_versions(),
+            "n_synthetic": profile["n_synthetic"], "eval_seeds": profile["eval_seeds"],
+            "settings": {k: v for k, v in profile.items()}, "delta": 1e-5}
+    wanted = [w.strip() for w in args.rows.split(",") if w.strip()]
+    rows: list[dict] = []
+    for name, kind, length, overrides in row_specs(profile):
+        if (wanted and not any(w in name for w in wanted)) or name in args.skip.split(","):
+            continue
+        print(f"=== {name}", flush=True)
+        rows.append(run_gan_row(name, kind, length, overrides, base, work, profile, device))
+        save(stem, rows, meta)
+    if not wanted or any(w in "classifier TRTR" for w in wanted):
+        rows += classifier_rows(base, profile, device)
+        save(stem, rows, meta)
+    print(markdown(rows, meta))
+    return 0
+
+
+def save(stem: Path, rows: list[dict], meta: dict) -> None:
+    """Rewrite both files after every row, so a long benchmark that stops keeps what it measured.
+    Rows of earlier invocations with the same file name are kept unless re-run now."""
+    path = stem.with_suffix(".json")
+    earlier = json.loads(path.read_text())["rows"] if path.exists() else []
+    names = {r["run"] for r in rows}
+    merged = [r for r in earlier if r["run"] not in names] + rows
+    order = {name: i for i, (name, *_rest) in enumerate(row_specs(PROFILES[meta["profile"]]))}
+    merged.sort(key=lambda r: order.get(r["run"], len(order)))
+    atomic_write_json(path, {"meta": meta, "rows": merged})
+    atomic_write_bytes(stem.with_suffix(".md"), markdown(merged, meta).encode())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

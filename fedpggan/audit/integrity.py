@@ -1,0 +1,55 @@
+"""Are the files the ledger vouches for the files on disk?
+
+- run.json records the ledger's SHA-256 at its last write: a different hash means the
+  ledger was edited afterwards;
+- every checkpoint the ledger lists either still has that hash or is gone (deleted by
+  retention: reported, not a failure); a checkpoint file on disk the ledger does not list
+  was not produced by this run's trainer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedpggan.audit.findings import Finding
+from fedpggan.io import sha256_file
+from fedpggan.runs import RunFolder
+
+
+def check_ledger_hash(run: dict[str, Any], folder: RunFolder) -> list[Finding]:
+    recorded = run.get("ledger_sha256")
+    if not isinstance(recorded, str):
+        return [Finding("run.json:ledger_sha256", "missing: the ledger cannot be shown to be the one the trainer wrote")]
+    actual = sha256_file(folder.ledger_json)
+    if actual != recorded:
+        return [Finding("run.json:ledger_sha256", f"{folder.ledger_json.name} hashes to {actual[:12]}..., run.json "
+                                                  f"recorded {recorded[:12]}...: the ledger was changed after the run wrote it")]
+    return []
+
+
+def check_checkpoints(ledger: dict[str, Any], folder: RunFolder) -> tuple[list[dict[str, Any]], list[Finding]]:
+    """One status row per listed checkpoint, and the violations."""
+    rows, findings = [], []
+    listed = set()
+    for i, entry in enumerate(ledger.get("checkpoints", [])):
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or Path(name).name != name:
+            findings.append(Finding(f"checkpoints[{i}].file", f"{name!r} is not a checkpoint file name"))
+            continue
+        listed.add(name)
+        path = folder.checkpoints / name
+        if not path.exists():
+            status = "not present (rotated)"
+        elif sha256_file(path) == entry.get("sha256"):
+            status = "verified"
+        else:
+            status = "HASH MISMATCH"
+            findings.append(Finding(f"checkpoints[{i}].sha256", f"checkpoints/{name} does not have the hash the ledger "
+                                                                "recorded: the file was replaced or altered"))
+        rows.append({"round": entry.get("round"), "file": name, "status": status})
+    if folder.checkpoints.is_dir():
+        for path in sorted(folder.checkpoints.glob("*.pt")):
+            if path.name not in listed:
+                findings.append(Finding("checkpoints", f"checkpoints/{path.name} is not listed in the ledger"))
+    return rows, findings

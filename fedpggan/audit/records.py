@@ -1,0 +1,157 @@
+"""Typed views of the run's JSON files, so every check reads numbers, never raw dicts.
+
+A site field that is missing or not a number is a finding (the ledger cannot support its
+claim); a ledger that is not even shaped like one is an error (the audit cannot run).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedpggan.audit.findings import Finding
+from fedpggan.errors import FedPGGANError
+
+MECHANISM = ("budget_epsilon", "delta", "noise_multiplier", "sample_rate", "planned_steps", "public_num_records", "epsilon")
+KINDS = ("centralised", "federated")
+
+
+@dataclass(frozen=True)
+class Round:
+    round: int
+    steps: int
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+    epsilon: float | None
+
+
+@dataclass
+class Site:
+    """One site's ledger entry, parsed."""
+
+    site_id: str
+    budget_epsilon: float
+    delta: float
+    accountant: str
+    noise_multiplier: float
+    sample_rate: float
+    max_grad_norm: float | None
+    planned_steps: int
+    public_num_records: int
+    epsilon: float
+    status: str
+    rounds: list[Round] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    # The one-shot embedding release (sigma, 1.0, 1) spent before round 1, when the run used one.
+    release: tuple[float, float, int] | None = None
+
+    @property
+    def prefix(self) -> str:
+        return f"sites.{self.site_id}"
+
+    @property
+    def release_history(self) -> tuple[tuple[float, float, int], ...]:
+        return () if self.release is None else (self.release,)
+
+    @property
+    def history(self) -> tuple[tuple[float, float, int], ...]:
+        """The accountant history: the release (if any), then the rounds, equal mechanisms merged."""
+        out: list[tuple[float, float, int]] = list(self.release_history)
+        for r in self.rounds:
+            if out and out[-1][:2] == (r.noise_multiplier, r.sample_rate):
+                out[-1] = (r.noise_multiplier, r.sample_rate, out[-1][2] + r.steps)
+            else:
+                out.append((r.noise_multiplier, r.sample_rate, r.steps))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the checks need from run.json and the run folder besides the ledger."""
+
+    kind: str
+    config: dict[str, Any]
+    status: str
+    num_records: int | None
+    end_round: int  # the last round/epoch the run reached (ledger, checkpoints, metrics)
+
+
+def number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def parse_site(site_id: str, raw: Any) -> tuple[Site | None, list[Finding]]:
+    """The site, or None with one finding per missing/invalid mechanism field."""
+    prefix = f"sites.{site_id}"
+    if not isinstance(raw, dict):
+        return None, [Finding(prefix, "site entry is not an object")]
+    values = {k: number(raw.get(k)) for k in MECHANISM}
+    bad = [Finding(f"{prefix}.{k}", f"missing or not a finite number ({raw.get(k)!r}); epsilon cannot be recomputed")
+           for k, v in values.items() if v is None]
+    if not isinstance(raw.get("accountant"), str):
+        bad.append(Finding(f"{prefix}.accountant", f"missing ({raw.get('accountant')!r}); the ledger must name its accountant"))
+    rounds, round_findings = _parse_rounds(prefix, raw.get("rounds"), values)
+    bad += round_findings
+    release, release_findings = _parse_release(prefix, raw.get("feature_release"))
+    bad += release_findings
+    if bad:
+        return None, bad
+    site = Site(
+        site_id=site_id, budget_epsilon=values["budget_epsilon"], delta=values["delta"], accountant=raw["accountant"],
+        noise_multiplier=values["noise_multiplier"], sample_rate=values["sample_rate"],
+        max_grad_norm=number(raw.get("max_grad_norm")), planned_steps=int(values["planned_steps"]),
+        public_num_records=int(values["public_num_records"]), epsilon=values["epsilon"],
+        status=str(raw.get("status", "")), rounds=rounds,
+        events=[e for e in raw.get("events") or [] if isinstance(e, dict)],
+        release=release,
+    )
+    return site, []
+
+
+def _parse_rounds(prefix: str, raw: Any, site: dict[str, float | None]) -> tuple[list[Round], list[Finding]]:
+    """Rounds; a round's mechanism fields default to the site's (older ledgers omit them)."""
+    if not isinstance(raw, list):
+        return [], [Finding(f"{prefix}.rounds", "missing or not a list")]
+    rounds, bad = [], []
+    for i, r in enumerate(raw):
+        where = f"{prefix}.rounds[{i}]"
+        if not isinstance(r, dict) or number(r.get("round")) is None or number(r.get("steps")) is None:
+            bad.append(Finding(where, "needs integer 'round' and 'steps'"))
+            continue
+        vals = {k: number(r[k]) if k in r else site[k] for k in ("noise_multiplier", "sample_rate", "delta")}
+        if any(v is None for v in vals.values()):
+            bad.append(Finding(where, "noise_multiplier/sample_rate/delta not finite numbers"))
+            continue
+        rounds.append(Round(int(r["round"]), int(r["steps"]), vals["noise_multiplier"], vals["sample_rate"],
+                            vals["delta"], number(r.get("epsilon"))))
+    return rounds, bad
+
+
+def _parse_release(prefix: str, raw: Any) -> tuple[tuple[float, float, int] | None, list[Finding]]:
+    """The embedding release: a Gaussian mechanism (sigma, sample rate 1, 1 step), or none."""
+    if raw is None:
+        return None, []
+    sigma = number(raw.get("noise_multiplier")) if isinstance(raw, dict) else None
+    if sigma is None or not isinstance(raw, dict) or raw.get("sample_rate") != 1.0 or raw.get("steps") != 1:
+        return None, [Finding(f"{prefix}.feature_release", f"must be {{noise_multiplier, sample_rate: 1.0, steps: 1}}, got {raw!r}")]
+    return (sigma, 1.0, 1), []
+
+
+def check_shape(ledger: Any, path: str) -> None:
+    """Refuse a file that is not a privacy ledger at all (the audit cannot run)."""
+    if not isinstance(ledger, dict) or not isinstance(ledger.get("dp"), bool):
+        raise FedPGGANError(f"{path}: not a fedpggan privacy ledger (no boolean 'dp'); pass the run folder the trainer wrote")
+    if ledger["dp"] and not isinstance(ledger.get("sites"), dict):
+        raise FedPGGANError(f"{path}: 'sites' missing or not an object; the ledger is damaged, restore it from backup")
+    if not isinstance(ledger.get("checkpoints", []), list):
+        raise FedPGGANError(f"{path}: 'checkpoints' is not a list; the ledger is damaged, restore it from backup")
+
+
+def run_kind(run: Any, path: str) -> str:
+    if not isinstance(run, dict) or run.get("kind") not in KINDS or not isinstance(run.get("config"), dict):
+        raise FedPGGANError(f"{path}: needs 'kind' ({' or '.join(KINDS)}) and a 'config' object; is this a fedpggan run folder?")
+    return run["kind"]

@@ -1,0 +1,99 @@
+"""``audit_run``: every check on one run folder, the verdict, and the written report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedpggan.audit import accountants, integrity, report
+from fedpggan.audit.findings import ABS_TOL, REL_TOL, Finding
+from fedpggan.audit.mechanism_checks import check_mechanism
+from fedpggan.audit.mia import MiaOptions, run_mia
+from fedpggan.audit.records import RunFacts, check_shape, number, parse_site, run_kind
+from fedpggan.audit.round_checks import check_rounds
+from fedpggan.audit.spend import RULE, audit_sites, check_guarantee
+from fedpggan.errors import FedPGGANError
+from fedpggan.runs import RunFolder, now_iso
+
+NO_DP = ("the ledger records no differential privacy (dp: false): there is no (epsilon, delta) guarantee, "
+         "so the run cannot pass a privacy audit")
+
+
+def audit_run(run_dir: str | Path, out: str | Path | None = None, mia: MiaOptions | None = None) -> dict[str, Any]:
+    """Audit ``run_dir``; write audit.json, AUDIT.md and audit_epsilon.png to ``out`` (default:
+    the run folder). Returns the audit.json content; ``passed`` is the verdict."""
+    folder = RunFolder(run_dir)
+    run = folder.read_run()
+    kind = run_kind(run, str(folder.run_json))
+    ledger = folder.read_json(folder.ledger_json)
+    check_shape(ledger, str(folder.ledger_json))
+    findings = integrity.check_ledger_hash(run, folder)
+    checkpoints, ckpt_findings = integrity.check_checkpoints(ledger, folder)
+    findings += ckpt_findings
+    rows: dict[str, Any] = {}
+    notes: list[str] = []
+    if not ledger["dp"]:
+        findings.append(Finding("dp", NO_DP))
+    else:
+        rows, site_findings, notes = audit_ledger_sites(ledger, run, kind, folder)
+        findings += site_findings
+    if run.get("status") != "completed":
+        notes.insert(0, f"run status is {run.get('status')!r}: this audits the run as far as it got")
+    result: dict[str, Any] = {
+        "passed": False, "date": now_iso(), "run": str(folder.root.resolve()), "run_id": run.get("run_id"),
+        "kind": kind, "dp": ledger["dp"], "violations": [], "notes": notes, "rule": RULE,
+        "tolerance": {"relative": REL_TOL, "absolute": ABS_TOL}, "sites": rows, "checkpoints": checkpoints,
+        "assumptions": ledger.get("assumptions", []),
+        "versions": {"audit": accountants.versions(), "run": ledger.get("versions", {})},
+    }
+    if mia is not None:
+        result["mia"], mia_findings = run_mia(folder, run, rows, mia)
+        findings += mia_findings
+    result["violations"] = [f.to_json() for f in dict.fromkeys(findings)]  # a config problem is found once per site
+    result["passed"] = not findings
+    for row in rows.values():
+        row["passed"] = not any(f.field.startswith(f"sites.{row['site']}.") for f in findings)
+    report.write_outputs(result, Path(out) if out else folder.root)
+    return result
+
+
+def audit_ledger_sites(ledger: dict[str, Any], run: dict[str, Any], kind: str,
+                       folder: RunFolder) -> tuple[dict[str, Any], list[Finding], list[str]]:
+    """Consistency and accounting checks of every DP site, plus the run-level guarantee."""
+    findings: list[Finding] = []
+    notes: list[str] = []
+    sites = []
+    for site_id in sorted(map(str, ledger["sites"]), key=lambda s: (not s.isdigit(), s.zfill(12))):
+        site, bad = parse_site(site_id, ledger["sites"][site_id])
+        findings += bad
+        if site is not None:
+            sites.append(site)
+    if not ledger["sites"]:
+        findings.append(Finding("sites", "no site registered a DP mechanism: nothing supports the claimed guarantee"))
+    facts = RunFacts(kind=kind, config=run["config"], status=str(run.get("status", "")),
+                     num_records=(run.get("dataset") or {}).get("num_records"), end_round=end_round(ledger, run, folder))
+    for site in sites:
+        round_findings, round_notes = check_rounds(site, facts)
+        findings += check_mechanism(site, facts) + round_findings
+        notes += round_notes
+    rows, spend_findings, spend_notes = audit_sites(sites)
+    return rows, findings + spend_findings + check_guarantee(ledger), notes + spend_notes
+
+
+def end_round(ledger: dict[str, Any], run: dict[str, Any], folder: RunFolder) -> int:
+    """The last round/epoch the run reached, by any record: ledger rounds and events,
+    checkpoints, metrics; a completed centralised run reached its last epoch."""
+    seen = [0]
+    for site in ledger.get("sites", {}).values():
+        if isinstance(site, dict):
+            for entry in (site.get("rounds") or []) + (site.get("events") or []):
+                seen.append(number(entry.get("round")) if isinstance(entry, dict) else None)
+    seen += [number(c.get("round")) for c in ledger.get("checkpoints", []) if isinstance(c, dict)]
+    try:
+        metrics = folder.read_metrics()
+    except ValueError as exc:
+        raise FedPGGANError(f"{folder.metrics_jsonl}: unreadable JSON line ({exc}); restore the file from backup") from exc
+    seen += [number(row.get("round", row.get("epoch"))) for row in metrics if isinstance(row, dict)]
+    if run["kind"] == "centralised" and run.get("status") == "completed":
+        seen.append(number(run["config"].get("epochs")))
+    return int(max(v for v in seen if v is not None))

@@ -1,0 +1,156 @@
+"""``datasheet.json`` and ``DATASHEET.md``: what the images are, where they come from, what
+privacy they carry, and what they must not be used for -- so the data can travel alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedpggan.export.provenance import Provenance
+from fedpggan.io import sha256_bytes
+from fedpggan.runs import library_versions, now_iso
+
+INTENDED_USE = [
+    "Sharing, teaching and prototyping image pipelines without access to the private training images.",
+    "Benchmarking and pre-training models that are then validated on real, held-out data.",
+]
+LIMITATIONS = [
+    "Synthetic images made by a GAN: they show no real patient and are NOT for diagnosis, clinical decisions "
+    "or as ground truth.",
+    "Labels are the classes the generator was asked for; some images may not show their class faithfully.",
+    "Class balance is the one requested at export, not the prevalence in the private data.",
+    "Quality and diversity are below real data; models trained on it must be tested on real data before use.",
+]
+QUALITY_KEYS = ("tstr", "trtr", "fid", "prdc", "label_fidelity", "memorisation")
+DP_MEANING = ("The images are post-processing of a generator trained with differential privacy, so they carry "
+              "the run's (epsilon, delta) guarantee at no extra cost: anything computed from them reveals at most "
+              "that much about any one training image (one record at one site). It does not hide population-level "
+              "patterns, and holds only under the ledger's assumptions.")
+
+
+def config_sha256(run: dict[str, Any]) -> str:
+    """Hash of the canonical JSON of the run's options: identifies the training setup."""
+    return sha256_bytes(json.dumps(run.get("config", {}), sort_keys=True, separators=(",", ":")).encode())
+
+
+def build_datasheet(prov: Provenance, export: dict[str, Any]) -> dict[str, Any]:
+    """The datasheet as a dict; ``export`` describes what was written (counts, files, options)."""
+    run, ledger, dataset = prov.run, prov.ledger, prov.run.get("dataset", {})
+    dp = bool(ledger.get("dp"))
+    warnings = []
+    if dataset.get("is_medical") is False:
+        warnings.append("NOT MEDICAL DATA: the run was trained on a procedurally generated phantom dataset.")
+    if not dp:
+        warnings.append("NO PRIVACY GUARANTEE: the run was trained without differential privacy; these images "
+                        "may reveal the training images.")
+    if prov.audit["status"] != "passed":
+        warnings.append("UNAUDITED: no passing `fedpggan audit` of this run; its privacy claims are unchecked."
+                        if prov.audit["status"] == "unaudited" else
+                        f"AUDIT FAILED ({prov.audit['date']}): the run's privacy claims did not survive the audit.")
+    sites = ledger.get("sites", {})
+    return {
+        "format": 1,
+        "title": f"Synthetic images from fedpggan run {run.get('run_id')} ({dataset.get('name')})",
+        "created": now_iso(),
+        "warnings": warnings,
+        "source_run": {"run_id": run.get("run_id"), "kind": run.get("kind"), "config_sha256": config_sha256(run),
+                       "num_sites": run.get("num_sites"), "status": run.get("status")},
+        "dataset": {k: dataset.get(k) for k in ("name", "is_medical", "num_classes", "class_names")},
+        "privacy": {
+            "dp": dp, "mechanism": ledger.get("mechanism"), "guarantee": ledger.get("guarantee"),
+            "accountants": sorted({s["accountant"] for s in sites.values() if s.get("accountant")}),
+            "sites": {sid: {k: s.get(k) for k in ("epsilon", "delta", "budget_epsilon", "accountant", "status")}
+                      for sid, s in sites.items()},
+            "assumptions": ledger.get("assumptions", []),
+            "meaning": DP_MEANING if dp else "none: trained without differential privacy",
+        },
+        "audit": prov.audit,
+        "generator": {"checkpoint": prov.checkpoint.name, "round": prov.checkpoint_round,
+                      "sha256": prov.checkpoint_sha256, "weights": "EMA"},
+        "export": export,
+        "quality": quality_summary(prov.evaluation, prov.checkpoint_sha256),
+        "versions": library_versions(),
+        "intended_use": INTENDED_USE,
+        "limitations": LIMITATIONS,
+    }
+
+
+def quality_summary(evaluation: dict[str, Any] | None, checkpoint_sha256: str) -> dict[str, Any] | None:
+    """Headline figures of ``fedpggan evaluate`` (RUN/evaluation.json), flattened, and whether
+    they were measured on the checkpoint being exported."""
+    if not isinstance(evaluation, dict):
+        return None
+    picked = {k: evaluation[k] for k in QUALITY_KEYS if k in evaluation} or evaluation
+    evaluated = (evaluation.get("checkpoint") or {}).get("sha256")
+    return {"figures": dict(flatten(picked)), "created": evaluation.get("created"),
+            "evaluated_checkpoint_sha256": evaluated,
+            "same_checkpoint": evaluated == checkpoint_sha256 if evaluated else None}
+
+
+def write_datasheet(folder: Path, sheet: dict[str, Any]) -> None:
+    """Plain writes: the staging folder already makes the export all-or-nothing, and the files
+    keep normal (shareable) permissions."""
+    (folder / "datasheet.json").write_text(json.dumps(sheet, indent=2) + "\n")
+    (folder / "DATASHEET.md").write_text(render_markdown(sheet))
+
+
+def render_markdown(sheet: dict[str, Any]) -> str:
+    src, priv, exp, gen, audit = (sheet[k] for k in ("source_run", "privacy", "export", "generator", "audit"))
+    g = priv.get("guarantee") or {}
+    lines = [f"# {sheet['title']}", ""]
+    lines += [f"> **{w}**" for w in sheet["warnings"]] + ([""] if sheet["warnings"] else [])
+    lines += [
+        "| | |", "|---|---|",
+        f"| Source run | `{src['run_id']}` ({src['kind']}, {src['num_sites']} site(s)) |",
+        f"| Run config sha256 | `{src['config_sha256']}` |",
+        f"| Dataset | {sheet['dataset']['name']} |",
+        f"| Privacy | " + (f"({num(g.get('epsilon'))}, {num(g.get('delta'))})-DP per record, accountant "
+                           f"{', '.join(priv['accountants'])}" if priv["dp"] else "**NONE**") + " |",
+        f"| Audit | {audit['status'].upper()}" + (f", {audit['date']}" if audit["date"] else "") + " |",
+        f"| Generator | `{gen['checkpoint']}` (round {gen['round']}, {gen['weights']} weights), "
+        f"sha256 `{gen['sha256']}` |",
+        f"| Images | {exp['num_images']} ({exp['image_size']}x{exp['image_size']}, {exp['channels']} channel(s)), "
+        f"seed {exp['seed']} |",
+        f"| Created | {sheet['created']} |", "",
+        "## Contents", "", "| split | " + " | ".join(sheet["dataset"]["class_names"]) + " | total |",
+        "|---" * (len(sheet["dataset"]["class_names"]) + 2) + "|",
+    ]
+    for split, counts in exp["split_counts"].items():
+        lines.append(f"| {split} | " + " | ".join(map(str, counts.values())) + f" | {sum(counts.values())} |")
+    lines += ["", f"Class folders (label id prefix = npz label): {', '.join(exp['class_folders'])}.",
+              "Generators (EMA): " + ", ".join(f"{k} {v}" for k, v in exp["generator_counts"].items()) + ". Files: " +
+              ", ".join(f"`{name}` (sha256 `{sha}`)" for name, sha in exp["files"].items()), ""]
+    lines += ["## Privacy", "", priv["meaning"], "", "| site | epsilon | delta | budget | accountant | status |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {sid} | {num(s['epsilon'])} | {num(s['delta'])} | {num(s['budget_epsilon'])} | "
+              f"{s['accountant']} | {s['status']} |" for sid, s in priv["sites"].items()]
+    lines += [""] + [f"- {a}" for a in priv["assumptions"]] + [""]
+    lines += ["## Quality", ""] + quality_lines(sheet["quality"]) + [""]
+    lines += ["## Intended use", ""] + [f"- {u}" for u in sheet["intended_use"]] + [""]
+    lines += ["## Limitations", ""] + [f"- {u}" for u in sheet["limitations"]] + [""]
+    lines += ["## Reproduce", "", f"    {exp['command']}", "",
+              "Library versions: " + ", ".join(f"{k} {v}" for k, v in sheet["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def quality_lines(quality: dict[str, Any] | None) -> list[str]:
+    if not quality:
+        return ["Not evaluated (run `fedpggan evaluate` on the run to add TSTR AUC and other figures)."]
+    note = {True: "on the exported checkpoint", False: "on a DIFFERENT checkpoint than the one exported",
+            None: "checkpoint not recorded"}[quality["same_checkpoint"]]
+    return ([f"From `fedpggan evaluate` ({quality['created']}, {note}):", ""]
+            + [f"- {k}: {num(v)}" for k, v in quality["figures"].items()])
+
+
+def num(value: Any) -> str:
+    """Four significant digits for people (the JSON keeps full precision)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Scalar leaves of nested dicts as ('a.b', value), for a readable quality list."""
+    if not isinstance(obj, dict):
+        return [(prefix, obj)] if not isinstance(obj, list) else []
+    return [item for k, v in obj.items() for item in flatten(v, f"{prefix}.{k}" if prefix else str(k))]

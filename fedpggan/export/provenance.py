@@ -1,0 +1,109 @@
+"""Whether a run may be shared, and the facts its datasheet reports.
+
+Export is post-processing of the generator, so the images inherit exactly the run's DP
+guarantee -- which is only worth stating if the ledger is intact (its hash matches run.json),
+self-consistent, within every site's budget, covers the exported checkpoint, and has been
+audited. Anything else is refused in one line before any image is made.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpggan.errors import FedPGGANError
+from fedpggan.io import sha256_file
+from fedpggan.runs import RunFolder
+
+AUDIT_FILE = "audit.json"
+EVALUATION_FILE = "evaluation.json"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    run: dict[str, Any]
+    ledger: dict[str, Any]
+    checkpoint: Path
+    checkpoint_sha256: str
+    checkpoint_round: int
+    audit: dict[str, Any]            # {"status": "passed" | "failed" | "unaudited", "date": str | None}
+    evaluation: dict[str, Any] | None
+
+
+def verify_run(folder: RunFolder, checkpoint: str | None, allow_unaudited: bool, allow_no_dp: bool) -> Provenance:
+    """Every check an export needs; raises :class:`FedPGGANError` naming the file and the fix."""
+    run = folder.read_run()
+    ledger = read_ledger(folder, run)
+    if ledger.get("dp"):
+        check_budgets(folder.ledger_json, ledger)
+    elif not allow_no_dp:
+        raise FedPGGANError(f"{folder.ledger_json}: the run was trained WITHOUT differential privacy; "
+                            "pass --allow-no-dp to export anyway (the datasheet will say NO PRIVACY GUARANTEE)")
+    path, sha, round_num = pick_checkpoint(folder, checkpoint, ledger)
+    audit = audit_status(folder)
+    if audit["status"] != "passed" and not allow_unaudited:
+        what = "is missing" if audit["status"] == "unaudited" else f"says the audit FAILED ({audit['date']})"
+        raise FedPGGANError(f"{folder.root / AUDIT_FILE}: {what}; run `fedpggan audit {folder.root}` and fix the run, "
+                            "or pass --allow-unaudited (the datasheet will say UNAUDITED)")
+    evaluation = folder.read_json(folder.root / EVALUATION_FILE) if (folder.root / EVALUATION_FILE).is_file() else None
+    return Provenance(run, ledger, path, sha, round_num, audit, evaluation)
+
+
+def read_ledger(folder: RunFolder, run: dict[str, Any]) -> dict[str, Any]:
+    """The ledger, only if it is the one run.json recorded (not edited or swapped since)."""
+    if not folder.ledger_json.is_file():
+        raise FedPGGANError(f"{folder.ledger_json}: missing, so the run's privacy cannot be verified; "
+                            "export only runs with their original privacy ledger")
+    if run.get("ledger_sha256") != sha256_file(folder.ledger_json):
+        raise FedPGGANError(f"{folder.ledger_json}: content hash differs from ledger_sha256 in {folder.run_json} "
+                            "(edited or tampered); restore the run's original ledger")
+    return folder.read_json(folder.ledger_json)
+
+
+def check_budgets(path: Path, ledger: dict[str, Any]) -> None:
+    """Every site within its budget, and the run-level epsilon equal to the worst site's."""
+    sites = ledger.get("sites") or {}
+    spent = {site: entry.get("epsilon") for site, entry in sites.items()}
+    if not spent or any(not isinstance(e, (int, float)) or math.isnan(e) for e in spent.values()):
+        raise FedPGGANError(f"{path}: a DP ledger without a numeric epsilon for every site is inconsistent; "
+                            "restore the run's original ledger")
+    for site, entry in sites.items():
+        budget = entry.get("budget_epsilon")
+        if not isinstance(budget, (int, float)) or spent[site] > budget * (1 + 1e-9):
+            raise FedPGGANError(f"{path}: site {site} spent epsilon {spent[site]} over its budget {budget}; "
+                                "this run's privacy promise is broken and it must not be shared")
+    claimed = (ledger.get("guarantee") or {}).get("epsilon")
+    if not isinstance(claimed, (int, float)) or not math.isclose(claimed, max(spent.values()), rel_tol=1e-9):
+        raise FedPGGANError(f"{path}: guarantee epsilon {claimed} is not the maximum over sites "
+                            f"({max(spent.values())}); the ledger is inconsistent, restore the original")
+
+
+def pick_checkpoint(folder: RunFolder, spec: str | None, ledger: dict[str, Any]) -> tuple[Path, str, int]:
+    """The newest verified checkpoint (or ``--checkpoint`` FILE|ROUND), which the ledger must list:
+    a checkpoint the ledger does not cover has no stated privacy guarantee."""
+    if spec is None:
+        path, entry = folder.latest_checkpoint()
+        sha = entry["sha256"]
+    else:
+        path = folder.checkpoint_path(int(spec)) if spec.isdigit() else Path(spec).expanduser()
+        if not path.is_file():
+            raise FedPGGANError(f"--checkpoint {spec}: no such checkpoint; "
+                                f"give a file or a round in {folder.checkpoints}")
+        sha = sha256_file(path)
+    recorded = {c.get("sha256"): c.get("round") for c in ledger.get("checkpoints", [])}
+    if sha not in recorded:
+        raise FedPGGANError(f"{path}: checkpoint is not recorded in {folder.ledger_json}; "
+                            "export a checkpoint this run's ledger covers")
+    return path, sha, recorded[sha]
+
+
+def audit_status(folder: RunFolder) -> dict[str, Any]:
+    """What ``fedpggan audit`` concluded (RUN/audit.json: ``passed``, ``date``), or unaudited."""
+    path = folder.root / AUDIT_FILE
+    if not path.is_file():
+        return {"status": "unaudited", "date": None}
+    audit = folder.read_json(path)
+    passed = isinstance(audit, dict) and audit.get("passed") is True
+    return {"status": "passed" if passed else "failed", "date": audit.get("date") if isinstance(audit, dict) else None}

@@ -1,0 +1,49 @@
+"""One-shot DP release of a site's class-conditional mean embedding (as in DP-MERF).
+
+Privacy assumptions:
+- each record contributes a vector of norm exactly 1 to the released sum (see
+  pggan_model.mean_embedding.record_sum), so under add/remove adjacency the sum has L2
+  sensitivity 1;
+- Gaussian noise of std ``noise_multiplier`` is added once: the Gaussian mechanism, which the
+  accountant records as the history entry (noise_multiplier, sample rate 1, 1 step) and
+  composes with the site's DP-SGD steps;
+- the random features come from a public seed and a data-independent length scale.
+The release is made once per site and reused every round (never re-drawn).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedpggan.privacy.accounting import History, calibrate_noise
+from pggan_model.mean_embedding import RandomFourierFeatures, record_sum
+
+FEATURE_SEED_OFFSET = 7_919  # the features' seed is the run seed + this (public)
+
+
+def features_for(image_numel: int, num_frequencies: int, seed: int) -> RandomFourierFeatures:
+    """The random features every site and the server share for a run."""
+    return RandomFourierFeatures(image_numel, num_frequencies, seed + FEATURE_SEED_OFFSET)
+
+
+def release_entry(noise_multiplier: float) -> tuple[float, float, int]:
+    """The accountant history entry of one release: a Gaussian mechanism, no subsampling."""
+    return (noise_multiplier, 1.0, 1)
+
+
+def release_noise(epsilon: float, share: float, delta: float, accountant: str) -> float:
+    """Noise for a release that alone costs ``share`` of the site's epsilon."""
+    return calibrate_noise(epsilon * share, delta, 1.0, 1, accountant)
+
+
+def release_history(noise_multiplier: float | None) -> History:
+    return [] if noise_multiplier is None else [release_entry(noise_multiplier)]
+
+
+def release_sum(features: RandomFourierFeatures, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                noise_multiplier: float | None, generator: torch.Generator) -> torch.Tensor:
+    """The noisy sum of v(x, y) over the site's records (exact when noise_multiplier is None: no DP)."""
+    total = record_sum(features, images, labels, num_classes)
+    if noise_multiplier is not None:
+        total += noise_multiplier * torch.randn(total.shape, generator=generator, dtype=total.dtype)
+    return total

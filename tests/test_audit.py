@@ -1,0 +1,333 @@
+"""``fedpggan audit``: the accounting audit catches each kind of tampering, the accountants
+agree with each other and with published values, and membership inference can tell an
+overfit discriminator from a DP one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from fedpggan.audit import accountants, attack_metrics, epsilon_lower_bound
+from fedpggan.audit.findings import close
+from fedpggan.audit.mechanism_checks import check_mechanism
+from fedpggan.audit.mia_attacks import discriminator_scores, distance_scores
+from fedpggan.audit.records import Round, RunFacts, Site
+from fedpggan.audit.round_checks import check_rounds
+from fedpggan.cli import main
+from fedpggan.data import open_phantom
+from fedpggan.io import sha256_file
+from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings
+from fedpggan.privacy.dp_discriminator import sample_rate
+from fedpggan.train import train_centralised
+from pggan_model import PGGAN, GANConfig, ModelShape
+
+SIZE = 16
+MIA_MEMBERS, MIA_BATCH, MIA_STEPS, MIA_DELTA = 64, 32, 100, 1e-3
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny convolutions gain nothing from threads, which only contend on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def write_tiny_npz(path, n_train: int, n_test: int) -> str:
+    """A MedMNIST-layout npz of phantom images: small enough for many epochs in seconds."""
+    def u8(ds):
+        return ((ds.images[:, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
+    train = open_phantom("train", n=n_train, image_size=SIZE, seed=3)
+    test = open_phantom("test", n=n_test, image_size=SIZE, seed=3)
+    np.savez(path, train_images=u8(train), train_labels=train.labels.numpy(), val_images=u8(test),
+             val_labels=test.labels.numpy(), test_images=u8(test), test_labels=test.labels.numpy())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    return write_tiny_npz(tmp_path_factory.mktemp("data") / "tiny.npz", 128, 128)
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory, tiny_npz):
+    """A clean DP run (epsilon 1, 3 epochs, a checkpoint per epoch); tests copy it before editing."""
+    out = tmp_path_factory.mktemp("dp") / "run"
+    with one_thread():
+        train_centralised(tiny_config(out, dataset=tiny_npz, image_size=SIZE, epochs=3, epsilon=1.0, g_width=8,
+                                      checkpoint_every=1, keep_checkpoints=3, device="cpu"))
+    return out
+
+
+@pytest.fixture
+def run_copy(dp_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(dp_run, dst)
+    return dst
+
+
+def audit(run, *extra) -> tuple[int, dict]:
+    code = main(["audit", str(run), *extra])
+    report = json.loads((run / "audit.json").read_text()) if (run / "audit.json").exists() else {}
+    return code, report
+
+
+def edit_ledger(run, edit, rehash: bool = True) -> None:
+    """Apply ``edit`` to the ledger; with ``rehash`` also update run.json's ledger hash, so the
+    specific check (not the hash check) is what must catch it."""
+    path = run / "privacy_ledger.json"
+    ledger = json.loads(path.read_text())
+    edit(ledger)
+    path.write_text(json.dumps(ledger, indent=2))
+    if rehash:
+        info = json.loads((run / "run.json").read_text())
+        info["ledger_sha256"] = sha256_file(path)
+        (run / "run.json").write_text(json.dumps(info, indent=2))
+
+
+def fields(report: dict) -> list[str]:
+    return [v["field"] for v in report["violations"]]
+
+
+# --- accounting audit ---------------------------------------------------------------------
+
+def test_clean_run_passes_with_three_agreeing_accountants(run_copy, capsys):
+    code, report = audit(run_copy)
+    assert code == 0, report["violations"]
+    assert report["passed"] and report["violations"] == []
+    row = report["sites"]["central"]
+    assert set(row["recomputed"]) == {"rdp", "prv", "pld"}
+    assert close(row["claimed_epsilon"], row["recomputed"]["prv"])      # the declared accountant reproduces
+    assert close(row["recomputed"]["pld"], row["recomputed"]["prv"])    # two numerical accountants agree
+    assert row["recomputed"]["rdp"] >= row["tightest_epsilon"]          # RDP is the loosest bound
+    assert row["tightest_epsilon"] <= 1.0 + 0.03
+    assert {"opacus", "dp-accounting"} <= set(report["versions"]["audit"])
+    assert (run_copy / "AUDIT.md").read_text().count("central") >= 1
+    assert (run_copy / "audit_epsilon.png").stat().st_size > 0
+    assert "PASSED" in capsys.readouterr().out
+
+
+def halve_noise(ledger):
+    site = ledger["sites"]["central"]
+    site["noise_multiplier"] /= 2
+    for r in site["rounds"]:
+        r["noise_multiplier"] /= 2
+
+
+def remove_round(ledger):
+    del ledger["sites"]["central"]["rounds"][1]
+
+
+def change_sample_rate(ledger):
+    site = ledger["sites"]["central"]
+    site["sample_rate"] /= 2
+    for r in site["rounds"]:
+        r["sample_rate"] /= 2
+
+
+def lower_epsilon(ledger):
+    site = ledger["sites"]["central"]
+    site["epsilon"] /= 2
+    site["rounds"][-1]["epsilon"] /= 2
+    ledger["guarantee"]["epsilon"] /= 2
+
+
+def hide_release(ledger):
+    """Drop the one-shot embedding release: the rounds alone no longer explain the claim."""
+    del ledger["sites"]["central"]["feature_release"]
+
+
+@pytest.mark.parametrize("edit, field, words", [
+    (halve_noise, "sites.central.noise_multiplier", "calibrated"),
+    (hide_release, "sites.central.rounds", "spend is missing"),
+    (remove_round, "sites.central.rounds", "round(s) 2 missing"),
+    (change_sample_rate, "sites.central.sample_rate", "batch-size"),
+    (lower_epsilon, "sites.central.epsilon", "under-reported"),
+])
+def test_each_tampering_fails_naming_the_field(run_copy, edit, field, words):
+    edit_ledger(run_copy, edit)
+    code, report = audit(run_copy)
+    assert code == 1
+    assert "run.json:ledger_sha256" not in fields(report)
+    reasons = [v["reason"] for v in report["violations"] if v["field"] == field]
+    assert any(words in r for r in reasons), report["violations"]
+    assert not report["sites"]["central"]["passed"]
+
+
+def test_halved_noise_is_also_an_under_report_over_budget(run_copy):
+    edit_ledger(run_copy, halve_noise)
+    _, report = audit(run_copy)
+    assert {"sites.central.epsilon", "sites.central.budget_epsilon"} <= set(fields(report))
+    assert report["sites"]["central"]["tightest_epsilon"] > 2.0
+
+
+def test_editing_the_ledger_without_the_run_hash_is_detected(run_copy):
+    edit_ledger(run_copy, lambda ledger: ledger["assumptions"].append("harmless-looking edit"), rehash=False)
+    code, report = audit(run_copy)
+    assert code == 1 and fields(report) == ["run.json:ledger_sha256"]
+
+
+def test_swapped_checkpoint_fails_and_rotated_one_does_not(run_copy):
+    ckpts = run_copy / "checkpoints"
+    (ckpts / "ckpt_00001.pt").unlink()  # as retention would
+    code, report = audit(run_copy)
+    assert code == 0 and report["checkpoints"][0]["status"] == "not present (rotated)"
+    (ckpts / "ckpt_00003.pt").write_bytes((ckpts / "ckpt_00002.pt").read_bytes())
+    code, report = audit(run_copy)
+    assert code == 1 and fields(report) == ["checkpoints[2].sha256"]
+    assert "ckpt_00003.pt" in report["violations"][0]["reason"]
+
+
+def test_missing_ledger_cannot_be_audited(run_copy, capsys):
+    (run_copy / "privacy_ledger.json").unlink()
+    assert main(["audit", str(run_copy)]) == 2
+    assert "privacy_ledger.json" in capsys.readouterr().err
+
+
+def test_run_without_dp_fails_the_audit(tmp_path, tiny_npz):
+    out = tmp_path / "run"
+    with one_thread():
+        train_centralised(tiny_config(out, dataset=tiny_npz, image_size=SIZE, g_width=8, device="cpu"))
+    code, report = audit(out)
+    assert code == 1 and fields(report) == ["dp"]
+    assert "no differential privacy" in report["violations"][0]["reason"]
+
+
+def test_accountants_reproduce_published_values():
+    """MNIST DP-SGD, q = 256/60000, delta = 1e-5 (TensorFlow Privacy tutorials/README.md, after
+    Abadi et al. 2016): sigma 1.12 for 60 epochs is eps 2.92, sigma 1.2 for 10 epochs is 1.20,
+    with the classic RDP conversion eps = min_a rdp(a) - log(delta)/(a-1). Opacus' RDP uses the
+    tighter conversion of Balle et al. 2020, and PRV/PLD are tighter still and agree."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    q = 256 / 60000
+    orders = np.array(accountants.RDP_ORDERS)
+    for sigma, epochs, published in ((1.12, 60, 2.92), (1.2, 10, 1.20)):
+        history = ((sigma, q, epochs * 60000 // 256),)
+        rdp = np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=history[0][2], orders=orders))
+        assert abs(float(np.min(rdp - math.log(1e-5) / (orders - 1))) - published) < 0.01
+        values, errors = accountants.recompute(history, 1e-5)
+        assert not errors
+        assert values["pld"] <= values["rdp"] <= published and values["prv"] <= values["rdp"]
+        assert close(values["pld"], values["prv"])
+        assert values["prv"] > 0.6 * published  # tight accounting saves 10-35% here, not more
+
+
+def test_rdp_curve_matches_the_accountant_round_by_round():
+    rounds = [((1.0, 0.05, 10),), ((1.0, 0.05, 10),), ((0.8, 0.05, 5),)]
+    curve = accountants.rdp_curve(rounds, 1e-5)
+    assert curve[0] < curve[1] < curve[2]
+    assert math.isclose(curve[-1], accountants.epsilon("rdp", ((1.0, 0.05, 20), (0.8, 0.05, 5)), 1e-5), rel_tol=1e-9)
+
+
+# --- federated ledgers (format of server/federated_run.py) ----------------------------------
+
+def federated_site(rounds: list[int], events: list[dict], steps: int = 2) -> tuple[Site, RunFacts]:
+    """Site "0" of a 4-round federated run (2 local steps), its budget what its sigma spends."""
+    n, batch, planned, delta, sigma = 200, 32, 4 * 2, 1e-5, 1.0
+    q = sample_rate(n, batch)
+    budget = accountants.epsilon("rdp", ((sigma, q, planned),), delta)
+    site = Site("0", budget, delta, "rdp", sigma, q, 1.0, planned, n, 1.0, "active",
+                [Round(r, steps, sigma, q, delta, 0.5 + 0.1 * i) for i, r in enumerate(rounds)], events)
+    site.epsilon = site.rounds[-1].epsilon
+    config = {"batch-size": batch, "local-steps": 2, "rounds": 4, "epsilon": budget, "delta": 0.0, "accountant": "rdp",
+              "max-grad-norm": 1.0, "fraction": 1.0}
+    return site, RunFacts("federated", config, "completed", n, end_round=4)
+
+
+def test_federated_round_gaps_need_an_event():
+    site, facts = federated_site([1, 2, 4], [{"round": 3, "event": "failed", "reason": "site error"}])
+    assert check_rounds(site, facts)[0] == [] and check_mechanism(site, facts) == []
+    site, facts = federated_site([1, 2, 4], [])
+    assert [f.field for f in check_rounds(site, facts)[0]] == ["sites.0.rounds"]
+
+
+def test_federated_site_that_trains_after_exhaustion_fails():
+    site, facts = federated_site([1, 2], [{"round": 3, "event": "budget_exhausted", "reason": "..."}])
+    assert check_rounds(site, facts)[0] == []  # rounds after it are not expected
+    site, facts = federated_site([1, 2, 3, 4], [{"round": 3, "event": "budget_exhausted", "reason": "..."}])
+    assert any("after declaring budget_exhausted" in f.reason for f in check_rounds(site, facts)[0])
+
+
+def test_federated_steps_must_equal_local_steps():
+    site, facts = federated_site([1, 2, 3, 4], [], steps=3)
+    found = [f.field for f in check_mechanism(site, facts)]
+    assert "sites.0.rounds[0].steps" in found and "sites.0.rounds" in found  # 12 steps > planned 8
+
+
+# --- empirical audit ------------------------------------------------------------------------
+
+def train_d_against_reference(noise_multiplier: float | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """D scores of (members, unseen records) after STEPS D steps with the product's trainer.
+
+    A GAN whose generator matches the data forces D to tell its members from fresh samples of
+    the same distribution, which it can only do by memorising them. A generator trained for
+    seconds on a CPU is nowhere near that, so real *reference* records (disjoint from members
+    and from the unseen ones) stand in for the converged generator's fakes."""
+    torch.manual_seed(seed)
+    n = MIA_MEMBERS
+    data = open_phantom("train", n=6 * n, image_size=SIZE, seed=1)
+    members, reference, unseen = data.subset(range(n)), data.subset(range(n, 2 * n)), data.subset(range(2 * n, 6 * n))
+    gan = PGGAN(ModelShape(SIZE, 1, 2, latent_dim=8, g_width=4, d_width=16), GANConfig(lr_d=1e-3))
+
+    def reference_fakes(k, prior=None):
+        idx = torch.randint(0, n, (k,))
+        return reference.images[idx], reference.labels[idx]
+
+    gan.fake_batch = reference_fakes
+    privacy = None if noise_multiplier is None else PrivacySettings(noise_multiplier, 1.0, MIA_DELTA, "rdp")
+    with one_thread():
+        DiscriminatorTrainer(gan, members.images, members.labels, MIA_BATCH, privacy).train(MIA_STEPS)
+    return discriminator_scores(gan, members), discriminator_scores(gan, unseen)
+
+
+def test_membership_inference_detects_an_overfit_discriminator_but_not_a_dp_one():
+    sigma = 14.7  # epsilon 1 for these steps, checked here rather than calibrated (slow)
+    epsilon = accountants.epsilon("rdp", ((sigma, sample_rate(MIA_MEMBERS, MIA_BATCH), MIA_STEPS),), MIA_DELTA)
+    assert 0.9 < epsilon <= 1.0
+    rng = np.random.default_rng(0)
+    overfit = attack_metrics(*train_d_against_reference(None), MIA_DELTA, 50, rng)
+    private = attack_metrics(*train_d_against_reference(sigma), MIA_DELTA, 50, rng)
+    assert overfit["auc"] > 0.7 and overfit["auc_ci95"][0] > 0.6
+    assert private["auc"] < 0.6
+
+
+def test_distance_attack_detects_a_generator_that_copies_its_training_images():
+    data = open_phantom("train", n=300, image_size=SIZE, seed=2)
+    members, unseen = data.subset(range(100)), data.subset(range(100, 300))
+    copies = (members.images + 0.01 * torch.randn_like(members.images)).flatten(1)
+    rng = np.random.default_rng(0)
+    leaky = attack_metrics(distance_scores(copies, members), distance_scores(copies, unseen), 1e-5, 0, rng)
+    assert leaky["auc"] > 0.95 and leaky["epsilon_lower_bound"] > 1.0
+
+
+def test_epsilon_lower_bound_is_zero_without_leakage_and_bounded_by_sample_size():
+    rng = np.random.default_rng(0)
+    same = epsilon_lower_bound(rng.normal(size=2000), rng.normal(size=2000), 1e-5, rng)
+    assert same["epsilon_lower_bound"] < 0.3
+    perfect = epsilon_lower_bound(np.full(1000, 5.0), np.zeros(1000), 1e-5, rng)["epsilon_lower_bound"]
+    # 500 certifying non-members, none flagged: FPR <= ~0.0074 at 97.5%, so eps >= ~4.9 at most.
+    assert 4.0 < perfect < math.log(500)
+
+
+def test_cli_mia_on_the_dp_run(run_copy):
+    with one_thread():
+        code, report = audit(run_copy, "--mia", "--mia-records", "128", "--synthetic", "256", "--bootstraps", "20")
+    assert code == 0, report["violations"]
+    attacks = report["mia"]["sites"]["central"]
+    assert set(attacks) == {"discriminator", "distance"}
+    for m in attacks.values():
+        assert m["members"] == 128 and m["non_members"] == 128
+        assert 0.3 < m["auc"] < 0.7
+        assert m["epsilon_lower_bound"] <= report["sites"]["central"]["tightest_epsilon"]
+    assert "Membership inference" in (run_copy / "AUDIT.md").read_text()

@@ -1,0 +1,319 @@
+"""``fedpggan export``: layout, determinism, privacy gates, all-or-nothing output, bounded memory."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import shutil
+import tracemalloc
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedpggan.cli import main
+from fedpggan.config import RunConfig
+from fedpggan.data import open_dataset, open_phantom
+from fedpggan.errors import FedPGGANError
+from fedpggan.export import ExportOptions, export_run, exporter
+from fedpggan.export.imagefolder import ImageFolderWriter, class_folders
+from fedpggan.export.options import apportion, parse_split
+from fedpggan.io import sha256_file
+from fedpggan.runs import RunFolder
+from fedpggan.train import train_centralised
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_on_synthetic.py"
+PASSED_AUDIT = {"passed": True, "date": "2026-01-02T03:04:05+00:00"}
+
+
+def phantom_npz(path: Path, channels: int, seed: int) -> Path:
+    """A small MedMNIST-layout npz of phantom images (uint8, labels (N,1))."""
+    arrays = {}
+    for split, n in (("train", 64), ("val", 16), ("test", 64)):
+        data = open_phantom(split, n=n, channels=channels, seed=seed)
+        pixels = ((data.images.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
+        arrays[f"{split}_images"] = pixels[..., 0] if channels == 1 else pixels
+        arrays[f"{split}_labels"] = data.labels.numpy().astype(np.uint8)[:, None]
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gray_run(tmp_path_factory) -> Path:
+    """A DP run on grayscale phantom images with a passing audit. A small npz and q = 1/8 keep
+    DP training and noise calibration to seconds; run.json is then marked not medical, as a
+    run on the built-in 'phantom' dataset is."""
+    root = tmp_path_factory.mktemp("gray")
+    data = phantom_npz(root / "phantom.npz", channels=1, seed=0)
+    train_centralised(RunConfig(dataset=str(data), epochs=1, g_width=16, d_width=8, batch_size=8, d_steps=2,
+                                g_batch_size=16, epsilon=2, accountant="rdp", out=str(root / "run")))
+    folder = RunFolder(root / "run")
+    run = folder.read_run()
+    run["dataset"].update(name="phantom (not medical data)", is_medical=False,
+                          class_names=open_phantom("test", n=2).class_names)
+    folder.write_run(run)
+    (folder.root / "audit.json").write_text(json.dumps(PASSED_AUDIT))
+    return folder.root
+
+
+@pytest.fixture(scope="module")
+def rgb_run(tmp_path_factory) -> Path:
+    """An RGB run without DP and without an audit."""
+    root = tmp_path_factory.mktemp("rgb")
+    data = phantom_npz(root / "rgb_phantom.npz", channels=3, seed=1)
+    train_centralised(RunConfig(dataset=str(data), epochs=1, g_width=16, d_width=8, batch_size=32, d_steps=2,
+                                g_batch_size=16, epsilon=math.inf, out=str(root / "run")))
+    return root / "run"
+
+
+def cli(*argv: object) -> int:
+    return main(["export", *map(str, argv)])
+
+
+def png_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def edit_ledger(run: Path, change, rehash: bool = True) -> None:
+    """Change the ledger; ``rehash`` re-records its hash in run.json as a real run would."""
+    folder = RunFolder(run)
+    ledger = folder.read_json(folder.ledger_json)
+    change(ledger)
+    folder.ledger_json.write_text(json.dumps(ledger))
+    if rehash:
+        folder.write_run(folder.read_run())
+
+
+def test_200_image_export_is_complete_reproducible_and_refuses_a_full_folder(gray_run, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli(gray_run, "--out", a, "--n", 200) == 0
+    assert cli(gray_run, "--out", b, "--n", 200) == 0
+    assert (a / "synthetic.npz").read_bytes() == (b / "synthetic.npz").read_bytes()
+    assert png_bytes(a) == png_bytes(b) and len(png_bytes(a)) == 200
+
+    with np.load(a / "synthetic.npz") as npz:
+        assert sorted(npz.files) == ["train_images", "train_labels"]
+        images, labels = npz["train_images"], npz["train_labels"]
+    assert images.dtype == np.uint8 and images.shape == (200, 28, 28)
+    assert labels.dtype == np.uint8 and labels.shape == (200, 1)
+    assert np.bincount(labels[:, 0]).tolist() == [100, 100]
+    assert sorted(p.name for p in (a / "images").iterdir()) == ["0_no_lesion", "1_lesion"]
+    for png in sorted((a / "images").rglob("*.png"))[::23]:   # file name = npz row, folder = label
+        row = int(png.stem)
+        assert np.array_equal(np.asarray(Image.open(png)), images[row])
+        assert labels[row, 0] == int(png.parent.name.split("_")[0])
+    loaded = open_dataset(str(a / "synthetic.npz"), "train")
+    assert len(loaded) == 200 and loaded.channels == 1 and loaded.class_counts() == [100, 100]
+
+    run = json.loads((gray_run / "run.json").read_text())
+    ledger = json.loads((gray_run / "privacy_ledger.json").read_text())
+    sheet = json.loads((a / "datasheet.json").read_text())
+    eps = ledger["guarantee"]["epsilon"]
+    assert sheet["privacy"]["guarantee"]["epsilon"] == eps and sheet["privacy"]["accountants"] == ["rdp"]
+    assert sheet["privacy"]["sites"]["central"]["budget_epsilon"] == 2
+    canonical = json.dumps(run["config"], sort_keys=True, separators=(",", ":")).encode()
+    assert sheet["source_run"]["config_sha256"] == hashlib.sha256(canonical).hexdigest()
+    assert sheet["source_run"]["num_sites"] == 1
+    assert sheet["generator"]["sha256"] == ledger["checkpoints"][-1]["sha256"]
+    assert sheet["audit"] == {"status": "passed", "date": PASSED_AUDIT["date"]}
+    assert sheet["export"]["class_counts"] == {"no lesion": 100, "lesion": 100}
+    assert sheet["export"]["generator_counts"] == {"G1": 100, "G2": 100}
+    assert sheet["export"]["files"]["synthetic.npz"] == sha256_file(a / "synthetic.npz")
+    assert sheet["quality"] is None and sheet["versions"]["torch"]
+    markdown = (a / "DATASHEET.md").read_text()
+    assert "NOT MEDICAL DATA" in markdown and f"{eps:.4g}" in markdown and "not for diagnosis" in markdown.lower()
+    assert "UNAUDITED" not in markdown
+
+    capsys.readouterr()
+    assert cli(gray_run, "--out", a, "--n", 10) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--overwrite" in err
+    assert png_bytes(a) == png_bytes(b)
+
+
+def test_same_bytes_whatever_the_chunk_size_and_new_bytes_for_a_new_seed(gray_run, tmp_path):
+    def train_images(name: str, **kw) -> np.ndarray:
+        export_run(gray_run, tmp_path / name, ExportOptions(n=120, formats=("npz",), **kw))
+        with np.load(tmp_path / name / "synthetic.npz") as npz:
+            return npz["train_images"]
+
+    base = train_images("base")
+    assert np.abs(train_images("chunked", chunk_size=37).astype(int) - base).max() <= 1  # same latents per image
+    assert not np.array_equal(train_images("seed1", seed=1), base)
+
+
+def test_split_per_class_counts_and_imagefolder_layout(gray_run, tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    out = tmp_path / "split"
+    sheet = export_run(gray_run, out, ExportOptions(per_class=(40, 20), split=parse_split("0.5/0.25/0.25")))
+    expected = {"train": [20, 10], "val": [10, 5], "test": [10, 5]}
+    with np.load(out / "synthetic.npz") as npz:
+        assert sorted(npz.files) == sorted(f"{s}_{k}" for s in expected for k in ("images", "labels"))
+        for split, counts in expected.items():
+            assert npz[f"{split}_images"].shape == (sum(counts), 28, 28)
+            assert np.bincount(npz[f"{split}_labels"][:, 0]).tolist() == counts
+    folders = class_folders(["no lesion", "lesion"])
+    for split, counts in expected.items():
+        assert [len(list((out / "images" / split / f).iterdir())) for f in folders] == counts
+    folder = ImageFolder(str(out / "images" / "train"))
+    assert folder.class_to_idx == {"0_no_lesion": 0, "1_lesion": 1} and len(folder) == 30
+    assert open_dataset(str(out / "synthetic.npz"), "test").class_counts() == [10, 5]
+    assert sheet["export"]["split_counts"]["val"] == {"no lesion": 10, "lesion": 5}
+
+
+def test_class_prior_file_and_single_generator(gray_run, tmp_path):
+    prior = tmp_path / "prior.json"
+    prior.write_text(json.dumps({"lesion": 3, "no lesion": 1}))   # keyed by name, in any order
+    sheet = export_run(gray_run, tmp_path / "o", ExportOptions(n=101, class_prior=str(prior), generator="2",
+                                                               formats=("npz",)))
+    assert sheet["export"]["class_counts"] == {"no lesion": 25, "lesion": 76}
+    assert sheet["export"]["generator_counts"] == {"G1": 0, "G2": 101}
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 2 3")
+    with pytest.raises(FedPGGANError, match="3 weights"):
+        export_run(gray_run, tmp_path / "bad", ExportOptions(n=10, class_prior=str(bad)))
+    with pytest.raises(FedPGGANError, match="no such file"):
+        export_run(gray_run, tmp_path / "bad", ExportOptions(n=10, class_prior=str(tmp_path / "missing.json")))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_rgb_run_layout_resampling_and_no_dp_gate(rgb_run, tmp_path):
+    with pytest.raises(FedPGGANError, match="WITHOUT differential privacy"):
+        export_run(rgb_run, tmp_path / "refused", ExportOptions(n=20, allow_unaudited=True))
+    out = tmp_path / "rgb"
+    sheet = export_run(rgb_run, out, ExportOptions(n=20, image_size=32, allow_unaudited=True, allow_no_dp=True))
+    with np.load(out / "synthetic.npz") as npz:
+        assert npz["train_images"].dtype == np.uint8 and npz["train_images"].shape == (20, 32, 32, 3)
+        assert npz["train_labels"].shape == (20, 1)
+    png = next((out / "images").rglob("*.png"))
+    assert Image.open(png).mode == "RGB" and Image.open(png).size == (32, 32)
+    assert open_dataset(str(out / "synthetic.npz")).channels == 3
+    assert sheet["export"]["resampled_from"] == 28 and not sheet["privacy"]["dp"]
+    markdown = (out / "DATASHEET.md").read_text()
+    assert "NO PRIVACY GUARANTEE" in markdown and "UNAUDITED" in markdown and "NOT MEDICAL DATA" not in markdown
+
+
+def _bump(ledger, eps):
+    ledger["sites"]["central"]["epsilon"] = ledger["guarantee"]["epsilon"] = eps
+
+
+REFUSALS = {
+    "missing ledger": (lambda run: (run / "privacy_ledger.json").unlink(), "missing"),
+    "tampered ledger": (lambda run: edit_ledger(run, lambda led: _bump(led, 1.0), rehash=False), "tampered"),
+    "over budget": (lambda run: edit_ledger(run, lambda led: _bump(led, 12.0)), "over its budget"),
+    "guarantee not the max": (lambda run: edit_ledger(run, lambda led: led["guarantee"].update(epsilon=1.0)),
+                              "not the maximum"),
+    "checkpoint not in ledger": (lambda run: edit_ledger(run, lambda led: led.update(checkpoints=[])), "not recorded"),
+    "unaudited": (lambda run: (run / "audit.json").unlink(), "audit.json: is missing"),
+    "failed audit": (lambda run: (run / "audit.json").write_text('{"passed": false, "date": "2026-01-01"}'), "FAILED"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refuses_runs_whose_privacy_cannot_be_vouched_for(gray_run, tmp_path, capsys, case):
+    spoil, message = REFUSALS[case]
+    run = copy_run(gray_run, tmp_path)
+    spoil(run)
+    capsys.readouterr()
+    assert cli(run, "--out", tmp_path / "out", "--n", 10) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_allow_unaudited_says_so_and_quality_figures_are_included(gray_run, tmp_path):
+    run = copy_run(gray_run, tmp_path)
+    (run / "audit.json").write_text('{"passed": false, "date": "2026-01-01"}')
+    evaluation = {"created": "2026-01-01", "checkpoint": {"sha256": "another"}, "versions": {"torch": "x"},
+                  "tstr": {"auc": {"mean": 0.812, "std": 0.01, "per_seed": [0.8, 0.82]}}, "fid": 41.5}
+    (run / "evaluation.json").write_text(json.dumps(evaluation))
+    sheet = export_run(run, tmp_path / "o", ExportOptions(n=10, formats=("npz",), allow_unaudited=True))
+    markdown = (tmp_path / "o" / "DATASHEET.md").read_text()
+    assert sheet["audit"]["status"] == "failed" and "AUDIT FAILED (2026-01-01)" in markdown
+    assert sheet["quality"]["figures"] == {"tstr.auc.mean": 0.812, "tstr.auc.std": 0.01, "fid": 41.5}
+    assert "tstr.auc.mean: 0.812" in markdown and "DIFFERENT checkpoint" in markdown
+
+
+def test_never_overwrites_the_run_folder(gray_run, tmp_path):
+    with pytest.raises(FedPGGANError, match="run folder"):
+        export_run(gray_run, gray_run, ExportOptions(n=10, overwrite=True))
+    assert (gray_run / "privacy_ledger.json").is_file()
+
+
+def test_interrupted_export_leaves_no_output_and_keeps_the_old_one(gray_run, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    export_run(gray_run, out, ExportOptions(n=30))
+    before = png_bytes(out), (out / "synthetic.npz").read_bytes()
+    real_write, calls = ImageFolderWriter.write, []
+
+    def write_then_crash(self, *args):
+        calls.append(1)
+        if len(calls) % 3 == 0:
+            raise KeyboardInterrupt
+        real_write(self, *args)
+
+    monkeypatch.setattr(ImageFolderWriter, "write", write_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        export_run(gray_run, out, ExportOptions(n=100, chunk_size=20, overwrite=True))
+    assert (png_bytes(out), (out / "synthetic.npz").read_bytes()) == before
+    with pytest.raises(KeyboardInterrupt):
+        export_run(gray_run, tmp_path / "fresh", ExportOptions(n=100, chunk_size=20))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no half export, no hidden leftovers
+
+
+def test_streaming_memory_is_bounded_by_the_chunk_not_n(gray_run, tmp_path, monkeypatch):
+    """Chunks are numpy-owned so tracemalloc sees them and any copy kept of them; holding the
+    20000 images (15.7 MB) anywhere fails the peak check, holding chunks fails the weakref check."""
+    n, chunk, alive, sizes = 20000, 500, [], []
+
+    def fake_chunk(gan, plan, lo, hi, seed, image_size):
+        sizes.append(hi - lo)
+        images = np.empty((hi - lo, 28, 28), np.uint8)
+        images[:] = (np.arange(hi - lo) % 251)[:, None, None]
+        alive.append(weakref.ref(images))
+        assert sum(ref() is not None for ref in alive) <= 2, "earlier chunks are still referenced"
+        return images
+
+    monkeypatch.setattr(exporter, "sample_chunk", fake_chunk)
+    tracemalloc.start()
+    try:
+        export_run(gray_run, tmp_path / "big", ExportOptions(n=n, chunk_size=chunk, formats=("npz",)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert max(sizes) == chunk and sum(sizes) == n
+    assert peak < n * 28 * 28 / 4, f"peak {peak / 1e6:.1f} MB"
+    with np.load(tmp_path / "big" / "synthetic.npz") as npz:
+        assert np.array_equal(npz["train_images"][:, 0, 0], np.arange(n) % chunk % 251)
+
+
+def test_options_are_checked(gray_run, tmp_path):
+    assert [sum(apportion(t, [0.2, 0.3, 0.5])) for t in (0, 1, 7, 1000)] == [0, 1, 7, 1000]
+    for bad in ("0.8/0.1", "a/b", "0/0.5/0.5", "0.5/0.5/0.5/0"):
+        with pytest.raises(FedPGGANError, match="--split"):
+            parse_split(bad)
+    with pytest.raises(FedPGGANError, match="exclusive"):
+        ExportOptions(n=10, per_class=(5,))
+    with pytest.raises(FedPGGANError, match="--per-class"):
+        export_run(gray_run, tmp_path / "x", ExportOptions(per_class=(1, 2, 3)))
+    with pytest.raises(SystemExit):
+        cli(gray_run, "--out", tmp_path / "y", "--n", 5, "--per-class", 3)
+
+
+def test_example_script_trains_on_the_export_and_tests_on_real_data(gray_run, tmp_path, capsys):
+    export_run(gray_run, tmp_path / "export", ExportOptions(n=64, split=(0.75, 0.25, 0.0), formats=("imagefolder",)))
+    real = phantom_npz(tmp_path / "real.npz", channels=1, seed=3)
+    spec = importlib.util.spec_from_file_location("train_on_synthetic", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    accuracy = example.main(["--export", str(tmp_path / "export"), "--real", str(real), "--epochs", "1"])
+    assert 0.0 <= accuracy <= 1.0 and "48 synthetic images" in capsys.readouterr().out
