@@ -171,7 +171,7 @@ class GeneratorTrainer:
         gan.update_ema()
         out = {"loss_g1": float(losses.loss_g1), "loss_g2": float(losses.loss_g2)}
         if self.embedding is not None:
-            out["loss_embedding"] = float(emb)
+            out["loss_embedding"] = float(emb.detach())
         if gan.single:
             out["loss_g2"] = float("nan")
         out.update({f"case_{k}": float(losses.cases[k]) for k in CASES})

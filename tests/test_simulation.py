@@ -91,7 +91,9 @@ def test_run_folder_is_complete_and_within_budget(simulated):
         assert (out / name).stat().st_size > 0, name
     for site in ("0", "1", "2"):  # each site's accountant state persisted on its side
         state = json.loads((out / "sites" / f"site_{site}" / out.name / "site_state.json").read_text())
-        assert sum(h[2] for h in state["history"]) == 4
+        release, *dp_sgd = state["history"]  # the one-shot embedding release comes first
+        assert release == [state["release_noise"], 1.0, 1]
+        assert sum(steps for _, _, steps in dp_sgd) == 4
 
 
 def test_no_raw_data_crosses_the_wire(simulated):

@@ -1,0 +1,137 @@
+"""``evaluate_run``: the whole suite for one run folder (centralised or federated).
+
+Order: load the checkpoint and the real data, TSTR over seeds, TRTR over seeds (its first
+classifier then serves as the real-trained feature extractor and label judge), fidelity
+and diversity of the first seed's synthetic set against the real test split, memorisation
+against the real training split, then the JSON / markdown / PNG report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedpggan.build import pick_device
+from fedpggan.data import ImageDataset, open_dataset
+from fedpggan.errors import FedPGGANError
+from fedpggan.evaluation.classifier import WIDTHS, TrainingBudget, embed
+from fedpggan.evaluation.dcr import memorisation
+from fedpggan.evaluation.fidelity import NEAREST_K, class_diversity, frechet_distance, label_fidelity, prdc_scores
+from fedpggan.evaluation.report import save_comparison_grid, write_report
+from fedpggan.evaluation.utility import check_matches_gan, scores_over_seeds, seed_list, synthetic_set, tstr
+from fedpggan.io import sha256_file
+from fedpggan.runs import RunFolder, library_versions, now_iso
+from pggan_model import gan_from_checkpoint
+
+CLASSIFIER = (f"SmallCNN: 3 x [conv3x3 stride 2, GroupNorm, ReLU] widths {WIDTHS}, global average pool, "
+              "linear; Adam, cross-entropy")
+
+
+def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: str | None = None,
+                 n_synthetic: int = 5000, seeds: int | Sequence[int] = 3, generator: str = "both",
+                 budget: TrainingBudget = TrainingBudget(), device: str = "cpu", out: str | Path | None = None,
+                 checkpoint: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a run's EMA generators; write evaluation.json, EVALUATION.md and
+    evaluation_grid.png to ``out`` (default: the run folder) and return the JSON dict.
+
+    ``real_spec`` takes the same forms as ``--dataset`` (default: the run's own dataset);
+    ``checkpoint`` a .pt file or a file name in RUN/checkpoints (default: newest verified)."""
+    run = RunFolder(run_dir)
+    if not run.root.is_dir():
+        raise FedPGGANError(f"{run.root}: no such run folder; pass the folder a training run wrote (--out)")
+    info = run.read_run()
+    ckpt = checkpoint_file(run, checkpoint)
+    dev = pick_device(device)
+    gan, payload = gan_from_checkpoint(ckpt, dev)
+    spec, data_dir = real_dataset_spec(info, real_spec, data_dir)
+    train, test = (open_real(spec, split, data_dir, gan.shape.image_size, int(info.get("seed", 0)))
+                   for split in ("train", "test"))
+    for real in (train, test):
+        check_matches_gan(real, gan)
+    seeds = seed_list(seeds)
+
+    utility = tstr(gan, None, test, n_synthetic, seeds, generator, budget, dev, progress)
+    trtr_summary, real_models = scores_over_seeds(lambda _: (train.images, train.labels), test, seeds, budget, dev,
+                                                  desc="TRTR", progress=progress)
+    judge = real_models[0]
+    fake, fake_labels = synthetic_set(gan, n_synthetic, generator, seeds[0])
+    _, fake_feats = embed(judge, fake)
+    _, real_feats = embed(judge, test.images)
+    # precision/recall depend on set sizes: compare equally many synthetic and real images
+    pick = np.random.default_rng(seeds[0]).permutation(len(fake))[: len(test)]
+    fidelity = label_fidelity(judge, fake, fake_labels)
+    fidelity["real_test_reference"] = trtr_summary["accuracy"]["per_seed"][0]
+
+    result = {
+        "run": str(run.root), "run_kind": info.get("kind"), "created": now_iso(),
+        "checkpoint": {"file": ckpt.name, "round": payload.get("round"), "sha256": sha256_file(ckpt)},
+        **ledger_guarantee(run),
+        "dataset": {"name": test.name, "spec": spec, "class_names": test.class_names, "channels": test.channels,
+                    "image_size": test.image_size, "n_train": len(train), "n_test": len(test)},
+        "device": str(dev),
+        "settings": {"n_synthetic": n_synthetic, "seeds": seeds, "generator": generator, "labels": "balanced",
+                     "classifier": CLASSIFIER, "classifier_budget": budget_text(budget), "lr": budget.lr,
+                     "feature_reference": "real test split", "prdc_nearest_k": NEAREST_K},
+        "tstr": utility["tstr"], "trtr": trtr_summary,
+        "fid": frechet_distance(real_feats, fake_feats),
+        "prdc": prdc_scores(real_feats, fake_feats[pick]),
+        "label_fidelity": fidelity,
+        "diversity": class_diversity(real_feats, test.labels.numpy(), fake_feats, fake_labels.numpy(),
+                                     test.class_names),
+        "memorisation": memorisation(fake, train.images, test.images, seeds[0]),
+        "versions": library_versions(),
+    }
+    out = Path(out) if out is not None else run.root
+    out.mkdir(parents=True, exist_ok=True)
+    text = write_report(result, out)
+    save_comparison_grid(test.images, test.labels, fake, fake_labels, test.class_names, out / "evaluation_grid.png")
+    print(text)
+    print(f"written: {out / 'evaluation.json'}, {out / 'EVALUATION.md'}, {out / 'evaluation_grid.png'}")
+    return result
+
+
+def budget_text(budget: TrainingBudget) -> str:
+    amount = f"{budget.steps} steps" if budget.epochs is None else f"{budget.epochs:g} epochs"
+    return f"{amount} of batch {budget.batch_size}"
+
+
+def checkpoint_file(run: RunFolder, checkpoint: str | Path | None) -> Path:
+    if checkpoint is None:
+        return run.latest_checkpoint()[0]
+    for path in (Path(checkpoint), run.checkpoints / str(checkpoint)):
+        if path.is_file():
+            return path
+    raise FedPGGANError(f"--checkpoint {checkpoint}: no such file (nor in {run.checkpoints}); "
+                        "pass a .pt file or leave it out for the newest verified checkpoint")
+
+
+def real_dataset_spec(info: dict[str, Any], real_spec: str | None, data_dir: str | None) -> tuple[str, str | None]:
+    """``--real`` if given, else the dataset the run was trained on (``auto`` resolved the way
+    training resolved it: PneumoniaMNIST for a medical run, otherwise phantom)."""
+    config = info.get("config", {})
+    data_dir = data_dir or config.get("data-dir") or None
+    if real_spec:
+        return real_spec, data_dir
+    spec = str(config.get("dataset", "auto"))
+    if spec == "auto":
+        spec = "pneumoniamnist" if info.get("dataset", {}).get("is_medical") else "phantom"
+    return spec, data_dir
+
+
+def open_real(spec: str, split: str, data_dir: str | None, image_size: int, seed: int) -> ImageDataset:
+    """A split of the real data at the run's image size (``seed`` matters only for phantom,
+    whose training split then equals the run's training data)."""
+    try:
+        return open_dataset(spec, split, data_dir, image_size, seed)
+    except FedPGGANError as exc:
+        raise FedPGGANError(f"--real {spec} ({split} split): {exc}") from exc
+
+
+def ledger_guarantee(run: RunFolder) -> dict[str, float | None]:
+    """The run's privacy guarantee from its ledger: epsilon (max over sites) and delta; both
+    None for a run without DP (or without a ledger)."""
+    guarantee = run.read_json(run.ledger_json).get("guarantee", {}) if run.ledger_json.exists() else {}
+    return {"epsilon": guarantee.get("epsilon"), "delta": guarantee.get("delta")}

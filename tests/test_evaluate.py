@@ -1,0 +1,204 @@
+"""The evaluation suite: the report of a tiny run, the metric functions, the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from fedpggan.cli import main
+from fedpggan.data import open_dataset
+from fedpggan.evaluation import (ClassifierPrivacy, TrainingBudget, class_diversity, classification_scores,
+                                 classifier_auc, embed, frechet_distance, label_fidelity, memorisation,
+                                 nearest_distance, prdc_scores, scores_over_seeds, synthetic_set, train_classifier,
+                                 trtr)
+from fedpggan.evaluation import dcr
+from fedpggan.train import train_centralised
+from pggan_model import gan_from_checkpoint
+
+TINY = ["--n-synthetic", "200", "--steps", "20", "--seeds", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    # large D batches and few G steps: one epoch of the tiniest GAN, for its checkpoint only
+    return train_centralised(tiny_config(tmp_path_factory.mktemp("eval") / "run", batch_size=128, d_steps=5))
+
+
+@pytest.fixture(scope="module")
+def report(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    assert main(["evaluate", str(run_dir), *TINY, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return {split: open_dataset("phantom", split) for split in ("train", "val", "test")}
+
+
+@pytest.fixture(scope="module")
+def judge(phantom):
+    """A classifier trained on real phantom images, and its TRTR scores."""
+    summary, models = scores_over_seeds(lambda _: (phantom["train"].images, phantom["train"].labels),
+                                        phantom["test"], 1, TrainingBudget(steps=80, batch_size=64), progress=False)
+    return models[0], summary
+
+
+def reject_nan(token):
+    raise AssertionError(f"evaluation.json holds {token}: not valid JSON")
+
+
+def test_report_files_and_keys(report, run_dir, capsys):
+    result = json.loads((report / "evaluation.json").read_text(), parse_constant=reject_nan)
+    for key in ("tstr", "trtr", "fid", "prdc", "label_fidelity", "diversity", "memorisation", "checkpoint",
+                "epsilon", "dataset", "device", "settings"):
+        assert key in result, key
+    for kind in ("tstr", "trtr"):
+        auc = result[kind]["auc"]
+        assert len(auc["per_seed"]) == 2 and all(0 <= a <= 1 for a in auc["per_seed"])
+        assert auc["mean"] == pytest.approx(np.mean(auc["per_seed"]))
+        assert auc["std"] == pytest.approx(np.std(auc["per_seed"], ddof=1))
+        assert len(result[kind]["per_class_recall"]["mean"]) == 2 and 0 <= result[kind]["accuracy"]["mean"] <= 1
+    assert set(result["prdc"]) == {"precision", "recall", "density", "coverage"} and result["fid"] >= 0
+    assert result["checkpoint"]["file"] == "ckpt_00001.pt" and result["epsilon"] is None  # a no-DP run
+    assert result["dataset"]["n_train"] == 2000 and result["settings"]["n_synthetic"] == 200
+    assert result["settings"]["seeds"] == [0, 1] and result["device"] == "cpu"
+    assert 0 <= result["memorisation"]["synthetic"]["share_closer_to_train"] <= 1
+    md = (report / "EVALUATION.md").read_text()
+    assert "| ROC AUC |" in md and "Memorisation" in md and "no lesion" in md
+    assert (report / "evaluation_grid.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (run_dir / "evaluation.json").exists()  # --out was honoured
+
+
+def test_synthetic_sets_are_balanced_and_reproducible(run_dir):
+    gan, _ = gan_from_checkpoint(run_dir / "checkpoints" / "ckpt_00001.pt")
+    a, labels = synthetic_set(gan, 51, "both", seed=3)
+    b, _ = synthetic_set(gan, 51, "both", seed=3)
+    assert torch.equal(a, b) and not torch.equal(a, synthetic_set(gan, 51, "both", seed=4)[0])
+    assert a.shape == (51, 1, 28, 28) and torch.bincount(labels).tolist() == [26, 25]
+
+
+def test_cli_errors_are_one_line(run_dir, tmp_path, capsys):
+    def error_of(*argv: str) -> str:
+        assert main(["evaluate", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+        return err
+
+    assert "no such run folder" in error_of(str(tmp_path / "missing"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(run_dir / "run.json", empty / "run.json")
+    assert "no checkpoints found" in error_of(str(empty))
+    npz = tmp_path / "three.npz"   # 3 classes: the run's generators make 2
+    rng = np.random.default_rng(0)
+    np.savez(npz, **{f"{s}_images": rng.integers(0, 256, (9, 28, 28), dtype=np.uint8) for s in ("train", "val", "test")},
+             **{f"{s}_labels": (np.arange(9) % 3)[:, None] for s in ("train", "val", "test")})
+    assert "3 classes" in error_of(str(run_dir), "--real", str(npz), *TINY)
+    assert "--seeds 0" in error_of(str(run_dir), "--seeds", "0")
+
+
+def test_trtr_on_phantom_is_near_perfect(judge):
+    assert judge[1]["auc"]["mean"] > 0.9
+
+
+def test_label_fidelity_follows_the_requested_labels(judge, phantom):
+    images, labels = phantom["train"].images[:400], phantom["train"].labels[:400]
+    right = label_fidelity(judge[0], images, labels)
+    wrong = label_fidelity(judge[0], images, 1 - labels)
+    assert right["overall"] > 0.9 and right["overall"] + wrong["overall"] == pytest.approx(1.0)
+    assert len(right["per_class"]) == 2
+
+
+def test_collapsed_class_is_flagged(judge, phantom):
+    test = phantom["test"]
+    fake = test.images.clone()
+    fake[test.labels == 0] = test.images[test.labels == 0][0]   # every class-0 image the same
+    _, real_f = embed(judge[0], test.images)
+    _, fake_f = embed(judge[0], fake)
+    div = class_diversity(real_f, test.labels.numpy(), fake_f, test.labels.numpy(), test.class_names)
+    assert div["collapsed"] == [test.class_names[0]]
+    assert div["ratio"][0] == pytest.approx(0.0, abs=1e-6) and div["ratio"][1] == pytest.approx(1.0)
+
+
+def test_frechet_distance_zero_for_same_set_and_grows_with_shift():
+    x = np.random.default_rng(0).normal(size=(500, 8))
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    # a pure mean shift adds exactly its squared length
+    assert frechet_distance(x, x + 0.5) == pytest.approx(8 * 0.25, rel=1e-4)
+    assert frechet_distance(x, x + 2.0) > frechet_distance(x, x + 0.5)
+
+
+def test_prdc_identical_sets_and_disjoint_sets():
+    x = np.random.default_rng(0).normal(size=(200, 8))
+    same = prdc_scores(x, x.copy())
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
+    far = prdc_scores(x, x + 100.0)
+    assert far["precision"] == far["recall"] == far["coverage"] == 0.0
+
+
+def test_memorisation_detects_copies_of_training_images(phantom):
+    train = phantom["train"].images[:200]   # as large as the test reference half: baseline ~0.5
+    test = phantom["test"].images
+    copied = memorisation(train, train, test)
+    fresh = memorisation(phantom["val"].images[:200], train, test)
+    assert copied["synthetic"]["share_closer_to_train"] == 1.0
+    assert copied["synthetic"]["dcr_train_p5"] < 0.05 and copied["dcr_train_p5_ratio"] < 0.05
+    assert fresh["synthetic"]["share_closer_to_train"] < 0.8 and abs(fresh["excess_share"]) < 0.2
+    assert copied["excess_share"] > 0.3 and copied["synthetic"]["dcr_ratio_median"] < 0.01
+    assert 0.5 < fresh["synthetic"]["dcr_ratio_median"] < 1.5
+
+
+def test_nearest_distance_chunks_agree_with_brute_force(monkeypatch):
+    rng = torch.Generator().manual_seed(0)
+    q, r = torch.randn(23, 1, 4, 4, generator=rng), torch.randn(31, 1, 4, 4, generator=rng)
+    monkeypatch.setattr(dcr, "QUERY_CHUNK", 5)
+    monkeypatch.setattr(dcr, "REFERENCE_CHUNK", 7)
+    expected = torch.cdist(q.flatten(1), r.flatten(1)).min(1).values
+    assert torch.allclose(nearest_distance(q, r), expected, atol=1e-5)
+
+
+def test_classification_scores():
+    labels = np.array([0, 1, 2, 2])
+    perfect = np.eye(3)[labels]
+    assert classification_scores(perfect, labels) == {"accuracy": 1.0, "auc": 1.0, "per_class_recall": [1.0] * 3}
+    flipped = classification_scores(np.eye(2)[1 - labels[:2]], labels[:2])
+    assert flipped["auc"] == 0.0 and flipped["accuracy"] == 0.0
+    missing = classification_scores(np.eye(3)[[0, 0, 2]], np.array([0, 0, 2]))
+    assert math.isnan(missing["per_class_recall"][1]) and missing["auc"] == 1.0
+
+
+def test_classifier_training_is_deterministic_and_leaves_rng_alone(phantom):
+    images, labels = phantom["train"].images[:256], phantom["train"].labels[:256]
+    budget = TrainingBudget(steps=3, batch_size=32)
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    a = train_classifier(images, labels, 2, budget, seed=7, progress=False)
+    assert torch.rand(1) == expected
+    b = train_classifier(images, labels, 2, budget, seed=7, progress=False)
+    c = train_classifier(images, labels, 2, budget, seed=8, progress=False)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.head.weight, c.head.weight)
+
+
+def test_dp_sgd_classifier_meets_its_budget(phantom):
+    train, test = phantom["train"], phantom["test"]
+    model = train_classifier(train.images, train.labels, 2, TrainingBudget(steps=4, batch_size=64),
+                             privacy=ClassifierPrivacy(epsilon=2.0, accountant="rdp"), progress=False)
+    info = model.training_info
+    assert info["dp"] and info["noise_multiplier"] > 0 and 0 < info["epsilon"] <= 2.0 * 1.02
+    assert info["delta"] == pytest.approx(min(1e-5, 1 / (10 * len(train))))
+    assert 0 <= classifier_auc(model, test.images, test.labels) <= 1
+    model(test.images[:4]).sum().backward()   # Opacus' hooks are gone: a plain module again
+    assert all(not hasattr(p, "grad_sample") for p in model.parameters())
+    summary = trtr(train, test, seeds=1, budget=TrainingBudget(steps=3, batch_size=64),
+                   privacy=ClassifierPrivacy(epsilon=1.0, accountant="rdp"), progress=False)
+    assert summary["privacy"]["epsilon"] <= 1.02 and 0 <= summary["auc"]["mean"] <= 1
