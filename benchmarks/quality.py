@@ -38,7 +38,7 @@ from simulation.run import simulate
 PROFILES = {
     "gpu": dict(main_rounds=300, ablation_rounds=300, local_steps=20, g_steps=16, eval_seeds=3,
                 n_synthetic=10000, ablation_seeds=3),
-    "cpu": dict(main_rounds=60, ablation_rounds=30, local_steps=8, g_steps=8, eval_seeds=3,
+    "cpu": dict(main_rounds=60, ablation_rounds=15, local_steps=8, g_steps=8, eval_seeds=3,
                 n_synthetic=5000, ablation_seeds=1),
     "smoke": dict(main_rounds=2, ablation_rounds=2, local_steps=2, g_steps=1, eval_seeds=1,
                   n_synthetic=200, ablation_seeds=1),
@@ -83,7 +83,8 @@ def run_gan_row(name: str, kind: str, length: str, overrides: dict[str, Any], ba
     out = work / slug(name)
     cfg = dataclasses.replace(cfg, out=str(out)).validate()
     t0 = time.perf_counter()
-    if (out / "run.json").exists() and json.loads((out / "run.json").read_text()).get("status") == "completed":
+    reused = (out / "run.json").exists() and json.loads((out / "run.json").read_text()).get("status") == "completed"
+    if reused:
         print(f"[{name}] reusing completed run {out}")
     elif kind == "federated":
         simulate(cfg)
@@ -99,8 +100,8 @@ def run_gan_row(name: str, kind: str, length: str, overrides: dict[str, Any], ba
         "eps": result["epsilon"], "delta": ledger_delta(out), "auc": tstr["auc"]["mean"], "auc_std": tstr["auc"]["std"],
         "accuracy": tstr["accuracy"]["mean"], "label_fidelity": result["label_fidelity"]["overall"],
         "fid": result["fid"], "collapsed_classes": collapsed, "trtr_auc": result["trtr"]["auc"]["mean"],
-        "train_seconds": round(train_s, 1), "run_folder": str(out), "length": length,
-        "config": {k: v for k, v in cfg.to_flower().items() if k in CONFIG_KEYS},
+        "train_seconds": round(recorded_seconds(out) if reused else train_s, 1), "run_folder": str(out), "length": length,
+        "config": {k: v for k, v in json.loads((out / "run.json").read_text())["config"].items() if k in CONFIG_KEYS},
     }
 
 
@@ -125,6 +126,12 @@ def classifier_rows(base: RunConfig, profile: dict, device: str) -> list[dict]:
     return rows
 
 
+def recorded_seconds(run: Path) -> float:
+    """Training time of a reused (possibly resumed) federated run: the sum of its rounds' times."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return sum(r.get("t_round", 0.0) for r in rows)
+
+
 def ledger_delta(run: Path) -> float | None:
     return json.loads((run / "privacy_ledger.json").read_text())["guarantee"].get("delta")
 
@@ -143,14 +150,24 @@ def fmt(x: Any) -> str:
     return str(x)
 
 
+def length_of(row: dict) -> str:
+    config = row.get("config", {})
+    if row.get("kind") == "federated":
+        return f"{config.get('rounds')} rounds"
+    return f"{config.get('epochs')} epochs" if row.get("kind") == "centralised" else "—"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Quality: {meta['dataset']} on {meta['device']} ({meta['date']}, profile {meta['profile']})", "",
              f"TSTR = small CNN trained on {meta['n_synthetic']} synthetic images, tested on the real test split; "
              f"mean ± std over {meta['eval_seeds']} classifier seeds. Settings: {meta['settings']}.", "",
-             "| run | eps | TSTR AUC | ± | accuracy | label fidelity | FID | collapsed classes | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| run | length | eps | TSTR AUC | ± | accuracy | label fidelity | FID | collapsed classes | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['run']} | {fmt(r.get('eps'))} | {fmt(r.get('auc'))} | {fmt(r.get('auc_std'))} | "
+        if "error" in r:
+            lines.append(f"| {r['run']} | failed: {r['error']} |" + " |" * 8)
+            continue
+        lines.append(f"| {r['run']} | {length_of(r)} | {fmt(r.get('eps'))} | {fmt(r.get('auc'))} | {fmt(r.get('auc_std'))} | "
                      f"{fmt(r.get('accuracy'))} | {fmt(r.get('label_fidelity'))} | {fmt(r.get('fid'))} | "
                      f"{fmt(r.get('collapsed_classes'))} | {fmt(r.get('train_seconds'))} |")
     return "\n".join(lines) + "\n"
@@ -162,15 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="pneumoniamnist")
     p.add_argument("--profile", choices=sorted(PROFILES), default="gpu" if torch.cuda.is_available() else "cpu")
     p.add_argument("--device", default="auto")
-    p.add_argument("--rows", default="", help="comma-separated substrings: run only matching rows")
-    p.add_argument("--skip", default="", help="comma-separated exact row names to leave out (e.g. rows run separately)")
+    p.add_argument("--rows", default="", help="comma-separated exact row names: run only these")
+    p.add_argument("--group", choices=("main", "short", "classifiers"),
+                   help="run only the main rows, the [short] comparison rows or the classifier rows")
     p.add_argument("--work", default="runs/quality", help="where the runs' folders go")
     p.add_argument("--results", default="benchmarks/results")
     args = p.parse_args(argv)
     profile = PROFILES[args.profile]
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     device_name = torch.cuda.get_device_name(0).replace(" ", "-") if device == "cuda" else "cpu"
+    # on a GPU the 5 simulated sites share it (Ray hides the GPU from actors that ask for none)
     base = RunConfig(dataset=args.dataset, data_dir=args.data_dir, clients=5, delta=1e-5, device=device,
+                     client_gpus=0.2 if device == "cuda" else 0.0,
                      local_steps=profile["local_steps"], g_steps=profile["g_steps"])
     work = Path(args.work) / args.profile
     stem = Path(args.results) / f"quality-{args.dataset}-{device_name}-{date.today().isoformat()}"
@@ -179,14 +199,23 @@ def main(argv: list[str] | None = None) -> int:
             "n_synthetic": profile["n_synthetic"], "eval_seeds": profile["eval_seeds"],
             "settings": {k: v for k, v in profile.items()}, "delta": 1e-5}
     wanted = [w.strip() for w in args.rows.split(",") if w.strip()]
+    specs = row_specs(profile)
+    unknown = set(wanted) - {name for name, *_ in specs}
+    if unknown:
+        p.error(f"--rows: no row named {sorted(unknown)[0]!r}; the rows are: {', '.join(n for n, *_ in specs)}")
     rows: list[dict] = []
-    for name, kind, length, overrides in row_specs(profile):
-        if (wanted and not any(w in name for w in wanted)) or name in args.skip.split(","):
+    for name, kind, length, overrides in specs:
+        group = "short" if length == "ablation" else "main"
+        if (wanted and name not in wanted) or (args.group and args.group != group):
             continue
         print(f"=== {name}", flush=True)
-        rows.append(run_gan_row(name, kind, length, overrides, base, work, profile, device))
+        try:
+            rows.append(run_gan_row(name, kind, length, overrides, base, work, profile, device))
+        except Exception as exc:  # one broken row must not cost the rows after it; the table shows it
+            print(f"[{name}] FAILED: {exc!r}", file=sys.stderr, flush=True)
+            rows.append({"run": name, "kind": kind, "error": f"{type(exc).__name__}: {exc}"[:300]})
         save(stem, rows, meta)
-    if not wanted or any(w in "classifier TRTR" for w in wanted):
+    if not wanted and args.group in (None, "classifiers"):
         rows += classifier_rows(base, profile, device)
         save(stem, rows, meta)
     print(markdown(rows, meta))

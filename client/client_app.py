@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import time
 import warnings
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site import SiteState, load_site_data, site_identity, state_dir
+from client.site import SiteState, check_site_budget, load_site_data, site_identity, site_lock, state_dir
 from client.site_round import public_facts, run_site_round
 from fedpggan.build import build_gan
 from fedpggan.config import RunConfig
@@ -44,6 +45,7 @@ def run_config_of(msg: Message) -> tuple[RunConfig, dict]:
 def query(msg: Message, context: Context) -> Message:
     cfg, _ = run_config_of(msg)
     data = load_site_data(context.node_config, cfg)
+    check_site_budget(context.node_config, cfg, len(data))
     facts = public_facts(site_identity(context.node_config), data)
     return Message(RecordDict({"site": ConfigRecord(facts)}), reply_to=msg)
 
@@ -53,27 +55,36 @@ def train(msg: Message, context: Context) -> Message:
     cfg, raw = run_config_of(msg)
     torch.set_num_threads(max(1, int(cfg.client_cpus)))
     round_num, run_id = int(raw["round"]), str(raw["run-id"])
-    site_id = site_identity(context.node_config)
-    state = SiteState.load(state_dir(context.node_config, raw), run_id)
-    input_sha = arrays_sha256(msg.content["d"], msg.content["g"])
+    root = state_dir(context.node_config, raw)
+    with site_lock(root, run_id):  # a stale ClientApp of a crashed run must not overwrite newer state
+        return Message(train_round(msg, context, cfg, SiteState.load(root, run_id), round_num), reply_to=msg)
 
+
+def train_round(msg: Message, context: Context, cfg: RunConfig, state: SiteState, round_num: int) -> RecordDict:
+    """The reply to one train message: replayed from the cache, or trained now."""
+    site_id = site_identity(context.node_config)
+    input_sha = arrays_sha256(msg.content["d"], msg.content["g"])
     cached = replay(state, round_num, input_sha)
     if cached is not None:
-        return Message(cached, reply_to=msg)
+        return cached
 
+    started = time.perf_counter()
     data = load_site_data(context.node_config, cfg)
+    check_site_budget(context.node_config, cfg, len(data))
     gan = build_gan(cfg, data.image_size, data.channels, data.num_classes)
     gan.d.load_state_dict(msg.content["d"].to_torch_state_dict())
     load_generators(gan, msg.content["g"])
     site_index = int(context.node_config.get("partition-id", int(hashlib.sha256(site_id.encode()).hexdigest()[:8], 16)))
-    result = run_site_round(gan, data, cfg, state, round_num, site_index)
-    status = {"status": result.status, "site-id": site_id, "accountant": cfg.accountant, "replayed": False}
+    result = run_site_round(gan, data, cfg, state, round_num, site_index, input_sha)
+    status = {"status": result.status, "site-id": site_id, "accountant": cfg.accountant, "replayed": False,
+              "recovered": result.recovered,
+              "t-compute": time.perf_counter() - started}  # data loading + training: the rest of a round is Flower
     g_record = generator_arrays(gan) if cfg.generator_training == "local" and result.status == "trained" else None
     privacy = {k: v for k, v in result.privacy.items() if v is not None and not (isinstance(v, float) and math.isinf(v))}
     content = reply_content(gan.d.state_dict(), privacy, status, g_record, result.embedding_release)
     if cfg.dp and result.status == "trained":
         remember(state, round_num, input_sha, content)
-    return Message(content, reply_to=msg)
+    return content
 
 
 def remember(state: SiteState, round_num: int, input_sha: str, content: RecordDict) -> None:
@@ -95,7 +106,7 @@ def replay(state: SiteState, round_num: int, input_sha: str) -> RecordDict | Non
     cached = torch.load(state.reply_cache, weights_only=False)
     if cached["round"] != round_num or cached["input_sha"] != input_sha:
         return None
-    status = {**cached["status"], "replayed": True}
+    status = {**cached["status"], "replayed": True, "recovered": False}
     g_record = ArrayRecord(cached["g"]) if cached["g"] is not None else None
     release = torch.load(state.release_file, weights_only=True) if state.release_file.exists() else None
     return reply_content(cached["d"], cached["privacy"], status, g_record, release)

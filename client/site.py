@@ -10,17 +10,21 @@ already counted that round as spent, and a restarted site cannot overspend its b
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedpggan.build import open_training_data
-from fedpggan.config import RunConfig
+from fedpggan.config import RunConfig, coerce
 from fedpggan.data import ImageDataset, open_dataset, partition
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json
+from fedpggan.privacy import default_delta
 
 
 def site_identity(node_config: dict[str, Any]) -> str:
@@ -40,6 +44,25 @@ def load_site_data(node_config: dict[str, Any], cfg: RunConfig) -> ImageDataset:
         raise FedPGGANError("node config lacks 'data-path'; start the SuperNode with --node-config \"data-path=/data/site.npz ...\"")
     return _partition_cached(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.partition, cfg.alpha,
                              cfg.min_per_site, int(node_config["num-partitions"]), int(node_config["partition-id"]))
+
+
+def check_site_budget(node_config: dict[str, Any], cfg: RunConfig, num_records: int) -> None:
+    """Refuse a run that asks for more than this site's own cap (``max-epsilon``, ``max-delta``).
+
+    The run config comes from the coordinator; the cap is the hospital's decision, so it is
+    enforced here, before any spend is reserved. ``max-epsilon="none"`` accepts runs without DP."""
+    cap = coerce("epsilon", node_config.get("max-epsilon", "none"), 0.0, "node config max-epsilon")
+    if cfg.epsilon > cap:
+        asked = "none (no DP)" if not cfg.dp else f"{cfg.epsilon:g}"
+        raise FedPGGANError(f"the run asks for epsilon {asked} but this site's max-epsilon is {cap:g}; run with "
+                            f"--run-config \"epsilon={cap:g}\" or raise max-epsilon in the site's node config")
+    if not cfg.dp:
+        return
+    delta = cfg.delta or default_delta(num_records)
+    max_delta = coerce("delta", node_config.get("max-delta", 1.0 / num_records), 0.0, "node config max-delta")
+    if not delta < min(max_delta, 1.0 / num_records) + 1e-15:
+        raise FedPGGANError(f"the run's delta {delta:g} is not below this site's limit {min(max_delta, 1 / num_records):g} "
+                            "(max-delta, and 1/n for n records); run with a smaller --run-config delta")
 
 
 # Loaded datasets are immutable; caching them per process saves reloading every round.
@@ -66,6 +89,16 @@ def state_dir(node_config: dict[str, Any], config: dict[str, Any]) -> Path:
     raise FedPGGANError("no state directory for the site's accountant; set --node-config \"state-dir=...\"")
 
 
+@contextmanager
+def site_lock(root: Path, run_id: str) -> Iterator[None]:
+    """Hold the site's state for one run exclusively (an OS file lock, released even on a crash)."""
+    path = root / run_id / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 @dataclass
 class SiteState:
     """A site's privacy state for one run: mechanism, history, and what each round did."""
@@ -79,6 +112,7 @@ class SiteState:
     accountant: str = "prv"
     planned_steps: int = 0
     release_noise: float | None = None  # noise multiplier of the one-shot embedding release
+    noise_key: str = ""  # secret seed material of this site's noise: never leaves the site
     history: list[list[float]] = field(default_factory=list)
     rounds: dict[str, dict[str, Any]] = field(default_factory=dict)
     exhausted: bool = False

@@ -7,15 +7,18 @@ for the whole planned run (rounds x local steps at this site's sample rate).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
+import os
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from client.site import SiteState
-from fedpggan.build import derived_seed, prior_tensor
+from fedpggan.build import prior_tensor
 from fedpggan.config import RunConfig
 from fedpggan.data import ImageDataset
 from fedpggan.errors import FedPGGANError
@@ -27,7 +30,6 @@ from pggan_model import PGGAN, GeneratorTrainer
 
 # Numerical slack when comparing a projected epsilon with the budget.
 BUDGET_TOLERANCE = 1e-6
-RELEASE_STREAM = 424_243  # seed stream of the embedding release's noise
 
 
 @dataclass
@@ -36,6 +38,7 @@ class RoundResult:
     privacy: dict[str, float]
     generator_stats: list[dict[str, float]]
     embedding_release: torch.Tensor | None = None
+    recovered: bool = False  # recomputed after a crash mid-round, under the spend reserved before it
 
 
 def ensure_mechanism(state: SiteState, cfg: RunConfig, num_records: int) -> None:
@@ -55,7 +58,25 @@ def ensure_mechanism(state: SiteState, cfg: RunConfig, num_records: int) -> None
     state.save()
 
 
-def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset, site_index: int) -> torch.Tensor | None:
+def ensure_noise_key(state: SiteState, cfg: RunConfig, site_index: int) -> None:
+    """The secret every noise draw of this site derives from, made once per run and kept only
+    in the site's state dir. A seed the server knows (``--seed``) would let it regenerate the
+    noise and subtract it. Only a simulation, whose one operator holds every site's data
+    anyway, derives the key from ``--seed`` (``FEDPGGAN_SIMULATION=1``) so runs are reproducible."""
+    if state.noise_key:
+        return
+    simulated = os.environ.get("FEDPGGAN_SIMULATION") == "1"
+    state.noise_key = f"simulation/{cfg.seed}/{site_index}" if simulated else secrets.token_hex(32)
+    state.save()
+
+
+def noise_seed(state: SiteState, *parts: object) -> int:
+    """A 63-bit seed from the site's secret key and ``parts`` (e.g. round and inputs)."""
+    digest = hashlib.sha256("/".join(map(str, (state.noise_key, *parts))).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset) -> torch.Tensor | None:
     """The site's one-shot class-mean-embedding release (made on first use, then reused).
 
     Privacy first: the release's spend enters the history before the data are read."""
@@ -63,10 +84,11 @@ def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset, site_in
         return None
     if state.release_file.exists():
         return torch.load(state.release_file, weights_only=True)
-    if cfg.dp:
+    charged = bool(state.history) and tuple(map(float, state.history[0])) == tuple(map(float, release_entry(state.release_noise)))
+    if cfg.dp and not charged:  # (charged but no file: a crash in between; the same seed redraws the same noise)
         state.history = [list(release_entry(state.release_noise)), *state.history]
         state.save()
-    generator = torch.Generator().manual_seed(derived_seed(cfg.seed, 0, site_index, RELEASE_STREAM))
+    generator = torch.Generator().manual_seed(noise_seed(state, "release"))
     features = features_for(data.channels * data.image_size**2, cfg.embedding_frequencies, cfg.seed)
     released = release_sum(features, data.images, data.labels, data.num_classes,
                            state.release_noise if cfg.dp else None, generator)
@@ -88,32 +110,46 @@ def spend(state: SiteState, steps: int, epsilon: float | None = None) -> dict[st
 
 
 def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteState, round_num: int,
-                   site_index: int) -> RoundResult:
-    """Train ``gan.d`` (and, with local generator training, G1/G2) for one round in place."""
-    torch.manual_seed(derived_seed(cfg.seed, round_num, site_index))
+                   site_index: int, input_sha: str = "") -> RoundResult:
+    """Train ``gan.d`` (and, with local generator training, G1/G2) for one round in place.
+
+    ``input_sha`` identifies what the server sent; the round's noise is seeded by the site's
+    secret key, the round and ``input_sha``. A round reserved with the same inputs but never
+    finished (the site died mid-round), and still the site's latest spend, is recomputed with
+    the same seed, hence the same noise: it yields the one output that reservation paid for, so
+    it is not charged again. Otherwise the reserved spend stays spent (privacy first) and the
+    round is charged anew; other inputs give other noise, so no two outputs share a draw."""
+    ensure_noise_key(state, cfg, site_index)
+    torch.manual_seed(noise_seed(state, "round", round_num, input_sha))
     privacy = None
     if cfg.dp:
         ensure_mechanism(state, cfg, len(data))
-    release = ensure_release(state, cfg, data, site_index)
-    previous = [tuple(h) for h in state.history]
+    release = ensure_release(state, cfg, data)
+    reserved = state.rounds.get(str(round_num), {})
+    recovering = bool(cfg.dp and reserved.get("status") == "reserved" and reserved.get("input_sha") == input_sha
+                      and as_floats(state.history) == as_floats(extend_history(
+                          reserved["history_before"], state.noise_multiplier, state.sample_rate, cfg.local_steps)))
+    previous = [tuple(h) for h in (reserved["history_before"] if recovering else state.history)]
     if cfg.dp:
         if state.exhausted:
             return RoundResult("exhausted", spend(state, 0), [], release)
         planned = extend_history(previous, state.noise_multiplier, state.sample_rate, cfg.local_steps)
         planned_epsilon = epsilon_of(planned, state.delta, state.accountant)
-        if planned_epsilon > state.budget_epsilon + BUDGET_TOLERANCE:
-            state.exhausted = True
+        if not recovering:
+            if planned_epsilon > state.budget_epsilon + BUDGET_TOLERANCE:
+                state.exhausted = True
+                state.save()
+                return RoundResult("exhausted", spend(state, 0), [], release)
+            # Privacy first: record the spend before touching the data.
+            state.rounds[str(round_num)] = {"status": "reserved", "steps": cfg.local_steps, "input_sha": input_sha,
+                                            "history_before": [list(h) for h in previous]}
+            state.history = [list(h) for h in planned]
             state.save()
-            return RoundResult("exhausted", spend(state, 0), [], release)
-        # Privacy first: record the spend before touching the data.
-        state.history = [list(h) for h in planned]
-        state.rounds[str(round_num)] = {"status": "reserved", "steps": cfg.local_steps}
-        state.save()
         privacy = PrivacySettings(state.noise_multiplier, cfg.max_grad_norm, state.delta, state.accountant, cfg.grad_sample_mode)
     prior = prior_tensor(cfg, data.num_classes)
     trainer = DiscriminatorTrainer(gan, data.images, data.labels, cfg.batch_size, privacy, previous, prior)
     trainer.train(cfg.local_steps)
-    if privacy is not None and [tuple(map(float, h)) for h in trainer.history] != [tuple(map(float, h)) for h in state.history]:
+    if privacy is not None and as_floats(trainer.history) != as_floats(state.history):
         raise FedPGGANError(f"site accountant mismatch: Opacus recorded {trainer.history}, the site reserved {state.history}")
     g_stats = []
     if cfg.generator_training == "local":
@@ -121,9 +157,13 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
         g_stats = [g_trainer.step(cfg.g_batch_size, prior) for _ in range(cfg.g_steps)]
     if privacy is None:
         return RoundResult("trained", {"epsilon": math.inf, "steps": cfg.local_steps}, g_stats, release)
-    state.rounds[str(round_num)]["status"] = "done"
+    state.rounds[str(round_num)].update(status="done", recovered=bool(recovering))
     state.save()
-    return RoundResult("trained", spend(state, cfg.local_steps, planned_epsilon), g_stats, release)
+    return RoundResult("trained", spend(state, cfg.local_steps, planned_epsilon), g_stats, release, bool(recovering))
+
+
+def as_floats(history: list) -> list[tuple[float, ...]]:
+    return [tuple(map(float, h)) for h in history]
 
 
 def public_facts(site_id: str, data: ImageDataset) -> dict[str, Any]:

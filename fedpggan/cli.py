@@ -15,7 +15,7 @@ from fedpggan import __version__
 from fedpggan.errors import FedPGGANError
 
 # Each module defines ``register(subparsers)``, which adds a parser whose ``func`` runs it.
-COMMANDS = ("train", "simulate", "export", "audit", "evaluate")
+COMMANDS = ("train", "simulate", "export", "audit", "evaluate", "site")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,7 +35,7 @@ class RunConfig:
     clients: int = opt(5, "number of simulated sites", group="federation")
     rounds: int = opt(100, "federated rounds", group="federation")
     fraction: float = opt(1.0, "fraction of sites selected each round", group="federation")
-    min_clients: int = opt(0, "fewest replies a round needs (0 = all selected sites)", group="federation")
+    min_clients: int = opt(0, "fewest valid replies a round needs (0 = half the selected sites, rounded up)", group="federation")
     local_steps: int = opt(8, "DP-SGD steps on D at each site per round", group="federation")
     g_steps: int = opt(8, "generator steps on the server per round", group="federation")
     generator_training: str = opt("server", "where G1/G2 learn: 'server' (default) or 'local' at each site, then averaged", ("server", "local"), group="federation")
@@ -173,14 +173,19 @@ def class_prior(spec: str) -> list[float] | None:
     return [w / sum(weights) for w in weights]
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
+def read_toml(path: str | Path, fix: str = "check the path") -> dict[str, Any]:
+    """A ``--config`` TOML file as a dict; a missing or invalid file is a one-line error."""
     path = Path(path)
     if not path.is_file():
-        raise FedPGGANError(f"--config {path}: file not found")
+        raise FedPGGANError(f"--config {path}: file not found; {fix}")
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise FedPGGANError(f"--config {path}: invalid TOML ({exc})") from None
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    data = read_toml(path)
     # Accept a flat file or one with a [fedpggan] table.
     return data.get("fedpggan", data)
 

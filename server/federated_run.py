@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from tqdm import tqdm
 
-from fedpggan.build import build_gan, derived_seed, pick_device, prior_tensor
+from fedpggan.build import build_gan, derived_seed, pick_device, prior_tensor, seed_everything
 from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.plots import save_curves, save_sample_grid
@@ -34,7 +34,7 @@ from fedpggan.wire import train_content
 from pggan_model import CASES, GeneratorTrainer, load_checkpoint, save_checkpoint
 from pggan_model.mean_embedding import class_means
 from server.aggregation import aggregate
-from server.validation import update_problem
+from server.validation import outlier_problems, update_norm, update_problem
 
 # Rounds in a row with fewer than --min-clients valid replies before the run stops.
 MAX_FAILED_ROUNDS = 3
@@ -66,6 +66,7 @@ class FederatedRun:
         self.sites = self.discover_sites()
         facts = next(iter(self.sites.values()))
         self.class_names = list(facts["class-names"])
+        seed_everything(cfg.seed)  # the initial weights: a run is reproducible from its seed
         self.gan = build_gan(cfg, int(facts["image-size"]), int(facts["channels"]), len(self.class_names)).to(self.device)
         self.g_trainer = GeneratorTrainer(self.gan)
         self.prior = prior_tensor(cfg, len(self.class_names))
@@ -201,7 +202,8 @@ class FederatedRun:
         t_sites = time.perf_counter() - t0
         global_d = {k: v.detach().cpu().clone() for k, v in self.gan.d.state_dict().items()}
         d_states, g_states = self.accept_replies(round_num, selected, replies, global_d)
-        needed = cfg.min_clients or len(selected)
+        compute = [c for c in (site_compute_seconds(r) for r in replies) if c is not None]
+        needed = cfg.min_clients or math.ceil(len(selected) / 2)  # one failing site must not stall the run
         t1 = time.perf_counter()
         row: dict[str, Any] = {"round": round_num, "selected": len(selected), "accepted": len(d_states)}
         if len(d_states) >= max(needed, 1):
@@ -212,8 +214,13 @@ class FederatedRun:
             self.failed_rounds += 1
             row["skipped"] = f"{len(d_states)} valid replies < {needed} needed"
         t_gen = time.perf_counter() - t1
+        events = [{"site": s, "event": e["event"], "reason": e["reason"]} for s, v in self.ledger.data["sites"].items()
+                  for e in v["events"] if e["round"] == round_num and e["event"] != "not_selected"]
+        if events:
+            row["events"] = events
         row.update(self.privacy_row())
-        row.update(t_sites=t_sites, t_server=t_gen, t_round=time.perf_counter() - t0)
+        row.update(t_sites=t_sites, t_server=t_gen, t_round=time.perf_counter() - t0,
+                   t_site_compute_max=max(compute, default=0.0), t_site_compute_sum=sum(compute))
         self.folder.append_metrics(row)
         self.checkpoint(round_num)
         if round_num % cfg.sample_every == 0 or round_num == cfg.rounds:
@@ -224,9 +231,9 @@ class FederatedRun:
     def accept_replies(self, round_num: int, selected: list[int], replies: list[Message],
                        global_d: dict[str, torch.Tensor]) -> tuple[list, list]:
         """Validate each reply, record its spend, and keep the valid updates."""
-        d_states, g_states = [], []
+        valid: list[tuple[str, dict[str, torch.Tensor], Message]] = []
         answered = set()
-        for reply in replies:
+        for reply in sorted(replies, key=lambda r: self.site_id(r.metadata.src_node_id)):  # arrival order varies
             node = reply.metadata.src_node_id
             answered.add(node)
             site = self.site_id(node)
@@ -252,18 +259,45 @@ class FederatedRun:
             if status.get("replayed"):
                 self.ledger.record_event(site, round_num, "replayed",
                                          "reply re-sent from the site's cache after a restart; spent once, before the crash")
+            self.check_unrecorded_spend(site, round_num, privacy)
+            if status.get("recovered"):
+                self.ledger.record_event(site, round_num, "recovered",
+                                         "the round was in flight at a crash: spent once (reserved before training), "
+                                         "recomputed with the same seed and inputs")
             d_state = reply.content["d"].to_torch_state_dict()
             problem = update_problem(d_state, global_d)
             if problem:
                 self.ledger.record_event(site, round_num, "rejected_update", problem)
                 continue
-            d_states.append(d_state)
-            self.receive_release(site, round_num, reply)
-            if "g" in reply.content:
-                g_states.append(reply.content["g"].to_torch_state_dict())
+            valid.append((site, d_state, reply))
         for node in set(selected) - answered:
             self.ledger.record_event(self.site_id(node), round_num, "no_reply", f"no reply within --round-timeout {self.cfg.round_timeout}s")
+        problems = outlier_problems([update_norm(d, global_d) for _, d, _ in valid])
+        d_states, g_states = [], []
+        for (site, d_state, reply), problem in zip(valid, problems):
+            if problem:
+                self.ledger.record_event(site, round_num, "rejected_update", problem)
+                continue
+            self.receive_release(site, round_num, reply)
+            d_states.append(d_state)
+            if "g" in reply.content:
+                g_states.append(reply.content["g"].to_torch_state_dict())
         return d_states, g_states
+
+    def check_unrecorded_spend(self, site: str, round_num: int, privacy: dict[str, float]) -> None:
+        """A site that died mid-round and was then sent different inputs charged that round anyway
+        (privacy first): its epsilon covers steps no ledger round shows. Say so in the ledger."""
+        if not self.cfg.dp or "total_steps" not in privacy:
+            return
+        entry = self.ledger.site(site)
+        recorded = sum(int(r["steps"]) for r in entry["rounds"]) + (1 if entry.get("feature_release") else 0)
+        already = sum(int(e.get("steps", 0)) for e in entry["events"] if e["event"] == "unrecorded_spend")
+        extra = int(privacy["total_steps"]) - recorded - already
+        if extra > 0:
+            self.ledger.record_event(site, round_num, "unrecorded_spend",
+                                     f"the site's reported epsilon includes {extra} steps no ledger round shows (a round "
+                                     "charged before a crash and then re-run with other inputs; counted, privacy first)")
+            entry["events"][-1]["steps"] = extra
 
     def receive_release(self, site: str, round_num: int, reply: Message) -> None:
         """Keep each site's one-shot embedding release; the generators match the pooled class means."""
@@ -275,7 +309,7 @@ class FederatedRun:
             self.ledger.record_event(site, round_num, "rejected_release", f"embedding release of shape {tuple(released.shape)} (expected {expected}) or non-finite")
             return
         self.releases[site] = released.double()
-        means, _ = class_means(sum(self.releases.values()))
+        means, _ = class_means(sum(self.releases[s] for s in sorted(self.releases)))
         self.g_trainer.match_embedding(self.features, means.to(self.device), self.cfg.embedding_weight)
 
     def spend_problem(self, node: int, privacy: dict[str, float]) -> str | None:
@@ -343,3 +377,11 @@ class FederatedRun:
         self.folder.write_run(self.run_info)
         print(f"{status}: {reason}; run folder {self.folder.root}; epsilon (max over sites) = "
               f"{self.ledger.data['guarantee']['epsilon'] if self.cfg.dp else 'no DP'}")
+
+
+def site_compute_seconds(reply: Message) -> float | None:
+    """The compute time a site reported (for the round's timing breakdown), if it is a number."""
+    if reply.has_error() or "status" not in reply.content:
+        return None
+    value = dict(reply.content["status"]).get("t-compute")
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None

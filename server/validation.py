@@ -8,6 +8,11 @@ import torch
 # steps from the global model: it is broken or hostile. Local steps with Adam at the
 # default learning rate move D by well under 1x.
 MAX_RELATIVE_UPDATE = 2.0
+# Among one round's valid updates, one this many times longer than the round's median update
+# did not take the same few DP-SGD steps as the others (sites run the same steps, learning
+# rate and clipping, so honest norms agree within a small factor): a scaled, model-replacement
+# style update. Needs three or more updates for the median to be trustworthy.
+MAX_UPDATE_VS_MEDIAN = 10.0
 
 
 def update_problem(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
@@ -32,3 +37,18 @@ def update_problem(update: dict[str, torch.Tensor], reference: dict[str, torch.T
     if ratio > max_relative:
         return f"update norm is {ratio:.2f}x the model norm (limit {max_relative}x)"
     return None
+
+
+def update_norm(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """L2 norm of ``update - reference`` over the floating-point arrays (shapes already checked)."""
+    return sum(float((update[k].double() - ref.double()).pow(2).sum())
+               for k, ref in reference.items() if ref.is_floating_point()) ** 0.5
+
+
+def outlier_problems(norms: list[float], factor: float = MAX_UPDATE_VS_MEDIAN) -> list[str | None]:
+    """For each of a round's update norms: None, or why it is far longer than the round's median."""
+    if len(norms) < 3:
+        return [None] * len(norms)
+    median = sorted(norms)[len(norms) // 2]
+    return [f"update norm {n:.3g} exceeds {factor}x the round's median update norm {median:.3g}"
+            if n > factor * median else None for n in norms]

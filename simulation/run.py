@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedpggan import config
 from fedpggan.build import open_training_data
@@ -24,6 +25,9 @@ from fedpggan.data import partition, partition_summary, partition_table
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json
 from fedpggan.runs import RunFolder, default_run_dir
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 OPTIONS = [f.name for f in dataclasses.fields(RunConfig) if f.name not in ("epochs", "d_steps")]
 
@@ -47,16 +51,21 @@ def prepare(cfg: RunConfig) -> RunConfig:
     return cfg, partition_summary(data.labels.numpy(), parts, data.class_names)
 
 
-def simulate(cfg: RunConfig, resume: str | None = None) -> Path:
-    """Run (or resume) a simulation; return the run folder. Raises FedPGGANError on failure."""
+def simulate(cfg: RunConfig | None, resume: str | None = None, client_app: ClientApp | None = None) -> Path:
+    """Run (or resume) a simulation; return the run folder. Raises FedPGGANError on failure.
+    ``client_app`` replaces the product's site (the soak benchmark's fault injection uses it)."""
     from flwr.simulation import run_simulation
 
-    from client.client_app import app as client_app
+    from client.client_app import app as site_app
     from server.server_app import make_server_app
 
+    client_app = client_app or site_app
     if resume:
         folder = RunFolder(resume)
-        cfg = RunConfig.from_flower(folder.read_run()["config"])
+        info = folder.read_run()
+        if info.get("status") == "completed":
+            raise FedPGGANError(f"{folder.root}: the run already completed; nothing to resume (start a new run)")
+        cfg = RunConfig.from_flower(info["config"])
         folder.latest_checkpoint()  # fail early, with one line, if nothing can be resumed
     else:
         cfg, summary = prepare(cfg)
@@ -65,10 +74,15 @@ def simulate(cfg: RunConfig, resume: str | None = None) -> Path:
         folder.create()
         atomic_write_json(folder.root / "partition.json", summary)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # One operator holds every simulated site's data: sites may derive their noise keys from
+    # --seed (client/site_round.py), which makes a simulation reproducible and resumable bit for bit.
+    os.environ["FEDPGGAN_SIMULATION"] = "1"
     backend = {
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
-        # Ray binds to loopback only: a simulation never listens on a network interface.
-        "init_args": {"include_dashboard": False, "log_to_driver": True, "_node_ip_address": "127.0.0.1"},
+        # Ray binds to loopback only (a simulation never listens on a network interface) unless
+        # RAY_ADDRESS names a Ray cluster to join, the way to scale past one machine.
+        "init_args": {"include_dashboard": False, "log_to_driver": True,
+                      **({} if os.environ.get("RAY_ADDRESS") else {"_node_ip_address": "127.0.0.1"})},
     }
     run_simulation(server_app=make_server_app(dataclasses.replace(cfg, out=str(folder.root)), resume=bool(resume)),
                    client_app=client_app, num_supernodes=cfg.clients, backend_config=backend)
@@ -90,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    given = [config.flag(n) for n in [*OPTIONS, "config"] if getattr(args, n, None) is not None]
+    if args.resume and given:
+        raise FedPGGANError(f"--resume continues {args.resume} with its own configuration; drop --{given[0]} "
+                            "(start a new run to change options)")
     cfg = None if args.resume else config.resolve(args, OPTIONS)
     simulate(cfg, args.resume)
     return 0

@@ -15,7 +15,7 @@ from fedpggan.audit.records import RunFacts, Site, number
 
 EXHAUSTED = ("budget_exhausted", "exhausted")
 LEFT = (*EXHAUSTED, "excluded")  # the server selects such a site no more
-UNRECORDED_SPEND = ("failed", "no_reply", "excluded")  # a site reserves its spend before it trains
+UNRECORDED_SPEND = ("failed", "no_reply", "excluded", "unrecorded_spend")  # a site reserves its spend before it trains
 
 
 def first_event(site: Site, names: tuple[str, ...]) -> int | None:

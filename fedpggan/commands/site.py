@@ -1,0 +1,59 @@
+"""``fedpggan site check --config FILE``: what a hospital's IT runs before its site joins.
+
+It checks the site configuration, the images, the coordinator's CA certificate, the node
+key, the privacy budget and the state directory, then prints what will and will not leave
+the site and the exact ``flower-supernode`` command. Exit 0: ready; 2: a problem (one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("site", help="hospital site tools: 'site check' validates a site before it joins",
+                       description="Tools for a hospital site of a federated deployment.")
+    actions = p.add_subparsers(dest="site_command", required=True, metavar="ACTION")
+    check = actions.add_parser(
+        "check", help="validate a site configuration before joining",
+        description="Validate the site configuration (see deploy/site.example.toml): data, CA certificate, node "
+                    "key, privacy budget and state directory; print what leaves the site and the SuperNode command.")
+    check.add_argument("--config", required=True, metavar="FILE", help="the site's TOML configuration")
+    check.add_argument("--insecure", action="store_true",
+                       help="allow a config without superlink.root-certificates (local tests only: traffic to the "
+                            "coordinator is then NOT encrypted)")
+    check.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedpggan.site_check import (LEAVES, STAYS, check_budget, check_ca_certificate, check_data,
+                                     check_private_key, check_state_dir)
+    from fedpggan.site_config import load_site_config
+
+    site = load_site_config(args.config, insecure=args.insecure)
+    warnings = []
+    if site.root_certificates is None:
+        warnings.append("--insecure: no CA certificate; the SuperNode will talk to the coordinator WITHOUT TLS. "
+                        "Never use this across a hospital boundary")
+        cert_line = "none (--insecure)"
+    else:
+        cert_line, cert_warnings = check_ca_certificate(site.root_certificates)
+        warnings += cert_warnings
+    public_key = check_private_key(site.auth_private_key)
+    data, data_line = check_data(site)
+    budget_line, budget_warnings = check_budget(site, len(data))
+    warnings += budget_warnings
+    state_line = check_state_dir(site.state_dir)
+
+    print(f"site {site.site_id}: ready to join {site.superlink}")
+    for label, line in (("data", data_line), ("budget", budget_line), ("state dir", state_line),
+                        ("CA certificate", cert_line), ("node key", f"{site.auth_private_key}")):
+        print(f"  {label:<15}{line}")
+    print("will leave this site:\n" + "".join(f"  - {item}\n" for item in LEAVES), end="")
+    print("will NOT leave this site:\n" + "".join(f"  - {item}\n" for item in STAYS), end="")
+    print(f"send this public key to the coordinator (flwr supernode register):\n  {public_key}")
+    print(f"start the site with:\n  {site.supernode_command_line()}")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0

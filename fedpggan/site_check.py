@@ -1,0 +1,107 @@
+"""The checks ``fedpggan site check`` runs before a hospital joins a federation.
+
+Each check returns a line for the report or raises :class:`FedPGGANError` with one line;
+problems that do not block joining (a certificate that expires soon, a site that accepts
+runs without DP) are returned as warnings.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from fedpggan.data import ImageDataset, open_dataset
+from fedpggan.errors import FedPGGANError
+from fedpggan.site_config import SiteConfig
+
+EXPIRY_WARNING = timedelta(days=30)
+
+# What the ClientApp sends (client/client_app.py, fedpggan/wire.py) and what it never sends.
+LEAVES = ("discriminator weights after DP-SGD (per-sample clipped, Gaussian noise added)",
+          "privacy spend per round: epsilon, delta, noise multiplier, sample rate, steps",
+          "one DP release of per-class mean image embeddings (noised, counted in epsilon)",
+          "public facts: site id, number of images, image size, channels, class names, dataset name",
+          "how long the site's round took (the coordinator sees the reply's arrival time anyway)")
+STAYS = ("images and labels", "per-class counts, losses or accuracies on real images",
+         "the data path and the state directory (the accountant history and the secret noise key)")
+
+
+def check_data(site: SiteConfig) -> tuple[ImageDataset, str]:
+    """Open the site's training images exactly as the ClientApp will (loader errors are one line)."""
+    data = open_dataset(site.data, "train", None, site.image_size)
+    kind = "" if data.is_medical else " -- NOT medical data"
+    return data, (f"{site.data}: {len(data)} images, {data.num_classes} classes ({', '.join(data.class_names)}), "
+                  f"{data.channels}x{data.image_size}x{data.image_size}{kind}")
+
+
+def check_budget(site: SiteConfig, num_records: int) -> tuple[str, list[str]]:
+    """The site's cap on what a run may spend; delta must stay below 1/n to mean anything."""
+    warnings = []
+    if math.isinf(site.max_epsilon):
+        warnings.append(f"{site.path}: privacy.max-epsilon = \"none\": this site also trains WITHOUT differential "
+                        "privacy if the coordinator asks; set a number (e.g. 10) unless that is intended")
+    if site.max_delta is not None and site.max_delta >= 1 / num_records:
+        raise FedPGGANError(f"--config {site.path}: privacy.max-delta {site.max_delta:g} is not below 1/n = "
+                            f"{1 / num_records:.3g} for {num_records} images; use e.g. {0.1 / num_records:.1g}")
+    eps = "none (no DP cap)" if math.isinf(site.max_epsilon) else f"{site.max_epsilon:g}"
+    delta = f"{site.max_delta:g}" if site.max_delta is not None else "the run's (default min(1e-5, 1/(10 n)))"
+    return f"max epsilon {eps} per run, delta {delta}; 1/n = {1 / num_records:.3g}", warnings
+
+
+def check_state_dir(path: Path) -> str:
+    """The accountant must persist across restarts, so the directory must be writable now."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise FedPGGANError(f"state-dir {path}: not writable ({exc.strerror}); mount a persistent, writable "
+                            "volume there (never a temporary one: it holds the site's privacy spend)") from None
+    runs = sorted(p.parent.name for p in path.glob("*/site_state.json"))
+    return f"{path}: writable, {len(runs)} earlier run(s) recorded" + (f" ({', '.join(runs)})" if runs else "")
+
+
+def check_ca_certificate(path: Path) -> tuple[str, list[str]]:
+    """The CA the site trusts for the SuperLink: present, PEM, not expired."""
+    from cryptography import x509
+
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as exc:
+        raise FedPGGANError(f"superlink.root-certificates {path}: cannot read ({exc.strerror}); copy the "
+                            "coordinator's ca.crt there") from None
+    except ValueError:
+        raise FedPGGANError(f"superlink.root-certificates {path}: not a PEM certificate; use the coordinator's "
+                            "ca.crt (made by deploy/make-certs.sh)") from None
+    now, warnings, names = datetime.now(timezone.utc), [], []
+    for cert in certs:
+        name = cert.subject.rfc4514_string()
+        if cert.not_valid_after_utc < now:
+            raise FedPGGANError(f"superlink.root-certificates {path}: '{name}' expired on "
+                                f"{cert.not_valid_after_utc:%Y-%m-%d}; ask the coordinator for a new ca.crt")
+        if cert.not_valid_after_utc < now + EXPIRY_WARNING:
+            warnings.append(f"{path}: '{name}' expires on {cert.not_valid_after_utc:%Y-%m-%d}")
+        names.append(f"'{name}' valid until {cert.not_valid_after_utc:%Y-%m-%d}")
+    return f"{path}: {', '.join(names)}", warnings
+
+
+def check_private_key(path: Path) -> str:
+    """The SuperNode's authentication key: an OpenSSH EC key, as flower-supernode requires.
+
+    Returns the public key line the coordinator must register (``flwr supernode register``)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), None)
+    except OSError as exc:
+        raise FedPGGANError(f"superlink.auth-private-key {path}: cannot read ({exc.strerror}); make one with "
+                            f"ssh-keygen -t ecdsa -b 384 -N '' -f {path}") from None
+    except (ValueError, TypeError):
+        key = None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise FedPGGANError(f"superlink.auth-private-key {path}: not an unencrypted OpenSSH EC key; make one with "
+                            f"ssh-keygen -t ecdsa -b 384 -N '' -f {path}")
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()

@@ -1,0 +1,105 @@
+"""A hospital site's configuration file (see deploy/site.example.toml).
+
+One TOML file holds everything a site decides for itself: its id, where its images are,
+where its accountant state lives, the most privacy budget it will spend, and how it reaches
+the coordinator. ``fedpggan site check`` validates it; :meth:`SiteConfig.supernode_command`
+turns it into the ``flower-supernode`` command, so the node config the ClientApp reads
+(client/site.py) is written in one place only.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpggan.config import read_toml
+from fedpggan.errors import FedPGGANError
+
+TEMPLATE = "deploy/site.example.toml"
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    path: Path
+    site_id: str
+    data: str
+    state_dir: Path
+    image_size: int | None
+    max_epsilon: float  # math.inf: the site accepts runs without DP
+    max_delta: float | None
+    superlink: str
+    root_certificates: Path | None  # None only with --insecure (local tests)
+    auth_private_key: Path
+
+    def node_config(self) -> str:
+        """The SuperNode's ``--node-config``; string values must be quoted for Flower."""
+        items = {"site-id": self.site_id, "data-path": self.data, "state-dir": str(self.state_dir),
+                 "max-epsilon": "none" if math.isinf(self.max_epsilon) else self.max_epsilon}
+        if self.max_delta is not None:
+            items["max-delta"] = self.max_delta
+        return " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v!r}" for k, v in items.items())
+
+    def supernode_command(self) -> list[str]:
+        tls = ["--root-certificates", str(self.root_certificates)] if self.root_certificates else ["--insecure"]
+        return ["flower-supernode", "--superlink", self.superlink, *tls,
+                "--auth-supernode-private-key", str(self.auth_private_key), "--node-config", self.node_config()]
+
+    def supernode_command_line(self) -> str:
+        return shlex.join(self.supernode_command())
+
+
+def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
+    """Read and type-check ``path``; each problem is one line naming the key and the fix."""
+    path = Path(path)
+    data = read_toml(path, f"start from {TEMPLATE}")
+    get = _Getter(path, data)
+    privacy, link = get.table("privacy"), get.table("superlink")
+    max_epsilon = get.value(privacy, "privacy.max-epsilon", (int, float, str))
+    if isinstance(max_epsilon, str):
+        if max_epsilon.strip().lower() != "none":
+            raise get.error("privacy.max-epsilon", "a number > 0 or \"none\"")
+        max_epsilon = math.inf
+    elif not max_epsilon > 0:
+        raise get.error("privacy.max-epsilon", "a number > 0 (e.g. 10) or \"none\"")
+    max_delta = get.value(privacy, "privacy.max-delta", (int, float), required=False)
+    if max_delta is not None and not 0 < max_delta < 1:
+        raise get.error("privacy.max-delta", "a number in (0, 1), e.g. 1e-5")
+    certs = get.value(link, "superlink.root-certificates", str, required=not insecure)
+    image_size = get.value(data, "image-size", int, required=False)
+    return SiteConfig(
+        path=path, site_id=get.value(data, "site-id", str), data=get.value(data, "data", str),
+        state_dir=Path(get.value(data, "state-dir", str)), image_size=image_size,
+        max_epsilon=float(max_epsilon), max_delta=None if max_delta is None else float(max_delta),
+        superlink=get.value(link, "superlink.address", str), root_certificates=Path(certs) if certs else None,
+        auth_private_key=Path(get.value(link, "superlink.auth-private-key", str)),
+    )
+
+
+class _Getter:
+    """Typed look-ups in the parsed TOML that fail with the file, the key and an example."""
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path, self.data = path, data
+
+    def error(self, key: str, expected: str) -> FedPGGANError:
+        return FedPGGANError(f"--config {self.path}: '{key}' must be {expected}; see {TEMPLATE}")
+
+    def table(self, name: str) -> dict[str, Any]:
+        table = self.data.get(name)
+        if not isinstance(table, dict):
+            raise FedPGGANError(f"--config {self.path}: table [{name}] is missing; copy it from {TEMPLATE}")
+        return table
+
+    def value(self, table: dict[str, Any], key: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
+        value = table.get(key.rsplit(".", 1)[-1])
+        if value is None:
+            if required:
+                raise FedPGGANError(f"--config {self.path}: required key '{key}' is missing; see {TEMPLATE}")
+            return None
+        if isinstance(value, bool) or not isinstance(value, kind) or (isinstance(value, str) and not value.strip()):
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise self.error(key, f"a non-empty {names}, not {value!r}")
+        return value

@@ -1,0 +1,376 @@
+"""Deployment: real ``flower-superlink`` / ``flower-supernode`` / ``flwr`` processes on 127.0.0.1
+with TLS and SuperNode authentication, the container files, and ``fedpggan site check``.
+
+The Flower console scripts are taken from this interpreter's environment (``pip install .``
+puts them next to ``python``); every process is started in its own session and stopped, with
+everything it spawned, when the module ends, also after a failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from datetime import datetime, timedelta, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from flwr.common.config import parse_config_args
+
+from client.site import check_site_budget
+from fedpggan.cli import main as cli_main
+from fedpggan.config import RunConfig, flag
+from fedpggan.data import open_dataset
+from fedpggan.errors import FedPGGANError
+
+from conftest import REPO
+
+BIN = Path(sys.executable).parent
+DEPLOY = REPO / "deploy"
+SITES = ("hospital-1", "hospital-2", "hospital-3")
+RUN_CONFIG = ("clients=3 rounds=2 local-steps=1 g-steps=1 batch-size=8 g-batch-size=8 g-width=16 d-width=8 "
+              "latent-dim=16 image-size=16 epsilon=10.0 embedding-frequencies=50 round-timeout=120.0 seed=0")
+RUN_TIMEOUT = 300.0
+VOLUME = re.compile(r"(.+):(/[^:]+)(:ro)?")  # compose "source:target[:ro]"
+
+
+# --- helpers -------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"process exited with {proc.returncode} before listening on {port}"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (Flower starts its SuperExec in a session of its own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+class Processes:
+    """Processes this test module started; :meth:`stop_all` ends them and their children."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.procs = root, {}
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        self.env.pop("PYTHONPATH", None)  # the apps must come from the FAB and the installed packages
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        home = self.root / name
+        home.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / f"{name}.log", "wb")
+        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=home, stdout=log, stderr=subprocess.STDOUT,
+                                env={**self.env, "FLWR_HOME": str(home)}, start_new_session=True)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        family = {pid for proc in self.procs.values() for pid in descendants(proc.pid)}
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def write_ssh_key(path: Path) -> None:
+    """A SuperNode key as flower-supernode reads it (OpenSSH, NIST P-384) and its .pub."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    path.with_suffix(".pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                       serialization.PublicFormat.OpenSSH))
+
+
+def write_site_npz(path: Path, index: int, n: int = 40) -> None:
+    """Site ``index``'s own images: a disjoint slice of phantom, in the MedMNIST npz layout."""
+    data = open_dataset("phantom", "train", image_size=16)
+    rows = slice(index * n, (index + 1) * n)
+    images = np.round((data.images.numpy()[rows, 0] + 1) * 127.5).astype(np.uint8)
+    np.savez(path, train_images=images, train_labels=data.labels.numpy()[rows, None])
+
+
+def flwr_cli(procs: Processes, home: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "flwr"), *args], cwd=home, env={**procs.env, "FLWR_HOME": str(home)},
+                          capture_output=True, text=True, timeout=120)
+
+
+# --- the federation --------------------------------------------------------------------------
+@dataclasses.dataclass
+class Federation:
+    root: Path
+    procs: Processes
+    port: int
+    cli_home: Path
+    ca: Path
+
+    def state_dir(self, site: str) -> Path:
+        return self.root / "state" / site
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("federation")
+    procs = Processes(root / "proc")
+    try:
+        certs, keys = root / "certs", root / "keys"
+        subprocess.run(["bash", str(DEPLOY / "make-certs.sh"), str(certs)], check=True, capture_output=True)
+        keys.mkdir()
+        for name in (*SITES, "intruder"):
+            write_ssh_key(keys / name)
+        port = free_port()
+        link = procs.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"),
+                           "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
+                           "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+                           "--host", "127.0.0.1", "--port", str(port))
+        wait_for_port(port, link)
+        cli_home = root / "cli"
+        cli_home.mkdir()
+        (cli_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "fed"\n\n[superlink.fed]\naddress = "127.0.0.1:{port}"\n'
+            f'root-certificates = "{certs / "ca.crt"}"\n')
+        registering = [subprocess.Popen([str(BIN / "flwr"), "supernode", "register", str(keys / f"{s}.pub"), "fed"],
+                                        cwd=cli_home, env={**procs.env, "FLWR_HOME": str(cli_home)},
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for s in SITES]
+        for proc in registering:
+            out, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0 and "registered successfully" in out, out
+        fed = Federation(root, procs, port, cli_home, certs / "ca.crt")
+        for i, site in enumerate(SITES):
+            write_site_npz(root / f"{site}.npz", i)
+            node_config = (f'site-id="{site}" data-path="{root / f"{site}.npz"}" '
+                           f'state-dir="{fed.state_dir(site)}" max-epsilon=10.0')
+            procs.start(site, "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",
+                        str(fed.ca), "--auth-supernode-private-key", str(keys / site), "--port", str(free_port()),
+                        "--node-config", node_config)
+        # Started now, checked by their own tests, so they run while the federation trains.
+        refused = ("--max-retries", "1", "--max-wait-time", "5", "--node-config", 'site-id="intruder"')
+        procs.start("unregistered", "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",
+                    str(fed.ca), "--auth-supernode-private-key", str(keys / "intruder"), "--port", str(free_port()),
+                    *refused)
+        procs.start("no-ca", "flower-supernode", "--superlink", f"127.0.0.1:{port}",
+                    "--auth-supernode-private-key", str(keys / SITES[0]), "--port", str(free_port()), *refused)
+        yield fed
+    finally:
+        procs.stop_all()
+
+
+def test_federated_dp_run_over_tls_with_registered_sites(federation):
+    out = federation.root / "run"
+    started = flwr_cli(federation.procs, federation.cli_home, "run", str(REPO), "fed",
+                       "--run-config", f"{RUN_CONFIG} out='{out}'")
+    assert started.returncode == 0 and "Successfully started run" in started.stdout, started.stdout + started.stderr
+
+    deadline, status = time.monotonic() + RUN_TIMEOUT, None
+    while time.monotonic() < deadline and status not in ("completed", "stopped", "failed"):
+        time.sleep(2)
+        status = json.loads((out / "run.json").read_text()).get("status") if (out / "run.json").exists() else None
+    logs = "\n".join(federation.procs.log(n)[-2000:] for n in ("superlink", *SITES))
+    assert status == "completed", f"run status {status!r}\n{logs}"
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["kind"] == "federated" and run["num_sites"] == 3 and run["config"]["epsilon"] == 10.0
+    ledger = json.loads((out / "privacy_ledger.json").read_text())
+    assert ledger["dp"] is True and set(ledger["sites"]) == set(SITES)
+    for site, entry in ledger["sites"].items():
+        assert [r["round"] for r in entry["rounds"]] == [1, 2], site
+        assert 0 < entry["epsilon"] <= entry["budget_epsilon"] == 10.0
+        state = json.loads((federation.state_dir(site) / out.name / "site_state.json").read_text())
+        assert set(state["rounds"]) == {"1", "2"} and all(r["status"] == "done" for r in state["rounds"].values())
+        assert state["history"] and state["budget_epsilon"] == 10.0  # the accountant survives the process
+
+
+def finished(federation, name: str) -> str:
+    proc = federation.procs.procs[name]
+    proc.wait(timeout=120)
+    assert proc.returncode != 0, f"{name} should have been refused"
+    return federation.procs.log(name)
+
+
+def test_supernode_with_unregistered_key_is_refused(federation):
+    log = finished(federation, "unregistered")
+    assert "Failed to activate SuperNode" in log
+    assert "No SuperNode found with the given public key" in federation.procs.log("superlink")
+
+
+def test_supernode_without_the_ca_certificate_cannot_connect(federation):
+    log = finished(federation, "no-ca")
+    assert "CERTIFICATE_VERIFY_FAILED" in log
+
+
+# --- container files and the app's Flower config (no Docker daemon needed) -----------------------
+def test_container_images_use_the_pinned_flower_version():
+    pinned = re.search(r'"flwr\[simulation\]==([^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert pinned == version("flwr")
+    for dockerfile, component in (("Dockerfile.site", "supernode"), ("Dockerfile.coordinator", "superlink")):
+        bases = re.findall(r"^FROM\s+(\S+)", (DEPLOY / dockerfile).read_text(), re.MULTILINE)
+        assert bases == [f"flwr/{component}:{pinned}"], dockerfile
+
+
+def test_compose_demo_is_secured_and_keeps_data_read_only():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services, named = compose["services"], set(compose["volumes"])
+    link = services.pop("superlink")
+    assert link["build"]["dockerfile"] == "deploy/Dockerfile.coordinator"
+    assert {"--enable-supernode-auth", "--disable-runtime-dependency-installation"} <= set(link["command"])
+    assert "--insecure" not in link["command"]
+    assert {a.split("=")[0] for a in link["command"]} >= {"--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"}
+    assert len(services) == 3
+    for name, site in services.items():
+        args = dict(a.split("=", 1) for a in site["command"])
+        assert site["build"]["dockerfile"] == "deploy/Dockerfile.site" and "--insecure" not in args
+        assert {"--root-certificates", "--auth-supernode-private-key"} <= set(args), name
+        node = parse_config_args([args["--node-config"]])
+        assert set(node) == {"site-id", "data-path", "state-dir", "max-epsilon"}, name
+        mounts = {m.group(2): (m.group(1), m.group(3)) for m in map(VOLUME.fullmatch, site["volumes"])}
+        assert mounts[node["data-path"]][1] == ":ro", "site data must be mounted read-only"
+        assert mounts[node["state-dir"]][0] in named, "the accountant needs a persistent named volume"
+
+
+def test_flower_run_config_lists_every_federated_option_with_its_default():
+    flwr_cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]
+    assert "federations" not in flwr_cfg  # flwr 1.41 would rewrite pyproject.toml on `flwr run`
+    defaults = {flag(f.name): f.default for f in dataclasses.fields(RunConfig) if f.name not in ("epochs", "d_steps")}
+    assert flwr_cfg["app"]["config"] == defaults
+
+
+# --- the site's own budget cap (enforced by the ClientApp) --------------------------------------
+def test_site_refuses_runs_over_its_own_budget():
+    with pytest.raises(FedPGGANError, match="max-epsilon is 5"):
+        check_site_budget({"max-epsilon": 5.0}, RunConfig(epsilon=10.0), 100)
+    with pytest.raises(FedPGGANError, match="no DP"):
+        check_site_budget({"max-epsilon": 10}, RunConfig(epsilon=math.inf), 100)
+    with pytest.raises(FedPGGANError, match="max-delta"):
+        check_site_budget({"max-epsilon": 10.0, "max-delta": 1e-6}, RunConfig(epsilon=1.0), 100)
+    check_site_budget({"max-epsilon": 10.0, "max-delta": 1e-5}, RunConfig(epsilon=10.0), 100)
+    check_site_budget({"max-epsilon": "none"}, RunConfig(epsilon=math.inf), 100)
+
+
+# --- fedpggan site check ---------------------------------------------------------------------------
+def write_ca(path: Path, days: int = 365) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    now = datetime.now(timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - timedelta(days=2)).not_valid_after(now + timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, hashes.SHA256()))
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+@pytest.fixture
+def site_toml(tmp_path):
+    """Write a site config (overrides: key -> TOML value text, None drops the line); return its path."""
+    write_site_npz(tmp_path / "site.npz", 0)
+    write_ca(tmp_path / "ca.crt")
+    write_ssh_key(tmp_path / "site.key")
+
+    def make(**overrides: str | None) -> str:
+        values = {"site-id": '"hospital-a"', "data": f'"{tmp_path / "site.npz"}"',
+                  "state-dir": f'"{tmp_path / "state"}"', "max-epsilon": "10.0", "max-delta": None,
+                  "address": '"127.0.0.1:8000"', "root-certificates": f'"{tmp_path / "ca.crt"}"',
+                  "auth-private-key": f'"{tmp_path / "site.key"}"'}
+        values.update({k.replace("_", "-"): v for k, v in overrides.items()})
+        line = lambda *keys: "".join(f"{k} = {values[k]}\n" for k in keys if values[k] is not None)  # noqa: E731
+        text = (line("site-id", "data", "state-dir") + "[privacy]\n" + line("max-epsilon", "max-delta")
+                + "[superlink]\n" + line("address", "root-certificates", "auth-private-key"))
+        (tmp_path / "site.toml").write_text(text)
+        return str(tmp_path / "site.toml")
+
+    return make
+
+
+def site_check(capsys, config: str, *flags: str) -> tuple[int, str, str]:
+    code = cli_main(["site", "check", "--config", config, *flags])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_site_check_accepts_a_good_site_and_says_what_leaves(site_toml, capsys, tmp_path):
+    code, out, err = site_check(capsys, site_toml())
+    assert code == 0 and err == ""
+    assert "40 images, 2 classes" in out and "will NOT leave this site" in out and "images and labels" in out
+    assert re.search(r"^  ecdsa-sha2-nistp384 \S+$", out, re.MULTILINE)  # the key to register
+    command = out.split("start the site with:\n", 1)[1].strip()
+    node = parse_config_args([re.search(r"--node-config '([^']+)'", command).group(1)])
+    assert node == {"site-id": "hospital-a", "data-path": str(tmp_path / "site.npz"),
+                    "state-dir": str(tmp_path / "state"), "max-epsilon": 10.0}
+    assert (tmp_path / "state").is_dir()
+
+
+@pytest.mark.parametrize(("override", "names"), [
+    ({"data": '"/nonexistent/site.npz"'}, "/nonexistent/site.npz"),
+    ({"root-certificates": '"/nonexistent/ca.crt"'}, "superlink.root-certificates"),
+    ({"root-certificates": None}, "superlink.root-certificates"),
+    ({"max-epsilon": "-1.0"}, "privacy.max-epsilon"),
+    ({"max-epsilon": '"lots"'}, "privacy.max-epsilon"),
+    ({"max-delta": "0.5"}, "privacy.max-delta 0.5 is not below 1/n"),
+    ({"site-id": None}, "'site-id' is missing"),
+    ({"auth-private-key": '"/nonexistent/site.key"'}, "superlink.auth-private-key"),
+])
+def test_site_check_rejects_a_bad_site_with_one_line(site_toml, capsys, override, names):
+    code, out, err = site_check(capsys, site_toml(**override))
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and names in err, err
+
+
+def test_site_check_rejects_an_unwritable_state_dir(site_toml, capsys, tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    code, _, err = site_check(capsys, site_toml(state_dir=f'"{tmp_path / "taken"}"'))
+    assert code == 2 and err.startswith("error: state-dir") and err.count("\n") == 1
+
+
+def test_site_check_warns_about_no_dp_and_insecure(site_toml, capsys):
+    code, _, err = site_check(capsys, site_toml(max_epsilon='"none"', root_certificates=None), "--insecure")
+    assert code == 0
+    assert "WITHOUT differential privacy" in err and "WITHOUT TLS" in err

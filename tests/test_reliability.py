@@ -1,0 +1,343 @@
+"""Crashes, hostile sites and bad input: a killed run resumes to the same result, broken or
+hostile updates cannot wreck D, and every bad input is one line with nothing lost."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import REPO, tiny_config
+from fedpggan.cli import main
+from fedpggan.config import RunConfig
+from fedpggan.errors import FedPGGANError
+from fedpggan.io import sha256_file
+from fedpggan.runs import RunFolder
+from server.aggregation import aggregate
+from server.validation import MAX_RELATIVE_UPDATE, update_problem
+from simulation.faults import kill_hard, round_in_flight, start_killable
+from simulation.run import prepare, simulate
+
+TIMING = ("t_sites", "t_server", "t_round", "t_site_compute_max", "t_site_compute_sum")
+
+
+# --- kill -9 mid-round, resume, compare with an uninterrupted run --------------------------
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(RunFolder(run).latest_checkpoint()[0], weights_only=False)["state_dict"]
+
+
+def comparable_metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING and k != "events"}
+            for row in RunFolder(run).read_metrics()]
+
+
+def site_rounds(run: Path) -> dict[str, list]:
+    """Each site's spend as the ledger records it (a round's ``replayed`` flag aside)."""
+    ledger = json.loads((run / "privacy_ledger.json").read_text())
+    return {s: (v["epsilon"], [{k: x for k, x in r.items() if k != "replayed"} for r in v["rounds"]])
+            for s, v in ledger["sites"].items()}
+
+
+def test_killed_mid_round_resumes_to_the_same_result(tmp_path):
+    base = tiny_config(tmp_path / "whole", epsilon=10.0, rounds=5)
+    simulate(base)
+    killed = tmp_path / "killed"
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    proc = start_killable(dataclasses.replace(base, out=str(killed)), ray_tmp)
+    try:
+        deadline = time.monotonic() + 300
+        while not round_in_flight(killed, 3) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        kill_hard(proc, ray_tmp)
+    assert json.loads((killed / "run.json").read_text())["status"] == "running", "the run was not killed mid-way"
+    assert len(RunFolder(killed).read_metrics()) < 5
+
+    simulate(None, resume=str(killed))
+
+    assert json.loads((killed / "run.json").read_text())["status"] == "completed"
+    whole, resumed = final_weights(tmp_path / "whole"), final_weights(killed)
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole), "resumed weights differ"
+    assert comparable_metrics(killed) == comparable_metrics(tmp_path / "whole")
+    assert site_rounds(killed) == site_rounds(tmp_path / "whole"), "a site re-spent or forgot budget"
+    events = [e["event"] for s in json.loads((killed / "privacy_ledger.json").read_text())["sites"].values()
+              for e in s["events"]]
+    # the in-flight round is explained (a cached reply re-sent, or recomputed under its reservation), never charged twice
+    assert events and set(events) <= {"replayed", "recovered"}, events
+
+
+# --- a site that dies mid-round ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def site_setup(tmp_path_factory):
+    from fedpggan.build import build_gan
+    from fedpggan.data import open_dataset
+
+    cfg = tiny_config(tmp_path_factory.mktemp("site"), epsilon=10.0, rounds=3)
+    data = open_dataset("phantom", "train").subset(np.arange(300))
+    torch.manual_seed(0)
+    return cfg, data, build_gan(cfg, data.image_size, data.channels, data.num_classes)
+
+
+def site_round(site_setup, state, round_num: int, input_sha: str, crash: bool = False):
+    """One round at a site on a fresh copy of the same global model; ``crash`` dies after the
+    spend is reserved, inside DP-SGD."""
+    import copy
+
+    from client.site_round import run_site_round
+    from fedpggan.privacy import DiscriminatorTrainer
+
+    cfg, data, gan = site_setup
+    gan = copy.deepcopy(gan)
+    if crash:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(DiscriminatorTrainer, "train", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+            with pytest.raises(KeyboardInterrupt):
+                run_site_round(gan, data, cfg, state, round_num, 0, input_sha)
+        return None, None
+    result = run_site_round(gan, data, cfg, state, round_num, 0, input_sha)
+    return result, gan.d.state_dict()
+
+
+def fresh_state(tmp_path: Path, name: str):
+    from client.site import SiteState
+
+    state = SiteState.load(tmp_path / name, "run")
+    state.noise_key = "the same secret"  # two sites that would draw identical noise
+    return state
+
+
+def test_a_round_interrupted_mid_training_is_recomputed_under_its_reservation(site_setup, tmp_path):
+    whole = fresh_state(tmp_path, "whole")
+    expected, expected_d = site_round(site_setup, whole, 1, "inputs")
+    crashed = fresh_state(tmp_path, "crashed")
+    site_round(site_setup, crashed, 1, "inputs", crash=True)
+    assert crashed.history == whole.history  # spent before training
+    result, d = site_round(site_setup, crashed, 1, "inputs")
+    assert result.recovered and result.privacy["epsilon"] == expected.privacy["epsilon"]
+    assert crashed.history == whole.history  # not charged twice ...
+    assert all(torch.equal(d[k], expected_d[k]) for k in d)  # ... because it is the very output paid for
+
+
+def test_an_interrupted_round_sent_again_with_other_inputs_is_charged_again(site_setup, tmp_path):
+    state = fresh_state(tmp_path, "s")
+    site_round(site_setup, state, 1, "inputs", crash=True)
+    once = [list(h) for h in state.history]
+    result, _ = site_round(site_setup, state, 1, "other inputs")
+    assert not result.recovered
+    assert state.history[-1][2] == once[-1][2] + site_setup[0].local_steps  # the lost round stays spent
+
+
+def test_an_old_reservation_is_not_reused_once_the_site_moved_on(site_setup, tmp_path):
+    state = fresh_state(tmp_path, "s")
+    site_round(site_setup, state, 1, "inputs", crash=True)
+    site_round(site_setup, state, 2, "round 2")
+    before = state.history[-1][2]
+    result, _ = site_round(site_setup, state, 1, "inputs")
+    assert not result.recovered and state.history[-1][2] == before + site_setup[0].local_steps
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path):
+    run = simulate(tiny_config(tmp_path / "run", rounds=3, keep_checkpoints=3))
+    folder = RunFolder(run)
+    newest = folder.checkpoints / folder.checkpoint_index()[-1]["file"]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated, as by a full disk
+    with pytest.warns(UserWarning, match="hash mismatch"):
+        path, entry = folder.latest_checkpoint()
+    assert entry["round"] == 2 and path != newest
+
+
+# --- failing and hostile sites ------------------------------------------------------------
+def simulate_with_hostile_site(tmp_path: Path, monkeypatch, modes: str, drop: float = 0.0, **overrides) -> Path:
+    """A 4-site simulation whose partition 0 tampers with its replies and whose other sites
+    crash with probability ``drop`` per round (simulation/faults.py)."""
+    from flwr.simulation import run_simulation
+
+    from server.server_app import make_server_app
+    from simulation.faults import app as faulty_sites
+
+    monkeypatch.setenv("FEDPGGAN_FAULT_MODES", modes)  # Ray's workers inherit them
+    monkeypatch.setenv("FEDPGGAN_FAULT_DROP", str(drop))
+    cfg, _ = prepare(tiny_config(tmp_path / "run", clients=4, rounds=len(modes.split(",")), **overrides))
+    run_simulation(server_app=make_server_app(cfg), client_app=faulty_sites, num_supernodes=4,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}})
+    return Path(cfg.out)
+
+
+def test_broken_and_hostile_updates_are_rejected_and_logged(tmp_path, monkeypatch):
+    run = simulate_with_hostile_site(tmp_path, monkeypatch, "nan,scaled,random,shapes", drop=0.25,
+                                     aggregation="median", min_clients=1)
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"
+    rows = RunFolder(run).read_metrics()
+    crashed = [[e["site"] for e in r.get("events", []) if e["event"] == "failed"] for r in rows]
+    expected = [[str(p) for p in (1, 2, 3) if random.Random(f"{n}/{p}").random() < 0.25] for n in (1, 2, 3, 4)]
+    assert crashed == expected and any(expected), "injected crashes must be logged, and only those"
+    assert [r["accepted"] for r in rows] == [3 - len(c) for c in crashed]  # crashed sites rejoin next round
+    reasons = [[e["reason"] for e in r["events"] if e["event"] == "rejected_update"] for r in rows]
+    assert all(len(r) == 1 for r in reasons), reasons
+    assert "non-finite" in reasons[0][0] and "median update" in reasons[1][0] and "model norm" in reasons[2][0]
+    assert "array names differ" in reasons[3][0]
+    assert all(torch.isfinite(v).all() for v in final_weights(run).values() if v.is_floating_point())
+
+
+def test_site_reporting_an_inconsistent_spend_is_excluded(tmp_path, monkeypatch):
+    run = simulate_with_hostile_site(tmp_path, monkeypatch, "overspend,none", epsilon=10.0)
+    ledger = json.loads((run / "privacy_ledger.json").read_text())
+    hostile = [s for s in ledger["sites"].values() if s["status"] == "excluded"]
+    assert len(hostile) == 1 and "noise_multiplier" in hostile[0]["events"][0]["reason"]
+    rows = RunFolder(run).read_metrics()
+    assert rows[0]["accepted"] == 3 and rows[1]["selected"] == 3  # never selected again
+
+
+def honest_and_hostile_updates(attack: str, n_honest: int = 5) -> tuple[list[dict], dict, dict]:
+    """D-shaped updates: honest ones a few small steps from the global model, one hostile one
+    that passes validation (it moves D by just under the allowed bound)."""
+    from fedpggan.build import build_gan
+
+    torch.manual_seed(0)
+    global_d = build_gan(tiny_config(Path("unused")), 28, 1, 2).d.state_dict()
+    norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in global_d.values() if v.is_floating_point()))
+    step = {k: 0.002 * torch.randn_like(v) for k, v in global_d.items()}  # the honest direction
+    honest = [{k: v + step[k] + 0.0005 * torch.randn_like(v) for k, v in global_d.items()} for _ in range(n_honest)]
+    if attack == "random":
+        direction = {k: torch.randn_like(v) for k, v in global_d.items()}
+    else:  # "reversed": push against the honest direction, scaled up
+        direction = {k: -s for k, s in step.items()}
+    length = math.sqrt(sum(float(v.double().pow(2).sum()) for v in direction.values()))
+    scale = 0.95 * MAX_RELATIVE_UPDATE * norm / length
+    hostile = {k: v + scale * direction[k] for k, v in global_d.items()}
+    assert update_problem(hostile, global_d) is None  # the validator cannot catch it ...
+    honest_mean = aggregate(honest, "fedavg")
+    return [*honest, hostile], honest_mean, global_d
+
+
+def distance(a: dict, b: dict) -> float:
+    return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a))
+
+
+@pytest.mark.parametrize("attack", ["random", "reversed"])
+def test_robust_aggregation_withstands_a_hostile_site(attack):
+    updates, honest_mean, global_d = honest_and_hostile_updates(attack)
+    honest_move = distance(honest_mean, global_d)
+    # ... FedAvg is dragged far from the honest consensus, the robust rules are not
+    assert distance(aggregate(updates, "fedavg"), honest_mean) > 5 * honest_move
+    for rule in ("median", "trimmed-mean"):
+        assert distance(aggregate(updates, rule), honest_mean) < 0.5 * honest_move, rule
+
+
+# --- bad input: one line, no traceback, nothing lost --------------------------------------
+@pytest.mark.parametrize("argv, needle", [
+    (["simulate", "--clients", "0"], "--clients 0 is invalid"),
+    (["simulate", "--dataset", "{npz}"], "npz"),
+    (["simulate", "--resume", "{missing}"], "not found"),
+    (["simulate", "--config", "{toml}"], "config.toml"),
+])
+def test_bad_input_is_one_line_without_traceback(argv, needle, tmp_path):
+    npz = tmp_path / "corrupt.npz"
+    npz.write_bytes(b"PK\x03\x04 this is not a zip archive")
+    toml = tmp_path / "config.toml"
+    toml.write_text("rounds = [\n")
+    argv = [a.format(npz=npz, missing=tmp_path / "nope", toml=toml) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "fedpggan.cli", *argv, "--out", str(tmp_path / "out")],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    err = proc.stderr.strip()
+    assert proc.returncode != 0
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert needle in err, err
+
+
+def test_a_failing_command_leaves_the_run_folder_untouched(tmp_path, capsys):
+    run = simulate(tiny_config(tmp_path / "run", rounds=1))
+    before = {p: sha256_file(p) for p in run.rglob("*") if p.is_file()}
+    assert main(["simulate", "--resume", str(run), "--rounds", "0"]) != 0  # resume takes no options
+    assert main(["evaluate", str(run), "--real", str(tmp_path / "missing.npz")]) != 0
+    assert main(["export", str(run), "--out", str(run)]) != 0  # would overwrite the run itself
+    after = {p: sha256_file(p) for p in run.rglob("*") if p.is_file()}
+    assert after == before
+
+
+# --- property-based fuzzing ---------------------------------------------------------------
+CONFIG_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                          st.text(max_size=12), st.lists(st.integers(), max_size=3))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(RunConfig().to_flower())), CONFIG_VALUES, max_size=6))
+def test_fuzzed_run_configs_are_valid_or_one_line_errors(values):
+    try:
+        cfg = RunConfig.from_flower({**RunConfig().to_flower(), **values}).validate()
+    except FedPGGANError as exc:
+        assert "\n" not in str(exc) and str(exc)
+    else:
+        assert cfg.clients >= 1 and cfg.rounds >= 1 and cfg.batch_size >= 1
+
+
+TENSORS = st.builds(lambda shape, scale, bad: (torch.randn(shape) * scale).masked_fill(torch.rand(shape) < bad, math.nan),
+                    st.sampled_from([(3,), (2, 2), (4, 1)]), st.floats(0, 1e6), st.sampled_from([0.0, 0.0, 0.3]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["a", "b", "c"]), TENSORS, min_size=1, max_size=3))
+def test_fuzzed_updates_never_crash_the_validator(update):
+    reference = {"a": torch.ones(3), "b": torch.ones(2, 2)}
+    problem = update_problem(update, reference)
+    assert problem is None or isinstance(problem, str)
+    if any(not torch.isfinite(v).all() for v in update.values()):
+        assert problem is not None
+    if problem is None:  # what passes is usable: same names, shapes, finite, bounded
+        assert update.keys() == reference.keys()
+        assert distance(update, reference) <= MAX_RELATIVE_UPDATE * distance(reference, {k: 0 * v for k, v in reference.items()})
+
+
+NPZ_ARRAYS = st.fixed_dictionaries({}, optional={
+    "train_images": st.builds(lambda n, s, dtype, nan: make_array((n, s, s), dtype, nan),
+                              st.integers(0, 6), st.sampled_from([0, 1, 28, 30]),
+                              st.sampled_from(["uint8", "float32", "int64", "U1"]), st.booleans()),
+    "train_labels": st.builds(lambda n, width, dtype, nan: make_array((n, width), dtype, nan, high=12),
+                              st.integers(0, 6), st.sampled_from([1, 2]),
+                              st.sampled_from(["uint8", "int64", "float32"]), st.booleans()),
+    "extra": st.just(np.zeros(3)),
+})
+
+
+def make_array(shape: tuple, dtype: str, nan: bool, high: int = 256) -> np.ndarray:
+    if dtype == "U1":
+        return np.full(shape, "x")
+    out = np.random.default_rng(0).integers(-1, high, size=shape).astype(dtype)
+    if nan and out.dtype.kind == "f" and out.size:
+        out.flat[0] = np.nan
+    return out
+
+
+@settings(max_examples=120, deadline=None)
+@given(NPZ_ARRAYS, st.integers(0, 3))
+def test_fuzzed_npz_files_load_or_fail_in_one_line(arrays, truncate):
+    from fedpggan.data import open_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "site.npz"
+        np.savez(path, **arrays)
+        if truncate:  # a copy that stopped part-way
+            path.write_bytes(path.read_bytes()[: path.stat().st_size * truncate // 4])
+        try:
+            data = open_dataset(str(path), "train")
+        except FedPGGANError as exc:
+            assert str(exc) and "\n" not in str(exc)
+        else:  # what loads is well formed
+            assert len(data) == len(data.labels) > 0 and torch.isfinite(data.images).all()
+            assert data.images.min() >= -1 and data.images.max() <= 1
+            assert int(data.labels.min()) >= 0 and int(data.labels.max()) < data.num_classes

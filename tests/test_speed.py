@@ -1,0 +1,110 @@
+"""benchmarks/speed.py: its measurements at a tiny size, and the arithmetic behind its tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from fedpggan.config import RunConfig
+from fedpggan.errors import FedPGGANError
+from fedpggan.privacy.dp_discriminator import GRAD_SAMPLE_MODES
+
+# benchmarks/ is no package (and a PyPI 'benchmarks' may shadow it): load the script by path.
+_spec = importlib.util.spec_from_file_location("speed_under_test", REPO / "benchmarks" / "speed.py")
+speed = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
+_spec.loader.exec_module(speed)
+
+TINY_GAN = RunConfig(g_width=16, d_width=8, latent_dim=16)
+
+
+def test_dp_vs_plain_rows_have_positive_consistent_ratios():
+    rows = speed.dp_vs_plain(TINY_GAN, 28, 8, GRAD_SAMPLE_MODES, speed.Timing(warmup=1, repeats=2, steps=1),
+                             torch.device("cpu"))
+    assert [r["mode"] for r in rows] == list(GRAD_SAMPLE_MODES)
+    for r in rows:
+        assert r["image_size"] == 28 and r["batch"] == 8
+        assert r["ratio"] > 0 and math.isfinite(r["ratio"])
+        assert r["ratio"] == pytest.approx(r["plain_images_per_s"] / r["dp_images_per_s"])
+        assert 0 < r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1]
+
+
+def test_seconds_per_image_counts_real_and_fake_images():
+    trainers = speed.make_trainers(TINY_GAN, 28, 8, [], torch.device("cpu"))
+    start = speed.time.perf_counter()
+    per_image = speed.seconds_per_image(trainers["plain"], 2, torch.device("cpu"))
+    elapsed = speed.time.perf_counter() - start
+    # 2 steps of 8 real + 8 fakes (the plain loader gives fixed batches): 32 images in `elapsed`
+    assert 0.8 * elapsed <= per_image * 32 <= elapsed
+    assert not trainers["plain"].d._forward_pre_hooks  # the counting hook is removed
+
+
+def metrics_row(t_round, t_sites, t_server, c_max, c_sum):
+    return {"t_round": t_round, "t_sites": t_sites, "t_server": t_server,
+            "t_site_compute_max": c_max, "t_site_compute_sum": c_sum}
+
+
+def test_round_breakdown_packs_site_compute_onto_workers_and_skips_round_one():
+    run = {"sites": 5, "workers": 2, "peak_rss_mb": 900.0, "simulation_s": 60.0,
+           "rounds": [metrics_row(50, 45, 4, 9, 40), metrics_row(10, 8, 1.5, 1.2, 6), metrics_row(10, 8, 1.5, 1.2, 6)]}
+    b = speed.round_breakdown(run)
+    assert b["site_training_s"] == pytest.approx(3.0)  # 6 s of compute on 2 actors beats the 1.2 s longest site
+    assert b["flower_overhead_s"] == pytest.approx(5.0)
+    assert b["flower_overhead_share"] == pytest.approx(0.5)
+    assert b["other_s"] == pytest.approx(0.5) and b["first_round_s"] == 50
+    run["workers"] = 8  # more actors than sites: the slowest site bounds the round
+    assert speed.round_breakdown(run)["site_training_s"] == pytest.approx(1.2)
+
+
+def test_scaling_fit_recovers_per_site_cost():
+    rows = [{"sites": n, "round_s": 2 + 0.5 * n, "peak_rss_mb": 800 + 30 * n} for n in (5, 20, 50, 100)]
+    fit = speed.scaling_fit(rows)
+    assert fit["round_s_per_site"] == pytest.approx(0.5) and fit["rss_mb_per_site"] == pytest.approx(30)
+    assert speed.scaling_fit(rows[:1]) is None
+
+
+def test_peak_memory_includes_child_processes():
+    own = speed.rss_and_actors([speed.os.getpid()])[0]
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(200 * 2**20); time.sleep(3)"])
+    try:
+        with speed.PeakMemory(interval=0.1) as memory:
+            speed.time.sleep(1.5)
+    finally:
+        child.kill()
+        child.wait()
+    assert memory.peak_bytes > own + 150 * 2**20 and memory.actors == 0
+
+
+def quality_json(tmp_path, **row):
+    path = tmp_path / "quality.json"
+    base = {"run": speed.TARGET_ROW, "train_seconds": 240.0, "auc": 0.95, "label_fidelity": 0.92, "collapsed_classes": []}
+    path.write_text(json.dumps({"meta": {"device": "NVIDIA-H100"}, "rows": [base | row]}))
+    return path
+
+
+def test_target_from_quality_results(tmp_path):
+    target = speed.target_from_results(quality_json(tmp_path))
+    assert target["status"] == "measured" and target["train_seconds"] == 240.0 and target["target_met"]
+    assert not speed.target_from_results(quality_json(tmp_path, auc=0.90))["target_met"]
+    assert not speed.target_from_results(quality_json(tmp_path, collapsed_classes=["normal"]))["target_met"]
+    with pytest.raises(FedPGGANError, match="no completed"):
+        speed.target_from_results(quality_json(tmp_path, run="federated eps=1"))
+
+
+def test_target_without_gpu_is_reported_unmeasured():
+    args = speed.argparse.Namespace(target_results="", target_run=False, data_dir="", results="unused")
+    assert speed.target_entry(args, torch.device("cpu"), None) == {"status": "not measured: no GPU"}
+    args.target_run = True
+    with pytest.raises(FedPGGANError, match="needs a CUDA GPU"):
+        speed.target_entry(args, torch.device("cpu"), None)
+
+
+def test_bad_parts_is_a_one_line_error(capsys):
+    assert speed.main(["--parts", "discriminator,warp", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --parts")
