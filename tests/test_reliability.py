@@ -244,6 +244,7 @@ def test_robust_aggregation_withstands_a_hostile_site(attack):
     (["simulate", "--clients", "0"], "--clients 0 is invalid"),
     (["simulate", "--dataset", "{npz}"], "npz"),
     (["simulate", "--resume", "{missing}"], "not found"),
+    (["simulate", "--resume", "{missing}", "--rounds", "3"], "drop --rounds"),
     (["simulate", "--config", "{toml}"], "config.toml"),
 ])
 def test_bad_input_is_one_line_without_traceback(argv, needle, tmp_path):
@@ -252,7 +253,8 @@ def test_bad_input_is_one_line_without_traceback(argv, needle, tmp_path):
     toml = tmp_path / "config.toml"
     toml.write_text("rounds = [\n")
     argv = [a.format(npz=npz, missing=tmp_path / "nope", toml=toml) for a in argv]
-    proc = subprocess.run([sys.executable, "-m", "fedpggan.cli", *argv, "--out", str(tmp_path / "out")],
+    out = [] if "--resume" in argv else ["--out", str(tmp_path / "out")]  # --resume takes no other option
+    proc = subprocess.run([sys.executable, "-m", "fedpggan.cli", *argv, *out],
                           cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     err = proc.stderr.strip()
     assert proc.returncode != 0
