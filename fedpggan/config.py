@@ -60,9 +60,9 @@ class RunConfig:
     g_width: int = opt(32, "generator base width", group="optimisation")
     d_width: int = opt(32, "discriminator base width", group="optimisation")
     d_spectral_norm: bool = opt(False, "spectral norm in D (the SNGAN-style baseline; impossible with DP: Opacus cannot train it)", group="optimisation")
-    embedding_weight: float = opt(10.0, "weight of the auxiliary class-mean-embedding loss of the generators (0 = off); its target is each site's one-shot DP release (DP-MERF style)", group="optimisation")
+    embedding_weight: float = opt(50.0, "weight of the auxiliary class-mean-embedding loss of the generators (0 = off); its target is each site's one-shot DP release (DP-MERF style)", group="optimisation")
     embedding_frequencies: int = opt(500, "random Fourier frequencies of the mean embedding", group="optimisation")
-    embedding_share: float = opt(0.3, "share of each site's epsilon the embedding release alone would cost (composition makes the total cost far smaller)", group="privacy")
+    embedding_share: float = opt(0.5, "share of each site's epsilon the embedding release alone would cost (composition makes the total cost far smaller)", group="privacy")
     # --- privacy ---------------------------------------------------------------------
     epsilon: float = opt(10.0, "per-site privacy budget epsilon; 'none' trains without DP", group="privacy")
     delta: float = opt(0.0, "per-site delta (0 = min(1e-5, 1/(10 n_site)))", group="privacy")
