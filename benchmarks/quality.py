@@ -27,7 +27,7 @@ from fedpggan.config import RunConfig
 from fedpggan.data import open_dataset
 from fedpggan.evaluation import ClassifierPrivacy, TrainingBudget, evaluate_run, trtr
 from fedpggan.io import atomic_write_bytes, atomic_write_json
-from fedpggan.runs import library_versions
+from fedpggan.runs import RunFolder, library_versions
 from fedpggan.train import train_centralised
 from simulation.run import simulate
 
@@ -133,8 +133,7 @@ def classifier_rows(base: RunConfig, profile: dict, device: str) -> list[dict]:
 
 def recorded_seconds(run: Path) -> float:
     """Training time of a reused (possibly resumed) federated run: the sum of its rounds' times."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return sum(r.get("t_round", 0.0) for r in rows)
+    return sum(r.get("t_round", 0.0) for r in RunFolder(run).read_metrics())
 
 
 def ledger_delta(run: Path) -> float | None:

@@ -84,7 +84,7 @@ def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset) -> torc
         return None
     if state.release_file.exists():
         return torch.load(state.release_file, weights_only=True)
-    charged = bool(state.history) and tuple(map(float, state.history[0])) == tuple(map(float, release_entry(state.release_noise)))
+    charged = as_floats(state.history[:1]) == as_floats([release_entry(state.release_noise)])
     if cfg.dp and not charged:  # (charged but no file: a crash in between; the same seed redraws the same noise)
         state.history = [list(release_entry(state.release_noise)), *state.history]
         state.save()

@@ -117,11 +117,16 @@ def test_clean_run_passes_with_three_agreeing_accountants(run_copy, capsys):
     assert "PASSED" in capsys.readouterr().out
 
 
-def halve_noise(ledger):
+def halve_everywhere(ledger, field):
+    """Halve ``field`` in the site's mechanism and in every round it recorded."""
     site = ledger["sites"]["central"]
-    site["noise_multiplier"] /= 2
+    site[field] /= 2
     for r in site["rounds"]:
-        r["noise_multiplier"] /= 2
+        r[field] /= 2
+
+
+def halve_noise(ledger):
+    halve_everywhere(ledger, "noise_multiplier")
 
 
 def remove_round(ledger):
@@ -129,10 +134,7 @@ def remove_round(ledger):
 
 
 def change_sample_rate(ledger):
-    site = ledger["sites"]["central"]
-    site["sample_rate"] /= 2
-    for r in site["rounds"]:
-        r["sample_rate"] /= 2
+    halve_everywhere(ledger, "sample_rate")
 
 
 def lower_epsilon(ledger):

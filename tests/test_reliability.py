@@ -27,7 +27,7 @@ from fedpggan.errors import FedPGGANError
 from fedpggan.io import sha256_file
 from fedpggan.runs import RunFolder
 from server.aggregation import aggregate
-from server.validation import MAX_RELATIVE_UPDATE, update_problem
+from server.validation import MAX_RELATIVE_UPDATE, update_norm, update_problem
 from simulation.faults import kill_hard, round_in_flight, start_killable
 from simulation.run import prepare, simulate
 
@@ -210,7 +210,7 @@ def honest_and_hostile_updates(attack: str, n_honest: int = 5) -> tuple[list[dic
 
     torch.manual_seed(0)
     global_d = build_gan(tiny_config(Path("unused")), 28, 1, 2).d.state_dict()
-    norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in global_d.values() if v.is_floating_point()))
+    norm = update_norm(global_d, {k: torch.zeros_like(v) for k, v in global_d.items()})
     step = {k: 0.002 * torch.randn_like(v) for k, v in global_d.items()}  # the honest direction
     honest = [{k: v + step[k] + 0.0005 * torch.randn_like(v) for k, v in global_d.items()} for _ in range(n_honest)]
     if attack == "random":
@@ -226,7 +226,7 @@ def honest_and_hostile_updates(attack: str, n_honest: int = 5) -> tuple[list[dic
 
 
 def distance(a: dict, b: dict) -> float:
-    return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a))
+    return update_norm(a, b)
 
 
 @pytest.mark.parametrize("attack", ["random", "reversed"])
