@@ -84,8 +84,8 @@ def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset) -> torc
         return None
     if state.release_file.exists():
         return torch.load(state.release_file, weights_only=True)
-    charged = as_floats(state.history[:1]) == as_floats([release_entry(state.release_noise)])
-    if cfg.dp and not charged:  # (charged but no file: a crash in between; the same seed redraws the same noise)
+    # Already charged but no file means a crash in between: the same seed redraws the same noise.
+    if cfg.dp and as_floats(state.history[:1]) != as_floats([release_entry(state.release_noise)]):
         state.history = [list(release_entry(state.release_noise)), *state.history]
         state.save()
     generator = torch.Generator().manual_seed(noise_seed(state, "release"))
