@@ -25,6 +25,7 @@ import torch
 
 from fedpggan.config import RunConfig
 from fedpggan.data import open_dataset
+from fedpggan.errors import FedPGGANError
 from fedpggan.evaluation import ClassifierPrivacy, TrainingBudget, evaluate_run, trtr
 from fedpggan.io import atomic_write_bytes, atomic_write_json
 from fedpggan.runs import RunFolder, library_versions
@@ -36,11 +37,11 @@ from simulation.run import simulate
 # at "main" length, the comparisons (ablations, baselines, other data) at the shorter
 # "ablation" length, each against an IID average-rule reference row of that same length.
 PROFILES = {
-    "gpu": dict(main_rounds=300, ablation_rounds=300, local_steps=20, g_steps=16, eval_seeds=3,
+    "gpu": dict(main_rounds=300, ablation_rounds=300, local_steps=20, main_g_steps=4, ablation_g_steps=4, eval_seeds=3,
                 n_synthetic=10000, ablation_seeds=3),
-    "cpu": dict(main_rounds=60, ablation_rounds=15, local_steps=8, g_steps=8, eval_seeds=3,
+    "cpu": dict(main_rounds=60, ablation_rounds=15, local_steps=8, main_g_steps=RunConfig().g_steps, ablation_g_steps=8, eval_seeds=3,
                 n_synthetic=5000, ablation_seeds=1),
-    "smoke": dict(main_rounds=2, ablation_rounds=2, local_steps=2, g_steps=1, eval_seeds=1,
+    "smoke": dict(main_rounds=2, ablation_rounds=2, local_steps=2, main_g_steps=1, ablation_g_steps=1, eval_seeds=1,
                   n_synthetic=200, ablation_seeds=1),
 }
 EMBEDDING_OFF = dict(embedding_weight=0.0)
@@ -55,6 +56,8 @@ def row_specs(profile: dict[str, Any]) -> list[tuple[str, str, str, dict[str, An
         ("federated eps=10", "federated", "main", dict(epsilon=10.0)),
         ("federated eps=1", "federated", "main", dict(epsilon=1.0)),
         ("federated no DP", "federated", "main", dict(epsilon=math.inf)),
+        ("federated eps=10 with 8 generator steps per round (earlier default)", "federated", "main", dict(epsilon=10.0, g_steps=8)),
+        ("federated eps=1 with 8 generator steps per round (earlier default)", "federated", "main", dict(epsilon=1.0, g_steps=8)),
         ("[short] federated eps=10 (reference for the rows below)", "federated", "ablation", dict(epsilon=10.0, **EMBEDDING_10)),
         ("[short] federated eps=10 dirichlet alpha=0.5", "federated", "ablation",
          dict(epsilon=10.0, partition="dirichlet", alpha=0.5, **EMBEDDING_10)),
@@ -79,7 +82,8 @@ def row_specs(profile: dict[str, Any]) -> list[tuple[str, str, str, dict[str, An
 def run_gan_row(name: str, kind: str, length: str, overrides: dict[str, Any], base: RunConfig, work: Path,
                 profile: dict, device: str) -> dict:
     rounds = profile[f"{length}_rounds"]
-    cfg = dataclasses.replace(base, rounds=rounds, sample_every=max(1, rounds // 4), **overrides)
+    cfg = dataclasses.replace(base, rounds=rounds, sample_every=max(1, rounds // 4), g_steps=profile[f"{length}_g_steps"],
+                              **overrides)
     if kind == "centralised":  # the federation's total D steps and generator steps, on one machine
         d_steps_per_epoch = math.ceil(len(open_dataset(cfg.dataset, "train", cfg.data_dir)) / cfg.batch_size)
         d_total = cfg.clients * rounds * cfg.local_steps
@@ -88,7 +92,7 @@ def run_gan_row(name: str, kind: str, length: str, overrides: dict[str, Any], ba
     out = work / slug(name)
     cfg = dataclasses.replace(cfg, out=str(out)).validate()
     t0 = time.perf_counter()
-    reused = (out / "run.json").exists() and json.loads((out / "run.json").read_text()).get("status") == "completed"
+    reused = completed_run_with(out, cfg)
     if reused:
         print(f"[{name}] reusing completed run {out}")
     elif kind == "federated":
@@ -129,6 +133,21 @@ def classifier_rows(base: RunConfig, profile: dict, device: str) -> list[dict]:
                      "auc_std": summary["auc"]["std"], "accuracy": summary["accuracy"]["mean"],
                      "train_seconds": round(time.perf_counter() - t0, 1)})
     return rows
+
+
+def completed_run_with(out: Path, cfg: RunConfig) -> bool:
+    """True when ``out`` holds a completed run of exactly ``cfg`` (then it is evaluated, not
+    retrained); a folder holding other settings is an error, never silently reused."""
+    if not (out / "run.json").exists():
+        return False
+    run = json.loads((out / "run.json").read_text())
+    wanted = cfg.to_flower()
+    differ = sorted(k for k in set(wanted) | set(run["config"])
+                    if k != "out" and run["config"].get(k) != wanted.get(k))
+    if differ:
+        raise FedPGGANError(f"{out} holds a run with other settings ({differ[0]}: {run['config'].get(differ[0])!r}, "
+                            f"this row wants {wanted.get(differ[0])!r}); move it away or pass another --work")
+    return run.get("status") == "completed"
 
 
 def recorded_seconds(run: Path) -> float:
@@ -195,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     # on a GPU the 5 simulated sites share it (Ray hides the GPU from actors that ask for none)
     base = RunConfig(dataset=args.dataset, data_dir=args.data_dir, clients=5, delta=1e-5, device=device,
                      client_gpus=0.2 if device == "cuda" else 0.0,
-                     local_steps=profile["local_steps"], g_steps=profile["g_steps"])
+                     local_steps=profile["local_steps"])
     work = Path(args.work) / args.profile
     stem = Path(args.results) / f"quality-{args.dataset}-{device_name}-{date.today().isoformat()}"
     meta = {"dataset": args.dataset, "device": f"{device_name} ({platform.processor() or platform.machine()})",

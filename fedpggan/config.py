@@ -37,7 +37,7 @@ class RunConfig:
     fraction: float = opt(1.0, "fraction of sites selected each round", group="federation")
     min_clients: int = opt(0, "fewest valid replies a round needs (0 = half the selected sites, rounded up)", group="federation")
     local_steps: int = opt(8, "DP-SGD steps on D at each site per round", group="federation")
-    g_steps: int = opt(8, "generator steps on the server per round", group="federation")
+    g_steps: int = opt(2, "generator steps on the server per round (few: under DP, D must stay ahead of the generators, which otherwise learn its noise)", group="federation")
     generator_training: str = opt("server", "where G1/G2 learn: 'server' (default) or 'local' at each site, then averaged", ("server", "local"), group="federation")
     aggregation: str = opt("fedavg", "how D updates are combined (equal weights)", ("fedavg", "median", "trimmed-mean"), group="federation")
     round_timeout: float = opt(600.0, "seconds to wait for a round's replies", group="federation")
