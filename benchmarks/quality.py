@@ -58,6 +58,10 @@ def row_specs(profile: dict[str, Any]) -> list[tuple[str, str, str, dict[str, An
         ("federated no DP", "federated", "main", dict(epsilon=math.inf)),
         ("federated eps=10 with 8 generator steps per round (earlier default)", "federated", "main", dict(epsilon=10.0, g_steps=8)),
         ("federated eps=1 with 8 generator steps per round (earlier default)", "federated", "main", dict(epsilon=1.0, g_steps=8)),
+        ("federated no DP with 8 generator steps per round (earlier default)", "federated", "main",
+         dict(epsilon=math.inf, g_steps=8)),
+        ("federated no DP with 8 generator steps and embedding weight 10 (earlier defaults)", "federated", "main",
+         dict(epsilon=math.inf, g_steps=8, **EMBEDDING_10)),
         ("[short] federated eps=10 (reference for the rows below)", "federated", "ablation", dict(epsilon=10.0, **EMBEDDING_10)),
         ("[short] federated eps=10 dirichlet alpha=0.5", "federated", "ablation",
          dict(epsilon=10.0, partition="dirichlet", alpha=0.5, **EMBEDDING_10)),
@@ -79,16 +83,22 @@ def row_specs(profile: dict[str, Any]) -> list[tuple[str, str, str, dict[str, An
     return rows
 
 
-def run_gan_row(name: str, kind: str, length: str, overrides: dict[str, Any], base: RunConfig, work: Path,
-                profile: dict, device: str) -> dict:
+def row_config(kind: str, length: str, overrides: dict[str, Any], base: RunConfig, profile: dict) -> RunConfig:
+    """The configuration of one GAN row (without its output folder)."""
     rounds = profile[f"{length}_rounds"]
-    cfg = dataclasses.replace(base, rounds=rounds, sample_every=max(1, rounds // 4), g_steps=profile[f"{length}_g_steps"],
-                              **overrides)
+    settings = {"g_steps": profile[f"{length}_g_steps"], **overrides}  # a row may pin its own generator steps
+    cfg = dataclasses.replace(base, rounds=rounds, sample_every=max(1, rounds // 4), **settings)
     if kind == "centralised":  # the federation's total D steps and generator steps, on one machine
         d_steps_per_epoch = math.ceil(len(open_dataset(cfg.dataset, "train", cfg.data_dir)) / cfg.batch_size)
         d_total = cfg.clients * rounds * cfg.local_steps
         cfg = dataclasses.replace(cfg, d_steps=max(1, d_total // (rounds * cfg.g_steps)),
                                   epochs=max(1, round(d_total / d_steps_per_epoch)))
+    return cfg
+
+
+def run_gan_row(name: str, kind: str, length: str, overrides: dict[str, Any], base: RunConfig, work: Path,
+                profile: dict, device: str) -> dict:
+    cfg = row_config(kind, length, overrides, base, profile)
     out = work / slug(name)
     cfg = dataclasses.replace(cfg, out=str(out)).validate()
     t0 = time.perf_counter()

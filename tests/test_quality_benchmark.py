@@ -35,3 +35,14 @@ def test_completed_run_with_reuses_only_identical_settings(tmp_path):
     with pytest.raises(FedPGGANError, match="g-steps: 8, this row wants 2"):
         quality.completed_run_with(tmp_path / "other", cfg)
 
+
+
+@pytest.mark.parametrize("profile", sorted(quality.PROFILES))
+def test_every_row_builds_a_valid_config_with_its_generator_steps(profile):
+    settings = quality.PROFILES[profile]
+    base = RunConfig(dataset="phantom", clients=5, local_steps=settings["local_steps"])
+    for name, kind, length, overrides in quality.row_specs(settings):
+        cfg = quality.row_config(kind, length, overrides, base, settings).validate()
+        assert cfg.rounds == settings[f"{length}_rounds"], name
+        assert cfg.g_steps == overrides.get("g_steps", settings[f"{length}_g_steps"]), name
+        assert {k: getattr(cfg, k) for k in overrides} == overrides, name
