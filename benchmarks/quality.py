@@ -123,7 +123,7 @@ def run_gan_row(name: str, kind: str, length: str, overrides: dict[str, Any], ba
         "accuracy": tstr["accuracy"]["mean"], "label_fidelity": result["label_fidelity"]["overall"],
         "fid": result["fid"], "collapsed_classes": collapsed, "trtr_auc": result["trtr"]["auc"]["mean"],
         "train_seconds": round(recorded_seconds(out) if reused else train_s, 1), "run_folder": str(out), "length": length,
-        "config": {k: v for k, v in json.loads((out / "run.json").read_text())["config"].items() if k in CONFIG_KEYS},
+        "config": {k: v for k, v in RunFolder(out).read_run()["config"].items() if k in CONFIG_KEYS},
     }
 
 
@@ -151,9 +151,10 @@ def classifier_rows(base: RunConfig, profile: dict, device: str) -> list[dict]:
 def completed_run_with(out: Path, cfg: RunConfig) -> bool:
     """True when ``out`` holds a completed run of exactly ``cfg`` (then it is evaluated, not
     retrained); a folder holding other settings is an error, never silently reused."""
-    if not (out / "run.json").exists():
+    folder = RunFolder(out)
+    if not folder.run_json.exists():
         return False
-    run = json.loads((out / "run.json").read_text())
+    run = folder.read_run()
     wanted = cfg.to_flower()
     differ = sorted(k for k in set(wanted) | set(run["config"])
                     if k != "out" and run["config"].get(k) != wanted.get(k))

@@ -36,7 +36,6 @@ def test_completed_run_with_reuses_only_identical_settings(tmp_path):
         quality.completed_run_with(tmp_path / "other", cfg)
 
 
-
 @pytest.mark.parametrize("profile", sorted(quality.PROFILES))
 def test_every_row_builds_a_valid_config_with_its_generator_steps(profile):
     settings = quality.PROFILES[profile]

@@ -203,6 +203,11 @@ def test_site_reporting_an_inconsistent_spend_is_excluded(tmp_path, monkeypatch)
     assert rows[0]["accepted"] == 3 and rows[1]["selected"] == 3  # never selected again
 
 
+def model_norm(state: dict[str, torch.Tensor]) -> float:
+    """L2 norm of a state dict's floating-point arrays: the validator's norm, from zero."""
+    return update_norm(state, {k: torch.zeros_like(v) for k, v in state.items()})
+
+
 def honest_and_hostile_updates(attack: str, n_honest: int = 5) -> tuple[list[dict], dict, dict]:
     """D-shaped updates: honest ones a few small steps from the global model, one hostile one
     that passes validation (it moves D by just under the allowed bound)."""
@@ -210,14 +215,14 @@ def honest_and_hostile_updates(attack: str, n_honest: int = 5) -> tuple[list[dic
 
     torch.manual_seed(0)
     global_d = build_gan(tiny_config(Path("unused")), 28, 1, 2).d.state_dict()
-    norm = update_norm(global_d, {k: torch.zeros_like(v) for k, v in global_d.items()})
+    norm = model_norm(global_d)
     step = {k: 0.002 * torch.randn_like(v) for k, v in global_d.items()}  # the honest direction
     honest = [{k: v + step[k] + 0.0005 * torch.randn_like(v) for k, v in global_d.items()} for _ in range(n_honest)]
     if attack == "random":
         direction = {k: torch.randn_like(v) for k, v in global_d.items()}
     else:  # "reversed": push against the honest direction, scaled up
         direction = {k: -s for k, s in step.items()}
-    length = math.sqrt(sum(float(v.double().pow(2).sum()) for v in direction.values()))
+    length = model_norm(direction)
     scale = 0.95 * MAX_RELATIVE_UPDATE * norm / length
     hostile = {k: v + scale * direction[k] for k, v in global_d.items()}
     assert update_problem(hostile, global_d) is None  # the validator cannot catch it ...
@@ -225,18 +230,14 @@ def honest_and_hostile_updates(attack: str, n_honest: int = 5) -> tuple[list[dic
     return [*honest, hostile], honest_mean, global_d
 
 
-def distance(a: dict, b: dict) -> float:
-    return update_norm(a, b)
-
-
 @pytest.mark.parametrize("attack", ["random", "reversed"])
 def test_robust_aggregation_withstands_a_hostile_site(attack):
     updates, honest_mean, global_d = honest_and_hostile_updates(attack)
-    honest_move = distance(honest_mean, global_d)
+    honest_move = update_norm(honest_mean, global_d)
     # ... FedAvg is dragged far from the honest consensus, the robust rules are not
-    assert distance(aggregate(updates, "fedavg"), honest_mean) > 5 * honest_move
+    assert update_norm(aggregate(updates, "fedavg"), honest_mean) > 5 * honest_move
     for rule in ("median", "trimmed-mean"):
-        assert distance(aggregate(updates, rule), honest_mean) < 0.5 * honest_move, rule
+        assert update_norm(aggregate(updates, rule), honest_mean) < 0.5 * honest_move, rule
 
 
 # --- bad input: one line, no traceback, nothing lost --------------------------------------
@@ -302,7 +303,7 @@ def test_fuzzed_updates_never_crash_the_validator(update):
         assert problem is not None
     if problem is None:  # what passes is usable: same names, shapes, finite, bounded
         assert update.keys() == reference.keys()
-        assert distance(update, reference) <= MAX_RELATIVE_UPDATE * distance(reference, {k: 0 * v for k, v in reference.items()})
+        assert update_norm(update, reference) <= MAX_RELATIVE_UPDATE * model_norm(reference)
 
 
 NPZ_ARRAYS = st.fixed_dictionaries({}, optional={
