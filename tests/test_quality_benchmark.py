@@ -45,3 +45,19 @@ def test_every_row_builds_a_valid_config_with_its_generator_steps(profile):
         assert cfg.rounds == settings[f"{length}_rounds"], name
         assert cfg.g_steps == overrides.get("g_steps", settings[f"{length}_g_steps"]), name
         assert {k: getattr(cfg, k) for k in overrides} == overrides, name
+
+
+def test_loss_rule_summary_pools_each_rules_training_seeds_with_the_reference_as_average_seed_0():
+    rows = [{"run": quality.SHORT_REFERENCE, "auc": 0.80},
+            {"run": quality.loss_rule_row("average", 1), "auc": 0.84},
+            {"run": quality.loss_rule_row("mean", 0), "auc": 0.70},
+            {"run": quality.loss_rule_row("single", 0), "error": "RuntimeError: boom"},
+            {"run": "federated eps=10", "auc": 0.99}]
+    summary = {s["rule"]: s for s in quality.loss_rule_summary(rows, seeds=3)}
+    assert summary["average"]["aucs"] == [0.80, 0.84]
+    assert summary["average"]["mean"] == pytest.approx(0.82)
+    assert summary["average"]["std"] == pytest.approx(0.0282843, rel=1e-5)
+    assert summary["mean"] == {"rule": "mean", "aucs": [0.70], "mean": pytest.approx(0.70), "std": None}
+    assert "single" not in summary  # its only run failed: nothing to summarise
+    names = {name for name, *_ in quality.row_specs(quality.PROFILES["cpu"])}
+    assert {quality.loss_rule_row(r, s) for r in quality.LOSS_RULES for s in range(3)} <= names
