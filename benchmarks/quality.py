@@ -293,7 +293,8 @@ def save(stem: Path, rows: list[dict], meta: dict) -> None:
     merged = [r for r in earlier if r["run"] not in names] + rows
     order = {name: i for i, (name, *_rest) in enumerate(row_specs(PROFILES[meta["profile"]]))}
     merged.sort(key=lambda r: order.get(r["run"], len(order)))
-    atomic_write_json(path, {"meta": meta, "rows": merged})
+    atomic_write_json(path, {"meta": meta, "rows": merged,
+                             "loss_rules": loss_rule_summary(merged, meta["settings"]["ablation_seeds"])})
     atomic_write_bytes(stem.with_suffix(".md"), markdown(merged, meta).encode())
 
 

@@ -61,3 +61,13 @@ def test_loss_rule_summary_pools_each_rules_training_seeds_with_the_reference_as
     assert "single" not in summary  # its only run failed: nothing to summarise
     names = {name for name, *_ in quality.row_specs(quality.PROFILES["cpu"])}
     assert {quality.loss_rule_row(r, s) for r in quality.LOSS_RULES for s in range(3)} <= names
+
+
+def test_saved_table_carries_the_loss_rule_summary_in_json_and_markdown(tmp_path):
+    meta = {"dataset": "phantom", "device": "cpu", "date": "2026-11-23", "profile": "cpu", "n_synthetic": 10,
+            "eval_seeds": 1, "settings": quality.PROFILES["cpu"]}
+    rows = [{"run": quality.SHORT_REFERENCE, "auc": 0.80}, {"run": quality.loss_rule_row("average", 1), "auc": 0.84}]
+    quality.save(tmp_path / "table", rows, meta)
+    saved = json.loads((tmp_path / "table.json").read_text())
+    assert [s["rule"] for s in saved["loss_rules"]] == ["average"]
+    assert "| average | 2 | 0.820 | 0.028 | 0.800, 0.840 |" in (tmp_path / "table.md").read_text()
