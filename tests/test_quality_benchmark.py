@@ -1,4 +1,5 @@
-"""benchmarks/quality.py: a run folder is reused only when it holds exactly the row's settings."""
+"""benchmarks/quality.py: run folders are reused only with identical settings, every row builds a
+valid config, and the loss-rule summary pools the right rows."""
 
 from __future__ import annotations
 
@@ -59,8 +60,11 @@ def test_loss_rule_summary_pools_each_rules_training_seeds_with_the_reference_as
     assert summary["average"]["std"] == pytest.approx(0.0282843, rel=1e-5)
     assert summary["mean"] == {"rule": "mean", "aucs": [0.70], "mean": pytest.approx(0.70), "std": None}
     assert "single" not in summary  # its only run failed: nothing to summarise
-    names = {name for name, *_ in quality.row_specs(quality.PROFILES["cpu"])}
-    assert {quality.loss_rule_row(r, s) for r in quality.LOSS_RULES for s in range(3)} <= names
+    specs = {name: overrides for name, _kind, _length, overrides in quality.row_specs(quality.PROFILES["cpu"])}
+    assert {quality.loss_rule_row(r, s) for r in quality.LOSS_RULES for s in range(3)} <= specs.keys()
+    # the reference row really is the average rule's seed 0 (it relies on the defaults)
+    reference = dataclasses.replace(RunConfig(), **specs[quality.SHORT_REFERENCE])
+    assert (reference.loss_rule, reference.seed) == ("average", 0)
 
 
 def test_saved_table_carries_the_loss_rule_summary_in_json_and_markdown(tmp_path):
