@@ -248,18 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default="benchmarks/results")
     args = p.parse_args(argv)
     profile = PROFILES[args.profile]
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
-    device_name = torch.cuda.get_device_name(0).replace(" ", "-") if device == "cuda" else "cpu"
-    # on a GPU the 5 simulated sites share it (Ray hides the GPU from actors that ask for none)
-    base = RunConfig(dataset=args.dataset, data_dir=args.data_dir, clients=5, delta=1e-5, device=device,
-                     client_gpus=0.2 if device == "cuda" else 0.0,
-                     local_steps=profile["local_steps"])
+    device, device_name = resolve_device(args.device)
+    base = base_config(args.dataset, args.data_dir, device, profile)
     work = Path(args.work) / args.profile
     stem = Path(args.results) / f"quality-{args.dataset}-{device_name}-{date.today().isoformat()}"
-    meta = {"dataset": args.dataset, "device": f"{device_name} ({platform.processor() or platform.machine()})",
-            "date": date.today().isoformat(), "profile": args.profile, "versions": library_versions(),
-            "n_synthetic": profile["n_synthetic"], "eval_seeds": profile["eval_seeds"],
-            "settings": {k: v for k, v in profile.items()}, "delta": 1e-5}
+    meta = run_meta(args.dataset, device_name, args.profile)
     wanted = [w.strip() for w in args.rows.split(",") if w.strip()]
     specs = row_specs(profile)
     unknown = set(wanted) - {name for name, *_ in specs}
@@ -282,6 +275,29 @@ def main(argv: list[str] | None = None) -> int:
         save(stem, rows, meta)
     print(markdown(rows, meta))
     return 0
+
+
+def resolve_device(device: str) -> tuple[str, str]:
+    """(torch device, name for file names and tables): ``auto`` is the GPU when there is one."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device, torch.cuda.get_device_name(0).replace(" ", "-") if device == "cuda" else "cpu"
+
+
+def base_config(dataset: str, data_dir: str | None, device: str, profile: dict[str, Any]) -> RunConfig:
+    """What every row starts from: 5 sites, delta 1e-5, the profile's local DP steps."""
+    # on a GPU the 5 simulated sites share it (Ray hides the GPU from actors that ask for none)
+    return RunConfig(dataset=dataset, data_dir=data_dir, clients=5, delta=1e-5, device=device,
+                     client_gpus=0.2 if device == "cuda" else 0.0, local_steps=profile["local_steps"])
+
+
+def run_meta(dataset: str, device_name: str, profile: str) -> dict[str, Any]:
+    """What a results file says about how it was measured (device, versions, profile settings)."""
+    settings = PROFILES[profile]
+    return {"dataset": dataset, "device": f"{device_name} ({platform.processor() or platform.machine()})",
+            "date": date.today().isoformat(), "profile": profile, "versions": library_versions(),
+            "n_synthetic": settings["n_synthetic"], "eval_seeds": settings["eval_seeds"], "settings": dict(settings),
+            "delta": 1e-5}
 
 
 def save(stem: Path, rows: list[dict], meta: dict) -> None:

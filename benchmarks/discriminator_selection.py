@@ -1,0 +1,115 @@
+"""Does keeping the synthetic images the DP discriminator likes best make better training data?
+
+    python benchmarks/discriminator_selection.py RUN [RUN ...] --data-dir ../shared/data
+
+For each run folder: TSTR (the evaluation's small CNN, --n images, --seeds classifier seeds) of
+plain samples beside samples drawn --oversample times over and cut back to n/K per class by the
+run's aggregated discriminator, ranked by
+  - ``realism``: D(x, y), how real the image looks for the label it was made for
+    (discriminator rejection sampling in its simplest, top-k form), or
+  - ``margin``:  D(x, y) - max over y' != y of D(x, y'), how much more it fits its own label.
+Only released networks are used (D and the generators), so selection is post-processing and
+costs no privacy. Writes benchmarks/results/discriminator-selection-<device>-<date>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from fedpggan.data import open_dataset
+from fedpggan.evaluation.utility import SAMPLE_CHUNK, TrainSet, scores_over_seeds, synthetic_set
+from fedpggan.io import atomic_write_bytes, atomic_write_json
+from fedpggan.runs import RunFolder, library_versions
+from pggan_model import PGGAN, gan_from_checkpoint
+
+RANKINGS = ("realism", "margin")
+SETTINGS = ("rounds", "local-steps", "g-steps", "embedding-share")  # what tells the runs apart in the table
+
+
+@torch.no_grad()
+def selection_score(gan: PGGAN, images: torch.Tensor, labels: torch.Tensor, ranking: str) -> torch.Tensor:
+    """Per image: D(x, y) (``realism``) or D(x, y) - max_{y' != y} D(x, y') (``margin``)."""
+    gan.d.eval()
+    k = gan.shape.num_classes
+    scores = []
+    for x, y in zip(images.split(SAMPLE_CHUNK), labels.split(SAMPLE_CHUNK)):
+        own = gan.d(x, y)
+        if ranking == "margin":
+            own = own - torch.stack([gan.d(x, (y + shift) % k) for shift in range(1, k)]).amax(0)
+        scores.append(own)
+    return torch.cat(scores)
+
+
+def selected_set(gan: PGGAN, n: int, oversample: int, ranking: str, seed: int) -> TrainSet:
+    """``n`` images with balanced labels: the best n/K per class of ``oversample * n`` samples."""
+    images, labels = synthetic_set(gan, oversample * n, "both", seed)
+    score = selection_score(gan, images, labels, ranking)
+    keep = []
+    for c in range(gan.shape.num_classes):
+        members = (labels == c).nonzero().squeeze(1)
+        quota = (n - c + gan.shape.num_classes - 1) // gan.shape.num_classes  # n/K +-1, as synthetic_set does
+        keep.append(members[score[members].argsort(descending=True)[:quota]])
+    keep = torch.cat(keep)
+    return images[keep], labels[keep]
+
+
+def measure(run: Path, data_dir: str | None, n: int, oversample: int, seeds: int) -> list[dict]:
+    gan, payload = gan_from_checkpoint(RunFolder(run).latest_checkpoint()[0])
+    config = RunFolder(run).read_run()["config"]
+    test = open_dataset(config["dataset"], "test", data_dir or config.get("data-dir") or None, gan.shape.image_size)
+    sets: dict[str, Callable[[int], TrainSet]] = {"none": lambda seed: synthetic_set(gan, n, "both", seed)}
+    sets.update({r: (lambda seed, r=r: selected_set(gan, n, oversample, r, seed)) for r in RANKINGS})
+    rows = []
+    for ranking, train_set in sets.items():
+        summary, _ = scores_over_seeds(train_set, test, seeds, desc=f"{run.name} {ranking}", progress=False)
+        rows.append({"run": str(run), "round": payload.get("round"), "epsilon": config.get("epsilon"),
+                     "settings": {k: config.get(k) for k in SETTINGS},
+                     "ranking": ranking, "oversample": 1 if ranking == "none" else oversample,
+                     "auc": summary["auc"]["mean"], "auc_std": summary["auc"]["std"],
+                     "accuracy": summary["accuracy"]["mean"], "per_class_recall": summary["per_class_recall"]["mean"]})
+        print(f"{run.name} {ranking}: AUC {rows[-1]['auc']:.3f} ± {rows[-1]['auc_std']:.3f}", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Selecting synthetic images with the DP discriminator ({meta['device']}, {meta['date']})", "",
+             f"TSTR AUC of {meta['n']} images (small CNN, {meta['seeds']} classifier seeds): plain samples vs the "
+             f"best n/K per class of {meta['oversample']}x as many by D's realism or class margin.", "",
+             "| run | eps | settings | plain | ± | realism | ± | margin | ± |", "|---|---|---|---|---|---|---|---|---|"]
+    by_run: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_run.setdefault(r["run"], {})[r["ranking"]] = r
+    for run, cells in by_run.items():
+        values = " | ".join(f"{cells[k]['auc']:.3f} | {cells[k]['auc_std']:.3f}" for k in ("none", *RANKINGS))
+        settings = ", ".join(f"{k} {v}" for k, v in cells["none"]["settings"].items())
+        lines.append(f"| {Path(run).name} | {cells['none']['epsilon']} | {settings} | {values} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="run folders (centralised or federated)")
+    p.add_argument("--data-dir", default=None, help="folder with the real data (default: the run's own)")
+    p.add_argument("--n", type=int, default=5000, help="synthetic training images per classifier")
+    p.add_argument("--oversample", type=int, default=4)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--results", default="benchmarks/results")
+    args = p.parse_args(argv)
+    meta = {"device": "cpu", "date": date.today().isoformat(), "n": args.n, "oversample": args.oversample,
+            "seeds": args.seeds, "versions": library_versions()}
+    rows = [row for run in args.runs for row in measure(run, args.data_dir, args.n, args.oversample, args.seeds)]
+    stem = Path(args.results) / f"discriminator-selection-{meta['device']}-{meta['date']}"
+    atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
+    atomic_write_bytes(stem.with_suffix(".md"), markdown(rows, meta).encode())
+    print(markdown(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
