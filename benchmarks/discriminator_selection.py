@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from fedpggan.cli import run_reporting_errors
 from fedpggan.data import open_dataset
 from fedpggan.evaluation.utility import SAMPLE_CHUNK, TrainSet, scores_over_seeds, synthetic_set
 from fedpggan.io import atomic_write_bytes, atomic_write_json
@@ -100,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--oversample", type=int, default=4)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--results", default="benchmarks/results")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args = p.parse_args(argv)
+    return run_reporting_errors(lambda: run(args), args.debug)
+
+
+def run(args: argparse.Namespace) -> int:
     meta = {"device": "cpu", "date": date.today().isoformat(), "n": args.n, "oversample": args.oversample,
             "seeds": args.seeds, "versions": library_versions()}
     rows = [row for run in args.runs for row in measure(run, args.data_dir, args.n, args.oversample, args.seeds)]

@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
 from PIL import Image
 
+from fedpggan.cli import run_reporting_errors
 from fedpggan.data import open_dataset
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes, atomic_write_json
@@ -38,17 +40,21 @@ def class_folder(dataset: str, class_name: str) -> str:
 
 def build_folder(specs: list[str], data_dir: str | None, out: Path) -> None:
     """Write every split of every dataset in ``specs`` as PNGs under ``out/<split>/<dataset>_<class>``.
-    Refuses a non-empty ``out`` (old and new images would mix)."""
-    if out.exists() and any(out.iterdir()):
-        raise FedPGGANError(f"{out}: folder is not empty; remove it or pass another --work")
+    Built under a temporary name and renamed when complete, so an interrupted build is never
+    mistaken for a finished folder."""
+    if out.exists():
+        raise FedPGGANError(f"{out}: already exists; remove it or pass another --work")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
     for spec in specs:
         for split in SPLITS:
             data = open_dataset(spec, split, data_dir)
             pixels = to_uint8(data.images).numpy()
             for i, (img, label) in enumerate(zip(pixels, data.labels.tolist())):
-                folder = out / split / class_folder(data.name, data.class_names[label])
+                folder = partial / split / class_folder(data.name, data.class_names[label])
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(img[..., 0] if data.channels == 1 else img).save(folder / f"{i:05d}.png")
+    partial.rename(out)
 
 
 def per_class_table(row: dict) -> str:
@@ -70,14 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--work", default="runs/unseen", help="where the ImageFolder and the run folder go")
     p.add_argument("--results", default="benchmarks/results")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args = p.parse_args(argv)
+    return run_reporting_errors(lambda: run(args), args.debug)
+
+
+def run(args: argparse.Namespace) -> int:
     device, device_name = quality.resolve_device(args.device)
     profile_name = args.profile or ("gpu" if device == "cuda" else "cpu")
     profile = quality.PROFILES[profile_name]
     specs = [s.strip() for s in args.datasets.split(",") if s.strip()]
     work = Path(args.work) / profile_name
     folder = work / ("folder-" + "-".join(specs))
-    if not (folder / "train").is_dir():
+    if not folder.exists():
         build_folder(specs, args.data_dir, folder)
     classes = open_dataset(str(folder)).class_names
     print(f"{folder}: {len(classes)} classes: {', '.join(classes)}", flush=True)

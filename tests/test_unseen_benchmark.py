@@ -42,7 +42,8 @@ def test_pooled_folder_keeps_every_image_and_label_of_every_split(tmp_path):
                 theirs = pooled.images[pooled.labels == wanted]
                 # same pixels (uint8 round trip), same order within the class
                 assert torch.equal(mine, theirs), (split, part.name, name)
-    with pytest.raises(FedPGGANError, match="not empty"):
+    assert not (tmp_path / "pooled.partial").exists()  # built under a temporary name, then renamed
+    with pytest.raises(FedPGGANError, match="already exists"):
         unseen.build_folder([str(a)], None, out)
 
 
