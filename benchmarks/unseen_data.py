@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     profile = quality.PROFILES[profile_name]
     specs = [s.strip() for s in args.datasets.split(",") if s.strip()]
     work = Path(args.work) / profile_name
-    folder = work / ("folder-" + "-".join(specs))
+    folder = work / ("folder-" + "-".join(Path(s).stem for s in specs))  # an npz path gives its file stem
     if not folder.exists():
         build_folder(specs, args.data_dir, folder)
     classes = open_dataset(str(folder)).class_names
