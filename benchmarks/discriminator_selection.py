@@ -36,7 +36,6 @@ SETTINGS = ("rounds", "local-steps", "g-steps", "embedding-share")  # what tells
 @torch.no_grad()
 def selection_score(gan: PGGAN, images: torch.Tensor, labels: torch.Tensor, ranking: str) -> torch.Tensor:
     """Per image: D(x, y) (``realism``) or D(x, y) - max_{y' != y} D(x, y') (``margin``)."""
-    gan.d.eval()
     k = gan.shape.num_classes
     scores = []
     for x, y in zip(images.split(SAMPLE_CHUNK), labels.split(SAMPLE_CHUNK)):
@@ -51,18 +50,19 @@ def selected_set(gan: PGGAN, n: int, oversample: int, ranking: str, seed: int) -
     """``n`` images with balanced labels: the best n/K per class of ``oversample * n`` samples."""
     images, labels = synthetic_set(gan, oversample * n, "both", seed)
     score = selection_score(gan, images, labels, ranking)
+    quotas = torch.bincount(torch.arange(n) % gan.shape.num_classes)  # the balance synthetic_set gives n images
     keep = []
-    for c in range(gan.shape.num_classes):
+    for c, quota in enumerate(quotas.tolist()):
         members = (labels == c).nonzero().squeeze(1)
-        quota = (n - c + gan.shape.num_classes - 1) // gan.shape.num_classes  # n/K +-1, as synthetic_set does
         keep.append(members[score[members].argsort(descending=True)[:quota]])
     keep = torch.cat(keep)
     return images[keep], labels[keep]
 
 
 def measure(run: Path, data_dir: str | None, n: int, oversample: int, seeds: int) -> list[dict]:
-    gan, payload = gan_from_checkpoint(RunFolder(run).latest_checkpoint()[0])
-    config = RunFolder(run).read_run()["config"]
+    folder = RunFolder(run)
+    gan, payload = gan_from_checkpoint(folder.latest_checkpoint()[0])
+    config = folder.read_run()["config"]
     test = open_dataset(config["dataset"], "test", data_dir or config.get("data-dir") or None, gan.shape.image_size)
     sets: dict[str, Callable[[int], TrainSet]] = {"none": lambda seed: synthetic_set(gan, n, "both", seed)}
     sets.update({r: (lambda seed, r=r: selected_set(gan, n, oversample, r, seed)) for r in RANKINGS})
@@ -112,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
     rows = [row for run in args.runs for row in measure(run, args.data_dir, args.n, args.oversample, args.seeds)]
     stem = Path(args.results) / f"discriminator-selection-{meta['device']}-{meta['date']}"
     atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
-    atomic_write_bytes(stem.with_suffix(".md"), markdown(rows, meta).encode())
-    print(markdown(rows, meta))
+    text = markdown(rows, meta)
+    atomic_write_bytes(stem.with_suffix(".md"), text.encode())
+    print(text)
     return 0
 
 
