@@ -145,7 +145,8 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
                                             "history_before": [list(h) for h in previous]}
             state.history = [list(h) for h in planned]
             state.save()
-        privacy = PrivacySettings(state.noise_multiplier, cfg.max_grad_norm, state.delta, state.accountant, cfg.grad_sample_mode)
+        privacy = PrivacySettings(state.noise_multiplier, cfg.max_grad_norm, state.delta, state.accountant,
+                                  cfg.grad_sample_mode, cfg.fake_gradients)
     prior = prior_tensor(cfg, data.num_classes)
     trainer = DiscriminatorTrainer(gan, data.images, data.labels, cfg.batch_size, privacy, previous, prior)
     trainer.train(cfg.local_steps)

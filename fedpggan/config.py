@@ -69,6 +69,7 @@ class RunConfig:
     max_grad_norm: float = opt(1.0, "per-sample gradient clipping norm C", group="privacy")
     accountant: str = opt("prv", "Opacus accountant", ("prv", "rdp"), group="privacy")
     grad_sample_mode: str = opt("hooks", "Opacus per-sample gradient mode", ("hooks", "functorch", "ghost"), group="privacy")
+    fake_gradients: str = opt("clipped", "D's gradient on fakes under DP: 'clipped' (one pass, fakes clipped per sample with the real rows) or 'exact' (fakes in a plain pass, neither clipped nor noised: post-processing, and only real rows pay for per-sample gradients)", ("clipped", "exact"), group="privacy")
     # --- run -------------------------------------------------------------------------
     device: str = opt("auto", "where to train", ("auto", "cpu", "cuda"))
     seed: int = opt(0, "random seed (runs are deterministic for a seed on CPU)")

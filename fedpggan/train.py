@@ -55,7 +55,8 @@ def train_centralised(cfg: RunConfig) -> Path:
         q = sample_rate(n, cfg.batch_size)
         release = release_noise(cfg.epsilon, cfg.embedding_share, delta, cfg.accountant) if cfg.embedding_weight > 0 else None
         sigma = calibrate_noise(cfg.epsilon, delta, q, total_d_steps, cfg.accountant, release_history(release))
-        privacy = PrivacySettings(sigma, cfg.max_grad_norm, delta, cfg.accountant, cfg.grad_sample_mode)
+        privacy = PrivacySettings(sigma, cfg.max_grad_norm, delta, cfg.accountant, cfg.grad_sample_mode,
+                                  cfg.fake_gradients)
         ledger.register_site("central", budget_epsilon=cfg.epsilon, delta=delta, accountant=cfg.accountant,
                              noise_multiplier=sigma, sample_rate=q, max_grad_norm=cfg.max_grad_norm,
                              planned_steps=total_d_steps, public_num_records=n,

@@ -65,6 +65,54 @@ def test_ghost_clipping_mode_trains():
     assert trainer.history[0][2] == 3
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+@pytest.mark.parametrize("n_real", [3, 0])
+def test_exact_fakes_step_equals_clipped_reals_plus_plain_fakes(mode, n_real):
+    """The faster path's update, checked against per-example autograd: sum of real gradients
+    clipped to C, plus the fakes' unclipped gradients, all over the expected batch size B."""
+    torch.manual_seed(0)
+    data = open_dataset("phantom", image_size=28).subset(range(64))
+    gan = PGGAN(SHAPE)
+    clip = 0.05  # small enough that every real gradient is clipped
+    trainer = DiscriminatorTrainer(gan, data.images, data.labels, 8,
+                                   PrivacySettings(0.0, clip, 1e-5, "prv", mode, fake_gradients="exact"))
+    real, real_labels = data.images[:n_real], data.labels[:n_real]
+    fake, fake_labels = gan.fake_batch(4)
+    ref = PGGAN(SHAPE).d
+    ref.load_state_dict(strip_opacus_prefix(trainer.model.state_dict()))
+    params = list(ref.parameters())
+    expected = [torch.zeros_like(p) for p in params]
+    for i in range(n_real):
+        grads = torch.autograd.grad(discriminator_loss(ref(real[i : i + 1], real_labels[i : i + 1]), 1), params)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        assert norm > clip
+        expected = [e + g * (clip / (norm + 1e-6)) for e, g in zip(expected, grads)]
+    fake_loss = discriminator_loss(ref(fake, fake_labels), 0) * len(fake)
+    expected = [(e + g) / 8 for e, g in zip(expected, torch.autograd.grad(fake_loss, params))]
+    seen = []
+    trainer.optimizer.original_optimizer.step = lambda: seen.append([p.grad.clone() for p in trainer.model.parameters()])
+    trainer.optimizer.zero_grad(set_to_none=True)
+    logits = trainer._step_with_exact_fakes(real, real_labels, fake, fake_labels)
+    assert logits.shape == (n_real + len(fake),)
+    assert len(seen) == 1 and trainer.history == [(0.0, trainer.sample_rate, 1)]
+    for got, want in zip(seen[0], expected):
+        assert torch.allclose(got, want, atol=1e-6), f"{mode}: update differs from its definition"
+
+
+def test_exact_fakes_trains_with_the_same_accounting_as_the_one_pass_step():
+    torch.manual_seed(0)
+    data = open_dataset("phantom", image_size=28).subset(range(128))
+    histories = []
+    for fake_gradients in ("clipped", "exact"):
+        trainer = DiscriminatorTrainer(PGGAN(SHAPE), data.images, data.labels, 32,
+                                       PrivacySettings(1.0, 1.0, 1e-5, "prv", fake_gradients=fake_gradients))
+        stats = trainer.train(3)
+        assert all(math.isfinite(s["d_loss"]) for s in stats)
+        histories.append(trainer.history)
+    assert histories[0] == histories[1] == [(1.0, sample_rate(128, 32), 3)]
+
+
 def test_calibration_errors_and_history_merging():
     with pytest.raises(FedPGGANError, match="--epsilon"):
         calibrate_noise(0.0, 1e-5, 0.1, 100)

@@ -7,7 +7,11 @@ assumptions (DP mode):
 - fakes are generated from public inputs (generator weights, labels from the public class
   prior), in a batch of fixed size, so they neither depend on nor reveal the real batch;
 - real and fake images go through D in one forward pass (``torch.cat``), which every Opacus
-  grad-sample mode supports (ghost clipping rejects two forward passes per step).
+  grad-sample mode supports (ghost clipping rejects two forward passes per step);
+- or, with ``fake_gradients="exact"``, the fakes go through D in a separate pass with Opacus'
+  hooks off: their gradient is a function of D's current weights (already a function of the
+  earlier noisy steps) and of public inputs, so adding it unclipped and un-noised is
+  post-processing. The Gaussian mechanism on the real rows, and its accounting, are Opacus'.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pggan_model import PGGAN, discriminator_loss
 from pggan_model.losses import real_fake_targets
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+FAKE_GRADIENTS = ("clipped", "exact")
 
 
 def sample_rate(num_records: int, batch_size: int) -> float:
@@ -48,6 +53,9 @@ class PrivacySettings:
     delta: float
     accountant: str = "prv"
     grad_sample_mode: str = "hooks"
+    # "clipped": fakes are clipped per sample with the real rows; "exact": fakes skip
+    # per-sample gradients (faster; see the module docstring for why that is post-processing).
+    fake_gradients: str = "clipped"
 
 
 class DiscriminatorTrainer:
@@ -128,17 +136,19 @@ class DiscriminatorTrainer:
         real, real_labels = self._next_real_batch()
         real, real_labels = real.to(self.device), real_labels.to(self.device)
         fake, fake_labels = self.gan.fake_batch(self.batch_size, self.prior)
-        logits = self.model(torch.cat([real, fake]), torch.cat([real_labels, fake_labels]))
         n_real = real.shape[0]
-        if self.criterion is not None:  # ghost clipping: the wrapped criterion runs both passes
-            loss = self.criterion(logits, real_fake_targets(logits, n_real))
-        else:
-            loss = discriminator_loss(logits, n_real)
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # images need no gradient; torch warns about Opacus' hooks
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            loss.backward()
-        self.optimizer.step()
+            if self.privacy is not None and self.privacy.fake_gradients == "exact":
+                logits = self._step_with_exact_fakes(real, real_labels, fake, fake_labels)
+            else:
+                logits = self.model(torch.cat([real, fake]), torch.cat([real_labels, fake_labels]))
+                # ghost clipping: the wrapped criterion runs both backward passes
+                loss = (self.criterion(logits, real_fake_targets(logits, n_real)) if self.criterion is not None
+                        else discriminator_loss(logits, n_real))
+                loss.backward()
+                self.optimizer.step()
         with torch.no_grad():
             correct_real = (logits[:n_real] > 0).float().sum()
             correct_fake = (logits[n_real:] <= 0).float().mean()
@@ -148,6 +158,41 @@ class DiscriminatorTrainer:
             "d_acc_real": float(correct_real / max(n_real, 1)) if n_real else float("nan"),
             "d_acc_fake": float(correct_fake),
         }
+
+    def _step_with_exact_fakes(self, real: torch.Tensor, real_labels: torch.Tensor,
+                               fake: torch.Tensor, fake_labels: torch.Tensor) -> torch.Tensor:
+        """Step D along (sum of clipped real gradients + noise) / B + (exact gradient of the
+        fakes' summed loss) / B, B the expected batch size; Opacus accounts the step. Returns
+        the logits of [real, fake].
+
+        Every image weighs 1/B, as in the one-pass step; only the fakes are no longer clipped.
+        Only the real rows pay for per-sample gradients: that is why this path is faster."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.model.disable_hooks()  # the fakes' pass is plain autograd: no per-sample gradients
+        try:
+            fake_logits = self.model(fake, fake_labels)
+            fake_loss = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits), reduction="sum")
+            fake_grads = torch.autograd.grad(fake_loss / self.optimizer.expected_batch_size, params)
+        finally:
+            self.model.enable_hooks()
+        if len(real):
+            real_logits = self.model(real, real_labels)
+            targets = torch.ones_like(real_logits)
+            loss = (self.criterion(real_logits, targets) if self.criterion is not None
+                    else F.binary_cross_entropy_with_logits(real_logits, targets))
+            loss.backward()
+        else:  # an empty Poisson batch: its clipped sum is zero (noise is still added)
+            real_logits = fake_logits[:0]
+            for p in params:
+                if self.criterion is not None:
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad_sample = p.new_zeros((0, *p.shape))
+        if self.optimizer.pre_step():  # clip the real rows, add noise, divide by B, account
+            for p, g in zip(params, fake_grads):
+                p.grad += g
+            self.optimizer.original_optimizer.step()
+        return torch.cat([real_logits, fake_logits])
 
     def train(self, steps: int) -> list[dict[str, float]]:
         """``steps`` D steps; afterwards ``gan.d`` holds the new weights."""
