@@ -36,18 +36,19 @@ from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes, atomic_write_json
 from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings
-from fedpggan.privacy.dp_discriminator import GRAD_SAMPLE_MODES
+from fedpggan.privacy.dp_discriminator import FAKE_GRADIENTS, GRAD_SAMPLE_MODES
 from fedpggan.runs import library_versions
 
-# "gpu" is the grid the issue's targets are stated for; "cpu" is what a loaded 2-core machine
-# finishes in about 10 minutes (smaller batches, fewer repeats, 2 rounds of 2 local steps);
+# "gpu" is the grid the issue's targets are stated for; "cpu" is what a 2-core machine finishes
+# in about 20 minutes (batches 64 and 256: per-sample gradients of 1024 rows at 64x64 need over
+# 10 GB of host memory; fewer repeats; 2 rounds of 2 local steps);
 # "smoke" checks the script end to end in seconds. ``threads`` (None = torch's default) is 1 on
 # CPU: on a shared 2-core machine two spinning OpenMP threads made a step about 10x slower and
 # its time mostly contention noise, as simulated sites already run with one thread each.
 PROFILES: dict[str, dict[str, Any]] = {
     "gpu": dict(threads=None, sizes=(28, 64), batches=(256, 1024), warmup=5, repeats=9, steps=10,
                 sites=(5, 20, 50, 100), rounds=3, local_steps=8, g_steps=8),
-    "cpu": dict(threads=1, sizes=(28, 64), batches=(16, 32), warmup=1, repeats=3, steps=1,
+    "cpu": dict(threads=1, sizes=(28, 64), batches=(64, 256), warmup=1, repeats=3, steps=1,
                 sites=(5, 20, 50, 100), rounds=2, local_steps=2, g_steps=2),
     "smoke": dict(threads=1, sizes=(28,), batches=(8,), warmup=1, repeats=2, steps=1,
                   sites=(2,), rounds=2, local_steps=1, g_steps=1),
@@ -88,9 +89,15 @@ def seconds_per_image(trainer: DiscriminatorTrainer, steps: int, device: torch.d
     return elapsed / seen[0]
 
 
+def dp_path(mode: str, fakes: str) -> str:
+    """The name of one DP step variant: an Opacus grad-sample mode and how fakes are handled."""
+    return f"{mode}/{fakes}"
+
+
 def make_trainers(gan_cfg: RunConfig, size: int, batch: int, modes: Iterable[str],
                   device: torch.device) -> dict[str, DiscriminatorTrainer]:
-    """The product's trainer in plain mode and in each Opacus mode, on one D and one data set.
+    """The product's trainer in plain mode and in each DP path (each Opacus mode, with fakes
+    clipped in the one-pass step or exact in the faster path), on one D and one data set.
 
     Image content does not change a step's cost, so random images stand in for real ones."""
     seed_everything(0)
@@ -99,17 +106,19 @@ def make_trainers(gan_cfg: RunConfig, size: int, batch: int, modes: Iterable[str
     labels = torch.randint(0, CLASSES, (len(images),))
     trainers = {"plain": DiscriminatorTrainer(gan, images, labels, batch)}
     for mode in modes:
-        privacy = PrivacySettings(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, grad_sample_mode=mode)
-        trainers[mode] = DiscriminatorTrainer(gan, images, labels, batch, privacy)
+        for fakes in FAKE_GRADIENTS:
+            privacy = PrivacySettings(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, grad_sample_mode=mode,
+                                      fake_gradients=fakes)
+            trainers[dp_path(mode, fakes)] = DiscriminatorTrainer(gan, images, labels, batch, privacy)
     return trainers
 
 
 def dp_vs_plain(gan_cfg: RunConfig, size: int, batch: int, modes: Iterable[str], timing: Timing,
                 device: torch.device, bar: tqdm | None = None) -> list[dict[str, Any]]:
-    """One row per grad-sample mode: images/s of the DP step and of the plain step, and their ratio.
+    """One row per DP path: images/s of the DP step and of the plain step, and their ratio.
 
-    Blocks rotate (plain, hooks, functorch, ghost, then hooks, functorch, ghost, plain, ...) so
-    each mode meets the same background load as the plain step it is divided by."""
+    Blocks rotate (plain, hooks/clipped, hooks/exact, ..., then hooks/clipped, ..., plain, ...)
+    so each path meets the same background load as the plain step it is divided by."""
     trainers = make_trainers(gan_cfg, size, batch, modes, device)
     names = list(trainers)
     for trainer in trainers.values():
@@ -121,12 +130,12 @@ def dp_vs_plain(gan_cfg: RunConfig, size: int, batch: int, modes: Iterable[str],
         if bar is not None:
             bar.update(1)
     plain = statistics.median(times["plain"])
-    return [{"image_size": size, "batch": batch, "mode": mode,
-             "dp_images_per_s": 1 / statistics.median(times[mode]), "plain_images_per_s": 1 / plain,
-             "ratio": statistics.median(times[mode]) / plain,
-             "ratio_range": [min(d / p for d, p in zip(times[mode], times["plain"])),
-                             max(d / p for d, p in zip(times[mode], times["plain"]))]}
-            for mode in names[1:]]
+    return [{"image_size": size, "batch": batch, "mode": path.split("/")[0], "fakes": path.split("/")[1],
+             "dp_images_per_s": 1 / statistics.median(times[path]), "plain_images_per_s": 1 / plain,
+             "ratio": statistics.median(times[path]) / plain,
+             "ratio_range": [min(d / p for d, p in zip(times[path], times["plain"])),
+                             max(d / p for d, p in zip(times[path], times["plain"]))]}
+            for path in names[1:]]
 
 
 def discriminator_rows(profile: dict[str, Any], device: torch.device,
@@ -328,13 +337,18 @@ def markdown(result: dict[str, Any]) -> str:
              f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}. "
              f"torch threads: {meta['torch_threads']}. {meta['note']}", "",
              "## DP vs plain discriminator step", "",
-             "Product D (default widths) through `DiscriminatorTrainer`: one forward over real + fakes, "
+             "Product D (default widths) through `DiscriminatorTrainer`, "
              f"Poisson real batch (q = 1/{RECORDS_PER_BATCH}) plus an equal fixed fake batch; images/s counts both. "
              f"Median of {meta['timing']['repeats']} interleaved repeats of {meta['timing']['steps']} step(s) after "
              f"{meta['timing']['warmup']} warm-up step(s). ratio = DP time / plain time (range over repeats).", "",
-             "| image | batch | mode | DP images/s | plain images/s | ratio | ratio range |", "|---|---|---|---|---|---|---|"]
+             "fakes: `clipped` = the one-pass step (fakes clipped per sample with the real rows); `exact` = the "
+             "faster path (`--fake-gradients exact`: fakes in a plain pass, so only real rows get per-sample "
+             "gradients).", "",
+             "| image | batch | mode | fakes | DP images/s | plain images/s | ratio | ratio range |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["discriminator"]:
-        lines.append(f"| {r['image_size']}x{r['image_size']} | {r['batch']} | {r['mode']} | {fmt(r['dp_images_per_s'], 0)} | "
+        lines.append(f"| {r['image_size']}x{r['image_size']} | {r['batch']} | {r['mode']} | {r['fakes']} | "
+                     f"{fmt(r['dp_images_per_s'], 0)} | "
                      f"{fmt(r['plain_images_per_s'], 0)} | {fmt(r['ratio'])} | {fmt(r['ratio_range'][0])}–{fmt(r['ratio_range'][1])} |")
     sim = meta["simulation"]
     lines += ["", "## Federated rounds (simulation engine, tiny models, DP eps 10)", "",
@@ -410,12 +424,14 @@ def run(args: argparse.Namespace) -> int:
         "discriminator": [], "federated": [], "scaling_fit": None, "target": {"status": "not run (--parts)"}}
     with tempfile.TemporaryDirectory(prefix="fedpggan-speed-") as tmp:
         work = Path(args.work or tmp)
-        if "discriminator" in parts:
-            result["discriminator"] = discriminator_rows(profile, device)
-            save(stem, result)
+        # Simulations first: the D grid's per-sample gradients (GBs at 64x64) stay in this
+        # process's heap afterwards and would inflate the peak memory the simulations report.
         if "federated" in parts:
             result["federated"] = federated_rows(profile, work)
             result["scaling_fit"] = scaling_fit(result["federated"])
+            save(stem, result)
+        if "discriminator" in parts:
+            result["discriminator"] = discriminator_rows(profile, device)
             save(stem, result)
         if "target" in parts:
             result["target"] = target_entry(args, device, work)
