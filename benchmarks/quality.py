@@ -130,12 +130,13 @@ def run_gan_row(name: str, kind: str, length: str, overrides: dict[str, Any], ba
         "accuracy": tstr["accuracy"]["mean"], "label_fidelity": result["label_fidelity"]["overall"],
         "fid": result["fid"], "collapsed_classes": collapsed, "trtr_auc": result["trtr"]["auc"]["mean"],
         "train_seconds": round(recorded_seconds(out) if reused else train_s, 1), "run_folder": str(out), "length": length,
-        "config": {k: v for k, v in RunFolder(out).read_run()["config"].items() if k in CONFIG_KEYS},
+        "config": {k: v for k, v in RunConfig.from_flower(RunFolder(out).read_run()["config"]).to_flower().items()
+                   if k in CONFIG_KEYS},
     }
 
 
 CONFIG_KEYS = ("rounds", "local-steps", "g-steps", "epochs", "d-steps", "batch-size", "partition", "alpha", "loss-rule",
-               "seed", "clients", "epsilon", "embedding-weight", "d-spectral-norm")
+               "seed", "clients", "epsilon", "embedding-weight", "d-spectral-norm", "fake-gradients")
 
 
 def classifier_rows(base: RunConfig, profile: dict, device: str) -> list[dict]:
@@ -162,11 +163,11 @@ def completed_run_with(out: Path, cfg: RunConfig) -> bool:
     if not folder.run_json.exists():
         return False
     run = folder.read_run()
-    wanted = cfg.to_flower()
-    differ = sorted(k for k in set(wanted) | set(run["config"])
-                    if k != "out" and run["config"].get(k) != wanted.get(k))
+    # read back through RunConfig: a run saved before an option existed holds its default
+    wanted, held = cfg.to_flower(), RunConfig.from_flower(run["config"]).to_flower()
+    differ = sorted(k for k in set(wanted) | set(held) if k != "out" and held.get(k) != wanted.get(k))
     if differ:
-        raise FedPGGANError(f"{out} holds a run with other settings ({differ[0]}: {run['config'].get(differ[0])!r}, "
+        raise FedPGGANError(f"{out} holds a run with other settings ({differ[0]}: {held.get(differ[0])!r}, "
                             f"this row wants {wanted.get(differ[0])!r}); move it away or pass another --work")
     return run.get("status") == "completed"
 

@@ -37,6 +37,16 @@ def test_completed_run_with_reuses_only_identical_settings(tmp_path):
         quality.completed_run_with(tmp_path / "other", cfg)
 
 
+def test_a_run_saved_before_an_option_existed_holds_its_default(tmp_path):
+    folder = tmp_path / "old"
+    folder.mkdir()
+    saved = {k: v for k, v in RunConfig().to_flower().items() if k != "fake-gradients"}
+    (folder / "run.json").write_text(json.dumps({"status": "completed", "config": saved}))
+    assert quality.completed_run_with(folder, RunConfig(fake_gradients="clipped"))
+    with pytest.raises(FedPGGANError, match="fake-gradients: 'clipped', this row wants 'exact'"):
+        quality.completed_run_with(folder, RunConfig(fake_gradients="exact"))
+
+
 @pytest.mark.parametrize("profile", sorted(quality.PROFILES))
 def test_every_row_builds_a_valid_config_with_its_generator_steps(profile):
     settings = quality.PROFILES[profile]
