@@ -130,8 +130,7 @@ def run_gan_row(name: str, kind: str, length: str, overrides: dict[str, Any], ba
         "accuracy": tstr["accuracy"]["mean"], "label_fidelity": result["label_fidelity"]["overall"],
         "fid": result["fid"], "collapsed_classes": collapsed, "trtr_auc": result["trtr"]["auc"]["mean"],
         "train_seconds": round(recorded_seconds(out) if reused else train_s, 1), "run_folder": str(out), "length": length,
-        "config": {k: v for k, v in RunConfig.from_flower(RunFolder(out).read_run()["config"]).to_flower().items()
-                   if k in CONFIG_KEYS},
+        "config": {k: v for k, v in saved_config(RunFolder(out).read_run()).items() if k in CONFIG_KEYS},
     }
 
 
@@ -163,13 +162,18 @@ def completed_run_with(out: Path, cfg: RunConfig) -> bool:
     if not folder.run_json.exists():
         return False
     run = folder.read_run()
-    # read back through RunConfig: a run saved before an option existed holds its default
-    wanted, held = cfg.to_flower(), RunConfig.from_flower(run["config"]).to_flower()
+    wanted, held = cfg.to_flower(), saved_config(run)
     differ = sorted(k for k in set(wanted) | set(held) if k != "out" and held.get(k) != wanted.get(k))
     if differ:
         raise FedPGGANError(f"{out} holds a run with other settings ({differ[0]}: {held.get(differ[0])!r}, "
                             f"this row wants {wanted.get(differ[0])!r}); move it away or pass another --work")
     return run.get("status") == "completed"
+
+
+def saved_config(run: dict[str, Any]) -> dict[str, Any]:
+    """A run.json's configuration read back through RunConfig, so that a run saved before an
+    option existed holds that option's default."""
+    return RunConfig.from_flower(run["config"]).to_flower()
 
 
 def recorded_seconds(run: Path) -> float:

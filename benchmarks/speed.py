@@ -89,15 +89,10 @@ def seconds_per_image(trainer: DiscriminatorTrainer, steps: int, device: torch.d
     return elapsed / seen[0]
 
 
-def dp_path(mode: str, fakes: str) -> str:
-    """The name of one DP step variant: an Opacus grad-sample mode and how fakes are handled."""
-    return f"{mode}/{fakes}"
-
-
 def make_trainers(gan_cfg: RunConfig, size: int, batch: int, modes: Iterable[str],
-                  device: torch.device) -> dict[str, DiscriminatorTrainer]:
-    """The product's trainer in plain mode and in each DP path (each Opacus mode, with fakes
-    clipped in the one-pass step or exact in the faster path), on one D and one data set.
+                  device: torch.device) -> dict[str | tuple[str, str], DiscriminatorTrainer]:
+    """The product's trainer in plain mode (key "plain") and in each DP path (key (Opacus mode,
+    fakes): fakes clipped in the one-pass step or exact in the faster path), on one D and one data set.
 
     Image content does not change a step's cost, so random images stand in for real ones."""
     seed_everything(0)
@@ -109,7 +104,7 @@ def make_trainers(gan_cfg: RunConfig, size: int, batch: int, modes: Iterable[str
         for fakes in FAKE_GRADIENTS:
             privacy = PrivacySettings(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, grad_sample_mode=mode,
                                       fake_gradients=fakes)
-            trainers[dp_path(mode, fakes)] = DiscriminatorTrainer(gan, images, labels, batch, privacy)
+            trainers[mode, fakes] = DiscriminatorTrainer(gan, images, labels, batch, privacy)
     return trainers
 
 
@@ -117,7 +112,7 @@ def dp_vs_plain(gan_cfg: RunConfig, size: int, batch: int, modes: Iterable[str],
                 device: torch.device, bar: tqdm | None = None) -> list[dict[str, Any]]:
     """One row per DP path: images/s of the DP step and of the plain step, and their ratio.
 
-    Blocks rotate (plain, hooks/clipped, hooks/exact, ..., then hooks/clipped, ..., plain, ...)
+    Blocks rotate (plain, hooks clipped, hooks exact, ..., then hooks clipped, ..., plain, ...)
     so each path meets the same background load as the plain step it is divided by."""
     trainers = make_trainers(gan_cfg, size, batch, modes, device)
     names = list(trainers)
@@ -130,7 +125,7 @@ def dp_vs_plain(gan_cfg: RunConfig, size: int, batch: int, modes: Iterable[str],
         if bar is not None:
             bar.update(1)
     plain = statistics.median(times["plain"])
-    return [{"image_size": size, "batch": batch, "mode": path.split("/")[0], "fakes": path.split("/")[1],
+    return [{"image_size": size, "batch": batch, "mode": path[0], "fakes": path[1],
              "dp_images_per_s": 1 / statistics.median(times[path]), "plain_images_per_s": 1 / plain,
              "ratio": statistics.median(times[path]) / plain,
              "ratio_range": [min(d / p for d, p in zip(times[path], times["plain"])),

@@ -100,6 +100,11 @@ def test_exact_fakes_step_equals_clipped_reals_plus_plain_fakes(mode, n_real):
         assert torch.allclose(got, want, atol=1e-6), f"{mode}: update differs from its definition"
 
 
+def test_an_unknown_fake_gradients_value_is_refused():
+    with pytest.raises(ValueError, match="fake_gradients must be one of"):
+        PrivacySettings(1.0, 1.0, 1e-5, fake_gradients="exactly")
+
+
 def test_exact_fakes_trains_with_the_same_accounting_as_the_one_pass_step():
     torch.manual_seed(0)
     data = open_dataset("phantom", image_size=28).subset(range(128))

@@ -57,6 +57,10 @@ class PrivacySettings:
     # per-sample gradients (faster; see the module docstring for why that is post-processing).
     fake_gradients: str = "clipped"
 
+    def __post_init__(self) -> None:
+        if self.fake_gradients not in FAKE_GRADIENTS:  # a typo must not silently mean "clipped"
+            raise ValueError(f"fake_gradients must be one of {FAKE_GRADIENTS}, got {self.fake_gradients!r}")
+
 
 class DiscriminatorTrainer:
     """Runs D steps on one holder's images; in DP mode, keeps the accountant history.
