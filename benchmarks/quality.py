@@ -39,18 +39,27 @@ from simulation.run import simulate
 # "ablation" length, each against an IID average-rule reference row of that same length.
 PROFILES = {
     "gpu": dict(main_rounds=300, ablation_rounds=300, local_steps=20, main_g_steps=4, ablation_g_steps=4, eval_seeds=3,
-                n_synthetic=10000, ablation_seeds=3),
+                n_synthetic=10000, ablation_seeds=3, main_seeds=3),
     "cpu": dict(main_rounds=60, ablation_rounds=15, local_steps=8, main_g_steps=RunConfig().g_steps, ablation_g_steps=8, eval_seeds=3,
-                n_synthetic=5000, ablation_seeds=3),
+                n_synthetic=5000, ablation_seeds=3, main_seeds=3),
     "smoke": dict(main_rounds=2, ablation_rounds=2, local_steps=2, main_g_steps=1, ablation_g_steps=1, eval_seeds=1,
-                  n_synthetic=200, ablation_seeds=1),
+                  n_synthetic=200, ablation_seeds=1, main_seeds=1),
 }
-EMBEDDING_OFF = dict(embedding_weight=0.0)
+# Rows measured before `--fake-gradients exact` became the default keep the one-pass step, so
+# that re-running them reproduces the committed table (without DP the option does nothing).
+CLIPPED = dict(fake_gradients="clipped")
+EMBEDDING_OFF = dict(embedding_weight=0.0, embedding_share=0.3)  # the share, as measured, does nothing without the loss
 # The [short] comparison rows were measured with the earlier default embedding settings; they
 # keep them explicitly so that re-running them reproduces the committed table.
 EMBEDDING_10 = dict(embedding_weight=10.0, embedding_share=0.3)
 SHORT_REFERENCE = "[short] federated eps=10 (reference for the rows below)"
 LOSS_RULES = ("average", "mean", "single")
+HEADLINE = {"federated eps=10": 10.0, "federated eps=1": 1.0}  # the target rows, run over training seeds
+
+
+def training_seed_row(headline: str, seed: int) -> str:
+    """Name of the row training the headline run ``headline`` with training seed ``seed``."""
+    return headline if seed == 0 else f"{headline} training seed {seed}"
 
 
 def loss_rule_row(rule: str, seed: int) -> str:
@@ -60,36 +69,46 @@ def loss_rule_row(rule: str, seed: int) -> str:
 
 def row_specs(profile: dict[str, Any]) -> list[tuple[str, str, str, dict[str, Any]]]:
     """(row name, kind, length, config overrides) for every GAN run of the table."""
-    rows = [
-        ("federated eps=10", "federated", "main", dict(epsilon=10.0)),
-        ("federated eps=1", "federated", "main", dict(epsilon=1.0)),
-        ("federated no DP", "federated", "main", dict(epsilon=math.inf)),
-        ("federated eps=10 with 8 generator steps per round (earlier default)", "federated", "main", dict(epsilon=10.0, g_steps=8)),
-        ("federated eps=1 with 8 generator steps per round (earlier default)", "federated", "main", dict(epsilon=1.0, g_steps=8)),
+    rows = [(training_seed_row(headline, seed), "federated", "main", dict(epsilon=eps, seed=seed))
+            for seed in range(profile["main_seeds"]) for headline, eps in HEADLINE.items()]
+    rows += [
+        ("federated no DP", "federated", "main", dict(epsilon=math.inf, **CLIPPED)),
+        ("federated eps=10 with fakes clipped per sample (earlier default)", "federated", "main", dict(epsilon=10.0, **CLIPPED)),
+        ("federated eps=1 with fakes clipped per sample (earlier default)", "federated", "main", dict(epsilon=1.0, **CLIPPED)),
+        ("federated eps=10 with 8 generator steps per round (earlier default)", "federated", "main",
+         dict(epsilon=10.0, g_steps=8, **CLIPPED)),
+        ("federated eps=1 with 8 generator steps per round (earlier default)", "federated", "main",
+         dict(epsilon=1.0, g_steps=8, **CLIPPED)),
         ("federated no DP with 8 generator steps per round (earlier default)", "federated", "main",
-         dict(epsilon=math.inf, g_steps=8)),
+         dict(epsilon=math.inf, g_steps=8, **CLIPPED)),
         ("federated no DP with 8 generator steps and embedding weight 10 (earlier defaults)", "federated", "main",
-         dict(epsilon=math.inf, g_steps=8, **EMBEDDING_10)),
+         dict(epsilon=math.inf, g_steps=8, **EMBEDDING_10, **CLIPPED)),
         # the defaults, tuned on PneumoniaMNIST, confirmed on data they were not tuned on
         ("BreastMNIST federated 3 sites eps=10", "federated", "main", dict(epsilon=10.0, dataset="breastmnist", clients=3)),
         ("BreastMNIST federated 3 sites eps=1", "federated", "main", dict(epsilon=1.0, dataset="breastmnist", clients=3)),
-        (SHORT_REFERENCE, "federated", "ablation", dict(epsilon=10.0, **EMBEDDING_10)),
+        ("BreastMNIST federated 3 sites eps=10 with fakes clipped per sample (earlier default)", "federated", "main",
+         dict(epsilon=10.0, dataset="breastmnist", clients=3, **CLIPPED)),
+        ("BreastMNIST federated 3 sites eps=1 with fakes clipped per sample (earlier default)", "federated", "main",
+         dict(epsilon=1.0, dataset="breastmnist", clients=3, **CLIPPED)),
+        (SHORT_REFERENCE, "federated", "ablation", dict(epsilon=10.0, **EMBEDDING_10, **CLIPPED)),
         ("[short] federated eps=10 dirichlet alpha=0.5", "federated", "ablation",
-         dict(epsilon=10.0, partition="dirichlet", alpha=0.5, **EMBEDDING_10)),
-        ("[short] centralised eps=10 (one site, same D-step budget)", "centralised", "ablation", dict(epsilon=10.0, **EMBEDDING_10)),
-        ("[short] ablation: no embedding loss (pure adversarial)", "federated", "ablation", dict(epsilon=10.0, **EMBEDDING_OFF)),
+         dict(epsilon=10.0, partition="dirichlet", alpha=0.5, **EMBEDDING_10, **CLIPPED)),
+        ("[short] centralised eps=10 (one site, same D-step budget)", "centralised", "ablation",
+         dict(epsilon=10.0, **EMBEDDING_10, **CLIPPED)),
+        ("[short] ablation: no embedding loss (pure adversarial)", "federated", "ablation",
+         dict(epsilon=10.0, **EMBEDDING_OFF, **CLIPPED)),
         ("[short] embedding weight 50 and half the budget on the release", "federated", "ablation",
-         dict(epsilon=10.0, embedding_weight=50.0, embedding_share=0.5)),
+         dict(epsilon=10.0, embedding_weight=50.0, embedding_share=0.5, **CLIPPED)),
     ]
     for rule in LOSS_RULES:
         for seed in range(profile["ablation_seeds"]):
             if loss_rule_row(rule, seed) != SHORT_REFERENCE:  # the reference row is the average rule's seed 0
                 rows.append((loss_rule_row(rule, seed), "federated", "ablation",
-                             dict(epsilon=10.0, loss_rule=rule, seed=seed, **EMBEDDING_10)))
+                             dict(epsilon=10.0, loss_rule=rule, seed=seed, **EMBEDDING_10, **CLIPPED)))
     rows.append(("[short] SNGAN-style baseline (spectral-norm D, single G, no DP, no embedding)", "centralised",
-                 "ablation", dict(epsilon=math.inf, loss_rule="single", d_spectral_norm=True, **EMBEDDING_OFF)))
+                 "ablation", dict(epsilon=math.inf, loss_rule="single", d_spectral_norm=True, **EMBEDDING_OFF, **CLIPPED)))
     rows.append(("[short] BreastMNIST federated 3 sites eps=10", "federated", "ablation",
-                 dict(epsilon=10.0, dataset="breastmnist", clients=3, **EMBEDDING_10)))
+                 dict(epsilon=10.0, dataset="breastmnist", clients=3, **EMBEDDING_10, **CLIPPED)))
     return rows
 
 
@@ -171,9 +190,8 @@ def completed_run_with(out: Path, cfg: RunConfig) -> bool:
 
 
 def saved_config(run: dict[str, Any]) -> dict[str, Any]:
-    """A run.json's configuration read back through RunConfig, so that a run saved before an
-    option existed holds that option's default."""
-    return RunConfig.from_flower(run["config"]).to_flower()
+    """A run.json's configuration as it trained (see RunConfig.from_saved)."""
+    return RunConfig.from_saved(run["config"]).to_flower()
 
 
 def recorded_seconds(run: Path) -> float:
@@ -219,23 +237,31 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(f"| {r['run']} | {length_of(r)} | {fmt(r.get('eps'))} | {fmt(r.get('auc'))} | {fmt(r.get('auc_std'))} | "
                      f"{fmt(r.get('accuracy'))} | {fmt(r.get('label_fidelity'))} | {fmt(r.get('fid'))} | "
                      f"{fmt(r.get('collapsed_classes'))} | {fmt(r.get('train_seconds'))} |")
-    summary = loss_rule_summary(rows, meta["settings"]["ablation_seeds"])
-    if summary:
-        lines += ["", "Loss rules at eps=10 over training seeds (each seed's AUC is itself a mean over classifier seeds):", "",
-                  "| loss rule | training seeds | TSTR AUC mean | std over training seeds | per seed |", "|---|---|---|---|---|"]
-        lines += [f"| {s['rule']} | {len(s['aucs'])} | {fmt(s['mean'])} | {fmt(s['std'])} | {', '.join(fmt(a) for a in s['aucs'])} |"
-                  for s in summary]
+    for title, summary in seed_summaries(rows, meta["settings"]).items():
+        if summary:
+            lines += ["", f"{title} (each seed's AUC is itself a mean over classifier seeds):", "",
+                      "| run | training seeds | TSTR AUC mean | std over training seeds | per seed |", "|---|---|---|---|---|"]
+            lines += [f"| {s['run']} | {len(s['aucs'])} | {fmt(s['mean'])} | {fmt(s['std'])} | "
+                      f"{', '.join(fmt(a) for a in s['aucs'])} |" for s in summary]
     return "\n".join(lines) + "\n"
 
 
-def loss_rule_summary(rows: list[dict], seeds: int) -> list[dict]:
-    """Per loss rule, the [short] eps-10 AUCs of its training seeds (rules with no measured seed are left out)."""
+def seed_summaries(rows: list[dict], settings: dict[str, Any]) -> dict[str, list[dict]]:
+    """The runs repeated over training seeds: the headline rows and the [short] loss rules."""
+    headline = {name: [training_seed_row(name, s) for s in range(settings["main_seeds"])] for name in HEADLINE}
+    rules = {rule: [loss_rule_row(rule, s) for s in range(settings["ablation_seeds"])] for rule in LOSS_RULES}
+    return {"Headline runs over training seeds": seed_summary(rows, headline),
+            "Loss rules at eps=10 over training seeds": seed_summary(rows, rules)}
+
+
+def seed_summary(rows: list[dict], groups: dict[str, list[str]]) -> list[dict]:
+    """Per group, the TSTR AUCs of its rows (one per training seed); groups with none measured are left out."""
     auc = {r["run"]: r["auc"] for r in rows if "error" not in r and r.get("auc") is not None}
     out = []
-    for rule in LOSS_RULES:
-        aucs = [auc[name] for name in (loss_rule_row(rule, s) for s in range(seeds)) if name in auc]
+    for label, names in groups.items():
+        aucs = [auc[name] for name in names if name in auc]
         if aucs:
-            out.append({"rule": rule, "aucs": aucs, "mean": float(np.mean(aucs)),
+            out.append({"run": label, "aucs": aucs, "mean": float(np.mean(aucs)),
                         "std": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else None})
     return out
 
@@ -314,8 +340,9 @@ def save(stem: Path, rows: list[dict], meta: dict) -> None:
     merged = [r for r in earlier if r["run"] not in names] + rows
     order = {name: i for i, (name, *_rest) in enumerate(row_specs(PROFILES[meta["profile"]]))}
     merged.sort(key=lambda r: order.get(r["run"], len(order)))
-    atomic_write_json(path, {"meta": meta, "rows": merged,
-                             "loss_rules": loss_rule_summary(merged, meta["settings"]["ablation_seeds"])})
+    summaries = seed_summaries(merged, meta["settings"])
+    atomic_write_json(path, {"meta": meta, "rows": merged, "training_seeds": summaries["Headline runs over training seeds"],
+                             "loss_rules": summaries["Loss rules at eps=10 over training seeds"]})
     atomic_write_bytes(stem.with_suffix(".md"), markdown(merged, meta).encode())
 
 

@@ -42,16 +42,18 @@ from fedpggan.runs import library_versions
 # "gpu" is the grid the issue's targets are stated for; "cpu" is what a 2-core machine finishes
 # in about 20 minutes (batches 64 and 256: per-sample gradients of 1024 rows at 64x64 need over
 # 10 GB of host memory; fewer repeats; 2 rounds of 2 local steps);
-# "smoke" checks the script end to end in seconds. ``threads`` (None = torch's default) is 1 on
+# "smoke" checks the script end to end in seconds. Federated rounds are timed twice: at product
+# size (the default models and local steps) for ``product_sites``, where the round breakdown and
+# the Flower-overhead target are read, and with tiny models for the scaling over ``sites``. ``threads`` (None = torch's default) is 1 on
 # CPU: on a shared 2-core machine two spinning OpenMP threads made a step about 10x slower and
 # its time mostly contention noise, as simulated sites already run with one thread each.
 PROFILES: dict[str, dict[str, Any]] = {
     "gpu": dict(threads=None, sizes=(28, 64), batches=(256, 1024), warmup=5, repeats=9, steps=10,
-                sites=(5, 20, 50, 100), rounds=3, local_steps=8, g_steps=8),
+                sites=(5, 20, 50, 100), rounds=3, local_steps=8, g_steps=8, product_sites=(5, 50), product_rounds=3),
     "cpu": dict(threads=1, sizes=(28, 64), batches=(64, 256), warmup=1, repeats=3, steps=1,
-                sites=(5, 20, 50, 100), rounds=2, local_steps=2, g_steps=2),
+                sites=(5, 20, 50, 100), rounds=2, local_steps=2, g_steps=2, product_sites=(5, 50), product_rounds=3),
     "smoke": dict(threads=1, sizes=(28,), batches=(8,), warmup=1, repeats=2, steps=1,
-                  sites=(2,), rounds=2, local_steps=1, g_steps=1),
+                  sites=(2,), rounds=2, local_steps=1, g_steps=1, product_sites=(2,), product_rounds=2),
 }
 CHANNELS, CLASSES = 1, 2  # PneumoniaMNIST's shape: grayscale, 2 classes
 RECORDS_PER_BATCH = 8  # a holder of 8 batches of records: Poisson sampling rate q = 1/8
@@ -208,20 +210,24 @@ class PeakMemory:
         self._thread.join()
 
 
-def sim_config(sites: int, profile: dict[str, Any], out: Path) -> RunConfig:
-    """Tiny models on the phantom data (2000 images: 20 per site at 100 sites), DP at eps 10."""
-    return RunConfig(dataset="phantom", clients=sites, rounds=profile["rounds"], local_steps=profile["local_steps"],
-                     g_steps=profile["g_steps"], batch_size=32, g_batch_size=32, g_width=16, d_width=8, latent_dim=16,
-                     epsilon=10.0, min_per_site=10, sample_every=profile["rounds"], device="cpu", out=str(out)).validate()
+def sim_config(sites: int, profile: dict[str, Any], out: Path, size: str) -> RunConfig:
+    """DP at eps 10 on the phantom data (2000 images: 20 per site at 100 sites); ``size`` "product"
+    keeps the default models, batch and steps, "tiny" shrinks them for the scaling runs."""
+    common = dict(dataset="phantom", clients=sites, epsilon=10.0, min_per_site=10, device="cpu", out=str(out))
+    if size == "product":
+        return RunConfig(rounds=profile["product_rounds"], sample_every=profile["product_rounds"], **common).validate()
+    return RunConfig(rounds=profile["rounds"], local_steps=profile["local_steps"], g_steps=profile["g_steps"],
+                     batch_size=32, g_batch_size=32, g_width=16, d_width=8, latent_dim=16,
+                     sample_every=profile["rounds"], **common).validate()
 
 
-def simulate_sites(sites: int, profile: dict[str, Any], work: Path) -> dict[str, Any]:
+def simulate_sites(sites: int, profile: dict[str, Any], work: Path, size: str) -> dict[str, Any]:
     """Run one simulation; return its per-round metrics, peak memory and measured actor count."""
     from simulation.run import simulate
 
     start = time.perf_counter()
     with PeakMemory() as memory:
-        folder = simulate(sim_config(sites, profile, work / f"sites-{sites}"))
+        folder = simulate(sim_config(sites, profile, work / f"{size}-sites-{sites}", size))
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     if memory.actors < 1:
         raise FedPGGANError(f"{folder}: no Flower site actor (ray::ClientAppActor) was seen; cannot split the round time")
@@ -248,10 +254,11 @@ def round_breakdown(run: dict[str, Any]) -> dict[str, Any]:
             "first_round_s": run["rounds"][0]["t_round"], "simulation_s": run["simulation_s"]}
 
 
-def federated_rows(profile: dict[str, Any], work: Path) -> list[dict[str, Any]]:
+def federated_rows(profile: dict[str, Any], work: Path, size: str) -> list[dict[str, Any]]:
     """One simulation per site count, smallest first (a failure costs the least)."""
-    return [round_breakdown(simulate_sites(n, profile, work))
-            for n in tqdm(profile["sites"], desc="simulations", unit="run")]
+    counts = profile["product_sites" if size == "product" else "sites"]
+    return [round_breakdown(simulate_sites(n, profile, work, size))
+            for n in tqdm(counts, desc=f"{size} simulations", unit="run")]
 
 
 def scaling_fit(rows: list[dict[str, Any]]) -> dict[str, float] | None:
@@ -330,35 +337,37 @@ def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = [f"# Speed on {meta['device']} ({meta['date']}, profile {meta['profile']})", "",
              f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}. "
-             f"torch threads: {meta['torch_threads']}. {meta['note']}", "",
+             f"torch threads: {meta['torch_threads']}. {meta['note']}"
+             + (f" Parts kept from an earlier run of this file: {', '.join(meta['kept_from_earlier_run'])}."
+                if meta.get("kept_from_earlier_run") else ""), "",
              "## DP vs plain discriminator step", "",
              "Product D (default widths) through `DiscriminatorTrainer`, "
              f"Poisson real batch (q = 1/{RECORDS_PER_BATCH}) plus an equal fixed fake batch; images/s counts both. "
              f"Median of {meta['timing']['repeats']} interleaved repeats of {meta['timing']['steps']} step(s) after "
              f"{meta['timing']['warmup']} warm-up step(s). ratio = DP time / plain time (range over repeats).", "",
-             "fakes: `clipped` = the one-pass step (fakes clipped per sample with the real rows); `exact` = the "
-             "faster path (`--fake-gradients exact`: fakes in a plain pass, so only real rows get per-sample "
-             "gradients).", "",
+             "fakes: `exact` = the default, faster path (fakes in a plain pass, so only real rows get per-sample "
+             "gradients); `clipped` = the one-pass step (`--fake-gradients clipped`: fakes clipped per sample "
+             "with the real rows).", "",
              "| image | batch | mode | fakes | DP images/s | plain images/s | ratio | ratio range |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["discriminator"]:
         lines.append(f"| {r['image_size']}x{r['image_size']} | {r['batch']} | {r['mode']} | {r['fakes']} | "
                      f"{fmt(r['dp_images_per_s'], 0)} | "
                      f"{fmt(r['plain_images_per_s'], 0)} | {fmt(r['ratio'])} | {fmt(r['ratio_range'][0])}–{fmt(r['ratio_range'][1])} |")
-    sim = meta["simulation"]
-    lines += ["", "## Federated rounds (simulation engine, tiny models, DP eps 10)", "",
+    if not result["discriminator"]:
+        lines[-2:] = [NOT_RUN]
+    sim, product = meta["simulation"], RunConfig()
+    lines += ["", "## One federated round at product size (simulation engine, DP eps 10)", "",
+              f"{meta['product_rounds']} rounds with the default models and steps ({product.local_steps} local D steps "
+              f"of batch {product.batch_size}, {product.g_steps} generator steps of batch {product.g_batch_size}, "
+              f"widths G {product.g_width} / D {product.d_width}, embedding loss on), phantom data, 1 CPU per site actor. "
+              f"Medians over rounds 2..{meta['product_rounds']}. {ROUND_COLUMNS}", ""]
+    lines += round_table(result["product_rounds"])
+    lines += ["", "## Scaling with sites (simulation engine, tiny models, DP eps 10)", "",
               f"{sim['rounds']} rounds of {sim['local_steps']} local D steps and {sim['g_steps']} generator steps; "
               "G width 16, D width 8, batch 32, phantom data, 1 CPU per site actor. "
-              f"Medians over rounds 2..{sim['rounds']}. "
-              "site training = max(compute_sum / workers, compute_max) of the sites' reported data loading + "
-              "training time; Flower overhead = t_sites − site training; server = aggregation + generator training; "
-              "other = ledger writes. Peak RSS sums the driver and all Ray processes (shared pages counted per process).", "",
-              "| sites | workers | round s | site training s | server s | Flower overhead s | overhead share | other s | first round s | peak RSS MB |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["federated"]:
-        lines.append(f"| {r['sites']} | {r['workers']} | {fmt(r['round_s'])} | {fmt(r['site_training_s'])} | {fmt(r['server_s'])} | "
-                     f"{fmt(r['flower_overhead_s'])} | {r['flower_overhead_share']:.0%} | {fmt(r['other_s'])} | "
-                     f"{fmt(r['first_round_s'])} | {fmt(r['peak_rss_mb'], 0)} |")
+              f"Medians over rounds 2..{sim['rounds']}. {ROUND_COLUMNS}", ""]
+    lines += round_table(result["federated"])
     fit = result["scaling_fit"]
     if fit:
         lines += ["", f"Scaling fit: round time ≈ {fit['round_s_intercept']:.2f} s + {fit['round_s_per_site']:.3f} s × sites; "
@@ -372,6 +381,23 @@ def markdown(result: dict[str, Any]) -> str:
     else:
         lines.append(target["status"] + ".")
     return "\n".join(lines) + "\n"
+
+
+NOT_RUN = "not measured (--parts)."
+ROUND_COLUMNS = ("site training = max(compute_sum / workers, compute_max) of the sites' reported data loading + "
+                 "training time; Flower overhead = t_sites − site training; server = aggregation + generator training; "
+                 "other = ledger writes. Peak RSS sums the driver and all Ray processes (shared pages counted per process).")
+
+
+def round_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows of round breakdowns (see ``round_breakdown``)."""
+    lines = ["| sites | workers | round s | site training s | server s | Flower overhead s | overhead share | other s | first round s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['sites']} | {r['workers']} | {fmt(r['round_s'])} | {fmt(r['site_training_s'])} | {fmt(r['server_s'])} | "
+                     f"{fmt(r['flower_overhead_s'])} | {r['flower_overhead_share']:.0%} | {fmt(r['other_s'])} | "
+                     f"{fmt(r['first_round_s'])} | {fmt(r['peak_rss_mb'], 0)} |")
+    return lines if rows else [NOT_RUN]
 
 
 def save(stem: Path, result: dict[str, Any]) -> None:
@@ -397,9 +423,28 @@ def main(argv: list[str] | None = None) -> int:
     return run_reporting_errors(lambda: run(args), args.debug)
 
 
+PART_KEYS = {"discriminator": ("discriminator",), "federated": ("product_rounds", "federated", "scaling_fit"),
+             "target": ("target",)}
+
+
+def keep_earlier_parts(stem: Path, result: dict[str, Any], parts: set[str]) -> None:
+    """A run of some ``--parts`` keeps the other parts' figures from an earlier run of the same
+    profile that wrote this file (the JSON's meta lists them), so a re-measured part does not
+    wipe the rest. An earlier file of another profile is replaced whole."""
+    path = stem.with_suffix(".json")
+    earlier = json.loads(path.read_text()) if path.exists() else None
+    if not earlier or earlier["meta"].get("profile") != result["meta"]["profile"]:
+        return
+    kept = [part for part in PART_KEYS if part not in parts]
+    for part in kept:
+        for key in PART_KEYS[part]:
+            result[key] = earlier.get(key, result[key])
+    result["meta"]["kept_from_earlier_run"] = kept
+
+
 def run(args: argparse.Namespace) -> int:
     parts = {s.strip() for s in args.parts.split(",") if s.strip()}
-    unknown = parts - {"discriminator", "federated", "target"}
+    unknown = parts - PART_KEYS.keys()
     if unknown or not parts:
         raise FedPGGANError(f"--parts {args.parts!r} is invalid: use a comma-separated subset of discriminator,federated,target")
     device = pick_device(args.device)
@@ -415,14 +460,19 @@ def run(args: argparse.Namespace) -> int:
                  "torch_threads": torch.get_num_threads(),
                  "timing": {k: profile[k] for k in ("warmup", "repeats", "steps")},
                  "simulation": {k: profile[k] for k in ("rounds", "local_steps", "g_steps")},
+                 "product_rounds": profile["product_rounds"],
                  "note": "Ratios are measured interleaved in one run; absolute times depend on machine load."},
-        "discriminator": [], "federated": [], "scaling_fit": None, "target": {"status": "not run (--parts)"}}
+        "discriminator": [], "product_rounds": [], "federated": [], "scaling_fit": None,
+        "target": {"status": "not run (--parts)"}}
+    keep_earlier_parts(stem, result, parts)
     with tempfile.TemporaryDirectory(prefix="fedpggan-speed-") as tmp:
         work = Path(args.work or tmp)
         # Simulations first: the D grid's per-sample gradients (GBs at 64x64) stay in this
         # process's heap afterwards and would inflate the peak memory the simulations report.
         if "federated" in parts:
-            result["federated"] = federated_rows(profile, work)
+            result["product_rounds"] = federated_rows(profile, work, "product")
+            save(stem, result)
+            result["federated"] = federated_rows(profile, work, "tiny")
             result["scaling_fit"] = scaling_fit(result["federated"])
             save(stem, result)
         if "discriminator" in parts:

@@ -69,7 +69,7 @@ class RunConfig:
     max_grad_norm: float = opt(1.0, "per-sample gradient clipping norm C", group="privacy")
     accountant: str = opt("prv", "Opacus accountant", ("prv", "rdp"), group="privacy")
     grad_sample_mode: str = opt("hooks", "Opacus per-sample gradient mode", ("hooks", "functorch", "ghost"), group="privacy")
-    fake_gradients: str = opt("clipped", "D's gradient on fakes under DP: 'clipped' (one pass, fakes clipped per sample with the real rows) or 'exact' (fakes in a plain pass, neither clipped nor noised: post-processing, and only real rows pay for per-sample gradients)", ("clipped", "exact"), group="privacy")
+    fake_gradients: str = opt("exact", "D's gradient on fakes under DP: 'exact' (fakes in a plain pass, neither clipped nor noised: post-processing, and only real rows pay for per-sample gradients) or 'clipped' (one pass, fakes clipped per sample with the real rows; the default before 2026-11-23)", ("clipped", "exact"), group="privacy")
     # --- run -------------------------------------------------------------------------
     device: str = opt("auto", "where to train", ("auto", "cpu", "cuda"))
     seed: int = opt(0, "random seed (runs are deterministic for a seed on CPU)")
@@ -125,6 +125,12 @@ class RunConfig:
         return cls.from_dict(values, source="Flower run_config")
 
     @classmethod
+    def from_saved(cls, run_config: dict[str, Any]) -> "RunConfig":
+        """The configuration a saved run (run.json) trained with: an option it does not name
+        held the default of its day, which for a changed default is not today's."""
+        return cls.from_flower({**SAVED_BEFORE_DEFAULT_CHANGED, **run_config})
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any], source: str) -> "RunConfig":
         """Defaults overridden by ``values`` (typed and checked); unknown keys are errors."""
         known = {f.name: f for f in fields(cls)}
@@ -135,6 +141,10 @@ class RunConfig:
                 raise FedPGGANError(f"{source}: unknown option '{key}'; see 'fedpggan simulate --help' for valid names")
             setattr(out, name, coerce(name, value, known[name].default, source))
         return out.validate()
+
+
+# Options whose default changed, with the value a run saved without them trained with.
+SAVED_BEFORE_DEFAULT_CHANGED = {"fake-gradients": "clipped"}
 
 
 def flag(name: str) -> str:

@@ -65,7 +65,7 @@ def simulate(cfg: RunConfig | None, resume: str | None = None, client_app: Clien
         info = folder.read_run()
         if info.get("status") == "completed":
             raise FedPGGANError(f"{folder.root}: the run already completed; nothing to resume (start a new run)")
-        cfg = RunConfig.from_flower(info["config"])
+        cfg = RunConfig.from_saved(info["config"])
         folder.latest_checkpoint()  # fail early, with one line, if nothing can be resumed
     else:
         cfg, summary = prepare(cfg)

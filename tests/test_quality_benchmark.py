@@ -1,5 +1,5 @@
 """benchmarks/quality.py: run folders are reused only with identical settings, every row builds a
-valid config, and the loss-rule summary pools the right rows."""
+valid config, and the training-seed summaries pool the right rows."""
 
 from __future__ import annotations
 
@@ -37,14 +37,15 @@ def test_completed_run_with_reuses_only_identical_settings(tmp_path):
         quality.completed_run_with(tmp_path / "other", cfg)
 
 
-def test_a_run_saved_before_an_option_existed_holds_its_default(tmp_path):
+def test_a_run_saved_before_an_option_existed_holds_the_default_it_trained_with(tmp_path):
     folder = tmp_path / "old"
     folder.mkdir()
     saved = {k: v for k, v in RunConfig().to_flower().items() if k != "fake-gradients"}
     (folder / "run.json").write_text(json.dumps({"status": "completed", "config": saved}))
+    assert RunConfig().fake_gradients == "exact"  # today's default is not what that run trained with
     assert quality.completed_run_with(folder, RunConfig(fake_gradients="clipped"))
     with pytest.raises(FedPGGANError, match="fake-gradients: 'clipped', this row wants 'exact'"):
-        quality.completed_run_with(folder, RunConfig(fake_gradients="exact"))
+        quality.completed_run_with(folder, RunConfig())
 
 
 @pytest.mark.parametrize("profile", sorted(quality.PROFILES))
@@ -58,30 +59,36 @@ def test_every_row_builds_a_valid_config_with_its_generator_steps(profile):
         assert {k: getattr(cfg, k) for k in overrides} == overrides, name
 
 
-def test_loss_rule_summary_pools_each_rules_training_seeds_with_the_reference_as_average_seed_0():
+def test_seed_summaries_pool_each_runs_training_seeds_with_the_reference_as_seed_0():
     rows = [{"run": quality.SHORT_REFERENCE, "auc": 0.80},
             {"run": quality.loss_rule_row("average", 1), "auc": 0.84},
             {"run": quality.loss_rule_row("mean", 0), "auc": 0.70},
             {"run": quality.loss_rule_row("single", 0), "error": "RuntimeError: boom"},
-            {"run": "federated eps=10", "auc": 0.99}]
-    summary = {s["rule"]: s for s in quality.loss_rule_summary(rows, seeds=3)}
-    assert summary["average"]["aucs"] == [0.80, 0.84]
-    assert summary["average"]["mean"] == pytest.approx(0.82)
-    assert summary["average"]["std"] == pytest.approx(0.0282843, rel=1e-5)
-    assert summary["mean"] == {"rule": "mean", "aucs": [0.70], "mean": pytest.approx(0.70), "std": None}
-    assert "single" not in summary  # its only run failed: nothing to summarise
+            {"run": "federated eps=10", "auc": 0.90},
+            {"run": quality.training_seed_row("federated eps=10", 2), "auc": 0.86}]
+    summaries = quality.seed_summaries(rows, quality.PROFILES["cpu"])
+    rules = {s["run"]: s for s in summaries["Loss rules at eps=10 over training seeds"]}
+    assert rules["average"]["aucs"] == [0.80, 0.84]
+    assert rules["average"]["mean"] == pytest.approx(0.82)
+    assert rules["average"]["std"] == pytest.approx(0.0282843, rel=1e-5)
+    assert rules["mean"] == {"run": "mean", "aucs": [0.70], "mean": pytest.approx(0.70), "std": None}
+    assert "single" not in rules  # its only run failed: nothing to summarise
+    headline = summaries["Headline runs over training seeds"]
+    assert [(s["run"], s["aucs"]) for s in headline] == [("federated eps=10", [0.90, 0.86])]  # eps=1: none measured
     specs = {name: overrides for name, _kind, _length, overrides in quality.row_specs(quality.PROFILES["cpu"])}
     assert {quality.loss_rule_row(r, s) for r in quality.LOSS_RULES for s in range(3)} <= specs.keys()
     # the reference row really is the average rule's seed 0 (it relies on the defaults)
     reference = dataclasses.replace(RunConfig(), **specs[quality.SHORT_REFERENCE])
     assert (reference.loss_rule, reference.seed) == ("average", 0)
+    for name, eps in quality.HEADLINE.items():  # each headline row trains today's defaults with its seed
+        assert [specs[quality.training_seed_row(name, s)] for s in range(3)] == [dict(epsilon=eps, seed=s) for s in range(3)]
 
 
-def test_saved_table_carries_the_loss_rule_summary_in_json_and_markdown(tmp_path):
+def test_saved_table_carries_the_seed_summaries_in_json_and_markdown(tmp_path):
     meta = {"dataset": "phantom", "device": "cpu", "date": "2026-11-23", "profile": "cpu", "n_synthetic": 10,
             "eval_seeds": 1, "settings": quality.PROFILES["cpu"]}
     rows = [{"run": quality.SHORT_REFERENCE, "auc": 0.80}, {"run": quality.loss_rule_row("average", 1), "auc": 0.84}]
     quality.save(tmp_path / "table", rows, meta)
     saved = json.loads((tmp_path / "table.json").read_text())
-    assert [s["rule"] for s in saved["loss_rules"]] == ["average"]
+    assert [s["run"] for s in saved["loss_rules"]] == ["average"] and saved["training_seeds"] == []
     assert "| average | 2 | 0.820 | 0.028 | 0.800, 0.840 |" in (tmp_path / "table.md").read_text()

@@ -108,3 +108,31 @@ def test_target_without_gpu_is_reported_unmeasured():
 def test_bad_parts_is_a_one_line_error(capsys):
     assert speed.main(["--parts", "discriminator,warp", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: --parts")
+
+
+def test_a_partial_run_keeps_the_other_parts_of_the_same_profile(tmp_path):
+    stem = tmp_path / "speed-cpu-2026-11-23"
+    earlier = {"meta": {"profile": "cpu"}, "discriminator": [{"ratio": 1.6}], "product_rounds": [{"sites": 5}],
+               "federated": [{"sites": 5}], "scaling_fit": {"round_s_per_site": 0.2}, "target": {"status": "old"}}
+    stem.with_suffix(".json").write_text(json.dumps(earlier))
+    fresh = {"meta": {"profile": "cpu"}, "discriminator": [], "product_rounds": [], "federated": [], "scaling_fit": None,
+             "target": {"status": "not run (--parts)"}}
+    speed.keep_earlier_parts(stem, fresh, {"federated"})  # re-measuring the rounds keeps the D grid and the target
+    assert fresh["discriminator"] == [{"ratio": 1.6}] and fresh["target"] == {"status": "old"}
+    assert fresh["product_rounds"] == [] and fresh["scaling_fit"] is None
+    assert fresh["meta"]["kept_from_earlier_run"] == ["discriminator", "target"]
+    other = {**fresh, "meta": {"profile": "gpu"}, "discriminator": []}
+    speed.keep_earlier_parts(stem, other, {"federated"})  # another profile's figures are never mixed in
+    assert other["discriminator"] == [] and "kept_from_earlier_run" not in other["meta"]
+
+
+def test_product_size_rounds_use_the_default_models_and_tiny_ones_shrink_them(tmp_path):
+    profile = speed.PROFILES["cpu"]
+    product = speed.sim_config(5, profile, tmp_path, "product")
+    defaults = RunConfig()
+    assert (product.g_width, product.d_width, product.local_steps, product.g_steps, product.batch_size) == \
+        (defaults.g_width, defaults.d_width, defaults.local_steps, defaults.g_steps, defaults.batch_size)
+    assert product.rounds == profile["product_rounds"] and product.epsilon == 10.0
+    tiny = speed.sim_config(100, profile, tmp_path, "tiny")
+    assert (tiny.d_width, tiny.local_steps, tiny.rounds) == (8, profile["local_steps"], profile["rounds"])
+    assert speed.round_table([]) == ["not measured (--parts)."]

@@ -69,3 +69,11 @@ def test_flower_run_config_round_trip():
     cfg = RunConfig(epsilon=float("inf"), clients=4)
     back = RunConfig.from_flower(cfg.to_flower())
     assert back == cfg and not back.dp
+
+
+def test_a_run_saved_before_a_default_changed_reads_back_as_it_trained():
+    """A run.json without fake-gradients was trained (and must resume) with the one-pass step."""
+    saved = {k: v for k, v in RunConfig(epsilon=1.0).to_flower().items() if k != "fake-gradients"}
+    assert RunConfig.from_flower(saved).fake_gradients == "exact"  # today's default
+    assert RunConfig.from_saved(saved) == RunConfig(epsilon=1.0, fake_gradients="clipped")
+    assert RunConfig.from_saved(RunConfig().to_flower()).fake_gradients == "exact"  # a saved value wins

@@ -6,12 +6,13 @@ assumptions (DP mode):
   to ``max_grad_norm``, Gaussian noise of std ``noise_multiplier * max_grad_norm``;
 - fakes are generated from public inputs (generator weights, labels from the public class
   prior), in a batch of fixed size, so they neither depend on nor reveal the real batch;
-- real and fake images go through D in one forward pass (``torch.cat``), which every Opacus
-  grad-sample mode supports (ghost clipping rejects two forward passes per step);
-- or, with ``fake_gradients="exact"``, the fakes go through D in a separate pass with Opacus'
-  hooks off: their gradient is a function of D's current weights (already a function of the
-  earlier noisy steps) and of public inputs, so adding it unclipped and un-noised is
-  post-processing. The Gaussian mechanism on the real rows, and its accounting, are Opacus'.
+- with ``fake_gradients="exact"`` (the default), the fakes go through D in a separate pass with
+  Opacus' hooks off: their gradient is a function of D's current weights (already a function of
+  the earlier noisy steps) and of public inputs, so adding it unclipped and un-noised is
+  post-processing. The Gaussian mechanism on the real rows, and its accounting, are Opacus';
+- or, with ``fake_gradients="clipped"``, real and fake images go through D in one forward pass
+  (``torch.cat``), which every Opacus grad-sample mode supports (ghost clipping rejects two
+  forward passes per step), and every row is clipped.
 """
 
 from __future__ import annotations
@@ -53,12 +54,12 @@ class PrivacySettings:
     delta: float
     accountant: str = "prv"
     grad_sample_mode: str = "hooks"
-    # "clipped": fakes are clipped per sample with the real rows; "exact": fakes skip
-    # per-sample gradients (faster; see the module docstring for why that is post-processing).
-    fake_gradients: str = "clipped"
+    # "exact": fakes skip per-sample gradients (faster; see the module docstring for why that
+    # is post-processing); "clipped": fakes are clipped per sample with the real rows.
+    fake_gradients: str = "exact"
 
     def __post_init__(self) -> None:
-        if self.fake_gradients not in FAKE_GRADIENTS:  # a typo must not silently mean "clipped"
+        if self.fake_gradients not in FAKE_GRADIENTS:  # a typo must not silently pick a path
             raise ValueError(f"fake_gradients must be one of {FAKE_GRADIENTS}, got {self.fake_gradients!r}")
 
 
