@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -235,20 +236,36 @@ def simulate_sites(sites: int, profile: dict[str, Any], work: Path, size: str) -
             "simulation_s": time.perf_counter() - start}
 
 
+def least_makespan(times: list[float], workers: int) -> float:
+    """A lower bound on the time any assignment of these site jobs to ``workers`` actors takes.
+
+    Besides sum / workers and the longest job: of the m longest jobs some actor runs at least
+    ceil(m / workers), so it takes at least the sum of the ceil(m / workers) shortest of them.
+    For 5 equal jobs on 2 actors that is 3 jobs, not 2.5: the half job idle is the site count's,
+    not Flower's."""
+    longest_first = sorted(times, reverse=True)
+    bound = sum(times) / workers
+    for m in range(1, len(times) + 1):
+        bound = max(bound, sum(longest_first[m - math.ceil(m / workers):m]))
+    return bound
+
+
 def round_breakdown(run: dict[str, Any]) -> dict[str, Any]:
     """Where a steady-state round's time goes (medians over rounds after the first, whose time
     includes starting the actors and loading the data).
 
-    site D training = max(compute_sum / workers, compute_max): the sites' own reported data
-    loading + training time packed onto the available site actors; Flower overhead = t_sites
-    minus that (messaging, (de)serialisation, scheduling, and the site's state I/O)."""
+    site D training = ``least_makespan`` of the sites' own reported data loading + training
+    times on the available site actors; packing idle = that minus compute_sum / workers (an
+    actor waiting because the sites do not split evenly over the actors); Flower overhead =
+    t_sites minus site training (messaging, (de)serialisation, scheduling, the site's state I/O)."""
     steady = run["rounds"][1:] or run["rounds"]
-    med = {k: statistics.median(r[k] for r in steady)
-           for k in ("t_round", "t_sites", "t_server", "t_site_compute_max", "t_site_compute_sum")}
-    training = max(med["t_site_compute_sum"] / run["workers"], med["t_site_compute_max"])
+    med = {k: statistics.median(r[k] for r in steady) for k in ("t_round", "t_sites", "t_server")}
+    training = statistics.median(least_makespan(r["t_site_compute"], run["workers"]) for r in steady)
+    idle = statistics.median(least_makespan(r["t_site_compute"], run["workers"]) - sum(r["t_site_compute"]) / run["workers"]
+                             for r in steady)
     overhead = med["t_sites"] - training
     return {"sites": run["sites"], "workers": run["workers"], "round_s": med["t_round"], "sites_s": med["t_sites"],
-            "site_training_s": training, "server_s": med["t_server"], "flower_overhead_s": overhead,
+            "site_training_s": training, "packing_idle_s": idle, "server_s": med["t_server"], "flower_overhead_s": overhead,
             "other_s": med["t_round"] - med["t_sites"] - med["t_server"],
             "flower_overhead_share": overhead / med["t_round"], "peak_rss_mb": run["peak_rss_mb"],
             "first_round_s": run["rounds"][0]["t_round"], "simulation_s": run["simulation_s"]}
@@ -338,7 +355,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Speed on {meta['device']} ({meta['date']}, profile {meta['profile']})", "",
              f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}. "
              f"torch threads: {meta['torch_threads']}. {meta['note']}"
-             + (f" Parts kept from an earlier run of this file: {', '.join(meta['kept_from_earlier_run'])}."
+             + (f" Parts kept from an earlier run ({meta.get('kept_from_file', 'this file')}): {', '.join(meta['kept_from_earlier_run'])}."
                 if meta.get("kept_from_earlier_run") else ""), "",
              "## DP vs plain discriminator step", "",
              "Product D (default widths) through `DiscriminatorTrainer`, "
@@ -384,17 +401,18 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 NOT_RUN = "not measured (--parts)."
-ROUND_COLUMNS = ("site training = max(compute_sum / workers, compute_max) of the sites' reported data loading + "
-                 "training time; Flower overhead = t_sites − site training; server = aggregation + generator training; "
+ROUND_COLUMNS = ("site training = the least time any assignment of the sites' reported data loading + training "
+                 "times to the workers takes; packing idle = the part of it a worker waits because the sites do not split "
+                 "evenly over the workers (already inside site training); Flower overhead = t_sites − site training; server = aggregation + generator training; "
                  "other = ledger writes. Peak RSS sums the driver and all Ray processes (shared pages counted per process).")
 
 
 def round_table(rows: list[dict[str, Any]]) -> list[str]:
     """Markdown rows of round breakdowns (see ``round_breakdown``)."""
-    lines = ["| sites | workers | round s | site training s | server s | Flower overhead s | overhead share | other s | first round s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| sites | workers | round s | site training s | packing idle s | server s | Flower overhead s | overhead share | other s | first round s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['sites']} | {r['workers']} | {fmt(r['round_s'])} | {fmt(r['site_training_s'])} | {fmt(r['server_s'])} | "
+        lines.append(f"| {r['sites']} | {r['workers']} | {fmt(r['round_s'])} | {fmt(r['site_training_s'])} | {fmt(r['packing_idle_s'])} | {fmt(r['server_s'])} | "
                      f"{fmt(r['flower_overhead_s'])} | {r['flower_overhead_share']:.0%} | {fmt(r['other_s'])} | "
                      f"{fmt(r['first_round_s'])} | {fmt(r['peak_rss_mb'], 0)} |")
     return lines if rows else [NOT_RUN]
@@ -428,18 +446,23 @@ PART_KEYS = {"discriminator": ("discriminator",), "federated": ("product_rounds"
 
 
 def keep_earlier_parts(stem: Path, result: dict[str, Any], parts: set[str]) -> None:
-    """A run of some ``--parts`` keeps the other parts' figures from an earlier run of the same
-    profile that wrote this file (the JSON's meta lists them), so a re-measured part does not
-    wipe the rest. An earlier file of another profile is replaced whole."""
-    path = stem.with_suffix(".json")
-    earlier = json.loads(path.read_text()) if path.exists() else None
-    if not earlier or earlier["meta"].get("profile") != result["meta"]["profile"]:
+    """A run of some ``--parts`` keeps the other parts' figures from the newest earlier results
+    file of this device and profile (``stem`` itself, or one of an earlier date), so a re-measured
+    part does not wipe the rest; the JSON's meta names the parts and their file. Files of another
+    profile are never mixed in."""
+    device = stem.name.rsplit("-", 3)[0]
+    for path in sorted(stem.parent.glob(f"{device}-????-??-??.json"), reverse=True):
+        earlier = json.loads(path.read_text())
+        if path.name <= stem.with_suffix(".json").name and earlier["meta"].get("profile") == result["meta"]["profile"]:
+            break
+    else:
         return
     kept = [part for part in PART_KEYS if part not in parts]
     for part in kept:
         for key in PART_KEYS[part]:
             result[key] = earlier.get(key, result[key])
     result["meta"]["kept_from_earlier_run"] = kept
+    result["meta"]["kept_from_file"] = path.name
 
 
 def run(args: argparse.Namespace) -> int:

@@ -219,8 +219,7 @@ class FederatedRun:
         if events:
             row["events"] = events
         row.update(self.privacy_row())
-        row.update(t_sites=t_sites, t_server=t_gen, t_round=time.perf_counter() - t0,
-                   t_site_compute_max=max(compute, default=0.0), t_site_compute_sum=sum(compute))
+        row.update(t_sites=t_sites, t_server=t_gen, t_round=time.perf_counter() - t0, t_site_compute=compute)
         self.folder.append_metrics(row)
         self.checkpoint(round_num)
         if round_num % cfg.sample_every == 0 or round_num == cfg.rounds:

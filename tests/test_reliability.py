@@ -31,7 +31,7 @@ from server.validation import MAX_RELATIVE_UPDATE, update_norm, update_problem
 from simulation.faults import kill_hard, round_in_flight, start_killable
 from simulation.run import prepare, simulate
 
-TIMING = ("t_sites", "t_server", "t_round", "t_site_compute_max", "t_site_compute_sum")
+TIMING = ("t_sites", "t_server", "t_round", "t_site_compute")
 
 
 # --- kill -9 mid-round, resume, compare with an uninterrupted run --------------------------

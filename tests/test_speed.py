@@ -45,18 +45,26 @@ def test_seconds_per_image_counts_real_and_fake_images():
     assert not trainers["plain"].d._forward_pre_hooks  # the counting hook is removed
 
 
-def metrics_row(t_round, t_sites, t_server, c_max, c_sum):
-    return {"t_round": t_round, "t_sites": t_sites, "t_server": t_server,
-            "t_site_compute_max": c_max, "t_site_compute_sum": c_sum}
+def metrics_row(t_round, t_sites, t_server, compute):
+    return {"t_round": t_round, "t_sites": t_sites, "t_server": t_server, "t_site_compute": compute}
+
+
+def test_least_makespan_counts_the_sites_that_share_an_actor():
+    assert speed.least_makespan([1.0] * 5, 2) == pytest.approx(3.0)  # 3 sites on one actor, not 2.5
+    assert speed.least_makespan([4.0, 1.0, 1.0], 2) == pytest.approx(4.0)  # the longest site
+    assert speed.least_makespan([3.0, 3.0, 3.0, 3.0], 2) == pytest.approx(6.0)  # even split: sum / workers
+    assert speed.least_makespan([1.0] * 5, 8) == pytest.approx(1.0)
 
 
 def test_round_breakdown_packs_site_compute_onto_workers_and_skips_round_one():
+    steady = [1.2, 1.2, 1.2, 1.2, 1.2]
     run = {"sites": 5, "workers": 2, "peak_rss_mb": 900.0, "simulation_s": 60.0,
-           "rounds": [metrics_row(50, 45, 4, 9, 40), metrics_row(10, 8, 1.5, 1.2, 6), metrics_row(10, 8, 1.5, 1.2, 6)]}
+           "rounds": [metrics_row(50, 45, 4, [9.0] * 5), metrics_row(10, 8, 1.5, steady), metrics_row(10, 8, 1.5, steady)]}
     b = speed.round_breakdown(run)
-    assert b["site_training_s"] == pytest.approx(3.0)  # 6 s of compute on 2 actors beats the 1.2 s longest site
-    assert b["flower_overhead_s"] == pytest.approx(5.0)
-    assert b["flower_overhead_share"] == pytest.approx(0.5)
+    assert b["site_training_s"] == pytest.approx(3.6)  # 3 of the 5 sites run on one of the 2 actors
+    assert b["packing_idle_s"] == pytest.approx(0.6)  # 3.6 s against 6 s of compute / 2 actors
+    assert b["flower_overhead_s"] == pytest.approx(4.4)
+    assert b["flower_overhead_share"] == pytest.approx(0.44)
     assert b["other_s"] == pytest.approx(0.5) and b["first_round_s"] == 50
     run["workers"] = 8  # more actors than sites: the slowest site bounds the round
     assert speed.round_breakdown(run)["site_training_s"] == pytest.approx(1.2)
@@ -121,9 +129,17 @@ def test_a_partial_run_keeps_the_other_parts_of_the_same_profile(tmp_path):
     assert fresh["discriminator"] == [{"ratio": 1.6}] and fresh["target"] == {"status": "old"}
     assert fresh["product_rounds"] == [] and fresh["scaling_fit"] is None
     assert fresh["meta"]["kept_from_earlier_run"] == ["discriminator", "target"]
+    assert fresh["meta"]["kept_from_file"] == "speed-cpu-2026-11-23.json"
     other = {**fresh, "meta": {"profile": "gpu"}, "discriminator": []}
     speed.keep_earlier_parts(stem, other, {"federated"})  # another profile's figures are never mixed in
     assert other["discriminator"] == [] and "kept_from_earlier_run" not in other["meta"]
+    next_day = {**fresh, "meta": {"profile": "cpu"}, "discriminator": []}
+    speed.keep_earlier_parts(tmp_path / "speed-cpu-2026-11-24", next_day, {"federated"})  # a later date finds it too
+    assert next_day["discriminator"] == [{"ratio": 1.6}] and next_day["meta"]["kept_from_file"] == stem.name + ".json"
+    (tmp_path / "speed-cpu-2026-11-25.json").write_text(json.dumps(earlier))  # a newer file than the run's date
+    dated = {**fresh, "meta": {"profile": "cpu"}, "discriminator": []}
+    speed.keep_earlier_parts(tmp_path / "speed-cpu-2026-11-24", dated, {"federated"})  # is not "earlier"
+    assert dated["meta"]["kept_from_file"] == stem.name + ".json"
 
 
 def test_product_size_rounds_use_the_default_models_and_tiny_ones_shrink_them(tmp_path):
