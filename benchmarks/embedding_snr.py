@@ -1,13 +1,15 @@
 """How noisy is the DP mean-embedding target the generators chase?
 
     python benchmarks/embedding_snr.py --data-dir ../shared/data            # PneumoniaMNIST, 5 sites
+    python benchmarks/embedding_snr.py --data-dir ../shared/data --frequencies 500 --blurs 0,1,2
 
-For each (frequencies, epsilon) it splits the training set into IID sites as the simulation
+For each (frequencies, blur, epsilon) it splits the training set into IID sites as the simulation
 does, makes every site's one-shot release exactly as ``client/site_round.py`` does (the noise
 of ``--embedding-share`` of the budget), pools the releases as the server does, and reports the
 error of each class's pooled mean embedding relative to the distance between the classes'
 exact means. A ratio near or above 1 means the target of a class is mostly noise: the
-generators are then pulled towards images no real class has. No training; seconds on a CPU.
+generators are then pulled towards images no real class has. It also reports the "noise trap":
+how close textures of pixel noise come to the real target. No training; seconds on a CPU.
 Writes benchmarks/results/embedding-snr-<dataset>-<date>.json and .md.
 """
 
@@ -30,14 +32,26 @@ from pggan_model.mean_embedding import class_means
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def pooled_means(data, sites: int, frequencies: int, sigma: float | None, noise_seed: int) -> torch.Tensor:
+def pooled_means(data, sites: int, frequencies: int, sigma: float | None, noise_seed: int, blur: float = 0.0) -> torch.Tensor:
     """Class means of the pooled (noisy when ``sigma``) releases of ``sites`` IID sites; the
     split and the features are fixed, only the noise changes with ``noise_seed``."""
     order = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(0))
-    features = features_for(data.channels * data.image_size**2, frequencies, 0)
+    features = features_for(data.image_shape, frequencies, 0, blur)
     total = sum(release_sum(features, data.images[order[s::sites]], data.labels[order[s::sites]], data.num_classes,
                             sigma, torch.Generator().manual_seed(sites * noise_seed + s)) for s in range(sites))
     return class_means(total)[0]
+
+
+def noise_trap(data, frequencies: int, blur: float) -> float:
+    """Distance between the mean embedding of real images and that of "the mean image plus
+    independent pixel noise of the real pixel spread": near 0, the embedding cannot tell
+    noise textures from images, and generators that chase it learn textures."""
+    features = features_for(data.image_shape, frequencies, 0, blur)
+    images = data.images.double()
+    mean = images.mean(0, keepdim=True)
+    textures = (mean + (images - mean).std() * torch.randn(images.shape, generator=torch.Generator().manual_seed(0),
+                                                           dtype=images.dtype)).clamp(-1, 1)
+    return float((features(images).mean(0) - features(textures).mean(0)).norm())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default="")
     p.add_argument("--sites", type=int, default=defaults.clients)
     p.add_argument("--frequencies", default="25,100,500,2000", help="comma-separated frequency counts")
+    p.add_argument("--blurs", default="0", help="comma-separated --embedding-blur values (pixels)")
     p.add_argument("--epsilons", default="1,10", help="comma-separated per-site budgets")
     p.add_argument("--share", type=float, default=defaults.embedding_share)
     p.add_argument("--delta", type=float, default=1e-5)
@@ -55,26 +70,30 @@ def main(argv: list[str] | None = None) -> int:
     data = open_dataset(args.dataset, "train", args.data_dir or None)
     rows = []
     for frequencies in (int(f) for f in args.frequencies.split(",")):
-        exact = pooled_means(data, args.sites, frequencies, None, 0)
-        separation = float(torch.cdist(exact.T, exact.T).triu(1).max())
-        for epsilon in (float(e) for e in args.epsilons.split(",")):
-            sigma = release_noise(epsilon, args.share, args.delta, defaults.accountant)
-            errors = torch.stack([(pooled_means(data, args.sites, frequencies, sigma, r) - exact).norm(dim=0)
-                                  for r in range(args.repeats)]).mean(0)
-            rows.append({"frequencies": frequencies, "eps": epsilon, "release_sigma": sigma,
-                         "class_separation": separation,
-                         "noise_over_separation": {c: float(e) / separation for c, e in zip(data.class_names, errors)}})
-            print(json.dumps(rows[-1]))
+        for blur in (float(b) for b in args.blurs.split(",")):
+            exact = pooled_means(data, args.sites, frequencies, None, 0, blur)
+            separation = float(torch.cdist(exact.T, exact.T).triu(1).max())
+            trap = noise_trap(data, frequencies, blur) / separation
+            for epsilon in (float(e) for e in args.epsilons.split(",")):
+                sigma = release_noise(epsilon, args.share, args.delta, defaults.accountant)
+                errors = torch.stack([(pooled_means(data, args.sites, frequencies, sigma, r, blur) - exact).norm(dim=0)
+                                      for r in range(args.repeats)]).mean(0)
+                rows.append({"frequencies": frequencies, "blur": blur, "eps": epsilon, "release_sigma": sigma,
+                             "class_separation": separation, "noise_trap_over_separation": trap,
+                             "noise_over_separation": {c: float(e) / separation for c, e in zip(data.class_names, errors)}})
+                print(json.dumps(rows[-1]))
     stem = RESULTS / f"embedding-snr-{args.dataset}-{date.today().isoformat()}"
     meta = {"dataset": args.dataset, "sites": args.sites, "share": args.share, "delta": args.delta,
             "repeats": args.repeats, "records": len(data)}
     atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
     lines = [f"# DP embedding target noise: {args.dataset}, {args.sites} IID sites, share {args.share}",
              "", "Error of each class's pooled mean embedding / distance between the classes' exact means "
-             f"(mean of {args.repeats} noise draws). Near or above 1: that class's target is mostly noise.", "",
-             "| frequencies | eps | release sigma | " + " | ".join(data.class_names) + " |",
-             "|---|---|---|" + "---|" * len(data.class_names)]
-    lines += [f"| {r['frequencies']} | {r['eps']:g} | {r['release_sigma']:.2f} | "
+             f"(mean of {args.repeats} noise draws). Near or above 1: that class's target is mostly noise. "
+             "Noise trap: distance from the real embedding to that of the mean image plus pixel noise, over the "
+             "same separation; small means noise textures match the target about as well as images.", "",
+             "| frequencies | blur | eps | release sigma | noise trap | " + " | ".join(data.class_names) + " |",
+             "|---|---|---|---|---|" + "---|" * len(data.class_names)]
+    lines += [f"| {r['frequencies']} | {r['blur']:g} | {r['eps']:g} | {r['release_sigma']:.2f} | {r['noise_trap_over_separation']:.2f} | "
               + " | ".join(f"{v:.2f}" for v in r["noise_over_separation"].values()) + " |" for r in rows]
     atomic_write_bytes(stem.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
     print(f"written: {stem}.json, {stem}.md")

@@ -89,7 +89,7 @@ def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset) -> torc
         state.history = [list(release_entry(state.release_noise)), *state.history]
         state.save()
     generator = torch.Generator().manual_seed(noise_seed(state, "release"))
-    features = features_for(data.channels * data.image_size**2, cfg.embedding_frequencies, cfg.seed)
+    features = features_for(data.image_shape, cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur)
     released = release_sum(features, data.images, data.labels, data.num_classes,
                            state.release_noise if cfg.dp else None, generator)
     buffer = io.BytesIO()

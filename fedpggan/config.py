@@ -62,6 +62,7 @@ class RunConfig:
     d_spectral_norm: bool = opt(False, "spectral norm in D (the SNGAN-style baseline; impossible with DP: Opacus cannot train it)", group="optimisation")
     embedding_weight: float = opt(50.0, "weight of the auxiliary class-mean-embedding loss of the generators (0 = off); its target is each site's one-shot DP release (DP-MERF style)", group="optimisation")
     embedding_frequencies: int = opt(500, "random Fourier frequencies of the mean embedding", group="optimisation")
+    embedding_blur: float = opt(0.0, "Gaussian blur (pixels) of the random frequencies, so the embedding reads image structure rather than pixel noise (0 = white frequencies)", group="optimisation")
     embedding_share: float = opt(0.5, "share of each site's epsilon the embedding release alone would cost (composition makes the total cost far smaller)", group="privacy")
     # --- privacy ---------------------------------------------------------------------
     epsilon: float = opt(10.0, "per-site privacy budget epsilon; 'none' trains without DP", group="privacy")
@@ -96,6 +97,8 @@ class RunConfig:
                 raise FedPGGANError(f"--{flag(name)} {value} is invalid: it must be > 0")
         if not 0 < self.embedding_share < 1:
             raise FedPGGANError(f"--embedding-share {self.embedding_share} is invalid: it must be in (0, 1)")
+        if not 0 <= self.embedding_blur <= 8:
+            raise FedPGGANError(f"--embedding-blur {self.embedding_blur} is invalid: it must be in [0, 8] pixels")
         if self.embedding_frequencies < 1:
             raise FedPGGANError(f"--embedding-frequencies {self.embedding_frequencies} is invalid: it must be >= 1")
         if not 0 < self.fraction <= 1:

@@ -74,7 +74,7 @@ def train_centralised(cfg: RunConfig) -> Path:
 
     g_trainer = GeneratorTrainer(gan)
     if cfg.embedding_weight > 0:  # the one-shot release, accounted before any DP-SGD step
-        features = features_for(data.channels * data.image_size**2, cfg.embedding_frequencies, cfg.seed)
+        features = features_for(data.image_shape, cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur)
         released = release_sum(features, data.images, data.labels, data.num_classes, release,
                                torch.Generator().manual_seed(cfg.seed))
         g_trainer.match_embedding(features, class_means(released)[0].to(device), cfg.embedding_weight)

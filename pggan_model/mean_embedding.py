@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 class RandomFourierFeatures:
@@ -23,12 +24,23 @@ class RandomFourierFeatures:
     W is drawn from a public seed, so every site and the server build the same features.
     The length scale defaults to half the root of the pixel count, a data-independent
     stand-in for the median heuristic (which would read private data).
+
+    ``blur`` > 0 smooths each frequency as an image (Gaussian, that many pixels, norm kept):
+    w . x then reads the low-pass of x. White frequencies weigh every spatial frequency alike,
+    so "the mean image plus pixel noise" matches their mean embedding almost as well as real
+    images do (the generators learn noise textures), and most of their energy sits where the
+    classes do not differ. Still data-independent: the privacy of a release is unchanged.
     """
 
-    def __init__(self, input_dim: int, num_frequencies: int, seed: int, length_scale: float | None = None) -> None:
+    def __init__(self, input_dim: int, num_frequencies: int, seed: int, length_scale: float | None = None,
+                 image_shape: tuple[int, int, int] | None = None, blur: float = 0.0) -> None:
         self.length_scale = length_scale or 0.5 * math.sqrt(input_dim)
         gen = torch.Generator().manual_seed(seed)
         self.weight = torch.randn(input_dim, num_frequencies, generator=gen) / self.length_scale
+        if blur > 0:
+            if image_shape is None or math.prod(image_shape) != input_dim:
+                raise ValueError(f"blurred frequencies need the image shape (C, H, W) of the {input_dim} inputs")
+            self.weight = blurred_columns(self.weight, image_shape, blur)
         self.num_frequencies = num_frequencies
 
     @property
@@ -38,6 +50,21 @@ class RandomFourierFeatures:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         proj = images.flatten(1) @ self.weight.to(images.device, images.dtype)
         return torch.cat([proj.cos(), proj.sin()], dim=1) / math.sqrt(self.num_frequencies)
+
+
+def blurred_columns(weight: torch.Tensor, image_shape: tuple[int, int, int], sigma: float) -> torch.Tensor:
+    """Each column of ``weight`` seen as a (C, H, W) image, Gaussian-blurred (std ``sigma`` pixels,
+    reflected borders) and rescaled to its former norm."""
+    radius = min(math.ceil(3 * sigma), min(image_shape[1:]) - 1)
+    taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=weight.dtype) ** 2 / (2 * sigma**2))
+    taps /= taps.sum()
+    images = weight.T.reshape(-1, *image_shape)
+    flat = images.reshape(-1, 1, *image_shape[1:])
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), taps.view(1, 1, 1, -1))
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), taps.view(1, 1, -1, 1))
+    blurred = flat.reshape(len(images), -1)
+    blurred *= weight.norm(dim=0).unsqueeze(1) / blurred.norm(dim=1, keepdim=True)
+    return blurred.T.contiguous()
 
 
 def record_sum(features: RandomFourierFeatures, images: torch.Tensor, labels: torch.Tensor, num_classes: int,

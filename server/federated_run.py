@@ -70,7 +70,8 @@ class FederatedRun:
         self.gan = build_gan(cfg, int(facts["image-size"]), int(facts["channels"]), len(self.class_names)).to(self.device)
         self.g_trainer = GeneratorTrainer(self.gan)
         self.prior = prior_tensor(cfg, len(self.class_names))
-        self.features = features_for(int(facts["channels"]) * int(facts["image-size"]) ** 2, cfg.embedding_frequencies, cfg.seed)
+        self.features = features_for((int(facts["channels"]), int(facts["image-size"]), int(facts["image-size"])),
+                                     cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur)
         self.releases: dict[str, torch.Tensor] = {}
         first_round = self.restore() if self.resume else self.start(facts)
         status, reason = "completed", f"{cfg.rounds} rounds done"

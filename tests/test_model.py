@@ -148,3 +148,23 @@ def test_embedding_loss_trains_the_mixture_of_both_generators():
     moved1 = any(not torch.equal(a, b) for a, b in zip(before, gan.g1.parameters()))
     moved2 = any(not torch.equal(a, b) for a, b in zip(before[len(list(gan.g1.parameters())):], gan.g2.parameters()))
     assert moved1 and moved2
+
+
+def test_blurred_frequencies_read_image_structure_rather_than_pixel_noise():
+    from pggan_model.mean_embedding import RandomFourierFeatures
+
+    white = RandomFourierFeatures(28 * 28, 200, seed=0)
+    blurred = RandomFourierFeatures(28 * 28, 200, seed=0, image_shape=(1, 28, 28), blur=1.0)
+    assert torch.allclose(blurred.weight.norm(dim=0), white.weight.norm(dim=0))  # same bandwidth budget
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(256, 1, 28, 28, generator=gen)
+    coarse = torch.randn(256, 1, 7, 7, generator=gen)
+    smooth = torch.nn.functional.interpolate(coarse, size=28, mode="bilinear", align_corners=False)
+    smooth *= noise.std() / smooth.std()  # the same pixel spread as the noise
+    def structure_over_noise(f):
+        return float((smooth.flatten(1) @ f.weight).var() / (noise.flatten(1) @ f.weight).var())
+    assert structure_over_noise(blurred) > 3 * structure_over_noise(white)
+    phi = blurred(noise)
+    assert torch.allclose(phi.norm(dim=1), torch.ones(256), atol=1e-5)  # unit norm: the release's sensitivity holds
+    with pytest.raises(ValueError, match="image shape"):
+        RandomFourierFeatures(28 * 28, 20, seed=0, blur=1.0)

@@ -180,7 +180,7 @@ def test_embedding_release_has_sensitivity_one_and_is_accounted(tmp_path):
     from pggan_model.mean_embedding import class_means, record_sum
 
     data = open_dataset("phantom", image_size=28).subset(range(64))
-    features = features_for(28 * 28, 50, seed=0)
+    features = features_for((1, 28, 28), 50, seed=0)
     full = record_sum(features, data.images, data.labels, 2)
     for i in (0, 17, 63):  # removing any one record moves the sum by exactly norm 1
         keep = [j for j in range(64) if j != i]

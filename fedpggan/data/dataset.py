@@ -37,6 +37,11 @@ class ImageDataset(Dataset):
     def image_size(self) -> int:
         return int(self.images.shape[-1])
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one image."""
+        return (self.channels, self.image_size, self.image_size)
+
     def __len__(self) -> int:
         return len(self.labels)
 

@@ -7,11 +7,13 @@ Privacy assumptions:
 - Gaussian noise of std ``noise_multiplier`` is added once: the Gaussian mechanism, which the
   accountant records as the history entry (noise_multiplier, sample rate 1, 1 step) and
   composes with the site's DP-SGD steps;
-- the random features come from a public seed and a data-independent length scale.
+- the random features come from a public seed, a data-independent length scale and blur.
 The release is made once per site and reused every round (never re-drawn).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -21,9 +23,10 @@ from pggan_model.mean_embedding import RandomFourierFeatures, record_sum
 FEATURE_SEED_OFFSET = 7_919  # the features' seed is the run seed + this (public)
 
 
-def features_for(image_numel: int, num_frequencies: int, seed: int) -> RandomFourierFeatures:
-    """The random features every site and the server share for a run."""
-    return RandomFourierFeatures(image_numel, num_frequencies, seed + FEATURE_SEED_OFFSET)
+def features_for(image_shape: tuple[int, int, int], num_frequencies: int, seed: int, blur: float = 0.0) -> RandomFourierFeatures:
+    """The random features every site and the server share for a run (images of ``image_shape`` = (C, H, W))."""
+    return RandomFourierFeatures(math.prod(image_shape), num_frequencies, seed + FEATURE_SEED_OFFSET,
+                                 image_shape=image_shape, blur=blur)
 
 
 def release_entry(noise_multiplier: float) -> tuple[float, float, int]:
