@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--share", type=float, default=defaults.embedding_share)
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--repeats", type=int, default=3, help="noise draws averaged per cell")
+    p.add_argument("--results", default=str(RESULTS), help="folder for the JSON and markdown results")
     args = p.parse_args(argv)
     data = open_dataset(args.dataset, "train", args.data_dir or None)
     rows = []
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                              "class_separation": separation, "noise_trap_over_separation": trap,
                              "noise_over_separation": {c: float(e) / separation for c, e in zip(data.class_names, errors)}})
                 print(json.dumps(rows[-1]))
-    stem = RESULTS / f"embedding-snr-{args.dataset}-{date.today().isoformat()}"
+    stem = Path(args.results) / f"embedding-snr-{args.dataset}-{date.today().isoformat()}"
     meta = {"dataset": args.dataset, "sites": args.sites, "share": args.share, "delta": args.delta,
             "repeats": args.repeats, "records": len(data)}
     atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "rows": rows})

@@ -1,0 +1,26 @@
+"""benchmarks/embedding_snr.py: the DP embedding target's noise and the noise trap, per blur."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+from conftest import REPO
+
+_spec = importlib.util.spec_from_file_location("embedding_snr_under_test", REPO / "benchmarks" / "embedding_snr.py")
+snr = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(snr)
+
+
+def test_rows_per_blur_and_budget_and_the_blur_widens_the_noise_trap(tmp_path):
+    args = ["--dataset", "phantom", "--sites", "2", "--frequencies", "50", "--blurs", "0,1", "--epsilons", "1,10",
+            "--repeats", "1", "--results", str(tmp_path)]
+    assert snr.main(args) == 0
+    rows = json.loads(next(tmp_path.glob("embedding-snr-phantom-*.json")).read_text())["rows"]
+    assert [(r["blur"], r["eps"]) for r in rows] == [(0.0, 1.0), (0.0, 10.0), (1.0, 1.0), (1.0, 10.0)]
+    for white, blurred in ((rows[0], rows[2]), (rows[1], rows[3])):
+        assert blurred["noise_trap_over_separation"] > white["noise_trap_over_separation"]
+    for r in rows[:2], rows[2:]:  # ten times the budget: less noise in every class's target
+        assert all(a > b for a, b in zip(r[0]["noise_over_separation"].values(), r[1]["noise_over_separation"].values()))
+    assert "| 50 | 1 | 10 |" in next(tmp_path.glob("embedding-snr-phantom-*.md")).read_text()
