@@ -333,9 +333,11 @@ def run_meta(dataset: str, device_name: str, profile: str) -> dict[str, Any]:
 
 def save(stem: Path, rows: list[dict], meta: dict) -> None:
     """Rewrite both files after every row, so a long benchmark that stops keeps what it measured.
-    Rows of earlier invocations with the same file name are kept unless re-run now."""
+    Rows of earlier invocations with the same file name and profile are kept unless re-run now
+    (a file of another profile is replaced whole: its rows share names, not settings)."""
     path = stem.with_suffix(".json")
-    earlier = json.loads(path.read_text())["rows"] if path.exists() else []
+    earlier_file = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
+    earlier = earlier_file["rows"] if earlier_file["meta"].get("profile") == meta["profile"] else []
     names = {r["run"] for r in rows}
     merged = [r for r in earlier if r["run"] not in names] + rows
     order = {name: i for i, (name, *_rest) in enumerate(row_specs(PROFILES[meta["profile"]]))}

@@ -298,12 +298,12 @@ def target_from_results(path: Path) -> dict[str, Any]:
     data = json.loads(path.read_text())
     row = next((r for r in data.get("rows", []) if r.get("run") == TARGET_ROW and "error" not in r), None)
     if row is None:
-        raise FedPGGANError(f"--target-results {path}: no completed '{TARGET_ROW}' row; run benchmarks/quality.py --rows 'eps=10'")
+        raise FedPGGANError(f"--target-results {path}: no completed '{TARGET_ROW}' row; run benchmarks/quality.py --rows '{TARGET_ROW}'")
     met = (row["auc"] >= TARGET["auc"] and row["label_fidelity"] >= TARGET["label_fidelity"]
            and not row["collapsed_classes"])
     return {"status": "measured", "source": str(path), "device": data["meta"]["device"], "train_seconds": row["train_seconds"],
             "auc": row["auc"], "label_fidelity": row["label_fidelity"], "collapsed_classes": row["collapsed_classes"],
-            "target_met": met}
+            "target_met": met, "judged_on": "one run (training seed 0), not the mean over training seeds"}
 
 
 def load_sibling(name: str) -> ModuleType:
@@ -319,9 +319,7 @@ def run_target(data_dir: str, device: torch.device, work: Path, results: Path) -
     quality = load_sibling("quality")
     profile = quality.PROFILES["gpu"]
     name, kind, length, overrides = next(spec for spec in quality.row_specs(profile) if spec[0] == TARGET_ROW)
-    # The quality benchmark's base config, with the 5 site actors sharing the one GPU.
-    base = RunConfig(dataset="pneumoniamnist", data_dir=data_dir, clients=5, delta=1e-5, device=device.type,
-                     local_steps=profile["local_steps"], g_steps=profile["g_steps"], client_gpus=0.2)
+    base = quality.base_config("pneumoniamnist", data_dir, device.type, profile)  # 5 site actors share the GPU
     row = quality.run_gan_row(name, kind, length, overrides, base, work / "target", profile, device.type)
     path = results / "speed-target-quality.json"
     atomic_write_json(path, {"meta": {"device": device_name(device)}, "rows": [row]})
@@ -355,8 +353,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Speed on {meta['device']} ({meta['date']}, profile {meta['profile']})", "",
              f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}. "
              f"torch threads: {meta['torch_threads']}. {meta['note']}"
-             + (f" Parts kept from an earlier run ({meta.get('kept_from_file', 'this file')}): {', '.join(meta['kept_from_earlier_run'])}."
-                if meta.get("kept_from_earlier_run") else ""), "",
+             + (" Parts kept from earlier runs: " + ", ".join(f"{part} (measured {k['date']}, {k['file']})"
+                                                for part, k in meta["kept_parts"].items()) + "."
+                if meta.get("kept_parts") else ""), "",
              "## DP vs plain discriminator step", "",
              "Product D (default widths) through `DiscriminatorTrainer`, "
              f"Poisson real batch (q = 1/{RECORDS_PER_BATCH}) plus an equal fixed fake batch; images/s counts both. "
@@ -394,7 +393,8 @@ def markdown(result: dict[str, Any]) -> str:
     if target["status"] == "measured":
         lines.append(f"{target['train_seconds']} s training on {target['device']} (AUC {target['auc']:.3f}, label fidelity "
                      f"{target['label_fidelity']:.3f}, collapsed: {target['collapsed_classes'] or 'none'}); "
-                     f"target {'met' if target['target_met'] else 'NOT met'} ({target['source']}).")
+                     f"target {'met' if target['target_met'] else 'NOT met'} by {target.get('judged_on', 'one run')} "
+                     f"({target['source']}).")
     else:
         lines.append(target["status"] + ".")
     return "\n".join(lines) + "\n"
@@ -448,21 +448,35 @@ PART_KEYS = {"discriminator": ("discriminator",), "federated": ("product_rounds"
 def keep_earlier_parts(stem: Path, result: dict[str, Any], parts: set[str]) -> None:
     """A run of some ``--parts`` keeps the other parts' figures from the newest earlier results
     file of this device and profile (``stem`` itself, or one of an earlier date), so a re-measured
-    part does not wipe the rest; the JSON's meta names the parts and their file. Files of another
-    profile are never mixed in."""
+    part does not wipe the rest. Only a file measured on the same machine description (device
+    and core count) and with the same library versions qualifies, and only parts that file holds
+    in today's format; the meta says, per kept part, which file measured it and when."""
     device = stem.name.rsplit("-", 3)[0]
     for path in sorted(stem.parent.glob(f"{device}-????-??-??.json"), reverse=True):
         earlier = json.loads(path.read_text())
-        if path.name <= stem.with_suffix(".json").name and earlier["meta"].get("profile") == result["meta"]["profile"]:
+        same = all(earlier["meta"].get(k) == result["meta"][k] for k in ("profile", "device", "versions"))
+        if path.name <= stem.with_suffix(".json").name and same:
             break
     else:
         return
-    kept = [part for part in PART_KEYS if part not in parts]
-    for part in kept:
+    provenance = earlier["meta"].get("kept_parts", {})
+    kept = {}
+    for part in PART_KEYS:
+        if part in parts or not all(current_format(key, earlier.get(key)) for key in PART_KEYS[part]):
+            continue
         for key in PART_KEYS[part]:
             result[key] = earlier.get(key, result[key])
-    result["meta"]["kept_from_earlier_run"] = kept
-    result["meta"]["kept_from_file"] = path.name
+        kept[part] = provenance.get(part, {"file": path.name, "date": earlier["meta"].get("date")})
+    if kept:
+        result["meta"]["kept_parts"] = kept
+
+
+def current_format(key: str, value: Any) -> bool:
+    """Whether an earlier file's part has every field today's tables print (round rows gained
+    ``packing_idle_s`` on 2026-11-24)."""
+    if key in ("product_rounds", "federated"):
+        return all("packing_idle_s" in row for row in value or [])
+    return value is not None or key == "scaling_fit"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -92,3 +92,14 @@ def test_saved_table_carries_the_seed_summaries_in_json_and_markdown(tmp_path):
     saved = json.loads((tmp_path / "table.json").read_text())
     assert [s["run"] for s in saved["loss_rules"]] == ["average"] and saved["training_seeds"] == []
     assert "| average | 2 | 0.820 | 0.028 | 0.800, 0.840 |" in (tmp_path / "table.md").read_text()
+
+
+def test_a_partial_run_keeps_earlier_rows_of_its_own_profile_only(tmp_path):
+    meta = {"dataset": "phantom", "device": "cpu", "date": "2026-11-23", "profile": "cpu", "n_synthetic": 10,
+            "eval_seeds": 1, "settings": quality.PROFILES["cpu"]}
+    quality.save(tmp_path / "table", [{"run": quality.SHORT_REFERENCE, "auc": 0.80}], meta)
+    quality.save(tmp_path / "table", [{"run": quality.loss_rule_row("average", 1), "auc": 0.84}], meta)
+    assert len(json.loads((tmp_path / "table.json").read_text())["rows"]) == 2  # the same profile: kept
+    smoke = {**meta, "profile": "smoke", "settings": quality.PROFILES["smoke"]}
+    quality.save(tmp_path / "table", [{"run": quality.loss_rule_row("average", 1), "auc": 0.5}], smoke)
+    assert [r["auc"] for r in json.loads((tmp_path / "table.json").read_text())["rows"]] == [0.5]  # never mixed

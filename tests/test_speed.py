@@ -118,28 +118,53 @@ def test_bad_parts_is_a_one_line_error(capsys):
     assert capsys.readouterr().err.strip().startswith("error: --parts")
 
 
-def test_a_partial_run_keeps_the_other_parts_of_the_same_profile(tmp_path):
+MACHINE = {"profile": "cpu", "device": "cpu (x86_64, 2 CPU cores)", "versions": {"torch": "2.14.1"}}
+
+
+def empty_result(**meta):
+    return {"meta": {**MACHINE, **meta}, "discriminator": [], "product_rounds": [], "federated": [], "scaling_fit": None,
+            "target": {"status": "not run (--parts)"}}
+
+
+def test_a_partial_run_keeps_the_other_parts_of_the_same_machine_and_says_where_from(tmp_path):
     stem = tmp_path / "speed-cpu-2026-11-23"
-    earlier = {"meta": {"profile": "cpu"}, "discriminator": [{"ratio": 1.6}], "product_rounds": [{"sites": 5}],
-               "federated": [{"sites": 5}], "scaling_fit": {"round_s_per_site": 0.2}, "target": {"status": "old"}}
+    earlier = {"meta": {**MACHINE, "date": "2026-11-23"}, "discriminator": [{"ratio": 1.6}],
+               "product_rounds": [{"sites": 5, "packing_idle_s": 0.5}], "federated": [{"sites": 5, "packing_idle_s": 0.0}],
+               "scaling_fit": {"round_s_per_site": 0.2}, "target": {"status": "old"}}
     stem.with_suffix(".json").write_text(json.dumps(earlier))
-    fresh = {"meta": {"profile": "cpu"}, "discriminator": [], "product_rounds": [], "federated": [], "scaling_fit": None,
-             "target": {"status": "not run (--parts)"}}
+    fresh = empty_result()
     speed.keep_earlier_parts(stem, fresh, {"federated"})  # re-measuring the rounds keeps the D grid and the target
     assert fresh["discriminator"] == [{"ratio": 1.6}] and fresh["target"] == {"status": "old"}
     assert fresh["product_rounds"] == [] and fresh["scaling_fit"] is None
-    assert fresh["meta"]["kept_from_earlier_run"] == ["discriminator", "target"]
-    assert fresh["meta"]["kept_from_file"] == "speed-cpu-2026-11-23.json"
-    other = {**fresh, "meta": {"profile": "gpu"}, "discriminator": []}
-    speed.keep_earlier_parts(stem, other, {"federated"})  # another profile's figures are never mixed in
-    assert other["discriminator"] == [] and "kept_from_earlier_run" not in other["meta"]
-    next_day = {**fresh, "meta": {"profile": "cpu"}, "discriminator": []}
+    origin = {"file": "speed-cpu-2026-11-23.json", "date": "2026-11-23"}
+    assert fresh["meta"]["kept_parts"] == {"discriminator": origin, "target": origin}
+    for other in (empty_result(profile="gpu"), empty_result(device="cpu (x86_64, 16 CPU cores)"),
+                  empty_result(versions={"torch": "2.15.0"})):
+        speed.keep_earlier_parts(stem, other, {"federated"})  # another profile, machine or version: never mixed in
+        assert other["discriminator"] == [] and "kept_parts" not in other["meta"]
+    next_day = empty_result(date="2026-11-24")
     speed.keep_earlier_parts(tmp_path / "speed-cpu-2026-11-24", next_day, {"federated"})  # a later date finds it too
-    assert next_day["discriminator"] == [{"ratio": 1.6}] and next_day["meta"]["kept_from_file"] == stem.name + ".json"
+    assert next_day["discriminator"] == [{"ratio": 1.6}] and next_day["meta"]["kept_parts"]["discriminator"] == origin
+    next_day["meta"]["date"] = "2026-11-24"
+    (tmp_path / "speed-cpu-2026-11-24.json").write_text(json.dumps(next_day))
+    third = empty_result()
+    speed.keep_earlier_parts(tmp_path / "speed-cpu-2026-11-26", third, {"federated"})  # kept twice: still the 11-23 run
+    assert third["meta"]["kept_parts"]["discriminator"] == origin
     (tmp_path / "speed-cpu-2026-11-25.json").write_text(json.dumps(earlier))  # a newer file than the run's date
-    dated = {**fresh, "meta": {"profile": "cpu"}, "discriminator": []}
+    dated = empty_result()
     speed.keep_earlier_parts(tmp_path / "speed-cpu-2026-11-24", dated, {"federated"})  # is not "earlier"
-    assert dated["meta"]["kept_from_file"] == stem.name + ".json"
+    assert dated["meta"]["kept_parts"]["discriminator"] == origin  # from the 11-24 file, which kept it from 11-23
+
+
+def test_rounds_of_an_older_format_are_not_kept(tmp_path):
+    stem = tmp_path / "speed-cpu-2026-11-23"
+    old = {**empty_result(date="2026-11-23"), "product_rounds": [{"sites": 5}], "federated": [{"sites": 5}],
+           "discriminator": [{"ratio": 1.6}]}
+    stem.with_suffix(".json").write_text(json.dumps(old))
+    fresh = empty_result()
+    speed.keep_earlier_parts(tmp_path / "speed-cpu-2026-11-24", fresh, {"discriminator"})
+    assert fresh["product_rounds"] == [] and "federated" not in fresh["meta"]["kept_parts"]  # no packing_idle_s
+    assert list(fresh["meta"]["kept_parts"]) == ["target"]
 
 
 def test_product_size_rounds_use_the_default_models_and_tiny_ones_shrink_them(tmp_path):
@@ -152,3 +177,21 @@ def test_product_size_rounds_use_the_default_models_and_tiny_ones_shrink_them(tm
     tiny = speed.sim_config(100, profile, tmp_path, "tiny")
     assert (tiny.d_width, tiny.local_steps, tiny.rounds) == (8, profile["local_steps"], profile["rounds"])
     assert speed.round_table([]) == ["not measured (--parts)."]
+
+
+def test_target_run_trains_the_quality_rows_config_with_sites_sharing_the_gpu(tmp_path, monkeypatch):
+    quality = speed.load_sibling("quality")
+    seen = {}
+
+    def fake_row(name, kind, length, overrides, base, out, profile, device):
+        seen.update(name=name, base=base, profile=profile)
+        return {"run": name, "train_seconds": 200.0, "auc": 0.91, "label_fidelity": 0.93, "collapsed_classes": []}
+
+    monkeypatch.setattr(quality, "run_gan_row", fake_row)
+    monkeypatch.setattr(speed, "load_sibling", lambda name: quality)
+    monkeypatch.setattr(speed, "device_name", lambda device: "NVIDIA-H100")  # no GPU here: only its name is read
+    target = speed.run_target("/data", torch.device("cuda"), tmp_path, tmp_path)
+    assert seen["name"] == speed.TARGET_ROW and seen["profile"] is quality.PROFILES["gpu"]
+    assert (seen["base"].local_steps, seen["base"].client_gpus, seen["base"].data_dir) == \
+        (quality.PROFILES["gpu"]["local_steps"], 0.2, "/data")
+    assert not target["target_met"] and "training seed 0" in target["judged_on"]  # AUC 0.91 < 0.93
