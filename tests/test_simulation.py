@@ -124,3 +124,22 @@ def test_generator_training_never_sees_real_data(simulated):
     # generator step received only a batch size and the public prior.
     assert len(g_calls) == 2
     assert all(isinstance(b, int) and prior is None for b, prior in g_calls)
+
+
+def test_resume_of_a_run_saved_before_a_default_changed_keeps_the_setting_it_trained_with(tmp_path, monkeypatch):
+    import flwr.simulation
+
+    import server.server_app
+    import simulation.run as sim_run
+    from fedpggan.config import SAVED_BEFORE_DEFAULT_CHANGED, RunConfig
+    from fedpggan.runs import RunFolder
+
+    saved = {k: v for k, v in RunConfig(dataset="phantom").to_flower().items() if k not in SAVED_BEFORE_DEFAULT_CHANGED}
+    (tmp_path / "run.json").write_text(json.dumps({"status": "running", "config": saved}))
+    monkeypatch.setattr(RunFolder, "latest_checkpoint", lambda self: (tmp_path / "ckpt.pt", {}))
+    seen = {}
+    monkeypatch.setattr(server.server_app, "make_server_app", lambda cfg, resume: seen.update(cfg=cfg, resume=resume))
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kwargs: None)
+    with pytest.raises(sim_run.FedPGGANError, match="ended with status 'running'"):  # nothing ran: no completion
+        sim_run.simulate(None, resume=str(tmp_path))
+    assert seen["resume"] and seen["cfg"].fake_gradients == SAVED_BEFORE_DEFAULT_CHANGED["fake-gradients"] == "clipped"
