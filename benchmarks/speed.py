@@ -260,9 +260,10 @@ def round_breakdown(run: dict[str, Any]) -> dict[str, Any]:
     t_sites minus site training (messaging, (de)serialisation, scheduling, the site's state I/O)."""
     steady = run["rounds"][1:] or run["rounds"]
     med = {k: statistics.median(r[k] for r in steady) for k in ("t_round", "t_sites", "t_server")}
-    training = statistics.median(least_makespan(r["t_site_compute"], run["workers"]) for r in steady)
-    idle = statistics.median(least_makespan(r["t_site_compute"], run["workers"]) - sum(r["t_site_compute"]) / run["workers"]
-                             for r in steady)
+    bounds = [(least_makespan(r["t_site_compute"], run["workers"]), sum(r["t_site_compute"]) / run["workers"])
+              for r in steady]
+    training = statistics.median(bound for bound, _ in bounds)
+    idle = statistics.median(bound - even for bound, even in bounds)
     overhead = med["t_sites"] - training
     return {"sites": run["sites"], "workers": run["workers"], "round_s": med["t_round"], "sites_s": med["t_sites"],
             "site_training_s": training, "packing_idle_s": idle, "server_s": med["t_server"], "flower_overhead_s": overhead,
@@ -452,10 +453,10 @@ def keep_earlier_parts(stem: Path, result: dict[str, Any], parts: set[str]) -> N
     and core count) and with the same library versions qualifies, and only parts that file holds
     in today's format; the meta says, per kept part, which file measured it and when."""
     device = stem.name.rsplit("-", 3)[0]
-    for path in sorted(stem.parent.glob(f"{device}-????-??-??.json"), reverse=True):
+    candidates = [p for p in stem.parent.glob(f"{device}-????-??-??.json") if p.name <= stem.with_suffix(".json").name]
+    for path in sorted(candidates, reverse=True):
         earlier = json.loads(path.read_text())
-        same = all(earlier["meta"].get(k) == result["meta"][k] for k in ("profile", "device", "versions"))
-        if path.name <= stem.with_suffix(".json").name and same:
+        if all(earlier["meta"].get(k) == result["meta"][k] for k in ("profile", "device", "versions")):
             break
     else:
         return
@@ -473,10 +474,8 @@ def keep_earlier_parts(stem: Path, result: dict[str, Any], parts: set[str]) -> N
 
 def current_format(key: str, value: Any) -> bool:
     """Whether an earlier file's part has every field today's tables print (round rows gained
-    ``packing_idle_s`` on 2026-11-24)."""
-    if key in ("product_rounds", "federated"):
-        return all("packing_idle_s" in row for row in value or [])
-    return value is not None or key == "scaling_fit"
+    ``packing_idle_s`` on 2026-11-24; the other parts kept their format)."""
+    return key not in ("product_rounds", "federated") or all("packing_idle_s" in row for row in value or [])
 
 
 def run(args: argparse.Namespace) -> int:
