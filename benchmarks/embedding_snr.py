@@ -16,6 +16,7 @@ Writes benchmarks/results/embedding-snr-<dataset>-<date>.json and .md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from datetime import date
@@ -32,14 +33,15 @@ from pggan_model.mean_embedding import class_means
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def pooled_means(data, sites: int, frequencies: int, sigma: float | None, noise_seed: int, blur: float = 0.0) -> torch.Tensor:
+def pooled_means(data, sites: int, frequencies: int, sigma: float | None, noise_seed: int, blur: float,
+                 count_share: float) -> torch.Tensor:
     """Class means of the pooled (noisy when ``sigma``) releases of ``sites`` IID sites; the
     split and the features are fixed, only the noise changes with ``noise_seed``."""
     order = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(0))
     features = features_for(data.image_shape, frequencies, 0, blur)
     total = sum(release_sum(features, data.images[order[s::sites]], data.labels[order[s::sites]], data.num_classes,
-                            sigma, torch.Generator().manual_seed(sites * noise_seed + s)) for s in range(sites))
-    return class_means(total)[0]
+                            count_share, sigma, torch.Generator().manual_seed(sites * noise_seed + s)) for s in range(sites))
+    return class_means(total, count_share)[0]
 
 
 def noise_trap(data, frequencies: int, blur: float) -> float:
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blurs", default="0", help="comma-separated --embedding-blur values (pixels)")
     p.add_argument("--epsilons", default="1,10", help="comma-separated per-site budgets")
     p.add_argument("--share", type=float, default=defaults.embedding_share)
+    p.add_argument("--count-shares", default=str(defaults.embedding_count_share),
+                   help="comma-separated --embedding-count-share values (the count's part of each record's norm)")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--repeats", type=int, default=3, help="noise draws averaged per cell")
     p.add_argument("--results", default=str(RESULTS), help="folder for the JSON and markdown results")
@@ -71,15 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     data = open_dataset(args.dataset, "train", args.data_dir or None)
     rows = []
     for frequencies in (int(f) for f in args.frequencies.split(",")):
-        for blur in (float(b) for b in args.blurs.split(",")):
-            exact = pooled_means(data, args.sites, frequencies, None, 0, blur)
+        for blur, count_share in itertools.product((float(b) for b in args.blurs.split(",")),
+                                                   [float(c) for c in args.count_shares.split(",")]):
+            exact = pooled_means(data, args.sites, frequencies, None, 0, blur, count_share)
             separation = float(torch.cdist(exact.T, exact.T).triu(1).max())
             trap = noise_trap(data, frequencies, blur) / separation
             for epsilon in (float(e) for e in args.epsilons.split(",")):
                 sigma = release_noise(epsilon, args.share, args.delta, defaults.accountant)
-                errors = torch.stack([(pooled_means(data, args.sites, frequencies, sigma, r, blur) - exact).norm(dim=0)
+                errors = torch.stack([(pooled_means(data, args.sites, frequencies, sigma, r, blur, count_share) - exact).norm(dim=0)
                                       for r in range(args.repeats)]).mean(0)
-                rows.append({"frequencies": frequencies, "blur": blur, "eps": epsilon, "release_sigma": sigma,
+                rows.append({"frequencies": frequencies, "blur": blur, "count_share": count_share, "eps": epsilon, "release_sigma": sigma,
                              "class_separation": separation, "noise_trap_over_separation": trap,
                              "noise_over_separation": {c: float(e) / separation for c, e in zip(data.class_names, errors)}})
                 print(json.dumps(rows[-1]))
@@ -87,14 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"dataset": args.dataset, "sites": args.sites, "share": args.share, "delta": args.delta,
             "repeats": args.repeats, "records": len(data)}
     atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
-    lines = [f"# DP embedding target noise: {args.dataset}, {args.sites} IID sites, share {args.share}",
+    lines = [f"# DP embedding target noise: {args.dataset}, {args.sites} IID sites, the release costing {args.share:g} of each site's epsilon",
              "", "Error of each class's pooled mean embedding / distance between the classes' exact means "
              f"(mean of {args.repeats} noise draws). Near or above 1: that class's target is mostly noise. "
              "Noise trap: distance from the real embedding to that of the mean image plus pixel noise, over the "
              "same separation; small means noise textures match the target about as well as images.", "",
-             "| frequencies | blur | eps | release sigma | noise trap | " + " | ".join(data.class_names) + " |",
-             "|---|---|---|---|---|" + "---|" * len(data.class_names)]
-    lines += [f"| {r['frequencies']} | {r['blur']:g} | {r['eps']:g} | {r['release_sigma']:.2f} | {r['noise_trap_over_separation']:.2f} | "
+             "| frequencies | blur | count share | eps | release sigma | noise trap | " + " | ".join(data.class_names) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(data.class_names)]
+    lines += [f"| {r['frequencies']} | {r['blur']:g} | {r['count_share']:g} | {r['eps']:g} | {r['release_sigma']:.2f} | {r['noise_trap_over_separation']:.2f} | "
               + " | ".join(f"{v:.2f}" for v in r["noise_over_separation"].values()) + " |" for r in rows]
     atomic_write_bytes(stem.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
     print(f"written: {stem}.json, {stem}.md")

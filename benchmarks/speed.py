@@ -232,8 +232,25 @@ def simulate_sites(sites: int, profile: dict[str, Any], work: Path, size: str) -
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     if memory.actors < 1:
         raise FedPGGANError(f"{folder}: no Flower site actor (ray::ClientAppActor) was seen; cannot split the round time")
+    trained = json.loads((folder / "run.json").read_text())["config"]
     return {"sites": sites, "rounds": rows, "workers": memory.actors, "peak_rss_mb": memory.peak_bytes / 2**20,
-            "simulation_s": time.perf_counter() - start}
+            "simulation_s": time.perf_counter() - start, "settings": {k: trained[k] for k in SETTINGS_SHOWN}}
+
+
+# What the round tables say a round did, read from each run's own run.json (not today's defaults).
+SETTINGS_SHOWN = ("local-steps", "batch-size", "g-steps", "g-batch-size", "g-width", "d-width", "embedding-weight")
+
+
+def settings_text(rows: list[dict[str, Any]]) -> str:
+    """The trained settings of a round table's runs, as recorded when they were measured."""
+    recorded = {json.dumps(r.get("settings"), sort_keys=True) for r in rows}
+    if not rows or recorded == {"null"}:
+        return "settings not recorded with these rows"
+    if len(recorded) > 1:
+        return "settings differ between these rows: see the JSON"
+    s = rows[0]["settings"]
+    return (f"{s['local-steps']} local D steps of batch {s['batch-size']}, {s['g-steps']} generator steps of batch "
+            f"{s['g-batch-size']}, widths G {s['g-width']} / D {s['d-width']}, embedding weight {s['embedding-weight']}")
 
 
 def least_makespan(times: list[float], workers: int) -> float:
@@ -269,7 +286,7 @@ def round_breakdown(run: dict[str, Any]) -> dict[str, Any]:
             "site_training_s": training, "packing_idle_s": idle, "server_s": med["t_server"], "flower_overhead_s": overhead,
             "other_s": med["t_round"] - med["t_sites"] - med["t_server"],
             "flower_overhead_share": overhead / med["t_round"], "peak_rss_mb": run["peak_rss_mb"],
-            "first_round_s": run["rounds"][0]["t_round"], "simulation_s": run["simulation_s"]}
+            "first_round_s": run["rounds"][0]["t_round"], "simulation_s": run["simulation_s"], "settings": run["settings"]}
 
 
 def federated_rows(profile: dict[str, Any], work: Path, size: str) -> list[dict[str, Any]]:
@@ -373,11 +390,10 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{fmt(r['plain_images_per_s'], 0)} | {fmt(r['ratio'])} | {fmt(r['ratio_range'][0])}–{fmt(r['ratio_range'][1])} |")
     if not result["discriminator"]:
         lines[-2:] = [NOT_RUN]
-    sim, product = meta["simulation"], RunConfig()
+    sim = meta["simulation"]
     lines += ["", "## One federated round at product size (simulation engine, DP eps 10)", "",
-              f"{meta['product_rounds']} rounds with the default models and steps ({product.local_steps} local D steps "
-              f"of batch {product.batch_size}, {product.g_steps} generator steps of batch {product.g_batch_size}, "
-              f"widths G {product.g_width} / D {product.d_width}, embedding loss on), phantom data, 1 CPU per site actor. "
+              f"{meta['product_rounds']} rounds with the default models and steps of the day "
+              f"({settings_text(result['product_rounds'])}), phantom data, 1 CPU per site actor. "
               f"Medians over rounds 2..{meta['product_rounds']}. {ROUND_COLUMNS}", ""]
     lines += round_table(result["product_rounds"])
     lines += ["", "## Scaling with sites (simulation engine, tiny models, DP eps 10)", "",

@@ -90,7 +90,7 @@ def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset) -> torc
         state.save()
     generator = torch.Generator().manual_seed(noise_seed(state, "release"))
     features = features_for(data.image_shape, cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur)
-    released = release_sum(features, data.images, data.labels, data.num_classes,
+    released = release_sum(features, data.images, data.labels, data.num_classes, cfg.embedding_count_share,
                            state.release_noise if cfg.dp else None, generator)
     buffer = io.BytesIO()
     torch.save(released, buffer)

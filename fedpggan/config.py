@@ -63,6 +63,7 @@ class RunConfig:
     embedding_weight: float = opt(50.0, "weight of the auxiliary class-mean-embedding loss of the generators (0 = off); its target is each site's one-shot DP release (DP-MERF style)", group="optimisation")
     embedding_frequencies: int = opt(500, "random Fourier frequencies of the mean embedding", group="optimisation")
     embedding_blur: float = opt(0.0, "Gaussian blur (pixels) of the random frequencies, so the embedding reads image structure rather than pixel noise (0 = white frequencies)", group="optimisation")
+    embedding_count_share: float = opt(0.1, "share of each record's unit norm (squared) in the embedding release that carries its class count; the rest carries its features (0.5 in runs before 2026-12-01)", group="optimisation")
     embedding_share: float = opt(0.5, "share of each site's epsilon the embedding release alone would cost (composition makes the total cost far smaller)", group="privacy")
     # --- privacy ---------------------------------------------------------------------
     epsilon: float = opt(10.0, "per-site privacy budget epsilon; 'none' trains without DP", group="privacy")
@@ -95,6 +96,8 @@ class RunConfig:
             value = getattr(self, name)
             if not value > 0:
                 raise FedPGGANError(f"--{flag(name)} {value} is invalid: it must be > 0")
+        if not 0 < self.embedding_count_share < 1:
+            raise FedPGGANError(f"--embedding-count-share {self.embedding_count_share} is invalid: it must be in (0, 1)")
         if not 0 < self.embedding_share < 1:
             raise FedPGGANError(f"--embedding-share {self.embedding_share} is invalid: it must be in (0, 1)")
         if not 0 <= self.embedding_blur <= 8:
@@ -147,7 +150,7 @@ class RunConfig:
 
 
 # Options whose default changed, with the value a run saved without them trained with.
-SAVED_BEFORE_DEFAULT_CHANGED = {"fake-gradients": "clipped"}
+SAVED_BEFORE_DEFAULT_CHANGED = {"fake-gradients": "clipped", "embedding-count-share": 0.5}
 
 
 def flag(name: str) -> str:

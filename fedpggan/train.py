@@ -9,6 +9,7 @@ reference the federated runs are compared with.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,20 +76,23 @@ def train_centralised(cfg: RunConfig) -> Path:
     g_trainer = GeneratorTrainer(gan)
     if cfg.embedding_weight > 0:  # the one-shot release, accounted before any DP-SGD step
         features = features_for(data.image_shape, cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur)
-        released = release_sum(features, data.images, data.labels, data.num_classes, release,
-                               torch.Generator().manual_seed(cfg.seed))
-        g_trainer.match_embedding(features, class_means(released)[0].to(device), cfg.embedding_weight)
+        released = release_sum(features, data.images, data.labels, data.num_classes, cfg.embedding_count_share,
+                               release, torch.Generator().manual_seed(cfg.seed))
+        means = class_means(released, cfg.embedding_count_share)[0]
+        g_trainer.match_embedding(features, means.to(device), cfg.embedding_weight)
     d_trainer = DiscriminatorTrainer(gan, data.images, data.labels, cfg.batch_size, privacy,
                                      history=release_history(release), prior=prior)
     bar = tqdm(range(1, cfg.epochs + 1), desc="epochs", unit="epoch")
     for epoch in bar:
+        t0 = time.perf_counter()
         d_stats, g_stats = [], []
         for _ in range(g_steps_per_epoch):
             d_stats += d_trainer.train(cfg.d_steps)
             g_stats.append(g_trainer.step(cfg.g_batch_size, prior))
         row = {"epoch": epoch, **mean_stats(d_stats, ("d_loss", "d_acc_real", "d_acc_fake")),
                **mean_stats(g_stats, ("loss_g1", "loss_g2") + (("loss_embedding",) if cfg.embedding_weight > 0 else ())),
-               **{f"case_{c}": sum(s[f"case_{c}"] for s in g_stats) for c in CASES}}
+               **{f"case_{c}": sum(s[f"case_{c}"] for s in g_stats) for c in CASES},
+               "t_epoch": time.perf_counter() - t0}
         if privacy is not None:
             row["epsilon"] = d_trainer.epsilon()
             ledger.record_round("central", epoch, steps=g_steps_per_epoch * cfg.d_steps,

@@ -5,9 +5,14 @@ of generated images of class k and that of the real images of class k (an MMD wi
 Gaussian kernel). The real-side embedding is released once per site with the Gaussian
 mechanism (fedpggan.privacy.feature_release); here everything is plain PyTorch.
 
-Each record (x, y) maps to v = [phi(x) / sqrt(2), 1 / sqrt(2)] placed in column y, with
-phi the unit-norm random Fourier features, so ||v|| = 1 for every record (sensitivity 1 of
-the sum) and the last row counts records per class, which turns sums into class means.
+Each record (x, y) maps to v = [a phi(x), b] placed in column y, with phi the unit-norm random
+Fourier features and a^2 + b^2 = 1, so ||v|| = 1 for every record (sensitivity 1 of the sum); the
+last row counts records per class, which turns sums into class means. b^2 is the *count share*.
+The noise on the sum is isotropic, so the count share trades the error of the counts against
+that of the D-dimensional feature sums: the class-mean error^2 is about sigma^2 (D / a^2 +
+|mean|^2 / b^2) / n^2, smallest near b^2 = 1 / (sqrt(D) + 1) (0.03 for D = 1000). An even split
+(b^2 = 1/2) spends half the sensitivity on a single number; a small b^2 leaves small classes
+with noisy counts, and a count near zero blows a class mean up.
 """
 
 from __future__ import annotations
@@ -67,23 +72,31 @@ def blurred_columns(weight: torch.Tensor, image_shape: tuple[int, int, int], sig
     return blurred.T.contiguous()
 
 
+def split_weights(count_share: float) -> tuple[float, float]:
+    """(a, b): the weights of the features and of the count in a record's unit vector [a phi, b]."""
+    return math.sqrt(1.0 - count_share), math.sqrt(count_share)
+
+
 def record_sum(features: RandomFourierFeatures, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-               chunk: int = 1024) -> torch.Tensor:
+               count_share: float, chunk: int = 1024) -> torch.Tensor:
     """Sum over records of v(x, y): a (features.dim + 1, num_classes) matrix; each record adds
     a vector of norm exactly 1, so adding or removing one record moves the sum by at most 1."""
+    a, b = split_weights(count_share)
     total = torch.zeros(features.dim + 1, num_classes, dtype=torch.float64)
     for start in range(0, len(images), chunk):
         x, y = images[start : start + chunk], labels[start : start + chunk]
-        v = torch.cat([features(x.double()), torch.ones(len(x), 1, dtype=torch.float64)], dim=1) / math.sqrt(2)
+        v = torch.cat([a * features(x.double()), b * torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
         v = v / v.norm(dim=1, keepdim=True).clamp(min=1.0)  # rounding can never lift a norm above 1
         total.index_add_(1, y.cpu(), v.cpu().T)
     return total
 
 
-def class_means(released_sum: torch.Tensor, min_count: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-class mean embeddings (dim, K), estimated class counts (K,)) from a (noisy) sum."""
-    counts = released_sum[-1] * math.sqrt(2)
-    means = released_sum[:-1] * math.sqrt(2) / counts.clamp(min=min_count)
+def class_means(released_sum: torch.Tensor, count_share: float, min_count: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-class mean embeddings (dim, K), estimated class counts (K,)) from a (noisy) sum
+    made with ``count_share``."""
+    a, b = split_weights(count_share)
+    counts = released_sum[-1] / b
+    means = released_sum[:-1] / a / counts.clamp(min=min_count)
     return means.float(), counts.float()
 
 

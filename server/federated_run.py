@@ -309,7 +309,7 @@ class FederatedRun:
             self.ledger.record_event(site, round_num, "rejected_release", f"embedding release of shape {tuple(released.shape)} (expected {expected}) or non-finite")
             return
         self.releases[site] = released.double()
-        means, _ = class_means(sum(self.releases[s] for s in sorted(self.releases)))
+        means, _ = class_means(sum(self.releases[s] for s in sorted(self.releases)), self.cfg.embedding_count_share)
         self.g_trainer.match_embedding(self.features, means.to(self.device), self.cfg.embedding_weight)
 
     def spend_problem(self, node: int, privacy: dict[str, float]) -> str | None:

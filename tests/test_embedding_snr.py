@@ -23,4 +23,16 @@ def test_rows_per_blur_and_budget_and_the_blur_widens_the_noise_trap(tmp_path):
         assert blurred["noise_trap_over_separation"] > white["noise_trap_over_separation"]
     for r in rows[:2], rows[2:]:  # ten times the budget: less noise in every class's target
         assert all(a > b for a, b in zip(r[0]["noise_over_separation"].values(), r[1]["noise_over_separation"].values()))
-    assert "| 50 | 1 | 10 |" in next(tmp_path.glob("embedding-snr-phantom-*.md")).read_text()
+    assert "| 50 | 1 | 0.1 | 10 |" in next(tmp_path.glob("embedding-snr-phantom-*.md")).read_text()
+
+
+def test_a_small_count_share_makes_the_class_means_less_noisy(tmp_path):
+    """Same privacy (sensitivity 1, same noise): with 10 % of each record's norm on its count
+    instead of half, the 100 feature coordinates carry more signal per unit of noise."""
+    args = ["--dataset", "phantom", "--sites", "2", "--frequencies", "50", "--count-shares", "0.1,0.5",
+            "--epsilons", "1", "--repeats", "2", "--results", str(tmp_path)]
+    assert snr.main(args) == 0
+    small, even = json.loads(next(tmp_path.glob("embedding-snr-phantom-*.json")).read_text())["rows"]
+    assert (small["count_share"], even["count_share"]) == (0.1, 0.5)
+    for name, error in small["noise_over_separation"].items():
+        assert error < 0.85 * even["noise_over_separation"][name], name

@@ -35,7 +35,8 @@ def test_per_sample_gradients_equal_per_example_autograd(mode):
         loss = discriminator_loss(ref.d(x[i : i + 1], y[i : i + 1]), num_real=1 if i < 2 else 0)
         grads = torch.autograd.grad(loss, list(ref.d.parameters()))
         for p, g in zip(gsm._module.parameters(), grads):
-            assert torch.allclose(p.grad_sample[i], g, atol=1e-6), "per-sample gradient differs"
+            # float32 rounding differs between CPUs: compare to the gradient's own scale
+            assert (p.grad_sample[i] - g).abs().max() <= 1e-5 * g.abs().max() + 1e-7, "per-sample gradient differs"
     gsm._close()
 
 
@@ -175,19 +176,21 @@ def test_spend_is_recorded_before_training(tmp_path, monkeypatch):
     assert reloaded.rounds["1"]["status"] == "reserved"
 
 
-def test_embedding_release_has_sensitivity_one_and_is_accounted(tmp_path):
+@pytest.mark.parametrize("count_share", [0.1, 0.5, 0.9])
+def test_embedding_release_has_sensitivity_one_and_is_accounted(tmp_path, count_share):
     from fedpggan.privacy.feature_release import features_for
     from pggan_model.mean_embedding import class_means, record_sum
 
     data = open_dataset("phantom", image_size=28).subset(range(64))
     features = features_for((1, 28, 28), 50, seed=0)
-    full = record_sum(features, data.images, data.labels, 2)
-    for i in (0, 17, 63):  # removing any one record moves the sum by exactly norm 1
+    full = record_sum(features, data.images, data.labels, 2, count_share)
+    for i in (0, 17, 63):  # removing any one record moves the sum by exactly norm 1, whatever the split
         keep = [j for j in range(64) if j != i]
-        without = record_sum(features, data.images[keep], data.labels[keep], 2)
+        without = record_sum(features, data.images[keep], data.labels[keep], 2, count_share)
         assert float((full - without).norm()) == pytest.approx(1.0, abs=1e-9)
         assert float((full - without).norm()) <= 1.0
-    means, counts = class_means(full)
+        assert float((full - without)[-1].norm()) == pytest.approx(count_share**0.5)  # the count's part of it
+    means, counts = class_means(full, count_share)
     assert counts.tolist() == pytest.approx([float(c) for c in data.class_counts()], abs=1e-4)
     first = data.labels == 0
     assert torch.allclose(means[:, 0], features(data.images[first]).mean(0), atol=1e-5)

@@ -103,3 +103,26 @@ def test_a_partial_run_keeps_earlier_rows_of_its_own_profile_only(tmp_path):
     smoke = {**meta, "profile": "smoke", "settings": quality.PROFILES["smoke"]}
     quality.save(tmp_path / "table", [{"run": quality.loss_rule_row("average", 1), "auc": 0.5}], smoke)
     assert [r["auc"] for r in json.loads((tmp_path / "table.json").read_text())["rows"]] == [0.5]  # never mixed
+
+
+def test_training_seconds_are_the_recorded_round_or_epoch_times_however_the_run_was_obtained(tmp_path):
+    """A fresh, a reused and a resumed run report the same kind of time: the rounds' (or epochs')
+    own recorded times, never wall time that would include restarts or evaluation."""
+    federated, centralised = tmp_path / "federated", tmp_path / "centralised"
+    for folder, key in ((federated, "t_round"), (centralised, "t_epoch")):
+        folder.mkdir()
+        rows = [{key: 1.5}, {"event": "site_failed"}, {key: 2.25}]  # event rows carry no time
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert quality.recorded_seconds(federated) == pytest.approx(3.75)
+    assert quality.recorded_seconds(centralised) == pytest.approx(3.75)
+
+
+def test_a_run_saved_before_the_count_share_existed_released_an_even_split(tmp_path):
+    folder = tmp_path / "old"
+    folder.mkdir()
+    saved = {k: v for k, v in RunConfig(fake_gradients="clipped").to_flower().items() if k != "embedding-count-share"}
+    (folder / "run.json").write_text(json.dumps({"status": "completed", "config": saved}))
+    assert RunConfig().embedding_count_share == 0.1
+    assert quality.completed_run_with(folder, RunConfig(fake_gradients="clipped", embedding_count_share=0.5))
+    with pytest.raises(FedPGGANError, match="embedding-count-share: 0.5, this row wants 0.1"):
+        quality.completed_run_with(folder, RunConfig(fake_gradients="clipped"))

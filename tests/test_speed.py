@@ -58,7 +58,7 @@ def test_least_makespan_counts_the_sites_that_share_an_actor():
 
 def test_round_breakdown_packs_site_compute_onto_workers_and_skips_round_one():
     steady = [1.2, 1.2, 1.2, 1.2, 1.2]
-    run = {"sites": 5, "workers": 2, "peak_rss_mb": 900.0, "simulation_s": 60.0,
+    run = {"sites": 5, "workers": 2, "peak_rss_mb": 900.0, "simulation_s": 60.0, "settings": {"g-steps": 2},
            "rounds": [metrics_row(50, 45, 4, [9.0] * 5), metrics_row(10, 8, 1.5, steady), metrics_row(10, 8, 1.5, steady)]}
     b = speed.round_breakdown(run)
     assert b["site_training_s"] == pytest.approx(3.6)  # 3 of the 5 sites run on one of the 2 actors
@@ -68,6 +68,15 @@ def test_round_breakdown_packs_site_compute_onto_workers_and_skips_round_one():
     assert b["other_s"] == pytest.approx(0.5) and b["first_round_s"] == 50
     run["workers"] = 8  # more actors than sites: the slowest site bounds the round
     assert speed.round_breakdown(run)["site_training_s"] == pytest.approx(1.2)
+
+
+def test_round_tables_describe_the_settings_the_runs_trained_with_not_todays_defaults():
+    settings = {"local-steps": 8, "batch-size": 64, "g-steps": 8, "g-batch-size": 128, "g-width": 64, "d-width": 32,
+                "embedding-weight": 10.0}
+    text = speed.settings_text([{"settings": settings}, {"settings": dict(settings)}])
+    assert "8 local D steps of batch 64, 8 generator steps of batch 128" in text and "embedding weight 10.0" in text
+    assert speed.settings_text([{"sites": 5}]) == "settings not recorded with these rows"  # an older results file
+    assert "differ" in speed.settings_text([{"settings": settings}, {"settings": {**settings, "g-steps": 2}}])
 
 
 def test_scaling_fit_recovers_per_site_cost():

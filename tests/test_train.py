@@ -22,7 +22,7 @@ def test_tiny_centralised_dp_run_writes_a_complete_run_folder(tmp_path):
     assert 0 < ledger["guarantee"]["epsilon"] <= 5.0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert {"d_loss", "d_acc_real", "d_acc_fake", "loss_g1", "loss_g2", "case_neither", "epsilon"} <= set(rows[0])
+    assert {"d_loss", "d_acc_real", "d_acc_fake", "loss_g1", "loss_g2", "case_neither", "epsilon", "t_epoch"} <= set(rows[0])
     assert rows[1]["epsilon"] > rows[0]["epsilon"]
     assert (out / "samples" / "epoch_00002.png").stat().st_size > 0
     assert (out / "curves" / "training.png").stat().st_size > 0

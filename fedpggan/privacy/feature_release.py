@@ -44,9 +44,9 @@ def release_history(noise_multiplier: float | None) -> History:
 
 
 def release_sum(features: RandomFourierFeatures, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                noise_multiplier: float | None, generator: torch.Generator) -> torch.Tensor:
+                count_share: float, noise_multiplier: float | None, generator: torch.Generator) -> torch.Tensor:
     """The noisy sum of v(x, y) over the site's records (exact when noise_multiplier is None: no DP)."""
-    total = record_sum(features, images, labels, num_classes)
+    total = record_sum(features, images, labels, num_classes, count_share)
     if noise_multiplier is not None:
         total += noise_multiplier * torch.randn(total.shape, generator=generator, dtype=total.dtype)
     return total
