@@ -156,7 +156,7 @@ def run_gan_row(name: str, kind: str, length: str, overrides: dict[str, Any], ba
 
 CONFIG_KEYS = ("rounds", "local-steps", "g-steps", "epochs", "d-steps", "batch-size", "partition", "alpha", "loss-rule",
                "seed", "clients", "epsilon", "embedding-weight", "embedding-share", "embedding-frequencies", "embedding-blur",
-               "d-spectral-norm", "fake-gradients")
+               "embedding-count-share", "d-spectral-norm", "fake-gradients")
 
 
 def classifier_rows(base: RunConfig, profile: dict, device: str) -> list[dict]:
