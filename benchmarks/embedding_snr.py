@@ -3,7 +3,7 @@
     python benchmarks/embedding_snr.py --data-dir ../shared/data            # PneumoniaMNIST, 5 sites
     python benchmarks/embedding_snr.py --data-dir ../shared/data --frequencies 500 --blurs 0,1,2
 
-For each (frequencies, blur, epsilon) it splits the training set into IID sites as the simulation
+For each (frequencies, blur, count share, epsilon) it splits the training set into IID sites as the simulation
 does, makes every site's one-shot release exactly as ``client/site_round.py`` does (the noise
 of ``--embedding-share`` of the budget), pools the releases as the server does, and reports the
 error of each class's pooled mean embedding relative to the distance between the classes'
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    [float(c) for c in args.count_shares.split(",")]):
             exact = pooled_means(data, args.sites, frequencies, None, 0, blur, count_share)
             separation = float(torch.cdist(exact.T, exact.T).triu(1).max())
-            trap = noise_trap(data, frequencies, blur) / separation
+            trap = noise_trap(data, frequencies, blur) / separation  # seconds; independent of the count share
             for epsilon in (float(e) for e in args.epsilons.split(",")):
                 sigma = release_noise(epsilon, args.share, args.delta, defaults.accountant)
                 errors = torch.stack([(pooled_means(data, args.sites, frequencies, sigma, r, blur, count_share) - exact).norm(dim=0)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                              "noise_over_separation": {c: float(e) / separation for c, e in zip(data.class_names, errors)}})
                 print(json.dumps(rows[-1]))
     stem = Path(args.results) / f"embedding-snr-{args.dataset}-{date.today().isoformat()}"
-    meta = {"dataset": args.dataset, "sites": args.sites, "share": args.share, "delta": args.delta,
+    meta = {"dataset": args.dataset, "sites": args.sites, "share": args.share, "count_shares": args.count_shares, "delta": args.delta,
             "repeats": args.repeats, "records": len(data)}
     atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
     lines = [f"# DP embedding target noise: {args.dataset}, {args.sites} IID sites, the release costing {args.share:g} of each site's epsilon",

@@ -45,12 +45,11 @@ PROFILES = {
     "smoke": dict(main_rounds=2, ablation_rounds=2, local_steps=2, main_g_steps=1, ablation_g_steps=1, eval_seeds=1,
                   n_synthetic=200, ablation_seeds=1, main_seeds=1),
 }
-# Rows measured before `--fake-gradients exact` became the default keep the one-pass step, so
-# that re-running them reproduces the committed table (without DP the option does nothing).
-CLIPPED = dict(fake_gradients="clipped")
-# Rows measured before 2026-12-01 released half of each record's norm as its class count; they pin
-# it (--embedding-count-share), so that re-running them reproduces the committed table.
-EVEN_COUNT = dict(embedding_count_share=0.5)
+# Rows measured before a default changed pin the value they were measured with, so that re-running
+# them reproduces the committed table: the one-pass step of fakes and reals (`--fake-gradients
+# clipped`, the default until 2026-11-23; without DP it does nothing) and an even split of each
+# record's norm between features and count in the embedding release (until 2026-12-01).
+EARLIER_DEFAULTS = dict(fake_gradients="clipped", embedding_count_share=0.5)
 EMBEDDING_OFF = dict(embedding_weight=0.0, embedding_share=0.3)  # the share, as measured, does nothing without the loss
 # The [short] comparison rows were measured with the earlier default embedding settings; they
 # keep them explicitly so that re-running them reproduces the committed table.
@@ -75,43 +74,43 @@ def row_specs(profile: dict[str, Any]) -> list[tuple[str, str, str, dict[str, An
     rows = [(training_seed_row(headline, seed), "federated", "main", dict(epsilon=eps, seed=seed))
             for seed in range(profile["main_seeds"]) for headline, eps in HEADLINE.items()]
     rows += [
-        ("federated no DP", "federated", "main", dict(epsilon=math.inf, **CLIPPED, **EVEN_COUNT)),
-        ("federated eps=10 with fakes clipped per sample (earlier default)", "federated", "main", dict(epsilon=10.0, **CLIPPED, **EVEN_COUNT)),
-        ("federated eps=1 with fakes clipped per sample (earlier default)", "federated", "main", dict(epsilon=1.0, **CLIPPED, **EVEN_COUNT)),
+        ("federated no DP", "federated", "main", dict(epsilon=math.inf, **EARLIER_DEFAULTS)),
+        ("federated eps=10 with fakes clipped per sample (earlier default)", "federated", "main", dict(epsilon=10.0, **EARLIER_DEFAULTS)),
+        ("federated eps=1 with fakes clipped per sample (earlier default)", "federated", "main", dict(epsilon=1.0, **EARLIER_DEFAULTS)),
         ("federated eps=10 with 8 generator steps per round (earlier default)", "federated", "main",
-         dict(epsilon=10.0, g_steps=8, **CLIPPED, **EVEN_COUNT)),
+         dict(epsilon=10.0, g_steps=8, **EARLIER_DEFAULTS)),
         ("federated eps=1 with 8 generator steps per round (earlier default)", "federated", "main",
-         dict(epsilon=1.0, g_steps=8, **CLIPPED, **EVEN_COUNT)),
+         dict(epsilon=1.0, g_steps=8, **EARLIER_DEFAULTS)),
         ("federated no DP with 8 generator steps per round (earlier default)", "federated", "main",
-         dict(epsilon=math.inf, g_steps=8, **CLIPPED, **EVEN_COUNT)),
+         dict(epsilon=math.inf, g_steps=8, **EARLIER_DEFAULTS)),
         ("federated no DP with 8 generator steps and embedding weight 10 (earlier defaults)", "federated", "main",
-         dict(epsilon=math.inf, g_steps=8, **EMBEDDING_10, **CLIPPED, **EVEN_COUNT)),
+         dict(epsilon=math.inf, g_steps=8, **EMBEDDING_10, **EARLIER_DEFAULTS)),
         # the defaults, tuned on PneumoniaMNIST, confirmed on data they were not tuned on
         ("BreastMNIST federated 3 sites eps=10", "federated", "main", dict(epsilon=10.0, dataset="breastmnist", clients=3)),
         ("BreastMNIST federated 3 sites eps=1", "federated", "main", dict(epsilon=1.0, dataset="breastmnist", clients=3)),
         ("BreastMNIST federated 3 sites eps=10 with fakes clipped per sample (earlier default)", "federated", "main",
-         dict(epsilon=10.0, dataset="breastmnist", clients=3, **CLIPPED, **EVEN_COUNT)),
+         dict(epsilon=10.0, dataset="breastmnist", clients=3, **EARLIER_DEFAULTS)),
         ("BreastMNIST federated 3 sites eps=1 with fakes clipped per sample (earlier default)", "federated", "main",
-         dict(epsilon=1.0, dataset="breastmnist", clients=3, **CLIPPED, **EVEN_COUNT)),
-        (SHORT_REFERENCE, "federated", "ablation", dict(epsilon=10.0, **EMBEDDING_10, **CLIPPED, **EVEN_COUNT)),
+         dict(epsilon=1.0, dataset="breastmnist", clients=3, **EARLIER_DEFAULTS)),
+        (SHORT_REFERENCE, "federated", "ablation", dict(epsilon=10.0, **EMBEDDING_10, **EARLIER_DEFAULTS)),
         ("[short] federated eps=10 dirichlet alpha=0.5", "federated", "ablation",
-         dict(epsilon=10.0, partition="dirichlet", alpha=0.5, **EMBEDDING_10, **CLIPPED, **EVEN_COUNT)),
+         dict(epsilon=10.0, partition="dirichlet", alpha=0.5, **EMBEDDING_10, **EARLIER_DEFAULTS)),
         ("[short] centralised eps=10 (one site, same D-step budget)", "centralised", "ablation",
-         dict(epsilon=10.0, **EMBEDDING_10, **CLIPPED, **EVEN_COUNT)),
+         dict(epsilon=10.0, **EMBEDDING_10, **EARLIER_DEFAULTS)),
         ("[short] ablation: no embedding loss (pure adversarial)", "federated", "ablation",
-         dict(epsilon=10.0, **EMBEDDING_OFF, **CLIPPED, **EVEN_COUNT)),
+         dict(epsilon=10.0, **EMBEDDING_OFF, **EARLIER_DEFAULTS)),
         ("[short] embedding weight 50 and half the budget on the release", "federated", "ablation",
-         dict(epsilon=10.0, embedding_weight=50.0, embedding_share=0.5, **CLIPPED, **EVEN_COUNT)),
+         dict(epsilon=10.0, embedding_weight=50.0, embedding_share=0.5, **EARLIER_DEFAULTS)),
     ]
     for rule in LOSS_RULES:
         for seed in range(profile["ablation_seeds"]):
             if loss_rule_row(rule, seed) != SHORT_REFERENCE:  # the reference row is the average rule's seed 0
                 rows.append((loss_rule_row(rule, seed), "federated", "ablation",
-                             dict(epsilon=10.0, loss_rule=rule, seed=seed, **EMBEDDING_10, **CLIPPED, **EVEN_COUNT)))
+                             dict(epsilon=10.0, loss_rule=rule, seed=seed, **EMBEDDING_10, **EARLIER_DEFAULTS)))
     rows.append(("[short] SNGAN-style baseline (spectral-norm D, single G, no DP, no embedding)", "centralised",
-                 "ablation", dict(epsilon=math.inf, loss_rule="single", d_spectral_norm=True, **EMBEDDING_OFF, **CLIPPED, **EVEN_COUNT)))
+                 "ablation", dict(epsilon=math.inf, loss_rule="single", d_spectral_norm=True, **EMBEDDING_OFF, **EARLIER_DEFAULTS)))
     rows.append(("[short] BreastMNIST federated 3 sites eps=10", "federated", "ablation",
-                 dict(epsilon=10.0, dataset="breastmnist", clients=3, **EMBEDDING_10, **CLIPPED, **EVEN_COUNT)))
+                 dict(epsilon=10.0, dataset="breastmnist", clients=3, **EMBEDDING_10, **EARLIER_DEFAULTS)))
     return rows
 
 
@@ -144,12 +143,13 @@ def run_gan_row(name: str, kind: str, length: str, overrides: dict[str, Any], ba
                           device=device, progress=False)
     tstr = result["tstr"]
     collapsed = result["diversity"]["collapsed"]
+    seconds = recorded_seconds(out)
     return {
         "run": name, "kind": kind, "dataset": cfg.dataset, "sites": cfg.clients if kind == "federated" else 1,
         "eps": result["epsilon"], "delta": ledger_delta(out), "auc": tstr["auc"]["mean"], "auc_std": tstr["auc"]["std"],
         "accuracy": tstr["accuracy"]["mean"], "label_fidelity": result["label_fidelity"]["overall"],
         "fid": result["fid"], "collapsed_classes": collapsed, "trtr_auc": result["trtr"]["auc"]["mean"],
-        "train_seconds": round(recorded_seconds(out), 1), "run_folder": str(out), "length": length,
+        "train_seconds": None if seconds is None else round(seconds, 1), "run_folder": str(out), "length": length,
         "config": {k: v for k, v in saved_config(RunFolder(out).read_run()).items() if k in CONFIG_KEYS},
     }
 
@@ -196,10 +196,13 @@ def saved_config(run: dict[str, Any]) -> dict[str, Any]:
     return RunConfig.from_saved(run["config"]).to_flower()
 
 
-def recorded_seconds(run: Path) -> float:
+def recorded_seconds(run: Path) -> float | None:
     """Training time of a run, fresh, reused or resumed alike: the sum of its rounds' (federated)
-    or epochs' (centralised) recorded times, so restarts and evaluation are never counted."""
-    return sum(r.get("t_round", r.get("t_epoch", 0.0)) for r in RunFolder(run).read_metrics())
+    or epochs' (centralised) recorded times, so restarts and evaluation are never counted. None
+    for a run that recorded none (centralised runs saved before epochs were timed)."""
+    times = [r.get("t_round", r.get("t_epoch")) for r in RunFolder(run).read_metrics()]
+    times = [t for t in times if t is not None]
+    return sum(times) if times else None
 
 
 def ledger_delta(run: Path) -> float | None:

@@ -244,8 +244,8 @@ SETTINGS_SHOWN = ("local-steps", "batch-size", "g-steps", "g-batch-size", "g-wid
 def settings_text(rows: list[dict[str, Any]]) -> str:
     """The trained settings of a round table's runs, as recorded when they were measured."""
     recorded = {json.dumps(r.get("settings"), sort_keys=True) for r in rows}
-    if not rows or recorded == {"null"}:
-        return "settings not recorded with these rows"
+    if not rows or "null" in recorded:
+        return "settings not recorded with " + ("these rows" if recorded == {"null"} else "some of these rows")
     if len(recorded) > 1:
         return "settings differ between these rows: see the JSON"
     s = rows[0]["settings"]
@@ -397,8 +397,7 @@ def markdown(result: dict[str, Any]) -> str:
               f"Medians over rounds 2..{meta['product_rounds']}. {ROUND_COLUMNS}", ""]
     lines += round_table(result["product_rounds"])
     lines += ["", "## Scaling with sites (simulation engine, tiny models, DP eps 10)", "",
-              f"{sim['rounds']} rounds of {sim['local_steps']} local D steps and {sim['g_steps']} generator steps; "
-              "G width 16, D width 8, batch 32, phantom data, 1 CPU per site actor. "
+              f"{sim['rounds']} rounds ({settings_text(result['federated'])}), phantom data, 1 CPU per site actor. "
               f"Medians over rounds 2..{sim['rounds']}. {ROUND_COLUMNS}", ""]
     lines += round_table(result["federated"])
     fit = result["scaling_fit"]

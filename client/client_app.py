@@ -36,8 +36,11 @@ warnings.filterwarnings("ignore", module="opacus")
 
 
 def run_config_of(msg: Message) -> tuple[RunConfig, dict]:
+    """The run's options as the coordinator sent them. An option it does not send holds the value
+    of the day before the option existed (RunConfig.from_saved): a site newer than its
+    coordinator then encodes its release the way that coordinator decodes it."""
     raw = dict(msg.content["config"])
-    cfg = RunConfig.from_flower({k: v for k, v in raw.items() if k not in ROUND_KEYS})
+    cfg = RunConfig.from_saved({k: v for k, v in raw.items() if k not in ROUND_KEYS})
     return cfg, raw
 
 

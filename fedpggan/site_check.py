@@ -24,7 +24,7 @@ LEAVES = ("discriminator weights after DP-SGD (per-sample clipped, Gaussian nois
           "one DP release of per-class mean image embeddings (noised, counted in epsilon)",
           "public facts: site id, number of images, image size, channels, class names, dataset name",
           "how long the site's round took (the coordinator sees the reply's arrival time anyway)")
-STAYS = ("images and labels", "per-class counts, losses or accuracies on real images",
+STAYS = ("images and labels", "un-noised per-class counts, losses or accuracies on real images",
          "the data path and the state directory (the accountant history and the secret noise key)")
 
 

@@ -74,6 +74,8 @@ def blurred_columns(weight: torch.Tensor, image_shape: tuple[int, int, int], sig
 
 def split_weights(count_share: float) -> tuple[float, float]:
     """(a, b): the weights of the features and of the count in a record's unit vector [a phi, b]."""
+    if not 0 < count_share < 1:
+        raise ValueError(f"count share {count_share} must be in (0, 1)")
     return math.sqrt(1.0 - count_share), math.sqrt(count_share)
 
 

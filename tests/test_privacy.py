@@ -201,3 +201,30 @@ def test_embedding_release_has_sensitivity_one_and_is_accounted(tmp_path, count_
     assert result.embedding_release is not None and tuple(result.embedding_release.shape) == (cfg.embedding_frequencies * 2 + 1, 2)
     assert state.history[0] == [state.release_noise, 1.0, 1]
     assert epsilon_of([tuple(h) for h in state.history], state.delta) == pytest.approx(result.privacy["epsilon"])
+
+
+def test_the_server_decodes_releases_with_the_runs_count_share():
+    """The server's class means equal the sites' exact means (no noise) only when it decodes with
+    the count share the sites encoded with, so a run with a non-default share must pass it on."""
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord
+
+    from fedpggan.config import RunConfig
+    from fedpggan.privacy.feature_release import features_for, release_sum
+    from pggan_model import GeneratorTrainer
+    from server.federated_run import FederatedRun
+
+    data = open_dataset("phantom", image_size=28).subset(range(64))
+    features = features_for((1, 28, 28), 50, seed=0)
+    server = object.__new__(FederatedRun)  # only what receive_release reads
+    server.cfg = RunConfig(epsilon=float("inf"), embedding_count_share=0.3)
+    server.features, server.class_names, server.releases, server.device = features, data.class_names, {}, "cpu"
+    server.g_trainer = GeneratorTrainer(PGGAN(SHAPE))
+    for site, part in enumerate((range(0, 40), range(40, 64))):
+        total = release_sum(features, data.images[list(part)], data.labels[list(part)], 2, 0.3, None, None)
+        server.receive_release(str(site), 1, SimpleNamespace(content={"embedding": ArrayRecord({"sum": total.float()})}))
+    _, target, _ = server.g_trainer.embedding
+    for k in range(2):
+        exact = features(data.images[data.labels == k].double()).mean(0)
+        assert torch.allclose(target[:, k].double(), exact, atol=1e-5), k

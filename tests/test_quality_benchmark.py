@@ -115,6 +115,10 @@ def test_training_seconds_are_the_recorded_round_or_epoch_times_however_the_run_
         (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert quality.recorded_seconds(federated) == pytest.approx(3.75)
     assert quality.recorded_seconds(centralised) == pytest.approx(3.75)
+    untimed = tmp_path / "untimed"  # a centralised run saved before epochs were timed: unknown, not 0
+    untimed.mkdir()
+    (untimed / "metrics.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
+    assert quality.recorded_seconds(untimed) is None
 
 
 def test_a_run_saved_before_the_count_share_existed_released_an_even_split(tmp_path):

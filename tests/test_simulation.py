@@ -143,3 +143,4 @@ def test_resume_of_a_run_saved_before_a_default_changed_keeps_the_setting_it_tra
     with pytest.raises(sim_run.FedPGGANError, match="ended with status 'running'"):  # nothing ran: no completion
         sim_run.simulate(None, resume=str(tmp_path))
     assert seen["resume"] and seen["cfg"].fake_gradients == SAVED_BEFORE_DEFAULT_CHANGED["fake-gradients"] == "clipped"
+    assert seen["cfg"].embedding_count_share == SAVED_BEFORE_DEFAULT_CHANGED["embedding-count-share"] == 0.5

@@ -77,6 +77,7 @@ def test_round_tables_describe_the_settings_the_runs_trained_with_not_todays_def
     assert "8 local D steps of batch 64, 8 generator steps of batch 128" in text and "embedding weight 10.0" in text
     assert speed.settings_text([{"sites": 5}]) == "settings not recorded with these rows"  # an older results file
     assert "differ" in speed.settings_text([{"settings": settings}, {"settings": {**settings, "g-steps": 2}}])
+    assert speed.settings_text([{"settings": settings}, {"sites": 5}]) == "settings not recorded with some of these rows"
 
 
 def test_scaling_fit_recovers_per_site_cost():

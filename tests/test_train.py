@@ -77,3 +77,29 @@ def test_a_run_saved_before_a_default_changed_reads_back_as_it_trained():
     assert RunConfig.from_flower(saved).fake_gradients == "exact"  # today's default
     assert RunConfig.from_saved(saved) == RunConfig(epsilon=1.0, fake_gradients="clipped")
     assert RunConfig.from_saved(RunConfig().to_flower()).fake_gradients == "exact"  # a saved value wins
+    # the embedding release's layout likewise: an even split before the count share existed
+    saved = {k: v for k, v in RunConfig().to_flower().items() if k != "embedding-count-share"}
+    assert RunConfig.from_saved(saved).embedding_count_share == 0.5 and RunConfig().embedding_count_share == 0.1
+
+
+def test_a_site_reads_an_option_its_coordinator_does_not_send_as_of_the_day_before_it_existed():
+    """A site newer than its coordinator must encode its release the way that coordinator decodes it."""
+    from types import SimpleNamespace
+
+    from client.client_app import run_config_of
+
+    sent = {k: v for k, v in RunConfig().to_flower().items() if k != "embedding-count-share"}
+    cfg, _ = run_config_of(SimpleNamespace(content={"config": {**sent, "round": 3}}))
+    assert cfg.embedding_count_share == 0.5
+    cfg, _ = run_config_of(SimpleNamespace(content={"config": RunConfig().to_flower()}))
+    assert cfg.embedding_count_share == 0.1
+
+
+def test_train_accepts_every_embedding_option(tmp_path):
+    out = tmp_path / "run"
+    code = main(["train", "--dataset", "phantom", "--epochs", "1", "--epsilon", "5", "--batch-size", "32",
+                 "--g-width", "16", "--d-width", "8", "--latent-dim", "16", "--embedding-blur", "1",
+                 "--embedding-count-share", "0.3", "--embedding-frequencies", "20", "--out", str(out)])
+    assert code == 0
+    saved = json.loads((out / "run.json").read_text())["config"]
+    assert (saved["embedding-count-share"], saved["embedding-blur"]) == (0.3, 1.0)
