@@ -74,14 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     data = open_dataset(args.dataset, "train", args.data_dir or None)
     rows = []
+    count_shares = [float(c) for c in args.count_shares.split(",")]
+    sigmas = {e: release_noise(e, args.share, args.delta, defaults.accountant) for e in map(float, args.epsilons.split(","))}
     for frequencies in (int(f) for f in args.frequencies.split(",")):
-        for blur, count_share in itertools.product((float(b) for b in args.blurs.split(",")),
-                                                   [float(c) for c in args.count_shares.split(",")]):
-            exact = pooled_means(data, args.sites, frequencies, None, 0, blur, count_share)
+        for blur in (float(b) for b in args.blurs.split(",")):
+            # without noise the count share cancels out: the exact means and the trap need one share
+            exact = pooled_means(data, args.sites, frequencies, None, 0, blur, count_shares[0])
             separation = float(torch.cdist(exact.T, exact.T).triu(1).max())
-            trap = noise_trap(data, frequencies, blur) / separation  # seconds; independent of the count share
-            for epsilon in (float(e) for e in args.epsilons.split(",")):
-                sigma = release_noise(epsilon, args.share, args.delta, defaults.accountant)
+            trap = noise_trap(data, frequencies, blur) / separation
+            for count_share, (epsilon, sigma) in itertools.product(count_shares, sigmas.items()):
                 errors = torch.stack([(pooled_means(data, args.sites, frequencies, sigma, r, blur, count_share) - exact).norm(dim=0)
                                       for r in range(args.repeats)]).mean(0)
                 rows.append({"frequencies": frequencies, "blur": blur, "count_share": count_share, "eps": epsilon, "release_sigma": sigma,
