@@ -47,9 +47,10 @@ PROFILES = {
 }
 # Rows measured before a default changed pin the value they were measured with, so that re-running
 # them reproduces the committed table: the one-pass step of fakes and reals (`--fake-gradients
-# clipped`, the default until 2026-11-23; without DP it does nothing) and an even split of each
-# record's norm between features and count in the embedding release (until 2026-12-01).
-EARLIER_DEFAULTS = dict(fake_gradients="clipped", embedding_count_share=0.5)
+# clipped`, the default until 2026-11-23; without DP it does nothing), an even split of each
+# record's norm between features and count in the embedding release, and no generator steps on the
+# embedding loss alone (both until 2026-12-01).
+EARLIER_DEFAULTS = dict(fake_gradients="clipped", embedding_count_share=0.5, embedding_steps=0)
 EMBEDDING_OFF = dict(embedding_weight=0.0, embedding_share=0.3)  # the share, as measured, does nothing without the loss
 # The [short] comparison rows were measured with the earlier default embedding settings; they
 # keep them explicitly so that re-running them reproduces the committed table.
@@ -156,7 +157,7 @@ def run_gan_row(name: str, kind: str, length: str, overrides: dict[str, Any], ba
 
 CONFIG_KEYS = ("rounds", "local-steps", "g-steps", "epochs", "d-steps", "batch-size", "partition", "alpha", "loss-rule",
                "seed", "clients", "epsilon", "embedding-weight", "embedding-share", "embedding-frequencies", "embedding-blur",
-               "embedding-count-share", "d-spectral-norm", "fake-gradients")
+               "embedding-count-share", "embedding-steps", "embedding-noise-limit", "d-spectral-norm", "fake-gradients")
 
 
 def classifier_rows(base: RunConfig, profile: dict, device: str) -> list[dict]:

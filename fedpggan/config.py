@@ -64,6 +64,8 @@ class RunConfig:
     embedding_frequencies: int = opt(500, "random Fourier frequencies of the mean embedding", group="optimisation")
     embedding_blur: float = opt(0.0, "Gaussian blur (pixels) of the random frequencies, so the embedding reads image structure rather than pixel noise (0 = white frequencies)", group="optimisation")
     embedding_count_share: float = opt(0.1, "share of each record's unit norm (squared) in the embedding release that carries its class count; the rest carries its features (0.5 in runs before 2026-12-01)", group="optimisation")
+    embedding_steps: int = opt(3, "generator steps on the embedding loss alone per adversarial generator step, taken after a round's adversarial steps (post-processing of the release: no privacy cost); only while the release is clean enough (--embedding-noise-limit): fitting a noisy target harder learns its noise (0 in runs before 2026-12-01)", group="optimisation")
+    embedding_noise_limit: float = opt(0.5, "--embedding-steps are taken only while the pooled release's estimated class-mean noise is at most this fraction of the largest distance between class means (0 = never, inf = always)", group="optimisation")
     embedding_share: float = opt(0.5, "share of each site's epsilon the embedding release alone would cost (composition makes the total cost far smaller)", group="privacy")
     # --- privacy ---------------------------------------------------------------------
     epsilon: float = opt(10.0, "per-site privacy budget epsilon; 'none' trains without DP", group="privacy")
@@ -89,7 +91,8 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise FedPGGANError(f"--{flag(name)} {getattr(self, name)} is invalid: it must be >= 1")
-        for name in ("g_steps", "min_clients", "min_per_site", "client_gpus", "delta", "embedding_weight"):
+        for name in ("g_steps", "min_clients", "min_per_site", "client_gpus", "delta", "embedding_weight", "embedding_steps",
+                     "embedding_noise_limit"):
             if getattr(self, name) < 0:
                 raise FedPGGANError(f"--{flag(name)} {getattr(self, name)} is invalid: it must be >= 0")
         for name in ("alpha", "lr_d", "lr_g", "max_grad_norm", "epsilon", "round_timeout", "client_cpus"):
@@ -150,7 +153,7 @@ class RunConfig:
 
 
 # Options whose default changed, with the value a run saved without them trained with.
-SAVED_BEFORE_DEFAULT_CHANGED = {"fake-gradients": "clipped", "embedding-count-share": 0.5}
+SAVED_BEFORE_DEFAULT_CHANGED = {"fake-gradients": "clipped", "embedding-count-share": 0.5, "embedding-steps": 0}
 
 
 def flag(name: str) -> str:

@@ -22,10 +22,10 @@ from fedpggan.plots import save_curves, save_sample_grid
 from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, calibrate_noise, default_delta
 from fedpggan.privacy.dp_discriminator import sample_rate
 from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise, release_sum
-from fedpggan.privacy.ledger import PrivacyLedger
+from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
 from pggan_model import CASES, GeneratorTrainer, save_checkpoint
-from pggan_model.mean_embedding import class_means
+from pggan_model.mean_embedding import class_means, release_noise_ratio
 
 CURVE_PANELS = {
     "losses": ["d_loss", "loss_g1", "loss_g2", "loss_embedding"],
@@ -74,12 +74,17 @@ def train_centralised(cfg: RunConfig) -> Path:
         print("warning: dataset 'phantom' is procedurally generated, NOT medical data")
 
     g_trainer = GeneratorTrainer(gan)
+    embedding_steps = 0
     if cfg.embedding_weight > 0:  # the one-shot release, accounted before any DP-SGD step
         features = features_for(data.image_shape, cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur)
         released = release_sum(features, data.images, data.labels, data.num_classes, cfg.embedding_count_share,
                                release, torch.Generator().manual_seed(cfg.seed))
         means = class_means(released, cfg.embedding_count_share)[0]
         g_trainer.match_embedding(features, means.to(device), cfg.embedding_weight)
+        noise_ratio = release_noise_ratio(released, cfg.embedding_count_share, release**2 if release is not None else 0.0)
+        embedding_steps = cfg.embedding_steps if noise_ratio <= cfg.embedding_noise_limit else 0
+        run_info["embedding_noise_ratio"] = finite_or_none(noise_ratio)
+        run.write_run(run_info)
     d_trainer = DiscriminatorTrainer(gan, data.images, data.labels, cfg.batch_size, privacy,
                                      history=release_history(release), prior=prior)
     bar = tqdm(range(1, cfg.epochs + 1), desc="epochs", unit="epoch")
@@ -89,7 +94,9 @@ def train_centralised(cfg: RunConfig) -> Path:
         for _ in range(g_steps_per_epoch):
             d_stats += d_trainer.train(cfg.d_steps)
             g_stats.append(g_trainer.step(cfg.g_batch_size, prior))
-        row = {"epoch": epoch, **mean_stats(d_stats, ("d_loss", "d_acc_real", "d_acc_fake")),
+            for _ in range(embedding_steps):  # post-processing of the release (see --embedding-noise-limit)
+                g_trainer.embedding_step(cfg.g_batch_size, prior)
+        row = {"epoch": epoch, "embedding_steps": embedding_steps * g_steps_per_epoch, **mean_stats(d_stats, ("d_loss", "d_acc_real", "d_acc_fake")),
                **mean_stats(g_stats, ("loss_g1", "loss_g2") + (("loss_embedding",) if cfg.embedding_weight > 0 else ())),
                **{f"case_{c}": sum(s[f"case_{c}"] for s in g_stats) for c in CASES}}
         if privacy is not None:

@@ -160,15 +160,9 @@ class GeneratorTrainer:
             mixture_labels = labels if gan.single else torch.cat([labels, labels])
             emb = embedding_loss(features, torch.cat([x1, x2]), mixture_labels, means)
             loss = loss + weight * emb
-        self.opt1.zero_grad(set_to_none=True)
-        self.opt2.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt1.step()
-        if not gan.single:
-            self.opt2.step()
+        self.update(loss)
         d.requires_grad_(True)
         d.train(was_training)
-        gan.update_ema()
         out = {"loss_g1": float(losses.loss_g1), "loss_g2": float(losses.loss_g2)}
         if self.embedding is not None:
             out["loss_embedding"] = float(emb.detach())
@@ -176,6 +170,34 @@ class GeneratorTrainer:
             out["loss_g2"] = float("nan")
         out.update({f"case_{k}": float(losses.cases[k]) for k in CASES})
         return out
+
+    def embedding_step(self, batch_size: int, prior: torch.Tensor | None = None) -> float:
+        """One update of both generators on the embedding loss alone (D is not used); returns
+        that loss. Post-processing of the DP release, so it costs no privacy; whether it helps
+        depends on how noisy the release is (see :func:`release_noise_ratio`)."""
+        if self.embedding is None:
+            raise RuntimeError("embedding_step needs a target: call match_embedding first")
+        gan, (features, means, weight) = self.gan, self.embedding
+        device = next(gan.parameters()).device
+        gan.g1.train(), gan.g2.train()
+        labels = gan.draw_labels(batch_size, prior, device)
+        images = gan.g1(gan.latent(batch_size, device), labels)
+        if not gan.single:
+            images = torch.cat([images, gan.g2(gan.latent(batch_size, device), labels)])
+            labels = torch.cat([labels, labels])
+        emb = embedding_loss(features, images, labels, means)
+        self.update(weight * emb)
+        return float(emb.detach())
+
+    def update(self, loss: torch.Tensor) -> None:
+        """Back-propagate ``loss``, step the generators' optimisers and their EMA copies."""
+        self.opt1.zero_grad(set_to_none=True)
+        self.opt2.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt1.step()
+        if not self.gan.single:
+            self.opt2.step()
+        self.gan.update_ema()
 
     def state_dict(self) -> dict:
         return {"opt1": self.opt1.state_dict(), "opt2": self.opt2.state_dict()}

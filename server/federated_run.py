@@ -32,7 +32,7 @@ from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
 from fedpggan.wire import train_content
 from pggan_model import CASES, GeneratorTrainer, load_checkpoint, save_checkpoint
-from pggan_model.mean_embedding import class_means
+from pggan_model.mean_embedding import class_means, release_noise_ratio
 from server.aggregation import aggregate
 from server.validation import outlier_problems, update_norm, update_problem
 
@@ -73,6 +73,8 @@ class FederatedRun:
         self.features = features_for((int(facts["channels"]), int(facts["image-size"]), int(facts["image-size"])),
                                      cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur)
         self.releases: dict[str, torch.Tensor] = {}
+        self.release_noise_ratio = math.inf  # no release yet
+        self.site_records = {self.site_id(n): int(f["num-records"]) for n, f in self.sites.items()}
         first_round = self.restore() if self.resume else self.start(facts)
         status, reason = "completed", f"{cfg.rounds} rounds done"
         bar = tqdm(range(first_round, cfg.rounds + 1), desc="rounds", unit="round", initial=first_round - 1, total=cfg.rounds)
@@ -309,8 +311,11 @@ class FederatedRun:
             self.ledger.record_event(site, round_num, "rejected_release", f"embedding release of shape {tuple(released.shape)} (expected {expected}) or non-finite")
             return
         self.releases[site] = released.double()
-        means, _ = class_means(sum(self.releases[s] for s in sorted(self.releases)), self.cfg.embedding_count_share)
+        pooled = sum(self.releases[s] for s in sorted(self.releases))
+        means, _ = class_means(pooled, self.cfg.embedding_count_share)
         self.g_trainer.match_embedding(self.features, means.to(self.device), self.cfg.embedding_weight)
+        self.release_noise_ratio = release_noise_ratio(pooled, self.cfg.embedding_count_share, sum(
+            self.mechanism_for(self.site_records[s])[3] ** 2 for s in self.releases) if self.cfg.dp else 0.0)
 
     def spend_problem(self, node: int, privacy: dict[str, float]) -> str | None:
         """Why a site's reported spend does not match what its config dictates (or None)."""
@@ -332,13 +337,26 @@ class FederatedRun:
             self.gan.g1.load_state_dict({k[3:]: v for k, v in merged.items() if k.startswith("g1.")})
             self.gan.g2.load_state_dict({k[3:]: v for k, v in merged.items() if k.startswith("g2.")})
             self.gan.update_ema()
-            return self.fake_score()
+            return {**self.fit_embedding(), **self.fake_score()}
         stats = [self.g_trainer.step(self.cfg.g_batch_size, self.prior) for _ in range(self.cfg.g_steps)]
         keys = ("loss_g1", "loss_g2") + (("loss_embedding",) if "loss_embedding" in stats[0] else ()) if stats else ()
         out = {k: float(np.nanmean([s[k] for s in stats])) for k in keys}
         out.update({f"case_{c}": sum(s[f"case_{c}"] for s in stats) for c in CASES})
+        out.update(self.fit_embedding())
         out.update(self.fake_score())
         return out
+
+    def fit_embedding(self) -> dict[str, float]:
+        """The round's --embedding-steps (per adversarial step) on the embedding loss alone, when the
+        pooled release is clean enough (--embedding-noise-limit); post-processing of the release."""
+        if self.g_trainer.embedding is None:
+            return {}
+        steps = 0
+        if self.release_noise_ratio <= self.cfg.embedding_noise_limit:
+            steps = self.cfg.g_steps * self.cfg.embedding_steps
+        for _ in range(steps):
+            self.g_trainer.embedding_step(self.cfg.g_batch_size, self.prior)
+        return {"embedding_noise_ratio": finite_or_none(self.release_noise_ratio), "embedding_steps": steps}
 
     @torch.no_grad()
     def fake_score(self) -> dict[str, float]:

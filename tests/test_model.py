@@ -168,3 +168,22 @@ def test_blurred_frequencies_read_image_structure_rather_than_pixel_noise():
     assert torch.allclose(phi.norm(dim=1), torch.ones(256), atol=1e-5)  # unit norm: the release's sensitivity holds
     with pytest.raises(ValueError, match="image shape"):
         RandomFourierFeatures(28 * 28, 20, seed=0, blur=1.0)
+
+
+def test_embedding_step_fits_the_target_without_touching_d():
+    from pggan_model.mean_embedding import RandomFourierFeatures
+
+    torch.manual_seed(0)
+    gan = PGGAN(ModelShape(28, 1, 2, latent_dim=8, g_width=16, d_width=8))
+    trainer = GeneratorTrainer(gan)
+    with pytest.raises(RuntimeError, match="match_embedding"):
+        trainer.embedding_step(8)
+    features = RandomFourierFeatures(28 * 28, 20, seed=0)
+    trainer.match_embedding(features, torch.zeros(features.dim, 2), weight=5.0)
+    d_before = [p.clone() for p in gan.d.parameters()]
+    ema_before = [p.clone() for p in gan.ema2.parameters()]
+    losses = [trainer.embedding_step(16) for _ in range(30)]
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])  # it fits the target
+    assert all(torch.equal(a, b) for a, b in zip(d_before, gan.d.parameters()))
+    assert all(p.grad is None for p in gan.d.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(ema_before, gan.ema2.parameters()))  # both generators, and their EMA

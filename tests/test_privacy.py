@@ -228,3 +228,58 @@ def test_the_server_decodes_releases_with_the_runs_count_share():
     for k in range(2):
         exact = features(data.images[data.labels == k].double()).mean(0)
         assert torch.allclose(target[:, k].double(), exact, atol=1e-5), k
+
+
+def test_release_noise_ratio_estimates_the_target_error_from_public_noise_only():
+    """The server gates --embedding-steps on this estimate: it must track the true error of the
+    noisiest class mean over the true class separation, which it cannot see."""
+    from fedpggan.privacy.feature_release import features_for, release_sum
+    from pggan_model.mean_embedding import class_means, release_noise_ratio
+
+    data = open_dataset("phantom", image_size=28).subset(range(400))
+    features = features_for((1, 28, 28), 50, seed=0)
+    exact = class_means(release_sum(features, data.images, data.labels, 2, 0.1, None, None), 0.1)[0].double()
+    separation = float((exact[:, 0] - exact[:, 1]).norm())
+    assert release_noise_ratio(release_sum(features, data.images, data.labels, 2, 0.1, None, None), 0.1, 0.0) == 0.0
+    for sigma in (0.2, 0.5, 1.0, 2.0):  # true ratios about 0.12, 0.3, 0.6 and 1.2
+        ratios = []
+        for draw in range(4):
+            noisy = release_sum(features, data.images, data.labels, 2, 0.1, sigma, torch.Generator().manual_seed(draw))
+            true = float((class_means(noisy, 0.1)[0].double() - exact).norm(dim=0).max()) / separation
+            ratios.append((release_noise_ratio(noisy, 0.1, sigma**2), true))
+        if sigma < 2:
+            estimated, true = (sum(r[i] for r in ratios) / len(ratios) for i in (0, 1))
+            assert 0.7 * true < estimated < 1.4 * true, (sigma, estimated, true)
+        else:  # past the noise floor the estimate is rough (or inf), but never says "clean"
+            assert all(estimated > 0.5 for estimated, _ in ratios), ratios
+
+
+def test_embedding_steps_are_taken_only_while_the_release_is_clean(monkeypatch):
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord
+
+    from fedpggan.config import RunConfig
+    from fedpggan.privacy.feature_release import features_for, release_sum
+    from pggan_model import GeneratorTrainer
+    from server.federated_run import FederatedRun
+
+    data = open_dataset("phantom", image_size=28).subset(range(400))
+    features = features_for((1, 28, 28), 50, seed=0)
+    calls = []
+    monkeypatch.setattr(GeneratorTrainer, "embedding_step", lambda self, n, prior=None: calls.append(n) or 0.0)
+    for sigma, expected_steps in ((0.05, 2 * 3), (50.0, 0)):
+        server = object.__new__(FederatedRun)  # only what receive_release and fit_embedding read
+        server.cfg = RunConfig(epsilon=1.0, g_steps=2, embedding_steps=3, embedding_noise_limit=0.5, g_batch_size=8)
+        server.features, server.class_names, server.releases, server.device = features, data.class_names, {}, "cpu"
+        server.g_trainer, server.prior, server.release_noise_ratio = GeneratorTrainer(PGGAN(SHAPE)), None, math.inf
+        server.site_records = {"0": 200, "1": 200}
+        server.mechanism_for = lambda n, s=sigma: (1.0, 0.1, 1e-5, s)
+        for site, part in enumerate((range(0, 200), range(200, 400))):
+            total = release_sum(features, data.images[list(part)], data.labels[list(part)], 2, 0.1, sigma,
+                                torch.Generator().manual_seed(site))
+            server.receive_release(str(site), 1, SimpleNamespace(content={"embedding": ArrayRecord({"sum": total.float()})}))
+        calls.clear()
+        row = server.fit_embedding()
+        assert row["embedding_steps"] == expected_steps == len(calls), sigma
+        assert (row["embedding_noise_ratio"] or math.inf) > 0.5 if expected_steps == 0 else row["embedding_noise_ratio"] < 0.5

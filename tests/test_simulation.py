@@ -87,6 +87,12 @@ def test_run_folder_is_complete_and_within_budget(simulated):
     assert [r["round"] for r in rows] == [1, 2] and all(r["accepted"] == 3 for r in rows)
     assert {"loss_g1", "loss_g2", "case_neither", "case_only_g1", "case_only_g2", "case_both", "epsilon_max",
             "t_sites", "t_server"} <= set(rows[-1])
+    trained = [r for r in rows if "loss_g1" in r]
+    assert trained and all("embedding_noise_ratio" in r for r in trained)
+    saved = run["config"]
+    for r in trained:  # the gate on --embedding-steps follows the logged estimate of the release's noise
+        clean = r["embedding_noise_ratio"] is not None and r["embedding_noise_ratio"] <= saved["embedding-noise-limit"]
+        assert r["embedding_steps"] == (saved["g-steps"] * saved["embedding-steps"] if clean else 0)
     for name in ("samples/round_00002.png", "curves/training.png", "curves/epsilon.png"):
         assert (out / name).stat().st_size > 0, name
     for site in ("0", "1", "2"):  # each site's accountant state persisted on its side

@@ -99,7 +99,18 @@ def test_train_accepts_every_embedding_option(tmp_path):
     out = tmp_path / "run"
     code = main(["train", "--dataset", "phantom", "--epochs", "1", "--epsilon", "5", "--batch-size", "32",
                  "--g-width", "16", "--d-width", "8", "--latent-dim", "16", "--embedding-blur", "1",
-                 "--embedding-count-share", "0.3", "--embedding-frequencies", "20", "--out", str(out)])
+                 "--embedding-count-share", "0.3", "--embedding-frequencies", "20", "--embedding-steps", "2",
+                 "--embedding-noise-limit", "inf", "--out", str(out)])
     assert code == 0
-    saved = json.loads((out / "run.json").read_text())["config"]
-    assert (saved["embedding-count-share"], saved["embedding-blur"]) == (0.3, 1.0)
+    info = json.loads((out / "run.json").read_text())
+    saved = info["config"]
+    assert (saved["embedding-count-share"], saved["embedding-blur"], saved["embedding-steps"]) == (0.3, 1.0, 2)
+    assert info["embedding_noise_ratio"] > 0  # estimated from the release's public noise level
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["embedding_steps"] > 0 and rows[0]["embedding_steps"] % 2 == 0  # 2 per generator step: the limit is inf
+    # with a limit of 0 a DP release never counts as clean: no embedding steps
+    code = main(["train", "--dataset", "phantom", "--epochs", "1", "--epsilon", "5", "--batch-size", "32",
+                 "--g-width", "16", "--d-width", "8", "--latent-dim", "16", "--embedding-frequencies", "20",
+                 "--embedding-noise-limit", "0", "--out", str(tmp_path / "gated")])
+    assert code == 0
+    assert json.loads((tmp_path / "gated" / "metrics.jsonl").read_text().splitlines()[0])["embedding_steps"] == 0

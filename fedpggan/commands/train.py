@@ -11,6 +11,7 @@ OPTIONS = [
     "dataset", "data_dir", "image_size", "class_prior", "epochs", "batch_size", "g_batch_size", "d_steps",
     "loss_rule", "lr_d", "lr_g", "ema_decay", "latent_dim", "g_width", "d_width", "d_spectral_norm",
     "embedding_weight", "embedding_frequencies", "embedding_blur", "embedding_count_share", "embedding_share",
+    "embedding_steps", "embedding_noise_limit",
     "epsilon", "delta",
     "max_grad_norm", "accountant", "grad_sample_mode", "fake_gradients", "checkpoint_every", "keep_checkpoints",
     "device", "seed", "out",
