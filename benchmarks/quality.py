@@ -58,6 +58,8 @@ EMBEDDING_10 = dict(embedding_weight=10.0, embedding_share=0.3)
 SHORT_REFERENCE = "[short] federated eps=10 (reference for the rows below)"
 LOSS_RULES = ("average", "mean", "single")
 HEADLINE = {"federated eps=10": 10.0, "federated eps=1": 1.0}  # the target rows, run over training seeds
+# the eps-10 headline as trained before --embedding-steps (at eps 1 the gate keeps them off anyway)
+NO_EMBEDDING_STEPS = "federated eps=10 without embedding steps (earlier default)"
 
 
 def training_seed_row(headline: str, seed: int) -> str:
@@ -74,6 +76,8 @@ def row_specs(profile: dict[str, Any]) -> list[tuple[str, str, str, dict[str, An
     """(row name, kind, length, config overrides) for every GAN run of the table."""
     rows = [(training_seed_row(headline, seed), "federated", "main", dict(epsilon=eps, seed=seed))
             for seed in range(profile["main_seeds"]) for headline, eps in HEADLINE.items()]
+    rows += [(training_seed_row(NO_EMBEDDING_STEPS, seed), "federated", "main", dict(epsilon=10.0, seed=seed, embedding_steps=0))
+             for seed in range(profile["main_seeds"])]
     rows += [
         ("federated no DP", "federated", "main", dict(epsilon=math.inf, **EARLIER_DEFAULTS)),
         ("federated eps=10 with fakes clipped per sample (earlier default)", "federated", "main", dict(epsilon=10.0, **EARLIER_DEFAULTS)),
@@ -256,7 +260,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def seed_summaries(rows: list[dict], settings: dict[str, Any]) -> dict[str, list[dict]]:
     """The runs repeated over training seeds: the headline rows and the [short] loss rules."""
-    headline = {name: [training_seed_row(name, s) for s in range(settings["main_seeds"])] for name in HEADLINE}
+    headline = {name: [training_seed_row(name, s) for s in range(settings["main_seeds"])]
+                for name in (*HEADLINE, NO_EMBEDDING_STEPS)}
     rules = {rule: [loss_rule_row(rule, s) for s in range(settings["ablation_seeds"])] for rule in LOSS_RULES}
     return {"Headline runs over training seeds": seed_summary(rows, headline),
             "Loss rules at eps=10 over training seeds": seed_summary(rows, rules)}
