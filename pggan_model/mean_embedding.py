@@ -103,19 +103,25 @@ def class_means(released_sum: torch.Tensor, count_share: float, min_count: float
 
 
 def release_noise_ratio(released_sum: torch.Tensor, count_share: float, noise_variance: float) -> float:
-    """Estimated (noise of the noisiest class mean) / (largest distance between class means) of a
-    pooled release whose every coordinate carries Gaussian noise of ``noise_variance`` (the sum
-    of the pooled sites' sigma^2; 0 without DP). Post-processing: it reads the release and the
-    public noise levels only. The distances are de-biased by the expected noise; a release in
-    which no two classes stand out of the noise gives inf."""
+    """Estimated worst, over classes k, of (noise of k's mean) / (distance from k's mean to the
+    nearest other class mean) of a pooled release whose every coordinate carries Gaussian noise
+    of ``noise_variance`` (the sum of the pooled sites' sigma^2; 0 without DP). The nearest class,
+    not the farthest: a small class lost in the noise next to a similar one (BreastMNIST's
+    malignant next to benign) must close the gate even when other classes lie far apart.
+    Post-processing: it reads the release and the public noise levels only. The distances are
+    de-biased by the expected noise; a class that does not stand out of it gives inf."""
     if noise_variance <= 0:
         return 0.0
     means, counts = class_means(released_sum, count_share)
     a, _ = split_weights(count_share)
     noise_sq = noise_variance * means.shape[0] / (a * counts.clamp(min=1.0)) ** 2  # E||noise of class k's mean||^2
+    if means.shape[1] < 2:
+        return math.inf
     gaps = torch.cdist(means.T.double(), means.T.double()) ** 2 - noise_sq[:, None] - noise_sq[None, :]
-    separation_sq = float(gaps.triu(1).max()) if means.shape[1] > 1 else 0.0
-    return math.inf if separation_sq <= 0 else math.sqrt(float(noise_sq.max()) / separation_sq)
+    nearest_sq = gaps.fill_diagonal_(math.inf).min(dim=1).values  # per class, to its nearest other class
+    if bool((nearest_sq <= 0).any()):
+        return math.inf
+    return float((noise_sq.double() / nearest_sq).max().sqrt())
 
 
 def embedding_loss(features: RandomFourierFeatures, images: torch.Tensor, labels: torch.Tensor,

@@ -283,3 +283,18 @@ def test_embedding_steps_are_taken_only_while_the_release_is_clean(monkeypatch):
         row = server.fit_embedding()
         assert row["embedding_steps"] == expected_steps == len(calls), sigma
         assert (row["embedding_noise_ratio"] or math.inf) > 0.5 if expected_steps == 0 else row["embedding_noise_ratio"] < 0.5
+
+
+def test_a_class_lost_next_to_a_similar_one_closes_the_gate_even_when_others_lie_far_apart():
+    """The 4-class case (malignant next to benign, both far from chest X-rays): judged against the
+    farthest class the release looked clean and the steps taught the small class noise."""
+    from pggan_model.mean_embedding import release_noise_ratio, split_weights
+
+    a, b = split_weights(0.1)
+    means = torch.zeros(10, 3, dtype=torch.float64)
+    means[0, 1], means[1, 2] = 0.1, 10.0  # classes 0 and 1 close together, class 2 far from both
+    counts = torch.tensor([1000.0, 1000.0, 1000.0], dtype=torch.float64)
+    released = torch.cat([a * means * counts, b * counts[None]], dim=0)
+    noise_variance = (0.05 * a * 1000) ** 2 / 10  # noise of each class mean: 0.05, half the near gap
+    assert release_noise_ratio(released, 0.1, noise_variance) == pytest.approx((0.05**2 / (0.1**2 - 2 * 0.05**2)) ** 0.5)
+    assert release_noise_ratio(released, 0.1, 4 * noise_variance) > 0.5  # 0.1: as large as the near gap
