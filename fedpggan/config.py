@@ -65,7 +65,7 @@ class RunConfig:
     embedding_blur: float = opt(0.0, "Gaussian blur (pixels) of the random frequencies, so the embedding reads image structure rather than pixel noise (0 = white frequencies)", group="optimisation")
     embedding_count_share: float = opt(0.1, "share of each record's unit norm (squared) in the embedding release that carries its class count; the rest carries its features (0.5 in runs before 2026-12-01)", group="optimisation")
     embedding_steps: int = opt(3, "generator steps on the embedding loss alone per adversarial generator step, taken after a round's adversarial steps (post-processing of the release: no privacy cost); only while the release is clean enough (--embedding-noise-limit): fitting a noisy target harder learns its noise (0 in runs before 2026-12-01)", group="optimisation")
-    embedding_noise_limit: float = opt(0.5, "--embedding-steps are taken only while the pooled release's estimated class-mean noise is at most this fraction of the largest distance between class means (0 = never, inf = always)", group="optimisation")
+    embedding_noise_limit: float = opt(0.5, "--embedding-steps are taken only while, for every class, the pooled release's estimated noise of its mean is at most this fraction of the distance to the nearest other class mean (0 = never, inf = always)", group="optimisation")
     embedding_share: float = opt(0.5, "share of each site's epsilon the embedding release alone would cost (composition makes the total cost far smaller)", group="privacy")
     # --- privacy ---------------------------------------------------------------------
     epsilon: float = opt(10.0, "per-site privacy budget epsilon; 'none' trains without DP", group="privacy")
@@ -123,6 +123,11 @@ class RunConfig:
             raise FedPGGANError("--d-spectral-norm needs --epsilon none: Opacus cannot train spectral norm")
         class_prior(self.class_prior)  # raises on a malformed prior
         return self
+
+    def embedding_steps_at(self, noise_ratio: float) -> int:
+        """Embedding-only steps per adversarial generator step for a release of this estimated
+        noise ratio (pggan_model.mean_embedding.release_noise_ratio): none above the limit."""
+        return self.embedding_steps if noise_ratio <= self.embedding_noise_limit else 0
 
     # --- Flower run_config (kebab-case keys, scalar values) -----------------------------
     def to_flower(self) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def train_centralised(cfg: RunConfig) -> Path:
         means = class_means(released, cfg.embedding_count_share)[0]
         g_trainer.match_embedding(features, means.to(device), cfg.embedding_weight)
         noise_ratio = release_noise_ratio(released, cfg.embedding_count_share, release**2 if release is not None else 0.0)
-        embedding_steps = cfg.embedding_steps if noise_ratio <= cfg.embedding_noise_limit else 0
+        embedding_steps = cfg.embedding_steps_at(noise_ratio)
         run_info["embedding_noise_ratio"] = finite_or_none(noise_ratio)
         run.write_run(run_info)
     d_trainer = DiscriminatorTrainer(gan, data.images, data.labels, cfg.batch_size, privacy,

@@ -112,16 +112,16 @@ def release_noise_ratio(released_sum: torch.Tensor, count_share: float, noise_va
     de-biased by the expected noise; a class that does not stand out of it gives inf."""
     if noise_variance <= 0:
         return 0.0
-    means, counts = class_means(released_sum, count_share)
+    if released_sum.shape[1] < 2:
+        return math.inf
+    means, counts = (t.double() for t in class_means(released_sum, count_share))
     a, _ = split_weights(count_share)
     noise_sq = noise_variance * means.shape[0] / (a * counts.clamp(min=1.0)) ** 2  # E||noise of class k's mean||^2
-    if means.shape[1] < 2:
-        return math.inf
-    gaps = torch.cdist(means.T.double(), means.T.double()) ** 2 - noise_sq[:, None] - noise_sq[None, :]
+    gaps = torch.cdist(means.T, means.T) ** 2 - noise_sq[:, None] - noise_sq[None, :]
     nearest_sq = gaps.fill_diagonal_(math.inf).min(dim=1).values  # per class, to its nearest other class
     if bool((nearest_sq <= 0).any()):
         return math.inf
-    return float((noise_sq.double() / nearest_sq).max().sqrt())
+    return float((noise_sq / nearest_sq).max().sqrt())
 
 
 def embedding_loss(features: RandomFourierFeatures, images: torch.Tensor, labels: torch.Tensor,

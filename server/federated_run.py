@@ -351,9 +351,7 @@ class FederatedRun:
         pooled release is clean enough (--embedding-noise-limit); post-processing of the release."""
         if self.g_trainer.embedding is None:
             return {}
-        steps = 0
-        if self.release_noise_ratio <= self.cfg.embedding_noise_limit:
-            steps = self.cfg.g_steps * self.cfg.embedding_steps
+        steps = self.cfg.g_steps * self.cfg.embedding_steps_at(self.release_noise_ratio)
         for _ in range(steps):
             self.g_trainer.embedding_step(self.cfg.g_batch_size, self.prior)
         return {"embedding_noise_ratio": finite_or_none(self.release_noise_ratio), "embedding_steps": steps}
