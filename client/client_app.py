@@ -21,7 +21,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site import SiteState, check_site_budget, load_site_data, site_identity, site_lock, state_dir
+from client.site import (SiteState, check_site_budget, load_site_data, site_device, site_identity, site_lock,
+                         state_dir)
 from client.site_round import public_facts, run_site_round
 from fedpggan.build import build_gan
 from fedpggan.config import RunConfig
@@ -74,7 +75,7 @@ def train_round(msg: Message, context: Context, cfg: RunConfig, state: SiteState
     started = time.perf_counter()
     data = load_site_data(context.node_config, cfg)
     check_site_budget(context.node_config, cfg, len(data))
-    gan = build_gan(cfg, data.image_size, data.channels, data.num_classes)
+    gan = build_gan(cfg, data.image_size, data.channels, data.num_classes).to(site_device(context.node_config, cfg))
     gan.d.load_state_dict(msg.content["d"].to_torch_state_dict())
     load_generators(gan, msg.content["g"])
     site_index = int(context.node_config.get("partition-id", int(hashlib.sha256(site_id.encode()).hexdigest()[:8], 16)))

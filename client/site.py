@@ -19,12 +19,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpggan.build import open_training_data
+import torch
+
+from fedpggan.build import open_training_data, pick_device
 from fedpggan.config import RunConfig, coerce
 from fedpggan.data import ImageDataset, open_dataset, partition
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json
 from fedpggan.privacy import default_delta
+from fedpggan.site_config import site_torch_device
 
 
 def site_identity(node_config: dict[str, Any]) -> str:
@@ -44,6 +47,18 @@ def load_site_data(node_config: dict[str, Any], cfg: RunConfig) -> ImageDataset:
         raise FedPGGANError("node config lacks 'data-path'; start the SuperNode with --node-config \"data-path=/data/site.npz ...\"")
     return _partition_cached(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.partition, cfg.alpha,
                              cfg.min_per_site, int(node_config["num-partitions"]), int(node_config["partition-id"]))
+
+
+def site_device(node_config: dict[str, Any], cfg: RunConfig) -> torch.device:
+    """Where this site trains D. A deployed site decides (node config ``device``: auto = its
+    GPU when it has one, else cpu; written from its site.toml). A simulated site uses a GPU
+    only when the run gives each site a share of one (--client-gpus > 0): Ray reserved none
+    otherwise. The run's own --device is the coordinator's choice and does not apply here."""
+    if "device" in node_config:
+        return site_torch_device(str(node_config["device"]))
+    if "partition-id" in node_config:
+        return pick_device("auto" if cfg.client_gpus > 0 else "cpu")
+    return pick_device("auto")
 
 
 def check_site_budget(node_config: dict[str, Any], cfg: RunConfig, num_records: int) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedpggan.data import ImageDataset, open_dataset
 from fedpggan.errors import FedPGGANError
-from fedpggan.site_config import SiteConfig
+from fedpggan.site_config import SiteConfig, site_torch_device
 
 EXPIRY_WARNING = timedelta(days=30)
 
@@ -34,6 +34,16 @@ def check_data(site: SiteConfig) -> tuple[ImageDataset, str]:
     kind = "" if data.is_medical else " -- NOT medical data"
     return data, (f"{site.data}: {len(data)} images, {data.num_classes} classes ({', '.join(data.class_names)}), "
                   f"{data.channels}x{data.image_size}x{data.image_size}{kind}")
+
+
+def check_device(site: SiteConfig) -> str:
+    """Where the site will train D (``device`` in the site config)."""
+    import torch
+
+    device = site_torch_device(site.device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    return "cpu" + (" (no CUDA GPU visible; device = \"auto\")" if site.device == "auto" else "")
 
 
 def check_budget(site: SiteConfig, num_records: int) -> tuple[str, list[str]]:

@@ -15,10 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from fedpggan.build import pick_device
 from fedpggan.config import read_toml
 from fedpggan.errors import FedPGGANError
 
 TEMPLATE = "deploy/site.example.toml"
+SITE_DEVICES = ("auto", "cpu", "cuda")  # the ClientApp reads the node config's device (client/site.py)
 
 
 @dataclass(frozen=True)
@@ -33,11 +37,12 @@ class SiteConfig:
     superlink: str
     root_certificates: Path | None  # None only with --insecure (local tests)
     auth_private_key: Path
+    device: str = "auto"  # where the site trains D: auto (its GPU when it has one), cpu or cuda
 
     def node_config(self) -> str:
         """The SuperNode's ``--node-config``; string values must be quoted for Flower."""
         items = {"site-id": self.site_id, "data-path": self.data, "state-dir": str(self.state_dir),
-                 "max-epsilon": "none" if math.isinf(self.max_epsilon) else self.max_epsilon}
+                 "max-epsilon": "none" if math.isinf(self.max_epsilon) else self.max_epsilon, "device": self.device}
         if self.max_delta is not None:
             items["max-delta"] = self.max_delta
         return " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v!r}" for k, v in items.items())
@@ -49,6 +54,18 @@ class SiteConfig:
 
     def supernode_command_line(self) -> str:
         return shlex.join(self.supernode_command())
+
+
+def site_torch_device(name: str) -> torch.device:
+    """The device a site's ``device`` setting names; a site that asks for a GPU it does not
+    have fails here, in one line, rather than in its first round."""
+    if name not in SITE_DEVICES:
+        raise FedPGGANError(f"site device {name!r} is invalid: set device to one of {', '.join(SITE_DEVICES)} "
+                            f"in the site config (see {TEMPLATE})")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FedPGGANError('site device "cuda": this machine sees no CUDA GPU; set device = "auto" or "cpu" in '
+                            "the site config, or fix the GPU driver")
+    return pick_device(name)
 
 
 def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
@@ -69,12 +86,15 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
         raise get.error("privacy.max-delta", "a number in (0, 1), e.g. 1e-5")
     certs = get.value(link, "superlink.root-certificates", str, required=not insecure)
     image_size = get.value(data, "image-size", int, required=False)
+    device = get.value(data, "device", str, required=False) or "auto"
+    if device not in SITE_DEVICES:
+        raise get.error("device", f"one of {', '.join(repr(d) for d in SITE_DEVICES)}")
     return SiteConfig(
         path=path, site_id=get.value(data, "site-id", str), data=get.value(data, "data", str),
         state_dir=Path(get.value(data, "state-dir", str)), image_size=image_size,
         max_epsilon=float(max_epsilon), max_delta=None if max_delta is None else float(max_delta),
         superlink=get.value(link, "superlink.address", str), root_certificates=Path(certs) if certs else None,
-        auth_private_key=Path(get.value(link, "superlink.auth-private-key", str)),
+        auth_private_key=Path(get.value(link, "superlink.auth-private-key", str)), device=device,
     )
 
 

@@ -32,7 +32,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from flwr.common.config import parse_config_args
 
-from client.site import check_site_budget
+import torch
+
+from client.site import check_site_budget, site_device
 from fedpggan.cli import main as cli_main
 from fedpggan.config import RunConfig, flag
 from fedpggan.data import open_dataset
@@ -319,10 +321,10 @@ def site_toml(tmp_path):
         values = {"site-id": '"hospital-a"', "data": f'"{tmp_path / "site.npz"}"',
                   "state-dir": f'"{tmp_path / "state"}"', "max-epsilon": "10.0", "max-delta": None,
                   "address": '"127.0.0.1:8000"', "root-certificates": f'"{tmp_path / "ca.crt"}"',
-                  "auth-private-key": f'"{tmp_path / "site.key"}"'}
+                  "auth-private-key": f'"{tmp_path / "site.key"}"', "device": None}
         values.update({k.replace("_", "-"): v for k, v in overrides.items()})
         line = lambda *keys: "".join(f"{k} = {values[k]}\n" for k in keys if values[k] is not None)  # noqa: E731
-        text = (line("site-id", "data", "state-dir") + "[privacy]\n" + line("max-epsilon", "max-delta")
+        text = (line("site-id", "data", "state-dir", "device") + "[privacy]\n" + line("max-epsilon", "max-delta")
                 + "[superlink]\n" + line("address", "root-certificates", "auth-private-key"))
         (tmp_path / "site.toml").write_text(text)
         return str(tmp_path / "site.toml")
@@ -344,8 +346,9 @@ def test_site_check_accepts_a_good_site_and_says_what_leaves(site_toml, capsys, 
     command = out.split("start the site with:\n", 1)[1].strip()
     node = parse_config_args([re.search(r"--node-config '([^']+)'", command).group(1)])
     assert node == {"site-id": "hospital-a", "data-path": str(tmp_path / "site.npz"),
-                    "state-dir": str(tmp_path / "state"), "max-epsilon": 10.0}
+                    "state-dir": str(tmp_path / "state"), "max-epsilon": 10.0, "device": "auto"}
     assert (tmp_path / "state").is_dir()
+    assert re.search(r"^  device +(cpu|cuda)", out, re.MULTILINE)
 
 
 @pytest.mark.parametrize(("override", "names"), [
@@ -357,11 +360,39 @@ def test_site_check_accepts_a_good_site_and_says_what_leaves(site_toml, capsys, 
     ({"max-delta": "0.5"}, "privacy.max-delta 0.5 is not below 1/n"),
     ({"site-id": None}, "'site-id' is missing"),
     ({"auth-private-key": '"/nonexistent/site.key"'}, "superlink.auth-private-key"),
+    ({"device": '"gpu"'}, "'device' must be one of"),
 ])
 def test_site_check_rejects_a_bad_site_with_one_line(site_toml, capsys, override, names):
     code, out, err = site_check(capsys, site_toml(**override))
     assert code == 2 and out == ""
     assert err.startswith("error: ") and err.count("\n") == 1 and names in err, err
+
+
+def test_site_check_refuses_a_gpu_the_site_does_not_have(site_toml, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = site_check(capsys, site_toml(device='"cuda"'))
+    assert code == 2 and out == "" and err.count("\n") == 1 and 'site device "cuda"' in err and '"auto"' in err
+
+
+@pytest.mark.parametrize(("node_config", "client_gpus", "gpu_visible", "expected"), [
+    ({"device": "cpu"}, 0.0, True, "cpu"),          # a deployed site's own choice wins
+    ({"device": "auto"}, 0.0, True, "cuda"),
+    ({"device": "auto"}, 0.0, False, "cpu"),
+    ({}, 0.0, True, "cuda"),                        # deployed without the key: auto
+    ({"partition-id": 0}, 0.0, True, "cpu"),        # simulated, no GPU share reserved by Ray
+    ({"partition-id": 0}, 0.2, True, "cuda"),       # simulated with --client-gpus 0.2
+    ({"partition-id": 0}, 0.2, False, "cpu"),
+])
+def test_site_trains_where_its_config_says(monkeypatch, node_config, client_gpus, gpu_visible, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu_visible)
+    assert site_device(node_config, RunConfig(client_gpus=client_gpus)).type == expected
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda"])
+def test_site_device_errors_name_the_setting(monkeypatch, name):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FedPGGANError, match="site config"):
+        site_device({"device": name}, RunConfig())
 
 
 def test_site_check_rejects_an_unwritable_state_dir(site_toml, capsys, tmp_path):
