@@ -34,14 +34,14 @@ from fedpggan.train import train_centralised
 from simulation.run import simulate
 
 # Training lengths per profile. "gpu" is the configuration the targets are meant for; "cpu"
-# is what a shared 2-core machine runs in about an hour: the headline rows (eps 10 / 1 / no DP)
+# is what a shared 2-core machine runs in about 4.5 hours: the headline rows (eps 10 / 1 / no DP)
 # at "main" length, the comparisons (ablations, baselines, other data) at the shorter
 # "ablation" length, each against an IID average-rule reference row of that same length.
 PROFILES = {
     "gpu": dict(main_rounds=300, ablation_rounds=300, local_steps=20, main_g_steps=4, ablation_g_steps=4, eval_seeds=3,
                 n_synthetic=10000, ablation_seeds=3, main_seeds=3),
     "cpu": dict(main_rounds=60, ablation_rounds=15, local_steps=8, main_g_steps=RunConfig().g_steps, ablation_g_steps=8, eval_seeds=3,
-                n_synthetic=5000, ablation_seeds=3, main_seeds=3),
+                n_synthetic=5000, ablation_seeds=3, main_seeds=5),
     "smoke": dict(main_rounds=2, ablation_rounds=2, local_steps=2, main_g_steps=1, ablation_g_steps=1, eval_seeds=1,
                   n_synthetic=200, ablation_seeds=1, main_seeds=1),
 }
