@@ -12,6 +12,8 @@ import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import torch
+
 from fedpggan.data import ImageDataset, open_dataset
 from fedpggan.errors import FedPGGANError
 from fedpggan.site_config import SiteConfig, site_torch_device
@@ -38,8 +40,6 @@ def check_data(site: SiteConfig) -> tuple[ImageDataset, str]:
 
 def check_device(site: SiteConfig) -> str:
     """Where the site will train D (``device`` in the site config)."""
-    import torch
-
     device = site_torch_device(site.device)
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(0)})"
