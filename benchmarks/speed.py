@@ -1,4 +1,5 @@
-"""Speed benchmark: what DP costs a discriminator step, and where a federated round's time goes.
+"""Speed benchmark: what DP costs a discriminator step, where a federated round's time goes, and
+what the server's embedding-only generator steps cost.
 
     python benchmarks/speed.py --profile gpu --data-dir ../shared/data --target-run   # the full grid + eps-10 run
     python benchmarks/speed.py --profile cpu                                          # reduced, 2-core sized
@@ -38,7 +39,9 @@ from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes, atomic_write_json
 from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings
 from fedpggan.privacy.dp_discriminator import FAKE_GRADIENTS, GRAD_SAMPLE_MODES
+from fedpggan.privacy.feature_release import features_for
 from fedpggan.runs import library_versions
+from pggan_model import GeneratorTrainer
 
 # "gpu" is the grid the issue's targets are stated for; "cpu" is what a 2-core machine finishes
 # in about 20 minutes (batches 64 and 256: per-sample gradients of 1024 rows at 64x64 need over
@@ -149,7 +152,46 @@ def discriminator_rows(profile: dict[str, Any], device: torch.device,
     return rows
 
 
-# --- 2 and 3. federated rounds on the simulation engine ------------------------------
+# --- 2. server-side generator steps ----------------------------------------------------
+def generator_step_rows(profile: dict[str, Any], device: torch.device,
+                        gan_cfg: RunConfig | None = None) -> list[dict[str, Any]]:
+    """Per image size: one adversarial generator step (G1 and G2 against D, plus the embedding
+    loss) against one embedding-only step (no D), which ``--embedding-steps`` adds
+    ``g_steps x embedding_steps`` of per round while its gate is open. Blocks alternate, so both
+    meet the same background load; ``generator_time_factor`` is the server's generator time per
+    round with the default embedding steps over that without them. The target means are zeros:
+    a step's cost does not depend on them."""
+    gan_cfg = gan_cfg or RunConfig()
+    timing = Timing(profile["warmup"], profile["repeats"], profile["steps"])
+    rows = []
+    for size in profile["sizes"]:
+        seed_everything(0)
+        trainer = GeneratorTrainer(build_gan(gan_cfg, size, CHANNELS, CLASSES).to(device))
+        features = features_for((CHANNELS, size, size), gan_cfg.embedding_frequencies, gan_cfg.seed)
+        trainer.match_embedding(features, torch.zeros(features.dim, CLASSES, device=device), gan_cfg.embedding_weight)
+        steps = {"adversarial": lambda: trainer.step(gan_cfg.g_batch_size),
+                 "embedding": lambda: trainer.embedding_step(gan_cfg.g_batch_size)}
+        for _ in range(timing.warmup):
+            for step in steps.values():
+                step()
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        for r in range(timing.repeats):
+            for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+                sync(device)
+                start = time.perf_counter()
+                for _ in range(timing.steps):
+                    steps[name]()
+                sync(device)
+                times[name].append((time.perf_counter() - start) / timing.steps)
+        adversarial, embedding = (statistics.median(times[name]) for name in steps)
+        rows.append({"image_size": size, "g_batch": gan_cfg.g_batch_size, "adversarial_step_s": adversarial,
+                     "embedding_step_s": embedding, "ratio": embedding / adversarial,
+                     "embedding_steps": gan_cfg.embedding_steps,
+                     "generator_time_factor": 1 + gan_cfg.embedding_steps * embedding / adversarial})
+    return rows
+
+
+# --- 3 and 4. federated rounds on the simulation engine ------------------------------
 def process_tree(root: int) -> list[int]:
     """``root`` and all its descendants (Ray's GCS, raylet and site actors are the driver's)."""
     children: dict[int, list[int]] = {}
@@ -404,6 +446,20 @@ def markdown(result: dict[str, Any]) -> str:
     if fit:
         lines += ["", f"Scaling fit: round time ≈ {fit['round_s_intercept']:.2f} s + {fit['round_s_per_site']:.3f} s × sites; "
                       f"peak RSS ≈ {fit['rss_mb_intercept']:.0f} MB + {fit['rss_mb_per_site']:.1f} MB × sites."]
+    lines += ["", "## Server generator steps (`--embedding-steps`)", "",
+              "One adversarial generator step (G1 and G2 against D, with the embedding loss) against one "
+              "embedding-only step (no D), product models, alternating blocks; median of "
+              f"{meta['timing']['repeats']} repeats of {meta['timing']['steps']} step(s). ratio = embedding-only step / "
+              "adversarial step; time factor = the server's generator time per round with the default embedding steps "
+              "(taken while the release is clean enough, e.g. PneumoniaMNIST at eps 10) over that without them.", ""]
+    if result["generator"]:
+        lines += ["| image | batch | adversarial step s | embedding-only step s | ratio | embedding steps per step | time factor |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['image_size']}x{r['image_size']} | {r['g_batch']} | {fmt(r['adversarial_step_s'], 3)} | "
+                  f"{fmt(r['embedding_step_s'], 3)} | {fmt(r['ratio'])} | {r['embedding_steps']} | {fmt(r['generator_time_factor'])} |"
+                  for r in result["generator"]]
+    else:
+        lines.append(NOT_RUN)
     target = result["target"]
     lines += ["", "## Time to the eps-10 quality target", ""]
     if target["status"] == "measured":
@@ -446,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--profile", choices=sorted(PROFILES), default="gpu" if torch.cuda.is_available() else "cpu")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where D steps run")
-    p.add_argument("--parts", default="discriminator,federated,target", help="comma-separated parts to run")
+    p.add_argument("--parts", default="discriminator,federated,generator,target", help="comma-separated parts to run")
     p.add_argument("--target-run", action="store_true", help="GPU: train + evaluate the quality eps-10 row and time it")
     p.add_argument("--target-results", default="", help="a quality-*.json whose eps-10 row gives the time instead")
     p.add_argument("--data-dir", default="", help="folder with pneumoniamnist.npz (for --target-run)")
@@ -458,15 +514,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 PART_KEYS = {"discriminator": ("discriminator",), "federated": ("product_rounds", "federated", "scaling_fit"),
-             "target": ("target",)}
+             "generator": ("generator",), "target": ("target",)}
 
 
 def keep_earlier_parts(stem: Path, result: dict[str, Any], parts: set[str]) -> None:
     """A run of some ``--parts`` keeps the other parts' figures from the newest earlier results
     file of this device and profile (``stem`` itself, or one of an earlier date), so a re-measured
     part does not wipe the rest. Only a file measured on the same machine description (device
-    and core count) and with the same library versions qualifies, and only parts that file holds
-    in today's format; the meta says, per kept part, which file measured it and when."""
+    and core count) and with the same library versions qualifies, and only parts that file
+    measured, in today's format; the meta says, per kept part, which file measured it and when."""
     device = stem.name.rsplit("-", 3)[0]
     candidates = [p for p in stem.parent.glob(f"{device}-????-??-??.json") if p.name <= stem.with_suffix(".json").name]
     for path in sorted(candidates, reverse=True):
@@ -478,7 +534,8 @@ def keep_earlier_parts(stem: Path, result: dict[str, Any], parts: set[str]) -> N
     provenance = earlier["meta"].get("kept_parts", {})
     kept = {}
     for part in PART_KEYS:
-        if part in parts or not all(current_format(key, earlier.get(key)) for key in PART_KEYS[part]):
+        if (part in parts or not earlier.get(PART_KEYS[part][0])  # a part that file did not measure
+                or not all(current_format(key, earlier.get(key)) for key in PART_KEYS[part])):
             continue
         for key in PART_KEYS[part]:
             result[key] = earlier.get(key, result[key])
@@ -497,7 +554,7 @@ def run(args: argparse.Namespace) -> int:
     parts = {s.strip() for s in args.parts.split(",") if s.strip()}
     unknown = parts - PART_KEYS.keys()
     if unknown or not parts:
-        raise FedPGGANError(f"--parts {args.parts!r} is invalid: use a comma-separated subset of discriminator,federated,target")
+        raise FedPGGANError(f"--parts {args.parts!r} is invalid: use a comma-separated subset of {','.join(PART_KEYS)}")
     device = pick_device(args.device)
     profile = PROFILES[args.profile]
     if profile["threads"]:
@@ -513,7 +570,7 @@ def run(args: argparse.Namespace) -> int:
                  "simulation": {k: profile[k] for k in ("rounds", "local_steps", "g_steps")},
                  "product_rounds": profile["product_rounds"],
                  "note": "Ratios are measured interleaved in one run; absolute times depend on machine load."},
-        "discriminator": [], "product_rounds": [], "federated": [], "scaling_fit": None,
+        "discriminator": [], "generator": [], "product_rounds": [], "federated": [], "scaling_fit": None,
         "target": {"status": "not run (--parts)"}}
     keep_earlier_parts(stem, result, parts)
     with tempfile.TemporaryDirectory(prefix="fedpggan-speed-") as tmp:
@@ -528,6 +585,9 @@ def run(args: argparse.Namespace) -> int:
             save(stem, result)
         if "discriminator" in parts:
             result["discriminator"] = discriminator_rows(profile, device)
+            save(stem, result)
+        if "generator" in parts:
+            result["generator"] = generator_step_rows(profile, device)
             save(stem, result)
         if "target" in parts:
             result["target"] = target_entry(args, device, work)

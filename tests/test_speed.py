@@ -45,6 +45,19 @@ def test_seconds_per_image_counts_real_and_fake_images():
     assert not trainers["plain"].d._forward_pre_hooks  # the counting hook is removed
 
 
+def test_generator_step_rows_time_both_steps_and_the_round_factor():
+    profile = {**speed.PROFILES["smoke"], "sizes": (28,), "repeats": 3}
+    (row,) = speed.generator_step_rows(profile, torch.device("cpu"), TINY_GAN)
+    assert row["image_size"] == 28 and row["g_batch"] == TINY_GAN.g_batch_size
+    assert row["adversarial_step_s"] > 0 and row["embedding_step_s"] > 0
+    assert row["ratio"] == pytest.approx(row["embedding_step_s"] / row["adversarial_step_s"])
+    assert row["generator_time_factor"] == pytest.approx(1 + TINY_GAN.embedding_steps * row["ratio"])
+    text = speed.markdown({**empty_result(date="2026-12-03", timing={"repeats": 3, "steps": 1, "warmup": 1},
+                                          simulation={"rounds": 2}, product_rounds=2, torch_threads=1, note=""),
+                           "generator": [row]})
+    assert "## Server generator steps" in text and f"| 28x28 | {TINY_GAN.g_batch_size} |" in text
+
+
 def metrics_row(t_round, t_sites, t_server, compute):
     return {"t_round": t_round, "t_sites": t_sites, "t_server": t_server, "t_site_compute": compute}
 
@@ -132,7 +145,8 @@ MACHINE = {"profile": "cpu", "device": "cpu (x86_64, 2 CPU cores)", "versions": 
 
 
 def empty_result(**meta):
-    return {"meta": {**MACHINE, **meta}, "discriminator": [], "product_rounds": [], "federated": [], "scaling_fit": None,
+    return {"meta": {**MACHINE, **meta}, "discriminator": [], "generator": [], "product_rounds": [], "federated": [],
+            "scaling_fit": None,
             "target": {"status": "not run (--parts)"}}
 
 
