@@ -17,16 +17,19 @@ import math
 import time
 import warnings
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site import (SiteState, check_site_budget, load_site_data, site_device, site_identity, site_lock,
                          state_dir)
-from client.site_round import public_facts, run_site_round
+from client.site_round import ensure_mechanism, ensure_noise_key, ensure_release, public_facts, run_site_round
 from fedpggan.build import build_gan
 from fedpggan.config import RunConfig
+from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes
+from fedpggan.privacy.secure_sum import masked_share, new_key_pair, private_key_bytes, private_key_from, public_key_of
 from fedpggan.wire import arrays_sha256, generator_arrays, load_generators, reply_content
 
 # Keys the server adds to the run options in a message's "config" record.
@@ -45,6 +48,12 @@ def run_config_of(msg: Message) -> tuple[RunConfig, dict]:
     return cfg, raw
 
 
+def site_index(node_config: dict) -> int:
+    """The simulation's partition id, else a number derived from the site id (seeds only)."""
+    site_id = site_identity(node_config)
+    return int(node_config.get("partition-id", int(hashlib.sha256(site_id.encode()).hexdigest()[:8], 16)))
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     cfg, _ = run_config_of(msg)
@@ -52,6 +61,41 @@ def query(msg: Message, context: Context) -> Message:
     check_site_budget(context.node_config, cfg, len(data))
     facts = public_facts(site_identity(context.node_config), data)
     return Message(RecordDict({"site": ConfigRecord(facts)}), reply_to=msg)
+
+
+@app.query("release_keys")
+def release_keys(msg: Message, context: Context) -> Message:
+    """Secure release, step 1: a fresh key pair; the public key leaves, the private one stays."""
+    cfg, raw = run_config_of(msg)
+    root, run_id = state_dir(context.node_config, raw), str(raw["run-id"])
+    with site_lock(root, run_id):
+        state = SiteState.load(root, run_id)
+        private, public = new_key_pair()
+        atomic_write_bytes(state.secure_key_file, private_key_bytes(private))
+    return Message(RecordDict({"key": ConfigRecord({"public-key": public})}), reply_to=msg)
+
+
+@app.query("release_masked")
+def release_masked(msg: Message, context: Context) -> Message:
+    """Secure release, step 2: this site's share of the release (1/sqrt(N) of the noise), masked
+    towards every other key of the list; only the sum of all N vectors reveals anything."""
+    cfg, raw = run_config_of(msg)
+    root, run_id = state_dir(context.node_config, raw), str(raw["run-id"])
+    publics = list(msg.content["keys"]["public-keys"])
+    with site_lock(root, run_id):
+        state = SiteState.load(root, run_id)
+        if not state.secure_key_file.exists():
+            raise FedPGGANError("secure release: this site holds no key of this protocol run; the server must restart it from step 1")
+        private = private_key_from(state.secure_key_file.read_bytes())
+        data = load_site_data(context.node_config, cfg)
+        check_site_budget(context.node_config, cfg, len(data))
+        ensure_noise_key(state, cfg, site_index(context.node_config))
+        if cfg.dp:
+            ensure_mechanism(state, cfg, len(data))
+        share = ensure_release(state, cfg, data, share_of=len(publics))
+        masked = masked_share(share, private, public_key_of(private), publics)
+        state.secure_key_file.unlink()  # one protocol run, one key: a replayed key list gets no second vector
+    return Message(RecordDict({"masked": ArrayRecord({"sum": torch.from_numpy(masked.view(np.int64))})}), reply_to=msg)
 
 
 @app.train()
@@ -78,8 +122,7 @@ def train_round(msg: Message, context: Context, cfg: RunConfig, state: SiteState
     gan = build_gan(cfg, data.image_size, data.channels, data.num_classes).to(site_device(context.node_config, cfg))
     gan.d.load_state_dict(msg.content["d"].to_torch_state_dict())
     load_generators(gan, msg.content["g"])
-    site_index = int(context.node_config.get("partition-id", int(hashlib.sha256(site_id.encode()).hexdigest()[:8], 16)))
-    result = run_site_round(gan, data, cfg, state, round_num, site_index, input_sha)
+    result = run_site_round(gan, data, cfg, state, round_num, site_index(context.node_config), input_sha)
     status = {"status": result.status, "site-id": site_id, "accountant": cfg.accountant, "replayed": False,
               "recovered": result.recovered,
               "t-compute": time.perf_counter() - started}  # data loading + training: the rest of a round is Flower
@@ -112,5 +155,6 @@ def replay(state: SiteState, round_num: int, input_sha: str) -> RecordDict | Non
         return None
     status = {**cached["status"], "replayed": True, "recovered": False}
     g_record = ArrayRecord(cached["g"]) if cached["g"] is not None else None
-    release = torch.load(state.release_file, weights_only=True) if state.release_file.exists() else None
+    plain = state.release_file.exists() and not state.release_share_of  # a secure share never leaves unmasked
+    release = torch.load(state.release_file, weights_only=True) if plain else None
     return reply_content(cached["d"], cached["privacy"], status, g_record, release)

@@ -127,6 +127,7 @@ class SiteState:
     accountant: str = "prv"
     planned_steps: int = 0
     release_noise: float | None = None  # noise multiplier of the one-shot embedding release
+    release_share_of: int = 0  # N when the release is this site's share of a secure sum over N sites (0: plain)
     noise_key: str = ""  # secret seed material of this site's noise: never leaves the site
     history: list[list[float]] = field(default_factory=list)
     rounds: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -151,6 +152,11 @@ class SiteState:
     @property
     def release_file(self) -> Path:
         return self.path.parent / "embedding_release.pt"
+
+    @property
+    def secure_key_file(self) -> Path:
+        """The private key of the secure release in progress (used once, then deleted)."""
+        return self.path.parent / "secure_release.key"
 
     @property
     def reply_cache(self) -> Path:

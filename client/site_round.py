@@ -26,6 +26,7 @@ from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, calibrate_no
 from fedpggan.io import atomic_write_bytes
 from fedpggan.privacy.dp_discriminator import sample_rate
 from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise, release_sum
+from fedpggan.privacy.secure_sum import release_share_noise
 from pggan_model import PGGAN, GeneratorTrainer
 
 # Numerical slack when comparing a projected epsilon with the budget.
@@ -76,22 +77,37 @@ def noise_seed(state: SiteState, *parts: object) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset) -> torch.Tensor | None:
-    """The site's one-shot class-mean-embedding release (made on first use, then reused).
-
-    Privacy first: the release's spend enters the history before the data are read."""
-    if cfg.embedding_weight <= 0:
-        return None
-    if state.release_file.exists():
-        return torch.load(state.release_file, weights_only=True)
-    # Already charged but no file means a crash in between: the same seed redraws the same noise.
-    if cfg.dp and as_floats(state.history[:1]) != as_floats([release_entry(state.release_noise)]):
+def charge_release(state: SiteState, cfg: RunConfig) -> None:
+    """Put the release's spend first in the site's history (once): privacy first, before the data
+    are read, and also at a site that never made its share of a secure release (over-counting is safe)."""
+    if cfg.dp and cfg.embedding_weight > 0 and as_floats(state.history[:1]) != as_floats([release_entry(state.release_noise)]):
         state.history = [list(release_entry(state.release_noise)), *state.history]
         state.save()
+
+
+def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset, share_of: int = 0) -> torch.Tensor | None:
+    """The site's one-shot class-mean-embedding release (made on first use, then reused): the
+    whole release, or with ``share_of`` = N its share of a secure sum over N sites, which carries
+    1/sqrt(N) of the noise (fedpggan.privacy.secure_sum). A share never leaves the site unmasked."""
+    if cfg.embedding_weight <= 0:
+        return None
+    if state.release_file.exists() or state.release_share_of:
+        if state.release_share_of != share_of and (not share_of or state.release_share_of > share_of):
+            raise FedPGGANError(
+                f"this site's embedding release was made as {'a share of a secure sum over ' + str(state.release_share_of) + ' sites' if state.release_share_of else 'a plain release'}"
+                f" and cannot be sent {'plain' if not share_of else f'in a secure sum over {share_of} sites'}: its noise would not cover it; "
+                "start a new run (new run id) with the sites that took part")
+    if state.release_file.exists():
+        return torch.load(state.release_file, weights_only=True)
+    charge_release(state, cfg)
+    if share_of != state.release_share_of:  # fixed before the noise is drawn, so a retry cannot under-noise it
+        state.release_share_of = share_of
+        state.save()
+    # Already charged but no file means a crash in between: the same seed redraws the same noise.
     generator = torch.Generator().manual_seed(noise_seed(state, "release"))
     features = features_for(data.image_shape, cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur)
-    released = release_sum(features, data.images, data.labels, data.num_classes, cfg.embedding_count_share,
-                           state.release_noise if cfg.dp else None, generator)
+    sigma = (release_share_noise(state.release_noise, share_of) if share_of else state.release_noise) if cfg.dp else None
+    released = release_sum(features, data.images, data.labels, data.num_classes, cfg.embedding_count_share, sigma, generator)
     buffer = io.BytesIO()
     torch.save(released, buffer)
     atomic_write_bytes(state.release_file, buffer.getvalue())
@@ -124,7 +140,9 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
     privacy = None
     if cfg.dp:
         ensure_mechanism(state, cfg, len(data))
-    release = ensure_release(state, cfg, data)
+    # A secure run's share was made (and charged) at the secure release and never rides on a round reply.
+    release = ensure_release(state, cfg, data) if cfg.release_aggregation == "plain" else None
+    charge_release(state, cfg)
     reserved = state.rounds.get(str(round_num), {})
     recovering = bool(cfg.dp and reserved.get("status") == "reserved" and reserved.get("input_sha") == input_sha
                       and as_floats(state.history) == as_floats(extend_history(

@@ -65,8 +65,9 @@ class RunConfig:
     embedding_blur: float = opt(0.0, "Gaussian blur (pixels) of the random frequencies, so the embedding reads image structure rather than pixel noise (0 = white frequencies)", group="optimisation")
     embedding_count_share: float = opt(0.1, "share of each record's unit norm (squared) in the embedding release that carries its class count; the rest carries its features (0.5 in runs before 2026-12-01)", group="optimisation")
     embedding_steps: int = opt(3, "generator steps on the embedding loss alone per adversarial generator step, taken after a round's adversarial steps (post-processing of the release: no privacy cost); only while the release is clean enough (--embedding-noise-limit): fitting a noisy target harder learns its noise (0 in runs before 2026-12-01)", group="optimisation")
-    embedding_noise_limit: float = opt(0.5, "--embedding-steps are taken only while, for every class, the pooled release's estimated noise of its mean is at most this fraction of the distance to the nearest other class mean (0 = never, inf = always)", group="optimisation")
+    embedding_noise_limit: float = opt(1.0, "--embedding-steps are taken only while, for every class, the pooled release's estimated noise of its mean is at most this fraction of the distance to the nearest other class mean (0 = never, inf = always; 0.5 in runs before 2026-12-03)", group="optimisation")
     embedding_share: float = opt(0.5, "share of each site's epsilon the embedding release alone would cost (composition makes the total cost far smaller)", group="privacy")
+    release_aggregation: str = opt("plain", "how the sites' embedding releases reach the server: 'plain' (each release carries the full noise) or 'secure' (the server sees only their sum, pairwise-masked, so each site adds 1/sqrt(N) of the noise: sqrt(N) times less noise in the pool; assumes the server follows the protocol and does not collude with the other sites)", ("plain", "secure"), group="privacy")
     # --- privacy ---------------------------------------------------------------------
     epsilon: float = opt(10.0, "per-site privacy budget epsilon; 'none' trains without DP", group="privacy")
     delta: float = opt(0.0, "per-site delta (0 = min(1e-5, 1/(10 n_site)))", group="privacy")
@@ -158,7 +159,8 @@ class RunConfig:
 
 
 # Options whose default changed, with the value a run saved without them trained with.
-SAVED_BEFORE_DEFAULT_CHANGED = {"fake-gradients": "clipped", "embedding-count-share": 0.5, "embedding-steps": 0}
+SAVED_BEFORE_DEFAULT_CHANGED = {"fake-gradients": "clipped", "embedding-count-share": 0.5, "embedding-steps": 0,
+                                "embedding-noise-limit": 0.5}
 
 
 def flag(name: str) -> str:

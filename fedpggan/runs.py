@@ -2,6 +2,7 @@
 
     RUN/run.json               resolved config, dataset, partition, versions, status, ledger hash
     RUN/privacy_ledger.json    per-site, per-round DP spend (see fedpggan.privacy.ledger)
+    RUN/secure_release_sum.pt the pooled embedding release of --release-aggregation secure (reused on --resume)
     RUN/metrics.jsonl          one JSON line per round (federated) or epoch (centralised)
     RUN/checkpoints/ckpt_NNNNN.pt + index.json (file name, round, sha256; last N kept)
     RUN/samples/*.png          sample grids, one row per class
@@ -51,6 +52,7 @@ class RunFolder:
 
     run_json = property(lambda self: self.root / "run.json")
     ledger_json = property(lambda self: self.root / "privacy_ledger.json")
+    secure_release = property(lambda self: self.root / "secure_release_sum.pt")
     metrics_jsonl = property(lambda self: self.root / "metrics.jsonl")
     checkpoints = property(lambda self: self.root / "checkpoints")
     samples = property(lambda self: self.root / "samples")

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from fedpggan.build import build_gan, open_training_data, pick_device, prior_tensor, seed_everything
 from fedpggan.config import RunConfig
+from fedpggan.errors import FedPGGANError
 from fedpggan.plots import save_curves, save_sample_grid
 from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, calibrate_noise, default_delta
 from fedpggan.privacy.dp_discriminator import sample_rate
@@ -37,6 +38,8 @@ CURVE_PANELS = {
 
 def train_centralised(cfg: RunConfig) -> Path:
     """Train, writing config, ledger, metrics, checkpoints, grids and curves to the run folder."""
+    if cfg.release_aggregation == "secure":
+        raise FedPGGANError("--release-aggregation secure sums the releases of several sites; the centralised trainer has one: use 'plain'")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     data = open_training_data(cfg)

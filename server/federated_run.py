@@ -9,6 +9,7 @@ exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -24,10 +25,12 @@ from tqdm import tqdm
 from fedpggan.build import build_gan, derived_seed, pick_device, prior_tensor, seed_everything
 from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
+from fedpggan.io import atomic_write_bytes
 from fedpggan.plots import save_curves, save_sample_grid
-from fedpggan.privacy import calibrate_noise, default_delta
+from fedpggan.privacy import calibrate_noise, default_delta, epsilon_of
 from fedpggan.privacy.dp_discriminator import sample_rate
 from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise
+from fedpggan.privacy.secure_sum import release_share_noise, unmasked_sum
 from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
 from fedpggan.wire import train_content
@@ -76,6 +79,8 @@ class FederatedRun:
         self.release_noise_ratio = math.inf  # no release yet
         self.site_records = {self.site_id(n): int(f["num-records"]) for n, f in self.sites.items()}
         first_round = self.restore() if self.resume else self.start(facts)
+        if cfg.release_aggregation == "secure" and cfg.embedding_weight > 0:
+            self.secure_release()
         status, reason = "completed", f"{cfg.rounds} rounds done"
         bar = tqdm(range(first_round, cfg.rounds + 1), desc="rounds", unit="round", initial=first_round - 1, total=cfg.rounds)
         for round_num in bar:
@@ -122,7 +127,9 @@ class FederatedRun:
         cfg = self.cfg
         self.run_id = self.folder.root.name
         self.ledger = PrivacyLedger(self.folder.ledger_json, self.run_id, cfg.dp, library_versions(),
-                                    "Opacus DP-SGD on D at each site" if cfg.dp else "none")
+                                    ("Opacus DP-SGD on D at each site" + ("; the embedding releases summed securely (the "
+                                     "guarantee assumes the server does not collude with the other sites: see each site's "
+                                     "feature_release)" if cfg.release_aggregation == "secure" else "")) if cfg.dp else "none")
         for node, site in self.sites.items():
             if cfg.dp:
                 sigma, q, delta, release = self.mechanism_for(int(site["num-records"]))
@@ -130,8 +137,7 @@ class FederatedRun:
                     self.site_id(node), budget_epsilon=cfg.epsilon, delta=delta, accountant=cfg.accountant,
                     noise_multiplier=sigma, sample_rate=q, max_grad_norm=cfg.max_grad_norm,
                     planned_steps=cfg.rounds * cfg.local_steps, public_num_records=int(site["num-records"]),
-                    feature_release=None if release is None else dict(zip(("noise_multiplier", "sample_rate", "steps"),
-                                                                          release_entry(release))))
+                    feature_release=None if release is None else self.release_record(release, sigma, q, delta))
             else:
                 self.ledger.register_site(self.site_id(node), public_num_records=int(site["num-records"]))
         self.ledger.save()
@@ -149,6 +155,18 @@ class FederatedRun:
         if not facts["is-medical"]:
             print("warning: this run uses 'phantom', procedurally generated data: NOT medical data")
         return 1
+
+    def release_record(self, release: float, sigma: float, q: float, delta: float) -> dict[str, Any]:
+        """The ledger's entry for a site's release; a secure one also states what its guarantee
+        assumes and what is left of it if the server and every other site collude."""
+        record: dict[str, Any] = dict(zip(("noise_multiplier", "sample_rate", "steps"), release_entry(release)))
+        if self.cfg.release_aggregation == "secure":
+            share = release_share_noise(release, len(self.sites))
+            worst = [release_entry(share), (sigma, q, self.cfg.rounds * self.cfg.local_steps)]
+            record.update(aggregation="secure", sites=len(self.sites), share_noise_multiplier=share,
+                          assumption="the server follows the secure-sum protocol and does not collude with the other sites",
+                          epsilon_if_all_other_sites_collude=epsilon_of(worst, delta, self.cfg.accountant))
+        return record
 
     def mechanism_for(self, num_records: int) -> tuple[float, float, float, float | None]:
         """(sigma, q, delta, release sigma) a site of this (public) size must use; the server checks
@@ -312,10 +330,64 @@ class FederatedRun:
             return
         self.releases[site] = released.double()
         pooled = sum(self.releases[s] for s in sorted(self.releases))
+        self.use_release(pooled, sum(self.release_sigma(s) ** 2 for s in self.releases))
+
+    def release_sigma(self, site: str) -> float:
+        """The noise multiplier of a site's whole release (public: from its size and the config); 0 without DP."""
+        return self.mechanism_for(self.site_records[site])[3] if self.cfg.dp else 0.0
+
+    def use_release(self, pooled: torch.Tensor, noise_variance: float) -> None:
+        """The generators match the pooled class means; the gate reads its noise (post-processing)."""
         means, _ = class_means(pooled, self.cfg.embedding_count_share)
         self.g_trainer.match_embedding(self.features, means.to(self.device), self.cfg.embedding_weight)
-        self.release_noise_ratio = release_noise_ratio(pooled, self.cfg.embedding_count_share, sum(
-            self.mechanism_for(self.site_records[s])[3] ** 2 for s in self.releases) if self.cfg.dp else 0.0)
+        self.release_noise_ratio = release_noise_ratio(pooled, self.cfg.embedding_count_share, noise_variance)
+
+    def secure_release(self) -> None:
+        """Every site's release share as one pairwise-masked sum (fedpggan.privacy.secure_sum): the
+        server never sees a single site's share. Made once before round 1; a resumed run reuses it."""
+        sites = self.run_info.setdefault("secure_release", {"sites": sorted(self.site_records)})["sites"]
+        if self.folder.secure_release.exists():
+            pooled = torch.load(self.folder.secure_release, weights_only=True)
+        else:
+            nodes = sorted(n for n in self.sites if self.site_id(n) in sites)
+            if len(nodes) != len(sites):
+                raise FedPGGANError(f"secure release: sites {sorted(set(sites) - {self.site_id(n) for n in nodes})} did not "
+                                    "connect; all sites of the run must take part (restart them, then --resume)")
+            config = ConfigRecord({**self.cfg.to_flower(), "run-id": self.run_id,
+                                   "site-state-root": str((self.folder.root / "sites").resolve())})
+            keys = self.ask_all(nodes, "query.release_keys", RecordDict({"config": config}), "key")
+            publics = [bytes(keys[n]["public-key"]) for n in nodes]
+            content = RecordDict({"config": config, "keys": ConfigRecord({"public-keys": publics})})
+            shape = (self.features.dim + 1, len(self.class_names))
+            masked = self.ask_all(nodes, "query.release_masked", content, "masked")
+            vectors = [masked[n].to_torch_state_dict()["sum"].numpy().view(np.uint64) for n in nodes]
+            if any(v.size != math.prod(shape) for v in vectors):
+                raise FedPGGANError(f"secure release: a site sent a vector of the wrong size (expected {math.prod(shape)}); "
+                                    "every site must run the same fedpggan version")
+            pooled = unmasked_sum(vectors, shape)
+            if not torch.isfinite(pooled).all():
+                raise FedPGGANError("secure release: the sum is not finite; a site sent a malformed share")
+            buffer = io.BytesIO()
+            torch.save(pooled, buffer)
+            atomic_write_bytes(self.folder.secure_release, buffer.getvalue())
+            self.folder.write_run(self.run_info)
+        self.use_release(pooled, sum(self.release_sigma(s) ** 2 for s in sites) / len(sites))
+
+    def ask_all(self, nodes: list[int], message_type: str, content: RecordDict, key: str) -> dict[int, Any]:
+        """One step of the secure release: every node must answer, or nothing is revealed."""
+        messages = [Message(content, dst_node_id=n, message_type=message_type) for n in nodes]
+        answers = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error() or key not in reply.content:
+                reason = reply.error.reason[:200] if reply.has_error() else f"no '{key}' in the reply"
+                raise FedPGGANError(f"secure release: site {self.site_id(node)} failed ({reason}); fix that site, then "
+                                    f"--resume {self.folder.root} (or train with --release-aggregation plain)")
+            answers[node] = reply.content[key]
+        if missing := sorted(self.site_id(n) for n in set(nodes) - set(answers)):
+            raise FedPGGANError(f"secure release: sites {missing} did not answer within --round-timeout "
+                                f"{self.cfg.round_timeout}s; restart them, then --resume {self.folder.root}")
+        return answers
 
     def spend_problem(self, node: int, privacy: dict[str, float]) -> str | None:
         """Why a site's reported spend does not match what its config dictates (or None)."""

@@ -36,13 +36,12 @@ class RecordingGrid:
         return replies
 
 
-@pytest.fixture(scope="module")
-def simulated(tmp_path_factory):
-    """Run once: the server side runs in this process, with data loading forbidden."""
+def simulate_recorded(out, **overrides):
+    """Simulate 3 sites x 2 rounds; the server side runs in this process, with data loading forbidden.
+    Returns every reply the sites sent and every generator step's arguments."""
     from flwr.serverapp import ServerApp
 
-    out = tmp_path_factory.mktemp("sim") / "run"
-    cfg, _ = prepare(tiny_config(out, epsilon=10.0))
+    cfg, _ = prepare(tiny_config(out, **overrides))
     replies, g_calls = [], []
     patch = pytest.MonkeyPatch()
 
@@ -69,7 +68,13 @@ def simulated(tmp_path_factory):
                                        "init_args": {"include_dashboard": False}})
     finally:
         patch.undo()
-    return out, replies, g_calls
+    return replies, g_calls
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "run"
+    return (out, *simulate_recorded(out, epsilon=10.0))
 
 
 def test_run_folder_is_complete_and_within_budget(simulated):
@@ -150,3 +155,33 @@ def test_resume_of_a_run_saved_before_a_default_changed_keeps_the_setting_it_tra
         sim_run.simulate(None, resume=str(tmp_path))
     assert seen["resume"] and seen["cfg"].fake_gradients == SAVED_BEFORE_DEFAULT_CHANGED["fake-gradients"] == "clipped"
     assert seen["cfg"].embedding_count_share == SAVED_BEFORE_DEFAULT_CHANGED["embedding-count-share"] == 0.5
+
+
+def test_a_secure_release_reaches_the_server_only_as_the_sum_of_all_sites(tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    replies, _ = simulate_recorded(out, epsilon=1.0, release_aggregation="secure")
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+    keys = [r for r in replies if "key" in r.content]
+    masked = [r for r in replies if "masked" in r.content]
+    trains = [r for r in replies if "d" in r.content]
+    assert len(keys) == len(masked) == 3 and len(trains) == 6
+    assert all("embedding" not in r.content for r in trains)  # a share never rides on a round reply
+    shares = [torch.load(p, weights_only=True).double() for p in sorted((out / "sites").glob("site_*/run/embedding_release.pt"))]
+    pooled = torch.load(out / "secure_release_sum.pt", weights_only=True)
+    assert len(shares) == 3 and torch.allclose(pooled, sum(shares), atol=1e-6, rtol=0)
+    for reply, share in zip(sorted(masked, key=lambda r: r.metadata.src_node_id), shares):
+        sent = reply.content["masked"].to_torch_state_dict()["sum"]
+        assert sent.dtype == torch.int64 and not torch.allclose(sent.double() / 2**24, share.flatten(), atol=1.0)
+    ledger = json.loads((out / "privacy_ledger.json").read_text())
+    for site_id, site in ledger["sites"].items():
+        release = site["feature_release"]
+        assert release["aggregation"] == "secure" and release["sites"] == 3
+        assert release["share_noise_multiplier"] == pytest.approx(release["noise_multiplier"] / 3**0.5)
+        assert site["epsilon"] <= 1.0 < release["epsilon_if_all_other_sites_collude"]
+        state = json.loads((out / "sites" / f"site_{site_id}" / "run" / "site_state.json").read_text())
+        assert state["history"][0] == [release["noise_multiplier"], 1.0, 1] and state["release_share_of"] == 3
+        assert not (out / "sites" / f"site_{site_id}" / "run" / "secure_release.key").exists()  # one use, then gone
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["embedding_noise_ratio"] is not None for r in rows)  # the gate read the pooled sum

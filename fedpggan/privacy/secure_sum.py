@@ -1,0 +1,102 @@
+"""Secure summation of the sites' embedding releases with pairwise masks (Bonawitz et al. 2017,
+without its dropout recovery).
+
+Why: each site's release is pooled by the server anyway. If the server sees only the pool, each
+site needs only 1/sqrt(N) of the noise for the pool to carry the noise one release would: the
+pooled release is then sqrt(N) times less noisy (see release_share_noise).
+
+Protocol, two messages per site, before the first round:
+1. every site makes a fresh X25519 key pair and sends its public key;
+2. the server sends every site all public keys; each site adds to its (fixed-point) noisy
+   release one mask per other site, derived from their shared Diffie-Hellman secret, with
+   opposite signs on the two sides, and sends the masked vector. The masks cancel in the sum
+   (mod 2^64) and nowhere else.
+
+Privacy assumptions (state them to the privacy officer; the ledger records both figures):
+- the server follows the protocol and is honest-but-curious: the key list is not authenticated,
+  so a server that hands a site forged keys can unmask that site's vector;
+- the other sites do not collude with the server: a coalition learns the honest sites' sum with
+  only their share of the noise; a site whose every peer colludes keeps only its own noise
+  (sigma / sqrt(N)), the ledger's ``epsilon_if_all_other_sites_collude``;
+- every site of the key list sends its vector: a missing one leaves masks that do not cancel,
+  and the sum is refused (the run stops; nothing is revealed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+FRACTION_BITS = 24  # fixed point: 2^-24 rounding per entry, post-processing of the noisy release
+MASK_INFO = b"fedpggan secure release mask v1"
+
+
+def release_share_noise(release_sigma: float, num_sites: int) -> float:
+    """The noise one site adds so that the sum of ``num_sites`` shares carries ``release_sigma``."""
+    return release_sigma / math.sqrt(num_sites)
+
+
+def new_key_pair() -> tuple[X25519PrivateKey, bytes]:
+    """A fresh key pair per protocol run; the private key never leaves the site."""
+    private = X25519PrivateKey.generate()
+    return private, public_key_of(private)
+
+
+def private_key_bytes(private: X25519PrivateKey) -> bytes:
+    return private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+
+def private_key_from(raw: bytes) -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(raw)
+
+
+def public_key_of(private: X25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def to_fixed(values: torch.Tensor) -> np.ndarray:
+    """Fixed-point uint64 encoding (two's complement) of a float tensor."""
+    scaled = np.rint(values.double().numpy() * 2.0**FRACTION_BITS)
+    if not np.all(np.abs(scaled) < 2.0**62):
+        raise ValueError("release entries too large for the fixed-point encoding of the secure sum")
+    return scaled.astype(np.int64).view(np.uint64)
+
+
+def from_fixed(encoded: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(encoded.astype(np.uint64).view(np.int64).astype(np.float64) / 2.0**FRACTION_BITS)
+
+
+def pair_mask(private: X25519PrivateKey, peer_public: bytes, size: int) -> np.ndarray:
+    """The mask two sites share: SHAKE-256 keyed by their Diffie-Hellman secret (via HKDF)."""
+    shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=MASK_INFO).derive(shared)
+    return np.frombuffer(hashlib.shake_256(seed).digest(8 * size), dtype=np.uint64).copy()
+
+
+def masked_share(share: torch.Tensor, private: X25519PrivateKey, own_public: bytes, publics: list[bytes]) -> np.ndarray:
+    """This site's fixed-point ``share`` plus its masks with every other key of ``publics``
+    (added towards larger keys, subtracted towards smaller ones, so each pair cancels)."""
+    if publics.count(own_public) != 1 or len(set(publics)) != len(publics):
+        raise ValueError("the key list must hold this site's public key once and no key twice")
+    total = to_fixed(share).ravel()
+    for peer in publics:
+        if peer == own_public:
+            continue
+        mask = pair_mask(private, peer, total.size)
+        total = total + mask if own_public < peer else total - mask  # uint64 arithmetic wraps mod 2^64
+    return total
+
+
+def unmasked_sum(masked: list[np.ndarray], shape: tuple[int, ...]) -> torch.Tensor:
+    """The sum of every site's share: the masks cancel only when all of them are present."""
+    total = np.zeros(math.prod(shape), dtype=np.uint64)
+    for vector in masked:
+        total = total + vector.astype(np.uint64).ravel()
+    return from_fixed(total).reshape(shape)

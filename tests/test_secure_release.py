@@ -1,0 +1,113 @@
+"""The secure sum of the embedding releases: masks cancel only in the full sum, each site adds
+1/sqrt(N) of the noise, and a share can never be sent in a way its noise does not cover."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.site import SiteState
+from client.site_round import ensure_mechanism, ensure_noise_key, ensure_release
+from fedpggan.data import open_dataset
+from fedpggan.errors import FedPGGANError
+from fedpggan.privacy.feature_release import features_for
+from fedpggan.privacy.secure_sum import (FRACTION_BITS, masked_share, new_key_pair, release_share_noise,
+                                         unmasked_sum)
+from pggan_model.mean_embedding import record_sum
+
+from conftest import tiny_config
+
+
+def shares_and_keys(n: int, shape=(11, 3)):
+    gen = torch.Generator().manual_seed(0)
+    shares = [100 * torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(n)]
+    keys = [new_key_pair() for _ in range(n)]
+    publics = [public for _, public in keys]
+    masked = [masked_share(s, private, public, publics) for s, (private, public) in zip(shares, keys)]
+    return shares, masked
+
+
+def test_the_masks_cancel_in_the_sum_of_all_sites():
+    shares, masked = shares_and_keys(4)
+    total = unmasked_sum(masked, (11, 3))
+    assert torch.allclose(total, sum(shares), atol=4 * 2.0**-FRACTION_BITS, rtol=0)
+
+
+def test_one_masked_vector_or_a_partial_sum_reveals_nothing_like_the_shares():
+    shares, masked = shares_and_keys(4)
+    alone = unmasked_sum(masked[:1], (11, 3))
+    partial = unmasked_sum(masked[:3], (11, 3))
+    # uniform masks mod 2^64: the decoded values are of the order 2^63 / 2^24, not of the shares' ~100
+    assert alone.abs().median() > 1e9 and partial.abs().median() > 1e9
+    assert not torch.allclose(partial, sum(shares[:3]), atol=1.0)
+
+
+def test_a_key_list_without_this_site_or_with_a_repeated_key_is_refused():
+    (private, public), (_, other) = new_key_pair(), new_key_pair()
+    with pytest.raises(ValueError, match="key list"):
+        masked_share(torch.zeros(2), private, public, [other])
+    with pytest.raises(ValueError, match="key list"):
+        masked_share(torch.zeros(2), private, public, [public, other, other])
+
+
+def site_state(tmp_path: Path, cfg, data) -> SiteState:
+    state = SiteState.load(tmp_path, "run")
+    ensure_noise_key(state, cfg, 0)
+    ensure_mechanism(state, cfg, len(data))
+    return state
+
+
+@pytest.fixture
+def phantom():
+    return open_dataset("phantom", "train", None)
+
+
+def test_a_share_carries_one_over_sqrt_n_of_the_release_noise(tmp_path, phantom):
+    cfg = tiny_config(tmp_path, epsilon=1.0, release_aggregation="secure")
+    state = site_state(tmp_path, cfg, phantom)
+    share = ensure_release(state, cfg, phantom, share_of=4)
+    features = features_for(phantom.image_shape, cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur)
+    exact = record_sum(features, phantom.images, phantom.labels, phantom.num_classes, cfg.embedding_count_share)
+    noise = (share.double() - exact.double()).flatten()
+    expected = release_share_noise(state.release_noise, 4)
+    assert expected == pytest.approx(state.release_noise / 2)
+    assert float(noise.std()) == pytest.approx(expected, rel=0.1)  # 2 x 1001 draws
+    assert state.history[0] == [state.release_noise, 1.0, 1]  # the accountant charges the whole release
+    assert state.release_share_of == 4
+
+
+def test_a_share_is_never_sent_where_its_noise_does_not_cover_it(tmp_path, phantom):
+    cfg = tiny_config(tmp_path, epsilon=1.0, release_aggregation="secure")
+    state = site_state(tmp_path, cfg, phantom)
+    share = ensure_release(state, cfg, phantom, share_of=4)
+    with pytest.raises(FedPGGANError, match="cannot be sent plain"):
+        ensure_release(state, cfg, phantom)
+    with pytest.raises(FedPGGANError, match="secure sum over 3 sites"):
+        ensure_release(state, cfg, phantom, share_of=3)
+    assert torch.equal(ensure_release(state, cfg, phantom, share_of=5), share)  # more noise in the sum: allowed
+
+
+def test_a_crash_between_charging_and_drawing_cannot_lower_the_noise(tmp_path, phantom):
+    cfg = tiny_config(tmp_path, epsilon=1.0, release_aggregation="secure")
+    state = site_state(tmp_path, cfg, phantom)
+    ensure_release(state, cfg, phantom, share_of=4)
+    state.release_file.unlink()  # as if the site died before writing its share
+    with pytest.raises(FedPGGANError, match="secure sum over 2 sites"):
+        ensure_release(state, cfg, phantom, share_of=2)
+
+
+def test_the_centralised_trainer_refuses_a_secure_release(tmp_path):
+    from fedpggan.train import train_centralised
+
+    with pytest.raises(FedPGGANError, match="release-aggregation secure"):
+        train_centralised(tiny_config(tmp_path / "run", epsilon=1.0, release_aggregation="secure"))
+
+
+def test_fixed_point_encoding_refuses_values_it_cannot_hold():
+    (private, public) = new_key_pair()
+    with pytest.raises(ValueError, match="too large"):
+        masked_share(torch.tensor([2.0**40]), private, public, [public])
+    assert math.isclose(float(unmasked_sum([masked_share(torch.tensor([-3.25]), private, public, [public])], (1,))), -3.25)
