@@ -30,7 +30,7 @@ from fedpggan.plots import save_curves, save_sample_grid
 from fedpggan.privacy import calibrate_noise, default_delta, epsilon_of
 from fedpggan.privacy.dp_discriminator import sample_rate
 from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise
-from fedpggan.privacy.secure_sum import release_share_noise, unmasked_sum
+from fedpggan.privacy.secure_sum import SECURE_SUM_ASSUMPTION, release_share_noise, unmasked_sum
 from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
 from fedpggan.wire import train_content
@@ -127,9 +127,8 @@ class FederatedRun:
         cfg = self.cfg
         self.run_id = self.folder.root.name
         self.ledger = PrivacyLedger(self.folder.ledger_json, self.run_id, cfg.dp, library_versions(),
-                                    ("Opacus DP-SGD on D at each site" + ("; the embedding releases summed securely (the "
-                                     "guarantee assumes the server does not collude with the other sites: see each site's "
-                                     "feature_release)" if cfg.release_aggregation == "secure" else "")) if cfg.dp else "none")
+                                    "Opacus DP-SGD on D at each site" if cfg.dp else "none",
+                                    [SECURE_SUM_ASSUMPTION] if cfg.dp and cfg.release_aggregation == "secure" else [])
         for node, site in self.sites.items():
             if cfg.dp:
                 sigma, q, delta, release = self.mechanism_for(int(site["num-records"]))
@@ -164,7 +163,7 @@ class FederatedRun:
             share = release_share_noise(release, len(self.sites))
             worst = [release_entry(share), (sigma, q, self.cfg.rounds * self.cfg.local_steps)]
             record.update(aggregation="secure", sites=len(self.sites), share_noise_multiplier=share,
-                          assumption="the server follows the secure-sum protocol and does not collude with the other sites",
+                          assumption=SECURE_SUM_ASSUMPTION,
                           epsilon_if_all_other_sites_collude=epsilon_of(worst, delta, self.cfg.accountant))
         return record
 

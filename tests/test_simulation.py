@@ -175,6 +175,7 @@ def test_a_secure_release_reaches_the_server_only_as_the_sum_of_all_sites(tmp_pa
         sent = reply.content["masked"].to_torch_state_dict()["sum"]
         assert sent.dtype == torch.int64 and not torch.allclose(sent.double() / 2**24, share.flatten(), atol=1.0)
     ledger = json.loads((out / "privacy_ledger.json").read_text())
+    assert any("summed securely" in a for a in ledger["assumptions"])  # what `fedpggan audit` lists for the officer
     for site_id, site in ledger["sites"].items():
         release = site["feature_release"]
         assert release["aggregation"] == "secure" and release["sites"] == 3
@@ -185,3 +186,12 @@ def test_a_secure_release_reaches_the_server_only_as_the_sum_of_all_sites(tmp_pa
         assert not (out / "sites" / f"site_{site_id}" / "run" / "secure_release.key").exists()  # one use, then gone
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["embedding_noise_ratio"] is not None for r in rows)  # the gate read the pooled sum
+    from fedpggan.audit import audit_run
+
+    audit = audit_run(out)
+    assert audit["passed"]
+    worst = {site: release["epsilon_if_all_other_sites_collude"] for site, release in
+             ((s, v["feature_release"]) for s, v in ledger["sites"].items())}
+    for site, value in worst.items():  # the audit recomputes the worst case on its own and says so
+        note = next(n for n in audit["notes"] if n.startswith(f"sites.{site}: the embedding release was summed securely"))
+        assert f"{value:.4g}" in note

@@ -31,14 +31,15 @@ def finite_or_none(x: float) -> float | None:
 class PrivacyLedger:
     """In-memory ledger, written atomically to ``privacy_ledger.json`` after every change."""
 
-    def __init__(self, path: str | Path, run_id: str, dp: bool, versions: dict[str, str], mechanism: str) -> None:
+    def __init__(self, path: str | Path, run_id: str, dp: bool, versions: dict[str, str], mechanism: str,
+                 extra_assumptions: list[str] | None = None) -> None:
         self.path = Path(path)
         self.data: dict[str, Any] = {
             "format": 1,
             "run_id": run_id,
             "dp": dp,
             "mechanism": mechanism,
-            "assumptions": ASSUMPTIONS if dp else ["NO differential privacy: this run trained D on real data without DP-SGD"],
+            "assumptions": [*ASSUMPTIONS, *(extra_assumptions or [])] if dp else ["NO differential privacy: this run trained D on real data without DP-SGD"],
             "versions": versions,
             "sites": {},
             "checkpoints": [],

@@ -34,6 +34,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
+SECURE_SUM_ASSUMPTION = ("the embedding releases were summed securely: their part of each site's guarantee assumes the "
+                         "server follows the protocol and does not collude with the other sites (worst case: each site's "
+                         "feature_release.epsilon_if_all_other_sites_collude)")
 FRACTION_BITS = 24  # fixed point: 2^-24 rounding per entry, post-processing of the noisy release
 MASK_INFO = b"fedpggan secure release mask v1"
 
