@@ -51,8 +51,9 @@ def site_rounds(run: Path) -> dict[str, list]:
             for s, v in ledger["sites"].items()}
 
 
-def test_killed_mid_round_resumes_to_the_same_result(tmp_path):
-    base = tiny_config(tmp_path / "whole", epsilon=10.0, rounds=5)
+@pytest.mark.parametrize("aggregation", ["plain", "secure"])  # secure: the resumed run reuses the sum, not a new one
+def test_killed_mid_round_resumes_to_the_same_result(tmp_path, aggregation):
+    base = tiny_config(tmp_path / "whole", epsilon=10.0, rounds=5, release_aggregation=aggregation)
     simulate(base)
     killed = tmp_path / "killed"
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
