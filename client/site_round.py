@@ -91,12 +91,11 @@ def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset, share_o
     1/sqrt(N) of the noise (fedpggan.privacy.secure_sum). A share never leaves the site unmasked."""
     if cfg.embedding_weight <= 0:
         return None
-    if state.release_file.exists() or state.release_share_of:
-        if state.release_share_of != share_of and (not share_of or state.release_share_of > share_of):
-            raise FedPGGANError(
-                f"this site's embedding release was made as {'a share of a secure sum over ' + str(state.release_share_of) + ' sites' if state.release_share_of else 'a plain release'}"
-                f" and cannot be sent {'plain' if not share_of else f'in a secure sum over {share_of} sites'}: its noise would not cover it; "
-                "start a new run (new run id) with the sites that took part")
+    made_for = state.release_share_of
+    if made_for and (not share_of or share_of < made_for):  # fewer shares than planned: too little noise in the sum
+        wanted = f"in a secure sum over {share_of} sites" if share_of else "plain"
+        raise FedPGGANError(f"this site's embedding release was made as a share of a secure sum over {made_for} sites and "
+                            f"cannot be sent {wanted}: its noise would not cover it; start a new run with the sites that took part")
     if state.release_file.exists():
         return torch.load(state.release_file, weights_only=True)
     charge_release(state, cfg)

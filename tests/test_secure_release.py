@@ -111,3 +111,32 @@ def test_fixed_point_encoding_refuses_values_it_cannot_hold():
     with pytest.raises(ValueError, match="too large"):
         masked_share(torch.tensor([2.0**40]), private, public, [public])
     assert math.isclose(float(unmasked_sum([masked_share(torch.tensor([-3.25]), private, public, [public])], (1,))), -3.25)
+
+
+def test_a_site_that_fails_or_stays_silent_stops_the_secure_release_naming_it(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from flwr.app import RecordDict
+
+    import server.federated_run
+    from server.federated_run import FederatedRun
+
+    # outside a Flower run a Message cannot be built; what is sent does not matter here
+    monkeypatch.setattr(server.federated_run, "Message", lambda content, dst_node_id, message_type: dst_node_id)
+
+    def reply(node, error=None):
+        return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: error is not None,
+                               error=SimpleNamespace(reason=error), content={"key": {"public-key": b"k"}})
+
+    run = FederatedRun.__new__(FederatedRun)
+    run.cfg = tiny_config(tmp_path, epsilon=1.0, release_aggregation="secure")
+    run.sites = {11: {"site-id": "hospital-a"}, 12: {"site-id": "hospital-b"}}
+    run.folder = SimpleNamespace(root=tmp_path)
+    run.grid = SimpleNamespace(send_and_receive=lambda messages, timeout: [reply(11), reply(12, "disk full")])
+    with pytest.raises(FedPGGANError, match="site hospital-b failed \\(disk full\\)"):
+        run.ask_all([11, 12], "query.release_keys", RecordDict({}), "key")
+    run.grid = SimpleNamespace(send_and_receive=lambda messages, timeout: [reply(12)])
+    with pytest.raises(FedPGGANError, match=r"sites \['hospital-a'\] did not answer"):
+        run.ask_all([11, 12], "query.release_keys", RecordDict({}), "key")
+    run.grid = SimpleNamespace(send_and_receive=lambda messages, timeout: [reply(11), reply(12)])
+    assert set(run.ask_all([11, 12], "query.release_keys", RecordDict({}), "key")) == {11, 12}
