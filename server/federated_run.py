@@ -351,7 +351,7 @@ class FederatedRun:
             nodes = sorted(n for n in self.sites if self.site_id(n) in sites)
             if len(nodes) != len(sites):
                 raise FedPGGANError(f"secure release: sites {sorted(set(sites) - {self.site_id(n) for n in nodes})} did not "
-                                    "connect; all sites of the run must take part (restart them, then --resume)")
+                                    "connect; all sites of the run must take part: start the run again with them")
             config = ConfigRecord({**self.cfg.to_flower(), "run-id": self.run_id,
                                    "site-state-root": str((self.folder.root / "sites").resolve())})
             keys = self.ask_all(nodes, "query.release_keys", RecordDict({"config": config}), "key")
@@ -380,12 +380,12 @@ class FederatedRun:
             node = reply.metadata.src_node_id
             if reply.has_error() or key not in reply.content:
                 reason = reply.error.reason[:200] if reply.has_error() else f"no '{key}' in the reply"
-                raise FedPGGANError(f"secure release: site {self.site_id(node)} failed ({reason}); fix that site, then "
-                                    f"--resume {self.folder.root} (or train with --release-aggregation plain)")
+                raise FedPGGANError(f"secure release: site {self.site_id(node)} failed ({reason}); fix that site and start "
+                                    "the run again (nothing was revealed), or train with --release-aggregation plain")
             answers[node] = reply.content[key]
         if missing := sorted(self.site_id(n) for n in set(nodes) - set(answers)):
             raise FedPGGANError(f"secure release: sites {missing} did not answer within --round-timeout "
-                                f"{self.cfg.round_timeout}s; restart them, then --resume {self.folder.root}")
+                                f"{self.cfg.round_timeout}s (nothing was revealed); restart them and start the run again")
         return answers
 
     def spend_problem(self, node: int, privacy: dict[str, float]) -> str | None:
