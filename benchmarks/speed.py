@@ -27,7 +27,7 @@ import time
 from datetime import date
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -114,6 +114,18 @@ def make_trainers(gan_cfg: RunConfig, size: int, batch: int, modes: Iterable[str
     return trainers
 
 
+def rotated_blocks(names: list, repeats: int, measure: Callable[[Any], float], bar: tqdm | None = None) -> dict[Any, list[float]]:
+    """``measure(name)`` for every name in each of ``repeats`` rounds, the order rotating by one
+    each round, so every candidate meets the same background load as the others."""
+    times: dict[Any, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(measure(name))
+        if bar is not None:
+            bar.update(1)
+    return times
+
+
 def dp_vs_plain(gan_cfg: RunConfig, size: int, batch: int, modes: Iterable[str], timing: Timing,
                 device: torch.device, bar: tqdm | None = None) -> list[dict[str, Any]]:
     """One row per DP path: images/s of the DP step and of the plain step, and their ratio.
@@ -124,12 +136,7 @@ def dp_vs_plain(gan_cfg: RunConfig, size: int, batch: int, modes: Iterable[str],
     names = list(trainers)
     for trainer in trainers.values():
         trainer.train(timing.warmup)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(timing.repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(seconds_per_image(trainers[name], timing.steps, device))
-        if bar is not None:
-            bar.update(1)
+    times = rotated_blocks(names, timing.repeats, lambda name: seconds_per_image(trainers[name], timing.steps, device), bar)
     plain = statistics.median(times["plain"])
     return [{"image_size": size, "batch": batch, "mode": path[0], "fakes": path[1],
              "dp_images_per_s": 1 / statistics.median(times[path]), "plain_images_per_s": 1 / plain,
@@ -174,15 +181,15 @@ def generator_step_rows(profile: dict[str, Any], device: torch.device,
         for _ in range(timing.warmup):
             for step in steps.values():
                 step()
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        for r in range(timing.repeats):
-            for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
-                sync(device)
-                start = time.perf_counter()
-                for _ in range(timing.steps):
-                    steps[name]()
-                sync(device)
-                times[name].append((time.perf_counter() - start) / timing.steps)
+        def seconds_per_step(name: str) -> float:
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(timing.steps):
+                steps[name]()
+            sync(device)
+            return (time.perf_counter() - start) / timing.steps
+
+        times = rotated_blocks(list(steps), timing.repeats, seconds_per_step)
         adversarial, embedding = (statistics.median(times[name]) for name in steps)
         rows.append({"image_size": size, "g_batch": gan_cfg.g_batch_size, "adversarial_step_s": adversarial,
                      "embedding_step_s": embedding, "ratio": embedding / adversarial,

@@ -59,6 +59,7 @@ class FederatedRun:
         self.device = pick_device(cfg.device)
         self.sites: dict[int, dict[str, Any]] = {}  # node id -> public facts
         self.expected_mechanism: dict[str, tuple[float, float, float]] = {}
+        self.collusion_epsilon: dict[int, float] = {}  # site size -> worst-case epsilon of a secure release
         self.failed_rounds = 0
 
     # --- set-up ------------------------------------------------------------------------
@@ -136,7 +137,7 @@ class FederatedRun:
                     self.site_id(node), budget_epsilon=cfg.epsilon, delta=delta, accountant=cfg.accountant,
                     noise_multiplier=sigma, sample_rate=q, max_grad_norm=cfg.max_grad_norm,
                     planned_steps=cfg.rounds * cfg.local_steps, public_num_records=int(site["num-records"]),
-                    feature_release=None if release is None else self.release_record(release, sigma, q, delta))
+                    feature_release=None if release is None else self.release_record(int(site["num-records"])))
             else:
                 self.ledger.register_site(self.site_id(node), public_num_records=int(site["num-records"]))
         self.ledger.save()
@@ -155,16 +156,19 @@ class FederatedRun:
             print("warning: this run uses 'phantom', procedurally generated data: NOT medical data")
         return 1
 
-    def release_record(self, release: float, sigma: float, q: float, delta: float) -> dict[str, Any]:
-        """The ledger's entry for a site's release; a secure one also states what its guarantee
-        assumes and what is left of it if the server and every other site collude."""
+    def release_record(self, num_records: int) -> dict[str, Any]:
+        """The ledger's entry for the release of a site of this (public) size; a secure one also
+        states what its guarantee assumes and what is left of it if the server and every other
+        site collude (one accountant call per site size, not per site)."""
+        sigma, q, delta, release = self.mechanism_for(num_records)
         record: dict[str, Any] = dict(zip(("noise_multiplier", "sample_rate", "steps"), release_entry(release)))
         if self.cfg.release_aggregation == "secure":
             share = release_share_noise(release, len(self.sites))
-            worst = [release_entry(share), (sigma, q, self.cfg.rounds * self.cfg.local_steps)]
+            if num_records not in self.collusion_epsilon:
+                worst = [release_entry(share), (sigma, q, self.cfg.rounds * self.cfg.local_steps)]
+                self.collusion_epsilon[num_records] = epsilon_of(worst, delta, self.cfg.accountant)
             record.update(aggregation="secure", sites=len(self.sites), share_noise_multiplier=share,
-                          assumption=SECURE_SUM_ASSUMPTION,
-                          epsilon_if_all_other_sites_collude=epsilon_of(worst, delta, self.cfg.accountant))
+                          assumption=SECURE_SUM_ASSUMPTION, epsilon_if_all_other_sites_collude=self.collusion_epsilon[num_records])
         return record
 
     def mechanism_for(self, num_records: int) -> tuple[float, float, float, float | None]:

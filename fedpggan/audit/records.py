@@ -46,6 +46,8 @@ class Site:
     events: list[dict[str, Any]] = field(default_factory=list)
     # The one-shot embedding release (sigma, 1.0, 1) spent before round 1, when the run used one.
     release: tuple[float, float, int] | None = None
+    # A release summed securely: (the site's own share of the noise, sites in the sum).
+    release_share: tuple[float, int] | None = None
 
     @property
     def prefix(self) -> str:
@@ -96,7 +98,7 @@ def parse_site(site_id: str, raw: Any) -> tuple[Site | None, list[Finding]]:
         bad.append(Finding(f"{prefix}.accountant", f"missing ({raw.get('accountant')!r}); the ledger must name its accountant"))
     rounds, round_findings = _parse_rounds(prefix, raw.get("rounds"), values)
     bad += round_findings
-    release, release_findings = _parse_release(prefix, raw.get("feature_release"))
+    release, release_share, release_findings = _parse_release(prefix, raw.get("feature_release"))
     bad += release_findings
     if bad:
         return None, bad
@@ -107,7 +109,7 @@ def parse_site(site_id: str, raw: Any) -> tuple[Site | None, list[Finding]]:
         public_num_records=int(values["public_num_records"]), epsilon=values["epsilon"],
         status=str(raw.get("status", "")), rounds=rounds,
         events=[e for e in raw.get("events") or [] if isinstance(e, dict)],
-        release=release,
+        release=release, release_share=release_share,
     )
     return site, []
 
@@ -131,14 +133,21 @@ def _parse_rounds(prefix: str, raw: Any, site: dict[str, float | None]) -> tuple
     return rounds, bad
 
 
-def _parse_release(prefix: str, raw: Any) -> tuple[tuple[float, float, int] | None, list[Finding]]:
-    """The embedding release: a Gaussian mechanism (sigma, sample rate 1, 1 step), or none."""
+def _parse_release(prefix: str, raw: Any) -> tuple[tuple[float, float, int] | None, tuple[float, int] | None, list[Finding]]:
+    """The embedding release: a Gaussian mechanism (sigma, sample rate 1, 1 step), or none; and,
+    when it was summed securely, the site's own share of the noise and the number of sites."""
     if raw is None:
-        return None, []
+        return None, None, []
     sigma = number(raw.get("noise_multiplier")) if isinstance(raw, dict) else None
     if sigma is None or not isinstance(raw, dict) or raw.get("sample_rate") != 1.0 or raw.get("steps") != 1:
-        return None, [Finding(f"{prefix}.feature_release", f"must be {{noise_multiplier, sample_rate: 1.0, steps: 1}}, got {raw!r}")]
-    return (sigma, 1.0, 1), []
+        return None, None, [Finding(f"{prefix}.feature_release", f"must be {{noise_multiplier, sample_rate: 1.0, steps: 1}}, got {raw!r}")]
+    if raw.get("aggregation") != "secure":
+        return (sigma, 1.0, 1), None, []
+    share, sites = number(raw.get("share_noise_multiplier")), raw.get("sites")
+    if share is None or not isinstance(sites, int) or sites < 1:
+        return None, None, [Finding(f"{prefix}.feature_release", "summed securely but share_noise_multiplier or sites missing: "
+                                                                 "the worst case cannot be recomputed")]
+    return (sigma, 1.0, 1), (share, sites), []
 
 
 def check_shape(ledger: Any, path: str) -> None:

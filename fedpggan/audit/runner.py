@@ -77,21 +77,17 @@ def audit_ledger_sites(ledger: dict[str, Any], run: dict[str, Any], kind: str,
         findings += check_mechanism(site, facts) + round_findings
         notes += round_notes
     rows, spend_findings, spend_notes = audit_sites(sites)
-    notes += [note for site in sites if (note := collusion_note(site, ledger["sites"][site.site_id].get("feature_release")))]
+    notes += [collusion_note(site) for site in sites if site.release_share is not None]
     return rows, findings + spend_findings + check_guarantee(ledger), notes + spend_notes
 
 
-def collusion_note(site: Site, release: Any) -> str | None:
+def collusion_note(site: Site) -> str:
     """For a release summed securely: what is left of the site's guarantee if the server and
     every other site collude (only the site's own share of the noise then protects it)."""
-    if not isinstance(release, dict) or release.get("aggregation") != "secure":
-        return None
-    share = number(release.get("share_noise_multiplier"))
-    if share is None:
-        return f"sites.{site.site_id}.feature_release: summed securely but no share_noise_multiplier recorded"
+    share, sites = site.release_share
     history = [(share, 1.0, 1), *((r.noise_multiplier, r.sample_rate, r.steps) for r in site.rounds)]
     worst = accountants.epsilon(site.accountant, history, site.delta)
-    return (f"sites.{site.site_id}: the embedding release was summed securely over {release.get('sites')} sites; its "
+    return (f"sites.{site.site_id}: the embedding release was summed securely over {sites} sites; its "
             f"epsilon assumes the server does not collude with the other sites; if all collude: {worst:.4g} ({site.accountant})")
 
 
