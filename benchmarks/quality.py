@@ -60,6 +60,10 @@ LOSS_RULES = ("average", "mean", "single")
 HEADLINE = {"federated eps=10": 10.0, "federated eps=1": 1.0}  # the target rows, run over training seeds
 # the same with the releases summed securely (--release-aggregation secure: another trust model, see README Privacy)
 SECURE_HEADLINE = {"federated eps=10 secure release": 10.0, "federated eps=1 secure release": 1.0}
+# The headline runs on one machine holding every site's records ("centralised, same data, one site"), with the
+# federated run's D-step budget: also the best a secure sum of the sites' D gradients could give (see README findings)
+CENTRAL_HEADLINE = {"centralised eps=10 (same data, one site)": 10.0,
+                    "centralised eps=1 (same data, one site)": 1.0}
 # Every row measured before 2026-12-03 gated the embedding steps at 0.5. They pin it; for all of them
 # the limit 1.0 trains the same (their release noise estimates are 0.21 or >= 1.5, or their steps are 0).
 EARLIER_NOISE_LIMIT = dict(embedding_noise_limit=0.5)
@@ -124,6 +128,8 @@ def row_specs(profile: dict[str, Any]) -> list[tuple[str, str, str, dict[str, An
     rows = [(name, kind, length, {**EARLIER_NOISE_LIMIT, **overrides}) for name, kind, length, overrides in rows]
     rows += [(training_seed_row(name, seed), "federated", "main", dict(epsilon=eps, seed=seed, release_aggregation="secure"))
              for seed in range(profile["main_seeds"]) for name, eps in SECURE_HEADLINE.items()]
+    rows += [(training_seed_row(name, seed), "centralised", "main", dict(epsilon=eps, seed=seed))
+             for seed in range(profile["ablation_seeds"]) for name, eps in CENTRAL_HEADLINE.items()]
     return rows
 
 
@@ -223,7 +229,9 @@ def ledger_delta(run: Path) -> float | None:
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")[:60]
+    """A row's run folder name: the whole name (cut short, rows differing only in their training
+    seed would share a folder)."""
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
 def fmt(x: Any) -> str:
@@ -270,6 +278,7 @@ def seed_summaries(rows: list[dict], settings: dict[str, Any]) -> dict[str, list
     """The runs repeated over training seeds: the headline rows and the [short] loss rules."""
     headline = {name: [training_seed_row(name, s) for s in range(settings["main_seeds"])]
                 for name in (*HEADLINE, NO_EMBEDDING_STEPS, *SECURE_HEADLINE)}
+    headline.update({name: [training_seed_row(name, s) for s in range(settings["ablation_seeds"])] for name in CENTRAL_HEADLINE})
     rules = {rule: [loss_rule_row(rule, s) for s in range(settings["ablation_seeds"])] for rule in LOSS_RULES}
     return {"Headline runs over training seeds": seed_summary(rows, headline),
             "Loss rules at eps=10 over training seeds": seed_summary(rows, rules)}

@@ -59,6 +59,12 @@ def test_every_row_builds_a_valid_config_with_its_generator_steps(profile):
         assert {k: getattr(cfg, k) for k in overrides} == overrides, name
 
 
+@pytest.mark.parametrize("profile", sorted(quality.PROFILES))
+def test_every_row_trains_in_its_own_run_folder(profile):
+    names = [name for name, *_ in quality.row_specs(quality.PROFILES[profile])]
+    assert len({quality.slug(name) for name in names}) == len(names)
+
+
 def test_seed_summaries_pool_each_runs_training_seeds_with_the_reference_as_seed_0():
     rows = [{"run": quality.SHORT_REFERENCE, "auc": 0.80},
             {"run": quality.loss_rule_row("average", 1), "auc": 0.84},
@@ -87,6 +93,8 @@ def test_seed_summaries_pool_each_runs_training_seeds_with_the_reference_as_seed
     for name, eps in quality.SECURE_HEADLINE.items():  # the secure rows: today's defaults, releases summed securely
         assert [specs[quality.training_seed_row(name, s)] for s in range(5)] == [
             dict(epsilon=eps, seed=s, release_aggregation="secure") for s in range(5)]
+    for name, eps in quality.CENTRAL_HEADLINE.items():  # one holder of all the data: today's defaults, 3 seeds
+        assert [specs[quality.training_seed_row(name, s)] for s in range(3)] == [dict(epsilon=eps, seed=s) for s in range(3)]
 
 
 def test_saved_table_carries_the_seed_summaries_in_json_and_markdown(tmp_path):
