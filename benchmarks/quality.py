@@ -62,8 +62,8 @@ HEADLINE = {"federated eps=10": 10.0, "federated eps=1": 1.0}  # the target rows
 SECURE_HEADLINE = {"federated eps=10 secure release": 10.0, "federated eps=1 secure release": 1.0}
 # The headline runs on one machine holding every site's records ("centralised, same data, one site"), with the
 # federated run's D-step budget: also the best a secure sum of the sites' D gradients could give (see README findings)
-CENTRAL_HEADLINE = {"centralised eps=10 (same data, one site)": 10.0,
-                    "centralised eps=1 (same data, one site)": 1.0}
+CENTRAL_HEADLINE = {"centralised eps=10 (same data on one site)": 10.0,
+                    "centralised eps=1 (same data on one site)": 1.0}
 # Every row measured before 2026-12-03 gated the embedding steps at 0.5. They pin it; for all of them
 # the limit 1.0 trains the same (their release noise estimates are 0.21 or >= 1.5, or their steps are 0).
 EARLIER_NOISE_LIMIT = dict(embedding_noise_limit=0.5)
