@@ -65,6 +65,15 @@ def test_every_row_trains_in_its_own_run_folder(profile):
     assert len({quality.slug(name) for name in names}) == len(names)
 
 
+def test_rows_option_selects_every_row_including_names_with_commas():
+    names = [name for name, *_ in quality.row_specs(quality.PROFILES["cpu"])]
+    assert any("," in name for name in names)  # the SNGAN baseline's name, for one
+    assert quality.selected_rows(",".join(names), names) == names
+    assert quality.selected_rows(" federated eps=1 , " + names[-1], names) == ["federated eps=1", names[-1]]
+    with pytest.raises(ValueError, match="no row named 'federated eps=2'"):
+        quality.selected_rows("federated eps=1,federated eps=2", names)
+
+
 def test_seed_summaries_pool_each_runs_training_seeds_with_the_reference_as_seed_0():
     rows = [{"run": quality.SHORT_REFERENCE, "auc": 0.80},
             {"run": quality.loss_rule_row("average", 1), "auc": 0.84},
