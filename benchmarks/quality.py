@@ -129,7 +129,7 @@ def row_specs(profile: dict[str, Any]) -> list[tuple[str, str, str, dict[str, An
     rows += [(training_seed_row(name, seed), "federated", "main", dict(epsilon=eps, seed=seed, release_aggregation="secure"))
              for seed in range(profile["main_seeds"]) for name, eps in SECURE_HEADLINE.items()]
     rows += [(training_seed_row(name, seed), "centralised", "main", dict(epsilon=eps, seed=seed))
-             for seed in range(profile["ablation_seeds"]) for name, eps in CENTRAL_HEADLINE.items()]
+             for seed in range(profile["main_seeds"]) for name, eps in CENTRAL_HEADLINE.items()]
     return rows
 
 
@@ -277,8 +277,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def seed_summaries(rows: list[dict], settings: dict[str, Any]) -> dict[str, list[dict]]:
     """The runs repeated over training seeds: the headline rows and the [short] loss rules."""
     headline = {name: [training_seed_row(name, s) for s in range(settings["main_seeds"])]
-                for name in (*HEADLINE, NO_EMBEDDING_STEPS, *SECURE_HEADLINE)}
-    headline.update({name: [training_seed_row(name, s) for s in range(settings["ablation_seeds"])] for name in CENTRAL_HEADLINE})
+                for name in (*HEADLINE, NO_EMBEDDING_STEPS, *SECURE_HEADLINE, *CENTRAL_HEADLINE)}
     rules = {rule: [loss_rule_row(rule, s) for s in range(settings["ablation_seeds"])] for rule in LOSS_RULES}
     return {"Headline runs over training seeds": seed_summary(rows, headline),
             "Loss rules at eps=10 over training seeds": seed_summary(rows, rules)}
