@@ -58,7 +58,7 @@ class FederatedRun:
         self.folder = RunFolder(cfg.out or default_run_dir(), cfg.keep_checkpoints)
         self.device = pick_device(cfg.device)
         self.sites: dict[int, dict[str, Any]] = {}  # node id -> public facts
-        self.expected_mechanism: dict[str, tuple[float, float, float]] = {}
+        self.expected_mechanism: dict[int, tuple[float, float, float, float | None]] = {}  # site size -> mechanism
         self.collusion_epsilon: dict[int, float] = {}  # site size -> worst-case epsilon of a secure release
         self.failed_rounds = 0
 
@@ -177,13 +177,12 @@ class FederatedRun:
         cfg = self.cfg
         q = sample_rate(num_records, cfg.batch_size)
         delta = cfg.delta or default_delta(num_records)
-        key = f"{num_records}"
-        if key not in self.expected_mechanism:
+        if num_records not in self.expected_mechanism:
             release = release_noise(cfg.epsilon, cfg.embedding_share, delta, cfg.accountant) if cfg.embedding_weight > 0 else None
             sigma = calibrate_noise(cfg.epsilon, delta, q, cfg.rounds * cfg.local_steps, cfg.accountant,
                                     release_history(release))
-            self.expected_mechanism[key] = (sigma, q, delta, release)
-        return self.expected_mechanism[key]
+            self.expected_mechanism[num_records] = (sigma, q, delta, release)
+        return self.expected_mechanism[num_records]
 
     def restore(self) -> int:
         """Continue from the newest verified checkpoint (a corrupt one falls back to the previous)."""
