@@ -5,7 +5,9 @@
     python benchmarks/dp_merf.py --data-dir ../shared/data --sites 5               # five sites' releases pooled
 
 The committed files of 2026-12-03 were made by these three, plus ``--settings 5000:1e-3:1500`` and
-``--settings 5000:1e-2:500 --epsilons 1 --training-seeds 1,2`` (rows of one day's invocations are merged).
+``--settings 5000:1e-2:500 --epsilons 1 --training-seeds 1,2`` and ``--settings S --epsilons 0.5`` for S in
+5000:1e-2:500, 5000:1e-3:500, 500:1e-3:500, 500:1e-2:500 (rows of one day's invocations are merged). A release at
+``--epsilons 0.5`` is the PGGAN's own at eps 1 (half the budget, one holder or a secure sum).
 
 The issue quotes DP-MERF (Harder et al., AISTATS 2021) at TSTR AUC 0.90 (eps 10) and 0.88 (eps 1) on
 PneumoniaMNIST, measured with *another* small-CNN judge, so those figures and this product's are not
