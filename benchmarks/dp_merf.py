@@ -23,7 +23,7 @@ generator is the product's G1, trained on the embedding loss alone. So only the 
 the PGGAN runs. The paper tunes the number of features, the learning rate and the length of training:
 each ``--settings`` entry (frequencies:learning rate:steps) is trained for every budget and training seed
 and every one is reported, so the peer is credited with its best setting (a conservative comparison for
-this product). Writes benchmarks/results/dp-merf-<dataset>-<device>-<date>.{json,md}.
+this product). Writes benchmarks/results/dp-merf-<dataset>-<device>-<date>[-<N>-sites].{json,md}.
 """
 
 from __future__ import annotations
