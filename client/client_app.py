@@ -22,8 +22,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site import (SiteState, check_site_budget, load_site_data, site_device, site_identity, site_lock,
-                         state_dir)
+from client.site import (SiteState, check_collusion_cap, check_site_budget, load_site_data, site_device, site_identity,
+                         site_lock, state_dir)
 from client.site_round import ensure_mechanism, ensure_noise_key, ensure_release, public_facts, run_site_round
 from fedpggan.build import build_gan
 from fedpggan.config import RunConfig
@@ -92,6 +92,7 @@ def release_masked(msg: Message, context: Context) -> Message:
         ensure_noise_key(state, cfg, site_index(context.node_config))
         if cfg.dp:
             ensure_mechanism(state, cfg, len(data))
+            check_collusion_cap(context.node_config, state, len(publics))
         share = ensure_release(state, cfg, data, share_of=len(publics))
         masked = masked_share(share, private, public_key_of(private), publics)
         state.secure_key_file.unlink()  # one protocol run, one key: a replayed key list gets no second vector

@@ -27,6 +27,7 @@ from fedpggan.data import ImageDataset, open_dataset, partition
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json
 from fedpggan.privacy import default_delta
+from fedpggan.privacy.secure_sum import epsilon_if_all_other_sites_collude
 from fedpggan.site_config import site_torch_device
 
 
@@ -78,6 +79,27 @@ def check_site_budget(node_config: dict[str, Any], cfg: RunConfig, num_records: 
     if not delta < min(max_delta, 1.0 / num_records) + 1e-15:
         raise FedPGGANError(f"the run's delta {delta:g} is not below this site's limit {min(max_delta, 1 / num_records):g} "
                             "(max-delta, and 1/n for n records); run with a smaller --run-config delta")
+
+
+def check_collusion_cap(node_config: dict[str, Any], state: "SiteState", num_sites: int) -> None:
+    """Refuse to make a share of a secure release whose worst case exceeds this site's own cap
+    (``max-epsilon-if-colluding``; default its ``max-epsilon``).
+
+    The key list, and so N, comes from the server. A server that colludes with the other sites,
+    or forges the list, sees this site's share alone, with sigma/sqrt(N) of the release noise and
+    an N it chose. Capping that worst case here, before the share is drawn, keeps the site's
+    guarantee bounded against a malicious server too; the hospital, not the coordinator, sets it."""
+    if state.release_noise is None or state.noise_multiplier is None:
+        return  # no DP or no release: nothing is protected by the release noise
+    default = node_config.get("max-epsilon", "none")
+    cap = coerce("epsilon", node_config.get("max-epsilon-if-colluding", default), 0.0, "node config max-epsilon-if-colluding")
+    worst = epsilon_if_all_other_sites_collude(state.release_noise, num_sites,
+                                               (state.noise_multiplier, state.sample_rate, state.planned_steps),
+                                               state.delta, state.accountant)
+    if worst > cap:
+        raise FedPGGANError(f"a share of a secure sum over {num_sites} sites leaves this site at epsilon {worst:.3g} if the "
+                            f"others collude, above its max-epsilon-if-colluding {cap:g}: raise that in the site config "
+                            "or run with --release-aggregation plain")
 
 
 # Loaded datasets are immutable; caching them per process saves reloading every round.

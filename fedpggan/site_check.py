@@ -57,7 +57,10 @@ def check_budget(site: SiteConfig, num_records: int) -> tuple[str, list[str]]:
                             f"{1 / num_records:.3g} for {num_records} images; use e.g. {0.1 / num_records:.1g}")
     eps = "none (no DP cap)" if math.isinf(site.max_epsilon) else f"{site.max_epsilon:g}"
     delta = f"{site.max_delta:g}" if site.max_delta is not None else "the run's (default min(1e-5, 1/(10 n)))"
-    return f"max epsilon {eps} per run, delta {delta}; 1/n = {1 / num_records:.3g}", warnings
+    colluding = site.max_epsilon_if_colluding
+    secure = (f"; secure releases while the worst case stays at most {colluding:g} (max-epsilon-if-colluding)"
+              if colluding is not None else "")
+    return f"max epsilon {eps} per run, delta {delta}; 1/n = {1 / num_records:.3g}{secure}", warnings
 
 
 def check_state_dir(path: Path) -> str:

@@ -38,6 +38,7 @@ class SiteConfig:
     root_certificates: Path | None  # None only with --insecure (local tests)
     auth_private_key: Path
     device: str = "auto"  # where the site trains D: auto (its GPU when it has one), cpu or cuda
+    max_epsilon_if_colluding: float | None = None  # cap on a secure release's worst case (None: max_epsilon)
 
     def node_config(self) -> str:
         """The SuperNode's ``--node-config``; string values must be quoted for Flower."""
@@ -45,6 +46,8 @@ class SiteConfig:
                  "max-epsilon": "none" if math.isinf(self.max_epsilon) else self.max_epsilon, "device": self.device}
         if self.max_delta is not None:
             items["max-delta"] = self.max_delta
+        if self.max_epsilon_if_colluding is not None:
+            items["max-epsilon-if-colluding"] = self.max_epsilon_if_colluding
         return " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v!r}" for k, v in items.items())
 
     def supernode_command(self) -> list[str]:
@@ -81,6 +84,9 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
         max_epsilon = math.inf
     elif not max_epsilon > 0:
         raise get.error("privacy.max-epsilon", "a number > 0 (e.g. 10) or \"none\"")
+    colluding = get.value(privacy, "privacy.max-epsilon-if-colluding", (int, float), required=False)
+    if colluding is not None and not colluding > 0:
+        raise get.error("privacy.max-epsilon-if-colluding", "a number > 0 (e.g. 20), or leave it out to use max-epsilon")
     max_delta = get.value(privacy, "privacy.max-delta", (int, float), required=False)
     if max_delta is not None and not 0 < max_delta < 1:
         raise get.error("privacy.max-delta", "a number in (0, 1), e.g. 1e-5")
@@ -95,6 +101,7 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
         max_epsilon=float(max_epsilon), max_delta=None if max_delta is None else float(max_delta),
         superlink=get.value(link, "superlink.address", str), root_certificates=Path(certs) if certs else None,
         auth_private_key=Path(get.value(link, "superlink.auth-private-key", str)), device=device,
+        max_epsilon_if_colluding=None if colluding is None else float(colluding),
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,11 @@ from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes
 from fedpggan.plots import save_curves, save_sample_grid
-from fedpggan.privacy import calibrate_noise, default_delta, epsilon_of
+from fedpggan.privacy import calibrate_noise, default_delta
 from fedpggan.privacy.dp_discriminator import sample_rate
 from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise
-from fedpggan.privacy.secure_sum import SECURE_SUM_ASSUMPTION, release_share_noise, unmasked_sum
+from fedpggan.privacy.secure_sum import (SECURE_SUM_ASSUMPTION, epsilon_if_all_other_sites_collude, release_share_noise,
+                                         unmasked_sum)
 from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
 from fedpggan.wire import train_content
@@ -111,7 +113,7 @@ class FederatedRun:
         sites = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
             if reply.has_error():
-                print(f"warning: node {reply.metadata.src_node_id} failed to describe itself: {reply.error.reason}")
+                print(f"warning: node {reply.metadata.src_node_id} failed to describe itself: {site_error(reply)}")
                 continue
             sites[reply.metadata.src_node_id] = dict(reply.content["site"])
         if not sites:
@@ -165,8 +167,8 @@ class FederatedRun:
         if self.cfg.release_aggregation == "secure":
             share = release_share_noise(release, len(self.sites))
             if num_records not in self.collusion_epsilon:
-                worst = [release_entry(share), (sigma, q, self.cfg.rounds * self.cfg.local_steps)]
-                self.collusion_epsilon[num_records] = epsilon_of(worst, delta, self.cfg.accountant)
+                self.collusion_epsilon[num_records] = epsilon_if_all_other_sites_collude(
+                    release, len(self.sites), (sigma, q, self.cfg.rounds * self.cfg.local_steps), delta, self.cfg.accountant)
             record.update(aggregation="secure", sites=len(self.sites), share_noise_multiplier=share,
                           assumption=SECURE_SUM_ASSUMPTION, epsilon_if_all_other_sites_collude=self.collusion_epsilon[num_records])
         return record
@@ -260,7 +262,7 @@ class FederatedRun:
             answered.add(node)
             site = self.site_id(node)
             if reply.has_error():
-                self.ledger.record_event(site, round_num, "failed", f"site error: {reply.error.reason[:200]}")
+                self.ledger.record_event(site, round_num, "failed", f"site error: {site_error(reply)}")
                 continue
             status = dict(reply.content["status"])
             privacy = dict(reply.content["privacy"])
@@ -382,7 +384,7 @@ class FederatedRun:
         for reply in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error() or key not in reply.content:
-                reason = reply.error.reason[:200] if reply.has_error() else f"no '{key}' in the reply"
+                reason = site_error(reply) if reply.has_error() else f"no '{key}' in the reply"
                 raise FedPGGANError(f"secure release: site {self.site_id(node)} failed ({reason}); fix that site and start "
                                     "the run again (nothing was revealed), or train with --release-aggregation plain")
             answers[node] = reply.content[key]
@@ -475,3 +477,11 @@ def site_compute_seconds(reply: Message) -> float | None:
         return None
     value = dict(reply.content["status"]).get("t-compute")
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def site_error(reply: Message, limit: int = 300) -> str:
+    """A failed site's own message: Flower wraps it as ``<class '...'>:<'message'>``, and a
+    site's error names its fix, so the wrapper is dropped rather than the fix cut off."""
+    reason = reply.error.reason
+    match = re.fullmatch(r"<class '[\w.]+'>:<'(.*)'>", reason, flags=re.DOTALL)
+    return (match.group(1) if match else reason)[:limit]

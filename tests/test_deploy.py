@@ -319,12 +319,12 @@ def site_toml(tmp_path):
 
     def make(**overrides: str | None) -> str:
         values = {"site-id": '"hospital-a"', "data": f'"{tmp_path / "site.npz"}"',
-                  "state-dir": f'"{tmp_path / "state"}"', "max-epsilon": "10.0", "max-delta": None,
+                  "state-dir": f'"{tmp_path / "state"}"', "max-epsilon": "10.0", "max-delta": None, "max-epsilon-if-colluding": None,
                   "address": '"127.0.0.1:8000"', "root-certificates": f'"{tmp_path / "ca.crt"}"',
                   "auth-private-key": f'"{tmp_path / "site.key"}"', "device": None}
         values.update({k.replace("_", "-"): v for k, v in overrides.items()})
         line = lambda *keys: "".join(f"{k} = {values[k]}\n" for k in keys if values[k] is not None)  # noqa: E731
-        text = (line("site-id", "data", "state-dir", "device") + "[privacy]\n" + line("max-epsilon", "max-delta")
+        text = (line("site-id", "data", "state-dir", "device") + "[privacy]\n" + line("max-epsilon", "max-delta", "max-epsilon-if-colluding")
                 + "[superlink]\n" + line("address", "root-certificates", "auth-private-key"))
         (tmp_path / "site.toml").write_text(text)
         return str(tmp_path / "site.toml")
@@ -351,6 +351,14 @@ def test_site_check_accepts_a_good_site_and_says_what_leaves(site_toml, capsys, 
     assert re.search(r"^  device +(cpu|cuda)", out, re.MULTILINE)
 
 
+def test_a_sites_cap_on_a_secure_releases_worst_case_reaches_its_node_config(site_toml, capsys):
+    code, out, _ = site_check(capsys, site_toml(max_epsilon_if_colluding="20.0"))
+    assert code == 0 and "worst case stays at most 20 (max-epsilon-if-colluding)" in out
+    command = out.split("start the site with:\n", 1)[1].strip()
+    node = parse_config_args([re.search(r"--node-config '([^']+)'", command).group(1)])
+    assert node["max-epsilon-if-colluding"] == 20.0 and node["max-epsilon"] == 10.0
+
+
 @pytest.mark.parametrize(("override", "names"), [
     ({"data": '"/nonexistent/site.npz"'}, "/nonexistent/site.npz"),
     ({"root-certificates": '"/nonexistent/ca.crt"'}, "superlink.root-certificates"),
@@ -358,6 +366,8 @@ def test_site_check_accepts_a_good_site_and_says_what_leaves(site_toml, capsys, 
     ({"max-epsilon": "-1.0"}, "privacy.max-epsilon"),
     ({"max-epsilon": '"lots"'}, "privacy.max-epsilon"),
     ({"max-delta": "0.5"}, "privacy.max-delta 0.5 is not below 1/n"),
+    ({"max-epsilon-if-colluding": "0"}, "privacy.max-epsilon-if-colluding"),
+    ({"max-epsilon-if-colluding": '"high"'}, "privacy.max-epsilon-if-colluding"),
     ({"site-id": None}, "'site-id' is missing"),
     ({"auth-private-key": '"/nonexistent/site.key"'}, "superlink.auth-private-key"),
     ({"device": '"gpu"'}, "'device' must be one of"),

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.site import SiteState
+from client.site import SiteState, check_collusion_cap
 from client.site_round import ensure_mechanism, ensure_noise_key, ensure_release
 from fedpggan.data import open_dataset
 from fedpggan.errors import FedPGGANError
 from fedpggan.privacy.feature_release import features_for
-from fedpggan.privacy.secure_sum import (FRACTION_BITS, masked_share, new_key_pair, release_share_noise,
-                                         unmasked_sum)
+from fedpggan.privacy.secure_sum import (FRACTION_BITS, epsilon_if_all_other_sites_collude, masked_share, new_key_pair,
+                                         private_key_bytes, release_share_noise, unmasked_sum)
 from pggan_model.mean_embedding import record_sum
 
 from conftest import tiny_config
@@ -90,6 +90,43 @@ def test_a_share_is_never_sent_where_its_noise_does_not_cover_it(tmp_path, phant
     assert torch.equal(ensure_release(state, cfg, phantom, share_of=5), share)  # more noise in the sum: allowed
 
 
+def worst_case(state: SiteState, num_sites: int) -> float:
+    dp_sgd = (state.noise_multiplier, state.sample_rate, state.planned_steps)
+    return epsilon_if_all_other_sites_collude(state.release_noise, num_sites, dp_sgd, state.delta, state.accountant)
+
+
+def test_a_site_caps_what_a_colluding_or_key_forging_server_could_learn(tmp_path, phantom):
+    cfg = tiny_config(tmp_path, epsilon=1.0, release_aggregation="secure")
+    state = site_state(tmp_path, cfg, phantom)
+    worst = worst_case(state, 4)
+    assert 1.0 < worst < worst_case(state, 400)  # a share alone is worth more than the run's epsilon; more keys, more
+    check_collusion_cap({"max-epsilon": 1.0, "max-epsilon-if-colluding": 1.01 * worst}, state, 4)
+    with pytest.raises(FedPGGANError, match=r"over 400 sites .* max-epsilon-if-colluding"):  # a forged key list
+        check_collusion_cap({"max-epsilon": 1.0, "max-epsilon-if-colluding": 1.01 * worst}, state, 400)
+    with pytest.raises(FedPGGANError, match="above its max-epsilon-if-colluding 1:"):  # default: the site's max-epsilon
+        check_collusion_cap({"max-epsilon": 1.0}, state, 4)
+    check_collusion_cap({}, state, 400)  # no cap at all (max-epsilon "none", as in a simulation)
+
+
+def test_a_site_over_its_cap_draws_no_share_and_charges_nothing(tmp_path):
+    from types import SimpleNamespace
+
+    from client.client_app import release_masked
+
+    cfg = tiny_config(tmp_path, epsilon=1.0, release_aggregation="secure")
+    node_config = {"partition-id": 0, "num-partitions": 3, "max-epsilon": 1.0}
+    raw = {**cfg.to_flower(), "run-id": "run", "site-state-root": str(tmp_path / "sites")}
+    state = SiteState.load(tmp_path / "sites" / "site_0", "run")
+    private, public = new_key_pair()
+    state.path.parent.mkdir(parents=True)
+    state.secure_key_file.write_bytes(private_key_bytes(private))  # step 1 done
+    msg = SimpleNamespace(content={"config": raw, "keys": {"public-keys": [public, new_key_pair()[1], new_key_pair()[1]]}})
+    with pytest.raises(FedPGGANError, match="max-epsilon-if-colluding 1:"):
+        release_masked(msg, SimpleNamespace(node_config=node_config))
+    state = SiteState.load(tmp_path / "sites" / "site_0", "run")
+    assert not state.release_file.exists() and state.history == [] and state.release_share_of == 0
+
+
 def test_a_crash_between_charging_and_drawing_cannot_lower_the_noise(tmp_path, phantom):
     cfg = tiny_config(tmp_path, epsilon=1.0, release_aggregation="secure")
     state = site_state(tmp_path, cfg, phantom)
@@ -135,6 +172,10 @@ def test_a_site_that_fails_or_stays_silent_stops_the_secure_release_naming_it(tm
     run.grid = SimpleNamespace(send_and_receive=lambda messages, timeout: [reply(11), reply(12, "disk full")])
     with pytest.raises(FedPGGANError, match="site hospital-b failed \\(disk full\\)"):
         run.ask_all([11, 12], "query.release_keys", RecordDict({}), "key")
+    flower_wrapped = "<class 'fedpggan.errors.FedPGGANError'>:<'" + "cap exceeded: raise it. " * 20 + "'>"
+    run.grid = SimpleNamespace(send_and_receive=lambda messages, timeout: [reply(11), reply(12, flower_wrapped)])
+    with pytest.raises(FedPGGANError, match=r"site hospital-b failed \(cap exceeded: raise it\. (cap exceeded: raise it\. ){11}"):
+        run.ask_all([11, 12], "query.release_keys", RecordDict({}), "key")  # the site's own words, not Flower's wrapper
     run.grid = SimpleNamespace(send_and_receive=lambda messages, timeout: [reply(12)])
     with pytest.raises(FedPGGANError, match=r"sites \['hospital-a'\] did not answer"):
         run.ask_all([11, 12], "query.release_keys", RecordDict({}), "key")

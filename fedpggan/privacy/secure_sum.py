@@ -17,7 +17,10 @@ Privacy assumptions (state them to the privacy officer; the ledger records both 
   so a server that hands a site forged keys can unmask that site's vector;
 - the other sites do not collude with the server: a coalition learns the honest sites' sum with
   only their share of the noise; a site whose every peer colludes keeps only its own noise
-  (sigma / sqrt(N)), the ledger's ``epsilon_if_all_other_sites_collude``;
+  (sigma / sqrt(N)), the ledger's ``epsilon_if_all_other_sites_collude``. A server that forges
+  the key list gets the same (a site's share seen alone), with an N of its choosing: so each site
+  caps that worst case itself (its ``max-epsilon-if-colluding``, client/site.py) before it
+  makes a share;
 - every site of the key list sends its vector: a missing one leaves masks that do not cancel,
   and the sum is refused (the run stops; nothing is revealed).
 """
@@ -34,6 +37,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
+from fedpggan.privacy.accounting import epsilon_of
+from fedpggan.privacy.feature_release import release_entry
+
 SECURE_SUM_ASSUMPTION = ("the embedding releases were summed securely: their part of each site's guarantee assumes the "
                          "server follows the protocol and does not collude with the other sites (worst case: each site's "
                          "feature_release.epsilon_if_all_other_sites_collude)")
@@ -44,6 +50,15 @@ MASK_INFO = b"fedpggan secure release mask v1"
 def release_share_noise(release_sigma: float, num_sites: int) -> float:
     """The noise one site adds so that the sum of ``num_sites`` shares carries ``release_sigma``."""
     return release_sigma / math.sqrt(num_sites)
+
+
+def epsilon_if_all_other_sites_collude(release_sigma: float, num_sites: int, dp_sgd: tuple[float, float, int],
+                                        delta: float, accountant: str) -> float:
+    """A site's epsilon when its share is seen alone: the server colludes with every other site, or
+    forges the key list. Only the site's own share of the release noise (sigma / sqrt(N)) and its
+    DP-SGD steps ``dp_sgd`` = (noise multiplier, sample rate, steps) protect it then."""
+    worst = [release_entry(release_share_noise(release_sigma, num_sites)), dp_sgd]
+    return epsilon_of(worst, delta, accountant)
 
 
 def new_key_pair() -> tuple[X25519PrivateKey, bytes]:
