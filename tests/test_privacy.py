@@ -127,6 +127,13 @@ def test_calibration_errors_and_history_merging():
     assert epsilon_of([], 1e-5) == 0.0
 
 
+def test_an_epsilon_beyond_the_prv_accountants_range_names_the_fix():
+    # a release with noise multiplier 0.02 (what --epsilon 1000 would ask for) breaks PRV's discretisation
+    with pytest.raises(FedPGGANError, match="noise multiplier 0.02 .*use --accountant rdp"):
+        epsilon_of([(0.02, 1.0, 1)], 1e-5, "prv")
+    assert epsilon_of([(0.02, 1.0, 1)], 1e-5, "rdp") > 1000
+
+
 def site_setup(tmp_path, rounds=2):
     cfg = tiny_config(tmp_path / "run", epsilon=5.0, rounds=rounds, local_steps=2)
     data = open_dataset("phantom", image_size=28).subset(range(200))

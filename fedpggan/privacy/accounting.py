@@ -37,7 +37,14 @@ def epsilon_of(history: History, delta: float, accountant: str = "prv") -> float
         return 0.0
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(s), float(q), int(t)) for s, q, t in history]
-    return float(acc.get_epsilon(delta=delta))
+    try:
+        return float(acc.get_epsilon(delta=delta))
+    except RuntimeError as exc:  # PRV's discretisation breaks down at very small noise (a huge epsilon)
+        if accountant != "prv":
+            raise
+        smallest = min(float(s) for s, _, _ in history)
+        raise FedPGGANError(f"the PRV accountant cannot evaluate noise multiplier {smallest:.3g} ({exc}), as for a very "
+                            "large --epsilon; use --accountant rdp") from None
 
 
 def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv",
