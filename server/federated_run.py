@@ -110,14 +110,17 @@ class FederatedRun:
             raise FedPGGANError(f"no site connected within --round-timeout {self.cfg.round_timeout}s; start the SuperNodes first")
         config = ConfigRecord(self.cfg.to_flower())
         messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type="query") for n in nodes]
-        sites = {}
+        sites, failures = {}, []
         for reply in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
             if reply.has_error():
-                print(f"warning: node {reply.metadata.src_node_id} failed to describe itself: {site_error(reply)}")
+                failures.append(f"node {reply.metadata.src_node_id}: {site_error(reply, 160)}")
+                print(f"warning: {failures[-1]}")
                 continue
             sites[reply.metadata.src_node_id] = dict(reply.content["site"])
         if not sites:
-            raise FedPGGANError("no site could load its data; check each site's data path (see 'fedpggan site check')")
+            first = failures[0] if failures else f"no answer within --round-timeout {self.cfg.round_timeout}s"
+            raise FedPGGANError(f"no site could describe its data ({first}); fix what the sites report "
+                                "(a data path: 'fedpggan site check')")
         shapes = {(f["image-size"], f["channels"], tuple(f["class-names"])) for f in sites.values()}
         if len(shapes) > 1:
             raise FedPGGANError(f"sites disagree on image size / channels / classes: {sorted(shapes)}; give every site data of one kind")

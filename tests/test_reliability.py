@@ -345,3 +345,21 @@ def test_fuzzed_npz_files_load_or_fail_in_one_line(arrays, truncate):
             assert len(data) == len(data.labels) > 0 and torch.isfinite(data.images).all()
             assert data.images.min() >= -1 and data.images.max() <= 1
             assert int(data.labels.min()) >= 0 and int(data.labels.max()) < data.num_classes
+
+
+def test_when_no_site_can_describe_itself_the_error_quotes_a_site_not_a_guess(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import server.federated_run
+    from server.federated_run import FederatedRun
+
+    # outside a Flower run a Message cannot be built; what is sent does not matter here
+    monkeypatch.setattr(server.federated_run, "Message", lambda content, dst_node_id, message_type: dst_node_id)
+    failed = SimpleNamespace(metadata=SimpleNamespace(src_node_id=7), has_error=lambda: True,
+                             error=SimpleNamespace(reason="<class 'ray.exceptions.OutOfMemoryError'>:<'worker killed: "
+                                                          "the node is low on memory'>"))
+    run = FederatedRun.__new__(FederatedRun)
+    run.cfg = tiny_config(tmp_path, clients=1)
+    run.grid = SimpleNamespace(get_node_ids=lambda: [7], send_and_receive=lambda messages, timeout: [failed])
+    with pytest.raises(FedPGGANError, match=r"no site could describe its data \(node 7: worker killed: the node is low on memory\)"):
+        run.discover_sites()
