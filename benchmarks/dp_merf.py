@@ -48,6 +48,7 @@ from fedpggan.errors import FedPGGANError
 from fedpggan.evaluation.utility import scores_over_seeds, synthetic_set
 from fedpggan.io import atomic_write_bytes, atomic_write_json
 from fedpggan.privacy.feature_release import features_for, release_noise, release_sum
+from fedpggan.privacy.noise import SeededNoise
 from fedpggan.runs import library_versions
 from pggan_model import PGGAN, GANConfig, GeneratorTrainer, ModelShape
 from pggan_model.mean_embedding import RandomFourierFeatures, class_means
@@ -77,7 +78,7 @@ def private_class_means(data: ImageDataset, sites: int, frequencies: int, epsilo
     release spending all of ``epsilon`` (privacy rests on feature_release's assumptions)."""
     features = features_for(data.image_shape, frequencies, seed)
     sigma = release_noise(epsilon, 1.0, DELTA, ACCOUNTANT)
-    noise = torch.Generator().manual_seed(seed)
+    noise = SeededNoise(seed)  # a benchmark: reproducible draws (fedpggan.privacy.noise)
     total = sum(release_sum(features, data.images[torch.from_numpy(part)], data.labels[torch.from_numpy(part)],
                             data.num_classes, COUNT_SHARE, sigma, noise)
                 for part in partition(data.labels, sites, "iid", seed=seed))

@@ -28,6 +28,7 @@ from fedpggan.config import RunConfig
 from fedpggan.data import open_dataset
 from fedpggan.io import atomic_write_bytes, atomic_write_json
 from fedpggan.privacy.feature_release import features_for, release_noise, release_sum
+from fedpggan.privacy.noise import SeededNoise
 from pggan_model.mean_embedding import class_means
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -40,7 +41,7 @@ def pooled_means(data, sites: int, frequencies: int, sigma: float | None, noise_
     order = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(0))
     features = features_for(data.image_shape, frequencies, 0, blur)
     total = sum(release_sum(features, data.images[order[s::sites]], data.labels[order[s::sites]], data.num_classes,
-                            count_share, sigma, torch.Generator().manual_seed(sites * noise_seed + s)) for s in range(sites))
+                            count_share, sigma, SeededNoise(sites * noise_seed + s)) for s in range(sites))
     return class_means(total, count_share)[0]
 
 

@@ -361,8 +361,9 @@ def resolve_device(device: str) -> tuple[str, str]:
 def base_config(dataset: str, data_dir: str | None, device: str, profile: dict[str, Any]) -> RunConfig:
     """What every row starts from: 5 sites, delta 1e-5, the profile's local DP steps."""
     # on a GPU the 5 simulated sites share it (Ray hides the GPU from actors that ask for none)
+    # --noise-key seed: a benchmark's figures must reproduce weight for weight (its runs are never released)
     return RunConfig(dataset=dataset, data_dir=data_dir, clients=5, delta=1e-5, device=device,
-                     client_gpus=0.2 if device == "cuda" else 0.0, local_steps=profile["local_steps"])
+                     client_gpus=0.2 if device == "cuda" else 0.0, local_steps=profile["local_steps"], noise_key="seed")
 
 
 def run_meta(dataset: str, device_name: str, profile: str) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes, atomic_write_json
 from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings
 from fedpggan.privacy.dp_discriminator import FAKE_GRADIENTS, GRAD_SAMPLE_MODES
+from fedpggan.privacy.noise import NOISE_KEYS, SecretNoise, new_secret_key
 from fedpggan.privacy.feature_release import features_for
 from fedpggan.runs import library_versions
 from pggan_model import GeneratorTrainer
@@ -92,13 +93,15 @@ def seconds_per_image(trainer: DiscriminatorTrainer, steps: int, device: torch.d
     sync(device)
     elapsed = time.perf_counter() - start
     handle.remove()
+    trainer.optimizer.zero_grad(set_to_none=True)  # drop per-sample gradients: a grid of DP trainers must fit in memory
     return elapsed / seen[0]
 
 
 def make_trainers(gan_cfg: RunConfig, size: int, batch: int, modes: Iterable[str],
                   device: torch.device) -> dict[str | tuple[str, str], DiscriminatorTrainer]:
     """The product's trainer in plain mode (key "plain") and in each DP path (key (Opacus mode,
-    fakes): fakes clipped in the one-pass step or exact in the faster path), on one D and one data set.
+    fakes, noise): fakes clipped in the one-pass step or exact in the faster path; noise from the
+    secret AES-CTR stream or PyTorch's seeded generator), on one D and one data set.
 
     Image content does not change a step's cost, so random images stand in for real ones."""
     seed_everything(0)
@@ -108,9 +111,11 @@ def make_trainers(gan_cfg: RunConfig, size: int, batch: int, modes: Iterable[str
     trainers = {"plain": DiscriminatorTrainer(gan, images, labels, batch)}
     for mode in modes:
         for fakes in FAKE_GRADIENTS:
-            privacy = PrivacySettings(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, grad_sample_mode=mode,
-                                      fake_gradients=fakes)
-            trainers[mode, fakes] = DiscriminatorTrainer(gan, images, labels, batch, privacy)
+            for noise in NOISE_KEYS:  # the product's secret AES-CTR draws, and PyTorch's seeded ones
+                privacy = PrivacySettings(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, grad_sample_mode=mode,
+                                          fake_gradients=fakes)
+                source = SecretNoise(new_secret_key(), "speed") if noise == "secret" else None
+                trainers[mode, fakes, noise] = DiscriminatorTrainer(gan, images, labels, batch, privacy, noise=source)
     return trainers
 
 
@@ -138,7 +143,7 @@ def dp_vs_plain(gan_cfg: RunConfig, size: int, batch: int, modes: Iterable[str],
         trainer.train(timing.warmup)
     times = rotated_blocks(names, timing.repeats, lambda name: seconds_per_image(trainers[name], timing.steps, device), bar)
     plain = statistics.median(times["plain"])
-    return [{"image_size": size, "batch": batch, "mode": path[0], "fakes": path[1],
+    return [{"image_size": size, "batch": batch, "mode": path[0], "fakes": path[1], "noise": path[2],
              "dp_images_per_s": 1 / statistics.median(times[path]), "plain_images_per_s": 1 / plain,
              "ratio": statistics.median(times[path]) / plain,
              "ratio_range": [min(d / p for d, p in zip(times[path], times["plain"])),
@@ -387,6 +392,7 @@ def run_target(data_dir: str, device: torch.device, work: Path, results: Path) -
     profile = quality.PROFILES["gpu"]
     name, kind, length, overrides = next(spec for spec in quality.row_specs(profile) if spec[0] == TARGET_ROW)
     base = quality.base_config("pneumoniamnist", data_dir, device.type, profile)  # 5 site actors share the GPU
+    base = dataclasses.replace(base, noise_key="secret")  # timed as a product run draws its noise, not as a benchmark
     row = quality.run_gan_row(name, kind, length, overrides, base, work / "target", profile, device.type)
     path = results / "speed-target-quality.json"
     atomic_write_json(path, {"meta": {"device": device_name(device)}, "rows": [row]})
@@ -430,11 +436,14 @@ def markdown(result: dict[str, Any]) -> str:
              f"{meta['timing']['warmup']} warm-up step(s). ratio = DP time / plain time (range over repeats).", "",
              "fakes: `exact` = the default, faster path (fakes in a plain pass, so only real rows get per-sample "
              "gradients); `clipped` = the one-pass step (`--fake-gradients clipped`: fakes clipped per sample "
-             "with the real rows).", "",
-             "| image | batch | mode | fakes | DP images/s | plain images/s | ratio | ratio range |",
-             "|---|---|---|---|---|---|---|---|"]
+             "with the real rows). noise: `secret` = the default (Poisson masks and Gaussian noise from an "
+             "AES-256-CTR stream under a secret key); `seed` = PyTorch's seeded generator (`--noise-key seed`, "
+             "benchmarks only; rows without this column were measured with it).", "",
+             "| image | batch | mode | fakes | noise | DP images/s | plain images/s | ratio | ratio range |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["discriminator"]:
         lines.append(f"| {r['image_size']}x{r['image_size']} | {r['batch']} | {r['mode']} | {r['fakes']} | "
+                     f"{r.get('noise', 'seed')} | "
                      f"{fmt(r['dp_images_per_s'], 0)} | "
                      f"{fmt(r['plain_images_per_s'], 0)} | {fmt(r['ratio'])} | {fmt(r['ratio_range'][0])}–{fmt(r['ratio_range'][1])} |")
     if not result["discriminator"]:

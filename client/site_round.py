@@ -1,8 +1,9 @@
 """One federated round at a site, without Flower: budget check, DP-SGD on D, the spend.
 
 Privacy assumptions (see fedpggan.privacy): Poisson sampling, per-sample clipping and
-Gaussian noise by Opacus; the noise multiplier is calibrated once, before the first round,
-for the whole planned run (rounds x local steps at this site's sample rate).
+Gaussian noise by Opacus, drawn from the site's secret key (fedpggan.privacy.noise); the noise
+multiplier is calibrated once, before the first round, for the whole planned run (rounds x
+local steps at this site's sample rate).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, calibrate_no
 from fedpggan.io import atomic_write_bytes
 from fedpggan.privacy.dp_discriminator import sample_rate
 from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise, release_sum
+from fedpggan.privacy.noise import SecretNoise, SeededNoise
 from fedpggan.privacy.secure_sum import release_share_noise
 from pggan_model import PGGAN, GeneratorTrainer
 
@@ -62,19 +64,36 @@ def ensure_mechanism(state: SiteState, cfg: RunConfig, num_records: int) -> None
 def ensure_noise_key(state: SiteState, cfg: RunConfig, site_index: int) -> None:
     """The secret every noise draw of this site derives from, made once per run and kept only
     in the site's state dir. A seed the server knows (``--seed``) would let it regenerate the
-    noise and subtract it. Only a simulation, whose one operator holds every site's data
-    anyway, derives the key from ``--seed`` (``FEDPGGAN_SIMULATION=1``) so runs are reproducible."""
+    noise and subtract it: so a deployed site refuses ``--noise-key seed``. Only a simulation,
+    whose one operator holds every site's data anyway, derives the key from ``--seed``
+    (``FEDPGGAN_SIMULATION=1``), with ``--noise-key seed`` or without DP, so runs are reproducible."""
+    simulated = os.environ.get("FEDPGGAN_SIMULATION") == "1"
+    if cfg.dp and cfg.noise_key == "seed" and not simulated:
+        raise FedPGGANError("the run asks for --noise-key seed, which lets whoever knows --seed regenerate this site's DP "
+                            "noise; a deployed site refuses it: run with --run-config \"noise-key='secret'\"")
     if state.noise_key:
         return
-    simulated = os.environ.get("FEDPGGAN_SIMULATION") == "1"
-    state.noise_key = f"simulation/{cfg.seed}/{site_index}" if simulated else secrets.token_hex(32)
+    seeded = simulated and (cfg.noise_key == "seed" or not cfg.dp)
+    state.noise_key = f"simulation/{cfg.seed}/{site_index}" if seeded else secrets.token_hex(32)
     state.save()
 
 
 def noise_seed(state: SiteState, *parts: object) -> int:
-    """A 63-bit seed from the site's secret key and ``parts`` (e.g. round and inputs)."""
+    """A 63-bit seed from the site's key and ``parts`` (e.g. round and inputs), for PyTorch's
+    generator: the fakes' latents, and the DP draws of a run with ``--noise-key seed``."""
     digest = hashlib.sha256("/".join(map(str, (state.noise_key, *parts))).encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+def secret_noise(state: SiteState, cfg: RunConfig, *parts: object) -> SecretNoise | None:
+    """The cryptographic stream of one draw (e.g. a round or the release) under the site's secret
+    key; None when the run's DP draws come from PyTorch's seeded generator (``--noise-key seed``)."""
+    if not cfg.dp or cfg.noise_key == "seed":
+        return None
+    if state.noise_key.startswith("simulation/"):
+        raise FedPGGANError(f"{state.path}: this site's key was derived from --seed (a run with --noise-key seed or "
+                            "without DP); resume the run with its own settings (--noise-key seed) or start a new run")
+    return SecretNoise(bytes.fromhex(state.noise_key), "/".join(map(str, parts)))
 
 
 def charge_release(state: SiteState, cfg: RunConfig) -> None:
@@ -103,10 +122,10 @@ def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset, share_o
         state.release_share_of = share_of
         state.save()
     # Already charged but no file means a crash in between: the same seed redraws the same noise.
-    generator = torch.Generator().manual_seed(noise_seed(state, "release"))
+    noise = secret_noise(state, cfg, "release") or SeededNoise(noise_seed(state, "release"))
     features = features_for(data.image_shape, cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur)
     sigma = (release_share_noise(state.release_noise, share_of) if share_of else state.release_noise) if cfg.dp else None
-    released = release_sum(features, data.images, data.labels, data.num_classes, cfg.embedding_count_share, sigma, generator)
+    released = release_sum(features, data.images, data.labels, data.num_classes, cfg.embedding_count_share, sigma, noise)
     buffer = io.BytesIO()
     torch.save(released, buffer)
     atomic_write_bytes(state.release_file, buffer.getvalue())
@@ -165,7 +184,8 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
         privacy = PrivacySettings(state.noise_multiplier, cfg.max_grad_norm, state.delta, state.accountant,
                                   cfg.grad_sample_mode, cfg.fake_gradients)
     prior = prior_tensor(cfg, data.num_classes)
-    trainer = DiscriminatorTrainer(gan, data.images, data.labels, cfg.batch_size, privacy, previous, prior)
+    trainer = DiscriminatorTrainer(gan, data.images, data.labels, cfg.batch_size, privacy, previous, prior,
+                                   secret_noise(state, cfg, "round", round_num, input_sha))
     trainer.train(cfg.local_steps)
     if privacy is not None and as_floats(trainer.history) != as_floats(state.history):
         raise FedPGGANError(f"site accountant mismatch: Opacus recorded {trainer.history}, the site reserved {state.history}")

@@ -75,9 +75,10 @@ class RunConfig:
     accountant: str = opt("prv", "Opacus accountant", ("prv", "rdp"), group="privacy")
     grad_sample_mode: str = opt("hooks", "Opacus per-sample gradient mode", ("hooks", "functorch", "ghost"), group="privacy")
     fake_gradients: str = opt("exact", "D's gradient on fakes under DP: 'exact' (fakes in a plain pass, neither clipped nor noised: post-processing, and only real rows pay for per-sample gradients) or 'clipped' (one pass, fakes clipped per sample with the real rows; the default before 2026-11-23)", ("clipped", "exact"), group="privacy")
+    noise_key: str = opt("secret", "where DP noise comes from: 'secret' (a fresh secret key per site, expanded by AES-256-CTR: nobody else can regenerate the noise) or 'seed' (PyTorch's generator seeded from --seed, the draws of runs before 2026-12-04: reproducible, but anyone who knows the seed can regenerate the noise, so the guarantee does not hold against them; for benchmarks only, and refused by deployed sites)", ("secret", "seed"), group="privacy")
     # --- run -------------------------------------------------------------------------
     device: str = opt("auto", "where to train", ("auto", "cpu", "cuda"))
-    seed: int = opt(0, "random seed (runs are deterministic for a seed on CPU)")
+    seed: int = opt(0, "random seed (runs without DP, or with --noise-key seed, are deterministic for a seed on CPU)")
     out: str = opt("", "run folder (default runs/<timestamp>)")
 
     @property
@@ -160,7 +161,7 @@ class RunConfig:
 
 # Options whose default changed, with the value a run saved without them trained with.
 SAVED_BEFORE_DEFAULT_CHANGED = {"fake-gradients": "clipped", "embedding-count-share": 0.5, "embedding-steps": 0,
-                                "embedding-noise-limit": 0.5}
+                                "embedding-noise-limit": 0.5, "noise-key": "seed"}
 
 
 def flag(name: str) -> str:

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from fedpggan.build import build_gan, open_training_data, pick_device, prior_tensor, seed_everything
@@ -24,6 +23,7 @@ from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, calibrate_no
 from fedpggan.privacy.dp_discriminator import sample_rate
 from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise, release_sum
 from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
+from fedpggan.privacy.noise import SEEDED_NOISE, SecretNoise, SeededNoise, new_secret_key
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
 from pggan_model import CASES, GeneratorTrainer, save_checkpoint
 from pggan_model.mean_embedding import class_means, release_noise_ratio
@@ -52,7 +52,8 @@ def train_centralised(cfg: RunConfig) -> Path:
     total_d_steps = cfg.epochs * g_steps_per_epoch * cfg.d_steps
 
     versions = library_versions()
-    ledger = PrivacyLedger(run.ledger_json, run.root.name, cfg.dp, versions, "Opacus DP-SGD on D" if cfg.dp else "none")
+    ledger = PrivacyLedger(run.ledger_json, run.root.name, cfg.dp, versions, "Opacus DP-SGD on D" if cfg.dp else "none",
+                           noise_key=cfg.noise_key)
     privacy, release = None, None
     if cfg.dp:
         delta = cfg.delta or default_delta(n)
@@ -75,13 +76,17 @@ def train_centralised(cfg: RunConfig) -> Path:
     run.write_run(run_info)
     if not data.is_medical:
         print("warning: dataset 'phantom' is procedurally generated, NOT medical data")
+    if cfg.dp and cfg.noise_key == "seed":
+        print(f"warning: --noise-key seed: {SEEDED_NOISE} (benchmarks only: never release this run)")
 
+    # With DP and --noise-key secret, the noise comes from a key that lives only in this process.
+    noise_key = new_secret_key() if cfg.dp and cfg.noise_key == "secret" else None
     g_trainer = GeneratorTrainer(gan)
     embedding_steps = 0
     if cfg.embedding_weight > 0:  # the one-shot release, accounted before any DP-SGD step
         features = features_for(data.image_shape, cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur)
         released = release_sum(features, data.images, data.labels, data.num_classes, cfg.embedding_count_share,
-                               release, torch.Generator().manual_seed(cfg.seed))
+                               release, SecretNoise(noise_key, "release") if noise_key else SeededNoise(cfg.seed))
         means = class_means(released, cfg.embedding_count_share)[0]
         g_trainer.match_embedding(features, means.to(device), cfg.embedding_weight)
         noise_ratio = release_noise_ratio(released, cfg.embedding_count_share, release**2 if release is not None else 0.0)
@@ -89,7 +94,8 @@ def train_centralised(cfg: RunConfig) -> Path:
         run_info["embedding_noise_ratio"] = finite_or_none(noise_ratio)
         run.write_run(run_info)
     d_trainer = DiscriminatorTrainer(gan, data.images, data.labels, cfg.batch_size, privacy,
-                                     history=release_history(release), prior=prior)
+                                     history=release_history(release), prior=prior,
+                                     noise=SecretNoise(noise_key, "dp-sgd") if noise_key else None)
     bar = tqdm(range(1, cfg.epochs + 1), desc="epochs", unit="epoch")
     for epoch in bar:
         t0 = time.perf_counter()

@@ -34,6 +34,7 @@ from fedpggan.privacy.feature_release import features_for, release_entry, releas
 from fedpggan.privacy.secure_sum import (SECURE_SUM_ASSUMPTION, epsilon_if_all_other_sites_collude, release_share_noise,
                                          unmasked_sum)
 from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
+from fedpggan.privacy.noise import SEEDED_NOISE
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
 from fedpggan.wire import train_content
 from pggan_model import CASES, GeneratorTrainer, load_checkpoint, save_checkpoint
@@ -134,7 +135,8 @@ class FederatedRun:
         self.run_id = self.folder.root.name
         self.ledger = PrivacyLedger(self.folder.ledger_json, self.run_id, cfg.dp, library_versions(),
                                     "Opacus DP-SGD on D at each site" if cfg.dp else "none",
-                                    [SECURE_SUM_ASSUMPTION] if cfg.dp and cfg.release_aggregation == "secure" else [])
+                                    [SECURE_SUM_ASSUMPTION] if cfg.dp and cfg.release_aggregation == "secure" else [],
+                                    cfg.noise_key)
         for node, site in self.sites.items():
             if cfg.dp:
                 sigma, q, delta, release = self.mechanism_for(int(site["num-records"]))
@@ -159,6 +161,8 @@ class FederatedRun:
         self.folder.write_run(self.run_info)
         if not facts["is-medical"]:
             print("warning: this run uses 'phantom', procedurally generated data: NOT medical data")
+        if cfg.dp and cfg.noise_key == "seed":
+            print(f"warning: --noise-key seed: {SEEDED_NOISE} (benchmarks only: never release this run)")
         return 1
 
     def release_record(self, num_records: int) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from fedpggan.data import open_dataset
 from fedpggan.errors import FedPGGANError
 from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, calibrate_noise, epsilon_of, extend_history
 from fedpggan.privacy.dp_discriminator import sample_rate, strip_opacus_prefix
+from fedpggan.privacy.noise import SeededNoise
 from pggan_model import PGGAN, ModelShape, discriminator_loss
 
 from conftest import tiny_config
@@ -251,7 +252,7 @@ def test_release_noise_ratio_estimates_the_target_error_from_public_noise_only()
     for sigma in (0.2, 0.5, 1.0, 2.0):  # true ratios about 0.12, 0.3, 0.6 and 1.2
         ratios = []
         for draw in range(4):
-            noisy = release_sum(features, data.images, data.labels, 2, 0.1, sigma, torch.Generator().manual_seed(draw))
+            noisy = release_sum(features, data.images, data.labels, 2, 0.1, sigma, SeededNoise(draw))
             true = float((class_means(noisy, 0.1)[0].double() - exact).norm(dim=0).max()) / separation
             ratios.append((release_noise_ratio(noisy, 0.1, sigma**2), true))
         if sigma < 2:
@@ -284,7 +285,7 @@ def test_embedding_steps_are_taken_only_while_the_release_is_clean(monkeypatch):
         server.mechanism_for = lambda n, s=sigma: (1.0, 0.1, 1e-5, s)
         for site, part in enumerate((range(0, 200), range(200, 400))):
             total = release_sum(features, data.images[list(part)], data.labels[list(part)], 2, 0.1, sigma,
-                                torch.Generator().manual_seed(site))
+                                SeededNoise(site))
             server.receive_release(str(site), 1, SimpleNamespace(content={"embedding": ArrayRecord({"sum": total.float()})}))
         calls.clear()
         row = server.fit_embedding()

@@ -53,7 +53,8 @@ def site_rounds(run: Path) -> dict[str, list]:
 
 @pytest.mark.parametrize("aggregation", ["plain", "secure"])  # secure: the resumed run reuses the sum, not a new one
 def test_killed_mid_round_resumes_to_the_same_result(tmp_path, aggregation):
-    base = tiny_config(tmp_path / "whole", epsilon=10.0, rounds=5, release_aggregation=aggregation)
+    # --noise-key seed: two runs can be compared bit for bit only if their sites draw the same noise
+    base = tiny_config(tmp_path / "whole", epsilon=10.0, rounds=5, release_aggregation=aggregation, noise_key="seed")
     simulate(base)
     killed = tmp_path / "killed"
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
@@ -117,7 +118,7 @@ def fresh_state(tmp_path: Path, name: str):
     from client.site import SiteState
 
     state = SiteState.load(tmp_path / name, "run")
-    state.noise_key = "the same secret"  # two sites that would draw identical noise
+    state.noise_key = "5e" * 32  # the same secret key: two sites that would draw identical noise
     return state
 
 

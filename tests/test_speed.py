@@ -15,6 +15,7 @@ from conftest import REPO
 from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.privacy.dp_discriminator import FAKE_GRADIENTS, GRAD_SAMPLE_MODES
+from fedpggan.privacy.noise import NOISE_KEYS
 
 # benchmarks/ is no package (and a PyPI 'benchmarks' may shadow it): load the script by path.
 _spec = importlib.util.spec_from_file_location("speed_under_test", REPO / "benchmarks" / "speed.py")
@@ -27,7 +28,8 @@ TINY_GAN = RunConfig(g_width=16, d_width=8, latent_dim=16)
 def test_dp_vs_plain_rows_have_positive_consistent_ratios():
     rows = speed.dp_vs_plain(TINY_GAN, 28, 8, GRAD_SAMPLE_MODES, speed.Timing(warmup=1, repeats=2, steps=1),
                              torch.device("cpu"))
-    assert [(r["mode"], r["fakes"]) for r in rows] == [(m, f) for m in GRAD_SAMPLE_MODES for f in FAKE_GRADIENTS]
+    assert [(r["mode"], r["fakes"], r["noise"]) for r in rows] == [
+        (m, f, n) for m in GRAD_SAMPLE_MODES for f in FAKE_GRADIENTS for n in NOISE_KEYS]
     for r in rows:
         assert r["image_size"] == 28 and r["batch"] == 8
         assert r["ratio"] > 0 and math.isfinite(r["ratio"])

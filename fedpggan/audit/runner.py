@@ -13,6 +13,7 @@ from fedpggan.audit.records import RunFacts, Site, check_shape, number, parse_si
 from fedpggan.audit.round_checks import check_rounds
 from fedpggan.audit.spend import RULE, audit_sites, check_guarantee
 from fedpggan.errors import FedPGGANError
+from fedpggan.privacy.noise import SEEDED_NOISE
 from fedpggan.runs import RunFolder, now_iso
 
 NO_DP = ("the ledger records no differential privacy (dp: false): there is no (epsilon, delta) guarantee, "
@@ -36,7 +37,7 @@ def audit_run(run_dir: str | Path, out: str | Path | None = None, mia: MiaOption
         findings.append(Finding("dp", NO_DP))
     else:
         rows, site_findings, notes = audit_ledger_sites(ledger, run, kind, folder)
-        findings += site_findings
+        findings += site_findings + check_noise_key(run, kind, notes)
     if run.get("status") != "completed":
         notes.insert(0, f"run status is {run.get('status')!r}: this audits the run as far as it got")
     result: dict[str, Any] = {
@@ -55,6 +56,18 @@ def audit_run(run_dir: str | Path, out: str | Path | None = None, mia: MiaOption
         row["passed"] = not any(f.field.startswith(f"sites.{row['site']}.") for f in findings)
     report.write_outputs(result, Path(out) if out else folder.root)
     return result
+
+
+def check_noise_key(run: dict[str, Any], kind: str, notes: list[str]) -> list[Finding]:
+    """A guarantee holds only against whoever cannot regenerate the noise: noise drawn from the
+    run's --seed (``--noise-key seed``, which run.json records) fails the audit."""
+    noise_key = run["config"].get("noise-key")
+    if noise_key == "seed" or (noise_key is None and kind == "centralised"):
+        return [Finding("config.noise-key", f"{SEEDED_NOISE}; retrain with --noise-key secret")]
+    if noise_key is None:
+        notes.append("run.json predates --noise-key (2026-12-04): a simulated run of that time drew its DP noise from "
+                     "--seed, which run.json records; a deployed site drew it from its own secret key")
+    return []
 
 
 def audit_ledger_sites(ledger: dict[str, Any], run: dict[str, Any], kind: str,

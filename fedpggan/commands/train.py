@@ -13,7 +13,7 @@ OPTIONS = [
     "embedding_weight", "embedding_frequencies", "embedding_blur", "embedding_count_share", "embedding_share",
     "embedding_steps", "embedding_noise_limit",
     "epsilon", "delta",
-    "max_grad_norm", "accountant", "grad_sample_mode", "fake_gradients", "checkpoint_every", "keep_checkpoints",
+    "max_grad_norm", "accountant", "grad_sample_mode", "fake_gradients", "noise_key", "checkpoint_every", "keep_checkpoints",
     "device", "seed", "out",
 ]
 # Centralised training is plain PyTorch unless a budget is asked for (--epsilon E).

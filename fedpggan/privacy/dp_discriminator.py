@@ -3,7 +3,8 @@
 Used by a federated site (client/) and by the centralised trainer alike. Privacy
 assumptions (DP mode):
 - real records enter D only through Opacus: Poisson sampling at rate q, per-sample clipping
-  to ``max_grad_norm``, Gaussian noise of std ``noise_multiplier * max_grad_norm``;
+  to ``max_grad_norm``, Gaussian noise of std ``noise_multiplier * max_grad_norm``; the masks and
+  the noise are drawn from the holder's secret stream when one is given (fedpggan.privacy.noise);
 - fakes are generated from public inputs (generator weights, labels from the public class
   prior), in a batch of fixed size, so they neither depend on nor reveal the real batch;
 - with ``fake_gradients="exact"`` (the default), the fakes go through D in a separate pass with
@@ -28,6 +29,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedpggan.privacy.accounting import History, epsilon_of
+from fedpggan.privacy.noise import SecretNoise
 from pggan_model import PGGAN, discriminator_loss
 from pggan_model.losses import real_fake_targets
 
@@ -79,8 +81,13 @@ class DiscriminatorTrainer:
         privacy: PrivacySettings | None = None,
         history: History | None = None,
         prior: torch.Tensor | None = None,
+        noise: SecretNoise | None = None,
     ) -> None:
         self.gan, self.batch_size, self.privacy, self.prior = gan, batch_size, privacy, prior
+        self.images, self.labels = images, labels
+        # With DP: the Poisson masks and Gaussian noise come from ``noise`` (a secret keystream),
+        # or when None from PyTorch's global generator as Opacus draws them (reproducible from the seed).
+        self.noise = noise if privacy is not None else None
         self.device = next(gan.parameters()).device
         c = gan.config
         # Train a copy: Opacus attaches hooks and renames parameters (``_module.``).
@@ -109,6 +116,8 @@ class DiscriminatorTrainer:
                 self.model, self.optimizer, self.criterion, self.loader = wrapped
             else:
                 self.model, self.optimizer, self.loader = wrapped
+            if self.noise is not None:
+                self.noise.noise_optimizer(self.optimizer)
         self._batches = iter(self.loader)
 
     @property
@@ -126,6 +135,9 @@ class DiscriminatorTrainer:
         return epsilon_of(self.history, self.privacy.delta, self.privacy.accountant)
 
     def _next_real_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.noise is not None:  # the same Poisson sampling as Opacus' loader, from the secret stream
+            picked = self.noise.poisson_indices(len(self.images), self.sample_rate)
+            return self.images[picked], self.labels[picked]
         try:
             return next(self._batches)
         except StopIteration:

@@ -18,6 +18,7 @@ import math
 import torch
 
 from fedpggan.privacy.accounting import History, calibrate_noise
+from fedpggan.privacy.noise import SecretNoise, SeededNoise
 from pggan_model.mean_embedding import RandomFourierFeatures, record_sum
 
 FEATURE_SEED_OFFSET = 7_919  # the features' seed is the run seed + this (public)
@@ -44,9 +45,10 @@ def release_history(noise_multiplier: float | None) -> History:
 
 
 def release_sum(features: RandomFourierFeatures, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                count_share: float, noise_multiplier: float | None, generator: torch.Generator) -> torch.Tensor:
-    """The noisy sum of v(x, y) over the site's records (exact when noise_multiplier is None: no DP)."""
+                count_share: float, noise_multiplier: float | None, noise: SecretNoise | SeededNoise | None) -> torch.Tensor:
+    """The noisy sum of v(x, y) over the site's records (exact when noise_multiplier is None: no DP);
+    its noise is drawn from ``noise`` (fedpggan.privacy.noise: a secret stream unless the run is seeded)."""
     total = record_sum(features, images, labels, num_classes, count_share)
     if noise_multiplier is not None:
-        total += noise_multiplier * torch.randn(total.shape, generator=generator, dtype=total.dtype)
+        total += noise_multiplier * noise.normal(total.shape, total.dtype)
     return total

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpggan.io import atomic_write_json
+from fedpggan.privacy.noise import NOISE_DESCRIPTIONS
 
 ASSUMPTIONS = [
     "unit of privacy: one image (record) at one site; add/remove adjacency",
@@ -32,14 +33,16 @@ class PrivacyLedger:
     """In-memory ledger, written atomically to ``privacy_ledger.json`` after every change."""
 
     def __init__(self, path: str | Path, run_id: str, dp: bool, versions: dict[str, str], mechanism: str,
-                 extra_assumptions: list[str] | None = None) -> None:
+                 extra_assumptions: list[str] | None = None, noise_key: str = "secret") -> None:
         self.path = Path(path)
         self.data: dict[str, Any] = {
             "format": 1,
             "run_id": run_id,
             "dp": dp,
             "mechanism": mechanism,
-            "assumptions": [*ASSUMPTIONS, *(extra_assumptions or [])] if dp else ["NO differential privacy: this run trained D on real data without DP-SGD"],
+            "noise_key": noise_key if dp else None,  # "seed": the noise can be regenerated (fedpggan.privacy.noise)
+            "assumptions": [*ASSUMPTIONS, f"noise: {NOISE_DESCRIPTIONS[noise_key]}", *(extra_assumptions or [])] if dp
+            else ["NO differential privacy: this run trained D on real data without DP-SGD"],
             "versions": versions,
             "sites": {},
             "checkpoints": [],
