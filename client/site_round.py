@@ -64,11 +64,13 @@ def ensure_mechanism(state: SiteState, cfg: RunConfig, num_records: int) -> None
 def ensure_noise_key(state: SiteState, cfg: RunConfig, site_index: int) -> None:
     """The secret every noise draw of this site derives from, made once per run and kept only
     in the site's state dir. A seed the server knows (``--seed``) would let it regenerate the
-    noise and subtract it: so a deployed site refuses ``--noise-key seed``. Only a simulation,
-    whose one operator holds every site's data anyway, derives the key from ``--seed``
-    (``FEDPGGAN_SIMULATION=1``), with ``--noise-key seed`` or without DP, so runs are reproducible."""
+    noise and subtract it: so a deployed site refuses ``--noise-key seed`` for a new run. (A run
+    it already holds a secret key for, saved before the option existed and resumed, keeps drawing
+    as it did then: PyTorch's generator seeded from that key, which the server cannot regenerate.)
+    Only a simulation, whose one operator holds every site's data anyway, derives the key from
+    ``--seed`` (``FEDPGGAN_SIMULATION=1``), with ``--noise-key seed`` or without DP, so runs are reproducible."""
     simulated = os.environ.get("FEDPGGAN_SIMULATION") == "1"
-    if cfg.dp and cfg.noise_key == "seed" and not simulated:
+    if cfg.dp and cfg.noise_key == "seed" and not simulated and not state.noise_key:
         raise FedPGGANError("the run asks for --noise-key seed, which lets whoever knows --seed regenerate this site's DP "
                             "noise; a deployed site refuses it: run with --run-config \"noise-key='secret'\"")
     if state.noise_key:

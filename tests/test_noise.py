@@ -84,6 +84,10 @@ def test_a_deployed_site_refuses_seeded_noise_and_a_simulation_makes_secret_keys
     seeded = tiny_config(tmp_path / "run", epsilon=5.0, noise_key="seed")
     with pytest.raises(FedPGGANError, match="noise-key='secret'"):
         ensure_noise_key(SiteState.load(tmp_path / "deployed", "run"), seeded, 0)
+    resumed = SiteState.load(tmp_path / "deployed_before", "run")  # a run saved before --noise-key, resumed
+    resumed.noise_key = "5e" * 32
+    ensure_noise_key(resumed, seeded, 0)  # its draws still derive from its own secret key
+    assert resumed.noise_key == "5e" * 32
     monkeypatch.setenv("FEDPGGAN_SIMULATION", "1")
     simulated = SiteState.load(tmp_path / "sim", "run")
     ensure_noise_key(simulated, tiny_config(tmp_path / "run", epsilon=5.0), 0)

@@ -8,11 +8,11 @@ is a cryptographic generator (what Opacus' ``secure_mode`` gets from torchcsprng
 this project's registry does not hold), so nobody can predict the draws from the released
 weights or from earlier draws either.
 
-``--noise-key seed`` keeps PyTorch's generator seeded from ``--seed`` (the draws of every run
-before 2026-12-04): a run is then reproducible weight for weight, but whoever knows the seed
-(it is in ``run.json``) can regenerate the noise, so the DP guarantee does not hold against
-them. That is for benchmarks and reproducing published figures, never for a release; a
-deployed site refuses it (client/site_round.py).
+``--noise-key seed`` keeps PyTorch's generator seeded from ``--seed`` (as simulated and
+centralised runs drew before 2026-12-04): a run is then reproducible weight for weight, but
+whoever knows the seed (it is in ``run.json``) can regenerate the noise, so the DP guarantee
+does not hold against them. That is for benchmarks and reproducing published figures, never
+for a release; a deployed site refuses it for a new run (client/site_round.py).
 """
 
 from __future__ import annotations
