@@ -39,8 +39,8 @@ from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes, atomic_write_json
 from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings
 from fedpggan.privacy.dp_discriminator import FAKE_GRADIENTS, GRAD_SAMPLE_MODES
-from fedpggan.privacy.noise import NOISE_KEYS, SecretNoise, new_secret_key
 from fedpggan.privacy.feature_release import features_for
+from fedpggan.privacy.noise import NOISE_KEYS, SecretNoise, new_secret_key
 from fedpggan.runs import library_versions
 from pggan_model import GeneratorTrainer
 
@@ -98,7 +98,7 @@ def seconds_per_image(trainer: DiscriminatorTrainer, steps: int, device: torch.d
 
 
 def make_trainers(gan_cfg: RunConfig, size: int, batch: int, modes: Iterable[str],
-                  device: torch.device) -> dict[str | tuple[str, str], DiscriminatorTrainer]:
+                  device: torch.device) -> dict[str | tuple[str, str, str], DiscriminatorTrainer]:
     """The product's trainer in plain mode (key "plain") and in each DP path (key (Opacus mode,
     fakes, noise): fakes clipped in the one-pass step or exact in the faster path; noise from the
     secret AES-CTR stream or PyTorch's seeded generator), on one D and one data set.

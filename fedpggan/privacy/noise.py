@@ -32,8 +32,7 @@ SEEDED_NOISE = ("the DP noise is drawn from PyTorch's generator seeded with --se
                 "the seed can regenerate it, so the guarantee does not hold against them")
 NOISE_DESCRIPTIONS = {
     "secret": "secret per-holder keys expanded by AES-256-CTR (cryptographic): only the data holder can regenerate its noise",
-    "seed": "PyTorch's generator seeded from the run's --seed: reproducible, but anyone who knows the seed can regenerate "
-            "the noise, so the guarantee does not hold against them (benchmarks only, not for release)",
+    "seed": f"{SEEDED_NOISE} (benchmarks only, not for release)",
 }
 
 
@@ -80,7 +79,8 @@ class SecretNoise:
         source = self
 
         def add_noise(opt: DPOptimizer) -> None:
-            multiplier = getattr(opt, "_adjusted_noise_multiplier", opt.noise_multiplier)  # ghost clipping's name
+            # as Opacus' fast-gradient-clipping optimizer (ghost mode) does, in case adaptive clipping adjusted it
+            multiplier = getattr(opt, "_adjusted_noise_multiplier", opt.noise_multiplier)
             for p in opt.params:
                 _check_processed_flag(p.summed_grad)
                 noise = source.normal(p.summed_grad.shape, torch.float64) * (multiplier * opt.max_grad_norm)
