@@ -12,7 +12,6 @@ import hashlib
 import io
 import math
 import os
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,7 @@ from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, calibrate_no
 from fedpggan.io import atomic_write_bytes
 from fedpggan.privacy.dp_discriminator import sample_rate
 from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise, release_sum
-from fedpggan.privacy.noise import SecretNoise, SeededNoise
+from fedpggan.privacy.noise import SecretNoise, SeededNoise, new_secret_key
 from fedpggan.privacy.secure_sum import release_share_noise
 from pggan_model import PGGAN, GeneratorTrainer
 
@@ -76,7 +75,7 @@ def ensure_noise_key(state: SiteState, cfg: RunConfig, site_index: int) -> None:
     if state.noise_key:
         return
     seeded = simulated and (cfg.noise_key == "seed" or not cfg.dp)
-    state.noise_key = f"simulation/{cfg.seed}/{site_index}" if seeded else secrets.token_hex(32)
+    state.noise_key = f"simulation/{cfg.seed}/{site_index}" if seeded else new_secret_key().hex()
     state.save()
 
 

@@ -23,7 +23,7 @@ from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, calibrate_no
 from fedpggan.privacy.dp_discriminator import sample_rate
 from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise, release_sum
 from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
-from fedpggan.privacy.noise import SEEDED_NOISE, SecretNoise, SeededNoise, new_secret_key
+from fedpggan.privacy.noise import SEEDED_NOISE_WARNING, SecretNoise, SeededNoise, new_secret_key
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
 from pggan_model import CASES, GeneratorTrainer, save_checkpoint
 from pggan_model.mean_embedding import class_means, release_noise_ratio
@@ -77,7 +77,7 @@ def train_centralised(cfg: RunConfig) -> Path:
     if not data.is_medical:
         print("warning: dataset 'phantom' is procedurally generated, NOT medical data")
     if cfg.dp and cfg.noise_key == "seed":
-        print(f"warning: --noise-key seed: {SEEDED_NOISE} (benchmarks only: never release this run)")
+        print(SEEDED_NOISE_WARNING)
 
     # With DP and --noise-key secret, the noise comes from a key that lives only in this process.
     noise_key = new_secret_key() if cfg.dp and cfg.noise_key == "secret" else None

@@ -34,7 +34,7 @@ from fedpggan.privacy.feature_release import features_for, release_entry, releas
 from fedpggan.privacy.secure_sum import (SECURE_SUM_ASSUMPTION, epsilon_if_all_other_sites_collude, release_share_noise,
                                          unmasked_sum)
 from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
-from fedpggan.privacy.noise import SEEDED_NOISE
+from fedpggan.privacy.noise import SEEDED_NOISE_WARNING
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
 from fedpggan.wire import train_content
 from pggan_model import CASES, GeneratorTrainer, load_checkpoint, save_checkpoint
@@ -162,7 +162,7 @@ class FederatedRun:
         if not facts["is-medical"]:
             print("warning: this run uses 'phantom', procedurally generated data: NOT medical data")
         if cfg.dp and cfg.noise_key == "seed":
-            print(f"warning: --noise-key seed: {SEEDED_NOISE} (benchmarks only: never release this run)")
+            print(SEEDED_NOISE_WARNING)
         return 1
 
     def release_record(self, num_records: int) -> dict[str, Any]:

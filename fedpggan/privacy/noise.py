@@ -30,6 +30,7 @@ from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mar
 NOISE_KEYS = ("secret", "seed")
 SEEDED_NOISE = ("the DP noise is drawn from PyTorch's generator seeded with --seed, which run.json records: anyone with "
                 "the seed can regenerate it, so the guarantee does not hold against them")
+SEEDED_NOISE_WARNING = f"warning: --noise-key seed: {SEEDED_NOISE} (benchmarks only: never release this run)"
 NOISE_DESCRIPTIONS = {
     "secret": "secret per-holder keys expanded by AES-256-CTR (cryptographic): only the data holder can regenerate its noise",
     "seed": f"{SEEDED_NOISE} (benchmarks only, not for release)",
@@ -76,14 +77,12 @@ class SecretNoise:
         Opacus calls ``add_noise`` after clipping and before scaling and accounting; the
         replacement keeps its contract (std = noise multiplier x clipping norm, on each
         parameter's summed clipped gradient) and changes only where the draws come from."""
-        source = self
-
         def add_noise(opt: DPOptimizer) -> None:
             # as Opacus' fast-gradient-clipping optimizer (ghost mode) does, in case adaptive clipping adjusted it
             multiplier = getattr(opt, "_adjusted_noise_multiplier", opt.noise_multiplier)
             for p in opt.params:
                 _check_processed_flag(p.summed_grad)
-                noise = source.normal(p.summed_grad.shape, torch.float64) * (multiplier * opt.max_grad_norm)
+                noise = self.normal(p.summed_grad.shape, torch.float64) * (multiplier * opt.max_grad_norm)
                 p.grad = (p.summed_grad + noise.to(p.summed_grad)).view_as(p)
                 _mark_as_processed(p.summed_grad)
 
