@@ -22,13 +22,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site import (SiteState, check_collusion_cap, check_site_budget, load_site_data, site_device, site_identity,
-                         site_lock, state_dir)
+from client.site import (SiteState, check_collusion_cap, check_site_budget, load_site_data, peer_signing, site_device,
+                         site_identity, site_lock, state_dir)
 from client.site_round import ensure_mechanism, ensure_noise_key, ensure_release, public_facts, run_site_round
 from fedpggan.build import build_gan
 from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes
+from fedpggan.privacy.peer_keys import SignedKey, sign_key, verify_key_list
 from fedpggan.privacy.secure_sum import masked_share, new_key_pair, private_key_bytes, private_key_from, public_key_of
 from fedpggan.wire import arrays_sha256, generator_arrays, load_generators, reply_content
 
@@ -65,23 +66,33 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.query("release_keys")
 def release_keys(msg: Message, context: Context) -> Message:
-    """Secure release, step 1: a fresh key pair; the public key leaves, the private one stays."""
+    """Secure release, step 1: a fresh key pair; the public key leaves, the private one stays. A
+    site with a roster (``peer-keys``) signs it for this run with its SuperNode key."""
     cfg, raw = run_config_of(msg)
     root, run_id = state_dir(context.node_config, raw), str(raw["run-id"])
+    signing = peer_signing(context.node_config)
     with site_lock(root, run_id):
         state = SiteState.load(root, run_id)
         private, public = new_key_pair()
         atomic_write_bytes(state.secure_key_file, private_key_bytes(private))
-    return Message(RecordDict({"key": ConfigRecord({"public-key": public})}), reply_to=msg)
+    reply = {"public-key": public}
+    if signing is not None:
+        signed = sign_key(signing.signing_key, run_id, public)
+        reply.update({"signer": signed.signer, "signature": signed.signature})
+    return Message(RecordDict({"key": ConfigRecord(reply)}), reply_to=msg)
 
 
 @app.query("release_masked")
 def release_masked(msg: Message, context: Context) -> Message:
     """Secure release, step 2: this site's share of the release (1/sqrt(N) of the noise), masked
-    towards every other key of the list; only the sum of all N vectors reveals anything."""
+    towards every other key of the list; only the sum of all N vectors reveals anything. A site
+    with a roster first checks that every key is signed, for this run, by a distinct peer."""
     cfg, raw = run_config_of(msg)
     root, run_id = state_dir(context.node_config, raw), str(raw["run-id"])
-    publics = list(msg.content["keys"]["public-keys"])
+    keys = msg.content["keys"]
+    publics = list(keys["public-keys"])
+    signing = peer_signing(context.node_config)
+    signers = verify_key_list(signed_key_list(keys), signing.roster, run_id) if signing is not None else []
     with site_lock(root, run_id):
         state = SiteState.load(root, run_id)
         if not state.secure_key_file.exists():
@@ -95,8 +106,21 @@ def release_masked(msg: Message, context: Context) -> Message:
             check_collusion_cap(context.node_config, state, len(publics))
         share = ensure_release(state, cfg, data, share_of=len(publics))
         masked = masked_share(share, private, public_key_of(private), publics)
+        state.release_signers = signers
+        state.save()
         state.secure_key_file.unlink()  # one protocol run, one key: a replayed key list gets no second vector
-    return Message(RecordDict({"masked": ArrayRecord({"sum": torch.from_numpy(masked.view(np.int64))})}), reply_to=msg)
+    return Message(RecordDict({"masked": ArrayRecord({"sum": torch.from_numpy(masked.view(np.int64))}),
+                               "check": ConfigRecord({"verified-signers": signers})}), reply_to=msg)
+
+
+def signed_key_list(keys: ConfigRecord) -> list[SignedKey]:
+    """The key list as the server relayed it; a site that signed nothing appears with empty bytes."""
+    publics = list(keys["public-keys"])
+    signers, signatures = list(keys.get("signers", [])), list(keys.get("signatures", []))
+    if not len(signers) == len(signatures) == len(publics):
+        raise FedPGGANError("secure release: the server's key list carries no signatures (its fedpggan predates signed "
+                            "keys); this site checks peer-keys, so update the coordinator; no share was drawn")
+    return [SignedKey(*entry) for entry in zip(publics, signers, signatures)]
 
 
 @app.train()

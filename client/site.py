@@ -27,6 +27,7 @@ from fedpggan.data import ImageDataset, open_dataset, partition
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json
 from fedpggan.privacy import default_delta
+from fedpggan.privacy.peer_keys import PeerSigning, load_peer_signing
 from fedpggan.privacy.secure_sum import epsilon_if_all_other_sites_collude
 from fedpggan.site_config import site_torch_device
 
@@ -102,6 +103,17 @@ def check_collusion_cap(node_config: dict[str, Any], state: "SiteState", num_sit
                             "or run with --release-aggregation plain")
 
 
+def peer_signing(node_config: dict[str, Any]) -> PeerSigning | None:
+    """The site's roster (``peer-keys``) and SuperNode key (``auth-private-key``), or None when it
+    has no roster (a simulation, or a site that trusts the server to relay keys honestly)."""
+    if "peer-keys" not in node_config:
+        return None
+    if "auth-private-key" not in node_config:
+        raise FedPGGANError("node config has 'peer-keys' but no 'auth-private-key' to sign with; write the node config "
+                            "with 'fedpggan site check' (it adds both)")
+    return load_peer_signing(str(node_config["peer-keys"]), str(node_config["auth-private-key"]))
+
+
 # Loaded datasets are immutable; caching them per process saves reloading every round.
 @functools.lru_cache(maxsize=4)
 def _open_cached(path: str, image_size: int) -> ImageDataset:
@@ -150,6 +162,7 @@ class SiteState:
     planned_steps: int = 0
     release_noise: float | None = None  # noise multiplier of the one-shot embedding release
     release_share_of: int = 0  # N when the release is this site's share of a secure sum over N sites (0: plain)
+    release_signers: list[str] = field(default_factory=list)  # the peers whose signed keys its share was masked towards
     noise_key: str = ""  # secret seed material of this site's noise: never leaves the site
     history: list[list[float]] = field(default_factory=list)
     rounds: dict[str, dict[str, Any]] = field(default_factory=dict)

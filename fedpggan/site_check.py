@@ -16,6 +16,7 @@ import torch
 
 from fedpggan.data import ImageDataset, open_dataset
 from fedpggan.errors import FedPGGANError
+from fedpggan.privacy.peer_keys import load_peer_signing, load_signing_key, openssh_public
 from fedpggan.site_config import SiteConfig, site_torch_device
 
 EXPIRY_WARNING = timedelta(days=30)
@@ -23,7 +24,8 @@ EXPIRY_WARNING = timedelta(days=30)
 # What the ClientApp sends (client/client_app.py, fedpggan/wire.py) and what it never sends.
 LEAVES = ("discriminator weights after DP-SGD (per-sample clipped, Gaussian noise added)",
           "privacy spend per round: epsilon, delta, noise multiplier, sample rate, steps",
-          "one DP release of per-class mean image embeddings (noised, counted in epsilon)",
+          "one DP release of per-class mean image embeddings (noised, counted in epsilon); in a secure release "
+          "instead a one-run public key (signed with the node key when peer-keys is set) and the masked share",
           "public facts: site id, number of images, image size, channels, class names, dataset name",
           "how long the site's round took (the coordinator sees the reply's arrival time anyway)")
 STAYS = ("images and labels", "un-noised per-class counts, losses or accuracies on real images",
@@ -104,17 +106,13 @@ def check_private_key(path: Path) -> str:
     """The SuperNode's authentication key: an OpenSSH EC key, as flower-supernode requires.
 
     Returns the public key line the coordinator must register (``flwr supernode register``)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    return openssh_public(load_signing_key(path).public_key()).decode()
 
-    try:
-        key = serialization.load_ssh_private_key(path.read_bytes(), None)
-    except OSError as exc:
-        raise FedPGGANError(f"superlink.auth-private-key {path}: cannot read ({exc.strerror}); make one with "
-                            f"ssh-keygen -t ecdsa -b 384 -N '' -f {path}") from None
-    except (ValueError, TypeError):
-        key = None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise FedPGGANError(f"superlink.auth-private-key {path}: not an unencrypted OpenSSH EC key; make one with "
-                            f"ssh-keygen -t ecdsa -b 384 -N '' -f {path}")
-    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+def check_peer_keys(site: SiteConfig) -> str:
+    """The roster a secure release's key list is checked against: readable, and listing this site."""
+    if site.peer_keys is None:
+        return "none: in a secure release this site takes the coordinator's key list on trust"
+    signing = load_peer_signing(site.peer_keys, site.auth_private_key)
+    names = sorted(signing.roster.values())
+    return f"{site.peer_keys}: {len(names)} sites ({', '.join(names)}); this site is {signing.own_name!r}"

@@ -39,6 +39,7 @@ class SiteConfig:
     auth_private_key: Path
     device: str = "auto"  # where the site trains D: auto (its GPU when it has one), cpu or cuda
     max_epsilon_if_colluding: float | None = None  # cap on a secure release's worst case (None: max_epsilon)
+    peer_keys: Path | None = None  # the consortium's SuperNode public keys: a secure release's key list is checked against them
 
     def node_config(self) -> str:
         """The SuperNode's ``--node-config``; string values must be quoted for Flower."""
@@ -48,6 +49,8 @@ class SiteConfig:
             items["max-delta"] = self.max_delta
         if self.max_epsilon_if_colluding is not None:
             items["max-epsilon-if-colluding"] = self.max_epsilon_if_colluding
+        if self.peer_keys is not None:  # the ClientApp signs its secure-release key with the SuperNode's own key
+            items.update({"peer-keys": str(self.peer_keys), "auth-private-key": str(self.auth_private_key)})
         return " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v!r}" for k, v in items.items())
 
     def supernode_command(self) -> list[str]:
@@ -88,6 +91,7 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
     if colluding is not None and not colluding > 0:
         raise get.error("privacy.max-epsilon-if-colluding", "a number > 0 (e.g. 20), or leave it out to use max-epsilon")
     max_delta = get.value(privacy, "privacy.max-delta", (int, float), required=False)
+    peer_keys = get.value(privacy, "privacy.peer-keys", str, required=False)
     if max_delta is not None and not 0 < max_delta < 1:
         raise get.error("privacy.max-delta", "a number in (0, 1), e.g. 1e-5")
     certs = get.value(link, "superlink.root-certificates", str, required=not insecure)
@@ -102,6 +106,7 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
         superlink=get.value(link, "superlink.address", str), root_certificates=Path(certs) if certs else None,
         auth_private_key=Path(get.value(link, "superlink.auth-private-key", str)), device=device,
         max_epsilon_if_colluding=None if colluding is None else float(colluding),
+        peer_keys=Path(peer_keys) if peer_keys else None,
     )
 
 

@@ -367,11 +367,13 @@ class FederatedRun:
             config = ConfigRecord({**self.cfg.to_flower(), "run-id": self.run_id,
                                    "site-state-root": str((self.folder.root / "sites").resolve())})
             keys = self.ask_all(nodes, "query.release_keys", RecordDict({"config": config}), "key")
-            publics = [bytes(keys[n]["public-key"]) for n in nodes]
-            content = RecordDict({"config": config, "keys": ConfigRecord({"public-keys": publics})})
+            key_list = {name: [bytes(keys[n]["key"].get(key, b"")) for n in nodes]  # b"": a site without a roster signs nothing
+                        for name, key in (("public-keys", "public-key"), ("signers", "signer"), ("signatures", "signature"))}
+            content = RecordDict({"config": config, "keys": ConfigRecord(key_list)})
             shape = (self.features.dim + 1, len(self.class_names))
-            masked = self.ask_all(nodes, "query.release_masked", content, "masked")
-            vectors = [masked[n].to_torch_state_dict()["sum"].numpy().view(np.uint64) for n in nodes]
+            replies = self.ask_all(nodes, "query.release_masked", content, "masked")
+            self.record_key_checks({self.site_id(n): reply.get("check") for n, reply in replies.items()})
+            vectors = [replies[n]["masked"].to_torch_state_dict()["sum"].numpy().view(np.uint64) for n in nodes]
             if any(v.size != math.prod(shape) for v in vectors):
                 raise FedPGGANError(f"secure release: a site sent a vector of the wrong size (expected {math.prod(shape)}); "
                                     "every site must run the same fedpggan version")
@@ -384,8 +386,8 @@ class FederatedRun:
             self.folder.write_run(self.run_info)
         self.use_release(pooled, sum(self.release_sigma(s) ** 2 for s in sites) / len(sites))
 
-    def ask_all(self, nodes: list[int], message_type: str, content: RecordDict, key: str) -> dict[int, Any]:
-        """One step of the secure release: every node must answer, or nothing is revealed."""
+    def ask_all(self, nodes: list[int], message_type: str, content: RecordDict, key: str) -> dict[int, RecordDict]:
+        """One step of the secure release: every node must answer, with a record ``key``, or nothing is revealed."""
         messages = [Message(content, dst_node_id=n, message_type=message_type) for n in nodes]
         answers = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
@@ -394,11 +396,23 @@ class FederatedRun:
                 reason = site_error(reply) if reply.has_error() else f"no '{key}' in the reply"
                 raise FedPGGANError(f"secure release: site {self.site_id(node)} failed ({reason}); fix that site and start "
                                     "the run again (nothing was revealed), or train with --release-aggregation plain")
-            answers[node] = reply.content[key]
+            answers[node] = reply.content
         if missing := sorted(self.site_id(n) for n in set(nodes) - set(answers)):
             raise FedPGGANError(f"secure release: sites {missing} did not answer within --round-timeout "
                                 f"{self.cfg.round_timeout}s (nothing was revealed); restart them and start the run again")
         return answers
+
+    def record_key_checks(self, checks: dict[str, Any]) -> None:
+        """The ledger states, per site, whether that site checked the key list against its roster
+        (``peer-keys``): only then could the server not have forged the keys its share was masked with."""
+        if not self.cfg.dp:
+            return
+        for site, check in checks.items():
+            signers = sorted(check.get("verified-signers", [])) if check is not None else []
+            release = self.ledger.site(site)["feature_release"]
+            release["key_list"] = ({"verified": True, "signers": signers} if signers else
+                                   {"verified": False, "why": "the site has no peer-keys: it took the server's key list on trust"})
+        self.ledger.save()
 
     def spend_problem(self, node: int, privacy: dict[str, float]) -> str | None:
         """Why a site's reported spend does not match what its config dictates (or None)."""

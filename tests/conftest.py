@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedpggan.config import RunConfig
 
@@ -25,6 +27,16 @@ def tiny_config(out: Path, **overrides) -> RunConfig:
                 sample_every=1, min_per_site=10)
     base.update(overrides)
     return RunConfig(**base).validate()
+
+
+def write_ssh_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """A SuperNode key as flower-supernode reads it (OpenSSH, NIST P-384; ssh-keygen -t ecdsa -b 384) and its .pub."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    path.with_suffix(".pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                       serialization.PublicFormat.OpenSSH))
+    return key
 
 
 @pytest.fixture

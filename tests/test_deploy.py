@@ -40,7 +40,7 @@ from fedpggan.config import RunConfig, flag
 from fedpggan.data import open_dataset
 from fedpggan.errors import FedPGGANError
 
-from conftest import REPO
+from conftest import REPO, write_ssh_key
 
 BIN = Path(sys.executable).parent
 DEPLOY = REPO / "deploy"
@@ -126,15 +126,6 @@ class Processes:
                 pass
 
 
-def write_ssh_key(path: Path) -> None:
-    """A SuperNode key as flower-supernode reads it (OpenSSH, NIST P-384) and its .pub."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                       serialization.NoEncryption()))
-    path.with_suffix(".pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                                       serialization.PublicFormat.OpenSSH))
-
-
 def write_site_npz(path: Path, index: int, n: int = 40) -> None:
     """Site ``index``'s own images: a disjoint slice of phantom, in the MedMNIST npz layout."""
     data = open_dataset("phantom", "train", image_size=16)
@@ -188,11 +179,14 @@ def federation(tmp_path_factory):
         for proc in registering:
             out, _ = proc.communicate(timeout=120)
             assert proc.returncode == 0 and "registered successfully" in out, out
+        # the roster each hospital receives out of band, for signed keys in a secure release
+        (keys / "peers.pub").write_text("".join(f"{(keys / f'{s}.pub').read_text().strip()} {s}\n" for s in SITES))
         fed = Federation(root, procs, port, cli_home, certs / "ca.crt")
         for i, site in enumerate(SITES):
             write_site_npz(root / f"{site}.npz", i)
             node_config = (f'site-id="{site}" data-path="{root / f"{site}.npz"}" '
-                           f'state-dir="{fed.state_dir(site)}" max-epsilon=10.0')
+                           f'state-dir="{fed.state_dir(site)}" max-epsilon=10.0 max-epsilon-if-colluding=1000.0 '
+                           f'peer-keys="{keys / "peers.pub"}" auth-private-key="{keys / site}"')
             procs.start(site, "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",
                         str(fed.ca), "--auth-supernode-private-key", str(keys / site), "--port", str(free_port()),
                         "--node-config", node_config)
@@ -208,12 +202,10 @@ def federation(tmp_path_factory):
         procs.stop_all()
 
 
-def test_federated_dp_run_over_tls_with_registered_sites(federation):
-    out = federation.root / "run"
+def run_to_the_end(federation, out: Path, run_config: str) -> None:
     started = flwr_cli(federation.procs, federation.cli_home, "run", str(REPO), "fed",
-                       "--run-config", f"{RUN_CONFIG} out='{out}'")
+                       "--run-config", f"{run_config} out='{out}'")
     assert started.returncode == 0 and "Successfully started run" in started.stdout, started.stdout + started.stderr
-
     deadline, status = time.monotonic() + RUN_TIMEOUT, None
     while time.monotonic() < deadline and status not in ("completed", "stopped", "failed"):
         time.sleep(2)
@@ -221,6 +213,10 @@ def test_federated_dp_run_over_tls_with_registered_sites(federation):
     logs = "\n".join(federation.procs.log(n)[-2000:] for n in ("superlink", *SITES))
     assert status == "completed", f"run status {status!r}\n{logs}"
 
+
+def test_federated_dp_run_over_tls_with_registered_sites(federation):
+    out = federation.root / "run"
+    run_to_the_end(federation, out, RUN_CONFIG)
     run = json.loads((out / "run.json").read_text())
     assert run["kind"] == "federated" and run["num_sites"] == 3 and run["config"]["epsilon"] == 10.0
     ledger = json.loads((out / "privacy_ledger.json").read_text())
@@ -231,6 +227,18 @@ def test_federated_dp_run_over_tls_with_registered_sites(federation):
         state = json.loads((federation.state_dir(site) / out.name / "site_state.json").read_text())
         assert set(state["rounds"]) == {"1", "2"} and all(r["status"] == "done" for r in state["rounds"].values())
         assert state["history"] and state["budget_epsilon"] == 10.0  # the accountant survives the process
+
+
+def test_secure_release_masks_only_towards_keys_the_peers_signed(federation):
+    out = federation.root / "secure-run"
+    run_to_the_end(federation, out, f"{RUN_CONFIG} release-aggregation='secure'")
+    ledger = json.loads((out / "privacy_ledger.json").read_text())
+    for site, entry in ledger["sites"].items():
+        assert entry["feature_release"]["key_list"] == {"verified": True, "signers": sorted(SITES)}, site
+        state = json.loads((federation.state_dir(site) / out.name / "site_state.json").read_text())
+        assert sorted(state["release_signers"]) == sorted(SITES) and state["release_share_of"] == 3
+    audit = subprocess.run([str(BIN / "fedpggan"), "audit", str(out)], capture_output=True, text=True)
+    assert "checked every key's signature against its peer-keys" in audit.stdout, audit.stdout + audit.stderr
 
 
 def finished(federation, name: str) -> str:
@@ -319,12 +327,12 @@ def site_toml(tmp_path):
 
     def make(**overrides: str | None) -> str:
         values = {"site-id": '"hospital-a"', "data": f'"{tmp_path / "site.npz"}"',
-                  "state-dir": f'"{tmp_path / "state"}"', "max-epsilon": "10.0", "max-delta": None, "max-epsilon-if-colluding": None,
+                  "state-dir": f'"{tmp_path / "state"}"', "max-epsilon": "10.0", "max-delta": None, "max-epsilon-if-colluding": None, "peer-keys": None,
                   "address": '"127.0.0.1:8000"', "root-certificates": f'"{tmp_path / "ca.crt"}"',
                   "auth-private-key": f'"{tmp_path / "site.key"}"', "device": None}
         values.update({k.replace("_", "-"): v for k, v in overrides.items()})
         line = lambda *keys: "".join(f"{k} = {values[k]}\n" for k in keys if values[k] is not None)  # noqa: E731
-        text = (line("site-id", "data", "state-dir", "device") + "[privacy]\n" + line("max-epsilon", "max-delta", "max-epsilon-if-colluding")
+        text = (line("site-id", "data", "state-dir", "device") + "[privacy]\n" + line("max-epsilon", "max-delta", "max-epsilon-if-colluding", "peer-keys")
                 + "[superlink]\n" + line("address", "root-certificates", "auth-private-key"))
         (tmp_path / "site.toml").write_text(text)
         return str(tmp_path / "site.toml")
@@ -359,8 +367,23 @@ def test_a_sites_cap_on_a_secure_releases_worst_case_reaches_its_node_config(sit
     assert node["max-epsilon-if-colluding"] == 20.0 and node["max-epsilon"] == 10.0
 
 
+def test_a_sites_roster_of_peer_keys_is_checked_and_reaches_its_node_config(site_toml, capsys, tmp_path):
+    write_ssh_key(tmp_path / "other.key")
+    lines = [f"{(tmp_path / k).read_text().strip()} {name}\n" for k, name in (("site.pub", "hospital-a"), ("other.pub", "hospital-b"))]
+    (tmp_path / "peers.pub").write_text("".join(lines))
+    code, out, _ = site_check(capsys, site_toml(peer_keys=f'"{tmp_path / "peers.pub"}"'))
+    assert code == 0 and "2 sites (hospital-a, hospital-b); this site is 'hospital-a'" in out
+    command = out.split("start the site with:\n", 1)[1].strip()
+    node = parse_config_args([re.search(r"--node-config '([^']+)'", command).group(1)])
+    assert node["peer-keys"] == str(tmp_path / "peers.pub") and node["auth-private-key"] == str(tmp_path / "site.key")
+    (tmp_path / "peers.pub").write_text(lines[1])
+    code, out, err = site_check(capsys, site_toml(peer_keys=f'"{tmp_path / "peers.pub"}"'))
+    assert code == 2 and "does not list this site's own key" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize(("override", "names"), [
     ({"data": '"/nonexistent/site.npz"'}, "/nonexistent/site.npz"),
+    ({"peer-keys": '"/nonexistent/peers.pub"'}, "privacy.peer-keys /nonexistent/peers.pub: cannot read"),
     ({"root-certificates": '"/nonexistent/ca.crt"'}, "superlink.root-certificates"),
     ({"root-certificates": None}, "superlink.root-certificates"),
     ({"max-epsilon": "-1.0"}, "privacy.max-epsilon"),

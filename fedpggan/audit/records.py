@@ -48,6 +48,8 @@ class Site:
     release: tuple[float, float, int] | None = None
     # A release summed securely: (the site's own share of the noise, sites in the sum).
     release_share: tuple[float, int] | None = None
+    # The peers whose signed keys the site checked before masking its share (None: it did not check).
+    key_list_signers: list[str] | None = None
 
     @property
     def prefix(self) -> str:
@@ -109,7 +111,7 @@ def parse_site(site_id: str, raw: Any) -> tuple[Site | None, list[Finding]]:
         public_num_records=int(values["public_num_records"]), epsilon=values["epsilon"],
         status=str(raw.get("status", "")), rounds=rounds,
         events=[e for e in raw.get("events") or [] if isinstance(e, dict)],
-        release=release, release_share=release_share,
+        release=release, release_share=release_share, key_list_signers=_verified_signers(raw.get("feature_release")),
     )
     return site, []
 
@@ -148,6 +150,14 @@ def _parse_release(prefix: str, raw: Any) -> tuple[tuple[float, float, int] | No
         return None, None, [Finding(f"{prefix}.feature_release", "summed securely but share_noise_multiplier or sites missing: "
                                                                  "the worst case cannot be recomputed")]
     return (sigma, 1.0, 1), (share, sites), []
+
+
+def _verified_signers(raw: Any) -> list[str] | None:
+    """The signers a site verified in a secure release's key list; None if it took the list on trust."""
+    key_list = raw.get("key_list") if isinstance(raw, dict) else None
+    if isinstance(key_list, dict) and key_list.get("verified") is True and isinstance(key_list.get("signers"), list):
+        return [str(name) for name in key_list["signers"]]
+    return None
 
 
 def check_shape(ledger: Any, path: str) -> None:

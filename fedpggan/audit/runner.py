@@ -100,8 +100,12 @@ def collusion_note(site: Site) -> str:
     share, sites = site.release_share
     history = [(share, 1.0, 1), *((r.noise_multiplier, r.sample_rate, r.steps) for r in site.rounds)]
     worst = accountants.epsilon(site.accountant, history, site.delta)
+    if site.key_list_signers is None:
+        trust = "the site took the server's key list on trust (no peer-keys), so a server that forged it reaches that too"
+    else:
+        trust = f"the site checked every key's signature against its peer-keys ({', '.join(site.key_list_signers)}): a server cannot forge them"
     return (f"sites.{site.site_id}: the embedding release was summed securely over {sites} sites; its "
-            f"epsilon assumes the server does not collude with the other sites; if all collude: {worst:.4g} ({site.accountant})")
+            f"epsilon assumes the server does not collude with the other sites; if all collude: {worst:.4g} ({site.accountant}); {trust}")
 
 
 def end_round(ledger: dict[str, Any], run: dict[str, Any], folder: RunFolder) -> int:

@@ -13,13 +13,16 @@ Protocol, two messages per site, before the first round:
    (mod 2^64) and nowhere else.
 
 Privacy assumptions (state them to the privacy officer; the ledger records both figures):
-- the server follows the protocol and is honest-but-curious: the key list is not authenticated,
-  so a server that hands a site forged keys can unmask that site's vector;
+- the key list comes from the server. A site with a roster of its peers' SuperNode keys
+  (``peer-keys``, fedpggan.privacy.peer_keys) masks only towards keys that distinct peers signed
+  for this run, so a server cannot forge them; a site without a roster takes the list on trust,
+  and a server that hands it forged keys can unmask its vector;
 - the other sites do not collude with the server: a coalition learns the honest sites' sum with
   only their share of the noise; a site whose every peer colludes keeps only its own noise
   (sigma / sqrt(N)), the ledger's ``epsilon_if_all_other_sites_collude``. A server that forges
-  the key list gets the same (a site's share seen alone), with an N of its choosing: so each site
-  caps that worst case itself (its ``max-epsilon-if-colluding``, client/site.py) before it
+  the key list of a site without a roster gets the same (a site's share seen alone), with an N of
+  its choosing (with a roster, N is at most the roster's size): so each site caps that worst case
+  itself (its ``max-epsilon-if-colluding``, client/site.py) before it
   makes a share;
 - every site of the key list sends its vector: a missing one leaves masks that do not cancel,
   and the sum is refused (the run stops; nothing is revealed).
@@ -41,7 +44,8 @@ from fedpggan.privacy.accounting import epsilon_of
 from fedpggan.privacy.feature_release import release_entry
 
 SECURE_SUM_ASSUMPTION = ("the embedding releases were summed securely: their part of each site's guarantee assumes the "
-                         "server follows the protocol and does not collude with the other sites (worst case: each site's "
+                         "server follows the protocol and does not collude with the other sites, and, at a site whose "
+                         "feature_release.key_list is not verified, relays the key list honestly (worst case: each site's "
                          "feature_release.epsilon_if_all_other_sites_collude)")
 FRACTION_BITS = 24  # fixed point: 2^-24 rounding per entry, post-processing of the noisy release
 MASK_INFO = b"fedpggan secure release mask v1"
