@@ -181,6 +181,7 @@ def test_a_secure_release_reaches_the_server_only_as_the_sum_of_all_sites(tmp_pa
         assert release["aggregation"] == "secure" and release["sites"] == 3
         assert release["share_noise_multiplier"] == pytest.approx(release["noise_multiplier"] / 3**0.5)
         assert site["epsilon"] <= 1.0 < release["epsilon_if_all_other_sites_collude"]
+        assert release["key_list"]["verified"] is False  # a simulated site has no roster of peer keys
         state = json.loads((out / "sites" / f"site_{site_id}" / "run" / "site_state.json").read_text())
         assert state["history"][0] == [release["noise_multiplier"], 1.0, 1] and state["release_share_of"] == 3
         assert not (out / "sites" / f"site_{site_id}" / "run" / "secure_release.key").exists()  # one use, then gone
@@ -194,4 +195,4 @@ def test_a_secure_release_reaches_the_server_only_as_the_sum_of_all_sites(tmp_pa
              ((s, v["feature_release"]) for s, v in ledger["sites"].items())}
     for site, value in worst.items():  # the audit recomputes the worst case on its own and says so
         note = next(n for n in audit["notes"] if n.startswith(f"sites.{site}: the embedding release was summed securely"))
-        assert f"{value:.4g}" in note
+        assert f"{value:.4g}" in note and "took the server's key list on trust" in note
