@@ -102,6 +102,9 @@ def test_seed_summaries_pool_each_runs_training_seeds_with_the_reference_as_seed
     for name, eps in quality.SECURE_HEADLINE.items():  # the secure rows: today's defaults, releases summed securely
         assert [specs[quality.training_seed_row(name, s)] for s in range(5)] == [
             dict(epsilon=eps, seed=s, release_aggregation="secure") for s in range(5)]
+    for name, eps in quality.WIDE_D_SECURE_HEADLINE.items():  # the secure rows again, D twice as wide
+        assert [specs[quality.training_seed_row(name, s)] for s in range(5)] == [
+            dict(epsilon=eps, seed=s, release_aggregation="secure", d_width=64) for s in range(5)]
     for name, eps in quality.CENTRAL_HEADLINE.items():  # one holder of all the data: today's defaults
         assert [specs[quality.training_seed_row(name, s)] for s in range(5)] == [dict(epsilon=eps, seed=s) for s in range(5)]
 
