@@ -17,7 +17,6 @@ import math
 import time
 import warnings
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -29,9 +28,10 @@ from fedpggan.build import build_gan
 from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes
-from fedpggan.privacy.peer_keys import SignedKey, sign_key, verify_key_list
+from fedpggan.privacy.peer_keys import sign_key, verify_key_list
 from fedpggan.privacy.secure_sum import masked_share, new_key_pair, private_key_bytes, private_key_from, public_key_of
-from fedpggan.wire import arrays_sha256, generator_arrays, load_generators, reply_content
+from fedpggan.wire import (arrays_sha256, generator_arrays, key_reply, load_generators, masked_reply, public_keys_of,
+                          reply_content, signed_keys_of)
 
 # Keys the server adds to the run options in a message's "config" record.
 ROUND_KEYS = ("round", "run-id", "site-state-root")
@@ -75,11 +75,8 @@ def release_keys(msg: Message, context: Context) -> Message:
         state = SiteState.load(root, run_id)
         private, public = new_key_pair()
         atomic_write_bytes(state.secure_key_file, private_key_bytes(private))
-    reply = {"public-key": public}
-    if signing is not None:
-        signed = sign_key(signing.signing_key, run_id, public)
-        reply.update({"signer": signed.signer, "signature": signed.signature})
-    return Message(RecordDict({"key": ConfigRecord(reply)}), reply_to=msg)
+    signed = sign_key(signing.signing_key, run_id, public) if signing is not None else None
+    return Message(key_reply(public, signed), reply_to=msg)
 
 
 @app.query("release_masked")
@@ -90,9 +87,9 @@ def release_masked(msg: Message, context: Context) -> Message:
     cfg, raw = run_config_of(msg)
     root, run_id = state_dir(context.node_config, raw), str(raw["run-id"])
     keys = msg.content["keys"]
-    publics = list(keys["public-keys"])
+    publics = public_keys_of(keys)
     signing = peer_signing(context.node_config)
-    signers = verify_key_list(signed_key_list(keys), signing.roster, run_id) if signing is not None else []
+    signers = verify_key_list(signed_keys_of(keys), signing.roster, run_id) if signing is not None else []
     with site_lock(root, run_id):
         state = SiteState.load(root, run_id)
         if not state.secure_key_file.exists():
@@ -109,18 +106,7 @@ def release_masked(msg: Message, context: Context) -> Message:
         state.release_signers = signers
         state.save()
         state.secure_key_file.unlink()  # one protocol run, one key: a replayed key list gets no second vector
-    return Message(RecordDict({"masked": ArrayRecord({"sum": torch.from_numpy(masked.view(np.int64))}),
-                               "check": ConfigRecord({"verified-signers": signers})}), reply_to=msg)
-
-
-def signed_key_list(keys: ConfigRecord) -> list[SignedKey]:
-    """The key list as the server relayed it; a site that signed nothing appears with empty bytes."""
-    publics = list(keys["public-keys"])
-    signers, signatures = list(keys.get("signers", [])), list(keys.get("signatures", []))
-    if not len(signers) == len(signatures) == len(publics):
-        raise FedPGGANError("secure release: the server's key list carries no signatures (its fedpggan predates signed "
-                            "keys); this site checks peer-keys, so update the coordinator; no share was drawn")
-    return [SignedKey(*entry) for entry in zip(publics, signers, signatures)]
+    return Message(masked_reply(masked, signers), reply_to=msg)
 
 
 @app.train()

@@ -10,6 +10,17 @@ Site -> server (train reply): ArrayRecord "d" (D after local DP-SGD), ArrayRecor
     (the site's one-shot DP release of its class-mean embedding: a noisy sum, never per-record
     values), MetricRecord "privacy" (the spend), ConfigRecord "status" (trained / replayed /
     exhausted, site id, accountant).
+
+Secure release (--release-aggregation secure), once before round 1:
+Server -> site ("query.release_keys"): ConfigRecord "config".
+Site -> server: ConfigRecord "key": "public-key" (a one-run X25519 key) and, from a site with a
+    roster (peer-keys), "signer" (its SuperNode public key, OpenSSH) and "signature".
+Server -> site ("query.release_masked"): "config" and ConfigRecord "keys": the lists
+    "public-keys", "signers" and "signatures", one entry per site in one order (b"" where a
+    site signed nothing).
+Site -> server: ArrayRecord "masked" ({"sum": its masked share, uint64 viewed as int64}) and
+    ConfigRecord "check" ("verified-signers": the peers whose signatures it checked; none =
+    it took the list on trust).
 No image, label, per-record statistic or label count is ever put in a message.
 """
 
@@ -18,14 +29,19 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedpggan.errors import FedPGGANError
+from fedpggan.privacy.peer_keys import SignedKey
 from pggan_model import PGGAN
 
 PRIVACY_METRICS = (
     "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "total_steps", "budget_epsilon",
 )
+# The key list's fields (server -> site) and the key reply's field each list is made of (site -> server).
+KEY_LIST_FIELDS = {"public-keys": "public-key", "signers": "signer", "signatures": "signature"}
 PUBLIC_SITE_FACTS = ("site-id", "num-records", "image-size", "channels", "class-names", "dataset", "is-medical")
 
 
@@ -76,3 +92,47 @@ def reply_content(d_state: dict[str, torch.Tensor], privacy: dict[str, float], s
     if embedding is not None:
         content["embedding"] = ArrayRecord({"sum": embedding})
     return content
+
+
+def key_reply(public_key: bytes, signed: SignedKey | None) -> RecordDict:
+    """Secure release, step 1 (site): the one-run public key, and its signature when the site signs."""
+    reply = {"public-key": public_key}
+    if signed is not None:
+        reply.update({"signer": signed.signer, "signature": signed.signature})
+    return RecordDict({"key": ConfigRecord(reply)})
+
+
+def key_list_record(replies: list[RecordDict]) -> ConfigRecord:
+    """Secure release (server): the sites' key replies as one key list, in the order of ``replies``."""
+    return ConfigRecord({name: [bytes(reply["key"].get(field, b"")) for reply in replies]
+                         for name, field in KEY_LIST_FIELDS.items()})
+
+
+def public_keys_of(key_list: ConfigRecord) -> list[bytes]:
+    return list(key_list["public-keys"])
+
+
+def signed_keys_of(key_list: ConfigRecord) -> list[SignedKey]:
+    """The key list as the server relayed it; a site that signed nothing appears with empty bytes."""
+    publics = public_keys_of(key_list)
+    signers, signatures = list(key_list.get("signers", [])), list(key_list.get("signatures", []))
+    if not len(signers) == len(signatures) == len(publics):
+        raise FedPGGANError("secure release: the server's key list carries no signatures (its fedpggan predates signed "
+                            "keys); this site checks peer-keys, so update the coordinator; no share was drawn")
+    return [SignedKey(*entry) for entry in zip(publics, signers, signatures)]
+
+
+def masked_reply(masked: np.ndarray, verified_signers: list[str]) -> RecordDict:
+    """Secure release, step 2 (site): the masked share, and whose signatures the site checked."""
+    return RecordDict({"masked": ArrayRecord({"sum": torch.from_numpy(masked.view(np.int64))}),
+                       "check": ConfigRecord({"verified-signers": verified_signers})})
+
+
+def masked_vector(reply: RecordDict) -> np.ndarray:
+    return reply["masked"].to_torch_state_dict()["sum"].numpy().view(np.uint64)
+
+
+def verified_signers(reply: RecordDict) -> list[str]:
+    """The peers whose signed keys a site checked before masking; [] = it took the list on trust."""
+    check = reply.get("check")
+    return sorted(check.get("verified-signers", [])) if check is not None else []

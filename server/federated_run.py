@@ -36,7 +36,7 @@ from fedpggan.privacy.secure_sum import (SECURE_SUM_ASSUMPTION, epsilon_if_all_o
 from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
 from fedpggan.privacy.noise import SEEDED_NOISE_WARNING
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
-from fedpggan.wire import train_content
+from fedpggan.wire import key_list_record, masked_vector, train_content, verified_signers
 from pggan_model import CASES, GeneratorTrainer, load_checkpoint, save_checkpoint
 from pggan_model.mean_embedding import class_means, release_noise_ratio
 from server.aggregation import aggregate
@@ -367,13 +367,11 @@ class FederatedRun:
             config = ConfigRecord({**self.cfg.to_flower(), "run-id": self.run_id,
                                    "site-state-root": str((self.folder.root / "sites").resolve())})
             keys = self.ask_all(nodes, "query.release_keys", RecordDict({"config": config}), "key")
-            key_list = {name: [bytes(keys[n]["key"].get(key, b"")) for n in nodes]  # b"": a site without a roster signs nothing
-                        for name, key in (("public-keys", "public-key"), ("signers", "signer"), ("signatures", "signature"))}
-            content = RecordDict({"config": config, "keys": ConfigRecord(key_list)})
+            content = RecordDict({"config": config, "keys": key_list_record([keys[n] for n in nodes])})
             shape = (self.features.dim + 1, len(self.class_names))
             replies = self.ask_all(nodes, "query.release_masked", content, "masked")
-            self.record_key_checks({self.site_id(n): reply.get("check") for n, reply in replies.items()})
-            vectors = [replies[n]["masked"].to_torch_state_dict()["sum"].numpy().view(np.uint64) for n in nodes]
+            self.record_key_checks({self.site_id(n): verified_signers(reply) for n, reply in replies.items()})
+            vectors = [masked_vector(replies[n]) for n in nodes]
             if any(v.size != math.prod(shape) for v in vectors):
                 raise FedPGGANError(f"secure release: a site sent a vector of the wrong size (expected {math.prod(shape)}); "
                                     "every site must run the same fedpggan version")
@@ -402,13 +400,12 @@ class FederatedRun:
                                 f"{self.cfg.round_timeout}s (nothing was revealed); restart them and start the run again")
         return answers
 
-    def record_key_checks(self, checks: dict[str, Any]) -> None:
+    def record_key_checks(self, checks: dict[str, list[str]]) -> None:
         """The ledger states, per site, whether that site checked the key list against its roster
         (``peer-keys``): only then could the server not have forged the keys its share was masked with."""
         if not self.cfg.dp:
             return
-        for site, check in checks.items():
-            signers = sorted(check.get("verified-signers", [])) if check is not None else []
+        for site, signers in checks.items():
             release = self.ledger.site(site)["feature_release"]
             release["key_list"] = ({"verified": True, "signers": signers} if signers else
                                    {"verified": False, "why": "the site has no peer-keys: it took the server's key list on trust"})

@@ -19,6 +19,7 @@ from fedpggan.errors import FedPGGANError
 from fedpggan.privacy.peer_keys import load_peer_signing, load_roster, sign_key, verify_key_list
 from fedpggan.privacy.secure_sum import FRACTION_BITS, new_key_pair, unmasked_sum
 
+from fedpggan.wire import key_list_record, masked_vector, verified_signers
 from conftest import tiny_config, write_ssh_key
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
@@ -110,8 +111,7 @@ def step_one(consortium, raw):
     """Every site's signed key, relayed as the server relays it (fedpggan server: secure_release)."""
     replies = [release_keys(SimpleNamespace(content={"config": raw}), SimpleNamespace(node_config=node_config(consortium, i)))
                for i in range(3)]
-    return {name: [bytes(r["key"].get(key, b"")) for r in replies]
-            for name, key in (("public-keys", "public-key"), ("signers", "signer"), ("signatures", "signature"))}
+    return dict(key_list_record(replies))
 
 
 @pytest.fixture
@@ -129,8 +129,8 @@ def test_sites_with_a_roster_sign_check_and_mask_and_the_masks_cancel(consortium
     for i in range(3):
         reply = release_masked(SimpleNamespace(content={"config": secure_run, "keys": key_list}),
                                SimpleNamespace(node_config=node_config(consortium, i)))
-        assert list(reply["check"]["verified-signers"]) == list(SITES)
-        vectors.append(reply["masked"].to_torch_state_dict()["sum"].numpy().view("uint64"))
+        assert verified_signers(reply) == sorted(SITES)
+        vectors.append(masked_vector(reply))
         state = SiteState.load(Path(secure_run["site-state-root"]) / f"site_{i}", "run-1")
         assert state.release_signers == list(SITES) and not state.secure_key_file.exists()
         shares.append(torch.load(state.release_file, weights_only=True).double())
