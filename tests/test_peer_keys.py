@@ -18,8 +18,8 @@ from client.site import SiteState, peer_signing
 from fedpggan.errors import FedPGGANError
 from fedpggan.privacy.peer_keys import load_peer_signing, load_roster, sign_key, verify_key_list
 from fedpggan.privacy.secure_sum import FRACTION_BITS, new_key_pair, unmasked_sum
-
 from fedpggan.wire import key_list_record, masked_vector, verified_signers
+
 from conftest import tiny_config, write_ssh_key
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
