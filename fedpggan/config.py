@@ -73,7 +73,7 @@ class RunConfig:
     delta: float = opt(0.0, "per-site delta (0 = min(1e-5, 1/(10 n_site)))", group="privacy")
     max_grad_norm: float = opt(1.0, "per-sample gradient clipping norm C", group="privacy")
     accountant: str = opt("prv", "Opacus accountant", ("prv", "rdp"), group="privacy")
-    grad_sample_mode: str = opt("hooks", "Opacus per-sample gradient mode", ("hooks", "functorch", "ghost"), group="privacy")
+    grad_sample_mode: str = opt("hooks", "how per-sample gradients are clipped: an Opacus mode (hooks, functorch, ghost) or 'bookkeeping' (the same clipped sum in one pass, without storing a gradient per record: faster; Opacus still accounts)", ("hooks", "functorch", "ghost", "bookkeeping"), group="privacy")
     fake_gradients: str = opt("exact", "D's gradient on fakes under DP: 'exact' (fakes in a plain pass, neither clipped nor noised: post-processing, and only real rows pay for per-sample gradients) or 'clipped' (one pass, fakes clipped per sample with the real rows; the default before 2026-11-23)", ("clipped", "exact"), group="privacy")
     noise_key: str = opt("secret", "where DP noise comes from: 'secret' (a fresh secret key per site, expanded by AES-256-CTR: nobody else can regenerate the noise) or 'seed' (PyTorch's generator seeded from --seed, as simulated and centralised runs drew before 2026-12-04: reproducible, but anyone who knows the seed can regenerate the noise, so the guarantee does not hold against them; for benchmarks only, and refused by deployed sites for a new run)", ("secret", "seed"), group="privacy")
     # --- run -------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.plots import save_curves, save_sample_grid
 from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, calibrate_noise, default_delta
-from fedpggan.privacy.dp_discriminator import sample_rate
+from fedpggan.privacy.dp_discriminator import mechanism_name, sample_rate
 from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise, release_sum
 from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
 from fedpggan.privacy.noise import SEEDED_NOISE_WARNING, SecretNoise, SeededNoise, new_secret_key
@@ -52,7 +52,7 @@ def train_centralised(cfg: RunConfig) -> Path:
     total_d_steps = cfg.epochs * g_steps_per_epoch * cfg.d_steps
 
     versions = library_versions()
-    ledger = PrivacyLedger(run.ledger_json, run.root.name, cfg.dp, versions, "Opacus DP-SGD on D" if cfg.dp else "none",
+    ledger = PrivacyLedger(run.ledger_json, run.root.name, cfg.dp, versions, mechanism_name(cfg.grad_sample_mode) if cfg.dp else "none",
                            noise_key=cfg.noise_key)
     privacy, release = None, None
     if cfg.dp:

@@ -29,7 +29,7 @@ from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes
 from fedpggan.plots import save_curves, save_sample_grid
 from fedpggan.privacy import calibrate_noise, default_delta
-from fedpggan.privacy.dp_discriminator import sample_rate
+from fedpggan.privacy.dp_discriminator import mechanism_name, sample_rate
 from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise
 from fedpggan.privacy.secure_sum import (SECURE_SUM_ASSUMPTION, epsilon_if_all_other_sites_collude, release_share_noise,
                                          unmasked_sum)
@@ -134,7 +134,7 @@ class FederatedRun:
         cfg = self.cfg
         self.run_id = self.folder.root.name
         self.ledger = PrivacyLedger(self.folder.ledger_json, self.run_id, cfg.dp, library_versions(),
-                                    "Opacus DP-SGD on D at each site" if cfg.dp else "none",
+                                    f"{mechanism_name(cfg.grad_sample_mode)} at each site" if cfg.dp else "none",
                                     [SECURE_SUM_ASSUMPTION] if cfg.dp and cfg.release_aggregation == "secure" else [],
                                     cfg.noise_key)
         for node, site in self.sites.items():

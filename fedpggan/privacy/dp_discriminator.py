@@ -13,7 +13,11 @@ assumptions (DP mode):
   post-processing. The Gaussian mechanism on the real rows, and its accounting, are Opacus';
 - or, with ``fake_gradients="clipped"``, real and fake images go through D in one forward pass
   (``torch.cat``), which every Opacus grad-sample mode supports (ghost clipping rejects two
-  forward passes per step), and every row is clipped.
+  forward passes per step), and every row is clipped;
+- with ``grad_sample_mode="bookkeeping"`` the clipped sum of the per-sample gradients comes from
+  :class:`~fedpggan.privacy.bookkeeping.BookkeepingClipper` instead of Opacus' hooks (the same sum,
+  tested equal, without storing a gradient per record); this trainer then draws the Poisson
+  masks and the noise as Opacus' optimizer does, and an Opacus accountant accounts every step.
 """
 
 from __future__ import annotations
@@ -25,21 +29,31 @@ from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedpggan.privacy.accounting import History, epsilon_of
+from fedpggan.privacy.bookkeeping import BookkeepingClipper
 from fedpggan.privacy.noise import SecretNoise
 from pggan_model import PGGAN, discriminator_loss
 from pggan_model.losses import real_fake_targets
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+OPACUS_MODES = ("hooks", "functorch", "ghost")
+GRAD_SAMPLE_MODES = (*OPACUS_MODES, "bookkeeping")
 FAKE_GRADIENTS = ("clipped", "exact")
 
 
 def sample_rate(num_records: int, batch_size: int) -> float:
     """Poisson sampling rate Opacus uses for a loader of ``batch_size`` over ``num_records``."""
     return 1.0 / math.ceil(num_records / batch_size)
+
+
+def mechanism_name(grad_sample_mode: str) -> str:
+    """How the privacy ledger names D's DP-SGD: who clips the per-sample gradients."""
+    if grad_sample_mode == "bookkeeping":
+        return "DP-SGD on D, per-sample clipping by book-keeping, Opacus accountant"
+    return f"Opacus DP-SGD on D ({grad_sample_mode})"
 
 
 def strip_opacus_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -95,14 +109,21 @@ class DiscriminatorTrainer:
         optimizer = torch.optim.Adam(self.d.parameters(), lr=c.lr_d, betas=(c.beta1, c.beta2))
         loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=privacy is None)
         self.criterion = None
-        self.engine = None
-        if privacy is None:
-            self.model, self.optimizer, self.loader = self.d, optimizer, loader
-        else:
+        self.accountant = None
+        self.clipper = None
+        if privacy is not None:
             torch.backends.cudnn.benchmark = False  # Poisson batch shapes vary every step
-            self.engine = PrivacyEngine(accountant=privacy.accountant)
-            self.engine.accountant.history = list(history or [])
-            wrapped = self.engine.make_private(
+        if privacy is None or privacy.grad_sample_mode == "bookkeeping":
+            self.model, self.optimizer, self.loader = self.d, optimizer, loader
+            if privacy is not None:
+                self.clipper = BookkeepingClipper(self.d)
+                self.accountant = create_accountant(privacy.accountant)
+                self.accountant.history = list(history or [])
+        else:
+            engine = PrivacyEngine(accountant=privacy.accountant)
+            engine.accountant.history = list(history or [])
+            self.accountant = engine.accountant
+            wrapped = engine.make_private(
                 module=self.d,
                 optimizer=optimizer,
                 data_loader=loader,
@@ -127,16 +148,24 @@ class DiscriminatorTrainer:
     @property
     def history(self) -> History:
         """The accountant's history: (noise multiplier, sample rate, steps) entries."""
-        return [] if self.engine is None else [tuple(h) for h in self.engine.accountant.history]
+        return [] if self.accountant is None else [tuple(h) for h in self.accountant.history]
 
     def epsilon(self) -> float:
         if self.privacy is None:
             return math.inf
         return epsilon_of(self.history, self.privacy.delta, self.privacy.accountant)
 
+    @property
+    def expected_batch_size(self) -> int:
+        """B, which every DP step divides the noisy gradient sum by (as Opacus computes it)."""
+        return int(len(self.images) * self.sample_rate)
+
     def _next_real_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.noise is not None:  # the same Poisson sampling as Opacus' loader, from the secret stream
             picked = self.noise.poisson_indices(len(self.images), self.sample_rate)
+            return self.images[picked], self.labels[picked]
+        if self.clipper is not None:  # Opacus' Poisson sampler: one uniform draw per record
+            picked = torch.nonzero(torch.rand(len(self.images)) < self.sample_rate).flatten()
             return self.images[picked], self.labels[picked]
         try:
             return next(self._batches)
@@ -157,7 +186,9 @@ class DiscriminatorTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # images need no gradient; torch warns about Opacus' hooks
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            if self.privacy is not None and self.privacy.fake_gradients == "exact":
+            if self.clipper is not None:
+                logits = self._bookkeeping_step(real, real_labels, fake, fake_labels)
+            elif self.privacy is not None and self.privacy.fake_gradients == "exact":
                 logits = self._step_with_exact_fakes(real, real_labels, fake, fake_labels)
             else:
                 logits = self.model(torch.cat([real, fake]), torch.cat([real_labels, fake_labels]))
@@ -210,6 +241,38 @@ class DiscriminatorTrainer:
                 p.grad += g
             self.optimizer.original_optimizer.step()
         return torch.cat([real_logits, fake_logits])
+
+    def _bookkeeping_step(self, real: torch.Tensor, real_labels: torch.Tensor,
+                          fake: torch.Tensor, fake_labels: torch.Tensor) -> torch.Tensor:
+        """The Opacus paths' update (fakes exact or clipped, see the module docstring), with the
+        clipped sum from book-keeping: (clipped sum + N(0, (sigma C)^2)) / B, plus the exact
+        fakes' gradient / B; one accountant step. Returns the logits of [real, fake]."""
+        privacy, batch = self.privacy, self.expected_batch_size
+        params = [p for p in self.d.parameters() if p.requires_grad]
+        fake_logits, fake_grads = None, [torch.zeros_like(p) for p in params]
+        if privacy.fake_gradients == "exact":
+            fake_logits = self.d(fake, fake_labels)
+            fake_loss = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits), reduction="sum")
+            fake_grads = torch.autograd.grad(fake_loss, params)
+            rows, row_labels, n_real = real, real_labels, len(real)
+        else:
+            rows, row_labels, n_real = torch.cat([real, fake]), torch.cat([real_labels, fake_labels]), len(real)
+        targets = torch.zeros(len(rows), device=rows.device)
+        targets[:n_real] = 1.0
+        sums, logits = self.clipper.clipped_sum(rows, row_labels, targets, privacy.max_grad_norm)
+        std = privacy.noise_multiplier * privacy.max_grad_norm
+        for p, fake_grad in zip(params, fake_grads):
+            p.grad = (sums[p] + self._gaussian(p) * std + fake_grad) / batch
+        self.optimizer.step()
+        self.accountant.step(noise_multiplier=privacy.noise_multiplier, sample_rate=self.sample_rate)
+        return logits if fake_logits is None else torch.cat([logits, fake_logits.detach()])
+
+    def _gaussian(self, like: torch.Tensor) -> torch.Tensor:
+        """Standard normal draws shaped like ``like``: from the secret stream, or as Opacus draws
+        them (PyTorch's generator, reproducible from the seed)."""
+        if self.noise is not None:
+            return self.noise.normal(like.shape, torch.float64).to(like)
+        return torch.randn(like.shape, device=like.device, dtype=like.dtype)
 
     def train(self, steps: int) -> list[dict[str, float]]:
         """``steps`` D steps; afterwards ``gan.d`` holds the new weights."""
