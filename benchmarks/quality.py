@@ -70,6 +70,10 @@ CENTRAL_HEADLINE = {"centralised eps=10 (same data on one site)": 10.0,
 # Every row measured before 2026-12-03 gated the embedding steps at 0.5. They pin it; for all of them
 # the limit 1.0 trains the same (their release noise estimates are 0.21 or >= 1.5, or their steps are 0).
 EARLIER_NOISE_LIMIT = dict(embedding_noise_limit=0.5)
+# Every row of the committed tables was trained with Opacus' hooks clipping the per-sample gradients, the
+# default until 2026-12-04 (book-keeping computes the same clipped sum faster). They pin it, so that
+# re-running them reproduces the committed table.
+OPACUS_HOOKS = dict(grad_sample_mode="hooks")
 # the eps-10 headline as trained before --embedding-steps (at eps 1 the gate keeps them off anyway)
 NO_EMBEDDING_STEPS = "federated eps=10 without embedding steps (earlier default)"
 
@@ -134,7 +138,7 @@ def row_specs(profile: dict[str, Any]) -> list[tuple[str, str, str, dict[str, An
                                      ("federated", WIDE_D_SECURE_HEADLINE, dict(release_aggregation="secure", d_width=64))):
         rows += [(training_seed_row(name, seed), kind, "main", dict(epsilon=eps, seed=seed, **settings))
                  for seed in range(profile["main_seeds"]) for name, eps in headline.items()]
-    return rows
+    return [(name, kind, length, {**OPACUS_HOOKS, **overrides}) for name, kind, length, overrides in rows]
 
 
 def row_config(kind: str, length: str, overrides: dict[str, Any], base: RunConfig, profile: dict) -> RunConfig:
@@ -180,7 +184,7 @@ def run_gan_row(name: str, kind: str, length: str, overrides: dict[str, Any], ba
 CONFIG_KEYS = ("rounds", "local-steps", "g-steps", "epochs", "d-steps", "batch-size", "partition", "alpha", "loss-rule",
                "seed", "clients", "epsilon", "embedding-weight", "embedding-share", "embedding-frequencies", "embedding-blur",
                "embedding-count-share", "embedding-steps", "embedding-noise-limit", "d-spectral-norm", "fake-gradients",
-               "d-width", "release-aggregation")
+               "d-width", "release-aggregation", "grad-sample-mode")
 
 
 def classifier_rows(base: RunConfig, profile: dict, device: str) -> list[dict]:

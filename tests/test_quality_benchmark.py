@@ -95,18 +95,21 @@ def test_seed_summaries_pool_each_runs_training_seeds_with_the_reference_as_seed
     # the reference row really is the average rule's seed 0 (it relies on the defaults)
     reference = dataclasses.replace(RunConfig(), **specs[quality.SHORT_REFERENCE])
     assert (reference.loss_rule, reference.seed) == ("average", 0)
+    hooks = dict(grad_sample_mode="hooks")  # every committed row was clipped by Opacus' hooks, the default then
+    assert all(overrides["grad_sample_mode"] == "hooks" for overrides in specs.values())
     for name, eps in quality.HEADLINE.items():  # each headline row trains today's defaults with its seed,
         # pinning the noise limit it was measured with (for its release noise, 1.0 gates the same)
         assert [specs[quality.training_seed_row(name, s)] for s in range(3)] == [
-            dict(epsilon=eps, seed=s, embedding_noise_limit=0.5) for s in range(3)]
+            dict(epsilon=eps, seed=s, embedding_noise_limit=0.5, **hooks) for s in range(3)]
     for name, eps in quality.SECURE_HEADLINE.items():  # the secure rows: today's defaults, releases summed securely
         assert [specs[quality.training_seed_row(name, s)] for s in range(5)] == [
-            dict(epsilon=eps, seed=s, release_aggregation="secure") for s in range(5)]
+            dict(epsilon=eps, seed=s, release_aggregation="secure", **hooks) for s in range(5)]
     for name, eps in quality.WIDE_D_SECURE_HEADLINE.items():  # the secure rows again, D twice as wide
         assert [specs[quality.training_seed_row(name, s)] for s in range(5)] == [
-            dict(epsilon=eps, seed=s, release_aggregation="secure", d_width=64) for s in range(5)]
+            dict(epsilon=eps, seed=s, release_aggregation="secure", d_width=64, **hooks) for s in range(5)]
     for name, eps in quality.CENTRAL_HEADLINE.items():  # one holder of all the data: today's defaults
-        assert [specs[quality.training_seed_row(name, s)] for s in range(5)] == [dict(epsilon=eps, seed=s) for s in range(5)]
+        assert [specs[quality.training_seed_row(name, s)] for s in range(5)] == [
+            dict(epsilon=eps, seed=s, **hooks) for s in range(5)]
 
 
 def test_saved_table_carries_the_seed_summaries_in_json_and_markdown(tmp_path):

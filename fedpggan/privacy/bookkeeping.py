@@ -24,7 +24,10 @@ from torch.nn import functional as F
 SUPPORTED_LAYERS = (nn.Conv2d, nn.Linear, nn.Embedding, nn.GroupNorm)
 
 
-CHUNK = 64  # records per unfold: keeps the patch matrices small enough to stay in cache
+# Records per unfold on a CPU: keeps the patch matrices small enough to stay in cache (the whole
+# batch of 256 in one chunk took 1.37x as long at 28x28, 1.10x at 64x64, on this project's 2-core
+# CPU). A GPU takes the batch at once.
+CPU_CHUNK = 64
 
 
 def _product_norms(inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -62,7 +65,8 @@ class _Layer:
             return _product_norms(self.inputs.reshape(n, -1, m.in_features).transpose(1, 2),
                                   self.grads.reshape(n, -1, m.out_features).transpose(1, 2))
         parts = []
-        for a, g in zip(self.inputs.split(CHUNK), self.grads.split(CHUNK)):
+        chunk = len(self.inputs) if self.inputs.is_cuda else CPU_CHUNK
+        for a, g in zip(self.inputs.split(chunk), self.grads.split(chunk)):
             patches = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # [chunk, c k k, T]
             parts.append(_product_norms(patches, g.reshape(len(g), m.out_channels, -1)))
         return torch.cat(parts)

@@ -69,7 +69,8 @@ class PrivacySettings:
     max_grad_norm: float
     delta: float
     accountant: str = "prv"
-    grad_sample_mode: str = "hooks"
+    # "bookkeeping" (fedpggan.privacy.bookkeeping) or an Opacus mode: the same clipped sum either way
+    grad_sample_mode: str = "bookkeeping"
     # "exact": fakes skip per-sample gradients (faster; see the module docstring for why that
     # is post-processing); "clipped": fakes are clipped per sample with the real rows.
     fake_gradients: str = "exact"
