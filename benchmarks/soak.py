@@ -12,7 +12,6 @@ Writes benchmarks/results/soak-<device>-<date>.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

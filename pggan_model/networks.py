@@ -55,7 +55,7 @@ class Generator(nn.Module):
         super().__init__()
         self.shape = shape
         self.start, n_up = upsampling_plan(shape.image_size)
-        # Channels halve at every up-sampling: 28x28 uses 128 -> 64 -> 32.
+        # Channels halve at every up-sampling: at 28x28 the default width 32 gives 64 -> 32 -> 16.
         widths = [shape.g_width * 2 ** (n_up - 1) // 2**i for i in range(n_up + 1)]
         self.start_channels = widths[0]
         self.embed = nn.Embedding(shape.num_classes, shape.latent_dim)

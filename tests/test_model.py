@@ -8,7 +8,7 @@ from opacus.validators import ModuleValidator
 
 from fedpggan.errors import FedPGGANError
 from pggan_model import PGGAN, GANConfig, GeneratorTrainer, ModelShape, generator_rule_loss, load_checkpoint, save_checkpoint
-from pggan_model.losses import generator_loss, rule_weights
+from pggan_model.losses import rule_weights
 
 
 def rule_grads(l1: float, l2: float, rule: str = "average") -> tuple[float, float, dict]:

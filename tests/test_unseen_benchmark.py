@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-import numpy as np
 import pytest
 import torch
 

@@ -106,7 +106,7 @@ def render_markdown(sheet: dict[str, Any]) -> str:
         f"| Source run | `{src['run_id']}` ({src['kind']}, {src['num_sites']} site(s)) |",
         f"| Run config sha256 | `{src['config_sha256']}` |",
         f"| Dataset | {sheet['dataset']['name']} |",
-        f"| Privacy | " + (f"({num(g.get('epsilon'))}, {num(g.get('delta'))})-DP per record, accountant "
+        "| Privacy | " + (f"({num(g.get('epsilon'))}, {num(g.get('delta'))})-DP per record, accountant "
                            f"{', '.join(priv['accountants'])}" if priv["dp"] else "**NONE**") + " |",
         f"| Audit | {audit['status'].upper()}" + (f", {audit['date']}" if audit["date"] else "") + " |",
         f"| Generator | `{gen['checkpoint']}` (round {gen['round']}, {gen['weights']} weights), "
