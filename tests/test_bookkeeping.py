@@ -183,6 +183,18 @@ def test_layers_it_cannot_clip_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="ungrouped.*--grad-sample-mode hooks"):
         BookkeepingClipper(nn.Conv2d(2, 2, 3, groups=2))
 
+    class TwoLookups(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(4, 3)
+
+        def forward(self, x, labels):
+            return self.embed(labels).sum((1, 2)) + x.sum(1)
+
+    with pytest.raises(ValueError, match="once per record"):
+        BookkeepingClipper(TwoLookups()).clipped_sum(torch.randn(2, 3), torch.zeros(2, 2, dtype=torch.long),
+                                                     torch.ones(2), 1.0)
+
     class Twice(nn.Module):
         def __init__(self) -> None:
             super().__init__()

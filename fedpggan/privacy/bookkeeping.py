@@ -57,6 +57,9 @@ class _Layer:
             normalised = F.group_norm(inputs, m.num_groups, eps=m.eps).reshape(n, m.num_channels, -1)
             flat = grads.reshape(n, m.num_channels, -1)
             self.weight_rows, self.bias_rows = (flat * normalised).sum(2), flat.sum(2)
+        elif inputs.dim() != 1:  # nn.Embedding: one index per record is what the rule below assumes
+            raise ValueError("book-keeping clipping supports an Embedding looked up once per record; "
+                             "use --grad-sample-mode hooks")
         # nn.Embedding, one index per record: the record's gradient is its output gradient, in its row
 
     def _weight_norms2(self) -> torch.Tensor:
