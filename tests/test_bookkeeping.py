@@ -83,14 +83,16 @@ def test_clipped_sum_equals_per_example_autograd(model_name):
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-def test_clipped_sum_equals_opacus_on_the_default_discriminator():
-    """The product's D at its default widths, a batch of 40: the layers where the ghost norm
-    and the formed gradient are the cheaper choice are both exercised."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the GPU path (one chunk per layer) is checked on a GPU"))])
+def test_clipped_sum_equals_opacus_on_the_default_discriminator(device):
+    """The product's D at its default widths, a batch of 100 (more than one chunk on a CPU): the
+    layers where the ghost norm and the formed gradient are the cheaper choice are both exercised."""
     torch.manual_seed(1)
-    d = PGGAN(ModelShape(28, 1, 2)).d
-    images, labels = torch.randn(40, 1, 28, 28), torch.randint(0, 2, (40,))
-    targets = torch.ones(40)
-    gsm = GradSampleModule(PGGAN(ModelShape(28, 1, 2)).d, batch_first=True, loss_reduction="sum")
+    d = PGGAN(ModelShape(28, 1, 2)).d.to(device)
+    images, labels = torch.randn(100, 1, 28, 28, device=device), torch.randint(0, 2, (100,), device=device)
+    targets = torch.ones(100, device=device)
+    gsm = GradSampleModule(PGGAN(ModelShape(28, 1, 2)).d.to(device), batch_first=True, loss_reduction="sum")
     gsm._module.load_state_dict(d.state_dict())
     F.binary_cross_entropy_with_logits(gsm(images, labels), targets, reduction="sum").backward()
     per_sample = [p.grad_sample for p in gsm.parameters()]

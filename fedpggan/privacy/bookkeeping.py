@@ -17,6 +17,9 @@ types of the product's discriminator and refuses anything else.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -28,6 +31,18 @@ SUPPORTED_LAYERS = (nn.Conv2d, nn.Linear, nn.Embedding, nn.GroupNorm)
 # batch of 256 in one chunk took 1.37x as long at 28x28, 1.10x at 64x64, on this project's 2-core
 # CPU). A GPU takes the batch at once.
 CPU_CHUNK = 64
+
+
+@contextmanager
+def _full_float32_convolutions() -> Iterator[None]:
+    """cuDNN may round convolutions to TF32 (10-bit mantissa) on a GPU: the clipped sum must be
+    computed as precisely as the norms that clipped it, as Opacus' float32 einsum is."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
 
 
 def _product_norms(inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -99,8 +114,9 @@ class _Layer:
                 out[m.weight] = factor @ self.weight_rows
         elif isinstance(m, nn.Conv2d):
             scaled = self.grads * factor[:, None, None, None]
-            out[m.weight] = torch.nn.grad.conv2d_weight(self.inputs, m.weight.shape, scaled, m.stride, m.padding,
-                                                        m.dilation)
+            with _full_float32_convolutions():
+                out[m.weight] = torch.nn.grad.conv2d_weight(self.inputs, m.weight.shape, scaled, m.stride, m.padding,
+                                                            m.dilation)
         else:
             scaled = (self.grads * factor.view(-1, *[1] * (self.grads.dim() - 1))).reshape(-1, m.out_features)
             out[m.weight] = scaled.t() @ self.inputs.reshape(-1, m.in_features)
