@@ -82,6 +82,25 @@ def test_clipped_sum_equals_per_example_autograd(model_name):
         assert_close(sums[p], w, f"{model_name}: {name} differs from per-example autograd")
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e3])
+def test_one_record_moves_the_clipped_sum_by_at_most_c(scale):
+    """The sensitivity the Gaussian noise is calibrated for: adding any one record to a batch
+    changes the clipped sum by a vector of norm at most C, however large its gradient."""
+    torch.manual_seed(2)
+    d = PGGAN(ModelShape(28, 1, 2, d_width=16)).d
+    clipper, clip = BookkeepingClipper(d), 0.1
+    moves = []
+    for trial in range(5):
+        batch, labels = torch.randn(9, 1, 28, 28) * scale, torch.randint(0, 2, (9,))
+        targets = (torch.rand(9) < 0.5).float()
+        without, _ = clipper.clipped_sum(batch[:8], labels[:8], targets[:8], clip)
+        with_one, _ = clipper.clipped_sum(batch, labels, targets, clip)
+        moved = torch.sqrt(sum((with_one[p] - without[p]).pow(2).sum() for p in d.parameters()))
+        assert moved <= clip * (1 + 1e-4), f"trial {trial}: one record moved the sum by {moved:.6f} > C"
+        moves.append(float(moved))
+    assert max(moves) > clip * 0.99  # the bound is reached: these records were clipped, not merely small
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device: the GPU path (one chunk per layer) is checked on a GPU"))])
