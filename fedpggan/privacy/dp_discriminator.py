@@ -1,9 +1,10 @@
-"""Train the discriminator on one data holder's records, with Opacus DP-SGD or plainly.
+"""Train the discriminator on one data holder's records, with DP-SGD or plainly.
 
 Used by a federated site (client/) and by the centralised trainer alike. Privacy
 assumptions (DP mode):
-- real records enter D only through Opacus: Poisson sampling at rate q, per-sample clipping
-  to ``max_grad_norm``, Gaussian noise of std ``noise_multiplier * max_grad_norm``; the masks and
+- real records enter D only through DP-SGD, accounted by Opacus: Poisson sampling at rate q,
+  per-sample clipping to ``max_grad_norm``, Gaussian noise of std ``noise_multiplier *
+  max_grad_norm`` (clipped by book-keeping, the default, or by Opacus, below); the masks and
   the noise are drawn from the holder's secret stream when one is given (fedpggan.privacy.noise);
 - fakes are generated from public inputs (generator weights, labels from the public class
   prior), in a batch of fixed size, so they neither depend on nor reveal the real batch;
