@@ -1,7 +1,8 @@
 """One federated round at a site, without Flower: budget check, DP-SGD on D, the spend.
 
-Privacy assumptions (see fedpggan.privacy): Poisson sampling, per-sample clipping and
-Gaussian noise by Opacus, drawn from the site's secret key (fedpggan.privacy.noise); the noise
+Privacy assumptions (see fedpggan.privacy): Poisson sampling, per-sample clipping (by
+book-keeping or Opacus) and Gaussian noise, drawn from the site's secret key
+(fedpggan.privacy.noise), every step accounted by an Opacus accountant; the noise
 multiplier is calibrated once, before the first round, for the whole planned run (rounds x
 local steps at this site's sample rate).
 """
@@ -189,7 +190,7 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
                                    secret_noise(state, cfg, "round", round_num, input_sha))
     trainer.train(cfg.local_steps)
     if privacy is not None and as_floats(trainer.history) != as_floats(state.history):
-        raise FedPGGANError(f"site accountant mismatch: Opacus recorded {trainer.history}, the site reserved {state.history}")
+        raise FedPGGANError(f"site accountant mismatch: the trainer recorded {trainer.history}, the site reserved {state.history}")
     g_stats = []
     if cfg.generator_training == "local":
         g_trainer = GeneratorTrainer(gan)

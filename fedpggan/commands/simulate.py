@@ -9,6 +9,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     from simulation.run import add_arguments, run_from_args
 
     p = sub.add_parser("simulate", help="federated DP training of N simulated sites (Flower simulation engine)",
-                       description="Federated PGGAN: sites train D with Opacus DP-SGD, the server trains G1/G2.")
+                       description="Federated PGGAN: sites train D with DP-SGD (Opacus' accountant), the server trains G1/G2.")
     add_arguments(p)
     p.set_defaults(func=run_from_args)

@@ -22,7 +22,7 @@ DEFAULTS = {"epsilon": math.inf}
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the PGGAN on one machine (DP with --epsilon E)",
-                       description="Centralised PGGAN training; with --epsilon E, D is trained with Opacus DP-SGD.")
+                       description="Centralised PGGAN training; with --epsilon E, D is trained with DP-SGD (Opacus' accountant).")
     config.add_arguments(p, OPTIONS, DEFAULTS)
     p.set_defaults(func=run)
 
