@@ -189,8 +189,8 @@ def test_bookkeeping_draws_its_masks_and_noise_from_the_secret_stream():
     assert not torch.equal(results[0], results[2])
     trainer = DiscriminatorTrainer(PGGAN(shape), data.images, data.labels, 16,
                                    PrivacySettings(2.0, 0.5, 1e-5, "prv", "bookkeeping"), noise=SecretNoise(KEY, "std"))
-    draws = torch.cat([trainer._gaussian(p).flatten() for p in trainer.d.parameters()])
-    assert abs(draws.std().item() - 1.0) < 0.05  # scaled by sigma C where the step adds it
+    draws = torch.cat([trainer._gaussian(p, 1.0).flatten() for p in trainer.d.parameters()])
+    assert abs(draws.std().item() - 1.0) < 0.05  # the step asks for std sigma C
 
 
 def test_layers_it_cannot_clip_are_refused_with_the_fix():

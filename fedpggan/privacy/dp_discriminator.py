@@ -50,6 +50,15 @@ def sample_rate(num_records: int, batch_size: int) -> float:
     return 1.0 / math.ceil(num_records / batch_size)
 
 
+def fake_gradients(model: torch.nn.Module, fake: torch.Tensor, fake_labels: torch.Tensor,
+                   params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """D's logits on the fakes and the exact gradient of their summed BCE loss (target 0): the
+    unclipped part of the ``exact`` step, post-processing (module docstring)."""
+    logits = model(fake, fake_labels)
+    loss = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="sum")
+    return logits, torch.autograd.grad(loss, params)
+
+
 def mechanism_name(grad_sample_mode: str) -> str:
     """How the privacy ledger names D's DP-SGD: who clips the per-sample gradients."""
     if grad_sample_mode == "bookkeeping":
@@ -220,9 +229,7 @@ class DiscriminatorTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.model.disable_hooks()  # the fakes' pass is plain autograd: no per-sample gradients
         try:
-            fake_logits = self.model(fake, fake_labels)
-            fake_loss = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits), reduction="sum")
-            fake_grads = torch.autograd.grad(fake_loss / self.optimizer.expected_batch_size, params)
+            fake_logits, fake_grads = fake_gradients(self.model, fake, fake_labels, params)
         finally:
             self.model.enable_hooks()
         if len(real):
@@ -240,7 +247,7 @@ class DiscriminatorTrainer:
                     p.grad_sample = p.new_zeros((0, *p.shape))
         if self.optimizer.pre_step():  # clip the real rows, add noise, divide by B, account
             for p, g in zip(params, fake_grads):
-                p.grad += g
+                p.grad += g / self.expected_batch_size
             self.optimizer.original_optimizer.step()
         return torch.cat([real_logits, fake_logits])
 
@@ -253,28 +260,25 @@ class DiscriminatorTrainer:
         params = [p for p in self.d.parameters() if p.requires_grad]
         fake_logits, fake_grads = None, [torch.zeros_like(p) for p in params]
         if privacy.fake_gradients == "exact":
-            fake_logits = self.d(fake, fake_labels)
-            fake_loss = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits), reduction="sum")
-            fake_grads = torch.autograd.grad(fake_loss, params)
-            rows, row_labels, n_real = real, real_labels, len(real)
+            fake_logits, fake_grads = fake_gradients(self.d, fake, fake_labels, params)
+            rows, row_labels = real, real_labels
         else:
-            rows, row_labels, n_real = torch.cat([real, fake]), torch.cat([real_labels, fake_labels]), len(real)
-        targets = torch.zeros(len(rows), device=rows.device)
-        targets[:n_real] = 1.0
+            rows, row_labels = torch.cat([real, fake]), torch.cat([real_labels, fake_labels])
+        targets = real_fake_targets(rows.new_empty(len(rows)), len(real))
         sums, logits = self.clipper.clipped_sum(rows, row_labels, targets, privacy.max_grad_norm)
         std = privacy.noise_multiplier * privacy.max_grad_norm
         for p, fake_grad in zip(params, fake_grads):
-            p.grad = (sums[p] + self._gaussian(p) * std + fake_grad) / batch
+            p.grad = (sums[p] + self._gaussian(p, std) + fake_grad) / batch
         self.optimizer.step()
         self.accountant.step(noise_multiplier=privacy.noise_multiplier, sample_rate=self.sample_rate)
         return logits if fake_logits is None else torch.cat([logits, fake_logits.detach()])
 
-    def _gaussian(self, like: torch.Tensor) -> torch.Tensor:
-        """Standard normal draws shaped like ``like``: from the secret stream, or as Opacus draws
-        them (PyTorch's generator, reproducible from the seed)."""
+    def _gaussian(self, like: torch.Tensor, std: float) -> torch.Tensor:
+        """N(0, std^2) draws shaped like ``like``: from the secret stream, or as Opacus draws them
+        (PyTorch's generator, reproducible from the seed)."""
         if self.noise is not None:
-            return self.noise.normal(like.shape, torch.float64).to(like)
-        return torch.randn(like.shape, device=like.device, dtype=like.dtype)
+            return self.noise.gaussian_like(like, std)
+        return torch.normal(0.0, std, like.shape, device=like.device, dtype=like.dtype)
 
     def train(self, steps: int) -> list[dict[str, float]]:
         """``steps`` D steps; afterwards ``gan.d`` holds the new weights."""

@@ -67,6 +67,11 @@ class SecretNoise:
         draws = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)]).view(4, n)
         return (draws.sum(0) / 2.0).view(shape).to(dtype)
 
+    def gaussian_like(self, like: torch.Tensor, std: float) -> torch.Tensor:
+        """N(0, std^2) draws shaped like ``like``, scaled in float64 before they are rounded to
+        ``like``'s dtype and moved to its device."""
+        return (self.normal(like.shape, torch.float64) * std).to(like)
+
     def poisson_indices(self, num_records: int, sample_rate: float) -> torch.Tensor:
         """Indices of a Poisson sample: each record independently with probability ``sample_rate``."""
         return torch.nonzero(self.uniform(num_records) < sample_rate).flatten()
@@ -82,8 +87,8 @@ class SecretNoise:
             multiplier = getattr(opt, "_adjusted_noise_multiplier", opt.noise_multiplier)
             for p in opt.params:
                 _check_processed_flag(p.summed_grad)
-                noise = self.normal(p.summed_grad.shape, torch.float64) * (multiplier * opt.max_grad_norm)
-                p.grad = (p.summed_grad + noise.to(p.summed_grad)).view_as(p)
+                noise = self.gaussian_like(p.summed_grad, multiplier * opt.max_grad_norm)
+                p.grad = (p.summed_grad + noise).view_as(p)
                 _mark_as_processed(p.summed_grad)
 
         optimizer.add_noise = types.MethodType(add_noise, optimizer)
