@@ -61,10 +61,10 @@ HEADLINE = {"federated eps=10": 10.0, "federated eps=1": 1.0}  # the target rows
 # the same with the releases summed securely (--release-aggregation secure: another trust model, see README Privacy)
 SECURE_HEADLINE = {"federated eps=10 secure release": 10.0, "federated eps=1 secure release": 1.0}
 # The eps-1 secure rows with a discriminator of twice the default width (--d-width 64): the probes of
-# 2026-12-04 found it lifts eps 1 (README findings); twice the D time, so not the default
+# 2026-12-04 found it lifts eps 1 (docs/quality-findings.md); twice the D time, so not the default
 WIDE_D_SECURE_HEADLINE = {"federated eps=1 secure release with D width 64": 1.0}
 # The headline runs on one machine holding every site's records ("centralised, same data, one site"), with the
-# federated run's D-step budget: also the best a secure sum of the sites' D gradients could give (see README findings)
+# federated run's D-step budget: also the best a secure sum of the sites' D gradients could give (see docs/quality-findings.md)
 CENTRAL_HEADLINE = {"centralised eps=10 (same data on one site)": 10.0,
                     "centralised eps=1 (same data on one site)": 1.0}
 # Every row measured before 2026-12-03 gated the embedding steps at 0.5. They pin it; for all of them
