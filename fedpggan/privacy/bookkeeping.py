@@ -67,7 +67,8 @@ class _Layer:
         n = grads.shape[0]
         m = module
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            self.bias_rows = grads.sum((2, 3)) if isinstance(m, nn.Conv2d) else grads.reshape(n, -1, m.out_features).sum(1)
+            if m.bias is not None:  # each record's bias gradient; the weight's norm and sum come later
+                self.bias_rows = grads.sum((2, 3)) if isinstance(m, nn.Conv2d) else grads.reshape(n, -1, m.out_features).sum(1)
         elif isinstance(m, nn.GroupNorm):  # per-sample gradients are small: form them
             normalised = F.group_norm(inputs, m.num_groups, eps=m.eps).reshape(n, m.num_channels, -1)
             flat = grads.reshape(n, m.num_channels, -1)

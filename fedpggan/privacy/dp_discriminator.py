@@ -258,7 +258,7 @@ class DiscriminatorTrainer:
         fakes' gradient / B; one accountant step. Returns the logits of [real, fake]."""
         privacy, batch = self.privacy, self.expected_batch_size
         params = [p for p in self.d.parameters() if p.requires_grad]
-        fake_logits, fake_grads = None, [torch.zeros_like(p) for p in params]
+        fake_logits, fake_grads = None, [0.0] * len(params)  # clipped fakes: their gradient is in the clipped sum
         if privacy.fake_gradients == "exact":
             fake_logits, fake_grads = fake_gradients(self.d, fake, fake_labels, params)
             rows, row_labels = real, real_labels
