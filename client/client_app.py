@@ -83,7 +83,8 @@ def release_keys(msg: Message, context: Context) -> Message:
 def release_masked(msg: Message, context: Context) -> Message:
     """Secure release, step 2: this site's share of the release (1/sqrt(N) of the noise), masked
     towards every other key of the list; only the sum of all N vectors reveals anything. A site
-    with a roster first checks that every key is signed, for this run, by a distinct peer."""
+    with a roster first checks that every key is signed, for this run, by a distinct peer. When
+    the server restarts the sum without a failed site, the share is topped up for the smaller N."""
     cfg, raw = run_config_of(msg)
     root, run_id = state_dir(context.node_config, raw), str(raw["run-id"])
     keys = msg.content["keys"]
@@ -100,13 +101,14 @@ def release_masked(msg: Message, context: Context) -> Message:
         ensure_noise_key(state, cfg, site_index(context.node_config))
         if cfg.dp:
             ensure_mechanism(state, cfg, len(data))
-            check_collusion_cap(context.node_config, state, len(publics))
+            # the least noisy share this site sends, made for the first key list, bounds its worst case
+            check_collusion_cap(context.node_config, state, max(len(publics), state.release_share_of))
         share = ensure_release(state, cfg, data, share_of=len(publics))
         masked = masked_share(share, private, public_key_of(private), publics)
         state.release_signers = signers
         state.save()
         state.secure_key_file.unlink()  # one protocol run, one key: a replayed key list gets no second vector
-    return Message(masked_reply(masked, signers), reply_to=msg)
+    return Message(masked_reply(masked, signers, state.release_share_of), reply_to=msg)
 
 
 @app.train()

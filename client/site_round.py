@@ -28,7 +28,7 @@ from fedpggan.io import atomic_write_bytes
 from fedpggan.privacy.dp_discriminator import sample_rate
 from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise, release_sum
 from fedpggan.privacy.noise import SecretNoise, SeededNoise, new_secret_key
-from fedpggan.privacy.secure_sum import release_share_noise
+from fedpggan.privacy.secure_sum import release_share_noise, top_up_noise
 from pggan_model import PGGAN, GeneratorTrainer
 
 # Numerical slack when comparing a projected epsilon with the budget.
@@ -109,28 +109,33 @@ def charge_release(state: SiteState, cfg: RunConfig) -> None:
 def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset, share_of: int = 0) -> torch.Tensor | None:
     """The site's one-shot class-mean-embedding release (made on first use, then reused): the
     whole release, or with ``share_of`` = N its share of a secure sum over N sites, which carries
-    1/sqrt(N) of the noise (fedpggan.privacy.secure_sum). A share never leaves the site unmasked."""
+    1/sqrt(N) of the noise (fedpggan.privacy.secure_sum). A share never leaves the site unmasked.
+    A share made for more sites than a retried sum has left is topped up with fresh noise."""
     if cfg.embedding_weight <= 0:
         return None
     made_for = state.release_share_of
-    if made_for and (not share_of or share_of < made_for):  # fewer shares than planned: too little noise in the sum
-        wanted = f"in a secure sum over {share_of} sites" if share_of else "plain"
+    if made_for and not share_of:
         raise FedPGGANError(f"this site's embedding release was made as a share of a secure sum over {made_for} sites and "
-                            f"cannot be sent {wanted}: its noise would not cover it; start a new run with the sites that took part")
+                            "cannot be sent plain: its noise would not cover it; start a new run")
     if state.release_file.exists():
-        return torch.load(state.release_file, weights_only=True)
-    charge_release(state, cfg)
-    if share_of != state.release_share_of:  # fixed before the noise is drawn, so a retry cannot under-noise it
-        state.release_share_of = share_of
-        state.save()
-    # Already charged but no file means a crash in between: the same seed redraws the same noise.
-    noise = secret_noise(state, cfg, "release") or SeededNoise(noise_seed(state, "release"))
-    features = features_for(data.image_shape, cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur)
-    sigma = (release_share_noise(state.release_noise, share_of) if share_of else state.release_noise) if cfg.dp else None
-    released = release_sum(features, data.images, data.labels, data.num_classes, cfg.embedding_count_share, sigma, noise)
-    buffer = io.BytesIO()
-    torch.save(released, buffer)
-    atomic_write_bytes(state.release_file, buffer.getvalue())
+        released = torch.load(state.release_file, weights_only=True)
+    else:
+        charge_release(state, cfg)
+        if share_of and not made_for:  # fixed before the noise is drawn: a crash and retry redraws this share
+            state.release_share_of = made_for = share_of
+            state.save()
+        # Already charged but no file means a crash in between: the same seed redraws the same noise.
+        noise = secret_noise(state, cfg, "release") or SeededNoise(noise_seed(state, "release"))
+        features = features_for(data.image_shape, cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur)
+        sigma = (release_share_noise(state.release_noise, made_for) if made_for else state.release_noise) if cfg.dp else None
+        released = release_sum(features, data.images, data.labels, data.num_classes, cfg.embedding_count_share, sigma, noise)
+        buffer = io.BytesIO()
+        torch.save(released, buffer)
+        atomic_write_bytes(state.release_file, buffer.getvalue())
+    if cfg.dp and made_for and share_of < made_for:  # the sum was restarted without some sites
+        parts = ("release-top-up", made_for, share_of)  # the same top-up each time: a replay sends the same vector
+        noise = secret_noise(state, cfg, *parts) or SeededNoise(noise_seed(state, *parts))
+        released = released + top_up_noise(state.release_noise, made_for, share_of) * noise.normal(released.shape, released.dtype)
     return released
 
 

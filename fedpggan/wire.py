@@ -20,18 +20,20 @@ Server -> site ("query.release_masked"): "config" and ConfigRecord "keys": the l
     site signed nothing).
 Site -> server: ArrayRecord "masked" ({"sum": its masked share, uint64 viewed as int64}) and
     ConfigRecord "check" ("verified-signers": the peers whose signatures it checked; none =
-    it took the list on trust).
+    it took the list on trust; "share-made-for": the N of the first key list it made its share for).
+    A site that fails either step is left out, and the others repeat both steps with fresh keys.
 No image, label, per-record statistic or label count is ever put in a message.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedpggan.errors import FedPGGANError
 from fedpggan.privacy.peer_keys import SignedKey
@@ -122,17 +124,35 @@ def signed_keys_of(key_list: ConfigRecord) -> list[SignedKey]:
     return [SignedKey(*entry) for entry in zip(publics, signers, signatures)]
 
 
-def masked_reply(masked: np.ndarray, verified_signers: list[str]) -> RecordDict:
-    """Secure release, step 2 (site): the masked share, and whose signatures the site checked."""
+def masked_reply(masked: np.ndarray, verified_signers: list[str], share_made_for: int) -> RecordDict:
+    """Secure release, step 2 (site): the masked share, whose signatures the site checked, and
+    the N its share was first made for (its least noisy share carries sigma / sqrt(N))."""
     return RecordDict({"masked": ArrayRecord({"sum": torch.from_numpy(masked.view(np.int64))}),
-                       "check": ConfigRecord({"verified-signers": verified_signers})})
+                       "check": ConfigRecord({"verified-signers": verified_signers, "share-made-for": share_made_for})})
 
 
 def masked_vector(reply: RecordDict) -> np.ndarray:
     return reply["masked"].to_torch_state_dict()["sum"].numpy().view(np.uint64)
 
 
+def share_made_for(reply: RecordDict) -> int:
+    """The N a site's share was first made for (0 if it did not say)."""
+    check = reply.get("check")
+    return int(check.get("share-made-for", 0)) if check is not None else 0
+
+
 def verified_signers(reply: RecordDict) -> list[str]:
     """The peers whose signed keys a site checked before masking; [] = it took the list on trust."""
     check = reply.get("check")
     return sorted(check.get("verified-signers", [])) if check is not None else []
+
+
+def site_error(reply: Message, limit: int = 300) -> str:
+    """A failed site's own message: Flower wraps it as ``<class '...'>:<'message'>``, and a
+    site's error names its fix, so the wrapper is dropped rather than the fix cut off. In a
+    simulation Ray wraps it in a traceback: its first ``SomeError: message`` line is the site's."""
+    reason = reply.error.reason
+    match = re.fullmatch(r"<class '[\w.]+'>:<'(.*)'>", reason, flags=re.DOTALL)
+    text = match.group(1) if match else reason
+    raised = re.findall(r"^[\w.]*(?:Error|Exception): (\S.*)$", text, flags=re.MULTILINE)
+    return (raised[0] if raised else text)[:limit]

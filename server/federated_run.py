@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -31,15 +30,15 @@ from fedpggan.plots import save_curves, save_sample_grid
 from fedpggan.privacy import calibrate_noise, default_delta
 from fedpggan.privacy.dp_discriminator import mechanism_name, sample_rate
 from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise
-from fedpggan.privacy.secure_sum import (SECURE_SUM_ASSUMPTION, epsilon_if_all_other_sites_collude, release_share_noise,
-                                         unmasked_sum)
+from fedpggan.privacy.secure_sum import SECURE_SUM_ASSUMPTION, epsilon_if_all_other_sites_collude, release_share_noise
 from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
 from fedpggan.privacy.noise import SEEDED_NOISE_WARNING
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
-from fedpggan.wire import key_list_record, masked_vector, train_content, verified_signers
+from fedpggan.wire import site_error, train_content
 from pggan_model import CASES, GeneratorTrainer, load_checkpoint, save_checkpoint
 from pggan_model.mean_embedding import class_means, release_noise_ratio
 from server.aggregation import aggregate
+from server.secure_release import SecureSum, secure_sum
 from server.validation import outlier_problems, update_norm, update_problem
 
 # Rounds in a row with fewer than --min-clients valid replies before the run stops.
@@ -62,7 +61,7 @@ class FederatedRun:
         self.device = pick_device(cfg.device)
         self.sites: dict[int, dict[str, Any]] = {}  # node id -> public facts
         self.expected_mechanism: dict[int, tuple[float, float, float, float | None]] = {}  # site size -> mechanism
-        self.collusion_epsilon: dict[int, float] = {}  # site size -> worst-case epsilon of a secure release
+        self.collusion_epsilon: dict[tuple[int, int], float] = {}  # (site size, N of its share) -> worst case of a secure release
         self.failed_rounds = 0
 
     # --- set-up ------------------------------------------------------------------------
@@ -144,7 +143,7 @@ class FederatedRun:
                     self.site_id(node), budget_epsilon=cfg.epsilon, delta=delta, accountant=cfg.accountant,
                     noise_multiplier=sigma, sample_rate=q, max_grad_norm=cfg.max_grad_norm,
                     planned_steps=cfg.rounds * cfg.local_steps, public_num_records=int(site["num-records"]),
-                    feature_release=None if release is None else self.release_record(int(site["num-records"])))
+                    feature_release=None if release is None else self.release_record(int(site["num-records"]), len(self.sites)))
             else:
                 self.ledger.register_site(self.site_id(node), public_num_records=int(site["num-records"]))
         self.ledger.save()
@@ -165,19 +164,21 @@ class FederatedRun:
             print(SEEDED_NOISE_WARNING)
         return 1
 
-    def release_record(self, num_records: int) -> dict[str, Any]:
+    def release_record(self, num_records: int, share_made_for: int) -> dict[str, Any]:
         """The ledger's entry for the release of a site of this (public) size; a secure one also
-        states what its guarantee assumes and what is left of it if the server and every other
-        site collude (one accountant call per site size, not per site)."""
+        states what its guarantee assumes, its own share's noise (made for a sum over
+        ``share_made_for`` sites: the least noisy share it sends) and what is left of it if the
+        server and every other site collude (one accountant call per site size and N)."""
         sigma, q, delta, release = self.mechanism_for(num_records)
         record: dict[str, Any] = dict(zip(("noise_multiplier", "sample_rate", "steps"), release_entry(release)))
         if self.cfg.release_aggregation == "secure":
-            share = release_share_noise(release, len(self.sites))
-            if num_records not in self.collusion_epsilon:
-                self.collusion_epsilon[num_records] = epsilon_if_all_other_sites_collude(
-                    release, len(self.sites), (sigma, q, self.cfg.rounds * self.cfg.local_steps), delta, self.cfg.accountant)
-            record.update(aggregation="secure", sites=len(self.sites), share_noise_multiplier=share,
-                          assumption=SECURE_SUM_ASSUMPTION, epsilon_if_all_other_sites_collude=self.collusion_epsilon[num_records])
+            worst = self.collusion_epsilon
+            if (num_records, share_made_for) not in worst:
+                worst[num_records, share_made_for] = epsilon_if_all_other_sites_collude(
+                    release, share_made_for, (sigma, q, self.cfg.rounds * self.cfg.local_steps), delta, self.cfg.accountant)
+            record.update(aggregation="secure", sites=share_made_for, share_made_for=share_made_for,
+                          share_noise_multiplier=release_share_noise(release, share_made_for), assumption=SECURE_SUM_ASSUMPTION,
+                          epsilon_if_all_other_sites_collude=worst[num_records, share_made_for])
         return record
 
     def mechanism_for(self, num_records: int) -> tuple[float, float, float, float | None]:
@@ -354,61 +355,47 @@ class FederatedRun:
         self.release_noise_ratio = release_noise_ratio(pooled, self.cfg.embedding_count_share, noise_variance)
 
     def secure_release(self) -> None:
-        """Every site's release share as one pairwise-masked sum (fedpggan.privacy.secure_sum): the
-        server never sees a single site's share. Made once before round 1; a resumed run reuses it."""
-        sites = self.run_info.setdefault("secure_release", {"sites": sorted(self.site_records)})["sites"]
-        if self.folder.secure_release.exists():
-            pooled = torch.load(self.folder.secure_release, weights_only=True)
-        else:
-            nodes = sorted(n for n in self.sites if self.site_id(n) in sites)
-            if len(nodes) != len(sites):
-                raise FedPGGANError(f"secure release: sites {sorted(set(sites) - {self.site_id(n) for n in nodes})} did not "
-                                    "connect; all sites of the run must take part: start the run again with them")
+        """Every site's release share as one pairwise-masked sum (server/secure_release.py): the
+        server never sees a single site's share. Made once before round 1; a resumed run reuses it.
+        Sites that fail are left out and the rest start again, down to --min-clients sites."""
+        info = self.run_info.setdefault("secure_release", {"sites": sorted(self.site_records)})
+        if not self.folder.secure_release.exists():
+            connected = {n: self.site_id(n) for n in self.sites if self.site_id(n) in info["sites"]}
+            left_out = {**info.get("left_out", {}),  # from an attempt before a crash
+                        **{site: "did not connect" for site in set(info["sites"]) - set(connected.values())}}
             config = ConfigRecord({**self.cfg.to_flower(), "run-id": self.run_id,
                                    "site-state-root": str((self.folder.root / "sites").resolve())})
-            keys = self.ask_all(nodes, "query.release_keys", RecordDict({"config": config}), "key")
-            content = RecordDict({"config": config, "keys": key_list_record([keys[n] for n in nodes])})
-            shape = (self.features.dim + 1, len(self.class_names))
-            replies = self.ask_all(nodes, "query.release_masked", content, "masked")
-            self.record_key_checks({self.site_id(n): verified_signers(reply) for n, reply in replies.items()})
-            vectors = [masked_vector(replies[n]) for n in nodes]
-            if any(v.size != math.prod(shape) for v in vectors):
-                raise FedPGGANError(f"secure release: a site sent a vector of the wrong size (expected {math.prod(shape)}); "
-                                    "every site must run the same fedpggan version")
-            pooled = unmasked_sum(vectors, shape)
-            if not torch.isfinite(pooled).all():
-                raise FedPGGANError("secure release: the sum is not finite; a site sent a malformed share")
-            buffer = io.BytesIO()
-            torch.save(pooled, buffer)
-            atomic_write_bytes(self.folder.secure_release, buffer.getvalue())
+            needed = self.cfg.min_clients or math.ceil(len(info["sites"]) / 2)  # a sum of one share still carries sigma
+            result = secure_sum(self.grid, connected, config, (self.features.dim + 1, len(self.class_names)), needed,
+                                self.cfg.round_timeout, left_out)
+            info.update(sites=result.sites, share_made_for=result.made_for, left_out=result.left_out)
+            self.record_secure_sum(result)
             self.folder.write_run(self.run_info)
+            buffer = io.BytesIO()
+            torch.save(result.pooled, buffer)
+            atomic_write_bytes(self.folder.secure_release, buffer.getvalue())
+        pooled = torch.load(self.folder.secure_release, weights_only=True)
+        sites = info["sites"]  # each share carries sigma^2 / len(sites) of its site's release noise
         self.use_release(pooled, sum(self.release_sigma(s) ** 2 for s in sites) / len(sites))
 
-    def ask_all(self, nodes: list[int], message_type: str, content: RecordDict, key: str) -> dict[int, RecordDict]:
-        """One step of the secure release: every node must answer, with a record ``key``, or nothing is revealed."""
-        messages = [Message(content, dst_node_id=n, message_type=message_type) for n in nodes]
-        answers = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error() or key not in reply.content:
-                reason = site_error(reply) if reply.has_error() else f"no '{key}' in the reply"
-                raise FedPGGANError(f"secure release: site {self.site_id(node)} failed ({reason}); fix that site and start "
-                                    "the run again (nothing was revealed), or train with --release-aggregation plain")
-            answers[node] = reply.content
-        if missing := sorted(self.site_id(n) for n in set(nodes) - set(answers)):
-            raise FedPGGANError(f"secure release: sites {missing} did not answer within --round-timeout "
-                                f"{self.cfg.round_timeout}s (nothing was revealed); restart them and start the run again")
-        return answers
-
-    def record_key_checks(self, checks: dict[str, list[str]]) -> None:
-        """The ledger states, per site, whether that site checked the key list against its roster
+    def record_secure_sum(self, result: SecureSum) -> None:
+        """The ledger states, per site, the sum its share went into (or why it was left out), the
+        worst case of its least noisy share, and whether it checked the key list against its roster
         (``peer-keys``): only then could the server not have forged the keys its share was masked with."""
         if not self.cfg.dp:
             return
-        for site, signers in checks.items():
+        for site, why in result.left_out.items():
             release = self.ledger.site(site)["feature_release"]
-            release["key_list"] = ({"verified": True, "signers": signers} if signers else
-                                   {"verified": False, "why": "the site has no peer-keys: it took the server's key list on trust"})
+            if "left_out" not in release:  # not already recorded before a crash
+                release["left_out"] = why
+                self.ledger.record_event(site, 0, "left_out_of_secure_release", why)
+            print(f"warning: secure release: site {site} left out ({why})")
+        for site in result.sites:
+            record = self.release_record(self.site_records[site], result.made_for[site])
+            signers = result.signers[site]
+            record.update(sites=len(result.sites), key_list={"verified": True, "signers": signers} if signers else
+                          {"verified": False, "why": "the site has no peer-keys: it took the server's key list on trust"})
+            self.ledger.site(site)["feature_release"] = record
         self.ledger.save()
 
     def spend_problem(self, node: int, privacy: dict[str, float]) -> str | None:
@@ -495,11 +482,3 @@ def site_compute_seconds(reply: Message) -> float | None:
         return None
     value = dict(reply.content["status"]).get("t-compute")
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
-def site_error(reply: Message, limit: int = 300) -> str:
-    """A failed site's own message: Flower wraps it as ``<class '...'>:<'message'>``, and a
-    site's error names its fix, so the wrapper is dropped rather than the fix cut off."""
-    reason = reply.error.reason
-    match = re.fullmatch(r"<class '[\w.]+'>:<'(.*)'>", reason, flags=re.DOTALL)
-    return (match.group(1) if match else reason)[:limit]

@@ -5,7 +5,10 @@
   environment, so the faults are set there: ``FEDPGGAN_FAULT_MODES`` (comma-separated, one
   per round, cycled: nan | scaled | random | shapes | overspend | none) and
   ``FEDPGGAN_FAULT_DROP`` (probability that another site crashes in a round; the draw is
-  seeded by round and site, so a resumed run meets the same crashes).
+  seeded by round and site, so a resumed run meets the same crashes), and
+  ``FEDPGGAN_FAULT_RELEASE`` (comma-separated ``step:partition``, step ``keys`` or ``masked``:
+  that site fails that step of the secure release; at ``masked`` it first makes its share, as a
+  site whose reply is lost would).
 * ``start_killable`` / ``kill_hard``: a simulation in its own process group, and a SIGKILL
   of that group plus any Ray process of its session: a power cut, not a clean shutdown.
 """
@@ -37,6 +40,25 @@ app = ClientApp()
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     return site.query(msg, context)
+
+
+@app.query("release_keys")
+def release_keys(msg: Message, context: Context) -> Message:
+    fail_in_release("keys", context)
+    return site.release_keys(msg, context)
+
+
+@app.query("release_masked")
+def release_masked(msg: Message, context: Context) -> Message:
+    reply = site.release_masked(msg, context)
+    fail_in_release("masked", context)
+    return reply
+
+
+def fail_in_release(step: str, context: Context) -> None:
+    partition = context.node_config.get("partition-id", -1)
+    if f"{step}:{partition}" in os.environ.get("FEDPGGAN_FAULT_RELEASE", "").split(","):
+        raise RuntimeError(f"injected failure of site {partition} in the secure release's {step} step")
 
 
 @app.train()

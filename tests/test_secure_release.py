@@ -15,7 +15,8 @@ from fedpggan.data import open_dataset
 from fedpggan.errors import FedPGGANError
 from fedpggan.privacy.feature_release import features_for
 from fedpggan.privacy.secure_sum import (FRACTION_BITS, epsilon_if_all_other_sites_collude, masked_share, new_key_pair,
-                                         private_key_bytes, release_share_noise, unmasked_sum)
+                                         private_key_bytes, public_key_of, release_share_noise, top_up_noise,
+                                         unmasked_sum)
 from pggan_model.mean_embedding import record_sum
 
 from conftest import tiny_config
@@ -79,15 +80,22 @@ def test_a_share_carries_one_over_sqrt_n_of_the_release_noise(tmp_path, phantom)
     assert state.release_share_of == 4
 
 
-def test_a_share_is_never_sent_where_its_noise_does_not_cover_it(tmp_path, phantom):
+def test_a_share_is_never_sent_with_less_noise_than_its_sum_needs(tmp_path, phantom):
     cfg = tiny_config(tmp_path, epsilon=1.0, release_aggregation="secure")
     state = site_state(tmp_path, cfg, phantom)
     share = ensure_release(state, cfg, phantom, share_of=4)
     with pytest.raises(FedPGGANError, match="cannot be sent plain"):
         ensure_release(state, cfg, phantom)
-    with pytest.raises(FedPGGANError, match="secure sum over 3 sites"):
-        ensure_release(state, cfg, phantom, share_of=3)
     assert torch.equal(ensure_release(state, cfg, phantom, share_of=5), share)  # more noise in the sum: allowed
+    for fewer in (3, 2):  # the sum restarted without a failed site: the share is topped up, the same way each time
+        topped = ensure_release(state, cfg, phantom, share_of=fewer)
+        assert torch.equal(ensure_release(state, cfg, phantom, share_of=fewer), topped)
+        added = float((topped.double() - share.double()).std())
+        assert added == pytest.approx(top_up_noise(state.release_noise, 4, fewer), rel=0.1)
+        # the share's noise variances add up to sigma^2 / fewer: the sum of `fewer` shares carries sigma^2
+        assert top_up_noise(state.release_noise, 4, fewer) ** 2 + release_share_noise(state.release_noise, 4) ** 2 == \
+            pytest.approx(release_share_noise(state.release_noise, fewer) ** 2)
+    assert state.release_share_of == 4  # the share on disk stays the one made for the first key list
 
 
 def worst_case(state: SiteState, num_sites: int) -> float:
@@ -130,10 +138,12 @@ def test_a_site_over_its_cap_draws_no_share_and_charges_nothing(tmp_path):
 def test_a_crash_between_charging_and_drawing_cannot_lower_the_noise(tmp_path, phantom):
     cfg = tiny_config(tmp_path, epsilon=1.0, release_aggregation="secure")
     state = site_state(tmp_path, cfg, phantom)
-    ensure_release(state, cfg, phantom, share_of=4)
+    share = ensure_release(state, cfg, phantom, share_of=4)
+    topped = ensure_release(state, cfg, phantom, share_of=2)
     state.release_file.unlink()  # as if the site died before writing its share
-    with pytest.raises(FedPGGANError, match="secure sum over 2 sites"):
-        ensure_release(state, cfg, phantom, share_of=2)
+    assert torch.equal(ensure_release(state, cfg, phantom, share_of=2), topped)  # redrawn for 4 sites, then topped up
+    state.release_file.unlink()
+    assert torch.equal(ensure_release(state, cfg, phantom, share_of=5), share)  # not redrawn with less noise for 5
 
 
 def test_the_centralised_trainer_refuses_a_secure_release(tmp_path):
@@ -150,34 +160,73 @@ def test_fixed_point_encoding_refuses_values_it_cannot_hold():
     assert math.isclose(float(unmasked_sum([masked_share(torch.tensor([-3.25]), private, public, [public])], (1,))), -3.25)
 
 
-def test_a_site_that_fails_or_stays_silent_stops_the_secure_release_naming_it(tmp_path, monkeypatch):
-    from types import SimpleNamespace
+class ProtocolSites:
+    """Sites that answer the secure release with real keys and masks, as Flower's Grid would
+    deliver them. ``fail``: (step, attempt) -> (site, error or None for silence)."""
 
-    from flwr.app import RecordDict
+    def __init__(self, shares: dict[int, torch.Tensor], fail: dict[tuple[str, int], tuple[int, str | None]]):
+        self.shares, self.fail, self.attempt, self.private, self.lists, self.made_for = shares, fail, 0, {}, [], {}
 
-    import server.federated_run
-    from server.federated_run import FederatedRun
+    def reply(self, node, content=None, error=None):
+        from types import SimpleNamespace
 
-    # outside a Flower run a Message cannot be built; what is sent does not matter here
-    monkeypatch.setattr(server.federated_run, "Message", lambda content, dst_node_id, message_type: dst_node_id)
-
-    def reply(node, error=None):
         return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: error is not None,
-                               error=SimpleNamespace(reason=error), content={"key": {"public-key": b"k"}})
+                               error=SimpleNamespace(reason=error), content=content)
 
-    run = FederatedRun.__new__(FederatedRun)
-    run.cfg = tiny_config(tmp_path, epsilon=1.0, release_aggregation="secure")
-    run.sites = {11: {"site-id": "hospital-a"}, 12: {"site-id": "hospital-b"}}
-    run.folder = SimpleNamespace(root=tmp_path)
-    run.grid = SimpleNamespace(send_and_receive=lambda messages, timeout: [reply(11), reply(12, "disk full")])
-    with pytest.raises(FedPGGANError, match="site hospital-b failed \\(disk full\\)"):
-        run.ask_all([11, 12], "query.release_keys", RecordDict({}), "key")
+    def send_and_receive(self, messages, timeout):
+        from fedpggan.wire import key_reply, masked_reply, public_keys_of
+
+        step = "keys" if messages[0][1] == "query.release_keys" else "masked"
+        self.attempt += step == "keys"
+        failing, error = self.fail.get((step, self.attempt), (None, None))
+        replies = []
+        for node, _, content in messages:
+            if node == failing:
+                if error is not None:
+                    replies.append(self.reply(node, error=error))
+                continue
+            if step == "keys":
+                self.private[node], public = new_key_pair()
+                replies.append(self.reply(node, key_reply(public, None)))
+            else:
+                publics = public_keys_of(content["keys"])
+                self.lists.append(len(publics))
+                private = self.private[node]
+                masked = masked_share(self.shares[node], private, public_key_of(private), publics)
+                replies.append(self.reply(node, masked_reply(masked, [], self.made_for.setdefault(node, len(publics)))))
+        return replies
+
+
+def run_protocol(monkeypatch, sites: ProtocolSites, needed: int = 2):
+    from flwr.app import ConfigRecord
+
+    import server.secure_release
+    from server.secure_release import secure_sum
+
+    # outside a Flower run a Message cannot be built: the fake grid reads (node, type, content)
+    monkeypatch.setattr(server.secure_release, "Message", lambda content, dst_node_id, message_type: (dst_node_id, message_type, content))
+    nodes = {11: "hospital-a", 12: "hospital-b", 13: "hospital-c", 14: "hospital-d"}
+    return secure_sum(sites, nodes, ConfigRecord({}), (5, 2), needed, 30, {})
+
+
+def test_sites_that_fail_the_secure_release_are_left_out_and_the_rest_sum_again(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    shares = {n: torch.randn(5, 2, generator=gen, dtype=torch.float64) for n in (11, 12, 13, 14)}
     flower_wrapped = "<class 'fedpggan.errors.FedPGGANError'>:<'" + "cap exceeded: raise it. " * 20 + "'>"
-    run.grid = SimpleNamespace(send_and_receive=lambda messages, timeout: [reply(11), reply(12, flower_wrapped)])
-    with pytest.raises(FedPGGANError, match=r"site hospital-b failed \(cap exceeded: raise it\. (cap exceeded: raise it\. ){11}"):
-        run.ask_all([11, 12], "query.release_keys", RecordDict({}), "key")  # the site's own words, not Flower's wrapper
-    run.grid = SimpleNamespace(send_and_receive=lambda messages, timeout: [reply(12)])
-    with pytest.raises(FedPGGANError, match=r"sites \['hospital-a'\] did not answer"):
-        run.ask_all([11, 12], "query.release_keys", RecordDict({}), "key")
-    run.grid = SimpleNamespace(send_and_receive=lambda messages, timeout: [reply(11), reply(12)])
-    assert set(run.ask_all([11, 12], "query.release_keys", RecordDict({}), "key")) == {11, 12}
+    sites = ProtocolSites(shares, {("keys", 1): (14, None), ("masked", 1): (12, flower_wrapped)})
+    result = run_protocol(monkeypatch, sites)
+    assert result.sites == ["hospital-a", "hospital-c"] and result.made_for == {"hospital-a": 3, "hospital-c": 3}
+    assert sites.lists == [3, 3, 2, 2]  # attempt 1 over a, b, c; attempt 2, fresh keys, over a and c
+    assert result.left_out == {"hospital-d": "no answer within --round-timeout 30s",
+                               "hospital-b": ("cap exceeded: raise it. " * 20)[:300]}  # the site's words, not Flower's wrapper
+    assert torch.allclose(result.pooled, shares[11] + shares[13], atol=2 * 2.0**-FRACTION_BITS, rtol=0)
+    assert set(run_protocol(monkeypatch, ProtocolSites(shares, {})).sites) == {f"hospital-{c}" for c in "abcd"}
+
+
+def test_a_secure_release_with_too_few_sites_left_stops_naming_them(monkeypatch):
+    shares = {n: torch.zeros(5, 2, dtype=torch.float64) for n in (11, 12, 13, 14)}
+    sites = ProtocolSites(shares, {("masked", 1): (12, "disk full"), ("masked", 2): (13, "out of memory")})
+    with pytest.raises(FedPGGANError, match=r"2 site\(s\) left, fewer than the 3 it needs .*site hospital-b: disk full; "
+                                            r"site hospital-c: out of memory\).*nothing was revealed"):
+        run_protocol(monkeypatch, sites, needed=3)
+    assert sites.attempt == 2  # it gave up before a third attempt, which could not reach 3 sites

@@ -46,8 +46,10 @@ class Site:
     events: list[dict[str, Any]] = field(default_factory=list)
     # The one-shot embedding release (sigma, 1.0, 1) spent before round 1, when the run used one.
     release: tuple[float, float, int] | None = None
-    # A release summed securely: (the site's own share of the noise, sites in the sum).
+    # A release summed securely: (the least noisy share the site sent, sites in the sum).
     release_share: tuple[float, int] | None = None
+    # Why the site's share is not in the secure sum (None: it is, or the release was plain).
+    release_left_out: str | None = None
     # The peers whose signed keys the site checked before masking its share (None: it did not check).
     key_list_signers: list[str] | None = None
 
@@ -112,6 +114,7 @@ def parse_site(site_id: str, raw: Any) -> tuple[Site | None, list[Finding]]:
         status=str(raw.get("status", "")), rounds=rounds,
         events=[e for e in raw.get("events") or [] if isinstance(e, dict)],
         release=release, release_share=release_share, key_list_signers=_verified_signers(raw.get("feature_release")),
+        release_left_out=_left_out(raw.get("feature_release")),
     )
     return site, []
 
@@ -150,6 +153,12 @@ def _parse_release(prefix: str, raw: Any) -> tuple[tuple[float, float, int] | No
         return None, None, [Finding(f"{prefix}.feature_release", "summed securely but share_noise_multiplier or sites missing: "
                                                                  "the worst case cannot be recomputed")]
     return (sigma, 1.0, 1), (share, sites), []
+
+
+def _left_out(raw: Any) -> str | None:
+    """Why a site's share is not in the secure sum (the server left it out after it failed)."""
+    why = raw.get("left_out") if isinstance(raw, dict) else None
+    return None if why is None else str(why)
 
 
 def _verified_signers(raw: Any) -> list[str] | None:

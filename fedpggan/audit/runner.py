@@ -96,7 +96,7 @@ def audit_ledger_sites(ledger: dict[str, Any], run: dict[str, Any], kind: str,
 
 def collusion_note(site: Site) -> str:
     """For a release summed securely: what is left of the site's guarantee if the server and
-    every other site collude (only the site's own share of the noise then protects it)."""
+    every other site collude (only the least noisy share the site sent then protects it)."""
     share, sites = site.release_share
     history = [(share, 1.0, 1), *((r.noise_multiplier, r.sample_rate, r.steps) for r in site.rounds)]
     worst = accountants.epsilon(site.accountant, history, site.delta)
@@ -104,6 +104,9 @@ def collusion_note(site: Site) -> str:
         trust = "the site took the server's key list on trust (no peer-keys), so a server that forged it reaches that too"
     else:
         trust = f"the site checked every key's signature against its peer-keys ({', '.join(site.key_list_signers)}): a server cannot forge them"
+    if site.release_left_out is not None:
+        return (f"sites.{site.site_id}: left out of the secure sum of the embedding releases ({site.release_left_out}); its "
+                f"epsilon charges the release all the same; if a share it sent is unmasked: {worst:.4g} ({site.accountant})")
     return (f"sites.{site.site_id}: the embedding release was summed securely over {sites} sites; its "
             f"epsilon assumes the server does not collude with the other sites; if all collude: {worst:.4g} ({site.accountant}); {trust}")
 

@@ -1,5 +1,5 @@
 """Secure summation of the sites' embedding releases with pairwise masks (Bonawitz et al. 2017,
-without its dropout recovery).
+with a restart among the sites left instead of its secret-shared dropout recovery).
 
 Why: each site's release is pooled by the server anyway. If the server sees only the pool, each
 site needs only 1/sqrt(N) of the noise for the pool to carry the noise one release would: the
@@ -11,6 +11,10 @@ Protocol, two messages per site, before the first round:
    release one mask per other site, derived from their shared Diffie-Hellman secret, with
    opposite signs on the two sides, and sends the masked vector. The masks cancel in the sum
    (mod 2^64) and nowhere else.
+If a site fails either step, the server starts again from step 1 with the sites that answered:
+fresh keys, and each site adds noise to its share for the smaller sum (``top_up_noise``), so that
+the sum still carries one release's noise. A failed attempt's vectors are never unmasked: their
+masks towards the failed site do not cancel.
 
 Privacy assumptions (state them to the privacy officer; the ledger records both figures):
 - the key list comes from the server. A site with a roster of its peers' SuperNode keys
@@ -24,8 +28,11 @@ Privacy assumptions (state them to the privacy officer; the ledger records both 
   its choosing (with a roster, N is at most the roster's size): so each site caps that worst case
   itself (its ``max-epsilon-if-colluding``, client/site.py) before it
   makes a share;
-- every site of the key list sends its vector: a missing one leaves masks that do not cancel,
-  and the sum is refused (the run stops; nothing is revealed).
+- every site of the key list sends its vector: a missing one leaves masks that do not cancel.
+  A failed site that colludes with the server can remove its masks from the others' vectors
+  of that attempt: a coalition again, bounded by the same worst case. Topping a share up only
+  adds independent noise, so the least noisy share a site sent, sigma / sqrt(N) for the first
+  key list's N, is still what protects it if all the others collude.
 """
 
 from __future__ import annotations
@@ -54,6 +61,12 @@ MASK_INFO = b"fedpggan secure release mask v1"
 def release_share_noise(release_sigma: float, num_sites: int) -> float:
     """The noise one site adds so that the sum of ``num_sites`` shares carries ``release_sigma``."""
     return release_sigma / math.sqrt(num_sites)
+
+
+def top_up_noise(release_sigma: float, made_for: int, num_sites: int) -> float:
+    """The noise to add to a share made for a sum over ``made_for`` sites so that it carries its
+    part of a sum over ``num_sites`` < ``made_for`` sites: the variances add up to sigma^2 / num_sites."""
+    return release_sigma * math.sqrt(1.0 / num_sites - 1.0 / made_for)
 
 
 def epsilon_if_all_other_sites_collude(release_sigma: float, num_sites: int, dp_sgd: tuple[float, float, int],
