@@ -2,7 +2,9 @@
 
 ``query``: reply with the site's public facts (size, image shape, class names).
 ``train``: DP-SGD on the discriminator with the site's own images (client/site_round.py),
-reply with D's weights and the privacy spend. Nothing else leaves the site.
+reply with D's weights and the privacy spend. ``release_keys``, ``release_masked`` and
+``release_reveal``: the three steps of the secure release (fedpggan.privacy.secure_sum).
+Nothing else leaves the site.
 
 A round that was trained but whose reply was lost (the server died) is replayed from the
 site's cache when the server asks for it again with the same inputs: the same output is
@@ -29,9 +31,10 @@ from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes
 from fedpggan.privacy.peer_keys import sign_key, verify_key_list
-from fedpggan.privacy.secure_sum import masked_share, new_key_pair, private_key_bytes, private_key_from, public_key_of
+from fedpggan.privacy.secure_sum import (masked_share, new_key_pair, new_self_mask_seed, private_key_bytes, private_key_from,
+                                         public_key_of)
 from fedpggan.wire import (arrays_sha256, generator_arrays, key_reply, load_generators, masked_reply, public_keys_of,
-                          reply_content, signed_keys_of)
+                          reply_content, reveal_reply, signed_keys_of)
 
 # Keys the server adds to the run options in a message's "config" record.
 ROUND_KEYS = ("round", "run-id", "site-state-root")
@@ -95,6 +98,9 @@ def release_masked(msg: Message, context: Context) -> Message:
         state = SiteState.load(root, run_id)
         if not state.secure_key_file.exists():
             raise FedPGGANError("secure release: this site holds no key of this protocol run; the server must restart it from step 1")
+        if state.release_revealed_for:
+            raise FedPGGANError("secure release: this site already revealed its self-mask for another attempt of this run, "
+                                "so it takes part in no other; start a new run")
         private = private_key_from(state.secure_key_file.read_bytes())
         data = load_site_data(context.node_config, cfg)
         check_site_budget(context.node_config, cfg, len(data))
@@ -102,13 +108,39 @@ def release_masked(msg: Message, context: Context) -> Message:
         if cfg.dp:
             ensure_mechanism(state, cfg, len(data))
             # the least noisy share this site sends, made for the first key list, bounds its worst case
-            check_collusion_cap(context.node_config, state, max(len(publics), state.release_share_of))
+            check_collusion_cap(context.node_config, state, state.release_share_of or len(publics))
         share = ensure_release(state, cfg, data, share_of=len(publics))
-        masked = masked_share(share, private, public_key_of(private), publics)
+        seed = new_self_mask_seed()
+        masked = masked_share(share, private, public_key_of(private), publics, seed)
+        atomic_write_bytes(state.self_mask_file, public_key_of(private) + seed)
         state.release_signers = signers
         state.save()
         state.secure_key_file.unlink()  # one protocol run, one key: a replayed key list gets no second vector
     return Message(masked_reply(masked, signers, state.release_share_of), reply_to=msg)
+
+
+@app.query("release_reveal")
+def release_reveal(msg: Message, context: Context) -> Message:
+    """Secure release, step 3: the self-mask seed of this site's latest vector, once the server
+    has every vector of that attempt. Revealed for one attempt only, so this site's share is in
+    at most one sum the server can unmask, whatever it claims about failed sites."""
+    _, raw = run_config_of(msg)
+    root, run_id = state_dir(context.node_config, raw), str(raw["run-id"])
+    publics = public_keys_of(msg.content["keys"])
+    with site_lock(root, run_id):
+        state = SiteState.load(root, run_id)
+        if not state.self_mask_file.exists():
+            raise FedPGGANError("secure release: this site sent no masked vector in this run; the server must restart from step 1")
+        mask = state.self_mask_file.read_bytes()
+        own, seed = mask[:32], mask[32:]
+        if own not in publics:
+            raise FedPGGANError("secure release: the server asked for the self-mask of an attempt this site sent no vector in")
+        if state.release_revealed_for not in ("", own.hex()):
+            raise FedPGGANError("secure release: this site already revealed its self-mask for another attempt of this run; "
+                                "start a new run")
+        state.release_revealed_for = own.hex()
+        state.save()  # before the seed leaves: a crash cannot let a second attempt's seed out
+    return Message(reveal_reply(seed), reply_to=msg)
 
 
 @app.train()

@@ -18,10 +18,14 @@ Site -> server: ConfigRecord "key": "public-key" (a one-run X25519 key) and, fro
 Server -> site ("query.release_masked"): "config" and ConfigRecord "keys": the lists
     "public-keys", "signers" and "signatures", one entry per site in one order (b"" where a
     site signed nothing).
-Site -> server: ArrayRecord "masked" ({"sum": its masked share, uint64 viewed as int64}) and
+Site -> server: ArrayRecord "masked" ({"sum": its share plus pairwise masks and a self-mask,
+    uint64 viewed as int64}) and
     ConfigRecord "check" ("verified-signers": the peers whose signatures it checked; none =
     it took the list on trust; "share-made-for": the N of the first key list it made its share for).
-    A site that fails either step is left out, and the others repeat both steps with fresh keys.
+Server -> site ("query.release_reveal"), once every vector of the attempt is in: "config" and
+    "keys" (the attempt's key list).
+Site -> server: ConfigRecord "reveal": "self-mask-seed" (32 bytes; a site reveals one per run).
+    A site that fails the first or second step is left out, and the others repeat them with fresh keys.
 No image, label, per-record statistic or label count is ever put in a message.
 """
 
@@ -135,6 +139,15 @@ def masked_vector(reply: RecordDict) -> np.ndarray:
     return reply["masked"].to_torch_state_dict()["sum"].numpy().view(np.uint64)
 
 
+def reveal_reply(seed: bytes) -> RecordDict:
+    """Secure release, step 3 (site): the self-mask seed of the attempt whose vectors are all in."""
+    return RecordDict({"reveal": ConfigRecord({"self-mask-seed": seed})})
+
+
+def revealed_seed(reply: RecordDict) -> bytes:
+    return bytes(reply["reveal"]["self-mask-seed"])
+
+
 def share_made_for(reply: RecordDict) -> int:
     """The N a site's share was first made for (0 if it did not say)."""
     check = reply.get("check")
@@ -150,9 +163,13 @@ def verified_signers(reply: RecordDict) -> list[str]:
 def site_error(reply: Message, limit: int = 300) -> str:
     """A failed site's own message: Flower wraps it as ``<class '...'>:<'message'>``, and a
     site's error names its fix, so the wrapper is dropped rather than the fix cut off. In a
-    simulation Ray wraps it in a traceback: its first ``SomeError: message`` line is the site's."""
+    simulation Ray wraps it in tracebacks, where Flower's ClientAppException repeats the site's
+    message; failing that, the last ``SomeError: message`` line is the outermost error."""
     reason = reply.error.reason
     match = re.fullmatch(r"<class '[\w.]+'>:<'(.*)'>", reason, flags=re.DOTALL)
-    text = match.group(1) if match else reason
-    raised = re.findall(r"^[\w.]*(?:Error|Exception): (\S.*)$", text, flags=re.MULTILINE)
-    return (raised[0] if raised else text)[:limit]
+    if match:
+        return match.group(1)[:limit]
+    flower = re.search(r"ClientAppException occurred\. Message: (\S[^\n]*)", reason)
+    raised = re.findall(r"^[\w.]*(?:Error|Exception): (\S.*)$", reason, flags=re.MULTILINE)
+    found = flower.group(1) if flower else raised[-1] if raised else reason
+    return found.removesuffix("'>")[:limit]  # the end of Flower's wrapper around Ray's text

@@ -80,7 +80,6 @@ class FederatedRun:
                                      cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur)
         self.releases: dict[str, torch.Tensor] = {}
         self.release_noise_ratio = math.inf  # no release yet
-        self.site_records = {self.site_id(n): int(f["num-records"]) for n, f in self.sites.items()}
         first_round = self.restore() if self.resume else self.start(facts)
         if cfg.release_aggregation == "secure" and cfg.embedding_weight > 0:
             self.secure_release()
@@ -346,7 +345,7 @@ class FederatedRun:
 
     def release_sigma(self, site: str) -> float:
         """The noise multiplier of a site's whole release (public: from its size and the config); 0 without DP."""
-        return self.mechanism_for(self.site_records[site])[3] if self.cfg.dp else 0.0
+        return self.mechanism_for(int(self.run_info["sites"][site]))[3] if self.cfg.dp else 0.0  # also a site not back after --resume
 
     def use_release(self, pooled: torch.Tensor, noise_variance: float) -> None:
         """The generators match the pooled class means; the gate reads its noise (post-processing)."""
@@ -358,7 +357,7 @@ class FederatedRun:
         """Every site's release share as one pairwise-masked sum (server/secure_release.py): the
         server never sees a single site's share. Made once before round 1; a resumed run reuses it.
         Sites that fail are left out and the rest start again, down to --min-clients sites."""
-        info = self.run_info.setdefault("secure_release", {"sites": sorted(self.site_records)})
+        info = self.run_info.setdefault("secure_release", {"sites": sorted(self.run_info["sites"])})
         if not self.folder.secure_release.exists():
             connected = {n: self.site_id(n) for n in self.sites if self.site_id(n) in info["sites"]}
             left_out = {**info.get("left_out", {}),  # from an attempt before a crash
@@ -391,7 +390,7 @@ class FederatedRun:
                 self.ledger.record_event(site, 0, "left_out_of_secure_release", why)
             print(f"warning: secure release: site {site} left out ({why})")
         for site in result.sites:
-            record = self.release_record(self.site_records[site], result.made_for[site])
+            record = self.release_record(int(self.run_info["sites"][site]), result.made_for[site])
             signers = result.signers[site]
             record.update(sites=len(result.sites), key_list={"verified": True, "signers": signers} if signers else
                           {"verified": False, "why": "the site has no peer-keys: it took the server's key list on trust"})

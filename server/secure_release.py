@@ -1,7 +1,8 @@
 """The server's side of the secure release (fedpggan.privacy.secure_sum): ask each site for a
-one-run key, relay the key list, add up the masked vectors. A site that fails either step is
-left out and the others start again with fresh keys, each topping its share up for the smaller
-sum, until every site of an attempt has answered or too few are left."""
+one-run key, relay the key list, add up the masked vectors, and once all are in, ask for the
+self-mask seeds. A site that fails the first or second step is left out and the others start
+again with fresh keys, each topping its share up for the smaller sum, until every site of an
+attempt has sent its vector or too few are left. A failed reveal stops the protocol."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from flwr.serverapp import Grid
 
 from fedpggan.errors import FedPGGANError
 from fedpggan.privacy.secure_sum import unmasked_sum
-from fedpggan.wire import key_list_record, masked_vector, share_made_for, site_error, verified_signers
+from fedpggan.wire import key_list_record, masked_vector, revealed_seed, share_made_for, site_error, verified_signers
 
 
 @dataclass
@@ -32,17 +33,24 @@ def secure_sum(grid: Grid, nodes: dict[int, str], config: ConfigRecord, shape: t
     that are not there at all. Nothing is unmasked unless every site of an attempt answered."""
     while True:
         enough(nodes, needed, left_out)
-        keys = ask(grid, nodes, "query.release_keys", RecordDict({"config": config}), left_out, timeout)
+        keys = ask(grid, nodes, "query.release_keys", RecordDict({"config": config}), "key", left_out, timeout)
         nodes = {n: s for n, s in nodes.items() if n in keys}
         enough(nodes, needed, left_out)
         order = sorted(nodes)
         content = RecordDict({"config": config, "keys": key_list_record([keys[n] for n in order])})
-        replies = ask(grid, nodes, "query.release_masked", content, left_out, timeout, size=math.prod(shape))
+        replies = ask(grid, nodes, "query.release_masked", content, "masked", left_out, timeout, size=math.prod(shape))
         if len(replies) == len(order):
             break
-        # The vectors of this attempt hold masks towards the failed sites: start again without them.
+        # This attempt's vectors hold masks towards the failed sites: start again without them.
         nodes = {n: s for n, s in nodes.items() if n in replies}
-    pooled = unmasked_sum([masked_vector(replies[n]) for n in order], shape)
+    failed: dict[str, str] = {}
+    reveals = ask(grid, nodes, "query.release_reveal", content, "reveal", failed, timeout)
+    if failed:
+        raise FedPGGANError("secure release: " + "; ".join(f"site {site} did not reveal its self-mask ({why})"
+                                                           for site, why in sorted(failed.items()))
+                            + ": the sum stays masked (nothing was revealed), and a site that revealed takes part in no "
+                            "other attempt; start the run again, or train with --release-aggregation plain")
+    pooled = unmasked_sum([masked_vector(replies[n]) for n in order], [revealed_seed(reveals[n]) for n in order], shape)
     if not torch.isfinite(pooled).all():
         raise FedPGGANError("secure release: the sum is not finite; a site sent a malformed share")
     # A site's own word for the list its share was first made for covers a server that crashed
@@ -51,24 +59,23 @@ def secure_sum(grid: Grid, nodes: dict[int, str], config: ConfigRecord, shape: t
     return SecureSum(pooled, sorted(nodes.values()), made_for, left_out, {nodes[n]: verified_signers(replies[n]) for n in order})
 
 
-def ask(grid: Grid, nodes: dict[int, str], message_type: str, content: RecordDict, left_out: dict[str, str],
+def ask(grid: Grid, nodes: dict[int, str], message_type: str, content: RecordDict, record: str, failed: dict[str, str],
         timeout: float, size: int | None = None) -> dict[int, RecordDict]:
-    """One step of the protocol: the sites' answers; each site that fails is added to ``left_out``
-    with the reason. ``size``: the length a masked vector must have."""
-    record = "masked" if size is not None else "key"
+    """One step of the protocol: the sites' answers, each holding ``record``; each site that fails
+    is added to ``failed`` with the reason. ``size``: the length a masked vector must have."""
     messages = [Message(content, dst_node_id=n, message_type=message_type) for n in nodes]
     answers = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error() or record not in reply.content:
-            left_out[nodes[node]] = site_error(reply) if reply.has_error() else f"no '{record}' in its reply"
+            failed[nodes[node]] = site_error(reply) if reply.has_error() else f"no '{record}' in its reply"
         elif size is not None and masked_vector(reply.content).size != size:
-            left_out[nodes[node]] = (f"sent a vector of {masked_vector(reply.content).size} entries, not {size}: "
-                                     "it must run the coordinator's fedpggan version")
+            failed[nodes[node]] = (f"sent a vector of {masked_vector(reply.content).size} entries, not {size}: "
+                                   "it must run the coordinator's fedpggan version")
         else:
             answers[node] = reply.content
     for node in set(nodes) - set(answers):
-        left_out.setdefault(nodes[node], f"no answer within --round-timeout {timeout:g}s")
+        failed.setdefault(nodes[node], f"no answer within --round-timeout {timeout:g}s")
     return answers
 
 

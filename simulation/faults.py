@@ -6,7 +6,7 @@
   per round, cycled: nan | scaled | random | shapes | overspend | none) and
   ``FEDPGGAN_FAULT_DROP`` (probability that another site crashes in a round; the draw is
   seeded by round and site, so a resumed run meets the same crashes), and
-  ``FEDPGGAN_FAULT_RELEASE`` (comma-separated ``step:partition``, step ``keys`` or ``masked``:
+  ``FEDPGGAN_FAULT_RELEASE`` (comma-separated ``step:partition``, step ``keys``, ``masked`` or ``reveal``:
   that site fails that step of the secure release; at ``masked`` it first makes its share, as a
   site whose reply is lost would).
 * ``start_killable`` / ``kill_hard``: a simulation in its own process group, and a SIGKILL
@@ -53,6 +53,12 @@ def release_masked(msg: Message, context: Context) -> Message:
     reply = site.release_masked(msg, context)
     fail_in_release("masked", context)
     return reply
+
+
+@app.query("release_reveal")
+def release_reveal(msg: Message, context: Context) -> Message:
+    fail_in_release("reveal", context)
+    return site.release_reveal(msg, context)
 
 
 def fail_in_release(step: str, context: Context) -> None:

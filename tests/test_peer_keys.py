@@ -1,5 +1,6 @@
 """Signed key lists for the secure release: a site masks its share only towards keys that distinct
-peers of its roster signed for this run, so a server that forges or swaps keys gets no share."""
+peers of its roster signed for this run, so a server that forges or swaps keys gets no share; and
+it reveals its self-mask for one attempt only, so a server that restarts the sum gets one sum."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 import client.client_app
-from client.client_app import release_keys, release_masked
+from client.client_app import release_keys, release_masked, release_reveal
 from client.site import SiteState, peer_signing
 from fedpggan.errors import FedPGGANError
 from fedpggan.privacy.peer_keys import load_peer_signing, load_roster, sign_key, verify_key_list
 from fedpggan.privacy.secure_sum import FRACTION_BITS, new_key_pair, unmasked_sum
-from fedpggan.wire import key_list_record, masked_vector, verified_signers
+from fedpggan.wire import key_list_record, masked_vector, revealed_seed, verified_signers
 
 from conftest import tiny_config, write_ssh_key
 
@@ -122,20 +123,47 @@ def secure_run(tmp_path, monkeypatch):
     return {**cfg.to_flower(), "run-id": "run-1", "site-state-root": str(tmp_path / "sites")}
 
 
+def step_two(consortium, raw, key_list, sites=range(3)):
+    return [release_masked(SimpleNamespace(content={"config": raw, "keys": key_list}),
+                           SimpleNamespace(node_config=node_config(consortium, i))) for i in sites]
+
+
+def step_three(consortium, raw, key_list, sites=range(3)):
+    return [revealed_seed(release_reveal(SimpleNamespace(content={"config": raw, "keys": key_list}),
+                                         SimpleNamespace(node_config=node_config(consortium, i)))) for i in sites]
+
+
 def test_sites_with_a_roster_sign_check_and_mask_and_the_masks_cancel(consortium, secure_run):
     key_list = step_one(consortium, secure_run)
     assert all(key_list["signatures"])
-    vectors, shares = [], []
-    for i in range(3):
-        reply = release_masked(SimpleNamespace(content={"config": secure_run, "keys": key_list}),
-                               SimpleNamespace(node_config=node_config(consortium, i)))
+    replies, shares = step_two(consortium, secure_run, key_list), []
+    for i, reply in enumerate(replies):
         assert verified_signers(reply) == sorted(SITES)
-        vectors.append(masked_vector(reply))
         state = SiteState.load(Path(secure_run["site-state-root"]) / f"site_{i}", "run-1")
         assert state.release_signers == list(SITES) and not state.secure_key_file.exists()
         shares.append(torch.load(state.release_file, weights_only=True).double())
-    total = unmasked_sum(vectors, tuple(shares[0].shape))
+    vectors = [masked_vector(reply) for reply in replies]
+    seeds = step_three(consortium, secure_run, key_list)
+    total = unmasked_sum(vectors, seeds, tuple(shares[0].shape))
     assert torch.allclose(total, sum(shares), atol=4 * 2.0**-FRACTION_BITS, rtol=0)
+    assert step_three(consortium, secure_run, key_list) == seeds  # a repeated request gets the same seeds, nothing new
+
+
+def test_a_site_reveals_its_self_mask_for_one_attempt_only(consortium, secure_run):
+    """A server that collected every vector, claimed a failure and restarted without a site would
+    hold two sums over different sites; their difference would isolate that site's share. Only one
+    of them can lose its self-masks."""
+    first = step_one(consortium, secure_run)
+    step_two(consortium, secure_run, first)
+    step_three(consortium, secure_run, first, sites=[0, 1])  # site 2's seed is held back: attempt 1 stays masked
+    second = step_one(consortium, secure_run)
+    second = {name: values[:2] for name, values in second.items()}  # "site 2 failed"
+    with pytest.raises(FedPGGANError, match="already revealed its self-mask for another attempt"):
+        step_two(consortium, secure_run, second, sites=[0])
+    with pytest.raises(FedPGGANError, match="attempt this site sent no vector in"):  # site 2 sent none for the second list
+        step_three(consortium, secure_run, second, sites=[2])
+    state = SiteState.load(Path(secure_run["site-state-root"]) / "site_0", "run-1")
+    assert state.release_revealed_for == bytes(first["public-keys"][0]).hex()
 
 
 def test_a_forged_key_list_draws_no_share_and_charges_nothing(consortium, secure_run):

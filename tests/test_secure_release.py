@@ -15,8 +15,8 @@ from fedpggan.data import open_dataset
 from fedpggan.errors import FedPGGANError
 from fedpggan.privacy.feature_release import features_for
 from fedpggan.privacy.secure_sum import (FRACTION_BITS, epsilon_if_all_other_sites_collude, masked_share, new_key_pair,
-                                         private_key_bytes, public_key_of, release_share_noise, top_up_noise,
-                                         unmasked_sum)
+                                         new_self_mask_seed, private_key_bytes, public_key_of, release_share_noise,
+                                         top_up_noise, unmasked_sum)
 from pggan_model.mean_embedding import record_sum
 
 from conftest import tiny_config
@@ -26,32 +26,35 @@ def shares_and_keys(n: int, shape=(11, 3)):
     gen = torch.Generator().manual_seed(0)
     shares = [100 * torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(n)]
     keys = [new_key_pair() for _ in range(n)]
+    seeds = [new_self_mask_seed() for _ in range(n)]
     publics = [public for _, public in keys]
-    masked = [masked_share(s, private, public, publics) for s, (private, public) in zip(shares, keys)]
-    return shares, masked
+    masked = [masked_share(s, private, public, publics, seed) for s, (private, public), seed in zip(shares, keys, seeds)]
+    return shares, masked, seeds
 
 
 def test_the_masks_cancel_in_the_sum_of_all_sites():
-    shares, masked = shares_and_keys(4)
-    total = unmasked_sum(masked, (11, 3))
+    shares, masked, seeds = shares_and_keys(4)
+    total = unmasked_sum(masked, seeds, (11, 3))
     assert torch.allclose(total, sum(shares), atol=4 * 2.0**-FRACTION_BITS, rtol=0)
 
 
-def test_one_masked_vector_or_a_partial_sum_reveals_nothing_like_the_shares():
-    shares, masked = shares_and_keys(4)
-    alone = unmasked_sum(masked[:1], (11, 3))
-    partial = unmasked_sum(masked[:3], (11, 3))
+def test_one_masked_vector_a_partial_sum_or_the_sum_without_every_seed_reveals_nothing():
+    shares, masked, seeds = shares_and_keys(4)
+    alone = unmasked_sum(masked[:1], seeds[:1], (11, 3))  # even with its own seed: the pairwise masks stay
+    partial = unmasked_sum(masked[:3], seeds[:3], (11, 3))
+    unseeded = unmasked_sum(masked, seeds[:3], (11, 3))  # all vectors, one self-mask left on
     # uniform masks mod 2^64: the decoded values are of the order 2^63 / 2^24, not of the shares' ~100
-    assert alone.abs().median() > 1e9 and partial.abs().median() > 1e9
+    for view in (alone, partial, unseeded):
+        assert view.abs().median() > 1e9
     assert not torch.allclose(partial, sum(shares[:3]), atol=1.0)
 
 
 def test_a_key_list_without_this_site_or_with_a_repeated_key_is_refused():
     (private, public), (_, other) = new_key_pair(), new_key_pair()
     with pytest.raises(ValueError, match="key list"):
-        masked_share(torch.zeros(2), private, public, [other])
+        masked_share(torch.zeros(2), private, public, [other], new_self_mask_seed())
     with pytest.raises(ValueError, match="key list"):
-        masked_share(torch.zeros(2), private, public, [public, other, other])
+        masked_share(torch.zeros(2), private, public, [public, other, other], new_self_mask_seed())
 
 
 def site_state(tmp_path: Path, cfg, data) -> SiteState:
@@ -156,8 +159,10 @@ def test_the_centralised_trainer_refuses_a_secure_release(tmp_path):
 def test_fixed_point_encoding_refuses_values_it_cannot_hold():
     (private, public) = new_key_pair()
     with pytest.raises(ValueError, match="too large"):
-        masked_share(torch.tensor([2.0**40]), private, public, [public])
-    assert math.isclose(float(unmasked_sum([masked_share(torch.tensor([-3.25]), private, public, [public])], (1,))), -3.25)
+        masked_share(torch.tensor([2.0**40]), private, public, [public], new_self_mask_seed())
+    seed = new_self_mask_seed()
+    assert math.isclose(float(unmasked_sum([masked_share(torch.tensor([-3.25]), private, public, [public], seed)], [seed], (1,))),
+                        -3.25)
 
 
 class ProtocolSites:
@@ -165,7 +170,8 @@ class ProtocolSites:
     deliver them. ``fail``: (step, attempt) -> (site, error or None for silence)."""
 
     def __init__(self, shares: dict[int, torch.Tensor], fail: dict[tuple[str, int], tuple[int, str | None]]):
-        self.shares, self.fail, self.attempt, self.private, self.lists, self.made_for = shares, fail, 0, {}, [], {}
+        self.shares, self.fail, self.attempt = shares, fail, 0
+        self.private, self.seeds, self.lists, self.made_for, self.revealed = {}, {}, [], {}, {}
 
     def reply(self, node, content=None, error=None):
         from types import SimpleNamespace
@@ -173,27 +179,31 @@ class ProtocolSites:
         return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: error is not None,
                                error=SimpleNamespace(reason=error), content=content)
 
-    def send_and_receive(self, messages, timeout):
-        from fedpggan.wire import key_reply, masked_reply, public_keys_of
+    def answer(self, step: str, node: int, content):
+        from fedpggan.wire import key_reply, masked_reply, public_keys_of, reveal_reply
 
-        step = "keys" if messages[0][1] == "query.release_keys" else "masked"
+        if step == "keys":
+            self.private[node], public = new_key_pair()
+            return key_reply(public, None)
+        if step == "masked":
+            publics = public_keys_of(content["keys"])
+            self.lists.append(len(publics))
+            private, self.seeds[node] = self.private[node], new_self_mask_seed()
+            masked = masked_share(self.shares[node], private, public_key_of(private), publics, self.seeds[node])
+            return masked_reply(masked, [], self.made_for.setdefault(node, len(publics)))
+        assert self.revealed.setdefault(node, self.attempt) == self.attempt, "a site reveals for one attempt only"
+        return reveal_reply(self.seeds[node])
+
+    def send_and_receive(self, messages, timeout):
+        step = messages[0][1].removeprefix("query.release_")
         self.attempt += step == "keys"
         failing, error = self.fail.get((step, self.attempt), (None, None))
         replies = []
         for node, _, content in messages:
-            if node == failing:
-                if error is not None:
-                    replies.append(self.reply(node, error=error))
-                continue
-            if step == "keys":
-                self.private[node], public = new_key_pair()
-                replies.append(self.reply(node, key_reply(public, None)))
-            else:
-                publics = public_keys_of(content["keys"])
-                self.lists.append(len(publics))
-                private = self.private[node]
-                masked = masked_share(self.shares[node], private, public_key_of(private), publics)
-                replies.append(self.reply(node, masked_reply(masked, [], self.made_for.setdefault(node, len(publics)))))
+            if node != failing:
+                replies.append(self.reply(node, self.answer(step, node, content)))
+            elif error is not None:
+                replies.append(self.reply(node, error=error))
         return replies
 
 
@@ -217,6 +227,7 @@ def test_sites_that_fail_the_secure_release_are_left_out_and_the_rest_sum_again(
     result = run_protocol(monkeypatch, sites)
     assert result.sites == ["hospital-a", "hospital-c"] and result.made_for == {"hospital-a": 3, "hospital-c": 3}
     assert sites.lists == [3, 3, 2, 2]  # attempt 1 over a, b, c; attempt 2, fresh keys, over a and c
+    assert sites.revealed == {11: 2, 13: 2}  # seeds only for the attempt whose vectors were all in
     assert result.left_out == {"hospital-d": "no answer within --round-timeout 30s",
                                "hospital-b": ("cap exceeded: raise it. " * 20)[:300]}  # the site's words, not Flower's wrapper
     assert torch.allclose(result.pooled, shares[11] + shares[13], atol=2 * 2.0**-FRACTION_BITS, rtol=0)
@@ -230,3 +241,34 @@ def test_a_secure_release_with_too_few_sites_left_stops_naming_them(monkeypatch)
                                             r"site hospital-c: out of memory\).*nothing was revealed"):
         run_protocol(monkeypatch, sites, needed=3)
     assert sites.attempt == 2  # it gave up before a third attempt, which could not reach 3 sites
+
+
+def test_a_failed_reveal_stops_the_secure_release_with_the_sum_still_masked(monkeypatch):
+    shares = {n: torch.zeros(5, 2, dtype=torch.float64) for n in (11, 12, 13, 14)}
+    sites = ProtocolSites(shares, {("reveal", 1): (13, "disk full")})
+    with pytest.raises(FedPGGANError, match=r"site hospital-c did not reveal its self-mask \(disk full\): the sum stays masked"):
+        run_protocol(monkeypatch, sites)
+    assert sites.attempt == 1  # no restart: the sites that revealed could not take part again
+
+
+def test_a_site_error_is_the_sites_own_words_also_inside_a_simulations_traceback():
+    from types import SimpleNamespace
+
+    from fedpggan.wire import site_error
+
+    def reply(reason):
+        return SimpleNamespace(error=SimpleNamespace(reason=reason))
+
+    ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=1)\n"
+           "  File \"client/site.py\", line 179, in load\n    data = json.loads(path.read_text())\n"
+           "json.decoder.JSONDecodeError: Expecting value: line 1 column 1 (char 0)\n\n"
+           "The above exception was the direct cause of the following exception:\n\n"
+           "fedpggan.errors.FedPGGANError: state.json is corrupt; restore it from backup\n"
+           "flwr.clientapp.client_app.ClientAppException: \n"
+           "Exception ClientAppException occurred. Message: state.json is corrupt; restore it from backup'>")
+    assert site_error(reply(ray)) == "state.json is corrupt; restore it from backup"
+    assert site_error(reply(ray.replace("Exception ClientAppException occurred. Message", "Other"))) == \
+        "state.json is corrupt; restore it from backup"  # the outermost error, not its cause
+    assert site_error(reply("<class 'fedpggan.errors.FedPGGANError'>:<'cap exceeded'>")) == "cap exceeded"
+    assert site_error(reply("timed out")) == "timed out"
+

@@ -1,20 +1,27 @@
-"""Secure summation of the sites' embedding releases with pairwise masks (Bonawitz et al. 2017,
-with a restart among the sites left instead of its secret-shared dropout recovery).
+"""Secure summation of the sites' embedding releases with pairwise masks and self-masks
+(Bonawitz et al. 2017's double masking, with a restart among the sites left instead of its
+secret-shared dropout recovery).
 
 Why: each site's release is pooled by the server anyway. If the server sees only the pool, each
 site needs only 1/sqrt(N) of the noise for the pool to carry the noise one release would: the
 pooled release is then sqrt(N) times less noisy (see release_share_noise).
 
-Protocol, two messages per site, before the first round:
+Protocol, three messages per site, before the first round:
 1. every site makes a fresh X25519 key pair and sends its public key;
 2. the server sends every site all public keys; each site adds to its (fixed-point) noisy
    release one mask per other site, derived from their shared Diffie-Hellman secret, with
-   opposite signs on the two sides, and sends the masked vector. The masks cancel in the sum
-   (mod 2^64) and nowhere else.
-If a site fails either step, the server starts again from step 1 with the sites that answered:
+   opposite signs on the two sides, plus a self-mask from a fresh secret seed, and sends the
+   masked vector. The pairwise masks cancel in the sum (mod 2^64) and nowhere else;
+3. once every vector of the attempt is in, each site reveals its self-mask seed, and the server
+   removes the self-masks from the sum. A site reveals a seed once per run, never for a second
+   attempt.
+If a site fails step 1 or 2, the server starts again from step 1 with the sites that answered:
 fresh keys, and each site adds noise to its share for the smaller sum (``top_up_noise``), so that
-the sum still carries one release's noise. A failed attempt's vectors are never unmasked: their
-masks towards the failed site do not cancel.
+the sum still carries one release's noise. Because each site reveals one seed, its share is in
+at most one sum the server can unmask, even if the server claims a failure that did not happen
+and collects a second sum over other sites: the difference of two sums would isolate shares.
+A site that fails step 3 stops the protocol: the sum stays masked, and the sites that revealed
+cannot take part in another attempt.
 
 Privacy assumptions (state them to the privacy officer; the ledger records both figures):
 - the key list comes from the server. A site with a roster of its peers' SuperNode keys
@@ -27,18 +34,15 @@ Privacy assumptions (state them to the privacy officer; the ledger records both 
   the key list of a site without a roster gets the same (a site's share seen alone), with an N of
   its choosing (with a roster, N is at most the roster's size): so each site caps that worst case
   itself (its ``max-epsilon-if-colluding``, client/site.py) before it
-  makes a share;
-- every site of the key list sends its vector: a missing one leaves masks that do not cancel.
-  A failed site that colludes with the server can remove its masks from the others' vectors
-  of that attempt: a coalition again, bounded by the same worst case. Topping a share up only
-  adds independent noise, so the least noisy share a site sent, sigma / sqrt(N) for the first
-  key list's N, is still what protects it if all the others collude.
+  makes a share. Topping a share up only adds independent noise, so the least noisy share a site
+  sent, sigma / sqrt(N) for the N it was first made for, is still that worst case.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 
 import numpy as np
 import torch
@@ -56,6 +60,7 @@ SECURE_SUM_ASSUMPTION = ("the embedding releases were summed securely: their par
                          "feature_release.epsilon_if_all_other_sites_collude)")
 FRACTION_BITS = 24  # fixed point: 2^-24 rounding per entry, post-processing of the noisy release
 MASK_INFO = b"fedpggan secure release mask v1"
+SELF_MASK_INFO = b"fedpggan secure release self-mask v1"
 
 
 def release_share_noise(release_sigma: float, num_sites: int) -> float:
@@ -115,23 +120,38 @@ def pair_mask(private: X25519PrivateKey, peer_public: bytes, size: int) -> np.nd
     return np.frombuffer(hashlib.shake_256(seed).digest(8 * size), dtype=np.uint64).copy()
 
 
-def masked_share(share: torch.Tensor, private: X25519PrivateKey, own_public: bytes, publics: list[bytes]) -> np.ndarray:
-    """This site's fixed-point ``share`` plus its masks with every other key of ``publics``
-    (added towards larger keys, subtracted towards smaller ones, so each pair cancels)."""
+def new_self_mask_seed() -> bytes:
+    """A fresh secret seed for one attempt's self-mask, revealed at most once."""
+    return secrets.token_bytes(32)
+
+
+def self_mask(seed: bytes, size: int) -> np.ndarray:
+    """The mask only the site knows until it reveals ``seed``: SHAKE-256 of the seed."""
+    return np.frombuffer(hashlib.shake_256(SELF_MASK_INFO + seed).digest(8 * size), dtype=np.uint64).copy()
+
+
+def masked_share(share: torch.Tensor, private: X25519PrivateKey, own_public: bytes, publics: list[bytes],
+                 self_seed: bytes) -> np.ndarray:
+    """This site's fixed-point ``share`` plus its self-mask and its masks with every other key of
+    ``publics`` (added towards larger keys, subtracted towards smaller ones, so each pair cancels)."""
     if publics.count(own_public) != 1 or len(set(publics)) != len(publics):
         raise ValueError("the key list must hold this site's public key once and no key twice")
     total = to_fixed(share).ravel()
+    total = total + self_mask(self_seed, total.size)  # uint64 arithmetic wraps mod 2^64
     for peer in publics:
         if peer == own_public:
             continue
         mask = pair_mask(private, peer, total.size)
-        total = total + mask if own_public < peer else total - mask  # uint64 arithmetic wraps mod 2^64
+        total = total + mask if own_public < peer else total - mask
     return total
 
 
-def unmasked_sum(masked: list[np.ndarray], shape: tuple[int, ...]) -> torch.Tensor:
-    """The sum of every site's share: the masks cancel only when all of them are present."""
+def unmasked_sum(masked: list[np.ndarray], self_seeds: list[bytes], shape: tuple[int, ...]) -> torch.Tensor:
+    """The sum of every site's share: the pairwise masks cancel only when all vectors are present,
+    and the self-masks come off only with every site's revealed seed."""
     total = np.zeros(math.prod(shape), dtype=np.uint64)
     for vector in masked:
         total = total + vector.astype(np.uint64).ravel()
+    for seed in self_seeds:
+        total = total - self_mask(seed, total.size)
     return from_fixed(total).reshape(shape)
