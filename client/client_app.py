@@ -32,7 +32,7 @@ from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes
 from fedpggan.privacy.peer_keys import sign_key, verify_key_list
 from fedpggan.privacy.secure_sum import (masked_share, new_key_pair, new_self_mask_seed, private_key_bytes, private_key_from,
-                                         public_key_of)
+                                         public_key_of, seed_commitment)
 from fedpggan.wire import (arrays_sha256, generator_arrays, key_reply, load_generators, masked_reply, public_keys_of,
                           reply_content, reveal_reply, signed_keys_of)
 
@@ -98,7 +98,7 @@ def release_masked(msg: Message, context: Context) -> Message:
         state = SiteState.load(root, run_id)
         if not state.secure_key_file.exists():
             raise FedPGGANError("secure release: this site holds no key of this protocol run; the server must restart it from step 1")
-        if state.release_revealed_for:
+        if state.revealed_file.exists():
             raise FedPGGANError("secure release: this site already revealed its self-mask for another attempt of this run, "
                                 "so it takes part in no other; start a new run")
         private = private_key_from(state.secure_key_file.read_bytes())
@@ -116,7 +116,7 @@ def release_masked(msg: Message, context: Context) -> Message:
         state.release_signers = signers
         state.save()
         state.secure_key_file.unlink()  # one protocol run, one key: a replayed key list gets no second vector
-    return Message(masked_reply(masked, signers, state.release_share_of), reply_to=msg)
+    return Message(masked_reply(masked, signers, state.release_share_of, seed_commitment(seed)), reply_to=msg)
 
 
 @app.query("release_reveal")
@@ -135,11 +135,10 @@ def release_reveal(msg: Message, context: Context) -> Message:
         own, seed = mask[:32], mask[32:]
         if own not in publics:
             raise FedPGGANError("secure release: the server asked for the self-mask of an attempt this site sent no vector in")
-        if state.release_revealed_for not in ("", own.hex()):
+        if state.revealed_file.exists() and state.revealed_file.read_bytes() != own:
             raise FedPGGANError("secure release: this site already revealed its self-mask for another attempt of this run; "
                                 "start a new run")
-        state.release_revealed_for = own.hex()
-        state.save()  # before the seed leaves: a crash cannot let a second attempt's seed out
+        atomic_write_bytes(state.revealed_file, own)  # before the seed leaves: a crash cannot let a second seed out
     return Message(reveal_reply(seed), reply_to=msg)
 
 

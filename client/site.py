@@ -163,7 +163,6 @@ class SiteState:
     release_noise: float | None = None  # noise multiplier of the one-shot embedding release
     release_share_of: int = 0  # N when the release is this site's share of a secure sum over N sites (0: plain)
     release_signers: list[str] = field(default_factory=list)  # the peers whose signed keys its share was masked towards
-    release_revealed_for: str = ""  # own public key (hex) of the one secure-release attempt whose self-mask it revealed
     noise_key: str = ""  # secret seed material of this site's noise: never leaves the site
     history: list[list[float]] = field(default_factory=list)
     rounds: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -198,6 +197,13 @@ class SiteState:
     def self_mask_file(self) -> Path:
         """This site's public key and self-mask seed of its latest secure-release vector (64 bytes)."""
         return self.path.parent / "secure_release.self_mask"
+
+    @property
+    def revealed_file(self) -> Path:
+        """The public key of the one secure-release attempt whose self-mask seed this site revealed.
+        A file of its own, written before the seed leaves: restoring site_state.json from a backup
+        must not let the site reveal a second seed."""
+        return self.path.parent / "secure_release.revealed"
 
     @property
     def reply_cache(self) -> Path:

@@ -21,7 +21,8 @@ Server -> site ("query.release_masked"): "config" and ConfigRecord "keys": the l
 Site -> server: ArrayRecord "masked" ({"sum": its share plus pairwise masks and a self-mask,
     uint64 viewed as int64}) and
     ConfigRecord "check" ("verified-signers": the peers whose signatures it checked; none =
-    it took the list on trust; "share-made-for": the N of the first key list it made its share for).
+    it took the list on trust; "share-made-for": the N of the first key list it made its share for;
+    "seed-commitment": SHA-256 of its self-mask seed).
 Server -> site ("query.release_reveal"), once every vector of the attempt is in: "config" and
     "keys" (the attempt's key list).
 Site -> server: ConfigRecord "reveal": "self-mask-seed" (32 bytes; a site reveals one per run).
@@ -128,11 +129,13 @@ def signed_keys_of(key_list: ConfigRecord) -> list[SignedKey]:
     return [SignedKey(*entry) for entry in zip(publics, signers, signatures)]
 
 
-def masked_reply(masked: np.ndarray, verified_signers: list[str], share_made_for: int) -> RecordDict:
-    """Secure release, step 2 (site): the masked share, whose signatures the site checked, and
-    the N its share was first made for (its least noisy share carries sigma / sqrt(N))."""
+def masked_reply(masked: np.ndarray, verified_signers: list[str], share_made_for: int, commitment: bytes) -> RecordDict:
+    """Secure release, step 2 (site): the masked share, whose signatures the site checked, the N
+    its share was first made for (its least noisy share carries sigma / sqrt(N)), and the hash
+    of its self-mask seed."""
     return RecordDict({"masked": ArrayRecord({"sum": torch.from_numpy(masked.view(np.int64))}),
-                       "check": ConfigRecord({"verified-signers": verified_signers, "share-made-for": share_made_for})})
+                       "check": ConfigRecord({"verified-signers": verified_signers, "share-made-for": share_made_for,
+                                              "seed-commitment": commitment})})
 
 
 def masked_vector(reply: RecordDict) -> np.ndarray:
@@ -146,6 +149,12 @@ def reveal_reply(seed: bytes) -> RecordDict:
 
 def revealed_seed(reply: RecordDict) -> bytes:
     return bytes(reply["reveal"]["self-mask-seed"])
+
+
+def seed_commitment_of(reply: RecordDict) -> bytes:
+    """The hash of the self-mask seed a site committed to with its vector (b"" if it sent none)."""
+    check = reply.get("check")
+    return bytes(check.get("seed-commitment", b"")) if check is not None else b""
 
 
 def share_made_for(reply: RecordDict) -> int:
@@ -166,10 +175,10 @@ def site_error(reply: Message, limit: int = 300) -> str:
     simulation Ray wraps it in tracebacks, where Flower's ClientAppException repeats the site's
     message; failing that, the last ``SomeError: message`` line is the outermost error."""
     reason = reply.error.reason
-    match = re.fullmatch(r"<class '[\w.]+'>:<'(.*)'>", reason, flags=re.DOTALL)
-    if match:
-        return match.group(1)[:limit]
-    flower = re.search(r"ClientAppException occurred\. Message: (\S[^\n]*)", reason)
-    raised = re.findall(r"^[\w.]*(?:Error|Exception): (\S.*)$", reason, flags=re.MULTILINE)
-    found = flower.group(1) if flower else raised[-1] if raised else reason
-    return found.removesuffix("'>")[:limit]  # the end of Flower's wrapper around Ray's text
+    match = re.fullmatch(r"<class '[^']+'>:<'(.*)'>", reason, flags=re.DOTALL)
+    text = match.group(1) if match else reason
+    flower = re.search(r"ClientAppException occurred\. Message: (\S[^\n]*)", text)
+    if flower:
+        return flower.group(1)[:limit]
+    raised = re.findall(r"^[\w.]*(?:Error|Exception): (\S.*)$", text, flags=re.MULTILINE)
+    return (raised[-1] if raised and 'File "' in text else text)[:limit]  # only from a traceback

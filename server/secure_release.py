@@ -2,7 +2,8 @@
 one-run key, relay the key list, add up the masked vectors, and once all are in, ask for the
 self-mask seeds. A site that fails the first or second step is left out and the others start
 again with fresh keys, each topping its share up for the smaller sum, until every site of an
-attempt has sent its vector or too few are left. A failed reveal stops the protocol."""
+attempt has sent its vector or too few are left. A reveal that still fails after retries stops
+the protocol."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedpggan.errors import FedPGGANError
-from fedpggan.privacy.secure_sum import unmasked_sum
-from fedpggan.wire import key_list_record, masked_vector, revealed_seed, share_made_for, site_error, verified_signers
+from fedpggan.privacy.secure_sum import seed_commitment, unmasked_sum
+from fedpggan.wire import (key_list_record, masked_vector, revealed_seed, seed_commitment_of, share_made_for, site_error,
+                           verified_signers)
+
+REVEAL_TRIES = 3  # asking a site again for the same seed is safe: a failed reveal is retried
 
 
 @dataclass
@@ -43,20 +47,35 @@ def secure_sum(grid: Grid, nodes: dict[int, str], config: ConfigRecord, shape: t
             break
         # This attempt's vectors hold masks towards the failed sites: start again without them.
         nodes = {n: s for n, s in nodes.items() if n in replies}
-    failed: dict[str, str] = {}
-    reveals = ask(grid, nodes, "query.release_reveal", content, "reveal", failed, timeout)
-    if failed:
-        raise FedPGGANError("secure release: " + "; ".join(f"site {site} did not reveal its self-mask ({why})"
-                                                           for site, why in sorted(failed.items()))
-                            + ": the sum stays masked (nothing was revealed), and a site that revealed takes part in no "
-                            "other attempt; start the run again, or train with --release-aggregation plain")
-    pooled = unmasked_sum([masked_vector(replies[n]) for n in order], [revealed_seed(reveals[n]) for n in order], shape)
-    if not torch.isfinite(pooled).all():
-        raise FedPGGANError("secure release: the sum is not finite; a site sent a malformed share")
+    seeds = reveal(grid, nodes, content, {n: seed_commitment_of(replies[n]) for n in order}, timeout)
+    pooled = unmasked_sum([masked_vector(replies[n]) for n in order], [seeds[n] for n in order], shape)
     # A site's own word for the list its share was first made for covers a server that crashed
     # mid-protocol and restarted it; the sum's own size is the floor.
     made_for = {nodes[n]: max(share_made_for(replies[n]), len(order)) for n in order}
     return SecureSum(pooled, sorted(nodes.values()), made_for, left_out, {nodes[n]: verified_signers(replies[n]) for n in order})
+
+
+def reveal(grid: Grid, nodes: dict[int, str], content: RecordDict, commitments: dict[int, bytes],
+           timeout: float) -> dict[int, bytes]:
+    """Every site's self-mask seed for this attempt, checked against the hash it sent with its
+    vector. A site re-sends the same seed when asked again, so a failed reveal is retried."""
+    seeds: dict[int, bytes] = {}
+    for _ in range(REVEAL_TRIES):
+        failed: dict[str, str] = {}
+        answers = ask(grid, {n: s for n, s in nodes.items() if n not in seeds}, "query.release_reveal", content, "reveal",
+                      failed, timeout)
+        for node, answer in answers.items():
+            if seed_commitment(revealed_seed(answer)) == commitments[node]:
+                seeds[node] = revealed_seed(answer)
+            else:
+                failed[nodes[node]] = "revealed a self-mask seed that does not match the hash sent with its vector"
+        if not failed:
+            return seeds
+    raise FedPGGANError("secure release: " + "; ".join(f"site {site} did not reveal its self-mask ({why})"
+                                                       for site, why in sorted(failed.items()))
+                        + f" after {REVEAL_TRIES} tries: the sum stays masked (no share or sum was revealed), and a site "
+                        "that revealed takes part in no other attempt; start the run again, or train with "
+                        "--release-aggregation plain")
 
 
 def ask(grid: Grid, nodes: dict[int, str], message_type: str, content: RecordDict, record: str, failed: dict[str, str],

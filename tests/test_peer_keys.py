@@ -154,8 +154,9 @@ def test_a_site_reveals_its_self_mask_for_one_attempt_only(consortium, secure_ru
     hold two sums over different sites; their difference would isolate that site's share. Only one
     of them can lose its self-masks."""
     first = step_one(consortium, secure_run)
-    step_two(consortium, secure_run, first)
-    step_three(consortium, secure_run, first, sites=[0, 1])  # site 2's seed is held back: attempt 1 stays masked
+    vectors = [masked_vector(reply) for reply in step_two(consortium, secure_run, first)]
+    seeds = step_three(consortium, secure_run, first, sites=[0, 1])  # site 2's seed is held back
+    assert unmasked_sum(vectors, seeds, (1001, 2)).abs().median() > 1e9  # attempt 1 stays masked
     second = step_one(consortium, secure_run)
     second = {name: values[:2] for name, values in second.items()}  # "site 2 failed"
     with pytest.raises(FedPGGANError, match="already revealed its self-mask for another attempt"):
@@ -163,7 +164,17 @@ def test_a_site_reveals_its_self_mask_for_one_attempt_only(consortium, secure_ru
     with pytest.raises(FedPGGANError, match="attempt this site sent no vector in"):  # site 2 sent none for the second list
         step_three(consortium, secure_run, second, sites=[2])
     state = SiteState.load(Path(secure_run["site-state-root"]) / "site_0", "run-1")
-    assert state.release_revealed_for == bytes(first["public-keys"][0]).hex()
+    assert state.revealed_file.read_bytes() == bytes(first["public-keys"][0])
+
+
+def test_a_site_reveals_the_seed_of_its_latest_vector_only(consortium, secure_run):
+    first = step_one(consortium, secure_run)
+    step_two(consortium, secure_run, first)  # every vector sent, no seed revealed: "a site failed"
+    second = step_one(consortium, secure_run)
+    step_two(consortium, secure_run, second)
+    with pytest.raises(FedPGGANError, match="attempt this site sent no vector in"):  # the first attempt's seed is gone
+        step_three(consortium, secure_run, first, sites=[0])
+    assert len(step_three(consortium, secure_run, second)) == 3
 
 
 def test_a_forged_key_list_draws_no_share_and_charges_nothing(consortium, secure_run):

@@ -231,9 +231,8 @@ def test_a_site_failing_the_secure_release_is_left_out_and_the_others_sum_again(
     pooled = torch.load(run / "secure_release_sum.pt", weights_only=True)
     top_ups = pooled - sum(shares.values())
     assert float(top_ups.std()) == pytest.approx(sigma * math.sqrt(3 * (1 / 3 - 1 / 4)), rel=0.1)
-    revealed = {s: json.loads((run / "sites" / f"site_{s}" / "run" / "site_state.json").read_text())["release_revealed_for"]
-                for s in ("0", "1", "2", "3")}
-    assert revealed["1"] == "" and all(revealed[s] for s in ("0", "2", "3"))  # one self-mask each, of the second attempt
+    revealed = {s: run / "sites" / f"site_{s}" / "run" / "secure_release.revealed" for s in ("0", "1", "2", "3")}
+    assert not revealed["1"].exists() and all(revealed[s].exists() for s in ("0", "2", "3"))  # one self-mask each
     audit = audit_run(run)
     assert audit["passed"], audit["findings"]
     assert any(n.startswith("sites.1: left out of the secure sum") and "injected failure" in n for n in audit["notes"])

@@ -16,7 +16,7 @@ from fedpggan.errors import FedPGGANError
 from fedpggan.privacy.feature_release import features_for
 from fedpggan.privacy.secure_sum import (FRACTION_BITS, epsilon_if_all_other_sites_collude, masked_share, new_key_pair,
                                          new_self_mask_seed, private_key_bytes, public_key_of, release_share_noise,
-                                         top_up_noise, unmasked_sum)
+                                         seed_commitment, top_up_noise, unmasked_sum)
 from pggan_model.mean_embedding import record_sum
 
 from conftest import tiny_config
@@ -167,10 +167,11 @@ def test_fixed_point_encoding_refuses_values_it_cannot_hold():
 
 class ProtocolSites:
     """Sites that answer the secure release with real keys and masks, as Flower's Grid would
-    deliver them. ``fail``: (step, attempt) -> (site, error or None for silence)."""
+    deliver them. ``fail``: (step, attempt, or for "reveal" the how-many-th request) -> (site, error
+    or None for silence). ``wrong_seed``: a site that reveals another seed than its vector's."""
 
     def __init__(self, shares: dict[int, torch.Tensor], fail: dict[tuple[str, int], tuple[int, str | None]]):
-        self.shares, self.fail, self.attempt = shares, fail, 0
+        self.shares, self.fail, self.attempt, self.reveal_calls, self.wrong_seed = shares, fail, 0, 0, None
         self.private, self.seeds, self.lists, self.made_for, self.revealed = {}, {}, [], {}, {}
 
     def reply(self, node, content=None, error=None):
@@ -190,14 +191,15 @@ class ProtocolSites:
             self.lists.append(len(publics))
             private, self.seeds[node] = self.private[node], new_self_mask_seed()
             masked = masked_share(self.shares[node], private, public_key_of(private), publics, self.seeds[node])
-            return masked_reply(masked, [], self.made_for.setdefault(node, len(publics)))
+            return masked_reply(masked, [], self.made_for.setdefault(node, len(publics)), seed_commitment(self.seeds[node]))
         assert self.revealed.setdefault(node, self.attempt) == self.attempt, "a site reveals for one attempt only"
-        return reveal_reply(self.seeds[node])
+        return reveal_reply(new_self_mask_seed() if node == self.wrong_seed else self.seeds[node])
 
     def send_and_receive(self, messages, timeout):
         step = messages[0][1].removeprefix("query.release_")
         self.attempt += step == "keys"
-        failing, error = self.fail.get((step, self.attempt), (None, None))
+        self.reveal_calls += step == "reveal"
+        failing, error = self.fail.get((step, self.reveal_calls if step == "reveal" else self.attempt), (None, None))
         replies = []
         for node, _, content in messages:
             if node != failing:
@@ -243,12 +245,21 @@ def test_a_secure_release_with_too_few_sites_left_stops_naming_them(monkeypatch)
     assert sites.attempt == 2  # it gave up before a third attempt, which could not reach 3 sites
 
 
-def test_a_failed_reveal_stops_the_secure_release_with_the_sum_still_masked(monkeypatch):
-    shares = {n: torch.zeros(5, 2, dtype=torch.float64) for n in (11, 12, 13, 14)}
-    sites = ProtocolSites(shares, {("reveal", 1): (13, "disk full")})
-    with pytest.raises(FedPGGANError, match=r"site hospital-c did not reveal its self-mask \(disk full\): the sum stays masked"):
-        run_protocol(monkeypatch, sites)
-    assert sites.attempt == 1  # no restart: the sites that revealed could not take part again
+def test_a_reveal_is_retried_and_one_that_keeps_failing_stops_the_secure_release_with_the_sum_still_masked(monkeypatch):
+    shares = {n: torch.ones(5, 2, dtype=torch.float64) for n in (11, 12, 13, 14)}
+    flaky = ProtocolSites(shares, {("reveal", 1): (13, "disk full")})
+    assert torch.allclose(run_protocol(monkeypatch, flaky).pooled, torch.full((5, 2), 4.0, dtype=torch.float64))
+    assert flaky.reveal_calls == 2  # the second request went to hospital-c alone
+    failing = ProtocolSites(shares, {("reveal", k): (13, "disk full") for k in (1, 2, 3)})
+    with pytest.raises(FedPGGANError, match=r"site hospital-c did not reveal its self-mask \(disk full\) after 3 tries: "
+                                            r"the sum stays masked \(no share or sum was revealed\)"):
+        run_protocol(monkeypatch, failing)
+    assert failing.attempt == 1  # no restart: the sites that revealed could not take part again
+    lying = ProtocolSites(shares, {})
+    lying.wrong_seed = 12
+    with pytest.raises(FedPGGANError, match="site hospital-b did not reveal its self-mask .revealed a self-mask seed that "
+                                            "does not match the hash sent with its vector"):
+        run_protocol(monkeypatch, lying)
 
 
 def test_a_site_error_is_the_sites_own_words_also_inside_a_simulations_traceback():

@@ -125,6 +125,11 @@ def new_self_mask_seed() -> bytes:
     return secrets.token_bytes(32)
 
 
+def seed_commitment(seed: bytes) -> bytes:
+    """Sent with the vector, so that the server can tell a wrong seed at the reveal from a right one."""
+    return hashlib.sha256(SELF_MASK_INFO + seed).digest()
+
+
 def self_mask(seed: bytes, size: int) -> np.ndarray:
     """The mask only the site knows until it reveals ``seed``: SHAKE-256 of the seed."""
     return np.frombuffer(hashlib.shake_256(SELF_MASK_INFO + seed).digest(8 * size), dtype=np.uint64).copy()
