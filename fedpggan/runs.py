@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import warnings
@@ -19,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json, sha256_file
 
@@ -131,3 +133,15 @@ def resolve_checkpoint(run_or_file: str | Path) -> Path:
     if path.is_file():
         return path
     raise FedPGGANError(f"{path}: no such run folder or checkpoint file")
+
+
+def config_to_resume(path: str | Path) -> RunConfig:
+    """The options of the run in ``path``, to continue it from its newest checkpoint (simulation
+    ``--resume``, a deployed coordinator's ``resume-from``); a completed run or one without a
+    checkpoint is refused with one line."""
+    folder = RunFolder(path)
+    info = folder.read_run()
+    if info.get("status") == "completed":
+        raise FedPGGANError(f"{folder.root}: the run already completed; nothing to resume (start a new run)")
+    folder.latest_checkpoint()  # fail early, with one line, if nothing can be resumed
+    return dataclasses.replace(RunConfig.from_saved(info["config"]), out=str(folder.root))

@@ -93,7 +93,7 @@ class FederatedRun:
                 status, reason = "completed", f"every site exhausted its budget or was excluded by round {round_num}"
                 break
             if self.failed_rounds >= MAX_FAILED_ROUNDS:
-                status, reason = "stopped", f"fewer than --min-clients valid replies for {MAX_FAILED_ROUNDS} rounds in a row; resume with --resume {self.folder.root}"
+                status, reason = "stopped", f"fewer than --min-clients valid replies for {MAX_FAILED_ROUNDS} rounds in a row; resume with --resume {self.folder.root} (deployed: --run-config \"resume-from='{self.folder.root}'\")"
                 break
         self.finish(status, reason)
         return self.folder.root

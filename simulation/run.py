@@ -24,7 +24,7 @@ from fedpggan.config import RunConfig
 from fedpggan.data import partition, partition_summary, partition_table
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json
-from fedpggan.runs import RunFolder, default_run_dir
+from fedpggan.runs import RunFolder, config_to_resume, default_run_dir
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -61,12 +61,8 @@ def simulate(cfg: RunConfig | None, resume: str | None = None, client_app: Clien
 
     client_app = client_app or site_app
     if resume:
-        folder = RunFolder(resume)
-        info = folder.read_run()
-        if info.get("status") == "completed":
-            raise FedPGGANError(f"{folder.root}: the run already completed; nothing to resume (start a new run)")
-        cfg = RunConfig.from_saved(info["config"])
-        folder.latest_checkpoint()  # fail early, with one line, if nothing can be resumed
+        cfg = config_to_resume(resume)
+        folder = RunFolder(cfg.out)
     else:
         cfg, summary = prepare(cfg)
         cfg = dataclasses.replace(cfg, out=cfg.out or str(default_run_dir()))

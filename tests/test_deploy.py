@@ -294,7 +294,39 @@ def test_flower_run_config_lists_every_federated_option_with_its_default():
     flwr_cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]
     assert "federations" not in flwr_cfg  # flwr 1.41 would rewrite pyproject.toml on `flwr run`
     defaults = {flag(f.name): f.default for f in dataclasses.fields(RunConfig) if f.name not in ("epochs", "d_steps")}
-    assert flwr_cfg["app"]["config"] == defaults
+    assert flwr_cfg["app"]["config"] == {**defaults, "resume-from": ""}  # resume-from: the coordinator's, not a run option
+
+
+def test_a_deployed_coordinator_continues_the_run_named_by_resume_from(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import server.server_app
+    from fedpggan.runs import RunFolder
+
+    saved = RunConfig(dataset="phantom", rounds=7, epsilon=3.0).to_flower()
+    (tmp_path / "run.json").write_text(json.dumps({"status": "stopped", "config": saved}))
+    seen = {}
+
+    class Recorder:  # what FederatedRun would be given
+        def __init__(self, grid, cfg, resume=False):
+            seen.update(cfg=cfg, resume=resume)
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(server.server_app, "FederatedRun", Recorder)
+    app = server.server_app.make_server_app()
+    defaults = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    with pytest.raises(FedPGGANError, match="no checkpoints found"):  # nothing to continue from yet: one line, nothing started
+        app._main(None, SimpleNamespace(run_config={**defaults, "resume-from": str(tmp_path)}))
+    monkeypatch.setattr(RunFolder, "latest_checkpoint", lambda self: (tmp_path / "ckpt.pt", {}))
+    with pytest.raises(FedPGGANError, match="with its own configuration; drop rounds from --run-config"):
+        app._main(None, SimpleNamespace(run_config={**defaults, "resume-from": str(tmp_path), "rounds": 99}))
+    app._main(None, SimpleNamespace(run_config={**defaults, "resume-from": str(tmp_path)}))
+    assert seen["resume"] and seen["cfg"].out == str(tmp_path)
+    assert (seen["cfg"].rounds, seen["cfg"].epsilon) == (7, 3.0)  # the run's own options
+    app._main(None, SimpleNamespace(run_config=defaults))
+    assert not seen["resume"] and seen["cfg"].rounds == RunConfig().rounds  # a new run
 
 
 # --- the site's own budget cap (enforced by the ClientApp) --------------------------------------
