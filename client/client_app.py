@@ -85,7 +85,8 @@ def release_keys(msg: Message, context: Context) -> Message:
 @app.query("release_masked")
 def release_masked(msg: Message, context: Context) -> Message:
     """Secure release, step 2: this site's share of the release (1/sqrt(N) of the noise), masked
-    towards every other key of the list; only the sum of all N vectors reveals anything. A site
+    towards every other key of the list and self-masked; only the sum of all N vectors, with every
+    site's self-mask seed (step 3), reveals anything. A site
     with a roster first checks that every key is signed, for this run, by a distinct peer. When
     the server restarts the sum without a failed site, the share is topped up for the smaller N."""
     cfg, raw = run_config_of(msg)

@@ -26,7 +26,8 @@ Site -> server: ArrayRecord "masked" ({"sum": its share plus pairwise masks and 
 Server -> site ("query.release_reveal"), once every vector of the attempt is in: "config" and
     "keys" (the attempt's key list).
 Site -> server: ConfigRecord "reveal": "self-mask-seed" (32 bytes; a site reveals one per run).
-    A site that fails the first or second step is left out, and the others repeat them with fresh keys.
+    A site that fails the first step is left out of the key list; after a failure in the second
+    step the others repeat both with fresh keys.
 No image, label, per-record statistic or label count is ever put in a message.
 """
 

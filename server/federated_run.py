@@ -142,7 +142,7 @@ class FederatedRun:
                     self.site_id(node), budget_epsilon=cfg.epsilon, delta=delta, accountant=cfg.accountant,
                     noise_multiplier=sigma, sample_rate=q, max_grad_norm=cfg.max_grad_norm,
                     planned_steps=cfg.rounds * cfg.local_steps, public_num_records=int(site["num-records"]),
-                    feature_release=None if release is None else self.release_record(int(site["num-records"]), len(self.sites)))
+                    feature_release=None if release is None else self.release_record(int(site["num-records"]), len(self.sites), len(self.sites)))
             else:
                 self.ledger.register_site(self.site_id(node), public_num_records=int(site["num-records"]))
         self.ledger.save()
@@ -163,11 +163,12 @@ class FederatedRun:
             print(SEEDED_NOISE_WARNING)
         return 1
 
-    def release_record(self, num_records: int, share_made_for: int) -> dict[str, Any]:
+    def release_record(self, num_records: int, share_made_for: int, sites: int) -> dict[str, Any]:
         """The ledger's entry for the release of a site of this (public) size; a secure one also
-        states what its guarantee assumes, its own share's noise (made for a sum over
-        ``share_made_for`` sites: the least noisy share it sends) and what is left of it if the
-        server and every other site collude (one accountant call per site size and N)."""
+        states what its guarantee assumes, the number of ``sites`` in the sum, its own share's
+        noise (made for a sum over ``share_made_for`` sites: the least noisy share it sends) and
+        what is left of it if the server and every other site collude (one accountant call per
+        site size and N)."""
         sigma, q, delta, release = self.mechanism_for(num_records)
         record: dict[str, Any] = dict(zip(("noise_multiplier", "sample_rate", "steps"), release_entry(release)))
         if self.cfg.release_aggregation == "secure":
@@ -175,7 +176,7 @@ class FederatedRun:
             if (num_records, share_made_for) not in worst:
                 worst[num_records, share_made_for] = epsilon_if_all_other_sites_collude(
                     release, share_made_for, (sigma, q, self.cfg.rounds * self.cfg.local_steps), delta, self.cfg.accountant)
-            record.update(aggregation="secure", sites=share_made_for, share_made_for=share_made_for,
+            record.update(aggregation="secure", sites=sites, share_made_for=share_made_for,
                           share_noise_multiplier=release_share_noise(release, share_made_for), assumption=SECURE_SUM_ASSUMPTION,
                           epsilon_if_all_other_sites_collude=worst[num_records, share_made_for])
         return record
@@ -357,16 +358,13 @@ class FederatedRun:
         """Every site's release share as one pairwise-masked sum (server/secure_release.py): the
         server never sees a single site's share. Made once before round 1; a resumed run reuses it.
         Sites that fail are left out and the rest start again, down to --min-clients sites."""
-        info = self.run_info.setdefault("secure_release", {"sites": sorted(self.run_info["sites"])})
-        if not self.folder.secure_release.exists():
-            connected = {n: self.site_id(n) for n in self.sites if self.site_id(n) in info["sites"]}
-            left_out = {**info.get("left_out", {}),  # from an attempt before a crash
-                        **{site: "did not connect" for site in set(info["sites"]) - set(connected.values())}}
+        info = self.run_info.setdefault("secure_release", {})
+        if not self.folder.secure_release.exists():  # a new run (a resumable one has a checkpoint, made after the sum)
             config = ConfigRecord({**self.cfg.to_flower(), "run-id": self.run_id,
                                    "site-state-root": str((self.folder.root / "sites").resolve())})
-            needed = self.cfg.min_clients or math.ceil(len(info["sites"]) / 2)  # a sum of one share still carries sigma
-            result = secure_sum(self.grid, connected, config, (self.features.dim + 1, len(self.class_names)), needed,
-                                self.cfg.round_timeout, left_out)
+            needed = self.cfg.min_clients or math.ceil(len(self.sites) / 2)  # a sum of one share still carries sigma
+            result = secure_sum(self.grid, {n: self.site_id(n) for n in self.sites}, config,
+                                (self.features.dim + 1, len(self.class_names)), needed, self.cfg.round_timeout)
             info.update(sites=result.sites, share_made_for=result.made_for, left_out=result.left_out)
             self.record_secure_sum(result)
             self.folder.write_run(self.run_info)
@@ -381,18 +379,17 @@ class FederatedRun:
         """The ledger states, per site, the sum its share went into (or why it was left out), the
         worst case of its least noisy share, and whether it checked the key list against its roster
         (``peer-keys``): only then could the server not have forged the keys its share was masked with."""
+        for site, why in result.left_out.items():
+            print(f"warning: secure release: site {site} left out ({why})")
         if not self.cfg.dp:
             return
         for site, why in result.left_out.items():
-            release = self.ledger.site(site)["feature_release"]
-            if "left_out" not in release:  # not already recorded before a crash
-                release["left_out"] = why
-                self.ledger.record_event(site, 0, "left_out_of_secure_release", why)
-            print(f"warning: secure release: site {site} left out ({why})")
+            self.ledger.site(site)["feature_release"]["left_out"] = why
+            self.ledger.record_event(site, 0, "left_out_of_secure_release", why)
         for site in result.sites:
-            record = self.release_record(int(self.run_info["sites"][site]), result.made_for[site])
+            record = self.release_record(int(self.run_info["sites"][site]), result.made_for[site], len(result.sites))
             signers = result.signers[site]
-            record.update(sites=len(result.sites), key_list={"verified": True, "signers": signers} if signers else
+            record.update(key_list={"verified": True, "signers": signers} if signers else
                           {"verified": False, "why": "the site has no peer-keys: it took the server's key list on trust"})
             self.ledger.site(site)["feature_release"] = record
         self.ledger.save()

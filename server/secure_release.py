@@ -1,14 +1,19 @@
 """The server's side of the secure release (fedpggan.privacy.secure_sum): ask each site for a
 one-run key, relay the key list, add up the masked vectors, and once all are in, ask for the
-self-mask seeds. A site that fails the first or second step is left out and the others start
-again with fresh keys, each topping its share up for the smaller sum, until every site of an
-attempt has sent its vector or too few are left. A reveal that still fails after retries stops
-the protocol."""
+self-mask seeds. A site that fails the key step is left out of the key list; one that fails the
+vector step is left out and the others start again with fresh keys, each topping its share up
+for the smaller sum, until every site of an attempt has sent its vector or too few are left. A
+reveal that still fails after retries stops the protocol."""
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
 
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -20,6 +25,7 @@ from fedpggan.wire import (key_list_record, masked_vector, revealed_seed, seed_c
                            verified_signers)
 
 REVEAL_TRIES = 3  # asking a site again for the same seed is safe: a failed reveal is retried
+T = TypeVar("T")
 
 
 @dataclass
@@ -32,27 +38,57 @@ class SecureSum:
 
 
 def secure_sum(grid: Grid, nodes: dict[int, str], config: ConfigRecord, shape: tuple[int, ...], needed: int,
-               timeout: float, left_out: dict[str, str]) -> SecureSum:
-    """Run the protocol with ``nodes`` (node id -> site id); ``left_out`` starts with the sites
-    that are not there at all. Nothing is unmasked unless every site of an attempt answered."""
+               timeout: float) -> SecureSum:
+    """Run the protocol with ``nodes`` (node id -> site id). Nothing is unmasked unless every
+    site of an attempt sent its vector and its seed."""
+    left_out: dict[str, str] = {}
     while True:
         enough(nodes, needed, left_out)
-        keys = ask(grid, nodes, "query.release_keys", RecordDict({"config": config}), "key", left_out, timeout)
+        keys = ask(grid, nodes, "query.release_keys", RecordDict({"config": config}), read_key, left_out, timeout)
         nodes = {n: s for n, s in nodes.items() if n in keys}
         enough(nodes, needed, left_out)
         order = sorted(nodes)
         content = RecordDict({"config": config, "keys": key_list_record([keys[n] for n in order])})
-        replies = ask(grid, nodes, "query.release_masked", content, "masked", left_out, timeout, size=math.prod(shape))
-        if len(replies) == len(order):
+        vectors = ask(grid, nodes, "query.release_masked", content, functools.partial(read_vector, size=math.prod(shape)),
+                      left_out, timeout)
+        if len(vectors) == len(order):
             break
         # This attempt's vectors hold masks towards the failed sites: start again without them.
-        nodes = {n: s for n, s in nodes.items() if n in replies}
-    seeds = reveal(grid, nodes, content, {n: seed_commitment_of(replies[n]) for n in order}, timeout)
-    pooled = unmasked_sum([masked_vector(replies[n]) for n in order], [seeds[n] for n in order], shape)
-    # A site's own word for the list its share was first made for covers a server that crashed
-    # mid-protocol and restarted it; the sum's own size is the floor.
-    made_for = {nodes[n]: max(share_made_for(replies[n]), len(order)) for n in order}
-    return SecureSum(pooled, sorted(nodes.values()), made_for, left_out, {nodes[n]: verified_signers(replies[n]) for n in order})
+        nodes = {n: s for n, s in nodes.items() if n in vectors}
+    seeds = reveal(grid, nodes, content, {n: vectors[n].commitment for n in order}, timeout)
+    pooled = unmasked_sum([vectors[n].masked for n in order], [seeds[n] for n in order], shape)
+    # The site's own word for the N its share was made for (the first key list it saw); this sum's size is the floor.
+    made_for = {nodes[n]: max(vectors[n].made_for, len(order)) for n in order}
+    return SecureSum(pooled, sorted(nodes.values()), made_for, left_out, {nodes[n]: vectors[n].signers for n in order})
+
+
+@dataclass
+class Vector:
+    """A site's step-2 answer."""
+    masked: np.ndarray
+    made_for: int
+    commitment: bytes
+    signers: list[str]
+
+
+def read_key(content: RecordDict) -> RecordDict:
+    if len(bytes(content["key"]["public-key"])) != 32:
+        raise ValueError("a public key of the wrong length")
+    return content
+
+
+def read_vector(content: RecordDict, size: int) -> Vector:
+    vector = Vector(masked_vector(content), share_made_for(content), seed_commitment_of(content), verified_signers(content))
+    if vector.masked.size != size:
+        raise ValueError(f"a vector of {vector.masked.size} entries, not {size}")
+    return vector
+
+
+def read_seed(content: RecordDict) -> bytes:
+    seed = revealed_seed(content)
+    if len(seed) != 32:
+        raise ValueError("a self-mask seed of the wrong length")
+    return seed
 
 
 def reveal(grid: Grid, nodes: dict[int, str], content: RecordDict, commitments: dict[int, bytes],
@@ -62,11 +98,11 @@ def reveal(grid: Grid, nodes: dict[int, str], content: RecordDict, commitments: 
     seeds: dict[int, bytes] = {}
     for _ in range(REVEAL_TRIES):
         failed: dict[str, str] = {}
-        answers = ask(grid, {n: s for n, s in nodes.items() if n not in seeds}, "query.release_reveal", content, "reveal",
+        answers = ask(grid, {n: s for n, s in nodes.items() if n not in seeds}, "query.release_reveal", content, read_seed,
                       failed, timeout)
-        for node, answer in answers.items():
-            if seed_commitment(revealed_seed(answer)) == commitments[node]:
-                seeds[node] = revealed_seed(answer)
+        for node, seed in answers.items():
+            if seed_commitment(seed) == commitments[node]:
+                seeds[node] = seed
             else:
                 failed[nodes[node]] = "revealed a self-mask seed that does not match the hash sent with its vector"
         if not failed:
@@ -78,21 +114,21 @@ def reveal(grid: Grid, nodes: dict[int, str], content: RecordDict, commitments: 
                         "--release-aggregation plain")
 
 
-def ask(grid: Grid, nodes: dict[int, str], message_type: str, content: RecordDict, record: str, failed: dict[str, str],
-        timeout: float, size: int | None = None) -> dict[int, RecordDict]:
-    """One step of the protocol: the sites' answers, each holding ``record``; each site that fails
-    is added to ``failed`` with the reason. ``size``: the length a masked vector must have."""
+def ask(grid: Grid, nodes: dict[int, str], message_type: str, content: RecordDict, read: Callable[[RecordDict], T],
+        failed: dict[str, str], timeout: float) -> dict[int, T]:
+    """One step of the protocol: what ``read`` takes from each site's answer. A site that fails, stays
+    silent or sends what ``read`` cannot take is added to ``failed`` with the reason."""
     messages = [Message(content, dst_node_id=n, message_type=message_type) for n in nodes]
-    answers = {}
+    answers: dict[int, T] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
-        if reply.has_error() or record not in reply.content:
-            failed[nodes[node]] = site_error(reply) if reply.has_error() else f"no '{record}' in its reply"
-        elif size is not None and masked_vector(reply.content).size != size:
-            failed[nodes[node]] = (f"sent a vector of {masked_vector(reply.content).size} entries, not {size}: "
-                                   "it must run the coordinator's fedpggan version")
-        else:
-            answers[node] = reply.content
+        if reply.has_error():
+            failed[nodes[node]] = site_error(reply)
+            continue
+        try:
+            answers[node] = read(reply.content)
+        except (KeyError, TypeError, ValueError) as exc:
+            failed[nodes[node]] = f"sent a malformed reply ({exc}): it must run the coordinator's fedpggan version"
     for node in set(nodes) - set(answers):
         failed.setdefault(nodes[node], f"no answer within --round-timeout {timeout:g}s")
     return answers
@@ -101,7 +137,7 @@ def ask(grid: Grid, nodes: dict[int, str], message_type: str, content: RecordDic
 def enough(nodes: dict[int, str], needed: int, left_out: dict[str, str]) -> None:
     """Stop, naming the sites that failed, when fewer than ``needed`` are left (nothing was revealed)."""
     if len(nodes) < needed:
-        failed = "; ".join(f"site {site}: {why}" for site, why in sorted(left_out.items()))
-        raise FedPGGANError(f"secure release: {len(nodes)} site(s) left, fewer than the {needed} it needs (--min-clients) "
-                            f"({failed}); fix those sites and start the run again (nothing was revealed), "
+        failed = "".join(f"; site {site}: {why}" for site, why in sorted(left_out.items()))
+        raise FedPGGANError(f"secure release: {len(nodes)} site(s) left, fewer than the {needed} it needs (--min-clients)"
+                            f"{failed}; fix those sites and start the run again (nothing was revealed), "
                             "or train with --release-aggregation plain")

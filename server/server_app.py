@@ -35,7 +35,9 @@ def make_server_app(cfg: RunConfig | None = None, resume: bool = False) -> Serve
 
 def resumed_config(resume_from: str, run_config: dict) -> RunConfig:
     """The options of the run in ``resume_from``; other options given with it are refused, since
-    a resumed run keeps its own (Flower sends every option: one that differs from the default was given)."""
+    a resumed run keeps its own. Flower sends every option, so "given" means "not fedpggan's
+    default": an option set to its default passes unnoticed (and is ignored), and a pyproject
+    whose [tool.flwr.app.config] defaults were edited has those edits refused here."""
     defaults = RunConfig().to_flower()
     if given := sorted(k for k, v in run_config.items() if k in defaults and v != defaults[k]):
         raise FedPGGANError(f"resume-from continues {resume_from} with its own configuration; drop {given[0]} from "

@@ -318,14 +318,14 @@ def test_a_deployed_coordinator_continues_the_run_named_by_resume_from(tmp_path,
     app = server.server_app.make_server_app()
     defaults = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     with pytest.raises(FedPGGANError, match="no checkpoints found"):  # nothing to continue from yet: one line, nothing started
-        app._main(None, SimpleNamespace(run_config={**defaults, "resume-from": str(tmp_path)}))
+        app(None, SimpleNamespace(run_config={**defaults, "resume-from": str(tmp_path)}))
     monkeypatch.setattr(RunFolder, "latest_checkpoint", lambda self: (tmp_path / "ckpt.pt", {}))
     with pytest.raises(FedPGGANError, match="with its own configuration; drop rounds from --run-config"):
-        app._main(None, SimpleNamespace(run_config={**defaults, "resume-from": str(tmp_path), "rounds": 99}))
-    app._main(None, SimpleNamespace(run_config={**defaults, "resume-from": str(tmp_path)}))
+        app(None, SimpleNamespace(run_config={**defaults, "resume-from": str(tmp_path), "rounds": 99}))
+    app(None, SimpleNamespace(run_config={**defaults, "resume-from": str(tmp_path)}))
     assert seen["resume"] and seen["cfg"].out == str(tmp_path)
     assert (seen["cfg"].rounds, seen["cfg"].epsilon) == (7, 3.0)  # the run's own options
-    app._main(None, SimpleNamespace(run_config=defaults))
+    app(None, SimpleNamespace(run_config=defaults))
     assert not seen["resume"] and seen["cfg"].rounds == RunConfig().rounds  # a new run
 
 

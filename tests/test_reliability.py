@@ -208,35 +208,40 @@ def test_site_reporting_an_inconsistent_spend_is_excluded(tmp_path, monkeypatch)
 def test_a_site_failing_the_secure_release_is_left_out_and_the_others_sum_again(tmp_path, monkeypatch):
     from fedpggan.audit import audit_run
 
-    monkeypatch.setenv("FEDPGGAN_FAULT_RELEASE", "masked:1")  # site 1 makes its share, then its reply is lost
+    # site 3 fails the key step (left out of the key list); site 1 makes its share, then its vector is lost (a restart)
+    monkeypatch.setenv("FEDPGGAN_FAULT_RELEASE", "keys:3,masked:1")
     run = simulate_with_hostile_site(tmp_path, monkeypatch, "none", epsilon=1.0, release_aggregation="secure")
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "completed"
-    assert info["secure_release"]["sites"] == ["0", "2", "3"] and info["secure_release"]["share_made_for"] == {"0": 4, "2": 4, "3": 4}
-    assert "injected failure of site 1" in info["secure_release"]["left_out"]["1"]
+    assert info["secure_release"]["sites"] == ["0", "2"] and info["secure_release"]["share_made_for"] == {"0": 3, "2": 3}
+    assert "injected failure of site 1 in the secure release's masked step" in info["secure_release"]["left_out"]["1"]
+    assert "injected failure of site 3 in the secure release's keys step" in info["secure_release"]["left_out"]["3"]
     ledger = json.loads((run / "privacy_ledger.json").read_text())
     sigma = ledger["sites"]["0"]["feature_release"]["noise_multiplier"]
-    for site in ("0", "2", "3"):
+    for site in ("0", "2"):
         release = ledger["sites"][site]["feature_release"]
-        # in a sum over 3 sites, but its least noisy share was made for the first key list's 4
-        assert release["sites"] == 3 and release["share_made_for"] == 4
-        assert release["share_noise_multiplier"] == pytest.approx(sigma / 2)
-    left_out = ledger["sites"]["1"]
-    assert "injected failure" in left_out["feature_release"]["left_out"]
-    assert left_out["events"][0]["event"] == "left_out_of_secure_release" and left_out["events"][0]["round"] == 0
-    assert left_out["rounds"] and left_out["epsilon"] <= 1.0  # it still trains D; its accountant charged the release
-    # The sum is the survivors' shares made for 4 sites, each topped up to carry sigma^2 / 3: sigma in all.
+        # in a sum over 2 sites, but its least noisy share was made for the first key list's 3
+        assert release["sites"] == 2 and release["share_made_for"] == 3
+        assert release["share_noise_multiplier"] == pytest.approx(sigma / math.sqrt(3))
+    for site in ("1", "3"):
+        left_out = ledger["sites"][site]
+        assert "injected failure" in left_out["feature_release"]["left_out"]
+        assert left_out["events"][0]["event"] == "left_out_of_secure_release" and left_out["events"][0]["round"] == 0
+        state = json.loads((run / "sites" / f"site_{site}" / "run" / "site_state.json").read_text())
+        assert left_out["rounds"] and state["history"][0] == [sigma, 1.0, 1]  # it still trains D; the release is charged
+    # The sum is the survivors' shares made for 3 sites, each topped up to carry sigma^2 / 2: sigma in all.
     shares = {s: torch.load(run / "sites" / f"site_{s}" / "run" / "embedding_release.pt", weights_only=True).double()
-              for s in ("0", "2", "3")}
+              for s in ("0", "2")}
     pooled = torch.load(run / "secure_release_sum.pt", weights_only=True)
     top_ups = pooled - sum(shares.values())
-    assert float(top_ups.std()) == pytest.approx(sigma * math.sqrt(3 * (1 / 3 - 1 / 4)), rel=0.1)
-    revealed = {s: run / "sites" / f"site_{s}" / "run" / "secure_release.revealed" for s in ("0", "1", "2", "3")}
-    assert not revealed["1"].exists() and all(revealed[s].exists() for s in ("0", "2", "3"))  # one self-mask each
+    assert float(top_ups.std()) == pytest.approx(sigma * math.sqrt(2 * (1 / 2 - 1 / 3)), rel=0.1)
+    revealed = {s: (run / "sites" / f"site_{s}" / "run" / "secure_release.revealed").exists() for s in "0123"}
+    assert revealed == {"0": True, "1": False, "2": True, "3": False}  # one self-mask each, of the second attempt
     audit = audit_run(run)
     assert audit["passed"], audit["findings"]
-    assert any(n.startswith("sites.1: left out of the secure sum") and "injected failure" in n for n in audit["notes"])
-    assert any(n.startswith("sites.0: the embedding release was summed securely over 3 sites") for n in audit["notes"])
+    for site in ("1", "3"):
+        assert any(n.startswith(f"sites.{site}: left out of the secure sum") and "injected failure" in n for n in audit["notes"])
+    assert any(n.startswith("sites.0: the embedding release was summed securely over 2 sites") for n in audit["notes"])
 
 
 def model_norm(state: dict[str, torch.Tensor]) -> float:

@@ -168,10 +168,11 @@ def test_fixed_point_encoding_refuses_values_it_cannot_hold():
 class ProtocolSites:
     """Sites that answer the secure release with real keys and masks, as Flower's Grid would
     deliver them. ``fail``: (step, attempt, or for "reveal" the how-many-th request) -> (site, error
-    or None for silence). ``wrong_seed``: a site that reveals another seed than its vector's."""
+    or None for silence). ``wrong_seed``: a site that reveals another seed than its vector's;
+    ``short``: a site that sends a vector of the wrong length."""
 
     def __init__(self, shares: dict[int, torch.Tensor], fail: dict[tuple[str, int], tuple[int, str | None]]):
-        self.shares, self.fail, self.attempt, self.reveal_calls, self.wrong_seed = shares, fail, 0, 0, None
+        self.shares, self.fail, self.attempt, self.reveal_calls, self.wrong_seed, self.short = shares, fail, 0, 0, None, None
         self.private, self.seeds, self.lists, self.made_for, self.revealed = {}, {}, [], {}, {}
 
     def reply(self, node, content=None, error=None):
@@ -190,7 +191,8 @@ class ProtocolSites:
             publics = public_keys_of(content["keys"])
             self.lists.append(len(publics))
             private, self.seeds[node] = self.private[node], new_self_mask_seed()
-            masked = masked_share(self.shares[node], private, public_key_of(private), publics, self.seeds[node])
+            share = self.shares[node].flatten()[:3] if node == self.short else self.shares[node]
+            masked = masked_share(share, private, public_key_of(private), publics, self.seeds[node])
             return masked_reply(masked, [], self.made_for.setdefault(node, len(publics)), seed_commitment(self.seeds[node]))
         assert self.revealed.setdefault(node, self.attempt) == self.attempt, "a site reveals for one attempt only"
         return reveal_reply(new_self_mask_seed() if node == self.wrong_seed else self.seeds[node])
@@ -218,7 +220,7 @@ def run_protocol(monkeypatch, sites: ProtocolSites, needed: int = 2):
     # outside a Flower run a Message cannot be built: the fake grid reads (node, type, content)
     monkeypatch.setattr(server.secure_release, "Message", lambda content, dst_node_id, message_type: (dst_node_id, message_type, content))
     nodes = {11: "hospital-a", 12: "hospital-b", 13: "hospital-c", 14: "hospital-d"}
-    return secure_sum(sites, nodes, ConfigRecord({}), (5, 2), needed, 30, {})
+    return secure_sum(sites, nodes, ConfigRecord({}), (5, 2), needed, 30)
 
 
 def test_sites_that_fail_the_secure_release_are_left_out_and_the_rest_sum_again(monkeypatch):
@@ -236,11 +238,21 @@ def test_sites_that_fail_the_secure_release_are_left_out_and_the_rest_sum_again(
     assert set(run_protocol(monkeypatch, ProtocolSites(shares, {})).sites) == {f"hospital-{c}" for c in "abcd"}
 
 
+def test_a_site_with_a_malformed_vector_is_left_out_not_the_run_stopped(monkeypatch):
+    shares = {n: torch.ones(5, 2, dtype=torch.float64) for n in (11, 12, 13, 14)}
+    sites = ProtocolSites(shares, {})
+    sites.short = 12
+    result = run_protocol(monkeypatch, sites)
+    assert result.left_out == {"hospital-b": "sent a malformed reply (a vector of 3 entries, not 10): it must run the "
+                                             "coordinator's fedpggan version"}
+    assert torch.allclose(result.pooled, torch.full((5, 2), 3.0, dtype=torch.float64))
+
+
 def test_a_secure_release_with_too_few_sites_left_stops_naming_them(monkeypatch):
     shares = {n: torch.zeros(5, 2, dtype=torch.float64) for n in (11, 12, 13, 14)}
     sites = ProtocolSites(shares, {("masked", 1): (12, "disk full"), ("masked", 2): (13, "out of memory")})
     with pytest.raises(FedPGGANError, match=r"2 site\(s\) left, fewer than the 3 it needs .*site hospital-b: disk full; "
-                                            r"site hospital-c: out of memory\).*nothing was revealed"):
+                                            r"site hospital-c: out of memory; fix those sites.*nothing was revealed"):
         run_protocol(monkeypatch, sites, needed=3)
     assert sites.attempt == 2  # it gave up before a third attempt, which could not reach 3 sites
 

@@ -46,7 +46,8 @@ class Site:
     events: list[dict[str, Any]] = field(default_factory=list)
     # The one-shot embedding release (sigma, 1.0, 1) spent before round 1, when the run used one.
     release: tuple[float, float, int] | None = None
-    # A release summed securely: (the least noisy share the site sent, sites in the sum).
+    # A release summed securely: (the least noisy share the site sent, sites in the sum; for a site
+    # left out of it, the sum it was registered for).
     release_share: tuple[float, int] | None = None
     # Why the site's share is not in the secure sum (None: it is, or the release was plain).
     release_left_out: str | None = None

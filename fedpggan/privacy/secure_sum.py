@@ -15,9 +15,9 @@ Protocol, three messages per site, before the first round:
 3. once every vector of the attempt is in, each site reveals its self-mask seed, and the server
    removes the self-masks from the sum. A site reveals a seed once per run, never for a second
    attempt.
-If a site fails step 1 or 2, the server starts again from step 1 with the sites that answered:
-fresh keys, and each site adds noise to its share for the smaller sum (``top_up_noise``), so that
-the sum still carries one release's noise. Because each site reveals one seed, its share is in
+A site that fails step 1 is left out of the key list. If a site fails step 2, the server starts
+again from step 1 with the sites that sent their vectors: fresh keys, and each site adds noise to
+its share for the smaller sum (``top_up_noise``), so that the sum still carries one release's noise. Because each site reveals one seed, its share is in
 at most one sum the server can unmask, even if the server claims a failure that did not happen
 and collects a second sum over other sites: the difference of two sums would isolate shares.
 A site that fails step 3 stops the protocol: the sum stays masked, and the sites that revealed
