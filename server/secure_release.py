@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
-
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
