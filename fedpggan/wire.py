@@ -152,22 +152,24 @@ def revealed_seed(reply: RecordDict) -> bytes:
     return bytes(reply["reveal"]["self-mask-seed"])
 
 
+def _check(reply: RecordDict) -> ConfigRecord | dict:
+    """A step-2 reply's "check" record ({} from a site that sent none)."""
+    return reply.get("check") or {}
+
+
 def seed_commitment_of(reply: RecordDict) -> bytes:
     """The hash of the self-mask seed a site committed to with its vector (b"" if it sent none)."""
-    check = reply.get("check")
-    return bytes(check.get("seed-commitment", b"")) if check is not None else b""
+    return bytes(_check(reply).get("seed-commitment", b""))
 
 
 def share_made_for(reply: RecordDict) -> int:
     """The N a site's share was first made for (0 if it did not say)."""
-    check = reply.get("check")
-    return int(check.get("share-made-for", 0)) if check is not None else 0
+    return int(_check(reply).get("share-made-for", 0))
 
 
 def verified_signers(reply: RecordDict) -> list[str]:
     """The peers whose signed keys a site checked before masking; [] = it took the list on trust."""
-    check = reply.get("check")
-    return sorted(check.get("verified-signers", [])) if check is not None else []
+    return sorted(_check(reply).get("verified-signers", []))
 
 
 def site_error(reply: Message, limit: int = 300) -> str:

@@ -371,7 +371,9 @@ class FederatedRun:
             buffer = io.BytesIO()
             torch.save(result.pooled, buffer)
             atomic_write_bytes(self.folder.secure_release, buffer.getvalue())
-        pooled = torch.load(self.folder.secure_release, weights_only=True)
+            pooled = result.pooled
+        else:
+            pooled = torch.load(self.folder.secure_release, weights_only=True)
         sites = info["sites"]  # each share carries sigma^2 / len(sites) of its site's release noise
         self.use_release(pooled, sum(self.release_sigma(s) ** 2 for s in sites) / len(sites))
 

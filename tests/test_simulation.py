@@ -186,7 +186,14 @@ def test_a_secure_release_reaches_the_server_only_as_the_sum_of_all_sites(tmp_pa
         assert state["history"][0] == [release["noise_multiplier"], 1.0, 1] and state["release_share_of"] == 3
         assert not (out / "sites" / f"site_{site_id}" / "run" / "secure_release.key").exists()  # one use, then gone
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["embedding_noise_ratio"] is not None for r in rows)  # the gate read the pooled sum
+    # the gate read the pooled sum, with the noise of one whole release per site pooled (sigma^2 / 3 per share)
+    from fedpggan.privacy.ledger import finite_or_none
+    from pggan_model.mean_embedding import release_noise_ratio
+
+    saved = json.loads((out / "run.json").read_text())["config"]
+    variance = sum(s["feature_release"]["noise_multiplier"] ** 2 for s in ledger["sites"].values()) / 3
+    expected = finite_or_none(release_noise_ratio(pooled, saved["embedding-count-share"], variance))
+    assert all(r["embedding_noise_ratio"] == pytest.approx(expected) for r in rows)
     from fedpggan.audit import audit_run
 
     audit = audit_run(out)

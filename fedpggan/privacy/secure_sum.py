@@ -116,8 +116,12 @@ def from_fixed(encoded: np.ndarray) -> torch.Tensor:
 def pair_mask(private: X25519PrivateKey, peer_public: bytes, size: int) -> np.ndarray:
     """The mask two sites share: SHAKE-256 keyed by their Diffie-Hellman secret (via HKDF)."""
     shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
-    seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=MASK_INFO).derive(shared)
-    return np.frombuffer(hashlib.shake_256(seed).digest(8 * size), dtype=np.uint64).copy()
+    return mask_stream(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=MASK_INFO).derive(shared), size)
+
+
+def mask_stream(secret: bytes, size: int) -> np.ndarray:
+    """``size`` uniform uint64 words of SHAKE-256 of ``secret``: a mask nobody without it can predict."""
+    return np.frombuffer(hashlib.shake_256(secret).digest(8 * size), dtype=np.uint64).copy()
 
 
 def new_self_mask_seed() -> bytes:
@@ -132,7 +136,7 @@ def seed_commitment(seed: bytes) -> bytes:
 
 def self_mask(seed: bytes, size: int) -> np.ndarray:
     """The mask only the site knows until it reveals ``seed``: SHAKE-256 of the seed."""
-    return np.frombuffer(hashlib.shake_256(SELF_MASK_INFO + seed).digest(8 * size), dtype=np.uint64).copy()
+    return mask_stream(SELF_MASK_INFO + seed, size)
 
 
 def masked_share(share: torch.Tensor, private: X25519PrivateKey, own_public: bytes, publics: list[bytes],
