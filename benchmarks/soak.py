@@ -97,7 +97,7 @@ def markdown(result: dict, meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sites", type=int, default=20)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--kill-round", type=int, help="kill the run while this round is in flight (default: half way)")

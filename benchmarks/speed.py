@@ -516,7 +516,7 @@ def save(stem: Path, result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     from fedpggan.cli import run_reporting_errors
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", choices=sorted(PROFILES), default="gpu" if torch.cuda.is_available() else "cpu")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where D steps run")
     p.add_argument("--parts", default="discriminator,federated,generator,target", help="comma-separated parts to run")
