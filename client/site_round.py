@@ -22,6 +22,7 @@ from client.site import SiteState
 from fedpggan.build import prior_tensor
 from fedpggan.config import RunConfig
 from fedpggan.data import ImageDataset
+from fedpggan.data.sources import public_name
 from fedpggan.errors import FedPGGANError
 from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, calibrate_noise, default_delta, epsilon_of, extend_history
 from fedpggan.io import atomic_write_bytes
@@ -212,8 +213,9 @@ def as_floats(history: list) -> list[tuple[float, ...]]:
 
 
 def public_facts(site_id: str, data: ImageDataset) -> dict[str, Any]:
-    """What a site tells the server about itself: shape and class names, and its size (public)."""
+    """What a site tells the server about itself: shape and class names, its size (public) and
+    its dataset's public name (never its path)."""
     return {
         "site-id": site_id, "num-records": len(data), "image-size": data.image_size, "channels": data.channels,
-        "class-names": list(data.class_names), "dataset": data.name, "is-medical": data.is_medical,
+        "class-names": list(data.class_names), "dataset": public_name(data.name), "is-medical": data.is_medical,
     }

@@ -27,7 +27,7 @@ from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes
 from fedpggan.plots import save_curves, save_sample_grid
-from fedpggan.privacy import calibrate_noise, default_delta
+from fedpggan.privacy import calibrate_noise, default_delta, epsilon_of
 from fedpggan.privacy.dp_discriminator import mechanism_name, sample_rate
 from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise
 from fedpggan.privacy.secure_sum import SECURE_SUM_ASSUMPTION, epsilon_if_all_other_sites_collude, release_share_noise
@@ -217,10 +217,7 @@ class FederatedRun:
         return [n for n in self.sites if self.ledger.site(self.site_id(n))["status"] == "active"]
 
     def select(self, round_num: int) -> list[int]:
-        nodes = sorted(self.active_nodes())
-        k = max(1, math.ceil(self.cfg.fraction * len(nodes))) if nodes else 0
-        rng = np.random.default_rng(derived_seed(self.cfg.seed, round_num, SERVER_STREAM))
-        return sorted(rng.choice(nodes, size=k, replace=False).tolist()) if k < len(nodes) else nodes
+        return sample_sites(self.active_nodes(), self.cfg.fraction, derived_seed(self.cfg.seed, round_num, SERVER_STREAM))
 
     def run_round(self, round_num: int) -> str:
         cfg, t0 = self.cfg, time.perf_counter()
@@ -394,6 +391,10 @@ class FederatedRun:
             record.update(key_list={"verified": True, "signers": signers} if signers else
                           {"verified": False, "why": "the site has no peer-keys: it took the server's key list on trust"})
             self.ledger.site(site)["feature_release"] = record
+        for site in [*result.sites, *result.left_out]:  # spent now, also by a site --fraction never selects
+            _, _, delta, release = self.mechanism_for(int(self.run_info["sites"][site]))
+            entry = self.ledger.site(site)
+            entry["epsilon"] = max(entry["epsilon"], epsilon_of(release_history(release), delta, self.cfg.accountant))
         self.ledger.save()
 
     def spend_problem(self, node: int, privacy: dict[str, float]) -> str | None:
@@ -472,6 +473,17 @@ class FederatedRun:
         self.folder.write_run(self.run_info)
         print(f"{status}: {reason}; run folder {self.folder.root}; epsilon (max over sites) = "
               f"{self.ledger.data['guarantee']['epsilon'] if self.cfg.dp else 'no DP'}")
+
+
+def sample_sites(nodes: list[int], fraction: float, seed: int) -> list[int]:
+    """A seeded ``fraction`` of ``nodes`` (at least one). Indices are drawn, not the IDs: Flower's
+    node IDs are unsigned 64-bit, and numpy would turn IDs above 2**63 into rounded floats."""
+    nodes = sorted(nodes)
+    k = max(1, math.ceil(fraction * len(nodes))) if nodes else 0
+    if k >= len(nodes):
+        return nodes
+    picks = np.random.default_rng(seed).choice(len(nodes), size=k, replace=False)
+    return sorted(nodes[i] for i in picks)
 
 
 def site_compute_seconds(reply: Message) -> float | None:

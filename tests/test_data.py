@@ -411,3 +411,23 @@ def test_real_medmnist(name, n_train):
     assert min(ds.class_counts()) > 0
     if name == "pneumoniamnist":
         assert ds.class_counts() == [1214, 3494] and ds.class_names == ["normal", "pneumonia"]
+
+
+def test_a_site_tells_the_coordinator_its_dataset_by_public_name_never_by_path(tmp_path):
+    from client.site_round import public_facts
+
+    private = tmp_path / "hiv_cohort_2025.npz"
+    write_npz(private)
+    benchmark = tmp_path / "pneumoniamnist_64.npz"
+    write_npz(benchmark)
+    folder = tmp_path / "xrays"
+    for split, n in (("train", 2), ("test", 1)):
+        for label in ("a", "b"):
+            (folder / split / label).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / split / label / f"{i}.png")
+    facts = {spec: public_facts("hospital-a", open_dataset(str(spec), "train"))
+             for spec in (private, benchmark, folder)}
+    assert facts[private]["dataset"] == facts[folder]["dataset"] == "site data"
+    assert facts[benchmark]["dataset"] == "pneumoniamnist"
+    assert not any(str(tmp_path) in str(v) or "hiv" in str(v) for f in facts.values() for v in f.values())

@@ -403,3 +403,14 @@ def test_when_no_site_can_describe_itself_the_error_quotes_a_site_not_a_guess(tm
     run.grid = SimpleNamespace(get_node_ids=lambda: [7], send_and_receive=lambda messages, timeout: [failed])
     with pytest.raises(FedPGGANError, match=r"no site could describe its data \(node 7: worker killed: the node is low on memory\)"):
         run.discover_sites()
+
+
+def test_fraction_samples_flower_node_ids_above_2_to_the_63_exactly():
+    from server.federated_run import sample_sites
+
+    nodes = [2**64 - 5, 2**63 + 7, 12345, 2**63 - 1]  # Flower's node IDs are unsigned 64-bit
+    for seed in range(20):
+        picked = sample_sites(nodes, 0.5, seed)
+        assert len(picked) == 2 and set(picked) <= set(nodes) and all(isinstance(n, int) for n in picked)
+        assert picked == sample_sites(list(reversed(nodes)), 0.5, seed)  # seeded, independent of reply order
+    assert sample_sites(nodes, 1.0, 0) == sorted(nodes)

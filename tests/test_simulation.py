@@ -203,3 +203,24 @@ def test_a_secure_release_reaches_the_server_only_as_the_sum_of_all_sites(tmp_pa
     for site, value in worst.items():  # the audit recomputes the worst case on its own and says so
         note = next(n for n in audit["notes"] if n.startswith(f"sites.{site}: the embedding release was summed securely"))
         assert f"{value:.4g}" in note and "took the server's key list on trust" in note
+
+
+@pytest.mark.parametrize("release", ["plain", "secure"])
+def test_a_site_fraction_never_selects_has_spent_only_what_it_released(tmp_path, release):
+    from fedpggan.audit import audit_run
+    from fedpggan.privacy import epsilon_of
+    from fedpggan.privacy.feature_release import release_history
+
+    out = tmp_path / "run"
+    simulate_recorded(out, epsilon=10.0, fraction=0.3, release_aggregation=release)  # one site of 3 per round
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+    ledger = json.loads((out / "privacy_ledger.json").read_text())
+    idle = [s for s in ledger["sites"].values() if not s["rounds"]]
+    assert idle and all({e["event"] for e in s["events"]} == {"not_selected"} for s in idle)
+    for site in idle:
+        sigma = site["feature_release"]["noise_multiplier"]
+        # a plain release rides on a site's first round; a secure one is made by every site before round 1
+        spent = epsilon_of(release_history(sigma), site["delta"], site["accountant"]) if release == "secure" else 0.0
+        assert site["epsilon"] == pytest.approx(spent)
+    audit = audit_run(out)
+    assert audit["passed"], audit

@@ -63,9 +63,17 @@ class Site:
         return () if self.release is None else (self.release,)
 
     @property
+    def release_spent(self) -> bool:
+        """Whether the site made its release. A secure one is made before round 1 by every site
+        (a left-out site charged it too); a plain one rides on the site's first round, so a site
+        that was never sent a round (only ``not_selected`` under --fraction) has not spent it."""
+        return self.release_share is not None or bool(self.rounds) or any(
+            e.get("event") != "not_selected" for e in self.events)
+
+    @property
     def history(self) -> tuple[tuple[float, float, int], ...]:
-        """The accountant history: the release (if any), then the rounds, equal mechanisms merged."""
-        out: list[tuple[float, float, int]] = list(self.release_history)
+        """The accountant history: the release (if spent), then the rounds, equal mechanisms merged."""
+        out: list[tuple[float, float, int]] = list(self.release_history if self.release_spent else ())
         for r in self.rounds:
             if out and out[-1][:2] == (r.noise_multiplier, r.sample_rate):
                 out[-1] = (r.noise_multiplier, r.sample_rate, out[-1][2] + r.steps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from fedpggan.data.dataset import ImageDataset
@@ -36,3 +37,12 @@ def open_dataset(spec: str, split: str = "train", data_dir: str | None = None,
         return load_npz(path, split, spec, image_size)
     raise FedPGGANError(f"--dataset {spec}: not a MedMNIST name ({', '.join(MEDMNIST)}), an .npz file, "
                         "an ImageFolder directory or 'phantom'; check the spelling or path")
+
+
+def public_name(spec: str) -> str:
+    """The dataset's name as a site may tell the coordinator: a public benchmark's name (a
+    MedMNIST name or phantom, also as the stem of an .npz file such as pneumoniamnist_64.npz),
+    else "site data". A path names the hospital's own storage and can itself be sensitive, so
+    it never leaves the site."""
+    stem = re.sub(r"_\d+$", "", Path(spec).name.lower().removesuffix(".npz"))
+    return stem if stem in MEDMNIST or stem == "phantom" else "site data"

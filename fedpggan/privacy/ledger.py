@@ -17,7 +17,8 @@ from fedpggan.privacy.noise import NOISE_DESCRIPTIONS
 
 ASSUMPTIONS = [
     "unit of privacy: one image (record) at one site; add/remove adjacency",
-    "each site's (epsilon, delta) covers every D step that site ever took (accountant history is never reset)",
+    "each site's (epsilon, delta) covers its release and every D step it took in this run (its accountant history "
+    "survives rounds, crashes and --resume); other runs on the same records are not included: they compose",
     "site record counts are public: they set the sample rate recorded here",
     "the class prior used for fake labels is public (uniform or given by the user), never the private label counts",
     "aggregation uses equal weights, so no site's record count enters the model",
