@@ -42,7 +42,7 @@ class RunConfig:
     aggregation: str = opt("fedavg", "how D updates are combined (equal weights)", ("fedavg", "median", "trimmed-mean"), group="federation")
     round_timeout: float = opt(600.0, "seconds to wait for a round's replies", group="federation")
     sample_every: int = opt(25, "write a sample grid every N rounds (and at the end)", group="federation")
-    checkpoint_every: int = opt(1, "write a checkpoint every N rounds/epochs (and at the end); every round makes --resume exact", group="federation")
+    checkpoint_every: int = opt(1, "write a checkpoint every N rounds/epochs (and at the end); with 1, --resume loses no work", group="federation")
     keep_checkpoints: int = opt(3, "how many recent checkpoints to keep", group="federation")
     client_cpus: float = opt(1.0, "CPU cores per simulated site", group="federation")
     client_gpus: float = opt(0.0, "GPU share per simulated site (e.g. 0.2 lets 5 sites share one GPU)", group="federation")

@@ -14,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
-import warnings
+import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fedpggan.config import RunConfig
+from fedpggan.config import RunConfig, flag
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json, sha256_file
 
@@ -112,17 +112,35 @@ class RunFolder:
             (self.checkpoints / old["file"]).unlink(missing_ok=True)
         atomic_write_json(self.checkpoints / "index.json", entries[-self.keep_checkpoints :])
 
+    def verified(self, entry: dict[str, Any]) -> bool:
+        """Whether an index entry's file is on disk with the content hash recorded for it."""
+        path = self.checkpoints / entry["file"]
+        return path.is_file() and sha256_file(path) == entry["sha256"]
+
     def latest_checkpoint(self) -> tuple[Path, dict[str, Any]]:
-        """Newest checkpoint whose content hash verifies; a corrupt one is skipped with a warning."""
+        """Newest checkpoint whose content hash verifies; a missing or corrupt one is skipped with
+        a printed warning (a resumed run then redoes the rounds after the one it uses)."""
         entries = self.checkpoint_index()
         if not entries:
             raise FedPGGANError(f"{self.root}: no checkpoints found; train a run first or pass a run folder")
         for entry in reversed(entries):
-            path = self.checkpoints / entry["file"]
-            if path.is_file() and sha256_file(path) == entry["sha256"]:
-                return path, entry
-            warnings.warn(f"{path}: missing or hash mismatch (corrupt or truncated); using an earlier checkpoint")
+            if self.verified(entry):
+                return self.checkpoints / entry["file"], entry
+            print(f"warning: {self.checkpoints / entry['file']} (round {entry['round']}): missing or hash mismatch "
+                  "(deleted, corrupt or truncated); using an earlier checkpoint", file=sys.stderr)
         raise FedPGGANError(f"{self.root}: every checkpoint fails its hash check; the run cannot be used")
+
+    def checkpoint_file(self, spec: str) -> Path:
+        """``--checkpoint FILE|ROUND`` of export and evaluate: a round number (its file in
+        checkpoints/), a .pt path, or a file name in checkpoints/."""
+        spec = str(spec)
+        candidates = [self.checkpoint_path(int(spec))] if spec.isdigit() else [Path(spec).expanduser(), self.checkpoints / spec]
+        for path in candidates:
+            if path.is_file():
+                return path
+        rounds = ", ".join(str(e["round"]) for e in self.checkpoint_index() if (self.checkpoints / e["file"]).is_file())
+        raise FedPGGANError(f"--checkpoint {spec}: no such checkpoint file or round; give a .pt file or a round "
+                            f"with a checkpoint in {self.checkpoints} ({rounds or 'none'})")
 
 
 def resolve_checkpoint(run_or_file: str | Path) -> Path:
@@ -135,13 +153,31 @@ def resolve_checkpoint(run_or_file: str | Path) -> Path:
     raise FedPGGANError(f"{path}: no such run folder or checkpoint file")
 
 
-def config_to_resume(path: str | Path) -> RunConfig:
-    """The options of the run in ``path``, to continue it from its newest checkpoint (simulation
-    ``--resume``, a deployed coordinator's ``resume-from``); a completed run or one without a
-    checkpoint is refused with one line."""
+# How each kind of run is continued, for the one line that refuses the other command.
+RESUME_COMMANDS = {"centralised": "fedpggan train --resume {run}",
+                   "federated": "fedpggan simulate --resume {run} (deployed: --run-config \"resume-from='{run}'\")"}
+
+
+def config_to_resume(path: str | Path, kind: str = "federated") -> RunConfig:
+    """The options of the run in ``path``, to continue it from its newest checkpoint (``train``
+    and simulation ``--resume``, a deployed coordinator's ``resume-from``); a completed run, one
+    without a checkpoint or one of the other ``kind`` is refused with one line."""
     folder = RunFolder(path)
     info = folder.read_run()
+    found = info.get("kind") if isinstance(info, dict) else None
+    if found != kind:
+        how = RESUME_COMMANDS.get(found)
+        raise FedPGGANError(f"{folder.root}: is a {found or 'unknown'} run, not a {kind} one; "
+                            + (f"continue it with `{how.format(run=folder.root)}`" if how else "pass a run folder the trainer wrote"))
     if info.get("status") == "completed":
         raise FedPGGANError(f"{folder.root}: the run already completed; nothing to resume (start a new run)")
     folder.latest_checkpoint()  # fail early, with one line, if nothing can be resumed
     return dataclasses.replace(RunConfig.from_saved(info["config"]), out=str(folder.root))
+
+
+def refuse_options_with_resume(args: Any, names: list[str]) -> None:
+    """``--resume`` continues a run with its own options: any other option given is refused."""
+    given = [name for name in [*names, "config"] if getattr(args, name, None) is not None]
+    if given:
+        raise FedPGGANError(f"--resume continues {args.resume} with its own configuration; drop --{flag(given[0])} "
+                            "(start a new run to change options)")

@@ -25,6 +25,7 @@ from fedpggan.privacy.feature_release import features_for, release_entry, releas
 from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
 from fedpggan.privacy.noise import SEEDED_NOISE_WARNING, SecretNoise, SeededNoise, new_secret_key
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
+from fedpggan.train_resume import restore
 from pggan_model import CASES, GeneratorTrainer, save_checkpoint
 from pggan_model.mean_embedding import class_means, release_noise_ratio
 
@@ -36,25 +37,25 @@ CURVE_PANELS = {
 }
 
 
-def train_centralised(cfg: RunConfig) -> Path:
-    """Train, writing config, ledger, metrics, checkpoints, grids and curves to the run folder."""
+def train_centralised(cfg: RunConfig, resume: bool = False) -> Path:
+    """Train, writing config, ledger, metrics, checkpoints, grids and curves to the run folder;
+    with ``resume``, continue the interrupted run in ``cfg.out`` (fedpggan.train_resume)."""
     if cfg.release_aggregation == "secure":
         raise FedPGGANError("--release-aggregation secure sums the releases of several sites; the centralised trainer has one: use 'plain'")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     data = open_training_data(cfg)
     run = RunFolder(cfg.out or default_run_dir(), cfg.keep_checkpoints)
-    run.create()
+    if not resume:
+        run.create()
     gan = build_gan(cfg, data.image_size, data.channels, data.num_classes).to(device)
+    g_trainer = GeneratorTrainer(gan)
     prior = prior_tensor(cfg, data.num_classes)
     n = len(data)
     g_steps_per_epoch = math.ceil(math.ceil(n / cfg.batch_size) / cfg.d_steps)
     total_d_steps = cfg.epochs * g_steps_per_epoch * cfg.d_steps
 
-    versions = library_versions()
-    ledger = PrivacyLedger(run.ledger_json, run.root.name, cfg.dp, versions, mechanism_name(cfg.grad_sample_mode) if cfg.dp else "none",
-                           noise_key=cfg.noise_key)
-    privacy, release = None, None
+    privacy, release, delta, q = None, None, None, None
     if cfg.dp:
         delta = cfg.delta or default_delta(n)
         q = sample_rate(n, cfg.batch_size)
@@ -62,18 +63,12 @@ def train_centralised(cfg: RunConfig) -> Path:
         sigma = calibrate_noise(cfg.epsilon, delta, q, total_d_steps, cfg.accountant, release_history(release))
         privacy = PrivacySettings(sigma, cfg.max_grad_norm, delta, cfg.accountant, cfg.grad_sample_mode,
                                   cfg.fake_gradients)
-        ledger.register_site("central", budget_epsilon=cfg.epsilon, delta=delta, accountant=cfg.accountant,
-                             noise_multiplier=sigma, sample_rate=q, max_grad_norm=cfg.max_grad_norm,
-                             planned_steps=total_d_steps, public_num_records=n,
-                             feature_release=None if release is None else dict(zip(("noise_multiplier", "sample_rate", "steps"),
-                                                                                    release_entry(release))))
-    ledger.save()
-    run_info = {
-        "run_id": run.root.name, "kind": "centralised", "config": cfg.to_flower(),
-        "dataset": dataset_info(data), "num_sites": 1, "versions": versions, "seed": cfg.seed,
-        "started": now_iso(), "status": "running",
-    }
-    run.write_run(run_info)
+    if resume:
+        resumed = restore(run, g_trainer, release_history(release))
+        run_info, ledger, first_epoch, history = resumed.run_info, resumed.ledger, resumed.first_epoch, resumed.history
+    else:
+        run_info, ledger = start(run, cfg, data, privacy, q, total_d_steps, release)
+        first_epoch, history = 1, release_history(release)
     if not data.is_medical:
         print("warning: dataset 'phantom' is procedurally generated, NOT medical data")
     if cfg.dp and cfg.noise_key == "seed":
@@ -81,22 +76,23 @@ def train_centralised(cfg: RunConfig) -> Path:
 
     # With DP and --noise-key secret, the noise comes from a key that lives only in this process.
     noise_key = new_secret_key() if cfg.dp and cfg.noise_key == "secret" else None
-    g_trainer = GeneratorTrainer(gan)
-    embedding_steps = 0
-    if cfg.embedding_weight > 0:  # the one-shot release, accounted before any DP-SGD step
+    embedding_steps, means = 0, None
+    if cfg.embedding_weight > 0:  # the one-shot release, accounted before any DP-SGD step; never made twice
         features = features_for(data.image_shape, cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur)
-        released = release_sum(features, data.images, data.labels, data.num_classes, cfg.embedding_count_share,
-                               release, SecretNoise(noise_key, "release") if noise_key else SeededNoise(cfg.seed))
-        means = class_means(released, cfg.embedding_count_share)[0]
+        if resume:
+            means, noise_ratio = resumed.embedding_means, resumed.embedding_noise_ratio
+        else:
+            released = release_sum(features, data.images, data.labels, data.num_classes, cfg.embedding_count_share,
+                                   release, SecretNoise(noise_key, "release") if noise_key else SeededNoise(cfg.seed))
+            means = class_means(released, cfg.embedding_count_share)[0].cpu()
+            noise_ratio = release_noise_ratio(released, cfg.embedding_count_share, release**2 if release is not None else 0.0)
+            run_info["embedding_noise_ratio"] = finite_or_none(noise_ratio)
+            run.write_run(run_info)
         g_trainer.match_embedding(features, means.to(device), cfg.embedding_weight)
-        noise_ratio = release_noise_ratio(released, cfg.embedding_count_share, release**2 if release is not None else 0.0)
         embedding_steps = cfg.embedding_steps_at(noise_ratio)
-        run_info["embedding_noise_ratio"] = finite_or_none(noise_ratio)
-        run.write_run(run_info)
-    d_trainer = DiscriminatorTrainer(gan, data.images, data.labels, cfg.batch_size, privacy,
-                                     history=release_history(release), prior=prior,
+    d_trainer = DiscriminatorTrainer(gan, data.images, data.labels, cfg.batch_size, privacy, history=history, prior=prior,
                                      noise=SecretNoise(noise_key, "dp-sgd") if noise_key else None)
-    bar = tqdm(range(1, cfg.epochs + 1), desc="epochs", unit="epoch")
+    bar = tqdm(range(first_epoch, cfg.epochs + 1), desc="epochs", unit="epoch", initial=first_epoch - 1, total=cfg.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
         d_stats, g_stats = [], []
@@ -114,22 +110,49 @@ def train_centralised(cfg: RunConfig) -> Path:
                                 noise_multiplier=privacy.noise_multiplier, sample_rate=d_trainer.sample_rate,
                                 epsilon=row["epsilon"], delta=privacy.delta)
         row["t_epoch"] = time.perf_counter() - t0  # training and accounting, as a federated round's t_round
-        run.append_metrics(row)
+        run.append_metrics(row)  # a resume drops rows past the ledger's last epoch
         bar.set_postfix(d_loss=f"{row['d_loss']:.3f}", eps=f"{row.get('epsilon', math.inf):.2f}")
+        sha = None
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
             path = run.checkpoint_path(epoch)
-            sha = save_checkpoint(path, gan, generator_optim=g_trainer.state_dict(), run_config=cfg.to_flower(), round=epoch)
-            run.record_checkpoint(epoch, sha)
+            sha = save_checkpoint(path, gan, generator_optim=g_trainer.state_dict(), run_config=cfg.to_flower(), round=epoch,
+                                  embedding_means=means)
             ledger.record_checkpoint(epoch, path.name, sha)
             save_sample_grid(gan, run.samples / f"epoch_{epoch:05d}.png", data.class_names,
                              title=f"{data.name} epoch {epoch}")
+        # The ledger and its hash in run.json move in step, so an interrupted run audits and exports as it stands.
         ledger.save()
+        run.write_run(run_info)
+        if sha is not None:  # listed (and older ones rotated) only once the ledger vouches for it
+            run.record_checkpoint(epoch, sha)
     save_curves(run.read_metrics(), "epoch", CURVE_PANELS, run.curves / "training.png")
     run_info.update(status="completed", ended=now_iso(), final_epsilon=ledger.data["guarantee"]["epsilon"])
     run.write_run(run_info)
     eps = ledger.data["guarantee"]["epsilon"]
     print(f"done: {run.root}  epsilon={eps if eps is not None else 'no DP'}")
     return run.root
+
+
+def start(run: RunFolder, cfg: RunConfig, data, privacy: PrivacySettings | None, q: float | None, total_d_steps: int,
+          release: float | None) -> tuple[dict, PrivacyLedger]:
+    """A new run's ledger (the mechanism registered) and run.json."""
+    versions = library_versions()
+    ledger = PrivacyLedger(run.ledger_json, run.root.name, cfg.dp, versions, mechanism_name(cfg.grad_sample_mode) if cfg.dp else "none",
+                           noise_key=cfg.noise_key)
+    if privacy is not None:
+        ledger.register_site("central", budget_epsilon=cfg.epsilon, delta=privacy.delta, accountant=cfg.accountant,
+                             noise_multiplier=privacy.noise_multiplier, sample_rate=q, max_grad_norm=cfg.max_grad_norm,
+                             planned_steps=total_d_steps, public_num_records=len(data),
+                             feature_release=None if release is None else dict(zip(("noise_multiplier", "sample_rate", "steps"),
+                                                                                    release_entry(release))))
+    ledger.save()
+    run_info = {
+        "run_id": run.root.name, "kind": "centralised", "config": cfg.to_flower(),
+        "dataset": dataset_info(data), "num_sites": 1, "versions": versions, "seed": cfg.seed,
+        "started": now_iso(), "status": "running",
+    }
+    run.write_run(run_info)
+    return run_info, ledger
 
 
 def mean_stats(stats: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from fedpggan.cli import main
 from fedpggan.config import RunConfig
+from fedpggan.runs import RunFolder
 
 
 def test_tiny_centralised_dp_run_writes_a_complete_run_folder(tmp_path):
@@ -114,3 +122,77 @@ def test_train_accepts_every_embedding_option(tmp_path):
                  "--embedding-noise-limit", "0", "--out", str(tmp_path / "gated")])
     assert code == 0
     assert json.loads((tmp_path / "gated" / "metrics.jsonl").read_text().splitlines()[0])["embedding_steps"] == 0
+
+
+TINY = ["--dataset", "phantom", "--epsilon", "10", "--batch-size", "32", "--g-width", "16", "--d-width", "8",
+        "--latent-dim", "16", "--embedding-frequencies", "20"]
+
+
+def killed_after_first_checkpoint(out: Path, epochs: int) -> None:
+    """``fedpggan train`` in a subprocess, SIGKILLed once its first checkpoint is indexed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fedpggan.cli", "train", *TINY, "--epochs", str(epochs), "--out", str(out)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    index, deadline = out / "checkpoints" / "index.json", time.monotonic() + 300
+    try:
+        while not (index.exists() and json.loads(index.read_text() or "[]")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_killed_centralised_run_audits_exports_and_resumes_to_the_uninterrupted_spend(tmp_path, capsys):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(["train", *TINY, "--epochs", "3", "--out", str(whole)]) == 0
+    killed_after_first_checkpoint(killed, 3)
+    assert json.loads((killed / "run.json").read_text())["status"] == "running", "the run was not killed mid-way"
+    # As it stands, the interrupted run's ledger is the one run.json vouches for: it audits and exports.
+    assert main(["audit", str(killed)]) == 0
+    assert main(["export", str(killed), "--out", str(tmp_path / "x"), "--n", "10"]) == 0
+    capsys.readouterr()
+    # Resume refuses other options, and the federated --resume names the right command.
+    assert main(["train", "--resume", str(killed), "--epochs", "5"]) == 2
+    assert "drop --epochs" in capsys.readouterr().err
+    assert main(["simulate", "--resume", str(killed)]) == 2
+    err = capsys.readouterr().err
+    assert f"continue it with `fedpggan train --resume {killed}`" in err and "\n" not in err.strip()
+
+    assert main(["train", "--resume", str(killed)]) == 0
+    ledgers = [json.loads((run / "privacy_ledger.json").read_text()) for run in (whole, killed)]
+    spend = [[{k: r[k] for k in ("round", "steps", "noise_multiplier", "sample_rate")} for r in ledger["sites"]["central"]["rounds"]]
+             for ledger in ledgers]
+    assert spend[1] == spend[0], "the resumed run took other steps than the uninterrupted one"
+    eps = [[r["epsilon"] for r in ledger["sites"]["central"]["rounds"]] for ledger in ledgers]
+    assert eps[1] == pytest.approx(eps[0], rel=1e-9) and ledgers[1]["guarantee"]["epsilon"] >= ledgers[0]["guarantee"]["epsilon"] - 1e-9
+    assert [r["epoch"] for r in RunFolder(killed).read_metrics()] == [1, 2, 3]
+    assert json.loads((killed / "run.json").read_text())["status"] == "completed"
+    assert main(["audit", str(killed)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(killed)]) == 2
+    assert "already completed" in capsys.readouterr().err
+
+
+def test_resume_charges_epochs_lost_after_the_last_checkpoint_and_does_not_redo_them(tmp_path, capsys):
+    """An epoch the ledger recorded was trained: its spend stays, so the resumed run starts after it."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "3", "--out", str(run)]) == 0
+    folder = RunFolder(run)
+    info = folder.read_run()
+    info["status"] = "running"  # as if killed after epoch 2 was recorded but its checkpoint was lost
+    folder.write_run(info)
+    index = folder.checkpoint_index()
+    (run / "checkpoints" / "index.json").write_text(json.dumps(index[:1]))
+    ledger = json.loads(folder.ledger_json.read_text())
+    ledger["sites"]["central"]["rounds"] = ledger["sites"]["central"]["rounds"][:2]
+    ledger["checkpoints"] = ledger["checkpoints"][:1]
+    folder.ledger_json.write_text(json.dumps(ledger))
+    for entry in index[1:]:
+        (run / "checkpoints" / entry["file"]).unlink()
+    folder.write_run(info)  # the ledger's new hash
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "epoch 2: trained after the newest verified checkpoint" in capsys.readouterr().out
+    rounds = json.loads(folder.ledger_json.read_text())["sites"]["central"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert main(["audit", str(run)]) == 0

@@ -24,11 +24,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the PGGAN on one machine (DP with --epsilon E)",
                        description="Centralised PGGAN training; with --epsilon E, D is trained with DP-SGD (Opacus' accountant).")
     config.add_arguments(p, OPTIONS, DEFAULTS)
+    p.add_argument("--resume", metavar="RUN", help="continue the interrupted run in this folder from its newest verified "
+                   "checkpoint, with its own options")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedpggan.runs import config_to_resume, refuse_options_with_resume
     from fedpggan.train import train_centralised
 
-    train_centralised(config.resolve(args, OPTIONS, DEFAULTS))
+    if args.resume:
+        refuse_options_with_resume(args, OPTIONS)
+        train_centralised(config_to_resume(args.resume, kind="centralised"), resume=True)
+    else:
+        train_centralised(config.resolve(args, OPTIONS, DEFAULTS))
     return 0

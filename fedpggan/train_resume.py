@@ -1,0 +1,68 @@
+"""Where an interrupted ``fedpggan train`` run continues (``fedpggan train --resume RUN``).
+
+The ledger on disk, not the checkpoint, says how much privacy was spent: every epoch it records
+was trained and stays charged, even one whose weights were lost after the newest verified
+checkpoint. The resumed run therefore continues with the epoch after the ledger's last one
+(from the newest checkpoint's weights), so its accountant covers every step ever taken and it
+takes no more steps than the noise was calibrated for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedpggan.errors import FedPGGANError
+from fedpggan.io import sha256_file
+from fedpggan.privacy.accounting import History, extend_history
+from fedpggan.privacy.ledger import PrivacyLedger
+from fedpggan.runs import RunFolder, now_iso
+from pggan_model import GeneratorTrainer, load_checkpoint
+from pggan_model.checkpoint import set_rng_state
+
+
+@dataclass
+class Resumed:
+    run_info: dict[str, Any]
+    ledger: PrivacyLedger
+    first_epoch: int
+    history: History  # the accountant's history so far (release, then every recorded epoch)
+    embedding_means: torch.Tensor | None  # the release's class means (the release is never made twice)
+    embedding_noise_ratio: float
+
+
+def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History) -> Resumed:
+    """Load the newest verified checkpoint into ``g_trainer``'s GAN; the ledger, accountant
+    history and metrics as of the last recorded epoch. ``release`` is the release's history."""
+    info = run.read_run()
+    if info.get("ledger_sha256") != sha256_file(run.ledger_json):
+        raise FedPGGANError(f"{run.ledger_json}: differs from the hash {run.run_json.name} recorded; restore the run's "
+                            "original ledger (a resumed run must not build on an edited spend record)")
+    path, entry = run.latest_checkpoint()
+    payload = load_checkpoint(path, g_trainer.gan)
+    if "embedding_means" not in payload:
+        raise FedPGGANError(f"{path}: written before `fedpggan train --resume` existed, so it lacks what a resume needs; "
+                            "start a new run")
+    g_trainer.load_state_dict(payload["generator_optim"])
+    set_rng_state(payload["rng"])
+    ledger = PrivacyLedger.load(run.ledger_json, run.read_json(run.ledger_json))
+    history, last = list(release), int(entry["round"])
+    for site in ledger.data["sites"].values():
+        for r in site["rounds"]:
+            history = extend_history(history, r["noise_multiplier"], r["sample_rate"], r["steps"])
+            last = max(last, int(r["round"]))
+    if last > entry["round"]:
+        lost = f"epoch {last}" if last == entry["round"] + 1 else f"epochs {entry['round'] + 1}-{last}"
+        print(f"warning: {lost}: trained after the newest verified checkpoint, weights lost; the privacy spend "
+              f"stays charged, so training continues at epoch {last + 1} from epoch {entry['round']}'s weights")
+    rows = [r for r in run.read_metrics() if r["epoch"] <= last]
+    run.metrics_jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info.update(status="running", resumed_at=now_iso(), resumed_from_epoch=entry["round"])
+    run.write_run(info)
+    print(f"resuming {run.root} at epoch {last + 1} (weights of {path.name})")
+    ratio = info.get("embedding_noise_ratio")
+    return Resumed(info, ledger, last + 1, history, payload["embedding_means"], math.inf if ratio is None else ratio)
