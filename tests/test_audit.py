@@ -181,6 +181,9 @@ def test_editing_the_ledger_without_the_run_hash_is_detected(run_copy):
 
 def test_swapped_checkpoint_fails_and_rotated_one_does_not(run_copy):
     ckpts = run_copy / "checkpoints"
+    info = json.loads((run_copy / "run.json").read_text())
+    info["config"]["keep-checkpoints"] = 2  # then retention deletes epoch 1's checkpoint
+    (run_copy / "run.json").write_text(json.dumps(info))
     (ckpts / "ckpt_00001.pt").unlink()  # as retention would
     code, report = audit(run_copy)
     assert code == 0 and report["checkpoints"][0]["status"] == "not present (rotated)"
@@ -188,6 +191,17 @@ def test_swapped_checkpoint_fails_and_rotated_one_does_not(run_copy):
     code, report = audit(run_copy)
     assert code == 1 and fields(report) == ["checkpoints[2].sha256"]
     assert "ckpt_00003.pt" in report["violations"][0]["reason"]
+
+
+@pytest.mark.parametrize("deleted", [["ckpt_00003.pt"], ["ckpt_00001.pt"], ["ckpt_00001.pt", "ckpt_00002.pt", "ckpt_00003.pt"]])
+def test_a_checkpoint_retention_keeps_that_is_gone_fails(run_copy, deleted):
+    """--keep-checkpoints 3 keeps all three: a missing one was deleted by something else."""
+    for name in deleted:
+        (run_copy / "checkpoints" / name).unlink()
+    code, report = audit(run_copy)
+    assert code == 1 and fields(report) == [f"checkpoints[{int(n[5:10]) - 1}].file" for n in deleted]
+    assert {c["status"] for c in report["checkpoints"] if c["file"] in deleted} == {"MISSING"}
+    assert "retention keeps the newest 3" in report["violations"][0]["reason"]
 
 
 def test_missing_ledger_cannot_be_audited(run_copy, capsys):

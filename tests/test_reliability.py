@@ -152,14 +152,21 @@ def test_an_old_reservation_is_not_reused_once_the_site_moved_on(site_setup, tmp
     assert not result.recovered and state.history[-1][2] == before + site_setup[0].local_steps
 
 
-def test_corrupt_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path):
+def test_corrupt_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path, capsys):
     run = simulate(tiny_config(tmp_path / "run", rounds=3, keep_checkpoints=3))
     folder = RunFolder(run)
     newest = folder.checkpoints / folder.checkpoint_index()[-1]["file"]
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated, as by a full disk
-    with pytest.warns(UserWarning, match="hash mismatch"):
-        path, entry = folder.latest_checkpoint()
+    capsys.readouterr()
+    path, entry = folder.latest_checkpoint()
     assert entry["round"] == 2 and path != newest
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {newest} (round 3): missing or hash mismatch") and err.count("\n") == 1
+    # an export never falls back unasked: it names the newest checkpoint and how to pick another
+    assert main(["export", str(run), "--out", str(tmp_path / "x"), "--allow-unaudited", "--allow-no-dp"]) == 2
+    err = capsys.readouterr().err
+    assert "the newest checkpoint (round 3) is missing or fails its hash check" in err and "--checkpoint ROUND" in err
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
 # --- failing and hostile sites ------------------------------------------------------------

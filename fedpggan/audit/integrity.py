@@ -2,9 +2,11 @@
 
 - run.json records the ledger's SHA-256 at its last write: a different hash means the
   ledger was edited afterwards;
-- every checkpoint the ledger lists either still has that hash or is gone (deleted by
-  retention: reported, not a failure); a checkpoint file on disk the ledger does not list
-  was not produced by this run's trainer.
+- every checkpoint the ledger lists still has that hash, or is gone because retention deleted
+  it (reported, not a failure); retention keeps the newest --keep-checkpoints, so one of those
+  missing was deleted by something else: a failure, since the folder is no longer what the
+  trainer wrote and an export would silently fall back to an older model; a checkpoint file on
+  disk the ledger does not list was not produced by this run's trainer.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpggan.audit.findings import Finding
+from fedpggan.config import RunConfig
 from fedpggan.io import sha256_file
 from fedpggan.runs import RunFolder
 
@@ -28,10 +31,16 @@ def check_ledger_hash(run: dict[str, Any], folder: RunFolder) -> list[Finding]:
     return []
 
 
-def check_checkpoints(ledger: dict[str, Any], folder: RunFolder) -> tuple[list[dict[str, Any]], list[Finding]]:
+def check_checkpoints(ledger: dict[str, Any], run: dict[str, Any], folder: RunFolder) -> tuple[list[dict[str, Any]], list[Finding]]:
     """One status row per listed checkpoint, and the violations."""
     rows, findings = [], []
     listed = set()
+    keep = run["config"].get("keep-checkpoints", RunConfig.keep_checkpoints)
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        return [], [Finding("run.json:config.keep-checkpoints", f"{keep!r} is not a positive integer: which checkpoints "
+                                                                "retention deleted cannot be told")]
+    rounds = sorted({e.get("round") for e in ledger.get("checkpoints", []) if isinstance(e, dict) and isinstance(e.get("round"), int)})
+    kept = set(rounds[-keep:])
     for i, entry in enumerate(ledger.get("checkpoints", [])):
         name = entry.get("file") if isinstance(entry, dict) else None
         if not isinstance(name, str) or Path(name).name != name:
@@ -39,8 +48,13 @@ def check_checkpoints(ledger: dict[str, Any], folder: RunFolder) -> tuple[list[d
             continue
         listed.add(name)
         path = folder.checkpoints / name
-        if not path.exists():
+        if not path.exists() and entry.get("round") not in kept:
             status = "not present (rotated)"
+        elif not path.exists():
+            status = "MISSING"
+            findings.append(Finding(f"checkpoints[{i}].file", f"checkpoints/{name} is missing, but retention keeps the newest "
+                                                              f"{keep} (--keep-checkpoints): it was deleted after the run "
+                                                              "wrote it; restore it from a backup"))
         elif sha256_file(path) == entry.get("sha256"):
             status = "verified"
         else:

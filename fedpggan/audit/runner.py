@@ -29,7 +29,7 @@ def audit_run(run_dir: str | Path, out: str | Path | None = None, mia: MiaOption
     ledger = folder.read_json(folder.ledger_json)
     check_shape(ledger, str(folder.ledger_json))
     findings = integrity.check_ledger_hash(run, folder)
-    checkpoints, ckpt_findings = integrity.check_checkpoints(ledger, folder)
+    checkpoints, ckpt_findings = integrity.check_checkpoints(ledger, run, folder)
     findings += ckpt_findings
     rows: dict[str, Any] = {}
     notes: list[str] = []

@@ -81,16 +81,18 @@ def check_budgets(path: Path, ledger: dict[str, Any]) -> None:
 
 
 def pick_checkpoint(folder: RunFolder, spec: str | None, ledger: dict[str, Any]) -> tuple[Path, str, int]:
-    """The newest verified checkpoint (or ``--checkpoint`` FILE|ROUND), which the ledger must list:
-    a checkpoint the ledger does not cover has no stated privacy guarantee."""
+    """The newest checkpoint, which must verify (an export never falls back to an older model unasked),
+    or ``--checkpoint`` FILE|ROUND; the ledger must list it: a checkpoint the ledger does not cover
+    has no stated privacy guarantee."""
     if spec is None:
+        newest = (folder.checkpoint_index() or [None])[-1]
+        if newest is not None and not folder.verified(newest):
+            raise FedPGGANError(f"{folder.checkpoints / newest['file']}: the newest checkpoint (round {newest['round']}) is "
+                                "missing or fails its hash check; restore it, or choose an older one with --checkpoint ROUND")
         path, entry = folder.latest_checkpoint()
         sha = entry["sha256"]
     else:
-        path = folder.checkpoint_path(int(spec)) if spec.isdigit() else Path(spec).expanduser()
-        if not path.is_file():
-            raise FedPGGANError(f"--checkpoint {spec}: no such checkpoint; "
-                                f"give a file or a round in {folder.checkpoints}")
+        path = folder.checkpoint_file(spec)
         sha = sha256_file(path)
     recorded = {c.get("sha256"): c.get("round") for c in ledger.get("checkpoints", [])}
     if sha not in recorded:
