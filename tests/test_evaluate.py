@@ -102,6 +102,15 @@ def test_cli_errors_are_one_line(run_dir, tmp_path, capsys):
              **{f"{s}_labels": (np.arange(9) % 3)[:, None] for s in ("train", "val", "test")})
     assert "3 classes" in error_of(str(run_dir), "--real", str(npz), *TINY)
     assert "--seeds 0" in error_of(str(run_dir), "--seeds", "0")
+    assert "--checkpoint 7: no such checkpoint file or round" in error_of(str(run_dir), "--checkpoint", "7")
+
+
+def test_checkpoint_is_a_file_or_a_round_as_for_export(run_dir, tmp_path):
+    for spec in ("1", str(run_dir / "checkpoints" / "ckpt_00001.pt")):
+        out = tmp_path / spec.replace("/", "_")
+        assert main(["evaluate", str(run_dir), "--n-synthetic", "40", "--steps", "2", "--seeds", "1", "--device", "cpu",
+                     "--checkpoint", spec, "--out", str(out)]) == 0
+        assert json.loads((out / "evaluation.json").read_text())["checkpoint"]["file"] == "ckpt_00001.pt"
 
 
 def test_trtr_on_phantom_is_near_perfect(judge):

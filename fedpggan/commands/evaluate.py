@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, metavar="K", help=f"repeat with seeds 0..K-1 (default {DEFAULTS['seeds']})")
     p.add_argument("--generator", choices=("1", "2", "both"), default="both",
                    help="which EMA generator to sample (default both: half from each)")
-    p.add_argument("--checkpoint", metavar="FILE", help="checkpoint .pt (default: the newest verified one)")
+    p.add_argument("--checkpoint", metavar="FILE|ROUND", help="checkpoint .pt file or round number (default: the newest "
+                   "verified one)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default auto)")
     p.add_argument("--out", metavar="DIR", help="where to write the report (default: the run folder)")
     p.add_argument("--quick", action="store_true", help="smoke check: 1000 images, 100 steps, 1 seed "

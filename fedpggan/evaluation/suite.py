@@ -38,12 +38,12 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
     evaluation_grid.png to ``out`` (default: the run folder) and return the JSON dict.
 
     ``real_spec`` takes the same forms as ``--dataset`` (default: the run's own dataset);
-    ``checkpoint`` a .pt file or a file name in RUN/checkpoints (default: newest verified)."""
+    ``checkpoint`` a .pt file, a file name in RUN/checkpoints or a round (default: newest verified)."""
     run = RunFolder(run_dir)
     if not run.root.is_dir():
         raise FedPGGANError(f"{run.root}: no such run folder; pass the folder a training run wrote (--out)")
     info = run.read_run()
-    ckpt = checkpoint_file(run, checkpoint)
+    ckpt = run.latest_checkpoint()[0] if checkpoint is None else run.checkpoint_file(str(checkpoint))
     dev = pick_device(device)
     gan, payload = gan_from_checkpoint(ckpt, dev)
     spec, data_dir = real_dataset_spec(info, real_spec, data_dir)
@@ -96,16 +96,6 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
 def budget_text(budget: TrainingBudget) -> str:
     amount = f"{budget.steps} steps" if budget.epochs is None else f"{budget.epochs:g} epochs"
     return f"{amount} of batch {budget.batch_size}"
-
-
-def checkpoint_file(run: RunFolder, checkpoint: str | Path | None) -> Path:
-    if checkpoint is None:
-        return run.latest_checkpoint()[0]
-    for path in (Path(checkpoint), run.checkpoints / str(checkpoint)):
-        if path.is_file():
-            return path
-    raise FedPGGANError(f"--checkpoint {checkpoint}: no such file (nor in {run.checkpoints}); "
-                        "pass a .pt file or leave it out for the newest verified checkpoint")
 
 
 def real_dataset_spec(info: dict[str, Any], real_spec: str | None, data_dir: str | None) -> tuple[str, str | None]:
