@@ -46,8 +46,6 @@ def train_centralised(cfg: RunConfig, resume: bool = False) -> Path:
     device = pick_device(cfg.device)
     data = open_training_data(cfg)
     run = RunFolder(cfg.out or default_run_dir(), cfg.keep_checkpoints)
-    if not resume:
-        run.create()
     gan = build_gan(cfg, data.image_size, data.channels, data.num_classes).to(device)
     g_trainer = GeneratorTrainer(gan)
     prior = prior_tensor(cfg, data.num_classes)
@@ -63,6 +61,8 @@ def train_centralised(cfg: RunConfig, resume: bool = False) -> Path:
         sigma = calibrate_noise(cfg.epsilon, delta, q, total_d_steps, cfg.accountant, release_history(release))
         privacy = PrivacySettings(sigma, cfg.max_grad_norm, delta, cfg.accountant, cfg.grad_sample_mode,
                                   cfg.fake_gradients)
+    if not resume:  # made once the model and the noise are known to work: a bad option leaves no folder
+        run.create()
     if resume:
         resumed = restore(run, g_trainer, release_history(release))
         run_info, ledger, first_epoch, history = resumed.run_info, resumed.ledger, resumed.first_epoch, resumed.history

@@ -32,17 +32,18 @@ class ModelShape:
     d_spectral_norm: bool = False
 
 
-def upsampling_plan(image_size: int) -> tuple[int, int]:
+def upsampling_plan(image_size: int, option: str = "--image-size") -> tuple[int, int]:
     """Return (start size, number of 2x up-samplings) so that start * 2**n == image_size.
 
-    28 -> (7, 2); 32 -> (4, 3); 64 -> (4, 4). The start size lies in [4, 7].
+    28 -> (7, 2); 32 -> (4, 3); 64 -> (4, 4). The start size lies in [4, 7]. ``option`` names
+    where the size came from in the error (a flag, or a key of a site's config file).
     """
     size, n = image_size, 0
     while size > 7 and size % 2 == 0:
         size, n = size // 2, n + 1
     if not 4 <= size <= 7 or n < 2:
         raise FedPGGANError(
-            f"--image-size {image_size} is not supported: use a size s * 2**n with s in 4..7 "
+            f"{option} {image_size} is not supported: use a size s * 2**n with s in 4..7 "
             "and n >= 2 (e.g. 28, 32, 64, 128)"
         )
     return size, n

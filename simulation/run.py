@@ -3,9 +3,10 @@
     python simulation/run.py --clients 5            (same as: fedpggan simulate --clients 5)
     python simulation/run.py --resume runs/<id>     (continue a killed run)
 
-Before Flower starts, the runner checks the options and the data and prints the per-site
-partition table (it is the operator of a simulation and holds all the data; in a real
-deployment no one does). The ServerApp and ClientApps are the same as in deployment.
+Before Flower starts (and before the run folder is made), the runner checks the options, the
+image size, the data and every site's noise calibration, and prints the per-site partition
+table (it is the operator of a simulation and holds all the data; in a real deployment no
+one does). The ServerApp and ClientApps are the same as in deployment.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fedpggan.config import RunConfig
 from fedpggan.data import partition, partition_summary, partition_table
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json
+from fedpggan.preflight import check_federated_budget, check_image_size
 from fedpggan.runs import RunFolder, config_to_resume, default_run_dir
 
 if TYPE_CHECKING:
@@ -37,14 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
 
 
-def prepare(cfg: RunConfig) -> RunConfig:
-    """Resolve the dataset and check that it splits into the sites; print the partition table."""
+def prepare(cfg: RunConfig) -> tuple[RunConfig, list[dict]]:
+    """Resolve the dataset, check that it splits into the sites and that the model and every
+    site's budget can be set up; print the partition table."""
+    check_image_size(cfg.image_size)
     data = open_training_data(cfg)
     cfg = dataclasses.replace(cfg, dataset=data.source if cfg.dataset == "auto" and data.is_medical else
                               ("phantom" if cfg.dataset == "auto" else cfg.dataset))
     if cfg.min_clients > cfg.clients:
         raise FedPGGANError(f"--min-clients {cfg.min_clients} exceeds --clients {cfg.clients}")
     parts = partition(data.labels.numpy(), cfg.clients, cfg.partition, cfg.alpha, cfg.min_per_site, cfg.seed)
+    check_federated_budget(cfg, map(len, parts))
     print(f"dataset: {data.name}{'' if data.is_medical else ' (NOT medical data)'} -- {len(data)} training images, "
           f"{data.num_classes} classes, {data.channels}x{data.image_size}x{data.image_size}")
     print(partition_table(data.labels.numpy(), parts, data.class_names))

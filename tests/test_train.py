@@ -59,6 +59,33 @@ def test_bad_options_give_one_line_errors(argv, message, capsys):
     assert "\n" not in err and "Traceback" not in err
 
 
+PHANTOM_SIM = ["simulate", "--dataset", "phantom", "--clients", "2", "--rounds", "2", "--local-steps", "2"]
+TOO_SMALL = ("--epsilon 0.01 with --embedding-share 0.5 leaves 0.005 for the embedding release, which the prv "
+             "accountant certifies for no noise level up to 2000 at delta 1e-05; raise --epsilon or --embedding-share")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([*PHANTOM_SIM, "--epsilon", "0.01"], TOO_SMALL),
+        (["train", "--dataset", "phantom", "--epsilon", "0.01"], TOO_SMALL),
+        ([*PHANTOM_SIM, "--image-size", "30"], "--image-size 30 is not supported"),
+        (["train", "--dataset", "phantom", "--image-size", "30"], "--image-size 30 is not supported"),
+        (["simulate", "--dataset", "phantom", "--clients", "2", "--rounds", "100", "--local-steps", "10",
+          "--batch-size", "4096", "--epsilon", "0.05"],
+         "keeps --rounds 100 x --local-steps 10 = 1000 DP-SGD steps of a site of 1000 images"),
+    ],
+)
+def test_what_training_would_reject_is_refused_before_the_run_folder_is_made(argv, message, tmp_path, capsys):
+    """Pre-flight: the budget and the image size fail in the user's options, before any folder
+    (or Flower's engine, which the simulation would start first) exists."""
+    out = tmp_path / "run"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not out.exists()
+
+
 def test_toml_config_and_flag_precedence(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('clients = 7\nrounds = 3\nloss-rule = "mean"\n')

@@ -26,6 +26,11 @@ MAX_SIGMA = 2000.0
 EPSILON_TOLERANCE = 0.01
 
 
+class UnreachableBudget(FedPGGANError):
+    """No noise multiplier up to MAX_SIGMA brings the planned mechanisms within the budget: callers
+    that know which options set the plan re-raise it in those terms (feature_release, preflight)."""
+
+
 def default_delta(num_records: int) -> float:
     """delta = min(1e-5, 1 / (10 n)): well below 1/n, so no record is likely to leak outright."""
     return min(1e-5, 1.0 / (10 * num_records))
@@ -72,7 +77,7 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int
     while spent(high) > epsilon:
         low, high = high, 2 * high
         if high > MAX_SIGMA:
-            raise FedPGGANError(
+            raise UnreachableBudget(
                 f"--epsilon {epsilon}: no noise level reaches this budget for {steps} steps at sample rate "
                 f"{sample_rate:.4g}; raise --epsilon or lower the number of steps"
             )

@@ -17,7 +17,8 @@ import math
 
 import torch
 
-from fedpggan.privacy.accounting import History, calibrate_noise
+from fedpggan.errors import FedPGGANError
+from fedpggan.privacy.accounting import MAX_SIGMA, History, UnreachableBudget, calibrate_noise
 from fedpggan.privacy.noise import SecretNoise, SeededNoise
 from pggan_model.mean_embedding import RandomFourierFeatures, record_sum
 
@@ -36,8 +37,15 @@ def release_entry(noise_multiplier: float) -> tuple[float, float, int]:
 
 
 def release_noise(epsilon: float, share: float, delta: float, accountant: str) -> float:
-    """Noise for a release that alone costs ``share`` of the site's epsilon."""
-    return calibrate_noise(epsilon * share, delta, 1.0, 1, accountant)
+    """Noise for a release that alone costs ``share`` of the site's epsilon. A share too small for
+    the accountant is reported in the options that set it: fewer DP-SGD steps cannot help it."""
+    try:
+        return calibrate_noise(epsilon * share, delta, 1.0, 1, accountant)
+    except UnreachableBudget:
+        raise FedPGGANError(
+            f"--epsilon {epsilon:g} with --embedding-share {share:g} leaves {epsilon * share:.3g} for the embedding "
+            f"release, which the {accountant} accountant certifies for no noise level up to {MAX_SIGMA:g} at delta "
+            f"{delta:.3g}; raise --epsilon or --embedding-share (or make no release: --embedding-weight 0)") from None
 
 
 def release_history(noise_multiplier: float | None) -> History:

@@ -1,0 +1,44 @@
+"""What a new training run checks before it makes its run folder.
+
+Otherwise an unsupported image size or an unreachable budget shows only once the trainer (or
+Flower's engine, ~20 s in) builds the model or calibrates the noise, after the folder was
+made. Each check applies the rule training applies, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from fedpggan.config import RunConfig
+from fedpggan.errors import FedPGGANError
+from fedpggan.privacy.accounting import MAX_SIGMA, UnreachableBudget
+from fedpggan.privacy.mechanism import release_for, site_mechanism
+from pggan_model.networks import upsampling_plan
+
+
+def check_image_size(image_size: int, option: str = "--image-size") -> None:
+    """The sizes the networks can be built for (pggan_model.networks.upsampling_plan)."""
+    upsampling_plan(image_size, option)
+
+
+def check_release(cfg: RunConfig, num_records: int) -> None:
+    """The embedding release's share of the budget can be certified (centralised: one holder)."""
+    if cfg.dp:
+        release_for(cfg, num_records)
+
+
+def check_federated_budget(cfg: RunConfig, site_sizes: Iterable[int]) -> None:
+    """Calibrate every distinct site size as its site will (the results are cached on disk, so
+    the sites reuse them); a budget no noise level meets is reported in the run's options."""
+    if not cfg.dp:
+        return
+    steps = cfg.rounds * cfg.local_steps
+    for n in sorted(set(site_sizes)):
+        try:
+            site_mechanism(cfg, n, steps)
+        except UnreachableBudget:
+            after = " after the embedding release (--embedding-share)" if cfg.embedding_weight > 0 else ""
+            raise FedPGGANError(
+                f"--epsilon {cfg.epsilon:g}: no noise level up to {MAX_SIGMA:g} keeps --rounds {cfg.rounds} x "
+                f"--local-steps {cfg.local_steps} = {steps} DP-SGD steps of a site of {n} images (--batch-size "
+                f"{cfg.batch_size}){after} within it; raise --epsilon, or lower --rounds, --local-steps or --batch-size") from None

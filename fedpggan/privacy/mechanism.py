@@ -1,0 +1,38 @@
+"""The DP mechanism a site of n records runs under a run's config, fixed before it trains.
+
+One definition of what client/site_round.py (ensure_mechanism), server/federated_run.py
+(mechanism_for) and the centralised trainer calibrate, so that a check made before a run
+starts (fedpggan/preflight.py) fails exactly when they would.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from fedpggan.config import RunConfig
+from fedpggan.privacy.accounting import calibrate_noise, default_delta
+from fedpggan.privacy.dp_discriminator import sample_rate
+from fedpggan.privacy.feature_release import release_history, release_noise
+
+
+class Mechanism(NamedTuple):
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+    release_noise: float | None  # the one-shot embedding release's noise (None: no release)
+
+
+def release_for(cfg: RunConfig, num_records: int) -> float | None:
+    """Noise of the site's embedding release (None without one); raises in the user's options
+    when its share of the budget is too small to certify."""
+    delta = cfg.delta or default_delta(num_records)
+    return release_noise(cfg.epsilon, cfg.embedding_share, delta, cfg.accountant) if cfg.embedding_weight > 0 else None
+
+
+def site_mechanism(cfg: RunConfig, num_records: int, steps: int) -> Mechanism:
+    """sigma for ``steps`` DP-SGD steps after the release, so that the whole run meets the
+    budget (raises accounting.UnreachableBudget when no sigma does)."""
+    q, delta = sample_rate(num_records, cfg.batch_size), cfg.delta or default_delta(num_records)
+    release = release_for(cfg, num_records)
+    sigma = calibrate_noise(cfg.epsilon, delta, q, steps, cfg.accountant, release_history(release))
+    return Mechanism(sigma, q, delta, release)
