@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 from fedpggan.data import ImageDataset, open_dataset
+from fedpggan.data.medmnist import MEDMNIST
 from fedpggan.errors import FedPGGANError
+from fedpggan.preflight import check_image_size
 from fedpggan.privacy.peer_keys import load_peer_signing, load_signing_key, openssh_public
 from fedpggan.site_config import SiteConfig, site_torch_device
 
@@ -33,7 +35,13 @@ STAYS = ("images and labels", "un-noised per-class counts, losses or accuracies 
 
 
 def check_data(site: SiteConfig) -> tuple[ImageDataset, str]:
-    """Open the site's training images exactly as the ClientApp will (loader errors are one line)."""
+    """Open the site's training images exactly as the ClientApp will (loader errors are one line),
+    at ``image-size`` when given, which must be a size training can build the model for."""
+    if site.image_size is not None:
+        check_image_size(site.image_size, f"--config {site.path}: 'image-size'")
+    if site.data.lower() not in ("phantom", *MEDMNIST) and not Path(site.data).expanduser().exists():
+        raise FedPGGANError(f"--config {site.path}: 'data' = {site.data}: no such file or folder; set 'data' to this "
+                            "site's images (a MedMNIST-layout .npz file or an ImageFolder directory)")
     data = open_dataset(site.data, "train", None, site.image_size)
     kind = "" if data.is_medical else " -- NOT medical data"
     return data, (f"{site.data}: {len(data)} images, {data.num_classes} classes ({', '.join(data.class_names)}), "

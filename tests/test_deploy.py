@@ -363,10 +363,10 @@ def site_toml(tmp_path):
         values = {"site-id": '"hospital-a"', "data": f'"{tmp_path / "site.npz"}"',
                   "state-dir": f'"{tmp_path / "state"}"', "max-epsilon": "10.0", "max-delta": None, "max-epsilon-if-colluding": None, "peer-keys": None,
                   "address": '"127.0.0.1:8000"', "root-certificates": f'"{tmp_path / "ca.crt"}"',
-                  "auth-private-key": f'"{tmp_path / "site.key"}"', "device": None}
+                  "auth-private-key": f'"{tmp_path / "site.key"}"', "device": None, "image-size": None}
         values.update({k.replace("_", "-"): v for k, v in overrides.items()})
         line = lambda *keys: "".join(f"{k} = {values[k]}\n" for k in keys if values[k] is not None)  # noqa: E731
-        text = (line("site-id", "data", "state-dir", "device") + "[privacy]\n" + line("max-epsilon", "max-delta", "max-epsilon-if-colluding", "peer-keys")
+        text = (line("site-id", "data", "state-dir", "image-size", "device") + "[privacy]\n" + line("max-epsilon", "max-delta", "max-epsilon-if-colluding", "peer-keys")
                 + "[superlink]\n" + line("address", "root-certificates", "auth-private-key"))
         (tmp_path / "site.toml").write_text(text)
         return str(tmp_path / "site.toml")
@@ -416,7 +416,8 @@ def test_a_sites_roster_of_peer_keys_is_checked_and_reaches_its_node_config(site
 
 
 @pytest.mark.parametrize(("override", "names"), [
-    ({"data": '"/nonexistent/site.npz"'}, "/nonexistent/site.npz"),
+    ({"data": '"/nonexistent/site.npz"'}, "'data' = /nonexistent/site.npz: no such file or folder; set 'data'"),
+    ({"image-size": "30"}, "'image-size' 30 is not supported"),
     ({"peer-keys": '"/nonexistent/peers.pub"'}, "privacy.peer-keys /nonexistent/peers.pub: cannot read"),
     ({"root-certificates": '"/nonexistent/ca.crt"'}, "superlink.root-certificates"),
     ({"root-certificates": None}, "superlink.root-certificates"),
@@ -433,6 +434,12 @@ def test_site_check_rejects_a_bad_site_with_one_line(site_toml, capsys, override
     code, out, err = site_check(capsys, site_toml(**override))
     assert code == 2 and out == ""
     assert err.startswith("error: ") and err.count("\n") == 1 and names in err, err
+    assert "--dataset" not in err and "--image-size" not in err  # a site.toml has keys, not flags
+
+
+def test_site_check_opens_the_data_at_its_image_size(site_toml, capsys):
+    code, out, _ = site_check(capsys, site_toml(image_size="32"))
+    assert code == 0 and "1x32x32" in out
 
 
 def test_site_check_refuses_a_gpu_the_site_does_not_have(site_toml, capsys, monkeypatch):
