@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fedpggan.audit.runner import audited_content
 from fedpggan.cli import main
 from fedpggan.config import RunConfig
 from fedpggan.data import open_dataset, open_phantom
@@ -27,7 +28,11 @@ from fedpggan.runs import RunFolder
 from fedpggan.train import train_centralised
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_on_synthetic.py"
-PASSED_AUDIT = {"passed": True, "date": "2026-01-02T03:04:05+00:00"}
+def write_audit(run: Path, passed: bool, date: str = "2026-01-02T03:04:05+00:00", where: Path | None = None) -> None:
+    """An audit.json verdict on the run's current content, as `fedpggan audit` writes it."""
+    folder = RunFolder(run)
+    content = audited_content(folder, folder.read_run())
+    ((where or run) / "audit.json").write_text(json.dumps({"passed": passed, "date": date, "content": content}))
 
 
 def phantom_npz(path: Path, channels: int, seed: int) -> Path:
@@ -56,7 +61,7 @@ def gray_run(tmp_path_factory) -> Path:
     run["dataset"].update(name="phantom (not medical data)", is_medical=False,
                           class_names=open_phantom("test", n=2).class_names)
     folder.write_run(run)
-    (folder.root / "audit.json").write_text(json.dumps(PASSED_AUDIT))
+    write_audit(folder.root, passed=True)
     return folder.root
 
 
@@ -123,7 +128,8 @@ def test_200_image_export_is_complete_reproducible_and_refuses_a_full_folder(gra
     assert sheet["source_run"]["config_sha256"] == hashlib.sha256(canonical).hexdigest()
     assert sheet["source_run"]["num_sites"] == 1
     assert sheet["generator"]["sha256"] == ledger["checkpoints"][-1]["sha256"]
-    assert sheet["audit"] == {"status": "passed", "date": PASSED_AUDIT["date"]}
+    assert sheet["audit"] == {"status": "passed", "date": "2026-01-02T03:04:05+00:00",
+                              "report": str(gray_run / "audit.json"), "reason": None}
     assert sheet["export"]["class_counts"] == {"no lesion": 100, "lesion": 100}
     assert sheet["export"]["generator_counts"] == {"G1": 100, "G2": 100}
     assert sheet["export"]["files"]["synthetic.npz"] == sha256_file(a / "synthetic.npz")
@@ -214,7 +220,11 @@ REFUSALS = {
                               "not the maximum"),
     "checkpoint not in ledger": (lambda run: edit_ledger(run, lambda led: led.update(checkpoints=[])), "not recorded"),
     "unaudited": (lambda run: (run / "audit.json").unlink(), "audit.json: is missing"),
-    "failed audit": (lambda run: (run / "audit.json").write_text('{"passed": false, "date": "2026-01-01"}'), "FAILED"),
+    "failed audit": (lambda run: write_audit(run, passed=False, date="2026-01-01"), "FAILED"),
+    "audit of an older content": (lambda run: edit_ledger(run, lambda led: led["assumptions"].append("edited")),
+                                  "audited other content than this run's ledger and options now"),
+    "audit without content hashes": (lambda run: (run / "audit.json").write_text('{"passed": true, "date": "x"}'),
+                                     "records no content hashes"),
 }
 
 
@@ -232,7 +242,7 @@ def test_refuses_runs_whose_privacy_cannot_be_vouched_for(gray_run, tmp_path, ca
 
 def test_allow_unaudited_says_so_and_quality_figures_are_included(gray_run, tmp_path):
     run = copy_run(gray_run, tmp_path)
-    (run / "audit.json").write_text('{"passed": false, "date": "2026-01-01"}')
+    write_audit(run, passed=False, date="2026-01-01")
     evaluation = {"created": "2026-01-01", "checkpoint": {"sha256": "another"}, "versions": {"torch": "x"},
                   "tstr": {"auc": {"mean": 0.812, "std": 0.01, "per_seed": [0.8, 0.82]}}, "fid": 41.5}
     (run / "evaluation.json").write_text(json.dumps(evaluation))
@@ -241,6 +251,30 @@ def test_allow_unaudited_says_so_and_quality_figures_are_included(gray_run, tmp_
     assert sheet["audit"]["status"] == "failed" and "AUDIT FAILED (2026-01-01)" in markdown
     assert sheet["quality"]["figures"] == {"tstr.auc.mean": 0.812, "tstr.auc.std": 0.01, "fid": 41.5}
     assert "tstr.auc.mean: 0.812" in markdown and "DIFFERENT checkpoint" in markdown
+
+
+def test_an_audit_written_with_out_is_used_through_audit_report(gray_run, tmp_path, capsys):
+    """`fedpggan audit RUN --out REPORTS` leaves the run folder alone; export then takes the verdict
+    from REPORTS, and only while it is a verdict on the run as it is now."""
+    run = copy_run(gray_run, tmp_path)
+    (run / "audit.json").unlink()
+    reports = tmp_path / "reports"
+    assert main(["audit", str(run), "--out", str(reports)]) == 0
+    assert not (run / "audit.json").exists()
+    capsys.readouterr()
+    assert cli(run, "--out", tmp_path / "refused", "--n", 10) == 2
+    assert "pass --audit-report DIR" in capsys.readouterr().err
+    assert cli(run, "--out", tmp_path / "ok", "--n", 10, "--audit-report", reports) == 0
+    sheet = json.loads((tmp_path / "ok" / "datasheet.json").read_text())
+    assert sheet["audit"]["status"] == "passed" and sheet["audit"]["report"] == str(reports / "audit.json")
+    assert f"--audit-report {reports}" in sheet["export"]["command"]
+    other = copy_run(gray_run, tmp_path / "other")  # another run's report is no verdict on this one
+    edit_ledger(other, lambda led: led["assumptions"].append("another run"))
+    capsys.readouterr()
+    assert cli(other, "--out", tmp_path / "other-out", "--n", 10, "--audit-report", reports / "audit.json") == 2
+    assert "audited other content" in capsys.readouterr().err
+    assert cli(run, "--out", tmp_path / "x", "--n", 10, "--audit-report", tmp_path / "nowhere") == 2
+    assert "--audit-report" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_never_overwrites_the_run_folder(gray_run, tmp_path):

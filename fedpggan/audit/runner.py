@@ -13,6 +13,7 @@ from fedpggan.audit.records import RunFacts, Site, check_shape, number, parse_si
 from fedpggan.audit.round_checks import check_rounds
 from fedpggan.audit.spend import RULE, audit_sites, check_guarantee
 from fedpggan.errors import FedPGGANError
+from fedpggan.io import sha256_file, sha256_json
 from fedpggan.privacy.noise import SEEDED_NOISE
 from fedpggan.runs import RunFolder, now_iso
 
@@ -42,7 +43,7 @@ def audit_run(run_dir: str | Path, out: str | Path | None = None, mia: MiaOption
         notes.insert(0, f"run status is {run.get('status')!r}: this audits the run as far as it got")
     result: dict[str, Any] = {
         "passed": False, "date": now_iso(), "run": str(folder.root.resolve()), "run_id": run.get("run_id"),
-        "kind": kind, "dp": ledger["dp"], "violations": [], "notes": notes, "rule": RULE,
+        "kind": kind, "dp": ledger["dp"], "content": audited_content(folder, run), "violations": [], "notes": notes, "rule": RULE,
         "tolerance": {"relative": REL_TOL, "absolute": ABS_TOL}, "sites": rows, "checkpoints": checkpoints,
         "assumptions": ledger.get("assumptions", []),
         "versions": {"audit": accountants.versions(), "run": ledger.get("versions", {})},
@@ -56,6 +57,12 @@ def audit_run(run_dir: str | Path, out: str | Path | None = None, mia: MiaOption
         row["passed"] = not any(f.field.startswith(f"sites.{row['site']}.") for f in findings)
     report.write_outputs(result, Path(out) if out else folder.root)
     return result
+
+
+def audited_content(folder: RunFolder, run: dict[str, Any]) -> dict[str, str]:
+    """Hashes of what the verdict is about, the ledger and the run's options: an export
+    (fedpggan/export/provenance.py) trusts a verdict only while the run still has this content."""
+    return {"ledger_sha256": sha256_file(folder.ledger_json), "config_sha256": sha256_json(run.get("config", {}))}
 
 
 def check_noise_key(run: dict[str, Any], kind: str, notes: list[str]) -> list[Finding]:

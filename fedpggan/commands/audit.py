@@ -50,4 +50,6 @@ def run(args: argparse.Namespace) -> int:
     result = audit_run(args.run, args.out, mia)
     print(summary(result))
     print(f"report: {(args.out or args.run)}/AUDIT.md")
+    if args.out and result["passed"]:
+        print(f"to export this run: fedpggan export {args.run} --audit-report {args.out} --out EXPORT_DIR")
     return 0 if result["passed"] else 1

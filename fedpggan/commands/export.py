@@ -10,7 +10,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "export", help="export synthetic images of a run (MedMNIST npz, ImageFolder PNGs, datasheet)",
         description="Sample the run's EMA generators into DIR/synthetic.npz (MedMNIST layout), DIR/images/ "
                     "(torchvision ImageFolder) and DIR/datasheet.json + DATASHEET.md. Refuses runs whose privacy "
-                    "ledger is missing, tampered or over budget, and unaudited runs unless told otherwise.")
+                    "ledger is missing, tampered or over budget, and runs without a passing audit of their current "
+                    "content unless told otherwise.")
     p.add_argument("run", metavar="RUN", help="run folder (from `fedpggan train` or `simulate`)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be new or empty)")
     count = p.add_mutually_exclusive_group()
@@ -34,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=500, metavar="K", help="images generated at a time (default: 500)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty DIR (only once the new export is complete)")
+    p.add_argument("--audit-report", metavar="PATH",
+                   help="the audit.json (or its folder) of `fedpggan audit RUN --out DIR` (default: RUN/audit.json); "
+                        "it must have audited the run as it is now")
     p.add_argument("--allow-unaudited", action="store_true",
                    help="export without a passing RUN/audit.json (the datasheet says UNAUDITED)")
     p.add_argument("--allow-no-dp", action="store_true",
@@ -49,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         n=args.n, per_class=parse_per_class(args.per_class) if args.per_class else None,
         class_prior=args.class_prior, generator=args.generator, checkpoint=args.checkpoint, seed=args.seed,
         formats=parse_formats(args.format), split=parse_split(args.split), image_size=args.image_size,
-        device=args.device, chunk_size=args.chunk_size, overwrite=args.overwrite,
+        device=args.device, chunk_size=args.chunk_size, overwrite=args.overwrite, audit_report=args.audit_report,
         allow_unaudited=args.allow_unaudited, allow_no_dp=args.allow_no_dp)
     sheet = export_run(args.run, args.out, options)
     eps = (sheet["privacy"]["guarantee"] or {}).get("epsilon") if sheet["privacy"]["dp"] else None

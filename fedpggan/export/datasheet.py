@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpggan.export.provenance import Provenance
-from fedpggan.io import sha256_bytes
+from fedpggan.io import sha256_json
 from fedpggan.runs import library_versions, now_iso
 
 INTENDED_USE = [
@@ -32,7 +32,7 @@ DP_MEANING = ("The images are post-processing of a generator trained with differ
 
 def config_sha256(run: dict[str, Any]) -> str:
     """Hash of the canonical JSON of the run's options: identifies the training setup."""
-    return sha256_bytes(json.dumps(run.get("config", {}), sort_keys=True, separators=(",", ":")).encode())
+    return sha256_json(run.get("config", {}))
 
 
 def build_datasheet(prov: Provenance, export: dict[str, Any]) -> dict[str, Any]:

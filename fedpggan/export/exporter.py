@@ -38,7 +38,7 @@ def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions = Ex
     (all or nothing); returns the datasheet. Same run, checkpoint, options => same bytes on CPU."""
     folder, out = RunFolder(run_dir), Path(out)
     check_target(out, folder.root, options.overwrite)
-    prov = verify_run(folder, options.checkpoint, options.allow_unaudited, options.allow_no_dp)
+    prov = verify_run(folder, options.checkpoint, options.allow_unaudited, options.allow_no_dp, options.audit_report)
     gan, _ = gan_from_checkpoint(prov.checkpoint, pick_device(options.device))
     if gan.single and options.generator == "2":
         raise FedPGGANError(f"--generator 2: {prov.checkpoint} is the single-generator baseline; use --generator 1")
@@ -119,6 +119,8 @@ def command_line(options: ExportOptions, checkpoint: Path, run_root: Path, out: 
              "--split", "/".join(f"{f:g}" for f in options.split), "--device", options.device]
     if options.image_size is not None:
         args += ["--image-size", str(options.image_size)]
+    if options.audit_report is not None:
+        args += ["--audit-report", options.audit_report]
     args += [flag for flag, on in (("--allow-unaudited", options.allow_unaudited),
                                    ("--allow-no-dp", options.allow_no_dp)) if on]
     return shlex.join(args)

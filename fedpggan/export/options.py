@@ -42,6 +42,7 @@ class ExportOptions:
     device: str = "cpu"
     chunk_size: int = 500
     overwrite: bool = False
+    audit_report: str | None = None  # where `fedpggan audit --out` wrote (default: the run folder)
     allow_unaudited: bool = False
     allow_no_dp: bool = False
 

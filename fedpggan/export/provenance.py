@@ -3,7 +3,8 @@
 Export is post-processing of the generator, so the images inherit exactly the run's DP
 guarantee -- which is only worth stating if the ledger is intact (its hash matches run.json),
 self-consistent, within every site's budget, covers the exported checkpoint, and has been
-audited. Anything else is refused in one line before any image is made.
+audited as it is now (the audit's recorded content hashes match). Anything else is refused in
+one line before any image is made.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedpggan.audit.runner import audited_content
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import sha256_file
 from fedpggan.runs import RunFolder
@@ -28,12 +30,14 @@ class Provenance:
     checkpoint: Path
     checkpoint_sha256: str
     checkpoint_round: int
-    audit: dict[str, Any]            # {"status": "passed" | "failed" | "unaudited", "date": str | None}
+    audit: dict[str, Any]            # {"status": "passed" | "failed" | "unaudited", "date", "report", "reason"}
     evaluation: dict[str, Any] | None
 
 
-def verify_run(folder: RunFolder, checkpoint: str | None, allow_unaudited: bool, allow_no_dp: bool) -> Provenance:
-    """Every check an export needs; raises :class:`FedPGGANError` naming the file and the fix."""
+def verify_run(folder: RunFolder, checkpoint: str | None, allow_unaudited: bool, allow_no_dp: bool,
+               audit_report: str | None = None) -> Provenance:
+    """Every check an export needs; raises :class:`FedPGGANError` naming the file and the fix.
+    ``audit_report`` is where ``fedpggan audit --out`` wrote (default: the run folder)."""
     run = folder.read_run()
     ledger = read_ledger(folder, run)
     if ledger.get("dp"):
@@ -42,11 +46,10 @@ def verify_run(folder: RunFolder, checkpoint: str | None, allow_unaudited: bool,
         raise FedPGGANError(f"{folder.ledger_json}: the run was trained WITHOUT differential privacy; "
                             "pass --allow-no-dp to export anyway (the datasheet will say NO PRIVACY GUARANTEE)")
     path, sha, round_num = pick_checkpoint(folder, checkpoint, ledger)
-    audit = audit_status(folder)
+    audit = audit_status(folder, run, audit_report)
     if audit["status"] != "passed" and not allow_unaudited:
-        what = "is missing" if audit["status"] == "unaudited" else f"says the audit FAILED ({audit['date']})"
-        raise FedPGGANError(f"{folder.root / AUDIT_FILE}: {what}; run `fedpggan audit {folder.root}` and fix the run, "
-                            "or pass --allow-unaudited (the datasheet will say UNAUDITED)")
+        raise FedPGGANError(f"{audit['report']}: {audit['reason']}; or pass --allow-unaudited "
+                            "(the datasheet will say UNAUDITED)")
     evaluation = folder.read_json(folder.root / EVALUATION_FILE) if (folder.root / EVALUATION_FILE).is_file() else None
     return Provenance(run, ledger, path, sha, round_num, audit, evaluation)
 
@@ -101,11 +104,36 @@ def pick_checkpoint(folder: RunFolder, spec: str | None, ledger: dict[str, Any])
     return path, sha, recorded[sha]
 
 
-def audit_status(folder: RunFolder) -> dict[str, Any]:
-    """What ``fedpggan audit`` concluded (RUN/audit.json: ``passed``, ``date``), or unaudited."""
-    path = folder.root / AUDIT_FILE
+def audit_report_path(folder: RunFolder, spec: str | None) -> Path:
+    """RUN/audit.json, or ``--audit-report``: an audit.json or the folder ``fedpggan audit --out`` wrote."""
+    if spec is None:
+        return folder.root / AUDIT_FILE
+    path = Path(spec).expanduser()
+    path = path / AUDIT_FILE if path.is_dir() else path
     if not path.is_file():
-        return {"status": "unaudited", "date": None}
-    audit = folder.read_json(path)
-    passed = isinstance(audit, dict) and audit.get("passed") is True
-    return {"status": "passed" if passed else "failed", "date": audit.get("date") if isinstance(audit, dict) else None}
+        raise FedPGGANError(f"--audit-report {spec}: no {AUDIT_FILE} there; give the file or the folder that "
+                            f"`fedpggan audit {folder.root} --out DIR` wrote")
+    return path
+
+
+def audit_status(folder: RunFolder, run: dict[str, Any], spec: str | None = None) -> dict[str, Any]:
+    """What ``fedpggan audit`` concluded about the run *as it is now*: a verdict counts only while
+    the ledger and options it audited (their hashes, in audit.json) are the run's current ones."""
+    path = audit_report_path(folder, spec)
+    audit = folder.read_json(path) if path.is_file() else None
+    status = {"status": "unaudited", "date": None, "report": str(path), "reason": None}
+    if audit is None:
+        return {**status, "reason": f"is missing; run `fedpggan audit {folder.root}` (an audit written with "
+                                    "--out DIR: pass --audit-report DIR)"}
+    if not isinstance(audit, dict):
+        return {**status, "reason": f"is not a `fedpggan audit` report; run `fedpggan audit {folder.root}`"}
+    status["date"] = audit.get("date")
+    if audit.get("content") != audited_content(folder, run):
+        what = ("records no content hashes (written by an older fedpggan)" if "content" not in audit else
+                "audited other content than this run's ledger and options now (the run changed since, or the "
+                "report is another run's)")
+        return {**status, "reason": f"{what}; run `fedpggan audit {folder.root}` again"}
+    if audit.get("passed") is not True:
+        return {**status, "status": "failed", "reason": f"says the audit FAILED ({status['date']}); run "
+                                                         f"`fedpggan audit {folder.root}` and fix the run"}
+    return {**status, "status": "passed"}
