@@ -208,6 +208,44 @@ def test_rgb_run_layout_resampling_and_no_dp_gate(rgb_run, tmp_path):
     assert "NO PRIVACY GUARANTEE" in markdown and "UNAUDITED" in markdown and "NOT MEDICAL DATA" not in markdown
 
 
+def test_a_run_without_dp_is_refused_once_naming_every_flag_and_the_datasheet_says_what_was_promised(
+        rgb_run, tmp_path, capsys):
+    run = copy_run(rgb_run, tmp_path)
+    for given, needed, says in (((), "--allow-no-dp --allow-unaudited", "NO PRIVACY GUARANTEE and UNAUDITED"),
+                                (("--allow-no-dp",), "pass --allow-unaudited (", "NO PRIVACY GUARANTEE and UNAUDITED")):
+        assert cli(run, "--out", tmp_path / "refused", "--n", 10, *given) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "can never pass `fedpggan audit`" in err and needed in err
+        assert f"(the datasheet will say {says})" in err and "fix the run" not in err
+    assert main(["audit", str(run)]) == 1  # audited now: it fails, as a run without DP must
+    capsys.readouterr()
+    assert cli(run, "--out", tmp_path / "refused", "--n", 10, "--allow-no-dp") == 2
+    assert "(the datasheet will say NO PRIVACY GUARANTEE and AUDIT FAILED)" in capsys.readouterr().err
+    assert cli(run, "--out", tmp_path / "o", "--n", 10, "--allow-no-dp", "--allow-unaudited") == 0
+    markdown = (tmp_path / "o" / "DATASHEET.md").read_text()
+    assert "NO PRIVACY GUARANTEE" in markdown and "AUDIT FAILED (" in markdown and "UNAUDITED" not in markdown
+    assert "dp: the ledger records no differential privacy" in markdown
+
+
+def test_a_failed_audit_is_refused_with_its_violation_and_exported_as_audit_failed(tmp_path, capsys):
+    """A run whose noise came from --seed fails the audit: retraining, not 'fixing the run', is the way."""
+    data = phantom_npz(tmp_path / "phantom.npz", channels=1, seed=0)
+    run = tmp_path / "seeded"
+    train_centralised(RunConfig(dataset=str(data), epochs=1, g_width=16, d_width=8, batch_size=8, d_steps=2,
+                                g_batch_size=16, epsilon=2, accountant="rdp", noise_key="seed", out=str(run)))
+    assert main(["audit", str(run)]) == 1
+    capsys.readouterr()
+    assert cli(run, "--out", tmp_path / "refused", "--n", 10) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "says the audit FAILED" in err and "retrain with --noise-key secret" in err
+    assert err.strip().endswith("or pass --allow-unaudited to export anyway (the datasheet will say AUDIT FAILED)")
+    assert cli(run, "--out", tmp_path / "o", "--n", 10, "--allow-unaudited") == 0
+    sheet = json.loads((tmp_path / "o" / "datasheet.json").read_text())
+    assert sheet["audit"]["status"] == "failed" and any("AUDIT FAILED" in w and "--noise-key secret" in w
+                                                        for w in sheet["warnings"])
+    assert "UNAUDITED" not in (tmp_path / "o" / "DATASHEET.md").read_text()
+
+
 def _bump(ledger, eps):
     ledger["sites"]["central"]["epsilon"] = ledger["guarantee"]["epsilon"] = eps
 

@@ -39,9 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the audit.json (or its folder) of `fedpggan audit RUN --out DIR` (default: RUN/audit.json); "
                         "it must have audited the run as it is now")
     p.add_argument("--allow-unaudited", action="store_true",
-                   help="export without a passing RUN/audit.json (the datasheet says UNAUDITED)")
+                   help="export without a passing audit of the run as it is now (the datasheet says UNAUDITED, or "
+                        "AUDIT FAILED when the audit failed)")
     p.add_argument("--allow-no-dp", action="store_true",
-                   help="export a run trained without DP (the datasheet says NO PRIVACY GUARANTEE)")
+                   help="export a run trained without DP (the datasheet says NO PRIVACY GUARANTEE); such a run can "
+                        "never pass the audit, so it also needs --allow-unaudited")
     p.set_defaults(func=run)
 
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedpggan.export.provenance import Provenance
+from fedpggan.export.provenance import AUDIT_LABELS, Provenance
 from fedpggan.io import sha256_json
 from fedpggan.runs import library_versions, now_iso
 
@@ -45,10 +45,12 @@ def build_datasheet(prov: Provenance, export: dict[str, Any]) -> dict[str, Any]:
     if not dp:
         warnings.append("NO PRIVACY GUARANTEE: the run was trained without differential privacy; these images "
                         "may reveal the training images.")
-    if prov.audit["status"] != "passed":
-        warnings.append("UNAUDITED: no passing `fedpggan audit` of this run; its privacy claims are unchecked."
-                        if prov.audit["status"] == "unaudited" else
-                        f"AUDIT FAILED ({prov.audit['date']}): the run's privacy claims did not survive the audit.")
+    if prov.audit["status"] == "unaudited":
+        warnings.append(f"{AUDIT_LABELS['unaudited']}: no `fedpggan audit` of this run as it is now; its privacy "
+                        "claims are unchecked.")
+    elif prov.audit["status"] == "failed":
+        warnings.append(f"{AUDIT_LABELS['failed']} ({prov.audit['date']}): the run's privacy claims did not survive "
+                        "the audit" + "".join(f"; {v}" for v in prov.audit.get("violations", [])) + ".")
     sites = ledger.get("sites", {})
     return {
         "format": 1,

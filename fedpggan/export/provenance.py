@@ -21,6 +21,8 @@ from fedpggan.runs import RunFolder
 
 AUDIT_FILE = "audit.json"
 EVALUATION_FILE = "evaluation.json"
+# What the datasheet says of an export without a passing audit; the refusals promise the same words.
+AUDIT_LABELS = {"unaudited": "UNAUDITED", "failed": "AUDIT FAILED"}
 
 
 @dataclass(frozen=True)
@@ -42,14 +44,19 @@ def verify_run(folder: RunFolder, checkpoint: str | None, allow_unaudited: bool,
     ledger = read_ledger(folder, run)
     if ledger.get("dp"):
         check_budgets(folder.ledger_json, ledger)
-    elif not allow_no_dp:
-        raise FedPGGANError(f"{folder.ledger_json}: the run was trained WITHOUT differential privacy; "
-                            "pass --allow-no-dp to export anyway (the datasheet will say NO PRIVACY GUARANTEE)")
     path, sha, round_num = pick_checkpoint(folder, checkpoint, ledger)
     audit = audit_status(folder, run, audit_report)
-    if audit["status"] != "passed" and not allow_unaudited:
-        raise FedPGGANError(f"{audit['report']}: {audit['reason']}; or pass --allow-unaudited "
-                            "(the datasheet will say UNAUDITED)")
+    label = AUDIT_LABELS.get(audit["status"])
+    if not ledger.get("dp"):
+        needed = [flag for flag, given in (("--allow-no-dp", allow_no_dp), ("--allow-unaudited", allow_unaudited)) if not given]
+        if needed:
+            says = " and ".join(["NO PRIVACY GUARANTEE", *([label] if label else [])])
+            raise FedPGGANError(f"{folder.ledger_json}: the run was trained WITHOUT differential privacy, so it has no "
+                                f"privacy guarantee and can never pass `fedpggan audit`; to export it anyway pass "
+                                f"{' '.join(needed)} (the datasheet will say {says})")
+    elif label and not allow_unaudited:
+        raise FedPGGANError(f"{audit['report']}: {audit['reason']}; or pass --allow-unaudited to export anyway "
+                            f"(the datasheet will say {label})")
     evaluation = folder.read_json(folder.root / EVALUATION_FILE) if (folder.root / EVALUATION_FILE).is_file() else None
     return Provenance(run, ledger, path, sha, round_num, audit, evaluation)
 
@@ -134,6 +141,8 @@ def audit_status(folder: RunFolder, run: dict[str, Any], spec: str | None = None
                 "report is another run's)")
         return {**status, "reason": f"{what}; run `fedpggan audit {folder.root}` again"}
     if audit.get("passed") is not True:
-        return {**status, "status": "failed", "reason": f"says the audit FAILED ({status['date']}); run "
-                                                         f"`fedpggan audit {folder.root}` and fix the run"}
+        found = [f"{v.get('field')}: {v.get('reason')}" for v in audit.get("violations") or [] if isinstance(v, dict)]
+        more = f" (and {len(found) - 1} more in its AUDIT.md)" if len(found) > 1 else ""
+        return {**status, "status": "failed", "violations": found,
+                "reason": f"says the audit FAILED ({status['date']})" + (f": {found[0]}{more}" if found else "")}
     return {**status, "status": "passed"}
