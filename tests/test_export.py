@@ -315,6 +315,32 @@ def test_an_audit_written_with_out_is_used_through_audit_report(gray_run, tmp_pa
     assert "--audit-report" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+def test_a_quick_evaluation_its_real_data_and_collapsed_classes_reach_the_datasheet(gray_run, tmp_path):
+    run = copy_run(gray_run, tmp_path)
+    assert main(["evaluate", str(run), "--quick", "--device", "cpu"]) == 0
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert evaluation["settings"]["quick"] is True and "1 seed(s) (report: 3)" in evaluation["settings"]["short_of_report"]
+    assert cli(run, "--out", tmp_path / "o", "--n", 20) == 0
+    sheet = json.loads((tmp_path / "o" / "datasheet.json").read_text())
+    quality = sheet["quality"]
+    assert quality["quick"] is True and quality["settings"]["seeds"] == [0] and quality["settings"]["n_synthetic"] == 1000
+    assert quality["real_data"] == {"name": evaluation["dataset"]["name"], "spec": evaluation["dataset"]["spec"],
+                                    "n_train": 64, "n_test": 64} and quality["real_data"]["spec"].endswith("phantom.npz")
+    assert quality["collapsed_classes"] == evaluation["diversity"]["collapsed"]
+    assert any(w.startswith("QUICK EVALUATION") and "100 classifier steps (report: 400)" in w for w in sheet["warnings"])
+    markdown = (tmp_path / "o" / "DATASHEET.md").read_text()
+    assert "> **QUICK EVALUATION" in markdown and "**QUICK evaluation**" in markdown
+    assert f"- real data: {evaluation['dataset']['spec']}, 64 train / 64 test images" in markdown
+
+    evaluation["diversity"]["collapsed"] = ["no lesion", "lesion"]   # as EVALUATION.md flags them
+    (run / "evaluation.json").write_text(json.dumps(evaluation))
+    sheet = export_run(run, tmp_path / "collapsed", ExportOptions(n=10, formats=("npz",)))
+    assert sheet["quality"]["collapsed_classes"] == ["no lesion", "lesion"]
+    assert any(w.startswith("COLLAPSED CLASSES: no lesion, lesion") for w in sheet["warnings"])
+    markdown = (tmp_path / "collapsed" / "DATASHEET.md").read_text()
+    assert "> **COLLAPSED CLASSES: no lesion, lesion" in markdown and "- collapsed classes: **no lesion, lesion**" in markdown
+
+
 def test_never_overwrites_the_run_folder(gray_run, tmp_path):
     with pytest.raises(FedPGGANError, match="run folder"):
         export_run(gray_run, gray_run, ExportOptions(n=10, overwrite=True))

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedpggan.build import pick_device
+from fedpggan.commands.evaluate import DEFAULTS as REPORT_DEFAULTS
 from fedpggan.data import ImageDataset, open_dataset
 from fedpggan.errors import FedPGGANError
 from fedpggan.evaluation.classifier import WIDTHS, TrainingBudget, embed
@@ -74,7 +75,8 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
         "device": str(dev),
         "settings": {"n_synthetic": n_synthetic, "seeds": seeds, "generator": generator, "labels": "balanced",
                      "classifier": CLASSIFIER, "classifier_budget": budget_text(budget), "lr": budget.lr,
-                     "feature_reference": "real test split", "prdc_nearest_k": NEAREST_K},
+                     "feature_reference": "real test split", "prdc_nearest_k": NEAREST_K,
+                     **smaller_than_report(n_synthetic, len(seeds), budget)},
         "tstr": utility["tstr"], "trtr": trtr_summary,
         "fid": frechet_distance(real_feats, fake_feats),
         "prdc": prdc_scores(real_feats, fake_feats[pick]),
@@ -91,6 +93,17 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
     print(text)
     print(f"written: {out / 'evaluation.json'}, {out / 'EVALUATION.md'}, {out / 'evaluation_grid.png'}")
     return result
+
+
+def smaller_than_report(n_synthetic: int, num_seeds: int, budget: TrainingBudget) -> dict[str, Any]:
+    """``quick``: the evaluation is smaller than the report defaults (as ``--quick`` makes it), so its
+    figures are a smoke check; ``short_of_report`` says where, for whoever quotes the figures."""
+    short = [f"{have} {what} (report: {want})" for have, want, what in (
+        (n_synthetic, REPORT_DEFAULTS["n_synthetic"], "synthetic images"),
+        (num_seeds, REPORT_DEFAULTS["seeds"], "seed(s)"),
+        (budget.steps if budget.epochs is None else None, REPORT_DEFAULTS["steps"], "classifier steps"))
+        if have is not None and have < want]
+    return {"quick": bool(short), "short_of_report": short}
 
 
 def budget_text(budget: TrainingBudget) -> str:

@@ -51,6 +51,8 @@ def build_datasheet(prov: Provenance, export: dict[str, Any]) -> dict[str, Any]:
     elif prov.audit["status"] == "failed":
         warnings.append(f"{AUDIT_LABELS['failed']} ({prov.audit['date']}): the run's privacy claims did not survive "
                         "the audit" + "".join(f"; {v}" for v in prov.audit.get("violations", [])) + ".")
+    quality = quality_summary(prov.evaluation, prov.checkpoint_sha256)
+    warnings += quality_warnings(quality)
     sites = ledger.get("sites", {})
     return {
         "format": 1,
@@ -72,7 +74,7 @@ def build_datasheet(prov: Provenance, export: dict[str, Any]) -> dict[str, Any]:
         "generator": {"checkpoint": prov.checkpoint.name, "round": prov.checkpoint_round,
                       "sha256": prov.checkpoint_sha256, "weights": "EMA"},
         "export": export,
-        "quality": quality_summary(prov.evaluation, prov.checkpoint_sha256),
+        "quality": quality,
         "versions": library_versions(),
         "intended_use": INTENDED_USE,
         "limitations": LIMITATIONS,
@@ -80,15 +82,39 @@ def build_datasheet(prov: Provenance, export: dict[str, Any]) -> dict[str, Any]:
 
 
 def quality_summary(evaluation: dict[str, Any] | None, checkpoint_sha256: str) -> dict[str, Any] | None:
-    """Headline figures of ``fedpggan evaluate`` (RUN/evaluation.json), flattened, and whether
-    they were measured on the checkpoint being exported."""
+    """Headline figures of ``fedpggan evaluate`` (RUN/evaluation.json), flattened, with what they
+    rest on (the real data, the evaluation's size) and what it flagged (collapsed classes), and
+    whether they were measured on the checkpoint being exported."""
     if not isinstance(evaluation, dict):
         return None
     picked = {k: evaluation[k] for k in QUALITY_KEYS if k in evaluation} or evaluation
     evaluated = (evaluation.get("checkpoint") or {}).get("sha256")
+    settings, real = evaluation.get("settings") or {}, evaluation.get("dataset") or {}
+    diversity = evaluation.get("diversity") or {}
     return {"figures": dict(flatten(picked)), "created": evaluation.get("created"),
             "evaluated_checkpoint_sha256": evaluated,
-            "same_checkpoint": evaluated == checkpoint_sha256 if evaluated else None}
+            "same_checkpoint": evaluated == checkpoint_sha256 if evaluated else None,
+            "real_data": {k: real.get(k) for k in ("name", "spec", "n_train", "n_test")} if real else None,
+            "settings": {k: settings.get(k) for k in ("n_synthetic", "seeds", "classifier_budget", "generator")},
+            "quick": settings.get("quick"), "short_of_report": settings.get("short_of_report", []),
+            "collapsed_classes": diversity.get("collapsed"), "collapse_threshold": diversity.get("threshold")}
+
+
+def quality_warnings(quality: dict[str, Any] | None) -> list[str]:
+    """What the evaluation flagged, for the datasheet's warnings: figures that are a smoke check,
+    classes the generators collapsed."""
+    if quality is None:
+        return []
+    warnings = []
+    if quality["quick"]:
+        warnings.append(f"QUICK EVALUATION: the quality figures come from a smoke check "
+                        f"({', '.join(quality['short_of_report'])}), not figures to report; run `fedpggan evaluate` "
+                        "without --quick.")
+    if quality["collapsed_classes"]:
+        warnings.append(f"COLLAPSED CLASSES: {', '.join(quality['collapsed_classes'])}: the evaluation found these "
+                        f"classes' synthetic images far less varied than the real ones (diversity ratio below "
+                        f"{quality['collapse_threshold']}).")
+    return warnings
 
 
 def write_datasheet(folder: Path, sheet: dict[str, Any]) -> None:
@@ -142,8 +168,17 @@ def quality_lines(quality: dict[str, Any] | None) -> list[str]:
         return ["Not evaluated (run `fedpggan evaluate` on the run to add TSTR AUC and other figures)."]
     note = {True: "on the exported checkpoint", False: "on a DIFFERENT checkpoint than the one exported",
             None: "checkpoint not recorded"}[quality["same_checkpoint"]]
-    return ([f"From `fedpggan evaluate` ({quality['created']}, {note}):", ""]
-            + [f"- {k}: {num(v)}" for k, v in quality["figures"].items()])
+    real, settings, collapsed = quality["real_data"], quality["settings"], quality["collapsed_classes"]
+    size = {True: "**QUICK evaluation** (a smoke check: " + ", ".join(quality["short_of_report"]) + ")",
+            False: "at least the report defaults", None: "size against the report defaults not recorded"}[quality["quick"]]
+    return [f"From `fedpggan evaluate` ({quality['created']}, {note}):", "",
+            "- real data: " + (f"{real['name']}" + (f" (`{real['spec']}`)" if real["spec"] != real["name"] else "")
+                               + f", {real['n_train']} train / {real['n_test']} test images" if real else "not recorded"),
+            (f"- evaluation: {settings['n_synthetic']} synthetic images, seeds {settings['seeds']}, classifier "
+             f"{settings['classifier_budget']}; {size}" if settings["n_synthetic"] else "- evaluation: settings not recorded"),
+            "- collapsed classes: " + ("not recorded" if collapsed is None else
+                                       f"**{', '.join(collapsed)}**" if collapsed else "none"), ""] \
+        + [f"- {k}: {num(v)}" for k, v in quality["figures"].items()]
 
 
 def num(value: Any) -> str:
