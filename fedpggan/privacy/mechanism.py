@@ -1,8 +1,9 @@
 """The DP mechanism a site of n records runs under a run's config, fixed before it trains.
 
-One definition of what client/site_round.py (ensure_mechanism), server/federated_run.py
-(mechanism_for) and the centralised trainer calibrate, so that a check made before a run
-starts (fedpggan/preflight.py) fails exactly when they would.
+The calibration that client/site_round.py (ensure_mechanism), server/federated_run.py
+(mechanism_for) and fedpggan/train.py each write out, as one function with the same calls and
+arguments, so that a check made before a run starts (fedpggan/preflight.py) fails exactly when
+they would; those three are meant to call it too.
 """
 
 from __future__ import annotations
