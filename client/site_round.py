@@ -24,10 +24,10 @@ from fedpggan.config import RunConfig
 from fedpggan.data import ImageDataset
 from fedpggan.data.sources import public_name
 from fedpggan.errors import FedPGGANError
-from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, calibrate_noise, default_delta, epsilon_of, extend_history
+from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, epsilon_of, extend_history
 from fedpggan.io import atomic_write_bytes
-from fedpggan.privacy.dp_discriminator import sample_rate
-from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise, release_sum
+from fedpggan.privacy.mechanism import site_mechanism
+from fedpggan.privacy.feature_release import features_for, release_entry, release_sum
 from fedpggan.privacy.noise import SecretNoise, SeededNoise, new_secret_key
 from fedpggan.privacy.secure_sum import release_share_noise, top_up_noise
 from pggan_model import PGGAN, GeneratorTrainer
@@ -50,15 +50,12 @@ def ensure_mechanism(state: SiteState, cfg: RunConfig, num_records: int) -> None
     for the whole planned run so that the final epsilon meets the budget."""
     if state.noise_multiplier is not None:
         return
-    state.sample_rate = sample_rate(num_records, cfg.batch_size)
-    state.delta = cfg.delta or default_delta(num_records)
     state.budget_epsilon = cfg.epsilon
     state.accountant = cfg.accountant
     state.planned_steps = cfg.rounds * cfg.local_steps
-    if cfg.embedding_weight > 0:
-        state.release_noise = release_noise(cfg.epsilon, cfg.embedding_share, state.delta, cfg.accountant)
-    state.noise_multiplier = calibrate_noise(cfg.epsilon, state.delta, state.sample_rate, state.planned_steps,
-                                             cfg.accountant, release_history(state.release_noise))
+    mechanism = site_mechanism(cfg, num_records, state.planned_steps)
+    state.sample_rate, state.delta, state.release_noise = mechanism.sample_rate, mechanism.delta, mechanism.release_noise
+    state.noise_multiplier = mechanism.noise_multiplier
     state.save()
 
 

@@ -28,7 +28,7 @@ LEAVES = ("discriminator weights after DP-SGD (per-sample clipped, Gaussian nois
           "privacy spend per round: epsilon, delta, noise multiplier, sample rate, steps",
           "one DP release of per-class mean image embeddings (noised, counted in epsilon); in a secure release "
           "instead a one-run public key (signed with the node key when peer-keys is set) and the masked share",
-          "public facts: site id, number of images, image size, channels, class names, dataset name",
+          "public facts: site id, number of images, image size, channels, class names, dataset name (its MedMNIST name or 'site data')",
           "how long the site's round took (the coordinator sees the reply's arrival time anyway)")
 STAYS = ("images and labels", "un-noised per-class counts, losses or accuracies on real images",
          "the data path and the state directory (the accountant history and the secret noise key)")

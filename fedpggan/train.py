@@ -19,10 +19,11 @@ from fedpggan.build import build_gan, open_training_data, pick_device, prior_ten
 from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.plots import save_curves, save_sample_grid
-from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, calibrate_noise, default_delta
-from fedpggan.privacy.dp_discriminator import mechanism_name, sample_rate
-from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise, release_sum
+from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings
+from fedpggan.privacy.dp_discriminator import mechanism_name
+from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_sum
 from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
+from fedpggan.privacy.mechanism import site_mechanism
 from fedpggan.privacy.noise import SEEDED_NOISE_WARNING, SecretNoise, SeededNoise, new_secret_key
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
 from fedpggan.train_resume import restore
@@ -55,10 +56,7 @@ def train_centralised(cfg: RunConfig, resume: bool = False) -> Path:
 
     privacy, release, delta, q = None, None, None, None
     if cfg.dp:
-        delta = cfg.delta or default_delta(n)
-        q = sample_rate(n, cfg.batch_size)
-        release = release_noise(cfg.epsilon, cfg.embedding_share, delta, cfg.accountant) if cfg.embedding_weight > 0 else None
-        sigma = calibrate_noise(cfg.epsilon, delta, q, total_d_steps, cfg.accountant, release_history(release))
+        sigma, q, delta, release = site_mechanism(cfg, n, total_d_steps)
         privacy = PrivacySettings(sigma, cfg.max_grad_norm, delta, cfg.accountant, cfg.grad_sample_mode,
                                   cfg.fake_gradients)
     if not resume:  # made once the model and the noise are known to work: a bad option leaves no folder

@@ -27,11 +27,12 @@ from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes
 from fedpggan.plots import save_curves, save_sample_grid
-from fedpggan.privacy import calibrate_noise, default_delta, epsilon_of
-from fedpggan.privacy.dp_discriminator import mechanism_name, sample_rate
-from fedpggan.privacy.feature_release import features_for, release_entry, release_history, release_noise
+from fedpggan.privacy import epsilon_of
+from fedpggan.privacy.dp_discriminator import mechanism_name
+from fedpggan.privacy.feature_release import features_for, release_entry, release_history
 from fedpggan.privacy.secure_sum import SECURE_SUM_ASSUMPTION, epsilon_if_all_other_sites_collude, release_share_noise
 from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
+from fedpggan.privacy.mechanism import Mechanism, site_mechanism
 from fedpggan.privacy.noise import SEEDED_NOISE_WARNING
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
 from fedpggan.wire import site_error, train_content
@@ -60,7 +61,7 @@ class FederatedRun:
         self.folder = RunFolder(cfg.out or default_run_dir(), cfg.keep_checkpoints)
         self.device = pick_device(cfg.device)
         self.sites: dict[int, dict[str, Any]] = {}  # node id -> public facts
-        self.expected_mechanism: dict[int, tuple[float, float, float, float | None]] = {}  # site size -> mechanism
+        self.expected_mechanism: dict[int, Mechanism] = {}  # site size -> mechanism
         self.collusion_epsilon: dict[tuple[int, int], float] = {}  # (site size, N of its share) -> worst case of a secure release
         self.failed_rounds = 0
 
@@ -181,17 +182,11 @@ class FederatedRun:
                           epsilon_if_all_other_sites_collude=worst[num_records, share_made_for])
         return record
 
-    def mechanism_for(self, num_records: int) -> tuple[float, float, float, float | None]:
+    def mechanism_for(self, num_records: int) -> Mechanism:
         """(sigma, q, delta, release sigma) a site of this (public) size must use; the server checks
         replies against it, so a site reporting a spend inconsistent with the config is excluded."""
-        cfg = self.cfg
-        q = sample_rate(num_records, cfg.batch_size)
-        delta = cfg.delta or default_delta(num_records)
         if num_records not in self.expected_mechanism:
-            release = release_noise(cfg.epsilon, cfg.embedding_share, delta, cfg.accountant) if cfg.embedding_weight > 0 else None
-            sigma = calibrate_noise(cfg.epsilon, delta, q, cfg.rounds * cfg.local_steps, cfg.accountant,
-                                    release_history(release))
-            self.expected_mechanism[num_records] = (sigma, q, delta, release)
+            self.expected_mechanism[num_records] = site_mechanism(self.cfg, num_records, self.cfg.rounds * self.cfg.local_steps)
         return self.expected_mechanism[num_records]
 
     def restore(self) -> int:

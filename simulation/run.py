@@ -26,7 +26,7 @@ from fedpggan.data import partition, partition_summary, partition_table
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json
 from fedpggan.preflight import check_federated_budget, check_image_size
-from fedpggan.runs import RunFolder, config_to_resume, default_run_dir
+from fedpggan.runs import RunFolder, config_to_resume, default_run_dir, refuse_options_with_resume
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -105,10 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    given = [config.flag(n) for n in [*OPTIONS, "config"] if getattr(args, n, None) is not None]
-    if args.resume and given:
-        raise FedPGGANError(f"--resume continues {args.resume} with its own configuration; drop --{given[0]} "
-                            "(start a new run to change options)")
+    if args.resume:
+        refuse_options_with_resume(args, OPTIONS)
     cfg = None if args.resume else config.resolve(args, OPTIONS)
     simulate(cfg, args.resume)
     return 0

@@ -431,3 +431,13 @@ def test_a_site_tells_the_coordinator_its_dataset_by_public_name_never_by_path(t
     assert facts[private]["dataset"] == facts[folder]["dataset"] == "site data"
     assert facts[benchmark]["dataset"] == "pneumoniamnist"
     assert not any(str(tmp_path) in str(v) or "hiv" in str(v) for f in facts.values() for v in f.values())
+
+
+def test_a_deployed_site_missing_its_data_names_the_node_config_key(tmp_path):
+    from client.site import load_site_data
+    from fedpggan.config import RunConfig
+
+    with pytest.raises(FedPGGANError) as excinfo:
+        load_site_data({"site-id": "hospital-a", "data-path": str(tmp_path / "gone.npz")}, RunConfig())
+    message = one_line_error(excinfo, "'data-path'", "gone.npz", "fedpggan site check")
+    assert "--dataset" not in message

@@ -1,9 +1,8 @@
 """The DP mechanism a site of n records runs under a run's config, fixed before it trains.
 
-The calibration that client/site_round.py (ensure_mechanism), server/federated_run.py
-(mechanism_for) and fedpggan/train.py each write out, as one function with the same calls and
-arguments, so that a check made before a run starts (fedpggan/preflight.py) fails exactly when
-they would; those three are meant to call it too.
+The one calibration that client/site_round.py (ensure_mechanism), server/federated_run.py
+(mechanism_for), fedpggan/train.py and the pre-flight check (fedpggan/preflight.py) all call, so
+a check made before a run starts fails exactly when the run would.
 """
 
 from __future__ import annotations
