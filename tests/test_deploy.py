@@ -304,7 +304,7 @@ def test_a_deployed_coordinator_continues_the_run_named_by_resume_from(tmp_path,
     from fedpggan.runs import RunFolder
 
     saved = RunConfig(dataset="phantom", rounds=7, epsilon=3.0).to_flower()
-    (tmp_path / "run.json").write_text(json.dumps({"status": "stopped", "config": saved}))
+    (tmp_path / "run.json").write_text(json.dumps({"kind": "federated", "status": "stopped", "config": saved}))
     seen = {}
 
     class Recorder:  # what FederatedRun would be given
