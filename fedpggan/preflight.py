@@ -1,8 +1,9 @@
-"""What a new training run checks before it makes its run folder.
+"""What a new simulation checks before it makes its run folder and starts Flower's engine.
 
-Otherwise an unsupported image size or an unreachable budget shows only once the trainer (or
-Flower's engine, ~20 s in) builds the model or calibrates the noise, after the folder was
-made. Each check applies the rule training applies, so the two cannot disagree.
+Otherwise an unsupported image size or an unreachable budget shows only once the sites (~20 s
+into the engine's start) build the model or calibrate the noise, after the folder was made.
+Each check applies the rule training applies, so the two cannot disagree. (``fedpggan train``
+needs no pre-flight: it builds and calibrates before it makes its folder.)
 """
 
 from __future__ import annotations
@@ -12,19 +13,13 @@ from collections.abc import Iterable
 from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.privacy.accounting import MAX_SIGMA, UnreachableBudget
-from fedpggan.privacy.mechanism import release_for, site_mechanism
+from fedpggan.privacy.mechanism import site_mechanism
 from pggan_model.networks import upsampling_plan
 
 
 def check_image_size(image_size: int, option: str = "--image-size") -> None:
     """The sizes the networks can be built for (pggan_model.networks.upsampling_plan)."""
     upsampling_plan(image_size, option)
-
-
-def check_release(cfg: RunConfig, num_records: int) -> None:
-    """The embedding release's share of the budget can be certified (centralised: one holder)."""
-    if cfg.dp:
-        release_for(cfg, num_records)
 
 
 def check_federated_budget(cfg: RunConfig, site_sizes: Iterable[int]) -> None:

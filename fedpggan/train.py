@@ -54,7 +54,7 @@ def train_centralised(cfg: RunConfig, resume: bool = False) -> Path:
     g_steps_per_epoch = math.ceil(math.ceil(n / cfg.batch_size) / cfg.d_steps)
     total_d_steps = cfg.epochs * g_steps_per_epoch * cfg.d_steps
 
-    privacy, release, delta, q = None, None, None, None
+    privacy, release, q = None, None, None
     if cfg.dp:
         sigma, q, delta, release = site_mechanism(cfg, n, total_d_steps)
         privacy = PrivacySettings(sigma, cfg.max_grad_norm, delta, cfg.accountant, cfg.grad_sample_mode,
@@ -62,7 +62,10 @@ def train_centralised(cfg: RunConfig, resume: bool = False) -> Path:
     if not resume:  # made once the model and the noise are known to work: a bad option leaves no folder
         run.create()
     if resume:
-        resumed = restore(run, g_trainer, release_history(release))
+        planned = None if privacy is None else {"noise_multiplier": privacy.noise_multiplier, "sample_rate": q,
+                                                "delta": privacy.delta, "planned_steps": total_d_steps,
+                                                "public_num_records": n}
+        resumed = restore(run, g_trainer, release_history(release), planned)
         run_info, ledger, first_epoch, history = resumed.run_info, resumed.ledger, resumed.first_epoch, resumed.history
     else:
         run_info, ledger = start(run, cfg, data, privacy, q, total_d_steps, release)
@@ -110,19 +113,20 @@ def train_centralised(cfg: RunConfig, resume: bool = False) -> Path:
         row["t_epoch"] = time.perf_counter() - t0  # training and accounting, as a federated round's t_round
         run.append_metrics(row)  # a resume drops rows past the ledger's last epoch
         bar.set_postfix(d_loss=f"{row['d_loss']:.3f}", eps=f"{row.get('epsilon', math.inf):.2f}")
-        sha = None
+        # The epoch is charged on disk before its weights are, and the ledger and its hash in run.json
+        # move in step, so an interrupted run audits, exports and resumes as it stands.
+        ledger.save()
+        run.write_run(run_info)
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
             path = run.checkpoint_path(epoch)
             sha = save_checkpoint(path, gan, generator_optim=g_trainer.state_dict(), run_config=cfg.to_flower(), round=epoch,
                                   embedding_means=means)
             ledger.record_checkpoint(epoch, path.name, sha)
+            ledger.save()
+            run.write_run(run_info)
+            run.record_checkpoint(epoch, sha)  # listed (and older ones rotated) only once the ledger vouches for it
             save_sample_grid(gan, run.samples / f"epoch_{epoch:05d}.png", data.class_names,
                              title=f"{data.name} epoch {epoch}")
-        # The ledger and its hash in run.json move in step, so an interrupted run audits and exports as it stands.
-        ledger.save()
-        run.write_run(run_info)
-        if sha is not None:  # listed (and older ones rotated) only once the ledger vouches for it
-            run.record_checkpoint(epoch, sha)
     save_curves(run.read_metrics(), "epoch", CURVE_PANELS, run.curves / "training.png")
     run_info.update(status="completed", ended=now_iso(), final_epsilon=ledger.data["guarantee"]["epsilon"])
     run.write_run(run_info)

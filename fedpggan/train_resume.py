@@ -35,10 +35,15 @@ class Resumed:
     embedding_noise_ratio: float
 
 
-def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History) -> Resumed:
+def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History, planned: dict[str, float] | None) -> Resumed:
     """Load the newest verified checkpoint into ``g_trainer``'s GAN; the ledger, accountant
-    history and metrics as of the last recorded epoch. ``release`` is the release's history."""
+    history and metrics as of the last recorded epoch. ``release`` is the release's history and
+    ``planned`` the mechanism the data and options give now (None without DP): it must be the
+    one the ledger registered, or the resumed epochs would spend under another calibration."""
     info = run.read_run()
+    if not run.ledger_json.is_file():
+        raise FedPGGANError(f"{run.ledger_json}: missing; a run cannot be resumed without its privacy ledger "
+                            "(restore it from a backup, or start a new run)")
     if info.get("ledger_sha256") != sha256_file(run.ledger_json):
         raise FedPGGANError(f"{run.ledger_json}: differs from the hash {run.run_json.name} recorded; restore the run's "
                             "original ledger (a resumed run must not build on an edited spend record)")
@@ -50,6 +55,12 @@ def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History) -> Re
     g_trainer.load_state_dict(payload["generator_optim"])
     set_rng_state(payload["rng"])
     ledger = PrivacyLedger.load(run.ledger_json, run.read_json(run.ledger_json))
+    registered = ledger.data["sites"].get("central", {})
+    for key, now in (planned or {}).items():
+        if not math.isclose(float(registered.get(key, math.nan)), float(now), rel_tol=1e-9):
+            raise FedPGGANError(f"{run.root}: {key} would be {now:.6g} now but the run's ledger registered "
+                                f"{registered.get(key)}: the training data or run.json changed since the run started; "
+                                "resume with the run's own data and options, or start a new run")
     history, last = list(release), int(entry["round"])
     for site in ledger.data["sites"].values():
         for r in site["rounds"]:

@@ -212,7 +212,8 @@ class FederatedRun:
         return [n for n in self.sites if self.ledger.site(self.site_id(n))["status"] == "active"]
 
     def select(self, round_num: int) -> list[int]:
-        return sample_sites(self.active_nodes(), self.cfg.fraction, derived_seed(self.cfg.seed, round_num, SERVER_STREAM))
+        return sample_sites({n: self.site_id(n) for n in self.active_nodes()}, self.cfg.fraction,
+                            derived_seed(self.cfg.seed, round_num, SERVER_STREAM))
 
     def run_round(self, round_num: int) -> str:
         cfg, t0 = self.cfg, time.perf_counter()
@@ -470,13 +471,15 @@ class FederatedRun:
               f"{self.ledger.data['guarantee']['epsilon'] if self.cfg.dp else 'no DP'}")
 
 
-def sample_sites(nodes: list[int], fraction: float, seed: int) -> list[int]:
-    """A seeded ``fraction`` of ``nodes`` (at least one). Indices are drawn, not the IDs: Flower's
-    node IDs are unsigned 64-bit, and numpy would turn IDs above 2**63 into rounded floats."""
-    nodes = sorted(nodes)
+def sample_sites(sites: dict[int, str], fraction: float, seed: int) -> list[int]:
+    """A seeded ``fraction`` (at least one) of the nodes in ``sites`` (node ID -> site ID). Drawn
+    over the site IDs, which a restart keeps, so a round redone after --resume selects the same
+    sites (Flower draws new node IDs at every start), and as indices: node IDs are unsigned
+    64-bit, and numpy would turn IDs above 2**63 into rounded floats."""
+    nodes = sorted(sites, key=sites.__getitem__)
     k = max(1, math.ceil(fraction * len(nodes))) if nodes else 0
     if k >= len(nodes):
-        return nodes
+        return sorted(nodes)
     picks = np.random.default_rng(seed).choice(len(nodes), size=k, replace=False)
     return sorted(nodes[i] for i in picks)
 

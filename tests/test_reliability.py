@@ -412,12 +412,15 @@ def test_when_no_site_can_describe_itself_the_error_quotes_a_site_not_a_guess(tm
         run.discover_sites()
 
 
-def test_fraction_samples_flower_node_ids_above_2_to_the_63_exactly():
+def test_fraction_samples_the_same_sites_whatever_node_ids_flower_draws():
     from server.federated_run import sample_sites
 
-    nodes = [2**64 - 5, 2**63 + 7, 12345, 2**63 - 1]  # Flower's node IDs are unsigned 64-bit
+    names = ["0", "1", "2", "3"]
+    big = dict(zip([2**64 - 5, 2**63 + 7, 12345, 2**63 - 1], names))  # Flower's node IDs are unsigned 64-bit
+    small = dict(zip([40, 3, 17, 8], names))  # the same sites after a restart: other node IDs
     for seed in range(20):
-        picked = sample_sites(nodes, 0.5, seed)
-        assert len(picked) == 2 and set(picked) <= set(nodes) and all(isinstance(n, int) for n in picked)
-        assert picked == sample_sites(list(reversed(nodes)), 0.5, seed)  # seeded, independent of reply order
-    assert sample_sites(nodes, 1.0, 0) == sorted(nodes)
+        picked = sample_sites(big, 0.5, seed)
+        assert len(picked) == 2 and set(picked) <= set(big) and all(isinstance(n, int) for n in picked)
+        assert {big[n] for n in picked} == {small[n] for n in sample_sites(small, 0.5, seed)}
+        assert picked == sample_sites(dict(reversed(list(big.items()))), 0.5, seed)  # independent of reply order
+    assert sample_sites(big, 1.0, 0) == sorted(big)

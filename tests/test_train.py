@@ -223,3 +223,24 @@ def test_resume_charges_epochs_lost_after_the_last_checkpoint_and_does_not_redo_
     rounds = json.loads(folder.ledger_json.read_text())["sites"]["central"]["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert main(["audit", str(run)]) == 0
+
+
+def test_resume_refuses_a_run_whose_data_or_options_changed_or_whose_ledger_is_gone(tmp_path, capsys):
+    """The resumed epochs must spend under the mechanism the ledger registered, not a new calibration."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(run)]) == 0
+    folder = RunFolder(run)
+    info = folder.read_run()
+    spent = json.loads(folder.ledger_json.read_text())["guarantee"]["epsilon"]
+    info["status"] = "running"
+    info["config"]["epochs"] = 4  # run.json edited: twice the steps the noise was calibrated for
+    folder.write_run(info)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the run's ledger registered" in err and "changed since the run started" in err and "\n" not in err
+    assert json.loads(folder.ledger_json.read_text())["guarantee"]["epsilon"] == spent  # nothing more was spent
+    folder.ledger_json.unlink()
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "privacy_ledger.json: missing" in err and "\n" not in err

@@ -67,8 +67,9 @@ class Site:
         """Whether the site made its release. A secure one is made before round 1 by every site
         (a left-out site charged it too); a plain one rides on the site's first round, so a site
         that was never sent a round (only ``not_selected`` under --fraction) has not spent it."""
-        return self.release_share is not None or bool(self.rounds) or any(
-            e.get("event") != "not_selected" for e in self.events)
+        never_sent_a_round = not self.rounds and bool(self.events) and all(
+            e.get("event") == "not_selected" for e in self.events)
+        return self.release_share is not None or not never_sent_a_round
 
     @property
     def history(self) -> tuple[tuple[float, float, int], ...]:
