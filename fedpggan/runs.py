@@ -112,6 +112,17 @@ class RunFolder:
             (self.checkpoints / old["file"]).unlink(missing_ok=True)
         atomic_write_json(self.checkpoints / "index.json", entries[-self.keep_checkpoints :])
 
+    def read_verified_ledger(self, run: dict[str, Any], use: str) -> dict[str, Any]:
+        """The ledger, only if it is the one run.json recorded (not edited, swapped or lost since):
+        ``use`` (e.g. "export", "resume") names what needs it, in the one-line refusal."""
+        if not self.ledger_json.is_file():
+            raise FedPGGANError(f"{self.ledger_json}: missing, so the run's privacy cannot be verified; {use} needs the "
+                                "run's original privacy ledger (restore it from a backup)")
+        if run.get("ledger_sha256") != sha256_file(self.ledger_json):
+            raise FedPGGANError(f"{self.ledger_json}: content hash differs from ledger_sha256 in {self.run_json} "
+                                f"(edited or tampered); {use} needs the run's original ledger: restore it")
+        return self.read_json(self.ledger_json)
+
     def verified(self, entry: dict[str, Any]) -> bool:
         """Whether an index entry's file is on disk with the content hash recorded for it."""
         path = self.checkpoints / entry["file"]

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from fedpggan.errors import FedPGGANError
-from fedpggan.io import sha256_file
 from fedpggan.privacy.accounting import History, extend_history
 from fedpggan.privacy.ledger import PrivacyLedger
 from fedpggan.runs import RunFolder, now_iso
@@ -41,12 +40,7 @@ def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History, plann
     ``planned`` the mechanism the data and options give now (None without DP): it must be the
     one the ledger registered, or the resumed epochs would spend under another calibration."""
     info = run.read_run()
-    if not run.ledger_json.is_file():
-        raise FedPGGANError(f"{run.ledger_json}: missing; a run cannot be resumed without its privacy ledger "
-                            "(restore it from a backup, or start a new run)")
-    if info.get("ledger_sha256") != sha256_file(run.ledger_json):
-        raise FedPGGANError(f"{run.ledger_json}: differs from the hash {run.run_json.name} recorded; restore the run's "
-                            "original ledger (a resumed run must not build on an edited spend record)")
+    recorded = run.read_verified_ledger(info, "a resume")  # never build on an edited or lost spend record
     path, entry = run.latest_checkpoint()
     payload = load_checkpoint(path, g_trainer.gan)
     if "embedding_means" not in payload:
@@ -54,7 +48,7 @@ def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History, plann
                             "start a new run")
     g_trainer.load_state_dict(payload["generator_optim"])
     set_rng_state(payload["rng"])
-    ledger = PrivacyLedger.load(run.ledger_json, run.read_json(run.ledger_json))
+    ledger = PrivacyLedger.load(run.ledger_json, recorded)
     registered = ledger.data["sites"].get("central", {})
     for key, now in (planned or {}).items():
         if not math.isclose(float(registered.get(key, math.nan)), float(now), rel_tol=1e-9):

@@ -243,4 +243,4 @@ def test_resume_refuses_a_run_whose_data_or_options_changed_or_whose_ledger_is_g
     folder.ledger_json.unlink()
     assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "privacy_ledger.json: missing" in err and "\n" not in err
+    assert "privacy_ledger.json: missing" in err and "a resume needs" in err and "\n" not in err

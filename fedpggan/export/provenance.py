@@ -41,7 +41,7 @@ def verify_run(folder: RunFolder, checkpoint: str | None, allow_unaudited: bool,
     """Every check an export needs; raises :class:`FedPGGANError` naming the file and the fix.
     ``audit_report`` is where ``fedpggan audit --out`` wrote (default: the run folder)."""
     run = folder.read_run()
-    ledger = read_ledger(folder, run)
+    ledger = folder.read_verified_ledger(run, "an export")
     if ledger.get("dp"):
         check_budgets(folder.ledger_json, ledger)
     path, sha, round_num = pick_checkpoint(folder, checkpoint, ledger)
@@ -59,17 +59,6 @@ def verify_run(folder: RunFolder, checkpoint: str | None, allow_unaudited: bool,
                             f"(the datasheet will say {label})")
     evaluation = folder.read_json(folder.root / EVALUATION_FILE) if (folder.root / EVALUATION_FILE).is_file() else None
     return Provenance(run, ledger, path, sha, round_num, audit, evaluation)
-
-
-def read_ledger(folder: RunFolder, run: dict[str, Any]) -> dict[str, Any]:
-    """The ledger, only if it is the one run.json recorded (not edited or swapped since)."""
-    if not folder.ledger_json.is_file():
-        raise FedPGGANError(f"{folder.ledger_json}: missing, so the run's privacy cannot be verified; "
-                            "export only runs with their original privacy ledger")
-    if run.get("ledger_sha256") != sha256_file(folder.ledger_json):
-        raise FedPGGANError(f"{folder.ledger_json}: content hash differs from ledger_sha256 in {folder.run_json} "
-                            "(edited or tampered); restore the run's original ledger")
-    return folder.read_json(folder.ledger_json)
 
 
 def check_budgets(path: Path, ledger: dict[str, Any]) -> None:
