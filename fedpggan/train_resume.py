@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from fedpggan.errors import FedPGGANError
+from fedpggan.io import atomic_write_bytes
 from fedpggan.privacy.accounting import History, extend_history
 from fedpggan.privacy.ledger import PrivacyLedger
 from fedpggan.runs import RunFolder, now_iso
@@ -65,7 +66,7 @@ def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History, plann
         print(f"warning: {lost}: trained after the newest verified checkpoint, weights lost; the privacy spend "
               f"stays charged, so training continues at epoch {last + 1} from epoch {entry['round']}'s weights")
     rows = [r for r in run.read_metrics() if r["epoch"] <= last]
-    run.metrics_jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_bytes(run.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows).encode())  # a kill keeps the old rows
     info.update(status="running", resumed_at=now_iso(), resumed_from_epoch=entry["round"])
     run.write_run(info)
     print(f"resuming {run.root} at epoch {last + 1} (weights of {path.name})")
