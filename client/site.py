@@ -44,11 +44,7 @@ def site_identity(node_config: dict[str, Any]) -> str:
 def load_site_data(node_config: dict[str, Any], cfg: RunConfig) -> ImageDataset:
     """This site's training images (never leave the site)."""
     if "data-path" in node_config:
-        path = str(node_config["data-path"])
-        if not Path(path).expanduser().exists():
-            raise FedPGGANError(f"node config 'data-path' = {path}: no such file or folder; set data-path (or 'data' in "
-                                "site.toml, then run 'fedpggan site check') to this site's .npz file or ImageFolder")
-        return _open_cached(path, cfg.image_size)
+        return _open_cached(str(node_config["data-path"]), cfg.image_size)
     if "partition-id" not in node_config:
         raise FedPGGANError("node config lacks 'data-path'; start the SuperNode with --node-config \"data-path=/data/site.npz ...\"")
     return _partition_cached(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.partition, cfg.alpha,
@@ -121,7 +117,8 @@ def peer_signing(node_config: dict[str, Any]) -> PeerSigning | None:
 # Loaded datasets are immutable; caching them per process saves reloading every round.
 @functools.lru_cache(maxsize=4)
 def _open_cached(path: str, image_size: int) -> ImageDataset:
-    return open_dataset(path, "train", None, image_size)
+    return open_dataset(path, "train", None, image_size, named_by="the node config's 'data-path' (or 'data' in "
+                        "site.toml, then run 'fedpggan site check')")
 
 
 @functools.lru_cache(maxsize=4)

@@ -163,6 +163,11 @@ class RunConfig:
 SAVED_BEFORE_DEFAULT_CHANGED = {"fake-gradients": "clipped", "embedding-count-share": 0.5, "embedding-steps": 0,
                                 "embedding-noise-limit": 0.5, "noise-key": "seed"}
 
+# How large ``fedpggan evaluate`` is: REPORT is the size figures are quoted at (its defaults), QUICK
+# the smoke check of ``--quick``. The report flags an evaluation smaller than REPORT as quick.
+EVALUATION_REPORT_SIZE = {"n_synthetic": 5000, "steps": 400, "seeds": 3}
+EVALUATION_QUICK_SIZE = {"n_synthetic": 1000, "steps": 100, "seeds": 1}
+
 
 def flag(name: str) -> str:
     return name.replace("_", "-")

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from fedpggan.data import ImageDataset, open_dataset
-from fedpggan.data.medmnist import MEDMNIST
 from fedpggan.errors import FedPGGANError
 from fedpggan.preflight import check_image_size
 from fedpggan.privacy.peer_keys import load_peer_signing, load_signing_key, openssh_public
@@ -39,10 +38,7 @@ def check_data(site: SiteConfig) -> tuple[ImageDataset, str]:
     at ``image-size`` when given, which must be a size training can build the model for."""
     if site.image_size is not None:
         check_image_size(site.image_size, f"--config {site.path}: 'image-size'")
-    if site.data.lower() not in ("phantom", *MEDMNIST) and not Path(site.data).expanduser().exists():
-        raise FedPGGANError(f"--config {site.path}: 'data' = {site.data}: no such file or folder; set 'data' to this "
-                            "site's images (a MedMNIST-layout .npz file or an ImageFolder directory)")
-    data = open_dataset(site.data, "train", None, site.image_size)
+    data = open_dataset(site.data, "train", None, site.image_size, named_by=f"'data' in {site.path}")
     kind = "" if data.is_medical else " -- NOT medical data"
     return data, (f"{site.data}: {len(data)} images, {data.num_classes} classes ({', '.join(data.class_names)}), "
                   f"{data.channels}x{data.image_size}x{data.image_size}{kind}")

@@ -155,7 +155,7 @@ def _truncated(tmp_path: Path) -> Path:
 
 
 BAD_NPZ = {
-    "missing file": (lambda p: p / "absent.npz", "not found"),
+    "missing file": (lambda p: p / "absent.npz", "no such file or folder"),
     "truncated": (_truncated, "truncated"),
     "wrong keys": (lambda p: (np.savez(p / "keys.npz", x=np.zeros(3)), p / "keys.npz")[1], "train_labels"),
     "negative label": (lambda p: write_npz(p / "neg.npz", train_labels=np.array([[0], [1], [-1]] * 4)),
@@ -189,6 +189,9 @@ def test_unknown_spec_and_bad_split(tmp_path):
     with pytest.raises(FedPGGANError) as excinfo:
         open_dataset("nosuchmnist")
     one_line_error(excinfo, "nosuchmnist", "phantom")
+    with pytest.raises(FedPGGANError) as excinfo:
+        open_dataset(str(tmp_path / "gone.npz"), named_by="--real")
+    one_line_error(excinfo, "gone.npz: no such file or folder", "set --real to an .npz file")  # the option it came from
     with pytest.raises(FedPGGANError) as excinfo:
         open_dataset("phantom", split="holdout")
     one_line_error(excinfo, "holdout")

@@ -416,7 +416,7 @@ def test_a_sites_roster_of_peer_keys_is_checked_and_reaches_its_node_config(site
 
 
 @pytest.mark.parametrize(("override", "names"), [
-    ({"data": '"/nonexistent/site.npz"'}, "'data' = /nonexistent/site.npz: no such file or folder; set 'data'"),
+    ({"data": '"/nonexistent/site.npz"'}, "or 'phantom'; set 'data' in "),
     ({"image-size": "30"}, "'image-size' 30 is not supported"),
     ({"peer-keys": '"/nonexistent/peers.pub"'}, "privacy.peer-keys /nonexistent/peers.pub: cannot read"),
     ({"root-certificates": '"/nonexistent/ca.crt"'}, "superlink.root-certificates"),

@@ -18,6 +18,7 @@ from fedpggan.evaluation import (ClassifierPrivacy, TrainingBudget, class_divers
                                  nearest_distance, prdc_scores, scores_over_seeds, synthetic_set, train_classifier,
                                  trtr)
 from fedpggan.evaluation import dcr
+from fedpggan.evaluation.report import markdown
 from fedpggan.train import train_centralised
 from pggan_model import gan_from_checkpoint
 
@@ -72,6 +73,10 @@ def test_report_files_and_keys(report, run_dir, capsys):
     assert 0 <= result["memorisation"]["synthetic"]["share_closer_to_train"] <= 1
     md = (report / "EVALUATION.md").read_text()
     assert "| ROC AUC |" in md and "Memorisation" in md and "no lesion" in md
+    # 200 images and 2 seeds are short of the report's size: the markdown says so at the top, and only then
+    assert "**Quick evaluation** (a smoke check: 200 synthetic images (report: 5000), 2 seed(s) (report: 3)" in md
+    full = {**result, "settings": {**result["settings"], "quick": False, "short_of_report": []}}
+    assert "Quick evaluation" not in markdown(full)
     assert (report / "evaluation_grid.png").read_bytes()[:4] == b"\x89PNG"
     assert not (run_dir / "evaluation.json").exists()  # --out was honoured
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-# --quick: a smoke check in well under a minute, not numbers to report
-QUICK = {"n_synthetic": 1000, "steps": 100, "seeds": 1}
-DEFAULTS = {"n_synthetic": 5000, "steps": 400, "seeds": 3}
+from fedpggan.config import EVALUATION_QUICK_SIZE as QUICK
+from fedpggan.config import EVALUATION_REPORT_SIZE as DEFAULTS
 
 
 def register(sub: argparse._SubParsersAction) -> None:

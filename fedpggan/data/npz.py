@@ -26,7 +26,7 @@ def load_npz(path: str | Path, split: str, name: str, image_size: int | None) ->
     (or the MedMNIST table) so that every split of one file agrees on it."""
     path = Path(path)
     if not path.is_file():
-        raise FedPGGANError(f"{path}: file not found; check the path given to --dataset")
+        raise FedPGGANError(f"{path}: file not found")
     try:
         with np.load(path, allow_pickle=False) as data:
             if not hasattr(data, "files"):

@@ -17,10 +17,11 @@ DEFAULT_IMAGE_SIZE = 28
 
 
 def open_dataset(spec: str, split: str = "train", data_dir: str | None = None,
-                 image_size: int | None = None, seed: int = 0) -> ImageDataset:
+                 image_size: int | None = None, seed: int = 0, named_by: str = "--dataset") -> ImageDataset:
     """Open ``split`` of ``spec``: a MedMNIST name, an ``.npz`` path, an ImageFolder directory
     or ``phantom``. ``image_size`` resizes (None keeps npz images as stored, 28 otherwise);
-    ``seed`` only affects the generated phantom."""
+    ``seed`` only affects the generated phantom. ``named_by`` is where the user wrote ``spec``
+    (a flag, a site's config key), so that a spec that names nothing says what to fix."""
     if split not in SPLITS:
         raise FedPGGANError(f"split {split!r}: unknown; choose train, val or test")
     if image_size is not None and image_size < 4:
@@ -33,10 +34,10 @@ def open_dataset(spec: str, split: str = "train", data_dir: str | None = None,
     path = Path(spec).expanduser()
     if path.is_dir():
         return load_folder(path, split, spec, image_size or DEFAULT_IMAGE_SIZE)
-    if path.suffix.lower() == ".npz" or path.is_file():
+    if path.is_file():
         return load_npz(path, split, spec, image_size)
-    raise FedPGGANError(f"--dataset {spec}: not a MedMNIST name ({', '.join(MEDMNIST)}), an .npz file, "
-                        "an ImageFolder directory or 'phantom'; check the spelling or path")
+    raise FedPGGANError(f"{spec}: no such file or folder, nor a MedMNIST name ({', '.join(MEDMNIST)}) or "
+                        f"'phantom'; set {named_by} to an .npz file in MedMNIST layout or an ImageFolder directory")
 
 
 def public_name(spec: str) -> str:

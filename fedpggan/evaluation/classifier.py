@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
+from fedpggan.config import EVALUATION_REPORT_SIZE
 from fedpggan.errors import FedPGGANError
 
 WIDTHS = (16, 32, 64)
@@ -66,7 +67,7 @@ class TrainingBudget:
     """How long the classifier trains: ``steps`` optimiser steps, or ``epochs`` passes over
     the training set when given (then the step count depends on the set's size)."""
 
-    steps: int = 400
+    steps: int = EVALUATION_REPORT_SIZE["steps"]
     epochs: float | None = None
     batch_size: int = 128
     lr: float = 1e-3

@@ -46,6 +46,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"epsilon = {fmt(eps, 2) if eps is not None else 'no DP'}; real data: {result['dataset']['name']} "
         f"({result['dataset']['n_train']} train / {result['dataset']['n_test']} test); generator {s['generator']}, "
         f"{s['n_synthetic']} synthetic images, seeds {s['seeds']}, classifier budget {s['classifier_budget']}.", "",
+    ]
+    if s.get("quick"):
+        lines += [f"**Quick evaluation** (a smoke check: {', '.join(s['short_of_report'])}): not figures to report; "
+                  "run `fedpggan evaluate` without --quick or the smaller options.", ""]
+    lines += [
         "## Utility (mean ± std over seeds)", "",
         "| metric | TSTR (train synthetic) | TRTR (train real) |", "|---|---|---|",
         f"| ROC AUC | {pm(result['tstr']['auc'])} | {pm(result['trtr']['auc'])} |",

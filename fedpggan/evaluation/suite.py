@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedpggan.build import pick_device
-from fedpggan.commands.evaluate import DEFAULTS as REPORT_DEFAULTS
+from fedpggan.config import EVALUATION_REPORT_SIZE
 from fedpggan.data import ImageDataset, open_dataset
 from fedpggan.errors import FedPGGANError
 from fedpggan.evaluation.classifier import WIDTHS, TrainingBudget, embed
@@ -32,7 +32,8 @@ CLASSIFIER = (f"SmallCNN: 3 x [conv3x3 stride 2, GroupNorm, ReLU] widths {WIDTHS
 
 
 def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: str | None = None,
-                 n_synthetic: int = 5000, seeds: int | Sequence[int] = 3, generator: str = "both",
+                 n_synthetic: int = EVALUATION_REPORT_SIZE["n_synthetic"],
+                 seeds: int | Sequence[int] = EVALUATION_REPORT_SIZE["seeds"], generator: str = "both",
                  budget: TrainingBudget = TrainingBudget(), device: str = "cpu", out: str | Path | None = None,
                  checkpoint: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Evaluate a run's EMA generators; write evaluation.json, EVALUATION.md and
@@ -99,9 +100,9 @@ def smaller_than_report(n_synthetic: int, num_seeds: int, budget: TrainingBudget
     """``quick``: the evaluation is smaller than the report defaults (as ``--quick`` makes it), so its
     figures are a smoke check; ``short_of_report`` says where, for whoever quotes the figures."""
     short = [f"{have} {what} (report: {want})" for have, want, what in (
-        (n_synthetic, REPORT_DEFAULTS["n_synthetic"], "synthetic images"),
-        (num_seeds, REPORT_DEFAULTS["seeds"], "seed(s)"),
-        (budget.steps if budget.epochs is None else None, REPORT_DEFAULTS["steps"], "classifier steps"))
+        (n_synthetic, EVALUATION_REPORT_SIZE["n_synthetic"], "synthetic images"),
+        (num_seeds, EVALUATION_REPORT_SIZE["seeds"], "seed(s)"),
+        (budget.steps if budget.epochs is None else None, EVALUATION_REPORT_SIZE["steps"], "classifier steps"))
         if have is not None and have < want]
     return {"quick": bool(short), "short_of_report": short}
 
@@ -128,7 +129,7 @@ def open_real(spec: str, split: str, data_dir: str | None, image_size: int, seed
     """A split of the real data at the run's image size (``seed`` matters only for phantom,
     whose training split then equals the run's training data)."""
     try:
-        return open_dataset(spec, split, data_dir, image_size, seed)
+        return open_dataset(spec, split, data_dir, image_size, seed, named_by="--real")
     except FedPGGANError as exc:
         raise FedPGGANError(f"--real {spec} ({split} split): {exc}") from exc
 
