@@ -112,6 +112,18 @@ class RunFolder:
             (self.checkpoints / old["file"]).unlink(missing_ok=True)
         atomic_write_json(self.checkpoints / "index.json", entries[-self.keep_checkpoints :])
 
+    def discard_checkpoints_after(self, round_num: int) -> list[dict[str, Any]]:
+        """Drop from the index the entries newer than ``round_num`` (a resume found them missing or
+        failing their hash); a file still on disk becomes NAME.discarded, kept for inspection, never used."""
+        entries = self.checkpoint_index()
+        dropped = [e for e in entries if e["round"] > round_num]
+        for entry in dropped:
+            path = self.checkpoints / entry["file"]
+            if path.exists():
+                path.replace(path.with_name(path.name + ".discarded"))
+        atomic_write_json(self.checkpoints / "index.json", [e for e in entries if e["round"] <= round_num])
+        return dropped
+
     def read_verified_ledger(self, run: dict[str, Any], use: str) -> dict[str, Any]:
         """The ledger, only if it is the one run.json recorded (not edited, swapped or lost since):
         ``use`` (e.g. "export", "resume") names what needs it, in the one-line refusal."""
@@ -128,17 +140,21 @@ class RunFolder:
         path = self.checkpoints / entry["file"]
         return path.is_file() and sha256_file(path) == entry["sha256"]
 
-    def latest_checkpoint(self) -> tuple[Path, dict[str, Any]]:
-        """Newest checkpoint whose content hash verifies; a missing or corrupt one is skipped with
-        a printed warning (a resumed run then redoes the rounds after the one it uses)."""
+    def latest_checkpoint(self, warn: bool = True) -> tuple[Path, dict[str, Any]]:
+        """Newest checkpoint whose content hash verifies; a missing or corrupt one is skipped, with
+        a printed warning when ``warn`` (a resumed run then redoes the rounds after the one it uses)."""
         entries = self.checkpoint_index()
+        if not entries and list(self.checkpoints.glob("*.pt")):
+            raise FedPGGANError(f"{self.checkpoints / 'index.json'}: missing, so no checkpoint's hash can be verified; "
+                                "restore it from a backup (the run cannot be used without it)")
         if not entries:
             raise FedPGGANError(f"{self.root}: no checkpoints found; train a run first or pass a run folder")
         for entry in reversed(entries):
             if self.verified(entry):
                 return self.checkpoints / entry["file"], entry
-            print(f"warning: {self.checkpoints / entry['file']} (round {entry['round']}): missing or hash mismatch "
-                  "(deleted, corrupt or truncated); using an earlier checkpoint", file=sys.stderr)
+            if warn:
+                print(f"warning: {self.checkpoints / entry['file']} (round {entry['round']}): missing or hash mismatch "
+                      "(deleted, corrupt or truncated); using an earlier checkpoint", file=sys.stderr)
         raise FedPGGANError(f"{self.root}: every checkpoint fails its hash check; the run cannot be used")
 
     def checkpoint_file(self, spec: str) -> Path:
@@ -182,7 +198,10 @@ def config_to_resume(path: str | Path, kind: str = "federated") -> RunConfig:
                             + (f"continue it with `{how.format(run=folder.root)}`" if how else "pass a run folder the trainer wrote"))
     if info.get("status") == "completed":
         raise FedPGGANError(f"{folder.root}: the run already completed; nothing to resume (start a new run)")
-    folder.latest_checkpoint()  # fail early, with one line, if nothing can be resumed
+    if not folder.checkpoint_index() and not list(folder.checkpoints.glob("*.pt")):
+        raise FedPGGANError(f"{folder.root}: no checkpoints found: the run stopped before its first one, so there is "
+                            "nothing to resume; start a new run (what this one spent stays in its ledger)")
+    folder.latest_checkpoint(warn=False)  # fail early, with one line, if nothing can be resumed (the resume warns)
     return dataclasses.replace(RunConfig.from_saved(info["config"]), out=str(folder.root))
 
 

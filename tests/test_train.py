@@ -244,3 +244,50 @@ def test_resume_refuses_a_run_whose_data_or_options_changed_or_whose_ledger_is_g
     assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert "privacy_ledger.json: missing" in err and "a resume needs" in err and "\n" not in err
+
+
+def test_a_resume_past_a_corrupt_checkpoint_warns_once_and_the_ledger_says_what_it_discarded(tmp_path, capsys):
+    """A resume that falls back to an older checkpoint marks the newer ones discarded in the ledger,
+    so the audit can tell them from a file deleted behind the trainer's back."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "3", "--out", str(run)]) == 0
+    folder = RunFolder(run)
+    info = folder.read_run()
+    info["status"] = "running"  # as if killed after epoch 3 was recorded and checkpointed
+    folder.write_run(info)
+    (run / "checkpoints" / "ckpt_00003.pt").write_bytes(b"truncated")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("ckpt_00003.pt (round 3): missing or hash mismatch") == 1, err
+    assert (run / "checkpoints" / "ckpt_00003.pt.discarded").read_bytes() == b"truncated"
+    assert [e["round"] for e in folder.checkpoint_index()] == [1, 2]
+    ledger = json.loads(folder.ledger_json.read_text())
+    assert [("discarded" in c) for c in ledger["checkpoints"]] == [False, False, True]
+    assert [r["round"] for r in ledger["sites"]["central"]["rounds"]] == [1, 2, 3]  # epoch 3 stays charged
+    assert main(["audit", str(run)]) == 0
+    rows = json.loads((run / "audit.json").read_text())["checkpoints"]
+    assert rows[2]["status"].startswith("discarded (missing or failing its hash at the resume of")
+    assert main(["export", str(run), "--out", str(tmp_path / "x"), "--n", "10"]) == 0
+    assert json.loads((tmp_path / "x" / "datasheet.json").read_text())["generator"]["round"] == 2
+
+    (run / "checkpoints" / "ckpt_00002.pt").unlink()  # deleted by hand afterwards: still a failure
+    assert main(["audit", str(run)]) == 1
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_says_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(run)]) == 0
+    folder = RunFolder(run)
+    info = folder.read_run()
+    info["status"] = "running"
+    folder.write_run(info)
+    for path in (run / "checkpoints").iterdir():
+        path.unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "stopped before its first one, so there is nothing to resume; start a new run" in err and "\n" not in err
+    (run / "checkpoints" / "ckpt_00001.pt").write_bytes(b"x")  # checkpoint files without their index
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "index.json: missing, so no checkpoint's hash can be verified" in capsys.readouterr().err

@@ -3,7 +3,8 @@
 - run.json records the ledger's SHA-256 at its last write: a different hash means the
   ledger was edited afterwards;
 - every checkpoint the ledger lists still has that hash, or is gone because retention deleted
-  it (reported, not a failure); retention keeps the newest --keep-checkpoints, so one of those
+  it, or was marked discarded by a resume that found it missing or corrupt (both reported, not a
+  failure: the spend of its epochs stays charged, and nothing uses its weights); retention keeps the newest --keep-checkpoints, so one of those
   missing was deleted by something else: a failure, since the folder is no longer what the
   trainer wrote and an export would silently fall back to an older model; a checkpoint file on
   disk the ledger does not list was not produced by this run's trainer.
@@ -48,7 +49,9 @@ def check_checkpoints(ledger: dict[str, Any], run: dict[str, Any], folder: RunFo
             continue
         listed.add(name)
         path = folder.checkpoints / name
-        if not path.exists() and entry.get("round") not in kept:
+        if entry.get("discarded"):
+            status = f"discarded ({entry['discarded']})"
+        elif not path.exists() and entry.get("round") not in kept:
             status = "not present (rotated)"
         elif not path.exists():
             status = "MISSING"

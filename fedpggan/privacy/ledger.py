@@ -79,6 +79,13 @@ class PrivacyLedger:
     def record_checkpoint(self, round_num: int, file: str, sha256: str) -> None:
         self.data["checkpoints"].append({"round": round_num, "file": file, "sha256": sha256})
 
+    def discard_checkpoint(self, round_num: int, reason: str) -> None:
+        """A listed checkpoint a resume could not use (missing or failing its hash): it stays listed,
+        marked, so the audit can tell it from one deleted behind the trainer's back."""
+        for entry in self.data["checkpoints"]:
+            if entry["round"] == round_num:
+                entry.setdefault("discarded", reason)
+
     def save(self) -> None:
         sites = self.data["sites"].values()
         eps = [s["epsilon"] for s in sites if s.get("epsilon") is not None]
