@@ -27,8 +27,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def json_bytes(obj: Any) -> bytes:
+    """How every JSON file of a run folder is written (so its hash can be known before it is)."""
+    return (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode()
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def sha256_bytes(data: bytes) -> str:

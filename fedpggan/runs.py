@@ -18,11 +18,14 @@ import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedpggan.config import RunConfig, flag
 from fedpggan.errors import FedPGGANError
-from fedpggan.io import atomic_write_json, sha256_file
+from fedpggan.io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+
+if TYPE_CHECKING:
+    from fedpggan.privacy.ledger import PrivacyLedger
 
 VERSIONED_PACKAGES = ("fedpggan", "torch", "torchvision", "opacus", "flwr", "numpy")
 
@@ -84,7 +87,28 @@ class RunFolder:
         """Write run.json, recording the current ledger's hash so tampering is detectable."""
         if self.ledger_json.exists():
             run["ledger_sha256"] = sha256_file(self.ledger_json)
+        run.pop("ledger_sha256_before", None)
         atomic_write_json(self.run_json, run)
+
+    def save_ledger(self, ledger: "PrivacyLedger", run: dict[str, Any]) -> None:
+        """Write the ledger and run.json (with the ledger's hash) in step. run.json first names the
+        new hash and the one it replaces (``ledger_sha256_before``), then the ledger is written, then
+        run.json drops the old hash: a kill between any two writes leaves a ledger that run.json
+        vouches for, the new one or, if the ledger write never happened, the one before it. What
+        the unwritten change recorded was not yet released: a checkpoint is written only once the
+        ledger on disk holds the spend of the rounds it covers."""
+        content = ledger.content()
+        before = sha256_file(self.ledger_json) if self.ledger_json.exists() else None
+        atomic_write_json(self.run_json, {**run, "ledger_sha256": sha256_bytes(content), "ledger_sha256_before": before})
+        atomic_write_bytes(self.ledger_json, content)
+        self.write_run(run)
+
+    def ledger_vouched_for(self, run: dict[str, Any]) -> bool:
+        """Whether the ledger on disk is the one run.json records (or, after a kill inside
+        :meth:`save_ledger`, the one it was replacing)."""
+        actual = sha256_file(self.ledger_json)
+        return actual == run.get("ledger_sha256") or (run.get("ledger_sha256_before") is not None
+                                                      and actual == run["ledger_sha256_before"])
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.metrics_jsonl, "a") as f:
@@ -112,17 +136,15 @@ class RunFolder:
             (self.checkpoints / old["file"]).unlink(missing_ok=True)
         atomic_write_json(self.checkpoints / "index.json", entries[-self.keep_checkpoints :])
 
-    def discard_checkpoints_after(self, round_num: int) -> list[dict[str, Any]]:
+    def discard_checkpoints_after(self, round_num: int) -> None:
         """Drop from the index the entries newer than ``round_num`` (a resume found them missing or
-        failing their hash); a file still on disk becomes NAME.discarded, kept for inspection, never used."""
-        entries = self.checkpoint_index()
-        dropped = [e for e in entries if e["round"] > round_num]
-        for entry in dropped:
-            path = self.checkpoints / entry["file"]
-            if path.exists():
+        failing their hash); their files, and any checkpoint file the index never listed (written just
+        before a kill), become NAME.discarded: kept for inspection, never used."""
+        kept = [e for e in self.checkpoint_index() if e["round"] <= round_num]
+        atomic_write_json(self.checkpoints / "index.json", kept)
+        for path in self.checkpoints.glob("*.pt"):
+            if path.name not in {e["file"] for e in kept}:
                 path.replace(path.with_name(path.name + ".discarded"))
-        atomic_write_json(self.checkpoints / "index.json", [e for e in entries if e["round"] <= round_num])
-        return dropped
 
     def read_verified_ledger(self, run: dict[str, Any], use: str) -> dict[str, Any]:
         """The ledger, only if it is the one run.json recorded (not edited, swapped or lost since):
@@ -130,7 +152,7 @@ class RunFolder:
         if not self.ledger_json.is_file():
             raise FedPGGANError(f"{self.ledger_json}: missing, so the run's privacy cannot be verified; {use} needs the "
                                 "run's original privacy ledger (restore it from a backup)")
-        if run.get("ledger_sha256") != sha256_file(self.ledger_json):
+        if not self.ledger_vouched_for(run):
             raise FedPGGANError(f"{self.ledger_json}: content hash differs from ledger_sha256 in {self.run_json} "
                                 f"(edited or tampered); {use} needs the run's original ledger: restore it")
         return self.read_json(self.ledger_json)
@@ -140,11 +162,15 @@ class RunFolder:
         path = self.checkpoints / entry["file"]
         return path.is_file() and sha256_file(path) == entry["sha256"]
 
+    def ledger_lists_checkpoints(self) -> bool:
+        """Whether the ledger vouches for any checkpoint (so an empty index means a lost one)."""
+        return self.ledger_json.is_file() and bool(self.read_json(self.ledger_json).get("checkpoints"))
+
     def latest_checkpoint(self, warn: bool = True) -> tuple[Path, dict[str, Any]]:
         """Newest checkpoint whose content hash verifies; a missing or corrupt one is skipped, with
         a printed warning when ``warn`` (a resumed run then redoes the rounds after the one it uses)."""
         entries = self.checkpoint_index()
-        if not entries and list(self.checkpoints.glob("*.pt")):
+        if not entries and self.ledger_lists_checkpoints():
             raise FedPGGANError(f"{self.checkpoints / 'index.json'}: missing, so no checkpoint's hash can be verified; "
                                 "restore it from a backup (the run cannot be used without it)")
         if not entries:
@@ -198,7 +224,7 @@ def config_to_resume(path: str | Path, kind: str = "federated") -> RunConfig:
                             + (f"continue it with `{how.format(run=folder.root)}`" if how else "pass a run folder the trainer wrote"))
     if info.get("status") == "completed":
         raise FedPGGANError(f"{folder.root}: the run already completed; nothing to resume (start a new run)")
-    if not folder.checkpoint_index() and not list(folder.checkpoints.glob("*.pt")):
+    if not folder.checkpoint_index() and not folder.ledger_lists_checkpoints():
         raise FedPGGANError(f"{folder.root}: no checkpoints found: the run stopped before its first one, so there is "
                             "nothing to resume; start a new run (what this one spent stays in its ledger)")
     folder.latest_checkpoint(warn=False)  # fail early, with one line, if nothing can be resumed (the resume warns)

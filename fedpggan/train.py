@@ -115,15 +115,13 @@ def train_centralised(cfg: RunConfig, resume: bool = False) -> Path:
         bar.set_postfix(d_loss=f"{row['d_loss']:.3f}", eps=f"{row.get('epsilon', math.inf):.2f}")
         # The epoch is charged on disk before its weights are, and the ledger and its hash in run.json
         # move in step, so an interrupted run audits, exports and resumes as it stands.
-        ledger.save()
-        run.write_run(run_info)
+        run.save_ledger(ledger, run_info)
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
             path = run.checkpoint_path(epoch)
             sha = save_checkpoint(path, gan, generator_optim=g_trainer.state_dict(), run_config=cfg.to_flower(), round=epoch,
                                   embedding_means=means)
             ledger.record_checkpoint(epoch, path.name, sha)
-            ledger.save()
-            run.write_run(run_info)
+            run.save_ledger(ledger, run_info)
             run.record_checkpoint(epoch, sha)  # listed (and older ones rotated) only once the ledger vouches for it
             save_sample_grid(gan, run.samples / f"epoch_{epoch:05d}.png", data.class_names,
                              title=f"{data.name} epoch {epoch}")
@@ -139,7 +137,7 @@ def start(run: RunFolder, cfg: RunConfig, data, privacy: PrivacySettings | None,
           release: float | None) -> tuple[dict, PrivacyLedger]:
     """A new run's ledger (the mechanism registered) and run.json."""
     versions = library_versions()
-    ledger = PrivacyLedger(run.ledger_json, run.root.name, cfg.dp, versions, mechanism_name(cfg.grad_sample_mode) if cfg.dp else "none",
+    ledger = PrivacyLedger(run.root.name, cfg.dp, versions, mechanism_name(cfg.grad_sample_mode) if cfg.dp else "none",
                            noise_key=cfg.noise_key)
     if privacy is not None:
         ledger.register_site("central", budget_epsilon=cfg.epsilon, delta=privacy.delta, accountant=cfg.accountant,
@@ -147,13 +145,12 @@ def start(run: RunFolder, cfg: RunConfig, data, privacy: PrivacySettings | None,
                              planned_steps=total_d_steps, public_num_records=len(data),
                              feature_release=None if release is None else dict(zip(("noise_multiplier", "sample_rate", "steps"),
                                                                                     release_entry(release))))
-    ledger.save()
     run_info = {
         "run_id": run.root.name, "kind": "centralised", "config": cfg.to_flower(),
         "dataset": dataset_info(data), "num_sites": 1, "versions": versions, "seed": cfg.seed,
         "started": now_iso(), "status": "running",
     }
-    run.write_run(run_info)
+    run.save_ledger(ledger, run_info)
     return run_info, ledger
 
 

@@ -49,8 +49,9 @@ def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History, plann
                             "start a new run")
     g_trainer.load_state_dict(payload["generator_optim"])
     set_rng_state(payload["rng"])
-    ledger = PrivacyLedger.load(run.ledger_json, recorded)
-    broken = [e for e in run.checkpoint_index() if e["round"] > entry["round"]]
+    ledger = PrivacyLedger.load(recorded)
+    # newer checkpoints the ledger lists: missing or corrupt, or written but not yet indexed when the run stopped
+    broken = [c["round"] for c in ledger.data["checkpoints"] if c["round"] > entry["round"]]
     registered = ledger.data["sites"].get("central", {})
     for key, now in (planned or {}).items():
         if not math.isclose(float(registered.get(key, math.nan)), float(now), rel_tol=1e-9):
@@ -69,10 +70,10 @@ def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History, plann
     rows = [r for r in run.read_metrics() if r["epoch"] <= last]
     atomic_write_bytes(run.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows).encode())  # a kill keeps the old rows
     info.update(status="running", resumed_at=now_iso(), resumed_from_epoch=entry["round"])
-    for e in broken:  # in the ledger first, so that an interrupted resume leaves nothing unexplained
-        ledger.discard_checkpoint(e["round"], f"missing or failing its hash at the resume of {info['resumed_at']}")
-    ledger.save()
-    run.write_run(info)
+    for round_num in broken:  # in the ledger first, so that an interrupted resume leaves nothing unexplained
+        ledger.discard_checkpoint(round_num, f"not usable (missing, failing its hash or not indexed) at the resume of "
+                                             f"{info['resumed_at']}")
+    run.save_ledger(ledger, info)
     run.discard_checkpoints_after(entry["round"])
     print(f"resuming {run.root} at epoch {last + 1} (weights of {path.name})")
     ratio = info.get("embedding_noise_ratio")

@@ -132,7 +132,7 @@ class FederatedRun:
     def start(self, facts: dict[str, Any]) -> int:
         cfg = self.cfg
         self.run_id = self.folder.root.name
-        self.ledger = PrivacyLedger(self.folder.ledger_json, self.run_id, cfg.dp, library_versions(),
+        self.ledger = PrivacyLedger(self.run_id, cfg.dp, library_versions(),
                                     f"{mechanism_name(cfg.grad_sample_mode)} at each site" if cfg.dp else "none",
                                     [SECURE_SUM_ASSUMPTION] if cfg.dp and cfg.release_aggregation == "secure" else [],
                                     cfg.noise_key)
@@ -146,7 +146,6 @@ class FederatedRun:
                     feature_release=None if release is None else self.release_record(int(site["num-records"]), len(self.sites), len(self.sites)))
             else:
                 self.ledger.register_site(self.site_id(node), public_num_records=int(site["num-records"]))
-        self.ledger.save()
         self.run_info = {
             "run_id": self.run_id, "kind": "federated", "config": cfg.to_flower(),
             "dataset": {"name": facts["dataset"] if facts["is-medical"] else f"{facts['dataset']} (not medical data)",
@@ -157,7 +156,7 @@ class FederatedRun:
             "num_sites": len(self.sites), "sites": {self.site_id(n): int(s["num-records"]) for n, s in self.sites.items()},
             "versions": library_versions(), "seed": cfg.seed, "started": now_iso(), "status": "running",
         }
-        self.folder.write_run(self.run_info)
+        self.folder.save_ledger(self.ledger, self.run_info)
         if not facts["is-medical"]:
             print("warning: this run uses 'phantom', procedurally generated data: NOT medical data")
         if cfg.dp and cfg.noise_key == "seed":
@@ -196,14 +195,13 @@ class FederatedRun:
         self.g_trainer.load_state_dict(payload["generator_optim"])
         self.run_info = self.folder.read_run()
         self.run_id = self.run_info["run_id"]
-        self.ledger = PrivacyLedger.load(self.folder.ledger_json, payload["ledger"])
+        self.ledger = PrivacyLedger.load(payload["ledger"])
         self.ledger.data["checkpoints"][-1]["sha256"] = entry["sha256"]  # a file cannot hold its own hash
         self.failed_rounds = payload.get("failed_rounds", 0)
         rows = [r for r in self.folder.read_metrics() if r["round"] <= entry["round"]]
         self.folder.metrics_jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self.run_info.update(status="running", resumed_at=now_iso(), resumed_from_round=entry["round"])
-        self.ledger.save()
-        self.folder.write_run(self.run_info)
+        self.folder.save_ledger(self.ledger, self.run_info)
         print(f"resuming {self.folder.root} after round {entry['round']} ({path.name})")
         return int(entry["round"]) + 1
 
@@ -391,7 +389,7 @@ class FederatedRun:
             _, _, delta, release = self.mechanism_for(int(self.run_info["sites"][site]))
             entry = self.ledger.site(site)
             entry["epsilon"] = max(entry["epsilon"], epsilon_of(release_history(release), delta, self.cfg.accountant))
-        self.ledger.save()
+        self.folder.save_ledger(self.ledger, self.run_info)
 
     def spend_problem(self, node: int, privacy: dict[str, float]) -> str | None:
         """Why a site's reported spend does not match what its config dictates (or None)."""
@@ -439,7 +437,7 @@ class FederatedRun:
         return {"d_fake_score": float(torch.sigmoid(self.gan.d.eval()(images, labels)).mean())}
 
     def privacy_row(self) -> dict[str, Any]:
-        self.ledger.save()
+        self.folder.save_ledger(self.ledger, self.run_info)
         sites = self.ledger.data["sites"]
         row = {f"epsilon_site_{s}": finite_or_none(v.get("epsilon")) for s, v in sites.items()} if self.cfg.dp else {}
         row["epsilon_max"] = self.ledger.data["guarantee"]["epsilon"]
@@ -454,9 +452,8 @@ class FederatedRun:
         sha = save_checkpoint(path, self.gan, generator_optim=self.g_trainer.state_dict(), run_config=self.cfg.to_flower(),
                               round=round_num, ledger=self.ledger.data, failed_rounds=self.failed_rounds)
         self.ledger.data["checkpoints"][-1]["sha256"] = sha
-        self.ledger.save()
-        self.folder.record_checkpoint(round_num, sha)
-        self.folder.write_run(self.run_info)
+        self.folder.save_ledger(self.ledger, self.run_info)
+        self.folder.record_checkpoint(round_num, sha)  # listed only once the ledger vouches for it
 
     def finish(self, status: str, reason: str) -> None:
         rows = self.folder.read_metrics()
@@ -464,9 +461,9 @@ class FederatedRun:
         eps_keys = sorted({k for r in rows for k in r if k.startswith("epsilon_site_")})
         if eps_keys:
             save_curves(rows, "round", {"epsilon per site": eps_keys}, self.folder.curves / "epsilon.png")
-        self.ledger.save()
+        self.ledger.update_guarantee()
         self.run_info.update(status=status, reason=reason, ended=now_iso(), final_epsilon=self.ledger.data["guarantee"]["epsilon"])
-        self.folder.write_run(self.run_info)
+        self.folder.save_ledger(self.ledger, self.run_info)
         print(f"{status}: {reason}; run folder {self.folder.root}; epsilon (max over sites) = "
               f"{self.ledger.data['guarantee']['epsilon'] if self.cfg.dp else 'no DP'}")
 

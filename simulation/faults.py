@@ -109,7 +109,9 @@ def start_killable(cfg: RunConfig, ray_tmp: str, faulty: bool = False) -> subpro
     code = ("import json, sys; from fedpggan.config import RunConfig; from simulation.run import simulate; "
             "from simulation.faults import app; "
             f"simulate(RunConfig(**json.loads(sys.argv[1])).validate(), client_app=app if {faulty} else None)")
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)}
+    # this process's intra-op thread count: float sums, and so the weights, depend on it, and a killed
+    # run is compared bit for bit with one run here (an inherited OMP_NUM_THREADS could differ)
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.Popen([sys.executable, "-c", code, json.dumps(dataclasses.asdict(cfg))], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 

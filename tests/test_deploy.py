@@ -319,6 +319,7 @@ def test_a_deployed_coordinator_continues_the_run_named_by_resume_from(tmp_path,
     defaults = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     with pytest.raises(FedPGGANError, match="no checkpoints found"):  # nothing to continue from yet: one line, nothing started
         app(None, SimpleNamespace(run_config={**defaults, "resume-from": str(tmp_path)}))
+    monkeypatch.setattr(RunFolder, "checkpoint_index", lambda self: [{"round": 1, "file": "ckpt.pt"}])
     monkeypatch.setattr(RunFolder, "latest_checkpoint", lambda self, warn=True: (tmp_path / "ckpt.pt", {}))
     with pytest.raises(FedPGGANError, match="with its own configuration; drop rounds from --run-config"):
         app(None, SimpleNamespace(run_config={**defaults, "resume-from": str(tmp_path), "rounds": 99}))

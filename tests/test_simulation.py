@@ -147,7 +147,8 @@ def test_resume_of_a_run_saved_before_a_default_changed_keeps_the_setting_it_tra
 
     saved = {k: v for k, v in RunConfig(dataset="phantom").to_flower().items() if k not in SAVED_BEFORE_DEFAULT_CHANGED}
     (tmp_path / "run.json").write_text(json.dumps({"kind": "federated", "status": "running", "config": saved}))
-    monkeypatch.setattr(RunFolder, "latest_checkpoint", lambda self: (tmp_path / "ckpt.pt", {}))
+    monkeypatch.setattr(RunFolder, "checkpoint_index", lambda self: [{"round": 1, "file": "ckpt.pt"}])
+    monkeypatch.setattr(RunFolder, "latest_checkpoint", lambda self, warn=True: (tmp_path / "ckpt.pt", {}))
     seen = {}
     monkeypatch.setattr(server.server_app, "make_server_app", lambda cfg, resume: seen.update(cfg=cfg, resume=resume))
     monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kwargs: None)

@@ -169,6 +169,16 @@ def killed_after_first_checkpoint(out: Path, epochs: int) -> None:
         proc.wait()
 
 
+def trained_then_marked_running(out: Path, epochs: int) -> tuple[RunFolder, dict]:
+    """A tiny completed run whose run.json says running again: the state a kill leaves, for the
+    resume tests to damage further (they write the ledger's new hash with ``write_run``)."""
+    assert main(["train", *TINY, "--epochs", str(epochs), "--out", str(out)]) == 0
+    folder = RunFolder(out)
+    info = folder.read_run()
+    info["status"] = "running"
+    return folder, info
+
+
 def test_killed_centralised_run_audits_exports_and_resumes_to_the_uninterrupted_spend(tmp_path, capsys):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert main(["train", *TINY, "--epochs", "3", "--out", str(whole)]) == 0
@@ -203,10 +213,7 @@ def test_killed_centralised_run_audits_exports_and_resumes_to_the_uninterrupted_
 def test_resume_charges_epochs_lost_after_the_last_checkpoint_and_does_not_redo_them(tmp_path, capsys):
     """An epoch the ledger recorded was trained: its spend stays, so the resumed run starts after it."""
     run = tmp_path / "run"
-    assert main(["train", *TINY, "--epochs", "3", "--out", str(run)]) == 0
-    folder = RunFolder(run)
-    info = folder.read_run()
-    info["status"] = "running"  # as if killed after epoch 2 was recorded but its checkpoint was lost
+    folder, info = trained_then_marked_running(run, 3)  # as if killed after epoch 2 was recorded but its checkpoint was lost
     folder.write_run(info)
     index = folder.checkpoint_index()
     (run / "checkpoints" / "index.json").write_text(json.dumps(index[:1]))
@@ -228,11 +235,8 @@ def test_resume_charges_epochs_lost_after_the_last_checkpoint_and_does_not_redo_
 def test_resume_refuses_a_run_whose_data_or_options_changed_or_whose_ledger_is_gone(tmp_path, capsys):
     """The resumed epochs must spend under the mechanism the ledger registered, not a new calibration."""
     run = tmp_path / "run"
-    assert main(["train", *TINY, "--epochs", "2", "--out", str(run)]) == 0
-    folder = RunFolder(run)
-    info = folder.read_run()
+    folder, info = trained_then_marked_running(run, 2)
     spent = json.loads(folder.ledger_json.read_text())["guarantee"]["epsilon"]
-    info["status"] = "running"
     info["config"]["epochs"] = 4  # run.json edited: twice the steps the noise was calibrated for
     folder.write_run(info)
     capsys.readouterr()
@@ -250,10 +254,7 @@ def test_a_resume_past_a_corrupt_checkpoint_warns_once_and_the_ledger_says_what_
     """A resume that falls back to an older checkpoint marks the newer ones discarded in the ledger,
     so the audit can tell them from a file deleted behind the trainer's back."""
     run = tmp_path / "run"
-    assert main(["train", *TINY, "--epochs", "3", "--out", str(run)]) == 0
-    folder = RunFolder(run)
-    info = folder.read_run()
-    info["status"] = "running"  # as if killed after epoch 3 was recorded and checkpointed
+    folder, info = trained_then_marked_running(run, 3)  # as if killed after epoch 3 was recorded and checkpointed
     folder.write_run(info)
     (run / "checkpoints" / "ckpt_00003.pt").write_bytes(b"truncated")
     capsys.readouterr()
@@ -267,7 +268,7 @@ def test_a_resume_past_a_corrupt_checkpoint_warns_once_and_the_ledger_says_what_
     assert [r["round"] for r in ledger["sites"]["central"]["rounds"]] == [1, 2, 3]  # epoch 3 stays charged
     assert main(["audit", str(run)]) == 0
     rows = json.loads((run / "audit.json").read_text())["checkpoints"]
-    assert rows[2]["status"].startswith("discarded (missing or failing its hash at the resume of")
+    assert rows[2]["status"].startswith("discarded (not usable (missing, failing its hash or not indexed) at the resume of")
     assert main(["export", str(run), "--out", str(tmp_path / "x"), "--n", "10"]) == 0
     assert json.loads((tmp_path / "x" / "datasheet.json").read_text())["generator"]["round"] == 2
 
@@ -277,10 +278,10 @@ def test_a_resume_past_a_corrupt_checkpoint_warns_once_and_the_ledger_says_what_
 
 def test_resume_of_a_run_killed_before_its_first_checkpoint_says_so(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", *TINY, "--epochs", "1", "--out", str(run)]) == 0
-    folder = RunFolder(run)
-    info = folder.read_run()
-    info["status"] = "running"
+    folder, info = trained_then_marked_running(run, 1)  # as if stopped before its first checkpoint: no list holds one
+    ledger = json.loads(folder.ledger_json.read_text())
+    ledger["checkpoints"] = []
+    folder.ledger_json.write_text(json.dumps(ledger))
     folder.write_run(info)
     for path in (run / "checkpoints").iterdir():
         path.unlink()
@@ -288,6 +289,43 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_says_so(tmp_path, ca
     assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert "stopped before its first one, so there is nothing to resume; start a new run" in err and "\n" not in err
-    (run / "checkpoints" / "ckpt_00001.pt").write_bytes(b"x")  # checkpoint files without their index
+    (run / "checkpoints" / "ckpt_00001.pt").write_bytes(b"x")  # written as it stopped, before anything listed it
     assert main(["train", "--resume", str(run)]) == 2
+    assert "stopped before its first one" in capsys.readouterr().err
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "other")]) == 0
+    (tmp_path / "other" / "checkpoints" / "index.json").unlink()  # the index lost: the ledger still lists one
+    assert main(["evaluate", str(tmp_path / "other"), "--quick"]) == 2
     assert "index.json: missing, so no checkpoint's hash can be verified" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stop", ["before the ledger is written", "after the ledger is written"])
+def test_a_run_stopped_inside_a_ledger_write_still_audits_and_resumes(tmp_path, capsys, monkeypatch, stop):
+    """run.json names the ledger's new hash (and the one it replaces) before the ledger is written,
+    so whichever write a kill interrupts, the ledger on disk is one run.json vouches for."""
+    import fedpggan.runs as runs
+
+    run, calls = tmp_path / "run", {"n": 0}
+
+    def interrupt_fifth(write):
+        def wrapped(*args, **kwargs):
+            if write is runs.atomic_write_bytes and Path(args[0]) != RunFolder(run).ledger_json:
+                return write(*args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == 5:  # epoch 2, once epoch 1 is checkpointed
+                raise KeyboardInterrupt
+            return write(*args, **kwargs)
+        return wrapped
+
+    if stop == "before the ledger is written":
+        monkeypatch.setattr(runs, "atomic_write_bytes", interrupt_fifth(runs.atomic_write_bytes))
+    else:
+        monkeypatch.setattr(RunFolder, "write_run", interrupt_fifth(RunFolder.write_run))
+    assert main(["train", *TINY, "--epochs", "3", "--out", str(run)]) == 130  # as Ctrl-C would
+    assert calls["n"] == 5
+    monkeypatch.undo()
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "running" and info["ledger_sha256_before"] is not None, "not stopped inside a ledger write"
+    assert main(["audit", str(run)]) == 0
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "ledger_sha256_before" not in json.loads((run / "run.json").read_text())
+    assert main(["audit", str(run)]) == 0

@@ -9,10 +9,9 @@ over sites (each site's records are protected by that site's own accountant).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
-from fedpggan.io import atomic_write_json
+from fedpggan.io import json_bytes
 from fedpggan.privacy.noise import NOISE_DESCRIPTIONS
 
 ASSUMPTIONS = [
@@ -31,11 +30,11 @@ def finite_or_none(x: float) -> float | None:
 
 
 class PrivacyLedger:
-    """In-memory ledger, written atomically to ``privacy_ledger.json`` after every change."""
+    """In-memory ledger, written atomically to ``privacy_ledger.json`` after every change
+    (by the run folder, which records its hash in run.json in the same step)."""
 
-    def __init__(self, path: str | Path, run_id: str, dp: bool, versions: dict[str, str], mechanism: str,
+    def __init__(self, run_id: str, dp: bool, versions: dict[str, str], mechanism: str,
                  extra_assumptions: list[str] | None = None, noise_key: str = "secret") -> None:
-        self.path = Path(path)
         self.data: dict[str, Any] = {
             "format": 1,
             "run_id": run_id,
@@ -51,9 +50,9 @@ class PrivacyLedger:
         }
 
     @classmethod
-    def load(cls, path: str | Path, data: dict[str, Any]) -> "PrivacyLedger":
+    def load(cls, data: dict[str, Any]) -> "PrivacyLedger":
         ledger = cls.__new__(cls)
-        ledger.path, ledger.data = Path(path), data
+        ledger.data = data
         return ledger
 
     def site(self, site_id: str) -> dict[str, Any]:
@@ -86,7 +85,14 @@ class PrivacyLedger:
             if entry["round"] == round_num:
                 entry.setdefault("discarded", reason)
 
-    def save(self) -> None:
+    def content(self) -> bytes:
+        """The ledger file's bytes, with the run-level guarantee brought up to date. Written by
+        :meth:`fedpggan.runs.RunFolder.save_ledger`, together with run.json's record of its hash."""
+        self.update_guarantee()
+        return json_bytes(self.data)
+
+    def update_guarantee(self) -> None:
+        """The run-level guarantee: the maximum epsilon over sites."""
         sites = self.data["sites"].values()
         eps = [s["epsilon"] for s in sites if s.get("epsilon") is not None]
         self.data["guarantee"] = {
@@ -94,4 +100,3 @@ class PrivacyLedger:
             "delta": max((s.get("delta", 0.0) for s in sites), default=None) if self.data["dp"] else None,
             "meaning": "every site's records are (epsilon, delta)-DP w.r.t. everything released" if self.data["dp"] else "no DP guarantee",
         }
-        atomic_write_json(self.path, self.data)
