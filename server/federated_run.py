@@ -199,7 +199,7 @@ class FederatedRun:
         self.ledger.data["checkpoints"][-1]["sha256"] = entry["sha256"]  # a file cannot hold its own hash
         self.failed_rounds = payload.get("failed_rounds", 0)
         rows = [r for r in self.folder.read_metrics() if r["round"] <= entry["round"]]
-        self.folder.metrics_jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_bytes(self.folder.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows).encode())  # a kill keeps the old rows
         self.run_info.update(status="running", resumed_at=now_iso(), resumed_from_round=entry["round"])
         self.folder.save_ledger(self.ledger, self.run_info)
         print(f"resuming {self.folder.root} after round {entry['round']} ({path.name})")

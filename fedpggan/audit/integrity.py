@@ -4,11 +4,13 @@
   the one it replaces, so a run killed mid-write still verifies): a different hash means the
   ledger was edited afterwards;
 - every checkpoint the ledger lists still has that hash, or is gone because retention deleted
-  it, or was marked discarded by a resume that found it missing or corrupt (both reported, not a
-  failure: the spend of its epochs stays charged, and nothing uses its weights); retention keeps the newest --keep-checkpoints, so one of those
-  missing was deleted by something else: a failure, since the folder is no longer what the
-  trainer wrote and an export would silently fall back to an older model; a checkpoint file on
-  disk the ledger does not list was not produced by this run's trainer.
+  it, or was marked discarded by a resume that found it missing or corrupt (both reported, not
+  a failure: the spend of its epochs stays charged, and nothing uses its weights); retention
+  keeps the newest --keep-checkpoints, so one of those missing was deleted by something else: a
+  failure, since the folder is no longer what the trainer wrote and an export would silently
+  fall back to an older model; a checkpoint file on disk the ledger does not list was not
+  produced by this run's trainer, unless the run stopped while writing it (a running run's file
+  newer than every listed one: reported, not a failure).
 """
 
 from __future__ import annotations
