@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import re
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
@@ -98,7 +99,8 @@ class RunFolder:
         the unwritten change recorded was not yet released: a checkpoint is written only once the
         ledger on disk holds the spend of the rounds it covers."""
         content = ledger.content()
-        before = sha256_file(self.ledger_json) if self.ledger_json.exists() else None
+        vouched = self.ledger_json.exists() and self.run_json.exists() and self.ledger_vouched_for(self.read_run())
+        before = sha256_file(self.ledger_json) if vouched else None  # never vouch for a ledger nobody verified
         atomic_write_json(self.run_json, {**run, "ledger_sha256": sha256_bytes(content), "ledger_sha256_before": before})
         atomic_write_bytes(self.ledger_json, content)
         self.write_run(run)
@@ -127,6 +129,12 @@ class RunFolder:
     def checkpoint_path(self, step: int) -> Path:
         return self.checkpoints / f"ckpt_{step:05d}.pt"
 
+    @staticmethod
+    def checkpoint_round(name: str) -> int | None:
+        """ckpt_00012.pt -> 12 (the names checkpoint_path gives); None for any other name."""
+        match = re.fullmatch(r"ckpt_(\d+)\.pt", name)
+        return int(match.group(1)) if match else None
+
     def record_checkpoint(self, step: int, sha256: str) -> None:
         """Add a written checkpoint to the index and delete the oldest beyond ``keep``."""
         entries = [e for e in self.checkpoint_index() if e["round"] != step]
@@ -137,10 +145,11 @@ class RunFolder:
         atomic_write_json(self.checkpoints / "index.json", entries[-self.keep_checkpoints :])
 
     def discard_checkpoints_after(self, round_num: int) -> None:
-        """Drop from the index the entries newer than ``round_num`` (a resume found them missing or
-        failing their hash); their files, and any checkpoint file the index never listed (written just
-        before a kill), become NAME.discarded: kept for inspection, never used."""
-        kept = [e for e in self.checkpoint_index() if e["round"] <= round_num]
+        """Index the usable checkpoints up to ``round_num`` (the one a resume continues from and
+        those before it); every other checkpoint file (newer ones the resume could not use, one
+        written just before a kill, one the ledger does not list) becomes NAME.discarded: kept for
+        inspection, never used."""
+        kept = [e for e in self.usable_checkpoints() if e["round"] <= round_num]
         atomic_write_json(self.checkpoints / "index.json", kept)
         for path in self.checkpoints.glob("*.pt"):
             if path.name not in {e["file"] for e in kept}:
@@ -162,6 +171,27 @@ class RunFolder:
         path = self.checkpoints / entry["file"]
         return path.is_file() and sha256_file(path) == entry["sha256"]
 
+    def vouched_ledger(self) -> dict[str, Any] | None:
+        """The ledger, if run.json vouches for it; None otherwise (an edited ledger vouches for nothing)."""
+        if not (self.ledger_json.is_file() and self.run_json.is_file()) or not self.ledger_vouched_for(self.read_run()):
+            return None
+        return self.read_json(self.ledger_json)
+
+    def usable_checkpoints(self) -> list[dict[str, Any]]:
+        """The checkpoints a run may be read at or continue from, oldest first: the index's entries
+        that the ledger lists (a file slipped into the index is not one), and any the ledger lists
+        after the index's newest (a kill between the ledger's entry and the index's leaves one; the
+        ledger holds its hash). Without a ledger run.json vouches for, the index alone."""
+        index, ledger = self.checkpoint_index(), self.vouched_ledger()
+        if ledger is None:
+            return index
+        listed = [c for c in ledger.get("checkpoints", []) if not c.get("discarded")]
+        hashes = {c.get("sha256") for c in listed}
+        newest = max((e["round"] for e in index), default=0)
+        entries = [e for e in index if e["sha256"] in hashes]
+        entries += [{"round": c["round"], "file": c["file"], "sha256": c["sha256"]} for c in listed if c["round"] > newest]
+        return sorted(entries, key=lambda e: e["round"])
+
     def ledger_lists_checkpoints(self) -> bool:
         """Whether the ledger vouches for any checkpoint (so an empty index means a lost one)."""
         return self.ledger_json.is_file() and bool(self.read_json(self.ledger_json).get("checkpoints"))
@@ -169,10 +199,13 @@ class RunFolder:
     def latest_checkpoint(self, warn: bool = True) -> tuple[Path, dict[str, Any]]:
         """Newest checkpoint whose content hash verifies; a missing or corrupt one is skipped, with
         a printed warning when ``warn`` (a resumed run then redoes the rounds after the one it uses)."""
-        entries = self.checkpoint_index()
+        entries = self.usable_checkpoints()
+        if not entries and self.checkpoint_index():
+            raise FedPGGANError(f"{self.checkpoints / 'index.json'}: {self.ledger_json.name} lists none of its checkpoints, "
+                                "so none has a stated privacy guarantee; restore the run's original ledger")
         if not entries and self.ledger_lists_checkpoints():
-            raise FedPGGANError(f"{self.checkpoints / 'index.json'}: missing, so no checkpoint's hash can be verified; "
-                                "restore it from a backup (the run cannot be used without it)")
+            raise FedPGGANError(f"{self.checkpoints / 'index.json'}: missing, and the ledger does not match run.json's "
+                                "record of it, so no checkpoint's hash can be verified; restore both from a backup")
         if not entries:
             raise FedPGGANError(f"{self.root}: no checkpoints found; train a run first or pass a run folder")
         for entry in reversed(entries):

@@ -202,6 +202,7 @@ class FederatedRun:
         atomic_write_bytes(self.folder.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows).encode())  # a kill keeps the old rows
         self.run_info.update(status="running", resumed_at=now_iso(), resumed_from_round=entry["round"])
         self.folder.save_ledger(self.ledger, self.run_info)
+        self.folder.discard_checkpoints_after(entry["round"])  # newer files this resume could not use: set aside
         print(f"resuming {self.folder.root} after round {entry['round']} ({path.name})")
         return int(entry["round"]) + 1
 

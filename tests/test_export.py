@@ -256,7 +256,7 @@ REFUSALS = {
     "over budget": (lambda run: edit_ledger(run, lambda led: _bump(led, 12.0)), "over its budget"),
     "guarantee not the max": (lambda run: edit_ledger(run, lambda led: led["guarantee"].update(epsilon=1.0)),
                               "not the maximum"),
-    "checkpoint not in ledger": (lambda run: edit_ledger(run, lambda led: led.update(checkpoints=[])), "not recorded"),
+    "checkpoint not in ledger": (lambda run: edit_ledger(run, lambda led: led.update(checkpoints=[])), "lists none of its checkpoints"),
     "unaudited": (lambda run: (run / "audit.json").unlink(), "audit.json: is missing"),
     "failed audit": (lambda run: write_audit(run, passed=False, date="2026-01-01"), "FAILED"),
     "audit of an older content": (lambda run: edit_ledger(run, lambda led: led["assumptions"].append("edited")),

@@ -15,6 +15,8 @@ import pytest
 from conftest import REPO
 from fedpggan.cli import main
 from fedpggan.config import RunConfig
+from fedpggan.errors import FedPGGANError
+from fedpggan.io import sha256_file
 from fedpggan.runs import RunFolder
 
 
@@ -272,6 +274,9 @@ def test_a_resume_past_a_corrupt_checkpoint_warns_once_and_the_ledger_says_what_
     assert main(["export", str(run), "--out", str(tmp_path / "x"), "--n", "10"]) == 0
     assert json.loads((tmp_path / "x" / "datasheet.json").read_text())["generator"]["round"] == 2
 
+    (run / "checkpoints" / "ckpt_00003.pt").write_bytes(b"another model")  # put in the discarded one's place
+    assert main(["audit", str(run)]) == 1
+    (run / "checkpoints" / "ckpt_00003.pt").unlink()
     (run / "checkpoints" / "ckpt_00002.pt").unlink()  # deleted by hand afterwards: still a failure
     assert main(["audit", str(run)]) == 1
 
@@ -292,10 +297,31 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_says_so(tmp_path, ca
     (run / "checkpoints" / "ckpt_00001.pt").write_bytes(b"x")  # written as it stopped, before anything listed it
     assert main(["train", "--resume", str(run)]) == 2
     assert "stopped before its first one" in capsys.readouterr().err
-    assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "other")]) == 0
-    (tmp_path / "other" / "checkpoints" / "index.json").unlink()  # the index lost: the ledger still lists one
-    assert main(["evaluate", str(tmp_path / "other"), "--quick"]) == 2
-    assert "index.json: missing, so no checkpoint's hash can be verified" in capsys.readouterr().err
+
+
+def test_the_ledger_vouches_for_checkpoints_the_index_missed_and_not_for_ones_slipped_into_it(tmp_path):
+    """A kill between the ledger's entry for a checkpoint and the index's leaves a valid checkpoint
+    only the ledger lists: it is used. A file added to the index that the ledger does not list is not."""
+    folder, info = trained_then_marked_running(tmp_path / "run", 2)
+    folder.write_run(info)
+    index = folder.checkpoint_index()
+    (folder.checkpoints / "index.json").write_text(json.dumps(index[:1]))  # as if killed before the index listed epoch 2
+    assert folder.latest_checkpoint()[1]["round"] == 2
+    assert main(["train", "--resume", str(folder.root)]) == 0  # nothing left to train; epoch 2's weights are kept
+    assert [e["round"] for e in folder.checkpoint_index()] == [1, 2] and folder.checkpoint_path(2).is_file()
+    assert not any("discarded" in c for c in json.loads(folder.ledger_json.read_text())["checkpoints"])
+    assert main(["audit", str(folder.root)]) == 0
+
+    foreign = folder.checkpoint_path(9)
+    foreign.write_bytes(folder.checkpoint_path(1).read_bytes() + b"other")  # another model slipped into the index
+    (folder.checkpoints / "index.json").write_text(json.dumps(index + [{"round": 9, "file": foreign.name,
+                                                                         "sha256": sha256_file(foreign)}]))
+    assert folder.latest_checkpoint()[1]["round"] == 2
+    assert main(["audit", str(folder.root)]) == 1  # a completed run's unlisted file: not this trainer's
+    (folder.checkpoints / "index.json").unlink()
+    folder.ledger_json.write_text(folder.ledger_json.read_text().replace('"central"', '"edited"'))
+    with pytest.raises(FedPGGANError, match="index.json: missing, and the ledger does not match"):
+        folder.latest_checkpoint()  # lost index, edited ledger: nothing vouches for any checkpoint
 
 
 @pytest.mark.parametrize("stop", ["before the ledger is written", "after the ledger is written"])

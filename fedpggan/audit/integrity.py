@@ -9,13 +9,13 @@
   keeps the newest --keep-checkpoints, so one of those missing was deleted by something else: a
   failure, since the folder is no longer what the trainer wrote and an export would silently
   fall back to an older model; a checkpoint file on disk the ledger does not list was not
-  produced by this run's trainer, unless the run stopped while writing it (a running run's file
-  newer than every listed one: reported, not a failure).
+  produced by this run's trainer, unless the run stopped while writing it (in a running run, the
+  file of the last round the ledger charged, newer than every listed one and in no index:
+  reported, not a failure).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,6 @@ from fedpggan.audit.findings import Finding
 from fedpggan.config import RunConfig
 from fedpggan.io import sha256_file
 from fedpggan.runs import RunFolder
-
-
-def checkpoint_round(name: str) -> int | None:
-    """ckpt_00012.pt -> 12 (the trainer's file names); None for any other name."""
-    match = re.fullmatch(r"ckpt_(\d+)\.pt", name)
-    return int(match.group(1)) if match else None
 
 
 def check_ledger_hash(run: dict[str, Any], folder: RunFolder) -> list[Finding]:
@@ -50,7 +44,9 @@ def check_checkpoints(ledger: dict[str, Any], run: dict[str, Any], folder: RunFo
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         return [], [Finding("run.json:config.keep-checkpoints", f"{keep!r} is not a positive integer: which checkpoints "
                                                                 "retention deleted cannot be told")]
-    rounds = sorted({e.get("round") for e in ledger.get("checkpoints", []) if isinstance(e, dict) and isinstance(e.get("round"), int)})
+    # retention keeps the newest --keep-checkpoints of those a resume did not discard
+    rounds = sorted({e.get("round") for e in ledger.get("checkpoints", [])
+                     if isinstance(e, dict) and isinstance(e.get("round"), int) and not e.get("discarded")})
     kept = set(rounds[-keep:])
     for i, entry in enumerate(ledger.get("checkpoints", [])):
         name = entry.get("file") if isinstance(entry, dict) else None
@@ -59,7 +55,11 @@ def check_checkpoints(ledger: dict[str, Any], run: dict[str, Any], folder: RunFo
             continue
         listed.add(name)
         path = folder.checkpoints / name
-        if entry.get("discarded"):
+        if entry.get("discarded") and path.exists() and sha256_file(path) != entry.get("sha256"):
+            status = "HASH MISMATCH"
+            findings.append(Finding(f"checkpoints[{i}].sha256", f"checkpoints/{name} was discarded by a resume, and a "
+                                                                "file with another content has its name since: remove it"))
+        elif entry.get("discarded"):
             status = f"discarded ({entry['discarded']})"
         elif not path.exists() and entry.get("round") not in kept:
             status = "not present (rotated)"
@@ -75,12 +75,15 @@ def check_checkpoints(ledger: dict[str, Any], run: dict[str, Any], folder: RunFo
             findings.append(Finding(f"checkpoints[{i}].sha256", f"checkpoints/{name} does not have the hash the ledger "
                                                                 "recorded: the file was replaced or altered"))
         rows.append({"round": entry.get("round"), "file": name, "status": status})
+    last_spend = max((r.get("round", 0) for s in ledger.get("sites", {}).values() for r in s.get("rounds", [])), default=None)
+    indexed = {e.get("file") for e in folder.checkpoint_index()}
     if folder.checkpoints.is_dir():
         for path in sorted(folder.checkpoints.glob("*.pt")):
             if path.name in listed:
                 continue
-            round_num = checkpoint_round(path.name)
-            if run.get("status") == "running" and round_num is not None and round_num > max(rounds, default=0):
+            round_num = RunFolder.checkpoint_round(path.name)
+            if (run.get("status") == "running" and path.name not in indexed and round_num is not None
+                    and round_num == last_spend and round_num > max(rounds, default=0)):
                 # written just before a kill, before the ledger could list it: nothing uses it, and a resume
                 # writes that round again (simulate) or sets the file aside (train)
                 rows.append({"round": round_num, "file": path.name, "status": "not recorded (the run stopped while writing it)"})

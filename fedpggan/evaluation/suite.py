@@ -131,7 +131,7 @@ def open_real(spec: str, split: str, data_dir: str | None, image_size: int, seed
     try:
         return open_dataset(spec, split, data_dir, image_size, seed, named_by="--real")
     except FedPGGANError as exc:
-        raise FedPGGANError(f"--real {spec} ({split} split): {exc}") from exc
+        raise FedPGGANError(f"--real ({split} split): {exc}") from exc
 
 
 def ledger_guarantee(run: RunFolder) -> dict[str, float | None]:

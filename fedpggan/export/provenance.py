@@ -84,7 +84,7 @@ def pick_checkpoint(folder: RunFolder, spec: str | None, ledger: dict[str, Any])
     or ``--checkpoint`` FILE|ROUND; the ledger must list it: a checkpoint the ledger does not cover
     has no stated privacy guarantee."""
     if spec is None:
-        newest = (folder.checkpoint_index() or [None])[-1]
+        newest = (folder.usable_checkpoints() or [None])[-1]
         if newest is not None and not folder.verified(newest):
             raise FedPGGANError(f"{folder.checkpoints / newest['file']}: the newest checkpoint (round {newest['round']}) is "
                                 "missing or fails its hash check; restore it, or choose an older one with --checkpoint ROUND")
