@@ -151,8 +151,9 @@ class RunFolder:
         inspection, never used."""
         kept = [e for e in self.usable_checkpoints() if e["round"] <= round_num]
         atomic_write_json(self.checkpoints / "index.json", kept)
+        names = {e["file"] for e in kept}
         for path in self.checkpoints.glob("*.pt"):
-            if path.name not in {e["file"] for e in kept}:
+            if path.name not in names:
                 path.replace(path.with_name(path.name + ".discarded"))
 
     def read_verified_ledger(self, run: dict[str, Any], use: str) -> dict[str, Any]:
@@ -193,7 +194,7 @@ class RunFolder:
         return sorted(entries, key=lambda e: e["round"])
 
     def ledger_lists_checkpoints(self) -> bool:
-        """Whether the ledger vouches for any checkpoint (so an empty index means a lost one)."""
+        """Whether the ledger file lists any checkpoint (so an empty index means a lost one)."""
         return self.ledger_json.is_file() and bool(self.read_json(self.ledger_json).get("checkpoints"))
 
     def latest_checkpoint(self, warn: bool = True) -> tuple[Path, dict[str, Any]]:

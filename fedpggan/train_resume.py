@@ -50,7 +50,7 @@ def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History, plann
     g_trainer.load_state_dict(payload["generator_optim"])
     set_rng_state(payload["rng"])
     ledger = PrivacyLedger.load(recorded)
-    # newer checkpoints the ledger lists: missing or corrupt, or written but not yet indexed when the run stopped
+    # newer checkpoints the ledger lists that latest_checkpoint skipped: missing or failing their hash
     broken = [c["round"] for c in ledger.data["checkpoints"] if c["round"] > entry["round"]]
     registered = ledger.data["sites"].get("central", {})
     for key, now in (planned or {}).items():
@@ -71,7 +71,7 @@ def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History, plann
     atomic_write_bytes(run.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows).encode())  # a kill keeps the old rows
     info.update(status="running", resumed_at=now_iso(), resumed_from_epoch=entry["round"])
     for round_num in broken:  # in the ledger first, so that an interrupted resume leaves nothing unexplained
-        ledger.discard_checkpoint(round_num, f"not usable (missing, failing its hash or not indexed) at the resume of "
+        ledger.discard_checkpoint(round_num, f"missing or failing its hash at the resume of "
                                              f"{info['resumed_at']}")
     run.save_ledger(ledger, info)
     run.discard_checkpoints_after(entry["round"])
