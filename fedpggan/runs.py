@@ -99,16 +99,18 @@ class RunFolder:
         the unwritten change recorded was not yet released: a checkpoint is written only once the
         ledger on disk holds the spend of the rounds it covers."""
         content = ledger.content()
-        vouched = self.ledger_json.exists() and self.run_json.exists() and self.ledger_vouched_for(self.read_run())
-        before = sha256_file(self.ledger_json) if vouched else None  # never vouch for a ledger nobody verified
+        before = None  # never vouch for a ledger nobody verified
+        if self.ledger_json.exists() and self.run_json.exists():
+            actual = sha256_file(self.ledger_json)
+            before = actual if self.ledger_vouched_for(self.read_run(), actual) else None
         atomic_write_json(self.run_json, {**run, "ledger_sha256": sha256_bytes(content), "ledger_sha256_before": before})
         atomic_write_bytes(self.ledger_json, content)
         self.write_run(run)
 
-    def ledger_vouched_for(self, run: dict[str, Any]) -> bool:
+    def ledger_vouched_for(self, run: dict[str, Any], actual: str | None = None) -> bool:
         """Whether the ledger on disk is the one run.json records (or, after a kill inside
-        :meth:`save_ledger`, the one it was replacing)."""
-        actual = sha256_file(self.ledger_json)
+        :meth:`save_ledger`, the one it was replacing); ``actual``: its SHA-256, if already known."""
+        actual = actual or sha256_file(self.ledger_json)
         return actual == run.get("ledger_sha256") or (run.get("ledger_sha256_before") is not None
                                                       and actual == run["ledger_sha256_before"])
 

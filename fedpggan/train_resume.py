@@ -71,8 +71,7 @@ def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History, plann
     atomic_write_bytes(run.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows).encode())  # a kill keeps the old rows
     info.update(status="running", resumed_at=now_iso(), resumed_from_epoch=entry["round"])
     for round_num in broken:  # in the ledger first, so that an interrupted resume leaves nothing unexplained
-        ledger.discard_checkpoint(round_num, f"missing or failing its hash at the resume of "
-                                             f"{info['resumed_at']}")
+        ledger.discard_checkpoint(round_num, f"missing or failing its hash at the resume of {info['resumed_at']}")
     run.save_ledger(ledger, info)
     run.discard_checkpoints_after(entry["round"])
     print(f"resuming {run.root} at epoch {last + 1} (weights of {path.name})")

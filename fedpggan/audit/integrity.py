@@ -30,7 +30,7 @@ def check_ledger_hash(run: dict[str, Any], folder: RunFolder) -> list[Finding]:
     if not isinstance(recorded, str):
         return [Finding("run.json:ledger_sha256", "missing: the ledger cannot be shown to be the one the trainer wrote")]
     actual = sha256_file(folder.ledger_json)
-    if not folder.ledger_vouched_for(run):
+    if not folder.ledger_vouched_for(run, actual):
         return [Finding("run.json:ledger_sha256", f"{folder.ledger_json.name} hashes to {actual[:12]}..., run.json "
                                                   f"recorded {recorded[:12]}...: the ledger was changed after the run wrote it")]
     return []
