@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-import warnings
+import sys
 
 import numpy as np
 import torch
@@ -12,6 +12,13 @@ from fedpggan.config import RunConfig, class_prior
 from fedpggan.data import ImageDataset, open_dataset
 from fedpggan.errors import FedPGGANError
 from pggan_model import PGGAN, GANConfig, ModelShape
+
+
+def warn_without_dp(cfg: RunConfig) -> None:
+    """A run without DP is allowed (baselines, ablations) but must never look like a private one."""
+    if not cfg.dp:
+        print("warning: training WITHOUT differential privacy (--epsilon none): the models and any synthetic data "
+              "carry no privacy guarantee; pass --epsilon E for DP", file=sys.stderr)
 
 
 def open_training_data(cfg: RunConfig, split: str = "train") -> ImageDataset:
@@ -24,7 +31,8 @@ def open_training_data(cfg: RunConfig, split: str = "train") -> ImageDataset:
     try:
         return open_dataset("pneumoniamnist", split, cfg.data_dir or None, cfg.image_size, cfg.seed)
     except FedPGGANError as exc:
-        warnings.warn(f"--dataset auto: {exc} -- using 'phantom' instead (procedurally generated, NOT medical data)")
+        print(f"warning: --dataset auto: {exc} -- using 'phantom' instead (procedurally generated, NOT medical data)",
+              file=sys.stderr)
         return open_dataset("phantom", split, None, cfg.image_size, cfg.seed)
 
 

@@ -18,8 +18,16 @@ from fedpggan.errors import FedPGGANError
 COMMANDS = ("train", "simulate", "export", "audit", "evaluate", "site")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An option error is one line naming the fix, like every other user error (argparse would
+    print the whole usage block first). Sub-command parsers inherit the class."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="fedpggan",
         description="Federated, differentially private Parallel-Generator GAN for medical images.",
     )
@@ -47,6 +55,13 @@ def run_reporting_errors(func, debug: bool) -> int:
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path that is a file, not writable, a full disk: the user's to fix
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}; check that path (a folder where one is expected, "
+              "permissions, free space)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: everything written so far is kept", file=sys.stderr)

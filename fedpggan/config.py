@@ -154,7 +154,7 @@ class RunConfig:
         for key, value in values.items():
             name = key.replace("-", "_")
             if name not in known:
-                raise FedPGGANError(f"{source}: unknown option '{key}'; see 'fedpggan simulate --help' for valid names")
+                raise FedPGGANError(f"{source}: unknown option '{key}'; see the command's --help for valid names")
             setattr(out, name, coerce(name, value, known[name].default, source))
         return out.validate()
 
@@ -179,9 +179,12 @@ def coerce(name: str, value: Any, default: Any, source: str) -> Any:
         return math.inf
     try:
         if isinstance(default, bool):
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
+            words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+            if isinstance(value, str) and value.strip().lower() in words:
+                return words[value.strip().lower()]
+            if isinstance(value, (bool, int)) and value in (0, 1):
+                return bool(value)
+            raise ValueError
         if isinstance(default, int):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -244,6 +247,12 @@ def resolve(args: argparse.Namespace, names: list[str], defaults: dict[str, Any]
     """defaults < command defaults < TOML file < flags, then validated."""
     values: dict[str, Any] = dict(defaults or {})
     if getattr(args, "config", None):
-        values.update(load_toml(args.config))
+        from_file = load_toml(args.config)
+        known = {f.name for f in fields(RunConfig)}
+        for key in from_file:  # an option of another command would otherwise be ignored without a word
+            if key.replace("-", "_") in known and key.replace("-", "_") not in names:
+                raise FedPGGANError(f"--config {args.config}: option '{key}' does not apply to this command; remove it "
+                                    "(see this command's --help for its options)")
+        values.update(from_file)
     values.update({n: getattr(args, n) for n in names if hasattr(args, n)})
     return RunConfig.from_dict(values, source=f"--config {args.config}" if getattr(args, "config", None) else "options")

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fedpggan.errors import FedPGGANError
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a
@@ -51,3 +53,9 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_folder_path(path: str | Path | None, option: str = "--out") -> None:
+    """A folder the command will write into must not be an existing file: say so before any work."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise FedPGGANError(f"{option} {path}: is a file; choose a folder path")

@@ -8,7 +8,10 @@ needs no pre-flight: it builds and calibrates before it makes its folder.)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+
+import torch
 
 from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
@@ -20,6 +23,21 @@ from pggan_model.networks import upsampling_plan
 def check_image_size(image_size: int, option: str = "--image-size") -> None:
     """The sizes the networks can be built for (pggan_model.networks.upsampling_plan)."""
     upsampling_plan(image_size, option)
+
+
+def check_simulation_resources(cfg: RunConfig) -> None:
+    """Ray schedules a site only where its --client-cpus / --client-gpus fit; a share this machine
+    can never give leaves the engine waiting forever. A Ray cluster (RAY_ADDRESS) is not checked."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    gpus = torch.cuda.device_count()
+    if cfg.client_gpus > gpus:
+        raise FedPGGANError(f"--client-gpus {cfg.client_gpus:g}: this machine has {gpus} CUDA GPU(s), so no site could be "
+                            f"scheduled; use {'a share of one GPU (e.g. 0.2)' if gpus else '0'}")
+    cores = os.cpu_count() or 1
+    if cfg.client_cpus > cores:
+        raise FedPGGANError(f"--client-cpus {cfg.client_cpus:g}: more than the {cores} CPU cores here, so no site could "
+                            f"be scheduled; use at most {cores}")
 
 
 def check_federated_budget(cfg: RunConfig, site_sizes: Iterable[int]) -> None:

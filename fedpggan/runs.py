@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedpggan.config import RunConfig, flag
 from fedpggan.errors import FedPGGANError
-from fedpggan.io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from fedpggan.io import atomic_write_bytes, atomic_write_json, check_folder_path, sha256_bytes, sha256_file
 
 if TYPE_CHECKING:
     from fedpggan.privacy.ledger import PrivacyLedger
@@ -64,14 +64,25 @@ class RunFolder:
     samples = property(lambda self: self.root / "samples")
     curves = property(lambda self: self.root / "curves")
 
-    def create(self, overwrite: bool = False) -> None:
-        """Make the folder; refuse one that already holds a run unless ``overwrite``."""
-        if self.run_json.exists() and not overwrite:
-            raise FedPGGANError(
-                f"{self.root}: already holds a run; choose another --out (or --resume it)"
-            )
+    def create(self) -> None:
+        """Make the folder; refuse a file, a folder that holds a run, and one that holds anything
+        else (a run whose run.json was lost, an export): training would mix its files with those."""
+        if self.run_json.exists():
+            raise FedPGGANError(f"{self.root}: already holds a run; choose another --out (or --resume it)")
+        check_folder_path(self.root)
+        other = sorted(p.name for p in self.root.iterdir() if not self._set_up(p)) if self.root.is_dir() else []
+        if other:
+            raise FedPGGANError(f"--out {self.root}: folder is not empty (it holds {', '.join(other[:3])}"
+                                f"{', ...' if len(other) > 3 else ''}); choose a new or empty folder")
         for sub in (self.root, self.checkpoints, self.samples, self.curves):
             sub.mkdir(parents=True, exist_ok=True)
+
+    def _set_up(self, path: Path) -> bool:
+        """Whether ``path`` is only what setting up a run makes before run.json: an empty folder of
+        :meth:`create` or the simulation's partition summary (the ServerApp creates after it)."""
+        if path.name == "partition.json":
+            return path.is_file()
+        return path in (self.checkpoints, self.samples, self.curves) and path.is_dir() and not any(path.iterdir())
 
     def read_json(self, path: Path) -> Any:
         if not path.is_file():
@@ -82,7 +93,10 @@ class RunFolder:
             raise FedPGGANError(f"{path}: unreadable JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from exc
 
     def read_run(self) -> dict[str, Any]:
-        return self.read_json(self.run_json)
+        run = self.read_json(self.run_json)
+        if not isinstance(run, dict):
+            raise FedPGGANError(f"{self.run_json}: not a run record (a JSON object); restore it from a backup")
+        return run
 
     def write_run(self, run: dict[str, Any]) -> None:
         """Write run.json, recording the current ledger's hash so tampering is detectable."""
@@ -183,15 +197,15 @@ class RunFolder:
     def usable_checkpoints(self) -> list[dict[str, Any]]:
         """The checkpoints a run may be read at or continue from, oldest first: the index's entries
         that the ledger lists (a file slipped into the index is not one), and any the ledger lists
-        after the index's newest (a kill between the ledger's entry and the index's leaves one; the
-        ledger holds its hash). Without a ledger run.json vouches for, the index alone."""
+        after the newest of those (a kill between the ledger's entry and the index's leaves one, and so
+        does an index entry edited to another hash; the ledger holds the hash the file must have). Without a ledger run.json vouches for, the index alone."""
         index, ledger = self.checkpoint_index(), self.vouched_ledger()
         if ledger is None:
             return index
         listed = [c for c in ledger.get("checkpoints", []) if not c.get("discarded")]
         hashes = {c.get("sha256") for c in listed}
-        newest = max((e["round"] for e in index), default=0)
         entries = [e for e in index if e["sha256"] in hashes]
+        newest = max((e["round"] for e in entries), default=0)
         entries += [{"round": c["round"], "file": c["file"], "sha256": c["sha256"]} for c in listed if c["round"] > newest]
         return sorted(entries, key=lambda e: e["round"])
 

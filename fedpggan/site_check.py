@@ -70,9 +70,14 @@ def check_budget(site: SiteConfig, num_records: int) -> tuple[str, list[str]]:
 
 
 def check_state_dir(path: Path) -> str:
-    """The accountant must persist across restarts, so the directory must be writable now."""
+    """The accountant must persist across restarts, so the directory must exist and be writable now.
+
+    It is not created here: a mistyped path would otherwise become a fresh, empty accountant."""
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise FedPGGANError(f"state-dir {path}: {what}; create it on a persistent, writable volume (mkdir -p "
+                            f"{path}) or fix 'state-dir' in the site config, then run 'fedpggan site check' again")
     try:
-        path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as exc:

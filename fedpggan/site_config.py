@@ -23,6 +23,11 @@ from fedpggan.errors import FedPGGANError
 
 TEMPLATE = "deploy/site.example.toml"
 SITE_DEVICES = ("auto", "cpu", "cuda")  # the ClientApp reads the node config's device (client/site.py)
+# Every key a site config may hold, per table ("" is the top level). A key outside these is a typo
+# that would otherwise drop a privacy cap or the peer roster without a word.
+SITE_KEYS = {"": {"site-id", "data", "state-dir", "image-size", "device", "privacy", "superlink"},
+             "privacy": {"max-epsilon", "max-epsilon-if-colluding", "max-delta", "peer-keys"},
+             "superlink": {"address", "root-certificates", "auth-private-key"}}
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,12 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
     data = read_toml(path, f"start from {TEMPLATE}")
     get = _Getter(path, data)
     privacy, link = get.table("privacy"), get.table("superlink")
+    for table, keys in (("", data), ("privacy", privacy), ("superlink", link)):
+        unknown = sorted(set(keys) - SITE_KEYS[table])
+        if unknown:
+            where = f"in [{table}]" if table else "at the top level"
+            raise FedPGGANError(f"--config {path}: unknown key {unknown[0]!r} {where}; the keys there are "
+                                f"{', '.join(sorted(SITE_KEYS[table] - {'privacy', 'superlink'}))} (see {TEMPLATE})")
     max_epsilon = get.value(privacy, "privacy.max-epsilon", (int, float, str))
     if isinstance(max_epsilon, str):
         if max_epsilon.strip().lower() != "none":
@@ -94,7 +105,10 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
     peer_keys = get.value(privacy, "privacy.peer-keys", str, required=False)
     if max_delta is not None and not 0 < max_delta < 1:
         raise get.error("privacy.max-delta", "a number in (0, 1), e.g. 1e-5")
-    certs = get.value(link, "superlink.root-certificates", str, required=not insecure)
+    if not insecure and link.get("root-certificates") is None:
+        raise FedPGGANError(f"--config {path}: required key 'superlink.root-certificates' is missing; set it to the "
+                            "coordinator's ca.crt (or pass --insecure, for local tests only)")
+    certs = get.value(link, "superlink.root-certificates", str, required=False)
     image_size = get.value(data, "image-size", int, required=False)
     device = get.value(data, "device", str, required=False) or "auto"
     if device not in SITE_DEVICES:
@@ -103,11 +117,19 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
         path=path, site_id=get.value(data, "site-id", str), data=get.value(data, "data", str),
         state_dir=Path(get.value(data, "state-dir", str)), image_size=image_size,
         max_epsilon=float(max_epsilon), max_delta=None if max_delta is None else float(max_delta),
-        superlink=get.value(link, "superlink.address", str), root_certificates=Path(certs) if certs else None,
+        superlink=_address(get, get.value(link, "superlink.address", str)), root_certificates=Path(certs) if certs else None,
         auth_private_key=Path(get.value(link, "superlink.auth-private-key", str)), device=device,
         max_epsilon_if_colluding=None if colluding is None else float(colluding),
         peer_keys=Path(peer_keys) if peer_keys else None,
     )
+
+
+def _address(get: _Getter, address: str) -> str:
+    """The SuperLink's ``host:port``; flower-supernode would only fail on it after starting."""
+    host, _, port = address.rpartition(":")
+    if not host or any(c.isspace() for c in address) or not port.isdigit() or not 0 < int(port) < 65536:
+        raise get.error("superlink.address", f"host:port (e.g. \"coordinator.example.org:8000\"), not {address!r}")
+    return address
 
 
 class _Getter:

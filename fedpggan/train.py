@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fedpggan.build import build_gan, open_training_data, pick_device, prior_tensor, seed_everything
+from fedpggan.build import build_gan, open_training_data, pick_device, prior_tensor, seed_everything, warn_without_dp
 from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.plots import save_curves, save_sample_grid
@@ -61,6 +61,7 @@ def train_centralised(cfg: RunConfig, resume: bool = False) -> Path:
                                   cfg.fake_gradients)
     if not resume:  # made once the model and the noise are known to work: a bad option leaves no folder
         run.create()
+    warn_without_dp(cfg)
     if resume:
         planned = None if privacy is None else {"noise_multiplier": privacy.noise_multiplier, "sample_rate": q,
                                                 "delta": privacy.delta, "planned_steps": total_d_steps,
@@ -97,7 +98,7 @@ def train_centralised(cfg: RunConfig, resume: bool = False) -> Path:
     for epoch in bar:
         t0 = time.perf_counter()
         d_stats, g_stats = [], []
-        for _ in range(g_steps_per_epoch):
+        for _ in tqdm(range(g_steps_per_epoch), desc=f"epoch {epoch}", unit="step", leave=False):  # an epoch can take minutes
             d_stats += d_trainer.train(cfg.d_steps)
             g_stats.append(g_trainer.step(cfg.g_batch_size, prior))
             for _ in range(embedding_steps):  # post-processing of the release (see --embedding-noise-limit)
@@ -129,7 +130,7 @@ def train_centralised(cfg: RunConfig, resume: bool = False) -> Path:
     run_info.update(status="completed", ended=now_iso(), final_epsilon=ledger.data["guarantee"]["epsilon"])
     run.write_run(run_info)
     eps = ledger.data["guarantee"]["epsilon"]
-    print(f"done: {run.root}  epsilon={eps if eps is not None else 'no DP'}")
+    print(f"done: {run.root}  epsilon={format(eps, '.4g') if eps is not None else 'no DP'}")
     return run.root
 
 

@@ -248,8 +248,10 @@ class FederatedRun:
         self.folder.append_metrics(row)
         self.checkpoint(round_num)
         if round_num % cfg.sample_every == 0 or round_num == cfg.rounds:
+            eps = row.get("epsilon_max")
             save_sample_grid(self.gan, self.folder.samples / f"round_{round_num:05d}.png", self.class_names,
-                             title=f"{self.run_info['dataset']['name']} round {round_num}  eps={row.get('epsilon_max', 'no DP')}")
+                             title=f"{self.run_info['dataset']['name']} round {round_num}  "
+                                   f"eps={f'{eps:.4g}' if isinstance(eps, (int, float)) else 'no DP'}")
         return f"{len(d_states)}/{len(selected)}"
 
     def accept_replies(self, round_num: int, selected: list[int], replies: list[Message],

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedpggan import config
-from fedpggan.build import open_training_data
+from fedpggan.build import open_training_data, prior_tensor, warn_without_dp
 from fedpggan.config import RunConfig
 from fedpggan.data import partition, partition_summary, partition_table
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json
-from fedpggan.preflight import check_federated_budget, check_image_size
+from fedpggan.preflight import check_federated_budget, check_image_size, check_simulation_resources
 from fedpggan.runs import RunFolder, config_to_resume, default_run_dir, refuse_options_with_resume
 
 if TYPE_CHECKING:
@@ -43,13 +43,16 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, list[dict]]:
     """Resolve the dataset, check that it splits into the sites and that the model and every
     site's budget can be set up; print the partition table."""
     check_image_size(cfg.image_size)
+    check_simulation_resources(cfg)
     data = open_training_data(cfg)
+    prior_tensor(cfg, data.num_classes)  # the ServerApp's check, made before Flower starts
     cfg = dataclasses.replace(cfg, dataset=data.source if cfg.dataset == "auto" and data.is_medical else
                               ("phantom" if cfg.dataset == "auto" else cfg.dataset))
     if cfg.min_clients > cfg.clients:
         raise FedPGGANError(f"--min-clients {cfg.min_clients} exceeds --clients {cfg.clients}")
     parts = partition(data.labels.numpy(), cfg.clients, cfg.partition, cfg.alpha, cfg.min_per_site, cfg.seed)
     check_federated_budget(cfg, map(len, parts))
+    warn_without_dp(cfg)
     print(f"dataset: {data.name}{'' if data.is_medical else ' (NOT medical data)'} -- {len(data)} training images, "
           f"{data.num_classes} classes, {data.channels}x{data.image_size}x{data.image_size}")
     print(partition_table(data.labels.numpy(), parts, data.class_names))
@@ -95,9 +98,9 @@ def simulate(cfg: RunConfig | None, resume: str | None = None, client_app: Clien
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedpggan.cli import run_reporting_errors
+    from fedpggan.cli import OneLineParser, run_reporting_errors
 
-    parser = argparse.ArgumentParser(prog="simulation/run.py", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="simulation/run.py", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     add_arguments(parser)
     args = parser.parse_args(argv)

@@ -17,7 +17,10 @@ from conftest import tiny_config
 from fedpggan.audit import accountants, attack_metrics, epsilon_lower_bound
 from fedpggan.audit.findings import close
 from fedpggan.audit.mechanism_checks import check_mechanism
+from fedpggan.audit.mia import class_matched
 from fedpggan.audit.mia_attacks import discriminator_scores, distance_scores
+from fedpggan.audit.mia_data import member_sets
+from fedpggan.errors import FedPGGANError
 from fedpggan.audit.records import Round, RunFacts, Site
 from fedpggan.audit.round_checks import check_rounds
 from fedpggan.cli import main
@@ -334,6 +337,21 @@ def test_epsilon_lower_bound_is_zero_without_leakage_and_bounded_by_sample_size(
     perfect = epsilon_lower_bound(np.full(1000, 5.0), np.zeros(1000), 1e-5, rng)["epsilon_lower_bound"]
     # 500 certifying non-members, none flagged: FPR <= ~0.0074 at 97.5%, so eps >= ~4.9 at most.
     assert 4.0 < perfect < math.log(500)
+
+
+@pytest.mark.parametrize("k", [7, 40, 1000])
+def test_members_and_non_members_are_drawn_with_the_same_class_mix(k):
+    members, others = np.array([0] * 10 + [1] * 90 + [2] * 5), np.array([0] * 50 + [1] * 50)
+    mine, theirs = class_matched(members, others, k, np.random.default_rng(0))
+    assert len(mine) == len(theirs) == min(k, 60) and len(set(mine)) == len(mine) and len(set(theirs)) == len(theirs)
+    assert np.array_equal(np.bincount(members[mine], minlength=3), np.bincount(others[theirs], minlength=3))
+    assert np.bincount(members[mine], minlength=3)[2] == 0  # a class the held-out set lacks is left out
+
+
+def test_mia_refuses_a_deployed_run_whose_members_stayed_at_the_sites():
+    run = {"kind": "federated", "config": {"dataset": "auto", "image-size": 28}, "dataset": {"num_records": 9416}}
+    with pytest.raises(FedPGGANError, match=r"^--mia: this run's sites \(hospital-a, hospital-b\) are deployed sites"):
+        member_sets(run, ["hospital-a", "hospital-b"], None)
 
 
 def test_cli_mia_on_the_dp_run(run_copy):

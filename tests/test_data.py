@@ -215,12 +215,13 @@ def test_medmnist_name_missing_and_download_failing(no_medmnist_cache, monkeypat
         open_dataset("pneumoniamnist", data_dir=str(data_dir))
     one_line_error(excinfo, "pneumoniamnist", str(data_dir), str(no_medmnist_cache / "root"),
                    "network is unreachable", "--data-dir", "phantom")
-    assert not list(data_dir.iterdir())  # no partial download left behind
+    assert not data_dir.exists()  # no partial download, nor the folder made for it, left behind
 
 
 def test_download_with_wrong_md5_is_discarded(no_medmnist_cache, monkeypatch):
     monkeypatch.setattr(medmnist, "fetch", lambda url, dest: Path(dest).write_bytes(b"not the file"))
     data_dir = no_medmnist_cache / "data"
+    data_dir.mkdir()  # the user's folder: kept, empty, after the failed download
     with pytest.raises(FedPGGANError) as excinfo:
         open_dataset("breastmnist", data_dir=str(data_dir))
     one_line_error(excinfo, "MD5", "750601b1f35ba3300ea97c75c52ff8f6")

@@ -360,14 +360,17 @@ def site_toml(tmp_path):
     write_ca(tmp_path / "ca.crt")
     write_ssh_key(tmp_path / "site.key")
 
-    def make(**overrides: str | None) -> str:
+    (tmp_path / "state").mkdir()
+
+    def make(extra_top: str = "", extra_privacy: str = "", **overrides: str | None) -> str:
         values = {"site-id": '"hospital-a"', "data": f'"{tmp_path / "site.npz"}"',
                   "state-dir": f'"{tmp_path / "state"}"', "max-epsilon": "10.0", "max-delta": None, "max-epsilon-if-colluding": None, "peer-keys": None,
                   "address": '"127.0.0.1:8000"', "root-certificates": f'"{tmp_path / "ca.crt"}"',
                   "auth-private-key": f'"{tmp_path / "site.key"}"', "device": None, "image-size": None}
         values.update({k.replace("_", "-"): v for k, v in overrides.items()})
         line = lambda *keys: "".join(f"{k} = {values[k]}\n" for k in keys if values[k] is not None)  # noqa: E731
-        text = (line("site-id", "data", "state-dir", "image-size", "device") + "[privacy]\n" + line("max-epsilon", "max-delta", "max-epsilon-if-colluding", "peer-keys")
+        text = (line("site-id", "data", "state-dir", "image-size", "device") + extra_top + "[privacy]\n"
+                + line("max-epsilon", "max-delta", "max-epsilon-if-colluding", "peer-keys") + extra_privacy
                 + "[superlink]\n" + line("address", "root-certificates", "auth-private-key"))
         (tmp_path / "site.toml").write_text(text)
         return str(tmp_path / "site.toml")
@@ -390,7 +393,6 @@ def test_site_check_accepts_a_good_site_and_says_what_leaves(site_toml, capsys, 
     node = parse_config_args([re.search(r"--node-config '([^']+)'", command).group(1)])
     assert node == {"site-id": "hospital-a", "data-path": str(tmp_path / "site.npz"),
                     "state-dir": str(tmp_path / "state"), "max-epsilon": 10.0, "device": "auto"}
-    assert (tmp_path / "state").is_dir()
     assert re.search(r"^  device +(cpu|cuda)", out, re.MULTILINE)
 
 
@@ -430,6 +432,12 @@ def test_a_sites_roster_of_peer_keys_is_checked_and_reaches_its_node_config(site
     ({"site-id": None}, "'site-id' is missing"),
     ({"auth-private-key": '"/nonexistent/site.key"'}, "superlink.auth-private-key"),
     ({"device": '"gpu"'}, "'device' must be one of"),
+    ({"extra_privacy": "max-detla = 1e-6\n"}, "unknown key 'max-detla' in [privacy]"),
+    ({"extra_top": "image_size = 28\n"}, "unknown key 'image_size' at the top level"),
+    ({"extra_top": "max-delta = 1e-6\n"}, "unknown key 'max-delta' at the top level"),
+    ({"address": '"coordinator example org"'}, "'superlink.address' must be host:port"),
+    ({"address": '"coordinator.example.org"'}, "'superlink.address' must be host:port"),
+    ({"state-dir": '"/nonexistent/stat"'}, "state-dir /nonexistent/stat: does not exist; create it"),
 ])
 def test_site_check_rejects_a_bad_site_with_one_line(site_toml, capsys, override, names):
     code, out, err = site_check(capsys, site_toml(**override))

@@ -325,7 +325,9 @@ def test_a_quick_evaluation_its_real_data_and_collapsed_classes_reach_the_datash
     quality = sheet["quality"]
     assert quality["quick"] is True and quality["settings"]["seeds"] == [0] and quality["settings"]["n_synthetic"] == 1000
     assert quality["real_data"] == {"name": evaluation["dataset"]["name"], "spec": evaluation["dataset"]["spec"],
-                                    "n_train": 64, "n_test": 64} and quality["real_data"]["spec"].endswith("phantom.npz")
+                                    "n_train": 64, "n_test": 64, "image_size": evaluation["dataset"]["image_size"]}
+    assert quality["real_data"]["spec"].endswith("phantom.npz")
+    assert not any(w.startswith("QUALITY MEASURED ON OTHER SETTINGS") for w in sheet["warnings"])
     assert quality["collapsed_classes"] == evaluation["diversity"]["collapsed"]
     assert any(w.startswith("QUICK EVALUATION") and "100 classifier steps (report: 400)" in w for w in sheet["warnings"])
     markdown = (tmp_path / "o" / "DATASHEET.md").read_text()
@@ -339,12 +341,24 @@ def test_a_quick_evaluation_its_real_data_and_collapsed_classes_reach_the_datash
     assert any(w.startswith("COLLAPSED CLASSES: no lesion, lesion") for w in sheet["warnings"])
     markdown = (tmp_path / "collapsed" / "DATASHEET.md").read_text()
     assert "> **COLLAPSED CLASSES: no lesion, lesion" in markdown and "- collapsed classes: **no lesion, lesion**" in markdown
+    size = evaluation["dataset"]["image_size"]
+    sheet = export_run(run, tmp_path / "other", ExportOptions(n=10, formats=("npz",), generator="1", image_size=2 * size))
+    assert (f"QUALITY MEASURED ON OTHER SETTINGS: evaluated with generator both at {size} px; this export uses "
+            f"generator 1 at {2 * size} px.") in sheet["warnings"]
 
 
 def test_never_overwrites_the_run_folder(gray_run, tmp_path):
     with pytest.raises(FedPGGANError, match="run folder"):
         export_run(gray_run, gray_run, ExportOptions(n=10, overwrite=True))
     assert (gray_run / "privacy_ledger.json").is_file()
+
+
+def test_overwrite_never_replaces_another_run_folder(gray_run, rgb_run, tmp_path):
+    other = copy_run(rgb_run, tmp_path)
+    before = sorted(p.name for p in other.rglob("*"))
+    with pytest.raises(FedPGGANError, match="holds a training run"):
+        export_run(gray_run, other, ExportOptions(n=10, overwrite=True))
+    assert sorted(p.name for p in other.rglob("*")) == before
 
 
 def test_interrupted_export_leaves_no_output_and_keeps_the_old_one(gray_run, tmp_path, monkeypatch):

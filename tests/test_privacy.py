@@ -133,6 +133,9 @@ def test_an_epsilon_beyond_the_prv_accountants_range_names_the_fix():
     with pytest.raises(FedPGGANError, match="noise multiplier 0.02 .*use --accountant rdp"):
         epsilon_of([(0.02, 1.0, 1)], 1e-5, "prv")
     assert epsilon_of([(0.02, 1.0, 1)], 1e-5, "rdp") > 1000
+    # ten million steps: PRV's grid would take ~145 GB, so it is refused before it is built
+    with pytest.raises(FedPGGANError, match=r"grid of \d+ million points .* over 10000000 steps.*use --accountant rdp"):
+        epsilon_of([(1.0, 0.032, 10**7)], 1e-5, "prv")
 
 
 def site_setup(tmp_path, rounds=2):

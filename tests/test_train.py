@@ -43,6 +43,23 @@ def test_tiny_centralised_dp_run_writes_a_complete_run_folder(tmp_path):
     assert (out / "run.json").read_bytes() == before
 
 
+@pytest.mark.parametrize("command", ["train", "simulate"])
+def test_a_folder_with_other_files_or_a_file_is_refused_as_out(command, tmp_path, capsys):
+    """A run whose run.json was lost, or an export, must not get a new run's files mixed in."""
+    lost = tmp_path / "lost"
+    (lost / "checkpoints").mkdir(parents=True)
+    (lost / "privacy_ledger.json").write_text("{}")
+    (lost / "checkpoints" / "ckpt_00002.pt").write_bytes(b"old")
+    (tmp_path / "file").write_text("not a folder")
+    for out, message in ((lost, "folder is not empty (it holds checkpoints, privacy_ledger.json)"), (tmp_path / "file", "is a file")):
+        assert main([command, "--dataset", "phantom", "--epsilon", "10", "--epochs" if command == "train" else "--rounds", "1",
+                     "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert sorted(p.name for p in lost.rglob("*")) == ["checkpoints", "ckpt_00002.pt", "privacy_ledger.json"]
+    assert (lost / "privacy_ledger.json").read_text() == "{}"
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -73,6 +90,11 @@ TOO_SMALL = ("--epsilon 0.01 with --embedding-share 0.5 leaves 0.005 for the emb
         (["train", "--dataset", "phantom", "--epsilon", "0.01"], TOO_SMALL),
         ([*PHANTOM_SIM, "--image-size", "30"], "--image-size 30 is not supported"),
         (["train", "--dataset", "phantom", "--image-size", "30"], "--image-size 30 is not supported"),
+        ([*PHANTOM_SIM, "--delta", "0.01"], "--delta 0.01 is not below 1/n"),
+        ([*PHANTOM_SIM, "--client-cpus", "10000"], "--client-cpus 10000: more than the"),
+        ([*PHANTOM_SIM, "--client-gpus", "64"], "--client-gpus 64: this machine has"),
+        ([*PHANTOM_SIM, "--class-prior", "0.2,0.3,0.5"], "--class-prior has 3 weights but the dataset has 2 classes"),
+        (["train", "--dataset", "phantom", "--epsilon", "10", "--delta", "0.5"], "--delta 0.5 is not below 1/n = 0.0005 for a site of 2000"),
         (["simulate", "--dataset", "phantom", "--clients", "2", "--rounds", "100", "--local-steps", "10",
           "--batch-size", "4096", "--epsilon", "0.05"],
          "keeps --rounds 100 x --local-steps 10 = 1000 DP-SGD steps of a site of 1000 images"),
@@ -100,6 +122,19 @@ def test_toml_config_and_flag_precedence(tmp_path):
     assert main(["simulate", "--config", str(toml)]) == 2
     toml.write_text("clients = [\n")
     assert main(["simulate", "--config", str(toml)]) == 2
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--d-spectral-norm", "maybe"], "option 'd-spectral-norm' = 'maybe' is not a valid bool"),
+    (["train", "--config", "{toml}"], "option 'clients' does not apply to this command"),
+    (["simulate", "--config", "{toml}", "--rounds", "x"], "option 'rounds' = 'x' is not a valid int"),
+])
+def test_an_option_that_would_be_misread_or_ignored_is_refused(argv, message, tmp_path, capsys):
+    toml = tmp_path / "c.toml"
+    toml.write_text("clients = 3\n")
+    assert main([a.format(toml=toml) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err, err
 
 
 def test_flower_run_config_round_trip():
@@ -189,6 +224,9 @@ def test_killed_centralised_run_audits_exports_and_resumes_to_the_uninterrupted_
     # As it stands, the interrupted run's ledger is the one run.json vouches for: it audits and exports.
     assert main(["audit", str(killed)]) == 0
     assert main(["export", str(killed), "--out", str(tmp_path / "x"), "--n", "10"]) == 0
+    sheet = json.loads((tmp_path / "x" / "datasheet.json").read_text())
+    assert ("INCOMPLETE RUN: the source run's status is 'running' (stopped or interrupted before its planned end); "
+            "the generator is the one of epoch 1.") in sheet["warnings"]
     capsys.readouterr()
     # Resume refuses other options, and the federated --resume names the right command.
     assert main(["train", "--resume", str(killed), "--epochs", "5"]) == 2
@@ -299,7 +337,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_says_so(tmp_path, ca
     assert "stopped before its first one" in capsys.readouterr().err
 
 
-def test_the_ledger_vouches_for_checkpoints_the_index_missed_and_not_for_ones_slipped_into_it(tmp_path):
+def test_the_ledger_vouches_for_checkpoints_the_index_missed_and_not_for_ones_slipped_into_it(tmp_path, capsys):
     """A kill between the ledger's entry for a checkpoint and the index's leaves a valid checkpoint
     only the ledger lists: it is used. A file added to the index that the ledger does not list is not."""
     folder, info = trained_then_marked_running(tmp_path / "run", 2)
@@ -318,6 +356,15 @@ def test_the_ledger_vouches_for_checkpoints_the_index_missed_and_not_for_ones_sl
                                                                          "sha256": sha256_file(foreign)}]))
     assert folder.latest_checkpoint()[1]["round"] == 2
     assert main(["audit", str(folder.root)]) == 1  # a completed run's unlisted file: not this trainer's
+
+    # The newest checkpoint replaced and its index entry edited to the new hash: the ledger's hash
+    # still binds round 2, so export refuses it instead of quietly taking round 1.
+    folder.checkpoint_path(2).write_bytes(b"garbage")
+    (folder.checkpoints / "index.json").write_text(json.dumps([index[0], {**index[1], "sha256": sha256_file(folder.checkpoint_path(2))}]))
+    assert [e["round"] for e in folder.usable_checkpoints()] == [1, 2]
+    assert main(["export", str(folder.root), "--out", str(tmp_path / "x"), "--n", "10", "--allow-unaudited"]) == 2
+    assert "the newest checkpoint (round 2) is missing or fails its hash check" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     (folder.checkpoints / "index.json").unlink()
     folder.ledger_json.write_text(folder.ledger_json.read_text().replace('"central"', '"edited"'))
     with pytest.raises(FedPGGANError, match="index.json: missing, and the ledger does not match"):

@@ -22,7 +22,7 @@ from fedpggan.runs import RunFolder
 from pggan_model import gan_from_checkpoint
 
 METHOD = ("members: the site's training records (partition rebuilt from run.json); non-members: held-out real "
-          "records; attacks: discriminator logit (white-box) and -distance to the nearest synthetic image "
+          "records; both sampled with the same count per class; attacks: discriminator logit (white-box) and -distance to the nearest synthetic image "
           "(black-box); 95% bootstrap intervals; epsilon lower bound from one-sided Clopper-Pearson bounds, "
           "threshold chosen on one half of the records and certified on the other")
 
@@ -42,6 +42,26 @@ def subsample(data: ImageDataset, k: int, rng: np.random.Generator) -> ImageData
     return data if len(data) <= k else data.subset(np.sort(rng.choice(len(data), k, replace=False)))
 
 
+def class_matched(members: np.ndarray, others: np.ndarray, k: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Indices into two label arrays that pick the same number of records of every class, at most
+    ``k`` on each side. A held-out split often mixes the classes differently from training (the
+    PneumoniaMNIST test split has 38 % normal images, the training split 26 %), and an attack would
+    then tell the two sets apart by class instead of by membership, in either direction."""
+    classes = np.union1d(members, others)
+    have = np.array([min((members == c).sum(), (others == c).sum()) for c in classes])
+    if not have.sum():
+        raise FedPGGANError("--mia: no class has both training records and held-out records; pass a --holdout with "
+                            "the run's classes")
+    raw = have * min(k, have.sum()) / have.sum()
+    take = np.floor(raw).astype(int)
+    for i in np.argsort(take - raw)[: min(k, have.sum()) - take.sum()]:  # largest remainders first
+        take[i] += 1
+    pick = [(rng.choice(np.flatnonzero(members == c), n, replace=False), rng.choice(np.flatnonzero(others == c), n, replace=False))
+            for c, n in zip(classes, take)]
+    return np.sort(np.concatenate([m for m, _ in pick])), np.sort(np.concatenate([o for _, o in pick]))
+
+
 def run_mia(folder: RunFolder, run: dict[str, Any], sites: dict[str, dict[str, Any]],
             options: MiaOptions) -> tuple[dict[str, Any], list[Finding]]:
     """Per site and attack: metrics; violations where the empirical bound beats the accountant.
@@ -55,22 +75,26 @@ def run_mia(folder: RunFolder, run: dict[str, Any], sites: dict[str, dict[str, A
     members = mia_data.member_sets(run, site_ids, options.data_dir)
     rng = np.random.default_rng(options.seed)
     others = subsample(mia_data.non_members(run, options.data_dir, options.holdout), options.max_records, rng)
-    if others.image_size != gan.shape.image_size or others.channels != gan.shape.channels:
-        raise FedPGGANError(f"--holdout/--data-dir: images are {others.channels}x{others.image_size}px, the model "
-                            f"makes {gan.shape.channels}x{gan.shape.image_size}px; pass data of the run's shape")
+    have = (others.num_classes, others.channels, others.image_size)
+    want = (gan.shape.num_classes, gan.shape.channels, gan.shape.image_size)
+    if have != want:
+        raise FedPGGANError(f"--holdout/--data-dir: {have[0]} classes of {have[1]}x{have[2]}px images, the model makes "
+                            f"{want[0]} classes of {want[1]}x{want[2]}px; pass data of the run's classes and shape")
     synthetic = mia_attacks.synthetic_images(gan, options.synthetic, options.seed)
     other_scores = {"discriminator": mia_attacks.discriminator_scores(gan, others),
                     "distance": mia_attacks.distance_scores(synthetic, others)}
     results: dict[str, Any] = {"checkpoint": path.name, "method": METHOD, "sites": {}}
     findings = []
     for site_id, data in tqdm(members.items(), desc="membership inference", unit="site"):
-        mine = subsample(data, options.max_records, rng)
+        mine_idx, others_idx = class_matched(data.labels.numpy(), others.labels.numpy(), options.max_records, rng)
+        mine = data.subset(mine_idx)
         scores = {"discriminator": mia_attacks.discriminator_scores(gan, mine),
                   "distance": mia_attacks.distance_scores(synthetic, mine)}
         row = sites.get(site_id, {})
         delta = float(row.get("delta", 0.0))
         results["sites"][site_id] = per_attack = {
-            name: attack_metrics(scores[name], other_scores[name], delta, options.bootstraps, rng) for name in scores}
+            name: attack_metrics(scores[name], other_scores[name][others_idx], delta, options.bootstraps, rng)
+            for name in scores}
         bound = row.get("tightest_epsilon")
         for name, m in per_attack.items():
             if bound is not None and m["epsilon_lower_bound"] > bound + slack(bound):

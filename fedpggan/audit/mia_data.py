@@ -27,6 +27,10 @@ def run_data_config(run: dict[str, Any], data_dir: str | None) -> RunConfig:
 
 def member_sets(run: dict[str, Any], site_ids: list[str], data_dir: str | None) -> dict[str, ImageDataset]:
     """Each site's training records (sites whose id is not a partition index are left out)."""
+    if run["kind"] != "centralised" and not any(s.isdigit() for s in site_ids):
+        raise FedPGGANError(f"--mia: this run's sites ({', '.join(site_ids[:3])}{', ...' if len(site_ids) > 3 else ''}) "
+                            "are deployed sites, not simulated partitions: their records never left them, so no auditor "
+                            "holds the members; run --mia on a simulation of the same configuration")
     cfg = run_data_config(run, data_dir)
     data = open_training_data(cfg)
     expected = (run.get("dataset") or {}).get("num_records")

@@ -39,12 +39,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from fedpggan.audit import MiaOptions, audit_run, summary
     from fedpggan.errors import FedPGGANError
+    from fedpggan.io import check_folder_path
 
     for name in ("mia_records", "synthetic"):
         if getattr(args, name) < 1:
             raise FedPGGANError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: it must be >= 1")
-    if args.bootstraps < 0:
-        raise FedPGGANError(f"--bootstraps {args.bootstraps} is invalid: it must be >= 0")
+    for name in ("bootstraps", "seed"):
+        if getattr(args, name) < 0:
+            raise FedPGGANError(f"--{name} {getattr(args, name)} is invalid: it must be >= 0")
+    check_folder_path(args.out)
     mia = MiaOptions(args.data_dir, args.holdout, args.mia_records, args.synthetic, args.bootstraps,
                      args.device, args.seed) if args.mia else None
     result = audit_run(args.run, args.out, mia)

@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from fedpggan.errors import FedPGGANError
     from fedpggan.evaluation import TrainingBudget, evaluate_run
+    from fedpggan.io import check_folder_path
 
     preset = QUICK if args.quick else DEFAULTS
     n, steps, seeds = (getattr(args, k) if getattr(args, k) is not None else preset[k]
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
                         ("--batch-size", args.batch_size), ("--epochs", args.epochs)):
         if value is not None and value <= 0:
             raise FedPGGANError(f"{flag} {value} is invalid: it must be > 0")
+    check_folder_path(args.out)
     budget = TrainingBudget(steps=steps, epochs=args.epochs, batch_size=args.batch_size)
     evaluate_run(args.run, args.real, args.data_dir, n, seeds, args.generator, budget, args.device, args.out,
                  args.checkpoint)

@@ -62,5 +62,5 @@ def run(args: argparse.Namespace) -> int:
     for warning in sheet["warnings"]:
         print(f"warning: {warning}")
     print(f"exported {sheet['export']['num_images']} images to {args.out} "
-          f"(epsilon={eps if eps is not None else 'NONE'}); see {args.out}/DATASHEET.md")
+          f"(epsilon={format(eps, '.4g') if eps is not None else 'NONE'}); see {args.out}/DATASHEET.md")
     return 0

@@ -78,22 +78,29 @@ def resolve(name: str, data_dir: str | None, image_size: int | None) -> Path:
         for f in files:
             if (d / f).is_file():
                 return d / f
+    made: list[Path] = []
     try:
-        return download(name, _first_writable(dirs))
+        return download(name, _first_writable(dirs, made))
     except OSError as exc:
+        for d in made:  # a failed download leaves no empty folders behind (e.g. a mistyped --data-dir)
+            d.rmdir()
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise FedPGGANError(
             f"{name}: not found in {', '.join(map(str, dirs))} and download failed ({reason}); "
             f"put {name}.npz in one of them or pass --data-dir DIR "
-            "(or use --dataset phantom to run offline)") from exc
+            "(or name the built-in 'phantom' dataset to run offline)") from exc
 
 
-def _first_writable(dirs: list[Path]) -> Path:
+def _first_writable(dirs: list[Path], made: list[Path]) -> Path:
+    """The first folder the download can write to; the folders created for it are added to
+    ``made``, deepest first."""
     for d in dirs:
+        missing = [p for p in (d, *d.parents) if not p.exists()]
         try:
             d.mkdir(parents=True, exist_ok=True)
         except OSError:
             continue
+        made.extend(missing)
         if os.access(d, os.W_OK):
             return d
     raise OSError("no writable directory")

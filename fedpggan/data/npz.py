@@ -27,10 +27,14 @@ def load_npz(path: str | Path, split: str, name: str, image_size: int | None) ->
     path = Path(path)
     if not path.is_file():
         raise FedPGGANError(f"{path}: file not found")
+    with open(path, "rb") as head:  # np.load would call any other file pickled data, or return a bare array
+        magic = head.read(6)
+    if magic.startswith(b"\x93NUMPY"):
+        raise FedPGGANError(f"{path}: holds a single array (.npy), not an npz archive; {LAYOUT}")
+    if not magic.startswith(b"PK"):
+        raise FedPGGANError(f"{path}: not an npz archive (not a zip file); {LAYOUT}")
     try:
         with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise FedPGGANError(f"{path}: holds a single array, not an npz archive; {LAYOUT}")
             for key in ("train_labels", f"{split}_images", f"{split}_labels"):
                 if key not in data.files:
                     raise FedPGGANError(f"{path}: key '{key}' missing (has {', '.join(data.files)}); {LAYOUT}")

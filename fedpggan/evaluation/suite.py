@@ -45,6 +45,7 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
     if not run.root.is_dir():
         raise FedPGGANError(f"{run.root}: no such run folder; pass the folder a training run wrote (--out)")
     info = run.read_run()
+    guarantee = ledger_guarantee(run)  # read before minutes of evaluation: an unreadable ledger fails now
     ckpt = run.latest_checkpoint()[0] if checkpoint is None else run.checkpoint_file(str(checkpoint))
     dev = pick_device(device)
     gan, payload = gan_from_checkpoint(ckpt, dev)
@@ -53,6 +54,7 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
                    for split in ("train", "test"))
     for real in (train, test):
         check_matches_gan(real, gan)
+    check_enough_test_images(test, spec)
     seeds = seed_list(seeds)
 
     utility = tstr(gan, None, test, n_synthetic, seeds, generator, budget, dev, progress)
@@ -70,7 +72,7 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
     result = {
         "run": str(run.root), "run_kind": info.get("kind"), "created": now_iso(),
         "checkpoint": {"file": ckpt.name, "round": payload.get("round"), "sha256": sha256_file(ckpt)},
-        **ledger_guarantee(run),
+        **guarantee,
         "dataset": {"name": test.name, "spec": spec, "class_names": test.class_names, "channels": test.channels,
                     "image_size": test.image_size, "n_train": len(train), "n_test": len(test)},
         "device": str(dev),
@@ -132,6 +134,17 @@ def open_real(spec: str, split: str, data_dir: str | None, image_size: int, seed
         return open_dataset(spec, split, data_dir, image_size, seed, named_by="--real")
     except FedPGGANError as exc:
         raise FedPGGANError(f"--real ({split} split): {exc}") from exc
+
+
+def check_enough_test_images(test: ImageDataset, spec: str) -> None:
+    """TSTR's AUC needs every class in the real test split, and FID and PRDC's k-nearest
+    neighbours need more images than k; a smaller split would fail deep in the metrics."""
+    counts = np.bincount(test.labels.numpy(), minlength=test.num_classes)
+    if len(test) <= NEAREST_K or not counts.all():
+        missing = [name for name, c in zip(test.class_names, counts) if not c]
+        raise FedPGGANError(f"--real {spec}: the test split has {len(test)} images"
+                            f"{' and none of ' + ', '.join(missing) if missing else ''}; the evaluation needs more than "
+                            f"{NEAREST_K} real test images with every class present")
 
 
 def ledger_guarantee(run: RunFolder) -> dict[str, float | None]:

@@ -14,15 +14,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fedpggan.errors import FedPGGANError
+from fedpggan.io import check_folder_path
 
 
 def check_target(out: Path, run_root: Path, overwrite: bool) -> None:
-    """Refuse a file, a non-empty folder (unless ``overwrite``) and the run folder or its parents."""
+    """Refuse a file, a non-empty folder (unless ``overwrite``), the run folder or its parents,
+    and any other run folder: an export may replace an export, never a run and its ledger."""
     target, run = out.resolve(), run_root.resolve()
     if target == run or target in run.parents:
         raise FedPGGANError(f"--out {out}: would replace the run folder {run_root}; choose a folder outside it")
-    if out.exists() and not out.is_dir():
-        raise FedPGGANError(f"--out {out}: is a file; choose a folder path")
+    check_folder_path(out)
+    if out.is_dir() and any((out / name).exists() for name in ("run.json", "privacy_ledger.json")):
+        raise FedPGGANError(f"--out {out}: holds a training run (run.json / privacy_ledger.json), which --overwrite "
+                            "never replaces; choose another folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FedPGGANError(f"--out {out}: folder is not empty; choose a new folder or pass --overwrite to replace it")
 

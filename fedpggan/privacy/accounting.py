@@ -15,7 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from opacus.accountants import create_accountant
+from opacus.accountants import PRVAccountant, create_accountant
+from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json
@@ -24,6 +25,12 @@ ACCOUNTANTS = ("prv", "rdp")
 History = list[tuple[float, float, int]]
 MAX_SIGMA = 2000.0
 EPSILON_TOLERANCE = 0.01
+
+
+# PRV discretises the privacy loss on a grid whose size grows with the epsilon and the steps; its
+# memory is about 220 bytes a point (measured with opacus 1.6.0), so 5 million points is ~1 GB.
+PRV_MAX_POINTS = 5_000_000
+PRV_EPS_ERROR = 0.01  # Opacus' default eps_error of PRVAccountant.get_epsilon, which epsilon_of uses
 
 
 class UnreachableBudget(FedPGGANError):
@@ -42,6 +49,8 @@ def epsilon_of(history: History, delta: float, accountant: str = "prv") -> float
         return 0.0
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(s), float(q), int(t)) for s, q, t in history]
+    if accountant == "prv":
+        _check_prv_grid(acc, delta)
     try:
         return float(acc.get_epsilon(delta=delta))
     except RuntimeError as exc:  # PRV's discretisation breaks down at very small noise (a huge epsilon)
@@ -86,6 +95,19 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int
         low, high = (low, mid) if spent(mid) < epsilon else (mid, high)
     cache.put(key, float(high))
     return float(high)
+
+
+def _check_prv_grid(acc: PRVAccountant, delta: float) -> None:
+    """Refuse, in one line, a history whose PRV grid would not fit in memory (a very large
+    epsilon, i.e. very little noise, or very many steps): the accountant would otherwise run
+    for minutes and then be killed for memory. Uses the grid Opacus itself would build."""
+    prvs = [PoissonSubsampledGaussianPRV(q, s) for s, q, _ in acc.history]
+    domain = acc._get_domain(prvs, [t for _, _, t in acc.history], PRV_EPS_ERROR, delta / 1000)  # get_epsilon's defaults
+    if domain.size > PRV_MAX_POINTS:
+        sigma, steps = min(s for s, _, _ in acc.history), sum(t for _, _, t in acc.history)
+        raise FedPGGANError(f"the PRV accountant would need a grid of {domain.size / 1e6:.0f} million points (about "
+                            f"{domain.size * 220 / 1e9:.0f} GB) for noise multiplier {sigma:.3g} over {steps} steps, as for "
+                            "a very large --epsilon or very many steps; use --accountant rdp")
 
 
 class CalibrationCache:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from fedpggan.config import RunConfig
+from fedpggan.errors import FedPGGANError
 from fedpggan.privacy.accounting import calibrate_noise, default_delta
 from fedpggan.privacy.dp_discriminator import sample_rate
 from fedpggan.privacy.feature_release import release_history, release_noise
@@ -31,8 +32,15 @@ def release_for(cfg: RunConfig, num_records: int) -> float | None:
 
 def site_mechanism(cfg: RunConfig, num_records: int, steps: int) -> Mechanism:
     """sigma for ``steps`` DP-SGD steps after the release, so that the whole run meets the
-    budget (raises accounting.UnreachableBudget when no sigma does)."""
+    budget (raises accounting.UnreachableBudget when no sigma does).
+
+    Privacy assumption: delta < 1/n, else the guarantee allows publishing a whole record (the
+    audit fails such a run), so a larger delta is refused before any spend."""
     q, delta = sample_rate(num_records, cfg.batch_size), cfg.delta or default_delta(num_records)
+    if delta >= 1 / num_records:
+        raise FedPGGANError(f"--delta {delta:g} is not below 1/n = {1 / num_records:.3g} for a site of {num_records} "
+                            f"images: it would allow leaking a whole record; use e.g. {0.1 / num_records:.1g}, or 0 for "
+                            "the default min(1e-5, 1/(10 n))")
     release = release_for(cfg, num_records)
     sigma = calibrate_noise(cfg.epsilon, delta, q, steps, cfg.accountant, release_history(release))
     return Mechanism(sigma, q, delta, release)
