@@ -140,7 +140,7 @@ def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset, share_o
 def spend(state: SiteState, steps: int, epsilon: float | None = None) -> dict[str, float]:
     """The spend a site reports; ``epsilon`` may be passed when already computed for this history."""
     if epsilon is None:
-        epsilon = epsilon_of([tuple(h) for h in state.history], state.delta, state.accountant)
+        epsilon = epsilon_of([tuple(h) for h in state.history], state.delta, state.accountant, check_grid=False)  # within the plan
     return {
         "epsilon": epsilon, "delta": state.delta, "noise_multiplier": state.noise_multiplier,
         "sample_rate": state.sample_rate, "steps": steps, "budget_epsilon": state.budget_epsilon,

@@ -198,7 +198,8 @@ class RunFolder:
         """The checkpoints a run may be read at or continue from, oldest first: the index's entries
         that the ledger lists (a file slipped into the index is not one), and any the ledger lists
         after the newest of those (a kill between the ledger's entry and the index's leaves one, and so
-        does an index entry edited to another hash; the ledger holds the hash the file must have). Without a ledger run.json vouches for, the index alone."""
+        does an index entry edited to another hash; the ledger holds the hash the file must have).
+        Without a ledger run.json vouches for, the index alone."""
         index, ledger = self.checkpoint_index(), self.vouched_ledger()
         if ledger is None:
             return index

@@ -22,8 +22,8 @@ from fedpggan.runs import RunFolder
 from pggan_model import gan_from_checkpoint
 
 METHOD = ("members: the site's training records (partition rebuilt from run.json); non-members: held-out real "
-          "records; both sampled with the same count per class; attacks: discriminator logit (white-box) and -distance to the nearest synthetic image "
-          "(black-box); 95% bootstrap intervals; epsilon lower bound from one-sided Clopper-Pearson bounds, "
+          "records; both sampled with the same count per class; attacks: discriminator logit (white-box) and "
+          "-distance to the nearest synthetic image (black-box); 95% bootstrap intervals; epsilon lower bound from one-sided Clopper-Pearson bounds, "
           "threshold chosen on one half of the records and certified on the other")
 
 

@@ -164,7 +164,7 @@ class DiscriminatorTrainer:
     def epsilon(self) -> float:
         if self.privacy is None:
             return math.inf
-        return epsilon_of(self.history, self.privacy.delta, self.privacy.accountant)
+        return epsilon_of(self.history, self.privacy.delta, self.privacy.accountant, check_grid=False)  # within the plan
 
     @property
     def expected_batch_size(self) -> int:
