@@ -76,7 +76,8 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
         "dataset": {"name": test.name, "spec": spec, "class_names": test.class_names, "channels": test.channels,
                     "image_size": test.image_size, "n_train": len(train), "n_test": len(test)},
         "device": str(dev),
-        "settings": {"n_synthetic": n_synthetic, "seeds": seeds, "generator": generator, "labels": "balanced",
+        "settings": {"n_synthetic": n_synthetic, "seeds": seeds, "labels": "balanced",
+                     "generator": "1" if gan.single else generator,  # what was sampled, as export records it
                      "classifier": CLASSIFIER, "classifier_budget": budget_text(budget), "lr": budget.lr,
                      "feature_reference": "real test split", "prdc_nearest_k": NEAREST_K,
                      **smaller_than_report(n_synthetic, len(seeds), budget)},

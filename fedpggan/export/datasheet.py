@@ -51,16 +51,14 @@ def build_datasheet(prov: Provenance, export: dict[str, Any]) -> dict[str, Any]:
     elif prov.audit["status"] == "failed":
         warnings.append(f"{AUDIT_LABELS['failed']} ({prov.audit['date']}): the run's privacy claims did not survive "
                         "the audit" + "".join(f"; {v}" for v in prov.audit.get("violations", [])) + ".")
+    unit = "epoch" if run.get("kind") == "centralised" else "round"
     if run.get("status") != "completed":
-        unit = "epoch" if run.get("kind") == "centralised" else "round"
         warnings.append(f"INCOMPLETE RUN: the source run's status is {run.get('status')!r} (stopped or interrupted before "
                         f"its planned end); the generator is the one of {unit} {prov.checkpoint_round}.")
     quality = quality_summary(prov.evaluation, prov.checkpoint_sha256)
     warnings += quality_warnings(quality)
     if quality and quality["real_data"]:
-        single = (run.get("config") or {}).get("loss-rule") == "single"  # its "both" samples G1 only
-        generator = str(quality["settings"]["generator"])
-        evaluated = ("1" if single and generator == "both" else generator, quality["real_data"].get("image_size"))
+        evaluated = (str(quality["settings"]["generator"]), quality["real_data"].get("image_size"))
         exported = (str(export["generator"]), export["image_size"])
         if None not in evaluated and evaluated != exported:
             warnings.append(f"QUALITY MEASURED ON OTHER SETTINGS: evaluated with generator {evaluated[0]} at {evaluated[1]} px; "
@@ -83,7 +81,7 @@ def build_datasheet(prov: Provenance, export: dict[str, Any]) -> dict[str, Any]:
             "meaning": DP_MEANING if dp else "none: trained without differential privacy",
         },
         "audit": prov.audit,
-        "generator": {"checkpoint": prov.checkpoint.name, "round": prov.checkpoint_round,
+        "generator": {"checkpoint": prov.checkpoint.name, "round": prov.checkpoint_round, "unit": unit,
                       "sha256": prov.checkpoint_sha256, "weights": "EMA"},
         "export": export,
         "quality": quality,
@@ -149,8 +147,7 @@ def render_markdown(sheet: dict[str, Any]) -> str:
         "| Privacy | " + (f"({num(g.get('epsilon'))}, {num(g.get('delta'))})-DP per record, accountant "
                            f"{', '.join(priv['accountants'])}" if priv["dp"] else "**NONE**") + " |",
         f"| Audit | {audit['status'].upper()}" + (f", {audit['date']}" if audit["date"] else "") + " |",
-        f"| Generator | `{gen['checkpoint']}` ({'epoch' if src['kind'] == 'centralised' else 'round'} {gen['round']}, "
-        f"{gen['weights']} weights), "
+        f"| Generator | `{gen['checkpoint']}` ({gen['unit']} {gen['round']}, {gen['weights']} weights), "
         f"sha256 `{gen['sha256']}` |",
         f"| Images | {exp['num_images']} ({exp['image_size']}x{exp['image_size']}, {exp['channels']} channel(s)), "
         f"seed {exp['seed']} |",
