@@ -467,8 +467,9 @@ class FederatedRun:
         self.ledger.update_guarantee()
         self.run_info.update(status=status, reason=reason, ended=now_iso(), final_epsilon=self.ledger.data["guarantee"]["epsilon"])
         self.folder.save_ledger(self.ledger, self.run_info)
+        eps = self.ledger.data["guarantee"]["epsilon"]
         print(f"{status}: {reason}; run folder {self.folder.root}; epsilon (max over sites) = "
-              f"{self.ledger.data['guarantee']['epsilon'] if self.cfg.dp else 'no DP'}")
+              f"{'no DP' if not self.cfg.dp else 'not recorded (see privacy_ledger.json)' if eps is None else format(eps, '.4g')}")
 
 
 def sample_sites(sites: dict[int, str], fraction: float, seed: int) -> list[int]:

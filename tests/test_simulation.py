@@ -225,3 +225,17 @@ def test_a_site_fraction_never_selects_has_spent_only_what_it_released(tmp_path,
         assert site["epsilon"] == pytest.approx(spent)
     audit = audit_run(out)
     assert audit["passed"], audit
+
+
+def test_flower_log_lines_are_printed_once_and_without_debug():
+    """Opacus installs a root log handler at import; Flower's lines must not reach it as well."""
+    import subprocess
+    import sys
+
+    code = ("import logging, opacus, fedpggan.privacy; from flwr.common.logger import log; "
+            "log(logging.DEBUG, 'debug-marker'); log(logging.INFO, 'info-marker')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    output = done.stdout + done.stderr
+    assert "debug-marker" not in output
+    assert output.count("info-marker") == 1

@@ -119,7 +119,7 @@ def quality_warnings(quality: dict[str, Any] | None) -> list[str]:
     if quality["quick"]:
         warnings.append(f"QUICK EVALUATION: the quality figures come from a smoke check "
                         f"({', '.join(quality['short_of_report'])}), not figures to report; run `fedpggan evaluate` "
-                        "without --quick.")
+                        "with the report's settings (no --quick, nor smaller --n-synthetic, --seeds, --steps or --epochs).")
     if quality["collapsed_classes"]:
         warnings.append(f"COLLAPSED CLASSES: {', '.join(quality['collapsed_classes'])}: the evaluation found these "
                         f"classes' synthetic images far less varied than the real ones (diversity ratio below "
