@@ -21,6 +21,14 @@ def warn_without_dp(cfg: RunConfig) -> None:
               "carry no privacy guarantee; pass --epsilon E for DP", file=sys.stderr)
 
 
+def warn_single_class(data: ImageDataset) -> None:
+    """A one-class dataset trains, but its samples cannot be judged by a classifier (TSTR)."""
+    if data.num_classes == 1:
+        print(f"warning: {data.name} has one class ({data.class_names[0]}): the generators learn it unconditionally, "
+              "and `fedpggan evaluate` cannot measure utility (TSTR), only fidelity and memorisation",
+              file=sys.stderr)
+
+
 def open_training_data(cfg: RunConfig, split: str = "train") -> ImageDataset:
     """The run's dataset; ``auto`` means PneumoniaMNIST when it can be found, else phantom.
 

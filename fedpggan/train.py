@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fedpggan.build import build_gan, open_training_data, pick_device, prior_tensor, seed_everything, warn_without_dp
+from fedpggan.build import (build_gan, open_training_data, pick_device, prior_tensor, seed_everything,
+                            warn_single_class, warn_without_dp)
 from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.plots import save_curves, save_sample_grid
@@ -62,6 +63,7 @@ def train_centralised(cfg: RunConfig, resume: bool = False) -> Path:
     if not resume:  # made once the model and the noise are known to work: a bad option leaves no folder
         run.create()
     warn_without_dp(cfg)
+    warn_single_class(data)
     if resume:
         planned = None if privacy is None else {"noise_multiplier": privacy.noise_multiplier, "sample_rate": q,
                                                 "delta": privacy.delta, "planned_steps": total_d_steps,

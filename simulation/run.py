@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedpggan import config
-from fedpggan.build import open_training_data, prior_tensor, warn_without_dp
+from fedpggan.build import open_training_data, prior_tensor, warn_single_class, warn_without_dp
 from fedpggan.config import RunConfig
 from fedpggan.data import partition, partition_summary, partition_table
 from fedpggan.errors import FedPGGANError
@@ -53,6 +53,7 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, list[dict]]:
     parts = partition(data.labels.numpy(), cfg.clients, cfg.partition, cfg.alpha, cfg.min_per_site, cfg.seed)
     check_federated_budget(cfg, map(len, parts))
     warn_without_dp(cfg)
+    warn_single_class(data)
     print(f"dataset: {data.name}{'' if data.is_medical else ' (NOT medical data)'} -- {len(data)} training images, "
           f"{data.num_classes} classes, {data.channels}x{data.image_size}x{data.image_size}")
     print(partition_table(data.labels.numpy(), parts, data.class_names))

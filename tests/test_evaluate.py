@@ -81,6 +81,18 @@ def test_report_files_and_keys(report, run_dir, capsys):
     assert not (run_dir / "evaluation.json").exists()  # --out was honoured
 
 
+def test_a_one_class_dataset_trains_with_a_warning_and_its_utility_is_reported_as_trivial(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "one.npz"
+    np.savez(npz, **{f"{s}_images": rng.integers(0, 256, (40, 28, 28), dtype=np.uint8) for s in ("train", "val", "test")},
+             **{f"{s}_labels": np.zeros((40, 1), dtype=np.uint8) for s in ("train", "val", "test")})
+    run = train_centralised(tiny_config(tmp_path / "run", dataset=str(npz)))
+    assert "has one class (class_0)" in capsys.readouterr().err
+    assert main(["evaluate", str(run), *TINY, "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "EVALUATION.md").read_text()
+    assert "| ROC AUC | n/a | n/a |" in md and "One class: a classifier has nothing to tell apart" in md
+
+
 def test_synthetic_sets_are_balanced_and_reproducible(run_dir):
     gan, _ = gan_from_checkpoint(run_dir / "checkpoints" / "ckpt_00001.pt")
     a, labels = synthetic_set(gan, 51, "both", seed=3)

@@ -32,7 +32,7 @@ def fmt(x: Any, digits: int = 3) -> str:
 
 def pm(stat: dict[str, Any], i: int | None = None) -> str:
     mean, std = (stat["mean"], stat["std"]) if i is None else (stat["mean"][i], stat["std"][i])
-    return f"{fmt(mean)} ± {fmt(std)}"
+    return "n/a" if fmt(mean) == "n/a" else f"{fmt(mean)} ± {fmt(std)}"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -58,6 +58,9 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     lines += [f"| recall: {name} | {pm(result['tstr']['per_class_recall'], c)} | "
               f"{pm(result['trtr']['per_class_recall'], c)} |" for c, name in enumerate(names)]
+    if len(names) == 1:
+        lines += ["", "One class: a classifier has nothing to tell apart, so these utility figures are trivial "
+                  "(AUC undefined, accuracy 1); judge this run by fidelity and memorisation."]
     p, lf, mem = result["prdc"], result["label_fidelity"], result["memorisation"]
     lines += [
         "", "## Fidelity and diversity (features of a classifier trained on real data)", "",
