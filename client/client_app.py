@@ -23,9 +23,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site import (SiteState, check_collusion_cap, check_site_budget, load_site_data, peer_signing, site_device,
-                         site_identity, site_lock, state_dir)
-from client.site_round import ensure_mechanism, ensure_noise_key, ensure_release, public_facts, run_site_round
+from client.site import (SiteState, check_collusion_cap, check_lifetime_budget, check_site_budget, load_site_data,
+                         peer_signing, site_device, site_identity, site_lock, state_dir)
+from client.site_round import (ensure_mechanism, ensure_noise_key, ensure_release, public_facts, round_key,
+                               run_site_round)
 from fedpggan.build import build_gan
 from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
@@ -105,6 +106,7 @@ def release_masked(msg: Message, context: Context) -> Message:
         private = private_key_from(state.secure_key_file.read_bytes())
         data = load_site_data(context.node_config, cfg)
         check_site_budget(context.node_config, cfg, len(data))
+        check_lifetime_budget(context.node_config, state, cfg)
         ensure_noise_key(state, cfg, site_index(context.node_config))
         if cfg.dp:
             ensure_mechanism(state, cfg, len(data))
@@ -156,14 +158,16 @@ def train(msg: Message, context: Context) -> Message:
 def train_round(msg: Message, context: Context, cfg: RunConfig, state: SiteState, round_num: int) -> RecordDict:
     """The reply to one train message: replayed from the cache, or trained now."""
     site_id = site_identity(context.node_config)
+    started = time.perf_counter()
+    data = load_site_data(context.node_config, cfg)
     input_sha = arrays_sha256(msg.content["d"], msg.content["g"])
-    cached = replay(state, round_num, input_sha)
+    key = round_key(input_sha, cfg, data)
+    cached = replay(state, round_num, key)  # only for the same weights, options and data
     if cached is not None:
         return cached
 
-    started = time.perf_counter()
-    data = load_site_data(context.node_config, cfg)
     check_site_budget(context.node_config, cfg, len(data))
+    check_lifetime_budget(context.node_config, state, cfg)
     gan = build_gan(cfg, data.image_size, data.channels, data.num_classes).to(site_device(context.node_config, cfg))
     gan.d.load_state_dict(msg.content["d"].to_torch_state_dict())
     load_generators(gan, msg.content["g"])
@@ -175,15 +179,15 @@ def train_round(msg: Message, context: Context, cfg: RunConfig, state: SiteState
     privacy = {k: v for k, v in result.privacy.items() if v is not None and not (isinstance(v, float) and math.isinf(v))}
     content = reply_content(gan.d.state_dict(), privacy, status, g_record, result.embedding_release)
     if cfg.dp and result.status == "trained":
-        remember(state, round_num, input_sha, content)
+        remember(state, round_num, key, content)
     return content
 
 
-def remember(state: SiteState, round_num: int, input_sha: str, content: RecordDict) -> None:
+def remember(state: SiteState, round_num: int, key: str, content: RecordDict) -> None:
     """Keep the last reply so a lost reply can be re-sent without training (and spending) again."""
     buffer = io.BytesIO()
     torch.save({
-        "round": round_num, "input_sha": input_sha,
+        "round": round_num, "input_sha": key,
         "d": content["d"].to_torch_state_dict(),
         "g": content["g"].to_torch_state_dict() if "g" in content else None,
         "privacy": dict(content["privacy"]), "status": dict(content["status"]),
@@ -191,12 +195,13 @@ def remember(state: SiteState, round_num: int, input_sha: str, content: RecordDi
     atomic_write_bytes(state.reply_cache, buffer.getvalue())
 
 
-def replay(state: SiteState, round_num: int, input_sha: str) -> RecordDict | None:
-    """The cached reply of ``round_num`` if it was computed from exactly these inputs."""
+def replay(state: SiteState, round_num: int, key: str) -> RecordDict | None:
+    """The cached reply of ``round_num`` if it was computed from exactly these inputs (``key``:
+    client.site_round.round_key)."""
     if not state.reply_cache.exists():
         return None
     cached = torch.load(state.reply_cache, weights_only=False)
-    if cached["round"] != round_num or cached["input_sha"] != input_sha:
+    if cached["round"] != round_num or cached["input_sha"] != key:
         return None
     status = {**cached["status"], "replayed": True, "recovered": False}
     g_record = ArrayRecord(cached["g"]) if cached["g"] is not None else None

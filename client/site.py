@@ -82,6 +82,30 @@ def check_site_budget(node_config: dict[str, Any], cfg: RunConfig, num_records: 
                             "(max-delta, and 1/n for n records); run with a smaller --run-config delta")
 
 
+def check_lifetime_budget(node_config: dict[str, Any], state: "SiteState", cfg: RunConfig) -> None:
+    """Refuse a new run whose epsilon, added to that of every other run in this site's state dir,
+    would pass the site's lifetime cap (``max-total-epsilon``).
+
+    Runs on the same records compose, and the coordinator names the run (its run id), so a cap
+    per run alone does not bound what a site gives away. Privacy assumption: basic composition,
+    epsilons add up; each other run that spent anything counts at its budget, which it may yet
+    reach if resumed. A run without DP counts as infinite."""
+    if "max-total-epsilon" not in node_config or state.history:
+        return
+    cap = coerce("epsilon", node_config["max-total-epsilon"], 0.0, "node config max-total-epsilon")
+    others = {}
+    for path in sorted(state.path.parent.parent.glob("*/site_state.json")):
+        other = SiteState.load(path.parent.parent, path.parent.name)
+        if other.run_id != state.run_id and other.history:
+            others[other.run_id] = other.budget_epsilon
+    earlier = sum(others.values())
+    if earlier + cfg.epsilon > cap + 1e-9:
+        runs = ", ".join(f"{run} ({eps:g})" for run, eps in others.items()) or "none"
+        raise FedPGGANError(f"the run asks for epsilon {cfg.epsilon:g} and this site's earlier runs took {earlier:g} "
+                            f"({runs}): together above its max-total-epsilon {cap:g}; raise max-total-epsilon in the "
+                            "site config only if the hospital accepts the larger total")
+
+
 def check_collusion_cap(node_config: dict[str, Any], state: "SiteState", num_sites: int) -> None:
     """Refuse to make a share of a secure release whose worst case exceeds this site's own cap
     (``max-epsilon-if-colluding``; default its ``max-epsilon``).
@@ -134,6 +158,9 @@ def state_dir(node_config: dict[str, Any], config: dict[str, Any]) -> Path:
     """Where this site keeps its accountant: ``state-dir`` (deployment) or the run's sites/ folder."""
     if "state-dir" in node_config:
         return Path(str(node_config["state-dir"]))
+    if "data-path" in node_config:  # a real site: where its spend is kept is its own decision, not the coordinator's
+        raise FedPGGANError("node config has 'data-path' but no 'state-dir': a site keeps its accountant in its own "
+                            "persistent folder; add state-dir=\"/state\" (or write the node config with 'fedpggan site check')")
     if config.get("site-state-root"):
         return Path(str(config["site-state-root"])) / f"site_{site_identity(node_config)}"
     raise FedPGGANError("no state directory for the site's accountant; set --node-config \"state-dir=...\"")
@@ -164,6 +191,7 @@ class SiteState:
     release_noise: float | None = None  # noise multiplier of the one-shot embedding release
     release_share_of: int = 0  # N when the release is this site's share of a secure sum over N sites (0: plain)
     release_signers: list[str] = field(default_factory=list)  # the peers whose signed keys its share was masked towards
+    release_key: str = ""  # what the release was drawn from (client.site_round.release_key): a redraw must match it
     noise_key: str = ""  # secret seed material of this site's noise: never leaves the site
     history: list[list[float]] = field(default_factory=list)
     rounds: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -173,7 +201,14 @@ class SiteState:
     def load(cls, root: Path, run_id: str) -> "SiteState":
         path = root / run_id / "site_state.json"
         if not path.exists():
-            return cls(path=path, run_id=run_id)
+            state = cls(path=path, run_id=run_id)
+            spent = [f.name for f in (state.release_file, state.reply_cache, state.self_mask_file, state.revealed_file)
+                     if f.exists()]
+            if spent:  # a fresh state would forget that spend and start the budget again
+                raise FedPGGANError(f"{path}: missing, but {', '.join(spent)} beside it show{'s' if len(spent) == 1 else ''} "
+                                    "this site already spent privacy in this run; restore site_state.json from backup "
+                                    "-- never delete it, or the site's spend is forgotten")
+            return state
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:

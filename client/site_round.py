@@ -9,8 +9,10 @@ local steps at this site's sample rate).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -34,6 +36,11 @@ from pggan_model import PGGAN, GeneratorTrainer
 
 # Numerical slack when comparing a projected epsilon with the budget.
 BUDGET_TOLERANCE = 1e-6
+
+# Options that do not change what a site computes in a round (where files go, scheduling, the
+# coordinator's own device): left out of the round's key, so a moved or rescheduled run keeps it.
+NOT_IN_ROUND_KEY = ("dataset", "data_dir", "out", "device", "round_timeout", "sample_every", "checkpoint_every",
+                    "keep_checkpoints", "client_cpus", "client_gpus", "fraction", "min_clients")
 
 
 @dataclass
@@ -118,11 +125,18 @@ def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset, share_o
     if state.release_file.exists():
         released = torch.load(state.release_file, weights_only=True)
     else:
+        inputs = release_key(cfg, data)
+        if state.release_key and state.release_key != inputs:
+            raise FedPGGANError(f"{state.release_file}: missing, and this site's data or release options changed since its "
+                                "release was charged: a new release would be a second one the accountant does not count; "
+                                "restore the file from backup or start a new run")
         charge_release(state, cfg)
+        state.release_key = inputs
         if share_of and not made_for:  # fixed before the noise is drawn: a crash and retry redraws this share
             state.release_share_of = made_for = share_of
-            state.save()
-        # Already charged but no file means a crash in between: the same seed redraws the same noise.
+        state.save()
+        # Already charged but no file means a crash in between: the same seed redraws the same noise
+        # on the same inputs (release_key), hence the same release.
         noise = secret_noise(state, cfg, "release") or SeededNoise(noise_seed(state, "release"))
         features = features_for(data.image_shape, cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur)
         sigma = (release_share_noise(state.release_noise, made_for) if made_for else state.release_noise) if cfg.dp else None
@@ -137,6 +151,12 @@ def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset, share_o
     return released
 
 
+def release_key(cfg: RunConfig, data: ImageDataset) -> str:
+    """What the release is a function of besides its noise: the data and the release's options."""
+    options = [cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur, cfg.embedding_count_share, data.sha256]
+    return hashlib.sha256(json.dumps(options).encode()).hexdigest()
+
+
 def spend(state: SiteState, steps: int, epsilon: float | None = None) -> dict[str, float]:
     """The spend a site reports; ``epsilon`` may be passed when already computed for this history."""
     if epsilon is None:
@@ -148,18 +168,31 @@ def spend(state: SiteState, steps: int, epsilon: float | None = None) -> dict[st
     }
 
 
+def round_key(weights_sha: str, cfg: RunConfig, data: ImageDataset) -> str:
+    """Everything a round's output is a function of besides its noise: the weights the server
+    sent (``weights_sha``), the run's options and the site's data. The round's DP draws are
+    keyed to it, so the same inputs give the same output (a recomputation, which reveals
+    nothing new) and any other input gets a draw of its own: a server that re-asks a round with
+    other options, or a site whose data changed, never gets two outputs sharing one noise draw."""
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_ROUND_KEY}
+    text = json.dumps([weights_sha, options, data.sha256], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteState, round_num: int,
                    site_index: int, input_sha: str = "") -> RoundResult:
     """Train ``gan.d`` (and, with local generator training, G1/G2) for one round in place.
 
-    ``input_sha`` identifies what the server sent; the round's noise is seeded by the site's
-    secret key, the round and ``input_sha``. A round reserved with the same inputs but never
-    finished (the site died mid-round), and still the site's latest spend, is recomputed with
-    the same seed, hence the same noise: it yields the one output that reservation paid for, so
-    it is not charged again. Otherwise the reserved spend stays spent (privacy first) and the
-    round is charged anew; other inputs give other noise, so no two outputs share a draw."""
+    ``input_sha`` identifies the weights the server sent; the round's noise is seeded by the
+    site's secret key, the round and :func:`round_key` (those weights, the options, the data). A
+    round reserved with the same key but never finished (the site died mid-round), and still the
+    site's latest spend, is recomputed with the same seed, hence the same noise: it yields the
+    one output that reservation paid for, so it is not charged again. Otherwise the reserved
+    spend stays spent (privacy first) and the round is charged anew; other inputs give other
+    noise, so no two outputs share a draw."""
     ensure_noise_key(state, cfg, site_index)
-    torch.manual_seed(noise_seed(state, "round", round_num, input_sha))
+    key = round_key(input_sha, cfg, data)
+    torch.manual_seed(noise_seed(state, "round", round_num, key))
     privacy = None
     if cfg.dp:
         ensure_mechanism(state, cfg, len(data))
@@ -167,22 +200,22 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
     release = ensure_release(state, cfg, data) if cfg.release_aggregation == "plain" else None
     charge_release(state, cfg)
     reserved = state.rounds.get(str(round_num), {})
-    recovering = bool(cfg.dp and reserved.get("status") == "reserved" and reserved.get("input_sha") == input_sha
+    recovering = bool(cfg.dp and reserved.get("status") == "reserved" and reserved.get("input_sha") == key
                       and as_floats(state.history) == as_floats(extend_history(
                           reserved["history_before"], state.noise_multiplier, state.sample_rate, cfg.local_steps)))
     previous = [tuple(h) for h in (reserved["history_before"] if recovering else state.history)]
     if cfg.dp:
-        if state.exhausted:
-            return RoundResult("exhausted", spend(state, 0), [], release)
+        if state.exhausted:  # a refusal carries nothing computed from the data
+            return RoundResult("exhausted", spend(state, 0), [])
         planned = extend_history(previous, state.noise_multiplier, state.sample_rate, cfg.local_steps)
         planned_epsilon = epsilon_of(planned, state.delta, state.accountant)
         if not recovering:
             if planned_epsilon > state.budget_epsilon + BUDGET_TOLERANCE:
                 state.exhausted = True
                 state.save()
-                return RoundResult("exhausted", spend(state, 0), [], release)
+                return RoundResult("exhausted", spend(state, 0), [])
             # Privacy first: record the spend before touching the data.
-            state.rounds[str(round_num)] = {"status": "reserved", "steps": cfg.local_steps, "input_sha": input_sha,
+            state.rounds[str(round_num)] = {"status": "reserved", "steps": cfg.local_steps, "input_sha": key,
                                             "history_before": [list(h) for h in previous]}
             state.history = [list(h) for h in planned]
             state.save()
@@ -190,7 +223,7 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
                                   cfg.grad_sample_mode, cfg.fake_gradients)
     prior = prior_tensor(cfg, data.num_classes)
     trainer = DiscriminatorTrainer(gan, data.images, data.labels, cfg.batch_size, privacy, previous, prior,
-                                   secret_noise(state, cfg, "round", round_num, input_sha))
+                                   secret_noise(state, cfg, "round", round_num, key))
     trainer.train(cfg.local_steps)
     if privacy is not None and as_floats(trainer.history) != as_floats(state.history):
         raise FedPGGANError(f"site accountant mismatch: the trainer recorded {trainer.history}, the site reserved {state.history}")

@@ -66,7 +66,9 @@ def check_budget(site: SiteConfig, num_records: int) -> tuple[str, list[str]]:
     colluding = site.max_epsilon_if_colluding
     secure = (f"; secure releases while the worst case stays at most {colluding:g} (max-epsilon-if-colluding)"
               if colluding is not None else "")
-    return f"max epsilon {eps} per run, delta {delta}; 1/n = {1 / num_records:.3g}{secure}", warnings
+    total = (f"; at most {site.max_total_epsilon:g} over all runs (max-total-epsilon)" if site.max_total_epsilon is not None
+             else "; no cap over all runs (max-total-epsilon)")
+    return f"max epsilon {eps} per run{total}, delta {delta}; 1/n = {1 / num_records:.3g}{secure}", warnings
 
 
 def check_state_dir(path: Path) -> str:

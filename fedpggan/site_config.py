@@ -26,7 +26,7 @@ SITE_DEVICES = ("auto", "cpu", "cuda")  # the ClientApp reads the node config's 
 # Every key a site config may hold, per table ("" is the top level). A key outside these is a typo
 # that would otherwise drop a privacy cap or the peer roster without a word.
 SITE_KEYS = {"": {"site-id", "data", "state-dir", "image-size", "device", "privacy", "superlink"},
-             "privacy": {"max-epsilon", "max-epsilon-if-colluding", "max-delta", "peer-keys"},
+             "privacy": {"max-epsilon", "max-total-epsilon", "max-epsilon-if-colluding", "max-delta", "peer-keys"},
              "superlink": {"address", "root-certificates", "auth-private-key"}}
 
 
@@ -45,11 +45,14 @@ class SiteConfig:
     device: str = "auto"  # where the site trains D: auto (its GPU when it has one), cpu or cuda
     max_epsilon_if_colluding: float | None = None  # cap on a secure release's worst case (None: max_epsilon)
     peer_keys: Path | None = None  # the consortium's SuperNode public keys: a secure release's key list is checked against them
+    max_total_epsilon: float | None = None  # cap on the epsilons of all runs on this site's records, added up (None: no cap)
 
     def node_config(self) -> str:
         """The SuperNode's ``--node-config``; string values must be quoted for Flower."""
         items = {"site-id": self.site_id, "data-path": self.data, "state-dir": str(self.state_dir),
                  "max-epsilon": "none" if math.isinf(self.max_epsilon) else self.max_epsilon, "device": self.device}
+        if self.max_total_epsilon is not None:
+            items["max-total-epsilon"] = self.max_total_epsilon
         if self.max_delta is not None:
             items["max-delta"] = self.max_delta
         if self.max_epsilon_if_colluding is not None:
@@ -98,6 +101,10 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
         max_epsilon = math.inf
     elif not max_epsilon > 0:
         raise get.error("privacy.max-epsilon", "a number > 0 (e.g. 10) or \"none\"")
+    total = get.value(privacy, "privacy.max-total-epsilon", (int, float), required=False)
+    if total is not None and not (math.isfinite(max_epsilon) and total >= max_epsilon):
+        raise get.error("privacy.max-total-epsilon", "a number at least max-epsilon (which must then be a number: a run "
+                                                     "without DP would pass any lifetime cap), or leave it out for no cap")
     colluding = get.value(privacy, "privacy.max-epsilon-if-colluding", (int, float), required=False)
     if colluding is not None and not colluding > 0:
         raise get.error("privacy.max-epsilon-if-colluding", "a number > 0 (e.g. 20), or leave it out to use max-epsilon")
@@ -120,7 +127,7 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
         superlink=_address(get, get.value(link, "superlink.address", str)), root_certificates=Path(certs) if certs else None,
         auth_private_key=Path(get.value(link, "superlink.auth-private-key", str)), device=device,
         max_epsilon_if_colluding=None if colluding is None else float(colluding),
-        peer_keys=Path(peer_keys) if peer_keys else None,
+        peer_keys=Path(peer_keys) if peer_keys else None, max_total_epsilon=None if total is None else float(total),
     )
 
 

@@ -141,7 +141,7 @@ def start(run: RunFolder, cfg: RunConfig, data, privacy: PrivacySettings | None,
     """A new run's ledger (the mechanism registered) and run.json."""
     versions = library_versions()
     ledger = PrivacyLedger(run.root.name, cfg.dp, versions, mechanism_name(cfg.grad_sample_mode) if cfg.dp else "none",
-                           noise_key=cfg.noise_key)
+                           cfg.to_flower(), noise_key=cfg.noise_key)
     if privacy is not None:
         ledger.register_site("central", budget_epsilon=cfg.epsilon, delta=privacy.delta, accountant=cfg.accountant,
                              noise_multiplier=privacy.noise_multiplier, sample_rate=q, max_grad_norm=cfg.max_grad_norm,

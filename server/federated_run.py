@@ -133,7 +133,7 @@ class FederatedRun:
         cfg = self.cfg
         self.run_id = self.folder.root.name
         self.ledger = PrivacyLedger(self.run_id, cfg.dp, library_versions(),
-                                    f"{mechanism_name(cfg.grad_sample_mode)} at each site" if cfg.dp else "none",
+                                    f"{mechanism_name(cfg.grad_sample_mode)} at each site" if cfg.dp else "none", cfg.to_flower(),
                                     [SECURE_SUM_ASSUMPTION] if cfg.dp and cfg.release_aggregation == "secure" else [],
                                     cfg.noise_key)
         for node, site in self.sites.items():
@@ -273,8 +273,10 @@ class FederatedRun:
                                          "the next round would exceed the site's budget; the site refused to train", "exhausted")
                 continue
             problem = self.spend_problem(node, privacy) if self.cfg.dp else None
-            if problem:
-                self.ledger.record_event(site, round_num, "excluded", problem, "excluded")
+            if problem:  # its update is discarded, but it was received: what the site says it spent is kept
+                reported = f"epsilon {privacy.get('epsilon')}, {privacy.get('total_steps')} steps in all"
+                self.ledger.record_event(site, round_num, "excluded", f"{problem}; the site reported {reported}; its "
+                                         "update was received and discarded", "excluded")
                 continue
             if self.cfg.dp:
                 self.ledger.record_round(site, round_num, steps=int(privacy["steps"]),

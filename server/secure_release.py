@@ -108,9 +108,10 @@ def reveal(grid: Grid, nodes: dict[int, str], content: RecordDict, commitments: 
             return seeds
     raise FedPGGANError("secure release: " + "; ".join(f"site {site} did not reveal its self-mask ({why})"
                                                        for site, why in sorted(failed.items()))
-                        + f" after {REVEAL_TRIES} tries: the sum stays masked (no share or sum was revealed), and a site "
-                        "that revealed takes part in no other attempt; start the run again, or train with "
-                        "--release-aggregation plain")
+                        + f" after {REVEAL_TRIES} tries: the sum stays masked to this server (unless a site that did not "
+                        "reveal hands its seed over outside the protocol), and a site that revealed takes part in no other "
+                        "attempt; start the run again (every site charges the new run's release too, and its "
+                        "max-total-epsilon counts both runs), or train with --release-aggregation plain")
 
 
 def ask(grid: Grid, nodes: dict[int, str], message_type: str, content: RecordDict, read: Callable[[RecordDict], T],

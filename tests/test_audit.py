@@ -25,7 +25,7 @@ from fedpggan.audit.records import Round, RunFacts, Site
 from fedpggan.audit.round_checks import check_rounds
 from fedpggan.cli import main
 from fedpggan.data import open_phantom
-from fedpggan.io import sha256_file
+from fedpggan.io import sha256_file, sha256_json
 from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings
 from fedpggan.privacy.dp_discriminator import sample_rate
 from fedpggan.train import train_centralised
@@ -182,11 +182,33 @@ def test_editing_the_ledger_without_the_run_hash_is_detected(run_copy):
     assert code == 1 and fields(report) == ["run.json:ledger_sha256"]
 
 
+def test_an_option_edited_in_run_json_is_detected(run_copy):
+    """run.json is not hashed itself: the ledger's record of its options catches an edit (here the
+    noise key, which would otherwise decide whether a seeded run passes)."""
+    info = json.loads((run_copy / "run.json").read_text())
+    info["config"]["max-grad-norm"] = 0.5
+    (run_copy / "run.json").write_text(json.dumps(info, indent=2))
+    code, report = audit(run_copy)
+    assert code == 1 and "run.json:config" in fields(report)
+
+
+def test_a_seeded_run_fails_even_if_run_json_is_edited_to_say_secret(tmp_path, tiny_npz):
+    with one_thread():
+        run = train_centralised(tiny_config(tmp_path / "seeded", dataset=tiny_npz, image_size=SIZE, epsilon=2.0,
+                                            noise_key="seed", device="cpu"))
+    info = json.loads((run / "run.json").read_text())
+    info["config"]["noise-key"] = "secret"
+    (run / "run.json").write_text(json.dumps(info, indent=2))
+    code, report = audit(run)
+    assert code == 1 and {"run.json:config", "config.noise-key"} <= set(fields(report))
+
+
 def test_swapped_checkpoint_fails_and_rotated_one_does_not(run_copy):
     ckpts = run_copy / "checkpoints"
     info = json.loads((run_copy / "run.json").read_text())
-    info["config"]["keep-checkpoints"] = 2  # then retention deletes epoch 1's checkpoint
+    info["config"]["keep-checkpoints"] = 2  # as if the run had kept 2: retention deletes epoch 1's checkpoint
     (run_copy / "run.json").write_text(json.dumps(info))
+    edit_ledger(run_copy, lambda ledger: ledger.update(config_sha256=sha256_json(info["config"])))
     (ckpts / "ckpt_00001.pt").unlink()  # as retention would
     code, report = audit(run_copy)
     assert code == 0 and report["checkpoints"][0]["status"] == "not present (rotated)"

@@ -404,6 +404,14 @@ def test_a_sites_cap_on_a_secure_releases_worst_case_reaches_its_node_config(sit
     assert node["max-epsilon-if-colluding"] == 20.0 and node["max-epsilon"] == 10.0
 
 
+def test_a_sites_lifetime_cap_reaches_its_node_config(site_toml, capsys):
+    code, out, _ = site_check(capsys, site_toml(extra_privacy="max-total-epsilon = 25.0\n"))
+    assert code == 0 and "at most 25 over all runs (max-total-epsilon)" in out
+    command = out.split("start the site with:\n", 1)[1].strip()
+    node = parse_config_args([re.search(r"--node-config '([^']+)'", command).group(1)])
+    assert node["max-total-epsilon"] == 25.0
+
+
 def test_a_sites_roster_of_peer_keys_is_checked_and_reaches_its_node_config(site_toml, capsys, tmp_path):
     write_ssh_key(tmp_path / "other.key")
     lines = [f"{(tmp_path / k).read_text().strip()} {name}\n" for k, name in (("site.pub", "hospital-a"), ("other.pub", "hospital-b"))]
@@ -429,6 +437,8 @@ def test_a_sites_roster_of_peer_keys_is_checked_and_reaches_its_node_config(site
     ({"max-delta": "0.5"}, "privacy.max-delta 0.5 is not below 1/n"),
     ({"max-epsilon-if-colluding": "0"}, "privacy.max-epsilon-if-colluding"),
     ({"max-epsilon-if-colluding": '"high"'}, "privacy.max-epsilon-if-colluding"),
+    ({"extra_privacy": "max-total-epsilon = 5.0\n"}, "'privacy.max-total-epsilon' must be a number at least max-epsilon"),
+    ({"max-epsilon": '"none"', "extra_privacy": "max-total-epsilon = 50.0\n"}, "'privacy.max-total-epsilon' must be"),
     ({"site-id": None}, "'site-id' is missing"),
     ({"auth-private-key": '"/nonexistent/site.key"'}, "superlink.auth-private-key"),
     ({"device": '"gpu"'}, "'device' must be one of"),

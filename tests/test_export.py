@@ -287,7 +287,7 @@ def test_allow_unaudited_says_so_and_quality_figures_are_included(gray_run, tmp_
     sheet = export_run(run, tmp_path / "o", ExportOptions(n=10, formats=("npz",), allow_unaudited=True))
     markdown = (tmp_path / "o" / "DATASHEET.md").read_text()
     assert sheet["audit"]["status"] == "failed" and "AUDIT FAILED (2026-01-01)" in markdown
-    assert sheet["quality"]["figures"] == {"tstr.auc.mean": 0.812, "tstr.auc.std": 0.01, "fid": 41.5}
+    assert sheet["quality"]["figures"] == {"tstr.auc.mean": 0.812, "tstr.auc.std": 0.01}  # FID reads the training images
     assert "tstr.auc.mean: 0.812" in markdown and "DIFFERENT checkpoint" in markdown
 
 
@@ -315,7 +315,7 @@ def test_an_audit_written_with_out_is_used_through_audit_report(gray_run, tmp_pa
     assert "--audit-report" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
-def test_a_quick_evaluation_its_real_data_and_collapsed_classes_reach_the_datasheet(gray_run, tmp_path):
+def test_a_quick_evaluation_reaches_the_datasheet_but_no_figure_read_from_the_training_images(gray_run, tmp_path):
     run = copy_run(gray_run, tmp_path)
     assert main(["evaluate", str(run), "--quick", "--device", "cpu"]) == 0
     evaluation = json.loads((run / "evaluation.json").read_text())
@@ -324,23 +324,22 @@ def test_a_quick_evaluation_its_real_data_and_collapsed_classes_reach_the_datash
     sheet = json.loads((tmp_path / "o" / "datasheet.json").read_text())
     quality = sheet["quality"]
     assert quality["quick"] is True and quality["settings"]["seeds"] == [0] and quality["settings"]["n_synthetic"] == 1000
-    assert quality["real_data"] == {"name": evaluation["dataset"]["name"], "spec": evaluation["dataset"]["spec"],
-                                    "n_train": 64, "n_test": 64, "image_size": evaluation["dataset"]["image_size"]}
-    assert quality["real_data"]["spec"].endswith("phantom.npz")
+    assert quality["real_data"] == {"name": "phantom", "n_test": 64, "image_size": evaluation["dataset"]["image_size"]}
     assert not any(w.startswith("QUALITY MEASURED ON OTHER SETTINGS") for w in sheet["warnings"])
-    assert quality["collapsed_classes"] == evaluation["diversity"]["collapsed"]
     assert any(w.startswith("QUICK EVALUATION") and "100 classifier steps (report: 400)" in w for w in sheet["warnings"])
     markdown = (tmp_path / "o" / "DATASHEET.md").read_text()
     assert "> **QUICK EVALUATION" in markdown and "**QUICK evaluation**" in markdown
-    assert f"- real data: {evaluation['dataset']['spec']}, 64 train / 64 test images" in markdown
+    assert "- real test data: phantom, 64 test images" in markdown
+    # what the evaluation read from the training images is not published, nor where the real data lie
+    assert {key.split(".")[0] for key in quality["figures"]} == {"tstr"}
+    published = (tmp_path / "o" / "datasheet.json").read_text() + markdown
+    assert evaluation["dataset"]["spec"] not in published and "trtr" not in published and "dcr" not in published
+    assert "stay in the source run's EVALUATION.md" in markdown
 
     evaluation["diversity"]["collapsed"] = ["no lesion", "lesion"]   # as EVALUATION.md flags them
     (run / "evaluation.json").write_text(json.dumps(evaluation))
-    sheet = export_run(run, tmp_path / "collapsed", ExportOptions(n=10, formats=("npz",)))
-    assert sheet["quality"]["collapsed_classes"] == ["no lesion", "lesion"]
-    assert any(w.startswith("COLLAPSED CLASSES: no lesion, lesion") for w in sheet["warnings"])
-    markdown = (tmp_path / "collapsed" / "DATASHEET.md").read_text()
-    assert "> **COLLAPSED CLASSES: no lesion, lesion" in markdown and "- collapsed classes: **no lesion, lesion**" in markdown
+    sheet = export_run(run, tmp_path / "again", ExportOptions(n=10, formats=("npz",)))
+    assert "collapsed" not in json.dumps({k: v for k, v in sheet.items() if k != "export"}).lower()
     size = evaluation["dataset"]["image_size"]
     sheet = export_run(run, tmp_path / "other", ExportOptions(n=10, formats=("npz",), generator="1", image_size=2 * size))
     assert (f"QUALITY MEASURED ON OTHER SETTINGS: evaluated with generator both at {size} px; this export uses "

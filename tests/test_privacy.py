@@ -128,6 +128,20 @@ def test_calibration_errors_and_history_merging():
     assert epsilon_of([], 1e-5) == 0.0
 
 
+def test_a_calibration_cache_that_would_overspend_is_not_trusted(tmp_path, monkeypatch):
+    """The on-disk cache is a file anyone with the account can edit (or a stale one, from another
+    Opacus): a cached sigma is used only if the accountant confirms it meets the budget."""
+    import json
+
+    monkeypatch.setenv("FEDPGGAN_CACHE", str(tmp_path))
+    sigma = calibrate_noise(2.0, 1e-5, 0.1, 50)
+    cache = tmp_path / "calibration.json"
+    poisoned = {key: 0.05 for key in json.loads(cache.read_text())}
+    cache.write_text(json.dumps(poisoned))
+    assert calibrate_noise(2.0, 1e-5, 0.1, 50) == sigma
+    assert epsilon_of([(sigma, 0.1, 50)], 1e-5) <= 2.0
+
+
 def test_an_epsilon_beyond_the_prv_accountants_range_names_the_fix():
     # a release with noise multiplier 0.02 (what --epsilon 1000 would ask for) breaks PRV's discretisation
     with pytest.raises(FedPGGANError, match="noise multiplier 0.02 .*use --accountant rdp"):

@@ -152,6 +152,80 @@ def test_an_old_reservation_is_not_reused_once_the_site_moved_on(site_setup, tmp
     assert not result.recovered and state.history[-1][2] == before + site_setup[0].local_steps
 
 
+def test_a_round_asked_again_with_other_options_or_data_gets_a_draw_of_its_own(site_setup, tmp_path, monkeypatch):
+    """The same weights with other options (or other data) make another output: it must not share
+    the first one's noise, or the two would reveal the difference of their clipped sums."""
+    import client.site_round as site_round_module
+
+    labels = []
+    real_secret_noise = site_round_module.secret_noise
+    monkeypatch.setattr(site_round_module, "secret_noise",
+                        lambda state, cfg, *parts: labels.append(parts) or real_secret_noise(state, cfg, *parts))
+    cfg, data, gan = site_setup
+    cfg = dataclasses.replace(cfg, rounds=4)  # a budget planned for the four outputs below
+    state = fresh_state(tmp_path, "s")
+    site_round((cfg, data, gan), state, 1, "weights")
+    site_round((dataclasses.replace(cfg, max_grad_norm=0.25), data, gan), state, 1, "weights")
+    site_round((cfg, data.subset(np.arange(299)), gan), state, 1, "weights")
+    site_round((dataclasses.replace(cfg, out=str(tmp_path / "moved")), data, gan), state, 1, "weights")
+    rounds = [parts for parts in labels if parts[0] == "round"]
+    assert len(rounds) == 4 and len(set(rounds[:3])) == 3  # three different outputs, three draws
+    assert rounds[3] == rounds[0]  # where the run folder lies changes nothing the site computes
+    assert state.history[-1][2] == 4 * cfg.local_steps  # and each output was charged
+
+
+def test_a_lost_release_is_redrawn_only_from_the_inputs_it_was_charged_for(site_setup, tmp_path):
+    from client.site_round import ensure_mechanism, ensure_release
+
+    cfg, data, _ = site_setup
+    state = fresh_state(tmp_path, "s")
+    ensure_mechanism(state, cfg, len(data))
+    first = ensure_release(state, cfg, data)
+    state.release_file.unlink()  # lost, e.g. by a partial restore; site_state.json survives
+    assert torch.equal(ensure_release(state, cfg, data), first)  # the same draw on the same inputs: nothing new
+    state.release_file.unlink()
+    with pytest.raises(FedPGGANError, match="data or release options changed since its release was charged"):
+        ensure_release(state, cfg, data.subset(np.arange(299)))
+
+
+def test_a_missing_site_state_beside_proof_of_spend_is_refused(site_setup, tmp_path):
+    from client.site import SiteState
+
+    state = fresh_state(tmp_path, "s")
+    site_round(site_setup, state, 1, "weights")
+    state.path.unlink()  # deleted, or a backup restored without it
+    with pytest.raises(FedPGGANError, match="embedding_release.pt beside it shows this site already spent"):
+        SiteState.load(tmp_path / "s", "run")
+
+
+def test_an_exhausted_site_sends_nothing_computed_from_its_data(site_setup, tmp_path):
+    cfg, _, _ = site_setup
+    state = fresh_state(tmp_path, "s")
+    for r in range(1, cfg.rounds + 1):
+        site_round(site_setup, state, r, f"round {r}")
+    refused, _ = site_round(site_setup, state, cfg.rounds + 1, "one more")
+    assert refused.status == "exhausted" and refused.embedding_release is None
+
+
+def test_a_site_caps_what_all_runs_on_its_records_spend_together(site_setup, tmp_path):
+    from client.site import SiteState, check_lifetime_budget, state_dir
+
+    cfg, _, _ = site_setup  # epsilon 10
+    first = SiteState.load(tmp_path / "state", "run-a")
+    first.budget_epsilon, first.history = 10.0, [[1.0, 0.1, 8]]
+    first.save()
+    second = SiteState.load(tmp_path / "state", "run-b")
+    with pytest.raises(FedPGGANError, match=r"earlier runs took 10 \(run-a \(10\)\): together above its max-total-epsilon 15"):
+        check_lifetime_budget({"max-total-epsilon": 15.0}, second, cfg)
+    check_lifetime_budget({"max-total-epsilon": 20.0}, second, cfg)
+    check_lifetime_budget({}, second, cfg)  # no lifetime cap set
+    first.history = []  # a run that never spent anything does not count
+    first.save()
+    check_lifetime_budget({"max-total-epsilon": 10.0}, second, cfg)
+    with pytest.raises(FedPGGANError, match="no 'state-dir'"):  # a real site never lets the coordinator choose
+        state_dir({"data-path": "/data/site.npz", "site-id": "a"}, {"site-state-root": str(tmp_path)})
+
+
 def test_corrupt_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path, capsys):
     run = simulate(tiny_config(tmp_path / "run", rounds=3, keep_checkpoints=3))
     folder = RunFolder(run)

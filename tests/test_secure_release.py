@@ -264,7 +264,7 @@ def test_a_reveal_is_retried_and_one_that_keeps_failing_stops_the_secure_release
     assert flaky.reveal_calls == 2  # the second request went to hospital-c alone
     failing = ProtocolSites(shares, {("reveal", k): (13, "disk full") for k in (1, 2, 3)})
     with pytest.raises(FedPGGANError, match=r"site hospital-c did not reveal its self-mask \(disk full\) after 3 tries: "
-                                            r"the sum stays masked \(no share or sum was revealed\)"):
+                                            r"the sum stays masked to this server \(unless a site that did not reveal"):
         run_protocol(monkeypatch, failing)
     assert failing.attempt == 1  # no restart: the sites that revealed could not take part again
     lying = ProtocolSites(shares, {})

@@ -2,7 +2,8 @@
 
 - run.json records the ledger's SHA-256 at its last write (and, while a write is under way,
   the one it replaces, so a run killed mid-write still verifies): a different hash means the
-  ledger was edited afterwards;
+  ledger was edited afterwards; the ledger records the hash of run.json's options as the run
+  started, so an edited option (say, the noise key) is caught too;
 - every checkpoint the ledger lists still has that hash, or is gone because retention deleted
   it, or was marked discarded by a resume that found it missing or corrupt (both reported, not
   a failure: the spend of its epochs stays charged, and nothing uses its weights); retention
@@ -21,7 +22,7 @@ from typing import Any
 
 from fedpggan.audit.findings import Finding
 from fedpggan.config import RunConfig
-from fedpggan.io import sha256_file
+from fedpggan.io import sha256_file, sha256_json
 from fedpggan.runs import RunFolder
 
 
@@ -34,6 +35,16 @@ def check_ledger_hash(run: dict[str, Any], folder: RunFolder) -> list[Finding]:
         return [Finding("run.json:ledger_sha256", f"{folder.ledger_json.name} hashes to {actual[:12]}..., run.json "
                                                   f"recorded {recorded[:12]}...: the ledger was changed after the run wrote it")]
     return []
+
+
+def check_config(run: dict[str, Any], ledger: dict[str, Any]) -> list[Finding]:
+    """run.json's options are those the ledger recorded at the start (a ledger written before
+    2026-12-05 records none, and its run's options are taken as they are)."""
+    recorded = ledger.get("config_sha256")
+    if recorded is None or sha256_json(run.get("config")) == recorded:
+        return []
+    return [Finding("run.json:config", "the options in run.json are not those the run started with (the ledger records "
+                                       "another hash): run.json was edited after the run wrote it; restore it from backup")]
 
 
 def check_checkpoints(ledger: dict[str, Any], run: dict[str, Any], folder: RunFolder) -> tuple[list[dict[str, Any]], list[Finding]]:

@@ -29,7 +29,7 @@ def audit_run(run_dir: str | Path, out: str | Path | None = None, mia: MiaOption
     kind = run_kind(run, str(folder.run_json))
     ledger = folder.read_json(folder.ledger_json)
     check_shape(ledger, str(folder.ledger_json))
-    findings = integrity.check_ledger_hash(run, folder)
+    findings = integrity.check_ledger_hash(run, folder) + integrity.check_config(run, ledger)
     checkpoints, ckpt_findings = integrity.check_checkpoints(ledger, run, folder)
     findings += ckpt_findings
     rows: dict[str, Any] = {}
@@ -38,7 +38,7 @@ def audit_run(run_dir: str | Path, out: str | Path | None = None, mia: MiaOption
         findings.append(Finding("dp", NO_DP))
     else:
         rows, site_findings, notes = audit_ledger_sites(ledger, run, kind, folder)
-        findings += site_findings + check_noise_key(run, kind, notes)
+        findings += site_findings + check_noise_key(run, ledger, kind, notes)
     if run.get("status") != "completed":
         notes.insert(0, f"run status is {run.get('status')!r}: this audits the run as far as it got")
     result: dict[str, Any] = {
@@ -65,11 +65,12 @@ def audited_content(folder: RunFolder, run: dict[str, Any]) -> dict[str, str]:
     return {"ledger_sha256": sha256_file(folder.ledger_json), "config_sha256": sha256_json(run.get("config", {}))}
 
 
-def check_noise_key(run: dict[str, Any], kind: str, notes: list[str]) -> list[Finding]:
+def check_noise_key(run: dict[str, Any], ledger: dict[str, Any], kind: str, notes: list[str]) -> list[Finding]:
     """A guarantee holds only against whoever cannot regenerate the noise: noise drawn from the
-    run's --seed (``--noise-key seed``, which run.json records) fails the audit."""
+    run's --seed (``--noise-key seed``) fails the audit, whether the hash-checked ledger or
+    run.json says so."""
     noise_key = run["config"].get("noise-key")
-    if noise_key == "seed" or (noise_key is None and kind == "centralised"):
+    if ledger.get("noise_key") == "seed" or noise_key == "seed" or (noise_key is None and kind == "centralised"):
         return [Finding("config.noise-key", f"{SEEDED_NOISE}; retrain with --noise-key secret")]
     if noise_key is None:
         notes.append("run.json predates --noise-key (2026-12-04): a simulated run of that time drew its DP noise from "

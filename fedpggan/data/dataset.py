@@ -6,6 +6,8 @@ them as one float tensor keeps loading, partitioning and DP sampling simple and 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -47,6 +49,16 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index], int(self.labels[index])
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """Content hash of the images and labels (the dataset is never changed in place): what a
+        site's DP draws are keyed to, so other data never reuse a draw (client/site_round.py)."""
+        h = hashlib.sha256()
+        for tensor in (self.images, self.labels):
+            h.update(str(tuple(tensor.shape)).encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> ImageDataset:
         """The selected rows with the same metadata (e.g. one federated site's share)."""

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedpggan.data.sources import public_name
 from fedpggan.export.provenance import AUDIT_LABELS, Provenance
 from fedpggan.io import sha256_json
 from fedpggan.runs import library_versions, now_iso
@@ -23,7 +24,14 @@ LIMITATIONS = [
     "Class balance is the one requested at export, not the prevalence in the private data.",
     "Quality and diversity are below real data; models trained on it must be tested on real data before use.",
 ]
-QUALITY_KEYS = ("tstr", "trtr", "fid", "prdc", "label_fidelity", "memorisation")
+# Only TSTR is published: a classifier trained on synthetic images (post-processing of the DP
+# generator) and tested on the real test split. Every other figure of `fedpggan evaluate` -- TRTR,
+# FID, PRDC, label fidelity, diversity and its collapsed classes, memorisation -- reads the real
+# training images without DP, so it stays in the run's EVALUATION.md, for the consortium only.
+PUBLISHED_QUALITY_KEYS = ("tstr",)
+NOT_PUBLISHED = ("The evaluation's other figures (TRTR, FID, precision/recall, label fidelity, diversity, memorisation) "
+                 "read the real training images without differential privacy: they stay in the source run's "
+                 "EVALUATION.md and are not published with the data.")
 DP_MEANING = ("The images are post-processing of a generator trained with differential privacy, so they carry "
               "the run's (epsilon, delta) guarantee at no extra cost: anything computed from them reveals at most "
               "that much about any one training image (one record at one site). It does not hide population-level "
@@ -66,12 +74,13 @@ def build_datasheet(prov: Provenance, export: dict[str, Any]) -> dict[str, Any]:
     sites = ledger.get("sites", {})
     return {
         "format": 1,
-        "title": f"Synthetic images from fedpggan run {run.get('run_id')} ({dataset.get('name')})",
+        "title": f"Synthetic images from fedpggan run {run.get('run_id')} ({public_name(str(dataset.get('name')))})",
         "created": now_iso(),
         "warnings": warnings,
         "source_run": {"run_id": run.get("run_id"), "kind": run.get("kind"), "config_sha256": config_sha256(run),
                        "num_sites": run.get("num_sites"), "status": run.get("status")},
-        "dataset": {k: dataset.get(k) for k in ("name", "is_medical", "num_classes", "class_names")},
+        "dataset": {"name": public_name(str(dataset.get("name"))),
+                    **{k: dataset.get(k) for k in ("is_medical", "num_classes", "class_names")}},
         "privacy": {
             "dp": dp, "mechanism": ledger.get("mechanism"), "guarantee": ledger.get("guarantee"),
             "accountants": sorted({s["accountant"] for s in sites.values() if s.get("accountant")}),
@@ -97,22 +106,22 @@ def quality_summary(evaluation: dict[str, Any] | None, checkpoint_sha256: str) -
     whether they were measured on the checkpoint being exported."""
     if not isinstance(evaluation, dict):
         return None
-    picked = {k: evaluation[k] for k in QUALITY_KEYS if k in evaluation} or evaluation
+    picked = {k: evaluation[k] for k in PUBLISHED_QUALITY_KEYS if k in evaluation}
     evaluated = (evaluation.get("checkpoint") or {}).get("sha256")
     settings, real = evaluation.get("settings") or {}, evaluation.get("dataset") or {}
-    diversity = evaluation.get("diversity") or {}
     return {"figures": dict(flatten(picked)), "created": evaluation.get("created"),
             "evaluated_checkpoint_sha256": evaluated,
             "same_checkpoint": evaluated == checkpoint_sha256 if evaluated else None,
-            "real_data": {k: real.get(k) for k in ("name", "spec", "n_train", "n_test", "image_size")} if real else None,
+            # the test split's name and size only: never a file path, nor anything about the training images
+            "real_data": {"name": public_name(str(real.get("name"))), "n_test": real.get("n_test"),
+                          "image_size": real.get("image_size")} if real else None,
             "settings": {k: settings.get(k) for k in ("n_synthetic", "seeds", "classifier_budget", "generator")},
             "quick": settings.get("quick"), "short_of_report": settings.get("short_of_report", []),
-            "collapsed_classes": diversity.get("collapsed"), "collapse_threshold": diversity.get("threshold")}
+            "not_published": NOT_PUBLISHED}
 
 
 def quality_warnings(quality: dict[str, Any] | None) -> list[str]:
-    """What the evaluation flagged, for the datasheet's warnings: figures that are a smoke check,
-    classes the generators collapsed."""
+    """What the evaluation flagged, for the datasheet's warnings: figures that are a smoke check."""
     if quality is None:
         return []
     warnings = []
@@ -120,10 +129,6 @@ def quality_warnings(quality: dict[str, Any] | None) -> list[str]:
         warnings.append(f"QUICK EVALUATION: the quality figures come from a smoke check "
                         f"({', '.join(quality['short_of_report'])}), not figures to report; run `fedpggan evaluate` "
                         "with the report's settings (no --quick, nor smaller --n-synthetic, --seeds, --steps or --epochs).")
-    if quality["collapsed_classes"]:
-        warnings.append(f"COLLAPSED CLASSES: {', '.join(quality['collapsed_classes'])}: the evaluation found these "
-                        f"classes' synthetic images far less varied than the real ones (diversity ratio below "
-                        f"{quality['collapse_threshold']}).")
     return warnings
 
 
@@ -178,17 +183,15 @@ def quality_lines(quality: dict[str, Any] | None) -> list[str]:
         return ["Not evaluated (run `fedpggan evaluate` on the run to add TSTR AUC and other figures)."]
     note = {True: "on the exported checkpoint", False: "on a DIFFERENT checkpoint than the one exported",
             None: "checkpoint not recorded"}[quality["same_checkpoint"]]
-    real, settings, collapsed = quality["real_data"], quality["settings"], quality["collapsed_classes"]
+    real, settings = quality["real_data"], quality["settings"]
     size = {True: "**QUICK evaluation** (a smoke check: " + ", ".join(quality["short_of_report"]) + ")",
             False: "at least the report defaults", None: "size against the report defaults not recorded"}[quality["quick"]]
     return [f"From `fedpggan evaluate` ({quality['created']}, {note}):", "",
-            "- real data: " + (f"{real['name']}" + (f" (`{real['spec']}`)" if real["spec"] != real["name"] else "")
-                               + f", {real['n_train']} train / {real['n_test']} test images" if real else "not recorded"),
+            "- real test data: " + (f"{real['name']}, {real['n_test']} test images" if real else "not recorded"),
             (f"- evaluation: {settings['n_synthetic']} synthetic images, seeds {settings['seeds']}, classifier "
              f"{settings['classifier_budget']}; {size}" if settings["n_synthetic"] else "- evaluation: settings not recorded"),
-            "- collapsed classes: " + ("not recorded" if collapsed is None else
-                                       f"**{', '.join(collapsed)}**" if collapsed else "none"), ""] \
-        + [f"- {k}: {num(v)}" for k, v in quality["figures"].items()]
+            "", "TSTR (a classifier trained on these synthetic images, tested on the real test split):", ""] \
+        + [f"- {k}: {num(v)}" for k, v in quality["figures"].items()] + ["", quality.get("not_published", NOT_PUBLISHED)]
 
 
 def num(value: Any) -> str:

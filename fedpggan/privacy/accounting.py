@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+import opacus
 from opacus.accountants import PRVAccountant, create_accountant
 from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 
@@ -78,13 +79,23 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int
     if not 0 < delta < 1:
         raise FedPGGANError(f"--delta {delta} must be in (0, 1)")
 
-    key = json.dumps([epsilon, delta, sample_rate, steps, accountant, [list(map(float, h)) for h in prefix]])
-    cache = CalibrationCache()
-    if (sigma := cache.get(key)) is not None:
-        return sigma
+    key = json.dumps([epsilon, delta, sample_rate, steps, accountant, [list(map(float, h)) for h in prefix],
+                      opacus.__version__])
 
     def spent(sigma: float) -> float:
         return epsilon_of([*prefix, (sigma, sample_rate, steps)], delta, accountant)
+
+    def meets_budget(sigma: float) -> bool:
+        try:
+            return spent(sigma) <= epsilon
+        except FedPGGANError:  # e.g. a sigma so small that its PRV grid would not fit in memory
+            return False
+
+    cache = CalibrationCache()
+    # A cached sigma is checked (one accountant call, against the ~20 of the search): the cache
+    # is a file anyone with the account can edit, and must never let a site spend past its budget.
+    if (sigma := cache.get(key)) is not None and meets_budget(sigma):
+        return sigma
 
     low, high = 0.0, 10.0
     while spent(high) > epsilon:

@@ -11,14 +11,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fedpggan.io import json_bytes
+from fedpggan.io import json_bytes, sha256_json
 from fedpggan.privacy.noise import NOISE_DESCRIPTIONS
 
 ASSUMPTIONS = [
     "unit of privacy: one image (record) at one site; add/remove adjacency",
     "each site's (epsilon, delta) covers its release and every D step it took in this run (its accountant history "
     "survives rounds, crashes and --resume); other runs on the same records are not included: they compose",
-    "site record counts are public: they set the sample rate recorded here",
+    "site record counts are public: they set the sample rate recorded here (so the add/remove accounting bounds "
+    "what everything but the count reveals; no replace-one guarantee is computed)",
     "the class prior used for fake labels is public (uniform or given by the user), never the private label counts",
     "aggregation uses equal weights, so no site's record count enters the model",
     "generator training and everything the server does touch no real data: post-processing of DP outputs",
@@ -33,12 +34,15 @@ class PrivacyLedger:
     """In-memory ledger, written atomically to ``privacy_ledger.json`` after every change
     (by the run folder, which records its hash in run.json in the same step)."""
 
-    def __init__(self, run_id: str, dp: bool, versions: dict[str, str], mechanism: str,
+    def __init__(self, run_id: str, dp: bool, versions: dict[str, str], mechanism: str, config: dict[str, Any],
                  extra_assumptions: list[str] | None = None, noise_key: str = "secret") -> None:
         self.data: dict[str, Any] = {
             "format": 1,
             "run_id": run_id,
             "dp": dp,
+            # run.json's options as the run started: run.json itself is not hashed, so the audit
+            # compares its options with this (fedpggan.audit.runner.check_config)
+            "config_sha256": sha256_json(config),
             "mechanism": mechanism,
             "noise_key": noise_key if dp else None,  # "seed": the noise can be regenerated (fedpggan.privacy.noise)
             "assumptions": [*ASSUMPTIONS, f"noise: {NOISE_DESCRIPTIONS[noise_key]}", *(extra_assumptions or [])] if dp
