@@ -160,15 +160,17 @@ def train_round(msg: Message, context: Context, cfg: RunConfig, state: SiteState
     site_id = site_identity(context.node_config)
     started = time.perf_counter()
     data = load_site_data(context.node_config, cfg)
-    input_sha = arrays_sha256(msg.content["d"], msg.content["g"])
+    device = site_device(context.node_config, cfg)
+    # the device too: a GPU rounds otherwise than a CPU, and two outputs must never share a draw
+    input_sha = f"{arrays_sha256(msg.content['d'], msg.content['g'])}@{device.type}"
     key = round_key(input_sha, cfg, data)
-    cached = replay(state, round_num, key)  # only for the same weights, options and data
+    cached = replay(state, round_num, key)  # only for the same weights, options, data and device
     if cached is not None:
         return cached
 
     check_site_budget(context.node_config, cfg, len(data))
     check_lifetime_budget(context.node_config, state, cfg)
-    gan = build_gan(cfg, data.image_size, data.channels, data.num_classes).to(site_device(context.node_config, cfg))
+    gan = build_gan(cfg, data.image_size, data.channels, data.num_classes).to(device)
     gan.d.load_state_dict(msg.content["d"].to_torch_state_dict())
     load_generators(gan, msg.content["g"])
     result = run_site_round(gan, data, cfg, state, round_num, site_index(context.node_config), input_sha)

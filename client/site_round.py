@@ -39,8 +39,9 @@ BUDGET_TOLERANCE = 1e-6
 
 # Options that do not change what a site computes in a round (where files go, scheduling, the
 # coordinator's own device): left out of the round's key, so a moved or rescheduled run keeps it.
+# The simulated sites' CPU threads and GPU share stay in: they change the arithmetic's rounding.
 NOT_IN_ROUND_KEY = ("dataset", "data_dir", "out", "device", "round_timeout", "sample_every", "checkpoint_every",
-                    "keep_checkpoints", "client_cpus", "client_gpus", "fraction", "min_clients")
+                    "keep_checkpoints", "fraction", "min_clients")
 
 
 @dataclass
