@@ -166,10 +166,20 @@ def state_dir(node_config: dict[str, Any], config: dict[str, Any]) -> Path:
     raise FedPGGANError("no state directory for the site's accountant; set --node-config \"state-dir=...\"")
 
 
+def run_folder(root: Path, run_id: str) -> Path:
+    """The folder of one run's state under the site's state dir. The coordinator names the run,
+    so a name that would lead elsewhere (a path, '..') is refused: the state, and the lifetime
+    cap that reads every run's state there, must stay in the site's own folder."""
+    if run_id in ("", ".", "..") or any(c in run_id for c in "/\\\0"):
+        raise FedPGGANError(f"run id {run_id!r} from the coordinator is not a plain folder name; this site keeps "
+                            "each run's state in a folder of its state-dir and refuses it")
+    return root / run_id
+
+
 @contextmanager
 def site_lock(root: Path, run_id: str) -> Iterator[None]:
     """Hold the site's state for one run exclusively (an OS file lock, released even on a crash)."""
-    path = root / run_id / ".lock"
+    path = run_folder(root, run_id) / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -199,7 +209,7 @@ class SiteState:
 
     @classmethod
     def load(cls, root: Path, run_id: str) -> "SiteState":
-        path = root / run_id / "site_state.json"
+        path = run_folder(root, run_id) / "site_state.json"
         if not path.exists():
             state = cls(path=path, run_id=run_id)
             spent = [f.name for f in (state.release_file, state.reply_cache, state.self_mask_file, state.revealed_file)

@@ -224,6 +224,9 @@ def test_a_site_caps_what_all_runs_on_its_records_spend_together(site_setup, tmp
     check_lifetime_budget({"max-total-epsilon": 10.0}, second, cfg)
     with pytest.raises(FedPGGANError, match="no 'state-dir'"):  # a real site never lets the coordinator choose
         state_dir({"data-path": "/data/site.npz", "site-id": "a"}, {"site-state-root": str(tmp_path)})
+    for outside in ("../elsewhere", "a/b", ".."):  # nor a run id that leads out of the state dir, past the cap
+        with pytest.raises(FedPGGANError, match="not a plain folder name"):
+            SiteState.load(tmp_path / "state", outside)
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path, capsys):
