@@ -88,22 +88,28 @@ def check_lifetime_budget(node_config: dict[str, Any], state: "SiteState", cfg: 
 
     Runs on the same records compose, and the coordinator names the run (its run id), so a cap
     per run alone does not bound what a site gives away. Privacy assumption: basic composition,
-    epsilons add up; each other run that spent anything counts at its budget, which it may yet
-    reach if resumed. A run without DP counts as infinite."""
-    if "max-total-epsilon" not in node_config or state.history:
+    epsilons add up; each other run counts at its budget from the moment it passed this check
+    (it may yet spend all of it), and a run without DP counts as infinite. The check and the
+    new run's reservation are made under one lock of the whole state dir, so two runs started
+    at once cannot both fit under the cap."""
+    if "max-total-epsilon" not in node_config or state.budget_epsilon is not None:
         return
     cap = coerce("epsilon", node_config["max-total-epsilon"], 0.0, "node config max-total-epsilon")
-    others = {}
-    for path in sorted(state.path.parent.parent.glob("*/site_state.json")):
-        other = SiteState.load(path.parent.parent, path.parent.name)
-        if other.run_id != state.run_id and other.history:
-            others[other.run_id] = other.budget_epsilon
-    earlier = sum(others.values())
-    if earlier + cfg.epsilon > cap + 1e-9:
-        runs = ", ".join(f"{run} ({eps:g})" for run, eps in others.items()) or "none"
-        raise FedPGGANError(f"the run asks for epsilon {cfg.epsilon:g} and this site's earlier runs took {earlier:g} "
-                            f"({runs}): together above its max-total-epsilon {cap:g}; raise max-total-epsilon in the "
-                            "site config only if the hospital accepts the larger total")
+    root = state.path.parent.parent
+    with exclusive(root / ".lifetime.lock"):
+        others = {}
+        for path in sorted(root.glob("*/site_state.json")):
+            other = SiteState.load(root, path.parent.name)
+            if other.run_id != state.run_id and other.budget_epsilon is not None:
+                others[other.run_id] = other.budget_epsilon
+        earlier = sum(others.values())
+        if earlier + cfg.epsilon > cap + 1e-9:
+            runs = ", ".join(f"{run} ({eps:g})" for run, eps in others.items()) or "none"
+            raise FedPGGANError(f"the run asks for epsilon {cfg.epsilon:g} and this site's earlier runs took {earlier:g} "
+                                f"({runs}): together above its max-total-epsilon {cap:g}; raise max-total-epsilon in the "
+                                "site config only if the hospital accepts the larger total")
+        state.budget_epsilon = cfg.epsilon  # the reservation the next run's check counts
+        state.save()
 
 
 def check_collusion_cap(node_config: dict[str, Any], state: "SiteState", num_sites: int) -> None:
@@ -179,7 +185,13 @@ def run_folder(root: Path, run_id: str) -> Path:
 @contextmanager
 def site_lock(root: Path, run_id: str) -> Iterator[None]:
     """Hold the site's state for one run exclusively (an OS file lock, released even on a crash)."""
-    path = run_folder(root, run_id) / ".lock"
+    with exclusive(run_folder(root, run_id) / ".lock"):
+        yield
+
+
+@contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """An OS file lock on ``path`` (made if missing), released even on a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

@@ -217,11 +217,13 @@ def test_a_site_caps_what_all_runs_on_its_records_spend_together(site_setup, tmp
     second = SiteState.load(tmp_path / "state", "run-b")
     with pytest.raises(FedPGGANError, match=r"earlier runs took 10 \(run-a \(10\)\): together above its max-total-epsilon 15"):
         check_lifetime_budget({"max-total-epsilon": 15.0}, second, cfg)
-    check_lifetime_budget({"max-total-epsilon": 20.0}, second, cfg)
     check_lifetime_budget({}, second, cfg)  # no lifetime cap set
-    first.history = []  # a run that never spent anything does not count
-    first.save()
-    check_lifetime_budget({"max-total-epsilon": 10.0}, second, cfg)
+    check_lifetime_budget({"max-total-epsilon": 20.0}, second, cfg)
+    assert SiteState.load(tmp_path / "state", "run-b").budget_epsilon == 10.0  # reserved at once, under one lock
+    third = SiteState.load(tmp_path / "state", "run-c")  # so a run started at the same time sees both
+    with pytest.raises(FedPGGANError, match=r"earlier runs took 20 \(run-a \(10\), run-b \(10\)\)"):
+        check_lifetime_budget({"max-total-epsilon": 25.0}, third, cfg)
+    check_lifetime_budget({"max-total-epsilon": 20.0}, second, cfg)  # run-b itself, asked again: already counted
     with pytest.raises(FedPGGANError, match="no 'state-dir'"):  # a real site never lets the coordinator choose
         state_dir({"data-path": "/data/site.npz", "site-id": "a"}, {"site-state-root": str(tmp_path)})
     for outside in ("../elsewhere", "a/b", ".."):  # nor a run id that leads out of the state dir, past the cap
