@@ -233,9 +233,28 @@ class SiteState:
             return state
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise FedPGGANError(f"{path}: site privacy state is corrupt ({exc.msg}); restore it from backup -- never delete it, or the site's spend is forgotten") from exc
-        return cls(path=path, **{k: v for k, v in data.items() if k != "path"})
+            state = cls(path=path, **{k: v for k, v in data.items() if k != "path"})
+        except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+            raise FedPGGANError(f"{path}: site privacy state is corrupt ({exc}); restore the latest copy from backup -- "
+                                "never delete it, or the site's spend is forgotten") from exc
+        state.check_not_behind()
+        return state
+
+    def check_not_behind(self) -> None:
+        """Refuse a state older than the files beside it (say, an earlier backup restored, or a
+        reset file): it would under-count the site's spend. The release file and the cached reply
+        are written only after the state that charged them."""
+        behind = []
+        if self.release_file.exists() and not self.history:
+            behind.append(f"{self.release_file.name} exists but no spend is recorded")
+        if self.reply_cache.exists():
+            cached = torch.load(self.reply_cache, weights_only=True)
+            done = self.rounds.get(str(cached["round"]), {})
+            if done.get("status") != "done" or done.get("input_sha") != cached["input_sha"]:
+                behind.append(f"{self.reply_cache.name} holds round {cached['round']}, which it does not record as done")
+        if behind:
+            raise FedPGGANError(f"{self.path}: older than the files beside it ({'; '.join(behind)}): it would under-count "
+                                "this site's spend; restore the latest copy of site_state.json")
 
     def save(self) -> None:
         data = asdict(self)

@@ -126,13 +126,15 @@ def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset, share_o
     if state.release_file.exists():
         released = torch.load(state.release_file, weights_only=True)
     else:
-        inputs = release_key(cfg, data)
-        if state.release_key and state.release_key != inputs:
-            raise FedPGGANError(f"{state.release_file}: missing, and this site's data or release options changed since its "
-                                "release was charged: a new release would be a second one the accountant does not count; "
-                                "restore the file from backup or start a new run")
+        inputs = release_key(cfg, data, made_for or share_of)
+        charged = state.release_noise is not None and as_floats(state.history[:1]) == as_floats([release_entry(state.release_noise)])
+        if state.release_key != inputs and (state.release_key or charged):
+            raise FedPGGANError(f"{state.release_file}: missing, and this site cannot show that a new draw would be the "
+                                "release it was charged for (its data, release options or plain/secure mode changed, or "
+                                "its state predates that record): a second release would go uncounted; restore the file "
+                                "from backup or start a new run")
+        state.release_key = inputs  # saved with the charge: a crash and retry redraws this very release
         charge_release(state, cfg)
-        state.release_key = inputs
         if share_of and not made_for:  # fixed before the noise is drawn: a crash and retry redraws this share
             state.release_share_of = made_for = share_of
         state.save()
@@ -152,9 +154,11 @@ def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset, share_o
     return released
 
 
-def release_key(cfg: RunConfig, data: ImageDataset) -> str:
-    """What the release is a function of besides its noise: the data and the release's options."""
-    options = [cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur, cfg.embedding_count_share, data.sha256]
+def release_key(cfg: RunConfig, data: ImageDataset, share_of: int) -> str:
+    """What the release is a function of besides its noise: the data, the release's options and
+    its mode (0: plain; N: a share of a secure sum over N sites, with 1/sqrt(N) of the noise --
+    the same draw at another scale would let the noise be solved for)."""
+    options = [cfg.embedding_frequencies, cfg.seed, cfg.embedding_blur, cfg.embedding_count_share, share_of, data.sha256]
     return hashlib.sha256(json.dumps(options).encode()).hexdigest()
 
 

@@ -274,9 +274,10 @@ class FederatedRun:
                 continue
             problem = self.spend_problem(node, privacy) if self.cfg.dp else None
             if problem:  # its update is discarded, but it was received: what the site says it spent is kept
-                reported = f"epsilon {privacy.get('epsilon')}, {privacy.get('total_steps')} steps in all"
-                self.ledger.record_event(site, round_num, "excluded", f"{problem}; the site reported {reported}; its "
-                                         "update was received and discarded", "excluded")
+                self.ledger.record_event(site, round_num, "excluded", f"{problem}; its update was received and discarded "
+                                         "(the spend it reported: reported_epsilon, reported_total_steps)", "excluded")
+                self.ledger.site(site)["events"][-1].update(reported_epsilon=privacy.get("epsilon"),
+                                                            reported_total_steps=privacy.get("total_steps"))
                 continue
             if self.cfg.dp:
                 self.ledger.record_round(site, round_num, steps=int(privacy["steps"]),

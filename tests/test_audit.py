@@ -203,19 +203,27 @@ def test_a_seeded_run_fails_even_if_run_json_is_edited_to_say_secret(tmp_path, t
     assert code == 1 and {"run.json:config", "config.noise-key"} <= set(fields(report))
 
 
-def test_swapped_checkpoint_fails_and_rotated_one_does_not(run_copy):
-    ckpts = run_copy / "checkpoints"
-    info = json.loads((run_copy / "run.json").read_text())
-    info["config"]["keep-checkpoints"] = 2  # as if the run had kept 2: retention deletes epoch 1's checkpoint
-    (run_copy / "run.json").write_text(json.dumps(info))
-    edit_ledger(run_copy, lambda ledger: ledger.update(config_sha256=sha256_json(info["config"])))
-    (ckpts / "ckpt_00001.pt").unlink()  # as retention would
-    code, report = audit(run_copy)
+def test_swapped_checkpoint_fails_and_rotated_one_does_not(tmp_path, tiny_npz):
+    with one_thread():  # retention (--keep-checkpoints 2) deletes epoch 1's checkpoint
+        run = train_centralised(tiny_config(tmp_path / "run", dataset=tiny_npz, image_size=SIZE, epochs=3, epsilon=1.0,
+                                            g_width=8, checkpoint_every=1, keep_checkpoints=2, device="cpu"))
+    ckpts = run / "checkpoints"
+    code, report = audit(run)
     assert code == 0 and report["checkpoints"][0]["status"] == "not present (rotated)"
     (ckpts / "ckpt_00003.pt").write_bytes((ckpts / "ckpt_00002.pt").read_bytes())
-    code, report = audit(run_copy)
+    code, report = audit(run)
     assert code == 1 and fields(report) == ["checkpoints[2].sha256"]
     assert "ckpt_00003.pt" in report["violations"][0]["reason"]
+
+
+def test_options_edited_in_run_json_and_the_ledger_together_still_disagree_with_the_checkpoints(run_copy):
+    info = json.loads((run_copy / "run.json").read_text())
+    info["config"]["ema-decay"] = 0.9  # an option no other check reads
+    (run_copy / "run.json").write_text(json.dumps(info))
+    edit_ledger(run_copy, lambda ledger: ledger.update(config_sha256=sha256_json(info["config"])))
+    code, report = audit(run_copy)
+    assert code == 1 and fields(report) == ["run.json:config"]
+    assert "ema-decay in run.json differ from the options checkpoints/ckpt_00003.pt" in report["violations"][0]["reason"]
 
 
 @pytest.mark.parametrize("deleted", [["ckpt_00003.pt"], ["ckpt_00001.pt"], ["ckpt_00001.pt", "ckpt_00002.pt", "ckpt_00003.pt"]])

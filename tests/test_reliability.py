@@ -184,8 +184,13 @@ def test_a_lost_release_is_redrawn_only_from_the_inputs_it_was_charged_for(site_
     state.release_file.unlink()  # lost, e.g. by a partial restore; site_state.json survives
     assert torch.equal(ensure_release(state, cfg, data), first)  # the same draw on the same inputs: nothing new
     state.release_file.unlink()
-    with pytest.raises(FedPGGANError, match="data or release options changed since its release was charged"):
+    with pytest.raises(FedPGGANError, match="cannot show that a new draw would be the release it was charged for"):
         ensure_release(state, cfg, data.subset(np.arange(299)))
+    with pytest.raises(FedPGGANError, match="plain/secure mode changed"):  # the same draw at 1/sqrt(4) of the noise
+        ensure_release(state, cfg, data, share_of=4)
+    state.release_key = ""  # a state from before the key was recorded: its inputs cannot be vouched for
+    with pytest.raises(FedPGGANError, match="its state predates that record"):
+        ensure_release(state, cfg, data)
 
 
 def test_a_missing_site_state_beside_proof_of_spend_is_refused(site_setup, tmp_path):
@@ -193,8 +198,21 @@ def test_a_missing_site_state_beside_proof_of_spend_is_refused(site_setup, tmp_p
 
     state = fresh_state(tmp_path, "s")
     site_round(site_setup, state, 1, "weights")
+    backup = state.path.read_text()
+    site_round(site_setup, state, 2, "weights 2")
+    torch.save({"round": 2, "input_sha": state.rounds["2"]["input_sha"]}, state.reply_cache)  # as client_app.remember does
+    assert SiteState.load(tmp_path / "s", "run").history == state.history  # the latest state agrees with its files
+    state.path.write_text(backup)  # an earlier backup restored: round 2's spend would be forgotten
+    with pytest.raises(FedPGGANError, match="older than the files beside it .*last_reply.pt holds round 2"):
+        SiteState.load(tmp_path / "s", "run")
+    state.path.write_text(json.dumps({"run_id": "run"}))  # a reset state
+    with pytest.raises(FedPGGANError, match="embedding_release.pt exists but no spend is recorded"):
+        SiteState.load(tmp_path / "s", "run")
+    state.path.write_text("{}")
+    with pytest.raises(FedPGGANError, match="site privacy state is corrupt"):
+        SiteState.load(tmp_path / "s", "run")
     state.path.unlink()  # deleted, or a backup restored without it
-    with pytest.raises(FedPGGANError, match="embedding_release.pt beside it shows this site already spent"):
+    with pytest.raises(FedPGGANError, match="embedding_release.pt, last_reply.pt beside it show this site already spent"):
         SiteState.load(tmp_path / "s", "run")
 
 
@@ -287,6 +305,7 @@ def test_site_reporting_an_inconsistent_spend_is_excluded(tmp_path, monkeypatch)
     ledger = json.loads((run / "privacy_ledger.json").read_text())
     hostile = [s for s in ledger["sites"].values() if s["status"] == "excluded"]
     assert len(hostile) == 1 and "noise_multiplier" in hostile[0]["events"][0]["reason"]
+    assert hostile[0]["events"][0]["reported_epsilon"] > 0 and hostile[0]["events"][0]["reported_total_steps"] > 0
     rows = RunFolder(run).read_metrics()
     assert rows[0]["accepted"] == 3 and rows[1]["selected"] == 3  # never selected again
 

@@ -24,6 +24,7 @@ from fedpggan.audit.findings import Finding
 from fedpggan.config import RunConfig
 from fedpggan.io import sha256_file, sha256_json
 from fedpggan.runs import RunFolder
+from pggan_model.checkpoint import read_checkpoint
 
 
 def check_ledger_hash(run: dict[str, Any], folder: RunFolder) -> list[Finding]:
@@ -45,6 +46,23 @@ def check_config(run: dict[str, Any], ledger: dict[str, Any]) -> list[Finding]:
         return []
     return [Finding("run.json:config", "the options in run.json are not those the run started with (the ledger records "
                                        "another hash): run.json was edited after the run wrote it; restore it from backup")]
+
+
+def check_config_in_checkpoint(run: dict[str, Any], folder: RunFolder, rows: list[dict[str, Any]]) -> list[Finding]:
+    """run.json's options agree with those the newest verified checkpoint was written with
+    (where it lies aside: ``out``). The checkpoint's hash is in the ledger, so changing its
+    options would mean rewriting the checkpoint, its hash and the ledger's hash as well."""
+    verified = [r for r in rows if r["status"] == "verified"]
+    if not verified:
+        return []
+    saved = read_checkpoint(folder.checkpoints / verified[-1]["file"]).get("run_config") or {}
+    config = run.get("config") or {}
+    differ = sorted(k for k in set(saved) & set(config) - {"out"} if saved[k] != config[k])
+    if not differ:
+        return []
+    return [Finding("run.json:config", f"{', '.join(differ)} in run.json differ from the options "
+                                       f"checkpoints/{verified[-1]['file']} was written with: run.json was edited; "
+                                       "restore it from backup")]
 
 
 def check_checkpoints(ledger: dict[str, Any], run: dict[str, Any], folder: RunFolder) -> tuple[list[dict[str, Any]], list[Finding]]:

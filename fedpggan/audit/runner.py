@@ -31,7 +31,7 @@ def audit_run(run_dir: str | Path, out: str | Path | None = None, mia: MiaOption
     check_shape(ledger, str(folder.ledger_json))
     findings = integrity.check_ledger_hash(run, folder) + integrity.check_config(run, ledger)
     checkpoints, ckpt_findings = integrity.check_checkpoints(ledger, run, folder)
-    findings += ckpt_findings
+    findings += ckpt_findings + integrity.check_config_in_checkpoint(run, folder, checkpoints)
     rows: dict[str, Any] = {}
     notes: list[str] = []
     if not ledger["dp"]:
