@@ -245,7 +245,8 @@ class SiteState:
         reset file): it would under-count the site's spend. The release file and the cached reply
         are written only after the state that charged them."""
         behind = []
-        if self.release_file.exists() and not self.history:
+        # a site makes its key before its release, and a private release is charged before it is drawn
+        if self.release_file.exists() and (not self.noise_key or (self.release_noise is not None and not self.history)):
             behind.append(f"{self.release_file.name} exists but no spend is recorded")
         if self.reply_cache.exists():
             cached = torch.load(self.reply_cache, weights_only=True)
