@@ -191,7 +191,7 @@ def quality_lines(quality: dict[str, Any] | None) -> list[str]:
             (f"- evaluation: {settings['n_synthetic']} synthetic images, seeds {settings['seeds']}, classifier "
              f"{settings['classifier_budget']}; {size}" if settings["n_synthetic"] else "- evaluation: settings not recorded"),
             "", "TSTR (a classifier trained on these synthetic images, tested on the real test split):", ""] \
-        + [f"- {k}: {num(v)}" for k, v in quality["figures"].items()] + ["", quality.get("not_published", NOT_PUBLISHED)]
+        + [f"- {k}: {num(v)}" for k, v in quality["figures"].items()] + ["", quality["not_published"]]
 
 
 def num(value: Any) -> str:
