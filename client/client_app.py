@@ -106,12 +106,12 @@ def release_masked(msg: Message, context: Context) -> Message:
         private = private_key_from(state.secure_key_file.read_bytes())
         data = load_site_data(context.node_config, cfg)
         check_site_budget(context.node_config, cfg, len(data))
-        check_lifetime_budget(context.node_config, state, cfg)
         ensure_noise_key(state, cfg, site_index(context.node_config))
         if cfg.dp:
             ensure_mechanism(state, cfg, len(data))
             # the least noisy share this site sends, made for the first key list, bounds its worst case
             check_collusion_cap(context.node_config, state, state.release_share_of or len(publics))
+        check_lifetime_budget(context.node_config, state, cfg)  # last: a run refused above reserves nothing
         share = ensure_release(state, cfg, data, share_of=len(publics))
         seed = new_self_mask_seed()
         masked = masked_share(share, private, public_key_of(private), publics, seed)
@@ -169,7 +169,10 @@ def train_round(msg: Message, context: Context, cfg: RunConfig, state: SiteState
         return cached
 
     check_site_budget(context.node_config, cfg, len(data))
-    check_lifetime_budget(context.node_config, state, cfg)
+    ensure_noise_key(state, cfg, site_index(context.node_config))  # a run these refuse reserves nothing ...
+    if cfg.dp:
+        ensure_mechanism(state, cfg, len(data))
+    check_lifetime_budget(context.node_config, state, cfg)  # ... against the lifetime cap, checked before any charge
     gan = build_gan(cfg, data.image_size, data.channels, data.num_classes).to(device)
     gan.d.load_state_dict(msg.content["d"].to_torch_state_dict())
     load_generators(gan, msg.content["g"])

@@ -83,33 +83,48 @@ def check_site_budget(node_config: dict[str, Any], cfg: RunConfig, num_records: 
 
 
 def check_lifetime_budget(node_config: dict[str, Any], state: "SiteState", cfg: RunConfig) -> None:
-    """Refuse a new run whose epsilon, added to that of every other run in this site's state dir,
-    would pass the site's lifetime cap (``max-total-epsilon``).
+    """Refuse a run whose epsilon, added to that of every other run in this site's state dir,
+    would pass the site's lifetime cap (``max-total-epsilon``); called just before the run's
+    first charge, after every other check that could still refuse it.
 
     Runs on the same records compose, and the coordinator names the run (its run id), so a cap
     per run alone does not bound what a site gives away. Privacy assumption: basic composition,
-    epsilons add up; each other run counts at its budget from the moment it passed this check
-    (it may yet spend all of it), and a run without DP counts as infinite. The check and the
-    new run's reservation are made under one lock of the whole state dir, so two runs started
-    at once cannot both fit under the cap."""
-    if "max-total-epsilon" not in node_config or state.budget_epsilon is not None:
+    epsilons add up; each other run counts at its budget once it reserved it here or spent
+    anything (it may yet spend all of it), and a run without DP counts as infinite. The check
+    and the reservation are made under one lock of the whole state dir, so two runs started at
+    once cannot both fit under the cap; a run asking for more than it reserved is checked again."""
+    if "max-total-epsilon" not in node_config or (state.lifetime_reserved or 0.0) >= cfg.epsilon:
         return
     cap = coerce("epsilon", node_config["max-total-epsilon"], 0.0, "node config max-total-epsilon")
     root = state.path.parent.parent
     with exclusive(root / ".lifetime.lock"):
-        others = {}
-        for path in sorted(root.glob("*/site_state.json")):
-            other = SiteState.load(root, path.parent.name)
-            if other.run_id != state.run_id and other.budget_epsilon is not None:
-                others[other.run_id] = other.budget_epsilon
+        others = {run: eps for run, eps in reserved_budgets(root).items() if run != state.run_id}
         earlier = sum(others.values())
         if earlier + cfg.epsilon > cap + 1e-9:
             runs = ", ".join(f"{run} ({eps:g})" for run, eps in others.items()) or "none"
             raise FedPGGANError(f"the run asks for epsilon {cfg.epsilon:g} and this site's earlier runs took {earlier:g} "
                                 f"({runs}): together above its max-total-epsilon {cap:g}; raise max-total-epsilon in the "
                                 "site config only if the hospital accepts the larger total")
-        state.budget_epsilon = cfg.epsilon  # the reservation the next run's check counts
+        state.lifetime_reserved = cfg.epsilon  # the reservation the next run's check counts
         state.save()
+
+
+def reserved_budgets(root: Path) -> dict[str, float]:
+    """Each run's budget in the state dir ``root`` that counts towards the lifetime cap: what it
+    reserved, or, for a run that spent before it could reserve, its budget. Read from the files
+    as they are, without loading each run's state (another run's own problems are its own)."""
+    budgets = {}
+    for path in sorted(root.glob("*/site_state.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise FedPGGANError(f"{path}: unreadable ({exc}); the lifetime cap cannot count that run's spend: restore "
+                                "the file from backup") from exc
+        spent = data.get("budget_epsilon") if data.get("history") else None
+        counted = [eps for eps in (data.get("lifetime_reserved"), spent) if eps is not None]
+        if counted:
+            budgets[path.parent.name] = max(counted)
+    return budgets
 
 
 def check_collusion_cap(node_config: dict[str, Any], state: "SiteState", num_sites: int) -> None:
@@ -214,6 +229,7 @@ class SiteState:
     release_share_of: int = 0  # N when the release is this site's share of a secure sum over N sites (0: plain)
     release_signers: list[str] = field(default_factory=list)  # the peers whose signed keys its share was masked towards
     release_key: str = ""  # what the release was drawn from (client.site_round.release_key): a redraw must match it
+    lifetime_reserved: float | None = None  # the epsilon this run reserved against the site's max-total-epsilon
     noise_key: str = ""  # secret seed material of this site's noise: never leaves the site
     history: list[list[float]] = field(default_factory=list)
     rounds: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -219,7 +219,10 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
                 state.exhausted = True
                 state.save()
                 return RoundResult("exhausted", spend(state, 0), [])
-            # Privacy first: record the spend before touching the data.
+            # Privacy first: record the spend before touching the data. The cached reply of an earlier
+            # answer goes first: it could no longer be replayed, and beside a round reserved anew it
+            # would make this state look older than its files (SiteState.check_not_behind).
+            state.reply_cache.unlink(missing_ok=True)
             state.rounds[str(round_num)] = {"status": "reserved", "steps": cfg.local_steps, "input_sha": key,
                                             "history_before": [list(h) for h in previous]}
             state.history = [list(h) for h in planned]

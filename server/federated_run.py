@@ -131,7 +131,7 @@ class FederatedRun:
 
     def start(self, facts: dict[str, Any]) -> int:
         cfg = self.cfg
-        self.run_id = self.folder.root.name
+        self.run_id = self.folder.root.resolve().name  # the folder's own name, also for --out .
         self.ledger = PrivacyLedger(self.run_id, cfg.dp, library_versions(),
                                     f"{mechanism_name(cfg.grad_sample_mode)} at each site" if cfg.dp else "none", cfg.to_flower(),
                                     [SECURE_SUM_ASSUMPTION] if cfg.dp and cfg.release_aggregation == "secure" else [],

@@ -216,6 +216,19 @@ def test_a_missing_site_state_beside_proof_of_spend_is_refused(site_setup, tmp_p
         SiteState.load(tmp_path / "s", "run")
 
 
+def test_a_round_answered_then_asked_again_with_other_inputs_and_interrupted_leaves_a_state_that_loads(site_setup, tmp_path):
+    """(after a coordinator resumed from an older checkpoint, say): the stale cached reply goes
+    before the new reservation, so the state is not taken for an older copy of itself."""
+    from client.site import SiteState
+
+    state = fresh_state(tmp_path, "s")
+    site_round(site_setup, state, 1, "weights")
+    torch.save({"round": 1, "input_sha": state.rounds["1"]["input_sha"]}, state.reply_cache)  # as client_app.remember does
+    site_round(site_setup, state, 1, "other weights", crash=True)
+    assert not state.reply_cache.exists()
+    assert SiteState.load(tmp_path / "s", "run").rounds["1"]["status"] == "reserved"
+
+
 def test_an_exhausted_site_sends_nothing_computed_from_its_data(site_setup, tmp_path):
     cfg, _, _ = site_setup
     state = fresh_state(tmp_path, "s")
@@ -237,11 +250,13 @@ def test_a_site_caps_what_all_runs_on_its_records_spend_together(site_setup, tmp
         check_lifetime_budget({"max-total-epsilon": 15.0}, second, cfg)
     check_lifetime_budget({}, second, cfg)  # no lifetime cap set
     check_lifetime_budget({"max-total-epsilon": 20.0}, second, cfg)
-    assert SiteState.load(tmp_path / "state", "run-b").budget_epsilon == 10.0  # reserved at once, under one lock
+    assert SiteState.load(tmp_path / "state", "run-b").lifetime_reserved == 10.0  # reserved at once, under one lock
     third = SiteState.load(tmp_path / "state", "run-c")  # so a run started at the same time sees both
     with pytest.raises(FedPGGANError, match=r"earlier runs took 20 \(run-a \(10\), run-b \(10\)\)"):
         check_lifetime_budget({"max-total-epsilon": 25.0}, third, cfg)
     check_lifetime_budget({"max-total-epsilon": 20.0}, second, cfg)  # run-b itself, asked again: already counted
+    with pytest.raises(FedPGGANError, match="above its max-total-epsilon 20"):  # but not for more than it reserved
+        check_lifetime_budget({"max-total-epsilon": 20.0}, second, dataclasses.replace(cfg, epsilon=12.0))
     with pytest.raises(FedPGGANError, match="no 'state-dir'"):  # a real site never lets the coordinator choose
         state_dir({"data-path": "/data/site.npz", "site-id": "a"}, {"site-state-root": str(tmp_path)})
     for outside in ("../elsewhere", "a/b", ".."):  # nor a run id that leads out of the state dir, past the cap
