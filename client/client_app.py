@@ -205,7 +205,7 @@ def replay(state: SiteState, round_num: int, key: str) -> RecordDict | None:
     client.site_round.round_key)."""
     if not state.reply_cache.exists():
         return None
-    cached = torch.load(state.reply_cache, weights_only=False)
+    cached = torch.load(state.reply_cache, weights_only=True)  # tensors and plain values only
     if cached["round"] != round_num or cached["input_sha"] != key:
         return None
     status = {**cached["status"], "replayed": True, "recovered": False}
