@@ -240,38 +240,39 @@ class SiteState:
         path = run_folder(root, run_id) / "site_state.json"
         if not path.exists():
             state = cls(path=path, run_id=run_id)
-            spent = [f.name for f in (state.release_file, state.reply_cache, state.self_mask_file, state.revealed_file)
-                     if f.exists()]
-            if spent:  # a fresh state would forget that spend and start the budget again
-                raise FedPGGANError(f"{path}: missing, but {', '.join(spent)} beside it show{'s' if len(spent) == 1 else ''} "
-                                    "this site already spent privacy in this run; restore site_state.json from backup "
-                                    "-- never delete it, or the site's spend is forgotten")
-            return state
-        try:
-            data = json.loads(path.read_text())
-            state = cls(path=path, **{k: v for k, v in data.items() if k != "path"})
-        except (json.JSONDecodeError, TypeError, AttributeError) as exc:
-            raise FedPGGANError(f"{path}: site privacy state is corrupt ({exc}); restore the latest copy from backup -- "
-                                "never delete it, or the site's spend is forgotten") from exc
+        else:
+            try:
+                data = json.loads(path.read_text())
+                state = cls(path=path, **{k: v for k, v in data.items() if k != "path"})
+            except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+                raise FedPGGANError(f"{path}: site privacy state is corrupt ({exc}); restore the latest copy from backup -- "
+                                    "never delete it, or the site's spend is forgotten") from exc
         state.check_not_behind()
         return state
 
     def check_not_behind(self) -> None:
-        """Refuse a state older than the files beside it (say, an earlier backup restored, or a
-        reset file): it would under-count the site's spend. The release file and the cached reply
-        are written only after the state that charged them."""
-        behind = []
-        # a site makes its key before its release, and a private release is charged before it is drawn
-        if self.release_file.exists() and (not self.noise_key or (self.release_noise is not None and not self.history)):
-            behind.append(f"{self.release_file.name} exists but no spend is recorded")
+        """Refuse a state that is missing or older than the files beside it (an earlier backup
+        restored, a reset or deleted file): it would under-count the site's spend. Those files are
+        written only after the state that charged them."""
+        behind = {}  # file -> what this state fails to record about it
+        # a site makes its key before its release or share, and a private release is charged before it is drawn
+        for drawn in (self.release_file, self.self_mask_file, self.revealed_file):
+            if drawn.exists() and (not self.noise_key or (self.release_noise is not None and not self.history)):
+                behind[drawn.name] = "exists but no spend is recorded"
         if self.reply_cache.exists():
             cached = torch.load(self.reply_cache, weights_only=True)
             done = self.rounds.get(str(cached["round"]), {})
             if done.get("status") != "done" or done.get("input_sha") != cached["input_sha"]:
-                behind.append(f"{self.reply_cache.name} holds round {cached['round']}, which it does not record as done")
+                behind[self.reply_cache.name] = f"holds round {cached['round']}, which it does not record as done"
+        if behind and not self.path.exists():
+            names = list(behind)
+            raise FedPGGANError(f"{self.path}: missing, but {', '.join(names)} beside it show{'s' if len(names) == 1 else ''} "
+                                "this site already spent privacy in this run; restore site_state.json from backup "
+                                "-- never delete it, or the site's spend is forgotten")
         if behind:
-            raise FedPGGANError(f"{self.path}: older than the files beside it ({'; '.join(behind)}): it would under-count "
-                                "this site's spend; restore the latest copy of site_state.json")
+            raise FedPGGANError(f"{self.path}: older than the files beside it ("
+                                + "; ".join(f"{name} {why}" for name, why in behind.items())
+                                + "): it would under-count this site's spend; restore the latest copy of site_state.json")
 
     def save(self) -> None:
         data = asdict(self)
