@@ -27,7 +27,7 @@ import time
 from datetime import date
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -151,17 +151,17 @@ def dp_vs_plain(gan_cfg: RunConfig, size: int, batch: int, modes: Iterable[str],
             for path in names[1:]]
 
 
-def discriminator_rows(profile: dict[str, Any], device: torch.device,
-                       modes: Iterable[str] = GRAD_SAMPLE_MODES) -> list[dict[str, Any]]:
-    """The DP-vs-plain grid over image sizes and batch sizes, with the product's default widths."""
+def discriminator_cells(profile: dict[str, Any], device: torch.device,
+                        modes: Iterable[str] = GRAD_SAMPLE_MODES) -> Iterator[list[dict[str, Any]]]:
+    """The DP-vs-plain grid over image sizes and batch sizes, with the product's default widths,
+    one (size, batch) cell at a time, smallest image first: a run stopped at a time limit (a lent
+    GPU's minutes) keeps the cells it finished."""
     gan_cfg = RunConfig()
     timing = Timing(profile["warmup"], profile["repeats"], profile["steps"])
     grid = [(s, b) for s in profile["sizes"] for b in profile["batches"]]
-    rows = []
     with tqdm(total=len(grid) * timing.repeats, desc="D steps (DP vs plain)", unit="repeat") as bar:
         for size, batch in grid:
-            rows += dp_vs_plain(gan_cfg, size, batch, modes, timing, device, bar)
-    return rows
+            yield dp_vs_plain(gan_cfg, size, batch, modes, timing, device, bar)
 
 
 # --- 2. server-side generator steps ----------------------------------------------------
@@ -601,8 +601,10 @@ def run(args: argparse.Namespace) -> int:
             result["scaling_fit"] = scaling_fit(result["federated"])
             save(stem, result)
         if "discriminator" in parts:
-            result["discriminator"] = discriminator_rows(profile, device)
-            save(stem, result)
+            result["discriminator"] = []
+            for cell in discriminator_cells(profile, device):
+                result["discriminator"] += cell
+                save(stem, result)
         if "generator" in parts:
             result["generator"] = generator_step_rows(profile, device)
             save(stem, result)

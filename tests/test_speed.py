@@ -143,6 +143,26 @@ def test_bad_parts_is_a_one_line_error(capsys):
     assert capsys.readouterr().err.strip().startswith("error: --parts")
 
 
+def test_a_d_grid_stopped_mid_way_keeps_the_cells_it_finished(tmp_path, monkeypatch):
+    """A lent GPU's minutes can run out inside the grid: every finished cell is already on disk."""
+    cells = []
+
+    def one_cell(gan_cfg, size, batch, modes, timing, device, bar=None):
+        if cells:
+            raise KeyboardInterrupt  # the time limit, in the second cell
+        cells.append((size, batch))
+        return [{"image_size": size, "batch": batch, "mode": "hooks", "fakes": "exact", "noise": "seed",
+                 "dp_images_per_s": 1.0, "plain_images_per_s": 1.5, "ratio": 1.5, "ratio_range": [1.4, 1.6]}]
+
+    monkeypatch.setattr(speed, "dp_vs_plain", one_cell)
+    monkeypatch.setitem(speed.PROFILES, "two-cells", {**speed.PROFILES["smoke"], "batches": (8, 16)})
+    assert speed.main(["--profile", "two-cells", "--device", "cpu", "--parts", "discriminator",
+                       "--results", str(tmp_path)]) == 130  # what the session script's `timeout -s INT` ends in
+    [saved] = tmp_path.glob("speed-cpu-*.json")
+    rows = json.loads(saved.read_text())["discriminator"]
+    assert cells == [(28, 8)] and [(r["image_size"], r["batch"]) for r in rows] == [(28, 8)]
+
+
 MACHINE = {"profile": "cpu", "device": "cpu (x86_64, 2 CPU cores)", "versions": {"torch": "2.14.1"}}
 
 
