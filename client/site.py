@@ -83,36 +83,45 @@ def check_site_budget(node_config: dict[str, Any], cfg: RunConfig, num_records: 
 
 
 def check_lifetime_budget(node_config: dict[str, Any], state: "SiteState", cfg: RunConfig) -> None:
-    """Refuse a run whose epsilon, added to that of every other run in this site's state dir,
-    would pass the site's lifetime cap (``max-total-epsilon``); called just before the run's
-    first charge, after every other check that could still refuse it.
+    """Refuse a run whose (epsilon, delta), added to those of every other run in this site's
+    state dir, would pass the site's lifetime caps (``max-total-epsilon``, ``max-total-delta``);
+    called just before the run's first charge, after every other check that could still refuse it.
 
     Runs on the same records compose, and the coordinator names the run (its run id), so a cap
     per run alone does not bound what a site gives away. Privacy assumption: basic composition,
-    epsilons add up; each other run counts at its budget once it reserved it here or spent
-    anything (it may yet spend all of it), and a run without DP counts as infinite. The check
-    and the reservation are made under one lock of the whole state dir, so two runs started at
-    once cannot both fit under the cap; a run asking for more than it reserved is checked again."""
-    if "max-total-epsilon" not in node_config or (state.lifetime_reserved or 0.0) >= cfg.epsilon:
+    the epsilons add up and so do the deltas; each other run counts at its budget once it
+    reserved it here or spent anything (it may yet spend all of it), and a run without DP counts
+    as epsilon infinite, delta 1 (no guarantee). The check and the reservation are made under one
+    lock of the whole state dir, so two runs started at once cannot both fit under the caps; a
+    run asking for more than it reserved is checked again."""
+    caps = {name: coerce(name, node_config[f"max-total-{name}"], 0.0, f"node config max-total-{name}")
+            for name in ("epsilon", "delta") if f"max-total-{name}" in node_config}
+    if not caps:
         return
-    cap = coerce("epsilon", node_config["max-total-epsilon"], 0.0, "node config max-total-epsilon")
+    asked = (cfg.epsilon, state.delta if cfg.dp and state.delta is not None else 1.0)
+    if (state.lifetime_reserved or 0.0) >= asked[0] and (state.lifetime_reserved_delta or 0.0) >= asked[1]:
+        return
     root = state.path.parent.parent
     with exclusive(root / ".lifetime.lock"):
-        others = {run: eps for run, eps in reserved_budgets(root).items() if run != state.run_id}
-        earlier = sum(others.values())
-        if earlier + cfg.epsilon > cap + 1e-9:
-            runs = ", ".join(f"{run} ({eps:g})" for run, eps in others.items()) or "none"
-            raise FedPGGANError(f"the run asks for epsilon {cfg.epsilon:g} and this site's earlier runs took {earlier:g} "
-                                f"({runs}): together above its max-total-epsilon {cap:g}; raise max-total-epsilon in the "
-                                "site config only if the hospital accepts the larger total")
-        state.lifetime_reserved = cfg.epsilon  # the reservation the next run's check counts
+        others = {run: budget for run, budget in reserved_budgets(root).items() if run != state.run_id}
+        for i, (name, value) in enumerate((("epsilon", asked[0]), ("delta", asked[1]))):
+            cap = caps.get(name)
+            earlier = sum(budget[i] for budget in others.values())
+            if cap is not None and earlier + value > cap * (1 + 1e-9):  # relative: deltas are ~1e-5
+                runs = ", ".join(f"{run} ({budget[i]:g})" for run, budget in others.items()) or "none"
+                raise FedPGGANError(f"the run asks for {name} {value:g} and this site's earlier runs took {earlier:g} "
+                                    f"({runs}): together above its max-total-{name} {cap:g}; raise max-total-{name} in "
+                                    "the site config only if the hospital accepts the larger total")
+        state.lifetime_reserved, state.lifetime_reserved_delta = asked  # the reservation the next run's check counts
         state.save()
 
 
-def reserved_budgets(root: Path) -> dict[str, float]:
-    """Each run's budget in the state dir ``root`` that counts towards the lifetime cap: what it
-    reserved, or, for a run that spent before it could reserve, its budget. Read from the files
-    as they are, without loading each run's state (another run's own problems are its own)."""
+def reserved_budgets(root: Path) -> dict[str, tuple[float, float]]:
+    """Each run's (epsilon, delta) in the state dir ``root`` that counts towards the lifetime
+    caps: what it reserved, or, for a run that spent before it could reserve, its budget. Read
+    from the files as they are, without loading each run's state (another run's own problems
+    are its own). A run that reserved before deltas were reserved counts at its mechanism's
+    delta, or at 1 (no guarantee) when it has none."""
     budgets = {}
     for path in sorted(root.glob("*/site_state.json")):
         try:
@@ -123,7 +132,8 @@ def reserved_budgets(root: Path) -> dict[str, float]:
         spent = data.get("budget_epsilon") if data.get("history") else None
         counted = [eps for eps in (data.get("lifetime_reserved"), spent) if eps is not None]
         if counted:
-            budgets[path.parent.name] = max(counted)
+            delta = data.get("lifetime_reserved_delta") or data.get("delta")
+            budgets[path.parent.name] = (max(counted), 1.0 if delta is None else float(delta))
     return budgets
 
 
@@ -230,6 +240,7 @@ class SiteState:
     release_signers: list[str] = field(default_factory=list)  # the peers whose signed keys its share was masked towards
     release_key: str = ""  # what the release was drawn from (client.site_round.release_key): a redraw must match it
     lifetime_reserved: float | None = None  # the epsilon this run reserved against the site's max-total-epsilon
+    lifetime_reserved_delta: float | None = None  # the delta it reserved against max-total-delta
     noise_key: str = ""  # secret seed material of this site's noise: never leaves the site
     history: list[list[float]] = field(default_factory=list)
     rounds: dict[str, dict[str, Any]] = field(default_factory=dict)

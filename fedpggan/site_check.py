@@ -68,7 +68,9 @@ def check_budget(site: SiteConfig, num_records: int) -> tuple[str, list[str]]:
               if colluding is not None else "")
     total = (f"; at most {site.max_total_epsilon:g} over all runs (max-total-epsilon)" if site.max_total_epsilon is not None
              else "; no cap over all runs (max-total-epsilon)")
-    return f"max epsilon {eps} per run{total}, delta {delta}; 1/n = {1 / num_records:.3g}{secure}", warnings
+    total_delta = (f", at most {site.max_total_delta:g} over all runs (max-total-delta)"
+                   if site.max_total_delta is not None else "")
+    return f"max epsilon {eps} per run{total}, delta {delta} per run{total_delta}; 1/n = {1 / num_records:.3g}{secure}", warnings
 
 
 def check_state_dir(path: Path) -> str:

@@ -26,7 +26,7 @@ SITE_DEVICES = ("auto", "cpu", "cuda")  # the ClientApp reads the node config's 
 # Every key a site config may hold, per table ("" is the top level). A key outside these is a typo
 # that would otherwise drop a privacy cap or the peer roster without a word.
 SITE_KEYS = {"": {"site-id", "data", "state-dir", "image-size", "device", "privacy", "superlink"},
-             "privacy": {"max-epsilon", "max-total-epsilon", "max-epsilon-if-colluding", "max-delta", "peer-keys"},
+             "privacy": {"max-epsilon", "max-total-epsilon", "max-total-delta", "max-epsilon-if-colluding", "max-delta", "peer-keys"},
              "superlink": {"address", "root-certificates", "auth-private-key"}}
 
 
@@ -46,6 +46,7 @@ class SiteConfig:
     max_epsilon_if_colluding: float | None = None  # cap on a secure release's worst case (None: max_epsilon)
     peer_keys: Path | None = None  # the consortium's SuperNode public keys: a secure release's key list is checked against them
     max_total_epsilon: float | None = None  # cap on the epsilons of all runs on this site's records, added up (None: no cap)
+    max_total_delta: float | None = None  # cap on their deltas, added up (None: no cap)
 
     def node_config(self) -> str:
         """The SuperNode's ``--node-config``; string values must be quoted for Flower."""
@@ -53,6 +54,8 @@ class SiteConfig:
                  "max-epsilon": "none" if math.isinf(self.max_epsilon) else self.max_epsilon, "device": self.device}
         if self.max_total_epsilon is not None:
             items["max-total-epsilon"] = self.max_total_epsilon
+        if self.max_total_delta is not None:
+            items["max-total-delta"] = self.max_total_delta
         if self.max_delta is not None:
             items["max-delta"] = self.max_delta
         if self.max_epsilon_if_colluding is not None:
@@ -112,6 +115,11 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
     peer_keys = get.value(privacy, "privacy.peer-keys", str, required=False)
     if max_delta is not None and not 0 < max_delta < 1:
         raise get.error("privacy.max-delta", "a number in (0, 1), e.g. 1e-5")
+    total_delta = get.value(privacy, "privacy.max-total-delta", (int, float), required=False)
+    if total_delta is not None and not (math.isfinite(max_epsilon) and 0 < total_delta < 1
+                                        and (max_delta is None or total_delta >= max_delta)):
+        raise get.error("privacy.max-total-delta", "a number in (0, 1), at least max-delta, with max-epsilon a number "
+                                                   "(e.g. 1e-4 for ten runs at 1e-5), or leave it out for no cap")
     if not insecure and link.get("root-certificates") is None:
         raise FedPGGANError(f"--config {path}: required key 'superlink.root-certificates' is missing; set it to the "
                             "coordinator's ca.crt (or pass --insecure, for local tests only)")
@@ -128,6 +136,7 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
         auth_private_key=Path(get.value(link, "superlink.auth-private-key", str)), device=device,
         max_epsilon_if_colluding=None if colluding is None else float(colluding),
         peer_keys=Path(peer_keys) if peer_keys else None, max_total_epsilon=None if total is None else float(total),
+        max_total_delta=None if total_delta is None else float(total_delta),
     )
 
 

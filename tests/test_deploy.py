@@ -405,11 +405,12 @@ def test_a_sites_cap_on_a_secure_releases_worst_case_reaches_its_node_config(sit
 
 
 def test_a_sites_lifetime_cap_reaches_its_node_config(site_toml, capsys):
-    code, out, _ = site_check(capsys, site_toml(extra_privacy="max-total-epsilon = 25.0\n"))
+    code, out, _ = site_check(capsys, site_toml(extra_privacy="max-total-epsilon = 25.0\nmax-total-delta = 1e-4\n"))
     assert code == 0 and "at most 25 over all runs (max-total-epsilon)" in out
+    assert "per run, at most 0.0001 over all runs (max-total-delta)" in out
     command = out.split("start the site with:\n", 1)[1].strip()
     node = parse_config_args([re.search(r"--node-config '([^']+)'", command).group(1)])
-    assert node["max-total-epsilon"] == 25.0
+    assert node["max-total-epsilon"] == 25.0 and node["max-total-delta"] == 1e-4
 
 
 def test_a_sites_roster_of_peer_keys_is_checked_and_reaches_its_node_config(site_toml, capsys, tmp_path):
@@ -439,6 +440,8 @@ def test_a_sites_roster_of_peer_keys_is_checked_and_reaches_its_node_config(site
     ({"max-epsilon-if-colluding": '"high"'}, "privacy.max-epsilon-if-colluding"),
     ({"extra_privacy": "max-total-epsilon = 5.0\n"}, "'privacy.max-total-epsilon' must be a number at least max-epsilon"),
     ({"max-epsilon": '"none"', "extra_privacy": "max-total-epsilon = 50.0\n"}, "'privacy.max-total-epsilon' must be"),
+    ({"extra_privacy": "max-total-delta = 1.0\n"}, "'privacy.max-total-delta' must be a number in (0, 1)"),
+    ({"max-delta": "1e-5", "extra_privacy": "max-total-delta = 1e-6\n"}, "'privacy.max-total-delta' must be"),
     ({"site-id": None}, "'site-id' is missing"),
     ({"auth-private-key": '"/nonexistent/site.key"'}, "superlink.auth-private-key"),
     ({"device": '"gpu"'}, "'device' must be one of"),

@@ -264,6 +264,33 @@ def test_a_site_caps_what_all_runs_on_its_records_spend_together(site_setup, tmp
             SiteState.load(tmp_path / "state", outside)
 
 
+def test_a_site_caps_the_deltas_of_all_runs_on_its_records_too(site_setup, tmp_path):
+    from client.site import SiteState, check_lifetime_budget
+
+    cfg, _, _ = site_setup  # epsilon 10
+    old = SiteState.load(tmp_path / "state", "run-old")  # reserved before deltas were: counted at its mechanism's delta
+    old.budget_epsilon, old.delta, old.lifetime_reserved = 10.0, 1e-5, 10.0
+    old.save()
+    new = SiteState.load(tmp_path / "state", "run-new")
+    new.delta = 1e-5  # as ensure_mechanism sets it before the check
+    with pytest.raises(FedPGGANError, match=r"asks for delta 1e-05 and this site's earlier runs took 1e-05 \(run-old "
+                                            r"\(1e-05\)\): together above its max-total-delta 1.5e-05"):
+        check_lifetime_budget({"max-total-epsilon": 100.0, "max-total-delta": 1.5e-5}, new, cfg)
+    assert SiteState.load(tmp_path / "state", "run-new").lifetime_reserved is None  # a refused run reserves nothing
+    check_lifetime_budget({"max-total-delta": 2e-5}, new, cfg)  # two runs at 1e-5 fit exactly
+    reloaded = SiteState.load(tmp_path / "state", "run-new")
+    assert (reloaded.lifetime_reserved, reloaded.lifetime_reserved_delta) == (10.0, 1e-5)
+    third = SiteState.load(tmp_path / "state", "run-third")
+    third.delta = 1e-6
+    with pytest.raises(FedPGGANError, match="above its max-total-delta 2e-05"):
+        check_lifetime_budget({"max-total-delta": 2e-5}, third, cfg)
+    no_mechanism = SiteState.load(tmp_path / "state", "run-unknown")  # spent, delta unknown: no guarantee assumed
+    no_mechanism.budget_epsilon, no_mechanism.history = 1.0, [[1.0, 0.1, 8]]
+    no_mechanism.save()
+    with pytest.raises(FedPGGANError, match=r"run-unknown \(1\)"):
+        check_lifetime_budget({"max-total-delta": 0.5}, third, cfg)
+
+
 def test_corrupt_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path, capsys):
     run = simulate(tiny_config(tmp_path / "run", rounds=3, keep_checkpoints=3))
     folder = RunFolder(run)
