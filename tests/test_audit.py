@@ -114,10 +114,13 @@ def test_clean_run_passes_with_three_agreeing_accountants(run_copy, capsys):
     assert close(row["recomputed"]["pld"], row["recomputed"]["prv"])    # two numerical accountants agree
     assert row["recomputed"]["rdp"] >= row["tightest_epsilon"]          # RDP is the loosest bound
     assert row["tightest_epsilon"] <= 1.0 + 0.03
+    # replace-one (counts public) is reported beside it: looser than add/remove, at most about twice
+    assert row["recomputed"]["pld"] < row["replace_one_epsilon"] <= 2 * row["recomputed"]["pld"] + 0.05
     assert {"opacus", "dp-accounting"} <= set(report["versions"]["audit"])
     assert (run_copy / "AUDIT.md").read_text().count("central") >= 1
     assert (run_copy / "audit_epsilon.png").stat().st_size > 0
-    assert "PASSED" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "PASSED" in out and "replace-one" in out.splitlines()[0]  # the table's header
 
 
 def halve_everywhere(ledger, field):
@@ -270,6 +273,17 @@ def test_accountants_reproduce_published_values():
         assert values["pld"] <= values["rdp"] <= published and values["prv"] <= values["rdp"]
         assert close(values["pld"], values["prv"])
         assert values["prv"] > 0.6 * published  # tight accounting saves 10-35% here, not more
+
+
+def test_replace_one_is_add_remove_at_twice_the_sensitivity_without_sampling():
+    """A swapped record moves a sum of unit vectors by up to 2: for the Gaussian mechanism (q = 1)
+    replace-one at sigma equals add/remove at sigma / 2; with Poisson sampling it lies between
+    add/remove at sigma and at sigma / 2."""
+    assert accountants.replace_one_epsilon(((4.0, 1.0, 1),), 1e-5) == pytest.approx(
+        accountants.epsilon("pld", ((2.0, 1.0, 1),), 1e-5), rel=1e-6)
+    sampled = ((1.0, 0.05, 500),)
+    assert (accountants.epsilon("pld", sampled, 1e-5) < accountants.replace_one_epsilon(sampled, 1e-5)
+            < accountants.epsilon("pld", ((0.5, 0.05, 500),), 1e-5))
 
 
 def test_rdp_curve_matches_the_accountant_round_by_round():

@@ -110,6 +110,14 @@ def test_seed_summaries_pool_each_runs_training_seeds_with_the_reference_as_seed
     for name, eps in quality.CENTRAL_HEADLINE.items():  # one holder of all the data: today's defaults
         assert [specs[quality.training_seed_row(name, s)] for s in range(5)] == [
             dict(epsilon=eps, seed=s, **hooks) for s in range(5)]
+    breast = dict(dataset="breastmnist", clients=3)
+    for name, eps in quality.BREAST_HEADLINE.items():  # BreastMNIST's defaults: seed 0 is the committed row, unseeded
+        assert [specs[quality.training_seed_row(name, s)] for s in range(5)] == [
+            dict(epsilon=eps, embedding_noise_limit=0.5, **breast, **hooks)] + [
+            dict(epsilon=eps, seed=s, embedding_noise_limit=0.5, **breast, **hooks) for s in range(1, 5)]
+    assert [specs[quality.training_seed_row(name, 4)] for name in quality.BREAST_SECURE_HEADLINE] == [
+        dict(epsilon=10.0, seed=4, release_aggregation="secure", **breast, **hooks),  # PneumoniaMNIST's settings, unchanged
+        dict(epsilon=1.0, seed=4, release_aggregation="secure", d_width=64, **breast, **hooks)]
 
 
 def test_saved_table_carries_the_seed_summaries_in_json_and_markdown(tmp_path):

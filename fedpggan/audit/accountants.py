@@ -48,6 +48,30 @@ def _epsilon(accountant: str, history: History, delta: float) -> float:
     return epsilon_of(list(history), delta, accountant)
 
 
+def replace_one_epsilon(history: History, delta: float) -> float:
+    """Epsilon of ``history`` at ``delta`` under replace-one adjacency (one record swapped for
+    another, the count unchanged), by Google's PLD with pessimistic discretisation: an upper bound.
+
+    Privacy assumption: every step is a Poisson-subsampled Gaussian on a sum of per-record
+    vectors of norm at most 1 (DP-SGD's clipped gradients in units of C, the release's unit
+    vectors; the release is the entry with sample rate 1), so a swap moves the sum by at most 2,
+    which PLD's REPLACE_ONE relation models. Informational: the budgets are stated under
+    add/remove adjacency (README, Privacy), with the record counts taken as public."""
+    return _replace_one(tuple((float(s), float(q), int(t)) for s, q, t in history), float(delta))
+
+
+@functools.lru_cache(maxsize=64)
+def _replace_one(history: History, delta: float) -> float:
+    if not history:
+        return 0.0
+    acc = PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
+                        value_discretization_interval=PLD_DISCRETISATION)
+    for sigma, q, steps in history:
+        step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        acc.compose(dp_accounting.SelfComposedDpEvent(step, steps))
+    return float(acc.get_epsilon(delta))
+
+
 def recompute(history: History, delta: float) -> tuple[dict[str, float], dict[str, str]]:
     """Epsilon by every accountant; an accountant that fails is reported, not fatal."""
     values, errors = {}, {}

@@ -20,9 +20,10 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 def site_table(result: dict[str, Any]) -> str:
     """Fixed-width table: claimed vs recomputed epsilon per site (printed and in AUDIT.md)."""
-    header = ["site", "budget", "claimed", *ACCOUNTANTS, "tightest", "declared", "steps", "verdict"]
+    header = ["site", "budget", "claimed", *ACCOUNTANTS, "tightest", "replace-one", "declared", "steps", "verdict"]
     body = [[row["site"], fmt(row["budget_epsilon"]), fmt(row["claimed_epsilon"]),
              *(fmt(row["recomputed"].get(a)) for a in ACCOUNTANTS), fmt(row.get("tightest_epsilon")),
+             fmt(row.get("replace_one_epsilon")),
              row["declared_accountant"], f"{row['steps']}/{row['planned_steps']}", "PASS" if row.get("passed") else "FAIL"]
             for row in result["sites"].values()]
     if not body:

@@ -26,7 +26,9 @@ RULE = (
     "than the tolerance, or if the site claims more than its budget. A claim below the declared accountant's "
     "value but still >= 'tightest' is a note (the guarantee holds, it does not reproduce with the accountant "
     "named). A claim above the declared accountant's value over the recorded rounds means spend is missing "
-    "from the rounds: FAIL, unless a failed/no_reply/excluded event explains unrecorded spend."
+    "from the rounds: FAIL, unless a failed/no_reply/excluded event explains unrecorded spend. 'replace-one' is "
+    "the same rounds' epsilon (PLD) under replace-one adjacency, the sound reading when record counts are public; "
+    "it is reported, not judged, since the budgets are stated under add/remove adjacency."
 )
 CURVE_POINTS = 5  # rounds (last included) at which the declared accountant is recomputed
 
@@ -46,6 +48,10 @@ def audit_spend(site: Site) -> tuple[dict[str, Any], list[Finding], list[str]]:
     tightest_name = min(values, key=values.get)
     tightest = values[tightest_name]
     row.update(tightest_epsilon=tightest, tightest_accountant=tightest_name)
+    try:  # what the same rounds give if a record's swap, not its presence, is what must stay hidden
+        row["replace_one_epsilon"] = accountants.replace_one_epsilon(site.history, site.delta)
+    except Exception as exc:  # informational: a failure is reported, not a violation
+        notes.append(f"{p}.replace_one_epsilon: could not be computed ({type(exc).__name__}: {exc})")
     if below(site.epsilon, tightest):
         findings.append(Finding(f"{p}.epsilon", f"claimed {site.epsilon:.4g} is below the tightest recomputed bound "
                                                 f"{tightest:.4g} ({tightest_name}): under-reported"))

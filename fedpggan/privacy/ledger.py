@@ -19,7 +19,8 @@ ASSUMPTIONS = [
     "each site's (epsilon, delta) covers its release and every D step it took in this run (its accountant history "
     "survives rounds, crashes and --resume); other runs on the same records are not included: they compose",
     "site record counts are public: they set the sample rate recorded here (so the add/remove accounting bounds "
-    "what everything but the count reveals; no replace-one guarantee is computed)",
+    "what everything but the count reveals; `fedpggan audit` also reports each site's epsilon under replace-one "
+    "adjacency, which holds with the counts public)",
     "the class prior used for fake labels is public (uniform or given by the user), never the private label counts",
     "aggregation uses equal weights, so no site's record count enters the model",
     "generator training and everything the server does touch no real data: post-processing of DP outputs",
