@@ -28,11 +28,13 @@ from fedpggan.runs import RunFolder
 from fedpggan.train import train_centralised
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_on_synthetic.py"
-def write_audit(run: Path, passed: bool, date: str = "2026-01-02T03:04:05+00:00", where: Path | None = None) -> None:
+def write_audit(run: Path, passed: bool, date: str = "2026-01-02T03:04:05+00:00", where: Path | None = None,
+                sites: dict | None = None) -> None:
     """An audit.json verdict on the run's current content, as `fedpggan audit` writes it."""
     folder = RunFolder(run)
     content = audited_content(folder, folder.read_run())
-    ((where or run) / "audit.json").write_text(json.dumps({"passed": passed, "date": date, "content": content}))
+    report = {"passed": passed, "date": date, "content": content, **({"sites": sites} if sites else {})}
+    ((where or run) / "audit.json").write_text(json.dumps(report))
 
 
 def phantom_npz(path: Path, channels: int, seed: int) -> Path:
@@ -61,7 +63,7 @@ def gray_run(tmp_path_factory) -> Path:
     run["dataset"].update(name="phantom (not medical data)", is_medical=False,
                           class_names=open_phantom("test", n=2).class_names)
     folder.write_run(run)
-    write_audit(folder.root, passed=True)
+    write_audit(folder.root, passed=True, sites={"central": {"replace_one_epsilon": 3.25}})
     return folder.root
 
 
@@ -129,7 +131,9 @@ def test_200_image_export_is_complete_reproducible_and_refuses_a_full_folder(gra
     assert sheet["source_run"]["num_sites"] == 1
     assert sheet["generator"]["sha256"] == ledger["checkpoints"][-1]["sha256"]
     assert sheet["audit"] == {"status": "passed", "date": "2026-01-02T03:04:05+00:00",
-                              "report": str(gray_run / "audit.json"), "reason": None}
+                              "report": str(gray_run / "audit.json"), "reason": None,
+                              "replace_one_epsilon": {"central": 3.25}}
+    assert sheet["privacy"]["sites"]["central"]["replace_one_epsilon"] == 3.25  # the audit's, per site
     assert sheet["export"]["class_counts"] == {"no lesion": 100, "lesion": 100}
     assert sheet["export"]["generator_counts"] == {"G1": 100, "G2": 100}
     assert sheet["export"]["files"]["synthetic.npz"] == sha256_file(a / "synthetic.npz")
@@ -137,6 +141,7 @@ def test_200_image_export_is_complete_reproducible_and_refuses_a_full_folder(gra
     markdown = (a / "DATASHEET.md").read_text()
     assert "NOT MEDICAL DATA" in markdown and f"{eps:.4g}" in markdown and "not for diagnosis" in markdown.lower()
     assert "UNAUDITED" not in markdown
+    assert "-DP per record (add/remove adjacency), accountant rdp; under replace-one adjacency epsilon 3.25 (audit)" in markdown
 
     capsys.readouterr()
     assert cli(gray_run, "--out", a, "--n", 10) == 2

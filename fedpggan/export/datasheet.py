@@ -84,7 +84,8 @@ def build_datasheet(prov: Provenance, export: dict[str, Any]) -> dict[str, Any]:
         "privacy": {
             "dp": dp, "mechanism": ledger.get("mechanism"), "guarantee": ledger.get("guarantee"),
             "accountants": sorted({s["accountant"] for s in sites.values() if s.get("accountant")}),
-            "sites": {sid: {k: s.get(k) for k in ("epsilon", "delta", "budget_epsilon", "accountant", "status")}
+            "sites": {sid: {**{k: s.get(k) for k in ("epsilon", "delta", "budget_epsilon", "accountant", "status")},
+                            "replace_one_epsilon": prov.audit.get("replace_one_epsilon", {}).get(str(sid))}
                       for sid, s in sites.items()},
             "assumptions": ledger.get("assumptions", []),
             "meaning": DP_MEANING if dp else "none: trained without differential privacy",
@@ -139,6 +140,13 @@ def write_datasheet(folder: Path, sheet: dict[str, Any]) -> None:
     (folder / "DATASHEET.md").write_text(render_markdown(sheet))
 
 
+def replace_one_text(priv: dict[str, Any]) -> str:
+    """The worst site's epsilon under replace-one adjacency, when the audit computed it: the sound
+    reading of the guarantee for a reader who takes the sites' record counts as known."""
+    values = [s["replace_one_epsilon"] for s in priv["sites"].values() if s.get("replace_one_epsilon") is not None]
+    return f"; under replace-one adjacency epsilon {num(max(values))} (audit)" if values else ""
+
+
 def render_markdown(sheet: dict[str, Any]) -> str:
     src, priv, exp, gen, audit = (sheet[k] for k in ("source_run", "privacy", "export", "generator", "audit"))
     g = priv.get("guarantee") or {}
@@ -149,8 +157,9 @@ def render_markdown(sheet: dict[str, Any]) -> str:
         f"| Source run | `{src['run_id']}` ({src['kind']}, {src['num_sites']} site(s)) |",
         f"| Run config sha256 | `{src['config_sha256']}` |",
         f"| Dataset | {sheet['dataset']['name']} |",
-        "| Privacy | " + (f"({num(g.get('epsilon'))}, {num(g.get('delta'))})-DP per record, accountant "
-                           f"{', '.join(priv['accountants'])}" if priv["dp"] else "**NONE**") + " |",
+        "| Privacy | " + (f"({num(g.get('epsilon'))}, {num(g.get('delta'))})-DP per record (add/remove adjacency), "
+                           f"accountant {', '.join(priv['accountants'])}{replace_one_text(priv)}" if priv["dp"] else "**NONE**")
+        + " |",
         f"| Audit | {audit['status'].upper()}" + (f", {audit['date']}" if audit["date"] else "") + " |",
         f"| Generator | `{gen['checkpoint']}` ({gen['unit']} {gen['round']}, {gen['weights']} weights), "
         f"sha256 `{gen['sha256']}` |",
@@ -165,10 +174,11 @@ def render_markdown(sheet: dict[str, Any]) -> str:
     lines += ["", f"Class folders (label id prefix = npz label): {', '.join(exp['class_folders'])}.",
               "Generators (EMA): " + ", ".join(f"{k} {v}" for k, v in exp["generator_counts"].items()) + ". Files: " +
               ", ".join(f"`{name}` (sha256 `{sha}`)" for name, sha in exp["files"].items()), ""]
-    lines += ["## Privacy", "", priv["meaning"], "", "| site | epsilon | delta | budget | accountant | status |",
-              "|---|---|---|---|---|---|"]
+    lines += ["## Privacy", "", priv["meaning"], "",
+              "| site | epsilon | delta | budget | accountant | status | epsilon under replace-one (audit) |",
+              "|---|---|---|---|---|---|---|"]
     lines += [f"| {sid} | {num(s['epsilon'])} | {num(s['delta'])} | {num(s['budget_epsilon'])} | "
-              f"{s['accountant']} | {s['status']} |" for sid, s in priv["sites"].items()]
+              f"{s['accountant']} | {s['status']} | {num(s.get('replace_one_epsilon'))} |" for sid, s in priv["sites"].items()]
     lines += [""] + [f"- {a}" for a in priv["assumptions"]] + [""]
     lines += ["## Quality", ""] + quality_lines(sheet["quality"]) + [""]
     lines += ["## Intended use", ""] + [f"- {u}" for u in sheet["intended_use"]] + [""]
