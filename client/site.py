@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -75,6 +76,10 @@ def check_site_budget(node_config: dict[str, Any], cfg: RunConfig, num_records: 
                             f"--run-config \"epsilon={cap:g}\" or raise max-epsilon in the site's node config")
     if not cfg.dp:
         return
+    total_delta = node_config.get("max-total-delta")
+    if total_delta is not None and not coerce("delta", total_delta, 0.0, "node config max-total-delta") < 1.0 / num_records:
+        raise FedPGGANError(f"this site's max-total-delta {total_delta} is not below 1/n = {1 / num_records:.3g} for its "
+                            f"{num_records} images: a total delta that large allows a record to leak outright; lower it")
     delta = cfg.delta or default_delta(num_records)
     max_delta = coerce("delta", node_config.get("max-delta", 1.0 / num_records), 0.0, "node config max-delta")
     if not delta < min(max_delta, 1.0 / num_records) + 1e-15:
@@ -98,7 +103,9 @@ def check_lifetime_budget(node_config: dict[str, Any], state: "SiteState", cfg: 
             for name in ("epsilon", "delta") if f"max-total-{name}" in node_config}
     if not caps:
         return
-    asked = (cfg.epsilon, state.delta if cfg.dp and state.delta is not None else 1.0)
+    if cfg.dp and state.delta is None:
+        raise RuntimeError("check_lifetime_budget needs the run's mechanism: call ensure_mechanism first")
+    asked = (cfg.epsilon, state.delta if cfg.dp else 1.0)  # no DP: no guarantee, delta 1
     if (state.lifetime_reserved or 0.0) >= asked[0] and (state.lifetime_reserved_delta or 0.0) >= asked[1]:
         return
     root = state.path.parent.parent
@@ -109,8 +116,10 @@ def check_lifetime_budget(node_config: dict[str, Any], state: "SiteState", cfg: 
             earlier = sum(budget[i] for budget in others.values())
             if cap is not None and earlier + value > cap * (1 + 1e-9):  # relative: deltas are ~1e-5
                 runs = ", ".join(f"{run} ({budget[i]:g})" for run, budget in others.items()) or "none"
-                raise FedPGGANError(f"the run asks for {name} {value:g} and this site's earlier runs took {earlier:g} "
-                                    f"({runs}): together above its max-total-{name} {cap:g}; raise max-total-{name} in "
+                asks = f"{name} {value:g}" if cfg.dp else f"no DP ({name} {value:g})"
+                smaller = f"run with a smaller --run-config {name}, or " if cfg.dp else ""
+                raise FedPGGANError(f"the run asks for {asks} and this site's earlier runs took {earlier:g} ({runs}): "
+                                    f"together above its max-total-{name} {cap:g}; {smaller}raise max-total-{name} in "
                                     "the site config only if the hospital accepts the larger total")
         state.lifetime_reserved, state.lifetime_reserved_delta = asked  # the reservation the next run's check counts
         state.save()
@@ -121,7 +130,8 @@ def reserved_budgets(root: Path) -> dict[str, tuple[float, float]]:
     caps: what it reserved, or, for a run that spent before it could reserve, its budget. Read
     from the files as they are, without loading each run's state (another run's own problems
     are its own). A run that reserved before deltas were reserved counts at its mechanism's
-    delta, or at 1 (no guarantee) when it has none."""
+    delta, or at 1 (no guarantee) when it has none; a run that trained without DP counts as
+    (infinite, 1), even one made while the site had no cap."""
     budgets = {}
     for path in sorted(root.glob("*/site_state.json")):
         try:
@@ -129,6 +139,9 @@ def reserved_budgets(root: Path) -> dict[str, tuple[float, float]]:
         except (OSError, json.JSONDecodeError) as exc:
             raise FedPGGANError(f"{path}: unreadable ({exc}); the lifetime cap cannot count that run's spend: restore "
                                 "the file from backup") from exc
+        if data.get("trained_without_dp"):  # whatever it reserved: its records were read without DP
+            budgets[path.parent.name] = (math.inf, 1.0)
+            continue
         spent = data.get("budget_epsilon") if data.get("history") else None
         counted = [eps for eps in (data.get("lifetime_reserved"), spent) if eps is not None]
         if counted:
@@ -241,6 +254,7 @@ class SiteState:
     release_key: str = ""  # what the release was drawn from (client.site_round.release_key): a redraw must match it
     lifetime_reserved: float | None = None  # the epsilon this run reserved against the site's max-total-epsilon
     lifetime_reserved_delta: float | None = None  # the delta it reserved against max-total-delta
+    trained_without_dp: bool = False  # a round of this run read the data without DP: no guarantee at all
     noise_key: str = ""  # secret seed material of this site's noise: never leaves the site
     history: list[list[float]] = field(default_factory=list)
     rounds: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -229,6 +229,9 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
             state.save()
         privacy = PrivacySettings(state.noise_multiplier, cfg.max_grad_norm, state.delta, state.accountant,
                                   cfg.grad_sample_mode, cfg.fake_gradients)
+    elif not state.trained_without_dp:  # recorded before the data is touched: the lifetime caps count it as (inf, 1)
+        state.trained_without_dp = True
+        state.save()
     prior = prior_tensor(cfg, data.num_classes)
     trainer = DiscriminatorTrainer(gan, data.images, data.labels, cfg.batch_size, privacy, previous, prior,
                                    secret_noise(state, cfg, "round", round_num, key))

@@ -61,6 +61,10 @@ def check_budget(site: SiteConfig, num_records: int) -> tuple[str, list[str]]:
     if site.max_delta is not None and site.max_delta >= 1 / num_records:
         raise FedPGGANError(f"--config {site.path}: privacy.max-delta {site.max_delta:g} is not below 1/n = "
                             f"{1 / num_records:.3g} for {num_records} images; use e.g. {0.1 / num_records:.1g}")
+    if site.max_total_delta is not None and site.max_total_delta >= 1 / num_records:
+        raise FedPGGANError(f"--config {site.path}: privacy.max-total-delta {site.max_total_delta:g} is not below 1/n = "
+                            f"{1 / num_records:.3g} for {num_records} images (a total that large allows a record to leak "
+                            f"outright); use e.g. {0.5 / num_records:.1g}")
     eps = "none (no DP cap)" if math.isinf(site.max_epsilon) else f"{site.max_epsilon:g}"
     delta = f"{site.max_delta:g}" if site.max_delta is not None else "the run's (default min(1e-5, 1/(10 n)))"
     colluding = site.max_epsilon_if_colluding

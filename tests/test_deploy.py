@@ -442,6 +442,8 @@ def test_a_sites_roster_of_peer_keys_is_checked_and_reaches_its_node_config(site
     ({"max-epsilon": '"none"', "extra_privacy": "max-total-epsilon = 50.0\n"}, "'privacy.max-total-epsilon' must be"),
     ({"extra_privacy": "max-total-delta = 1.0\n"}, "'privacy.max-total-delta' must be a number in (0, 1)"),
     ({"max-delta": "1e-5", "extra_privacy": "max-total-delta = 1e-6\n"}, "'privacy.max-total-delta' must be"),
+    ({"max-epsilon": '"none"', "extra_privacy": "max-total-delta = 1e-6\n"}, "'privacy.max-total-delta' must be"),
+    ({"extra_privacy": "max-total-delta = 0.5\n"}, "privacy.max-total-delta 0.5 is not below 1/n"),
     ({"site-id": None}, "'site-id' is missing"),
     ({"auth-private-key": '"/nonexistent/site.key"'}, "superlink.auth-private-key"),
     ({"device": '"gpu"'}, "'device' must be one of"),

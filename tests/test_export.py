@@ -131,8 +131,7 @@ def test_200_image_export_is_complete_reproducible_and_refuses_a_full_folder(gra
     assert sheet["source_run"]["num_sites"] == 1
     assert sheet["generator"]["sha256"] == ledger["checkpoints"][-1]["sha256"]
     assert sheet["audit"] == {"status": "passed", "date": "2026-01-02T03:04:05+00:00",
-                              "report": str(gray_run / "audit.json"), "reason": None,
-                              "replace_one_epsilon": {"central": 3.25}}
+                              "report": str(gray_run / "audit.json"), "reason": None}
     assert sheet["privacy"]["sites"]["central"]["replace_one_epsilon"] == 3.25  # the audit's, per site
     assert sheet["export"]["class_counts"] == {"no lesion": 100, "lesion": 100}
     assert sheet["export"]["generator_counts"] == {"G1": 100, "G2": 100}
@@ -294,6 +293,18 @@ def test_allow_unaudited_says_so_and_quality_figures_are_included(gray_run, tmp_
     assert sheet["audit"]["status"] == "failed" and "AUDIT FAILED (2026-01-01)" in markdown
     assert sheet["quality"]["figures"] == {"tstr.auc.mean": 0.812, "tstr.auc.std": 0.01}  # FID reads the training images
     assert "tstr.auc.mean: 0.812" in markdown and "DIFFERENT checkpoint" in markdown
+
+
+def test_an_audit_without_replace_one_figures_is_named_not_quoted(gray_run, tmp_path):
+    """An audit made before the replace-one figure existed still vouches for the run; the datasheet
+    says the figure is missing rather than quoting a partial maximum."""
+    run = copy_run(gray_run, tmp_path)
+    write_audit(run, passed=True)  # no per-site table
+    sheet = export_run(run, tmp_path / "o", ExportOptions(n=10, formats=("npz",)))
+    markdown = (tmp_path / "o" / "DATASHEET.md").read_text()
+    assert sheet["privacy"]["sites"]["central"]["replace_one_epsilon"] is None
+    assert "under replace-one adjacency: not in this audit for site(s) central (re-run `fedpggan audit`)" in markdown
+    assert "| not in this audit: re-run `fedpggan audit` |" in markdown
 
 
 def test_an_audit_written_with_out_is_used_through_audit_report(gray_run, tmp_path, capsys):

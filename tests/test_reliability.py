@@ -3,6 +3,7 @@ hostile updates cannot wreck D, and every bad input is one line with nothing los
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -246,12 +247,14 @@ def test_a_site_caps_what_all_runs_on_its_records_spend_together(site_setup, tmp
     first.budget_epsilon, first.history = 10.0, [[1.0, 0.1, 8]]
     first.save()
     second = SiteState.load(tmp_path / "state", "run-b")
+    second.delta = 1e-5  # as ensure_mechanism sets it before the check
     with pytest.raises(FedPGGANError, match=r"earlier runs took 10 \(run-a \(10\)\): together above its max-total-epsilon 15"):
         check_lifetime_budget({"max-total-epsilon": 15.0}, second, cfg)
     check_lifetime_budget({}, second, cfg)  # no lifetime cap set
     check_lifetime_budget({"max-total-epsilon": 20.0}, second, cfg)
     assert SiteState.load(tmp_path / "state", "run-b").lifetime_reserved == 10.0  # reserved at once, under one lock
     third = SiteState.load(tmp_path / "state", "run-c")  # so a run started at the same time sees both
+    third.delta = 1e-5
     with pytest.raises(FedPGGANError, match=r"earlier runs took 20 \(run-a \(10\), run-b \(10\)\)"):
         check_lifetime_budget({"max-total-epsilon": 25.0}, third, cfg)
     check_lifetime_budget({"max-total-epsilon": 20.0}, second, cfg)  # run-b itself, asked again: already counted
@@ -265,30 +268,47 @@ def test_a_site_caps_what_all_runs_on_its_records_spend_together(site_setup, tmp
 
 
 def test_a_site_caps_the_deltas_of_all_runs_on_its_records_too(site_setup, tmp_path):
-    from client.site import SiteState, check_lifetime_budget
+    from client.site import SiteState, check_lifetime_budget, check_site_budget
 
     cfg, _, _ = site_setup  # epsilon 10
-    old = SiteState.load(tmp_path / "state", "run-old")  # reserved before deltas were: counted at its mechanism's delta
-    old.budget_epsilon, old.delta, old.lifetime_reserved = 10.0, 1e-5, 10.0
-    old.save()
-    new = SiteState.load(tmp_path / "state", "run-new")
-    new.delta = 1e-5  # as ensure_mechanism sets it before the check
+
+    def run_state(name, delta=1e-5, **fields):
+        state = SiteState.load(tmp_path / "state", name)
+        state.delta = delta  # as ensure_mechanism sets it before the check
+        for key, value in fields.items():
+            setattr(state, key, value)
+        state.save()
+        return state
+
+    old = run_state("run-old", budget_epsilon=10.0, lifetime_reserved=10.0)  # reserved before deltas were
+    new = run_state("run-new")
     with pytest.raises(FedPGGANError, match=r"asks for delta 1e-05 and this site's earlier runs took 1e-05 \(run-old "
-                                            r"\(1e-05\)\): together above its max-total-delta 1.5e-05"):
+                                            r"\(1e-05\)\): together above its max-total-delta 1.5e-05; run with a smaller "
+                                            r"--run-config delta, or raise max-total-delta"):
         check_lifetime_budget({"max-total-epsilon": 100.0, "max-total-delta": 1.5e-5}, new, cfg)
     assert SiteState.load(tmp_path / "state", "run-new").lifetime_reserved is None  # a refused run reserves nothing
-    check_lifetime_budget({"max-total-delta": 2e-5}, new, cfg)  # two runs at 1e-5 fit exactly
+    check_lifetime_budget({"max-total-delta": 3e-5}, new, cfg)
     reloaded = SiteState.load(tmp_path / "state", "run-new")
     assert (reloaded.lifetime_reserved, reloaded.lifetime_reserved_delta) == (10.0, 1e-5)
-    third = SiteState.load(tmp_path / "state", "run-third")
-    third.delta = 1e-6
-    with pytest.raises(FedPGGANError, match="above its max-total-delta 2e-05"):
-        check_lifetime_budget({"max-total-delta": 2e-5}, third, cfg)
-    no_mechanism = SiteState.load(tmp_path / "state", "run-unknown")  # spent, delta unknown: no guarantee assumed
-    no_mechanism.budget_epsilon, no_mechanism.history = 1.0, [[1.0, 0.1, 8]]
-    no_mechanism.save()
-    with pytest.raises(FedPGGANError, match=r"run-unknown \(1\)"):
-        check_lifetime_budget({"max-total-delta": 0.5}, third, cfg)
+    check_lifetime_budget({"max-total-delta": 3e-5}, old, cfg)  # the older run, asked again: it reserves its delta too
+    assert SiteState.load(tmp_path / "state", "run-old").lifetime_reserved_delta == 1e-5
+    third = run_state("run-third")
+    check_lifetime_budget({"max-total-delta": 3e-5}, third, cfg)  # 1e-5 three times: 3.0000000000000004e-05 fits
+    with pytest.raises(FedPGGANError, match="above its max-total-delta 3e-05"):
+        check_lifetime_budget({"max-total-delta": 3e-5}, run_state("run-fourth", delta=1e-7), cfg)
+    with pytest.raises(FedPGGANError, match=r"asks for no DP \(delta 1\)"):
+        check_lifetime_budget({"max-total-delta": 0.5}, run_state("run-plain", delta=None), dataclasses.replace(cfg, epsilon=math.inf))
+    with pytest.raises(RuntimeError, match="call ensure_mechanism first"):  # the mechanism fixes delta before the check
+        check_lifetime_budget({"max-total-delta": 0.5}, run_state("run-early", delta=None), cfg)
+    from client.site_round import run_site_round
+
+    plain_cfg, data, gan = dataclasses.replace(cfg, epsilon=math.inf), *site_setup[1:]
+    run_site_round(copy.deepcopy(gan), data, plain_cfg, run_state("run-without-dp", delta=None), 1, 0, "weights")
+    assert SiteState.load(tmp_path / "state", "run-without-dp").trained_without_dp  # trained when the site had no cap
+    with pytest.raises(FedPGGANError, match=r"run-without-dp \(inf\)"):
+        check_lifetime_budget({"max-total-epsilon": 1000.0}, run_state("run-later"), cfg)
+    with pytest.raises(FedPGGANError, match=r"max-total-delta 0.01 is not below 1/n = 0.01"):
+        check_site_budget({"max-epsilon": 10.0, "max-total-delta": 0.01}, cfg, 100)
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path, capsys):

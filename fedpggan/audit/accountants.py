@@ -37,15 +37,9 @@ def epsilon(accountant: str, history: History, delta: float) -> float:
 
 @functools.lru_cache(maxsize=256)
 def _epsilon(accountant: str, history: History, delta: float) -> float:
-    if not history:
-        return 0.0
     if accountant == "pld":
-        acc = PLDAccountant(value_discretization_interval=PLD_DISCRETISATION)
-        for sigma, q, steps in history:
-            step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
-            acc.compose(dp_accounting.SelfComposedDpEvent(step, steps))
-        return float(acc.get_epsilon(delta))
-    return epsilon_of(list(history), delta, accountant)
+        return _pld(history, delta, dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    return epsilon_of(list(history), delta, accountant) if history else 0.0
 
 
 def replace_one_epsilon(history: History, delta: float) -> float:
@@ -55,17 +49,18 @@ def replace_one_epsilon(history: History, delta: float) -> float:
     Privacy assumption: every step is a Poisson-subsampled Gaussian on a sum of per-record
     vectors of norm at most 1 (DP-SGD's clipped gradients in units of C, the release's unit
     vectors; the release is the entry with sample rate 1), so a swap moves the sum by at most 2,
-    which PLD's REPLACE_ONE relation models. Informational: the budgets are stated under
-    add/remove adjacency (README, Privacy), with the record counts taken as public."""
-    return _replace_one(tuple((float(s), float(q), int(t)) for s, q, t in history), float(delta))
+    which PLD's REPLACE_ONE relation models; a secure release's shares count at the full release
+    noise, as under add/remove (the server does not collude with the other sites). Informational:
+    the budgets are stated under add/remove adjacency (README, Privacy), the record counts public."""
+    return _pld(tuple((float(s), float(q), int(t)) for s, q, t in history), float(delta),
+                dp_accounting.NeighboringRelation.REPLACE_ONE)
 
 
-@functools.lru_cache(maxsize=64)
-def _replace_one(history: History, delta: float) -> float:
+@functools.lru_cache(maxsize=256)
+def _pld(history: History, delta: float, relation: dp_accounting.NeighboringRelation) -> float:
     if not history:
         return 0.0
-    acc = PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
-                        value_discretization_interval=PLD_DISCRETISATION)
+    acc = PLDAccountant(neighboring_relation=relation, value_discretization_interval=PLD_DISCRETISATION)
     for sigma, q, steps in history:
         step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
         acc.compose(dp_accounting.SelfComposedDpEvent(step, steps))

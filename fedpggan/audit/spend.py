@@ -48,10 +48,7 @@ def audit_spend(site: Site) -> tuple[dict[str, Any], list[Finding], list[str]]:
     tightest_name = min(values, key=values.get)
     tightest = values[tightest_name]
     row.update(tightest_epsilon=tightest, tightest_accountant=tightest_name)
-    try:  # what the same rounds give if a record's swap, not its presence, is what must stay hidden
-        row["replace_one_epsilon"] = accountants.replace_one_epsilon(site.history, site.delta)
-    except Exception as exc:  # informational: a failure is reported, not a violation
-        notes.append(f"{p}.replace_one_epsilon: could not be computed ({type(exc).__name__}: {exc})")
+    row.update(replace_one(site, notes))
     if below(site.epsilon, tightest):
         findings.append(Finding(f"{p}.epsilon", f"claimed {site.epsilon:.4g} is below the tightest recomputed bound "
                                                 f"{tightest:.4g} ({tightest_name}): under-reported"))
@@ -74,6 +71,22 @@ def audit_spend(site: Site) -> tuple[dict[str, Any], list[Finding], list[str]]:
                                                    f"the site claims {site.epsilon:.4g}: spend is missing from the rounds"))
     row["curve"], curve_findings = _curve(site, values)
     return row, findings + curve_findings, notes
+
+
+def replace_one(site: Site, notes: list[str]) -> dict[str, Any]:
+    """The site's epsilon under replace-one adjacency (what the rounds give if a record's swap, not
+    its presence, must stay hidden) and what it was computed over: the recorded rounds, or, when
+    events explain spend the rounds do not record (a failed or excluded round), the release and
+    every planned step, an upper bound since a site never trains past its plan."""
+    unrecorded = any(e.get("event") in UNRECORDED_SPEND for e in site.events)
+    history = (site.release_history + ((site.noise_multiplier, site.sample_rate, site.planned_steps),)
+               if unrecorded else site.history)
+    try:
+        return {"replace_one_epsilon": accountants.replace_one_epsilon(history, site.delta),
+                "replace_one_basis": "planned steps (unrecorded spend)" if unrecorded else "recorded rounds"}
+    except Exception as exc:  # informational: a failure is reported, not a violation
+        notes.append(f"{site.prefix}.replace_one_epsilon: could not be computed ({type(exc).__name__}: {exc})")
+        return {}
 
 
 def _curve(site: Site, final: dict[str, float]) -> tuple[dict[str, Any], list[Finding]]:

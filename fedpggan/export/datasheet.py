@@ -90,7 +90,7 @@ def build_datasheet(prov: Provenance, export: dict[str, Any]) -> dict[str, Any]:
             "assumptions": ledger.get("assumptions", []),
             "meaning": DP_MEANING if dp else "none: trained without differential privacy",
         },
-        "audit": prov.audit,
+        "audit": {k: v for k, v in prov.audit.items() if k != "replace_one_epsilon"},  # per site under "privacy"
         "generator": {"checkpoint": prov.checkpoint.name, "round": prov.checkpoint_round, "unit": unit,
                       "sha256": prov.checkpoint_sha256, "weights": "EMA"},
         "export": export,
@@ -140,11 +140,23 @@ def write_datasheet(folder: Path, sheet: dict[str, Any]) -> None:
     (folder / "DATASHEET.md").write_text(render_markdown(sheet))
 
 
-def replace_one_text(priv: dict[str, Any]) -> str:
-    """The worst site's epsilon under replace-one adjacency, when the audit computed it: the sound
-    reading of the guarantee for a reader who takes the sites' record counts as known."""
-    values = [s["replace_one_epsilon"] for s in priv["sites"].values() if s.get("replace_one_epsilon") is not None]
-    return f"; under replace-one adjacency epsilon {num(max(values))} (audit)" if values else ""
+def replace_one_text(priv: dict[str, Any], audit: dict[str, Any]) -> str:
+    """The worst site's epsilon under replace-one adjacency, from a passed audit: the sound reading
+    of the guarantee for a reader who takes the sites' record counts as known. Quoted only when
+    the audit has it for every site, so a missing site cannot hide the worst one."""
+    if audit["status"] != "passed":
+        return ""
+    missing = [sid for sid, s in priv["sites"].items() if s.get("replace_one_epsilon") is None]
+    if missing:
+        return (f"; under replace-one adjacency: not in this audit for site(s) {', '.join(map(str, missing))} "
+                "(re-run `fedpggan audit`)")
+    return f"; under replace-one adjacency epsilon {num(max(s['replace_one_epsilon'] for s in priv['sites'].values()))} (audit)"
+
+
+def replace_one_cell(site: dict[str, Any], audit: dict[str, Any]) -> str:
+    if site.get("replace_one_epsilon") is not None:
+        return num(site["replace_one_epsilon"])
+    return "not in this audit: re-run `fedpggan audit`" if audit["status"] == "passed" else "-"
 
 
 def render_markdown(sheet: dict[str, Any]) -> str:
@@ -158,7 +170,7 @@ def render_markdown(sheet: dict[str, Any]) -> str:
         f"| Run config sha256 | `{src['config_sha256']}` |",
         f"| Dataset | {sheet['dataset']['name']} |",
         "| Privacy | " + (f"({num(g.get('epsilon'))}, {num(g.get('delta'))})-DP per record (add/remove adjacency), "
-                           f"accountant {', '.join(priv['accountants'])}{replace_one_text(priv)}" if priv["dp"] else "**NONE**")
+                           f"accountant {', '.join(priv['accountants'])}{replace_one_text(priv, audit)}" if priv["dp"] else "**NONE**")
         + " |",
         f"| Audit | {audit['status'].upper()}" + (f", {audit['date']}" if audit["date"] else "") + " |",
         f"| Generator | `{gen['checkpoint']}` ({gen['unit']} {gen['round']}, {gen['weights']} weights), "
@@ -178,7 +190,7 @@ def render_markdown(sheet: dict[str, Any]) -> str:
               "| site | epsilon | delta | budget | accountant | status | epsilon under replace-one (audit) |",
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {sid} | {num(s['epsilon'])} | {num(s['delta'])} | {num(s['budget_epsilon'])} | "
-              f"{s['accountant']} | {s['status']} | {num(s.get('replace_one_epsilon'))} |" for sid, s in priv["sites"].items()]
+              f"{s['accountant']} | {s['status']} | {replace_one_cell(s, audit)} |" for sid, s in priv["sites"].items()]
     lines += [""] + [f"- {a}" for a in priv["assumptions"]] + [""]
     lines += ["## Quality", ""] + quality_lines(sheet["quality"]) + [""]
     lines += ["## Intended use", ""] + [f"- {u}" for u in sheet["intended_use"]] + [""]

@@ -135,6 +135,6 @@ def audit_status(folder: RunFolder, run: dict[str, Any], spec: str | None = None
         more = f" (and {len(found) - 1} more in its AUDIT.md)" if len(found) > 1 else ""
         return {**status, "status": "failed", "violations": found,
                 "reason": f"says the audit FAILED ({status['date']})" + (f": {found[0]}{more}" if found else "")}
-    replace_one = {str(site): row["replace_one_epsilon"] for site, row in (audit.get("sites") or {}).items()
-                   if isinstance(row, dict) and isinstance(row.get("replace_one_epsilon"), (int, float))}
+    replace_one = {str(site): float(row["replace_one_epsilon"]) for site, row in (audit.get("sites") or {}).items()
+                   if isinstance(row, dict) and type(row.get("replace_one_epsilon")) in (int, float)}
     return {**status, "status": "passed", "replace_one_epsilon": replace_one}  # empty from an audit before 2026-12-06
