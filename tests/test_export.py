@@ -293,6 +293,12 @@ def test_allow_unaudited_says_so_and_quality_figures_are_included(gray_run, tmp_
     assert sheet["audit"]["status"] == "failed" and "AUDIT FAILED (2026-01-01)" in markdown
     assert sheet["quality"]["figures"] == {"tstr.auc.mean": 0.812, "tstr.auc.std": 0.01}  # FID reads the training images
     assert "tstr.auc.mean: 0.812" in markdown and "DIFFERENT checkpoint" in markdown
+    assert "LOW UTILITY" not in markdown
+    evaluation["tstr"]["auc"]["mean"] = 0.53  # near chance, as BreastMNIST at epsilon 1
+    (run / "evaluation.json").write_text(json.dumps(evaluation))
+    export_run(run, tmp_path / "low", ExportOptions(n=10, formats=("npz",), allow_unaudited=True))
+    assert "> **LOW UTILITY: a classifier trained on these images reaches a TSTR AUC of 0.53" in (
+        tmp_path / "low" / "DATASHEET.md").read_text()
 
 
 def test_an_audit_without_replace_one_figures_is_named_not_quoted(gray_run, tmp_path):

@@ -29,6 +29,9 @@ LIMITATIONS = [
 # FID, PRDC, label fidelity, diversity and its collapsed classes, memorisation -- reads the real
 # training images without DP, so it stays in the run's EVALUATION.md, for the consortium only.
 PUBLISHED_QUALITY_KEYS = ("tstr",)
+# Below this TSTR AUC the datasheet warns that the images are of little use for training (0.5 = chance);
+# measured there: BreastMNIST at epsilon 1 (docs/quality-results.md)
+LOW_UTILITY_AUC = 0.6
 NOT_PUBLISHED = ("The evaluation's other figures (TRTR, FID, precision/recall, label fidelity, diversity, memorisation) "
                  "read the real training images without differential privacy: they stay in the source run's "
                  "EVALUATION.md and are not published with the data.")
@@ -130,6 +133,11 @@ def quality_warnings(quality: dict[str, Any] | None) -> list[str]:
         warnings.append(f"QUICK EVALUATION: the quality figures come from a smoke check "
                         f"({', '.join(quality['short_of_report'])}), not figures to report; run `fedpggan evaluate` "
                         "with the report's settings (no --quick, nor smaller --n-synthetic, --seeds, --steps or --epochs).")
+    auc = quality["figures"].get("tstr.auc.mean")
+    if isinstance(auc, (int, float)) and auc < LOW_UTILITY_AUC:
+        warnings.append(f"LOW UTILITY: a classifier trained on these images reaches a TSTR AUC of {auc:.3g} on the real "
+                        "test split (0.5 is chance): they carry little a classifier can use; do not train models for "
+                        "this task on them.")
     return warnings
 
 
