@@ -27,8 +27,9 @@ RULE = (
     "value but still >= 'tightest' is a note (the guarantee holds, it does not reproduce with the accountant "
     "named). A claim above the declared accountant's value over the recorded rounds means spend is missing "
     "from the rounds: FAIL, unless a failed/no_reply/excluded event explains unrecorded spend. 'replace-one' is "
-    "the same rounds' epsilon (PLD) under replace-one adjacency, the sound reading when record counts are public; "
-    "it is reported, not judged, since the budgets are stated under add/remove adjacency."
+    "the same rounds' epsilon (PLD) under replace-one adjacency (over every planned step when such an event left "
+    "spend unrecorded), the sound reading when record counts are public; it is reported, not judged, since the "
+    "budgets are stated under add/remove adjacency."
 )
 CURVE_POINTS = 5  # rounds (last included) at which the declared accountant is recomputed
 
