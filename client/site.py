@@ -30,6 +30,7 @@ from fedpggan.io import atomic_write_json
 from fedpggan.privacy import default_delta
 from fedpggan.privacy.peer_keys import PeerSigning, load_peer_signing
 from fedpggan.privacy.secure_sum import epsilon_if_all_other_sites_collude
+from fedpggan.privacy.spend_journal import append_reservation, merge_budgets, read_spend_journal
 from fedpggan.site_config import site_torch_device
 
 
@@ -98,7 +99,9 @@ def check_lifetime_budget(node_config: dict[str, Any], state: "SiteState", cfg: 
     reserved it here or spent anything (it may yet spend all of it), and a run without DP counts
     as epsilon infinite, delta 1 (no guarantee). The check and the reservation are made under one
     lock of the whole state dir, so two runs started at once cannot both fit under the caps; a
-    run asking for more than it reserved is checked again."""
+    run asking for more than it reserved is checked again. With a ``spend-journal`` (a file on
+    another volume) every reservation is also appended there, and the runs it names count too, so
+    a state dir restored from an older backup cannot forget them (fedpggan.privacy.spend_journal)."""
     caps = {name: coerce(name, node_config[f"max-total-{name}"], 0.0, f"node config max-total-{name}")
             for name in ("epsilon", "delta") if f"max-total-{name}" in node_config}
     if not caps:
@@ -106,21 +109,31 @@ def check_lifetime_budget(node_config: dict[str, Any], state: "SiteState", cfg: 
     if cfg.dp and state.delta is None:
         raise RuntimeError("check_lifetime_budget needs the run's mechanism: call ensure_mechanism first")
     asked = (cfg.epsilon, state.delta if cfg.dp else 1.0)  # no DP: no guarantee, delta 1
-    if (state.lifetime_reserved or 0.0) >= asked[0] and (state.lifetime_reserved_delta or 0.0) >= asked[1]:
-        return
+    journal = node_config.get("spend-journal")
+    reserved = [(state.lifetime_reserved or 0.0, state.lifetime_reserved_delta or 0.0)]
+    if journal is not None:
+        reserved.append(read_spend_journal(journal).get(state.run_id, (0.0, 0.0)))
+    if all(have[0] >= asked[0] and have[1] >= asked[1] for have in reserved):
+        return  # this run reserved as much before (in the journal too, when the site keeps one)
     root = state.path.parent.parent
     with exclusive(root / ".lifetime.lock"):
-        others = {run: budget for run, budget in reserved_budgets(root).items() if run != state.run_id}
+        in_state_dir = reserved_budgets(root)
+        in_journal = {} if journal is None else read_spend_journal(journal)
+        journal_only = set(in_journal) - set(in_state_dir)  # a state dir restored from an older backup lost these
+        others = {run: budget for run, budget in merge_budgets(in_state_dir, in_journal).items() if run != state.run_id}
         for i, (name, value) in enumerate((("epsilon", asked[0]), ("delta", asked[1]))):
             cap = caps.get(name)
             earlier = sum(budget[i] for budget in others.values())
             if cap is not None and earlier + value > cap * (1 + 1e-9):  # relative: deltas are ~1e-5
-                runs = ", ".join(f"{run} ({budget[i]:g})" for run, budget in others.items()) or "none"
+                runs = ", ".join(f"{run} ({budget[i]:g}{', in spend-journal only' if run in journal_only else ''})"
+                                 for run, budget in others.items()) or "none"
                 asks = f"{name} {value:g}" if cfg.dp else f"no DP ({name} {value:g})"
                 smaller = f"run with a smaller --run-config {name}, or " if cfg.dp else ""
                 raise FedPGGANError(f"the run asks for {asks} and this site's earlier runs took {earlier:g} ({runs}): "
                                     f"together above its max-total-{name} {cap:g}; {smaller}raise max-total-{name} in "
                                     "the site config only if the hospital accepts the larger total")
+        if journal is not None:  # first the journal: a crash before the state is saved then counts more, not less
+            append_reservation(journal, state.run_id, *asked)
         state.lifetime_reserved, state.lifetime_reserved_delta = asked  # the reservation the next run's check counts
         state.save()
 

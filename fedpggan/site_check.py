@@ -8,6 +8,7 @@ runs without DP) are returned as warnings.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -93,6 +94,33 @@ def check_state_dir(path: Path) -> str:
                             "volume there (never a temporary one: it holds the site's privacy spend)") from None
     runs = sorted(p.parent.name for p in path.glob("*/site_state.json"))
     return f"{path}: writable, {len(runs)} earlier run(s) recorded" + (f" ({', '.join(runs)})" if runs else "")
+
+
+def check_spend_journal(site: SiteConfig) -> tuple[str, list[str]]:
+    """The copy of the lifetime reservations outside ``state-dir``: never inside it (a restore of the
+    state dir would roll it back too), its folder writable now, its lines readable; runs it names
+    that the state dir lacks are reported (they still count towards the lifetime caps)."""
+    from fedpggan.privacy.spend_journal import read_spend_journal
+
+    journal = site.spend_journal
+    if journal is None:
+        return "none: a state dir restored from an older backup forgets the runs made since (privacy.spend-journal)", []
+    if journal.resolve().is_relative_to(site.state_dir.resolve()):
+        raise FedPGGANError(f"privacy.spend-journal {journal} lies inside state-dir {site.state_dir}: restoring the state "
+                            "dir from a backup would roll it back too; put it on another volume")
+    if not journal.parent.is_dir() or not os.access(journal.parent, os.W_OK) or (journal.exists() and not os.access(journal, os.W_OK)):
+        raise FedPGGANError(f"privacy.spend-journal {journal}: its folder does not exist or it is not writable; create "
+                            f"{journal.parent} on a persistent volume other than state-dir's, or fix the path in {site.path}")
+    recorded = read_spend_journal(journal)
+    warnings = []
+    if site.state_dir.is_dir() and os.stat(journal.parent).st_dev == os.stat(site.state_dir).st_dev:
+        warnings.append(f"privacy.spend-journal {journal} is on the same volume as state-dir: restoring that volume "
+                        "from a backup would roll both back; keep it on another one")
+    missing = sorted(set(recorded) - {p.parent.name for p in site.state_dir.glob("*/site_state.json")})
+    if missing:
+        warnings.append(f"privacy.spend-journal names run(s) that state-dir lacks ({', '.join(missing)}): was state-dir "
+                        "restored from an older backup? They still count towards the lifetime caps")
+    return f"{journal}: {len(recorded)} run(s) recorded", warnings
 
 
 def check_ca_certificate(path: Path) -> tuple[str, list[str]]:

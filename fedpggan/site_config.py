@@ -26,7 +26,8 @@ SITE_DEVICES = ("auto", "cpu", "cuda")  # the ClientApp reads the node config's 
 # Every key a site config may hold, per table ("" is the top level). A key outside these is a typo
 # that would otherwise drop a privacy cap or the peer roster without a word.
 SITE_KEYS = {"": {"site-id", "data", "state-dir", "image-size", "device", "privacy", "superlink"},
-             "privacy": {"max-epsilon", "max-total-epsilon", "max-total-delta", "max-epsilon-if-colluding", "max-delta", "peer-keys"},
+             "privacy": {"max-epsilon", "max-total-epsilon", "max-total-delta", "max-epsilon-if-colluding", "max-delta", "peer-keys",
+                         "spend-journal"},
              "superlink": {"address", "root-certificates", "auth-private-key"}}
 
 
@@ -47,6 +48,7 @@ class SiteConfig:
     peer_keys: Path | None = None  # the consortium's SuperNode public keys: a secure release's key list is checked against them
     max_total_epsilon: float | None = None  # cap on the epsilons of all runs on this site's records, added up (None: no cap)
     max_total_delta: float | None = None  # cap on their deltas, added up (None: no cap)
+    spend_journal: Path | None = None  # every lifetime reservation, also kept outside state-dir (None: none kept)
 
     def node_config(self) -> str:
         """The SuperNode's ``--node-config``; string values must be quoted for Flower."""
@@ -56,6 +58,8 @@ class SiteConfig:
             items["max-total-epsilon"] = self.max_total_epsilon
         if self.max_total_delta is not None:
             items["max-total-delta"] = self.max_total_delta
+        if self.spend_journal is not None:
+            items["spend-journal"] = str(self.spend_journal)
         if self.max_delta is not None:
             items["max-delta"] = self.max_delta
         if self.max_epsilon_if_colluding is not None:
@@ -120,6 +124,10 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
                                         and (max_delta is None or total_delta >= max_delta)):
         raise get.error("privacy.max-total-delta", "a number in (0, 1), at least max-delta, with max-epsilon a number "
                                                    "(e.g. 1e-4 for ten runs at 1e-5), or leave it out for no cap")
+    journal = get.value(privacy, "privacy.spend-journal", str, required=False)
+    if journal is not None and total is None and total_delta is None:
+        raise get.error("privacy.spend-journal", "left out, or set together with max-total-epsilon or max-total-delta "
+                                                 "(it records the reservations those lifetime caps make)")
     if not insecure and link.get("root-certificates") is None:
         raise FedPGGANError(f"--config {path}: required key 'superlink.root-certificates' is missing; set it to the "
                             "coordinator's ca.crt (or pass --insecure, for local tests only)")
@@ -137,6 +145,7 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
         max_epsilon_if_colluding=None if colluding is None else float(colluding),
         peer_keys=Path(peer_keys) if peer_keys else None, max_total_epsilon=None if total is None else float(total),
         max_total_delta=None if total_delta is None else float(total_delta),
+        spend_journal=None if journal is None else Path(journal),
     )
 
 

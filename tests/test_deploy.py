@@ -413,6 +413,27 @@ def test_a_sites_lifetime_cap_reaches_its_node_config(site_toml, capsys):
     assert node["max-total-epsilon"] == 25.0 and node["max-total-delta"] == 1e-4
 
 
+def test_a_sites_spend_journal_is_checked_and_reaches_its_node_config(site_toml, capsys, tmp_path):
+    (tmp_path / "other-volume").mkdir()
+    journal = tmp_path / "other-volume" / "spend.jsonl"
+    caps = f'max-total-epsilon = 25.0\nspend-journal = "{journal}"\n'
+    code, out, err = site_check(capsys, site_toml(extra_privacy=caps))
+    assert code == 0 and f"{journal}: 0 run(s) recorded" in out
+    assert "on the same volume as state-dir" in err  # tmp_path is one volume: warned, not refused
+    command = out.split("start the site with:\n", 1)[1].strip()
+    assert parse_config_args([re.search(r"--node-config '([^']+)'", command).group(1)])["spend-journal"] == str(journal)
+    journal.write_text('{"run": "run-a", "epsilon": 10.0, "delta": 1e-05}\n')  # a run the state dir does not hold
+    code, out, err = site_check(capsys, site_toml(extra_privacy=caps))
+    assert code == 0 and "1 run(s) recorded" in out and "names run(s) that state-dir lacks (run-a)" in err
+    for bad, names in ((f'"{tmp_path / "state" / "spend.jsonl"}"', "lies inside state-dir"),
+                       (f'"{tmp_path / "nowhere" / "spend.jsonl"}"', "its folder does not exist or it is not writable")):
+        code, _, err = site_check(capsys, site_toml(extra_privacy=f"max-total-epsilon = 25.0\nspend-journal = {bad}\n"))
+        assert code == 2 and names in err and err.count("\n") == 1
+    journal.write_text("not json\n")
+    code, _, err = site_check(capsys, site_toml(extra_privacy=caps))
+    assert code == 2 and "line 1: unreadable" in err and "restore the file from backup" in err
+
+
 def test_a_sites_roster_of_peer_keys_is_checked_and_reaches_its_node_config(site_toml, capsys, tmp_path):
     write_ssh_key(tmp_path / "other.key")
     lines = [f"{(tmp_path / k).read_text().strip()} {name}\n" for k, name in (("site.pub", "hospital-a"), ("other.pub", "hospital-b"))]
@@ -444,6 +465,7 @@ def test_a_sites_roster_of_peer_keys_is_checked_and_reaches_its_node_config(site
     ({"max-delta": "1e-5", "extra_privacy": "max-total-delta = 1e-6\n"}, "'privacy.max-total-delta' must be"),
     ({"max-epsilon": '"none"', "extra_privacy": "max-total-delta = 1e-6\n"}, "'privacy.max-total-delta' must be"),
     ({"extra_privacy": "max-total-delta = 0.5\n"}, "privacy.max-total-delta 0.5 is not below 1/n"),
+    ({"extra_privacy": 'spend-journal = "/tmp/spend.jsonl"\n'}, "'privacy.spend-journal' must be left out, or set together"),
     ({"site-id": None}, "'site-id' is missing"),
     ({"auth-private-key": '"/nonexistent/site.key"'}, "superlink.auth-private-key"),
     ({"device": '"gpu"'}, "'device' must be one of"),

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -309,6 +310,37 @@ def test_a_site_caps_the_deltas_of_all_runs_on_its_records_too(site_setup, tmp_p
         check_lifetime_budget({"max-total-epsilon": 1000.0}, run_state("run-later"), cfg)
     with pytest.raises(FedPGGANError, match=r"max-total-delta 0.01 is not below 1/n = 0.01"):
         check_site_budget({"max-epsilon": 10.0, "max-total-delta": 0.01}, cfg, 100)
+
+
+def test_a_spend_journal_keeps_runs_a_restored_state_dir_forgot(site_setup, tmp_path):
+    from client.site import SiteState, check_lifetime_budget
+
+    cfg, _, _ = site_setup  # epsilon 10
+    journal = tmp_path / "other-volume.jsonl"
+    node = {"max-total-epsilon": 25.0, "spend-journal": str(journal)}
+
+    def run_state(name):
+        state = SiteState.load(tmp_path / "state", name)
+        state.delta = 1e-5  # as ensure_mechanism sets it before the check
+        return state
+
+    check_lifetime_budget(node, run_state("run-a"), cfg)
+    check_lifetime_budget(node, run_state("run-b"), cfg)
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert [(entry["run"], entry["epsilon"], entry["delta"]) for entry in lines] == [("run-a", 10.0, 1e-5), ("run-b", 10.0, 1e-5)]
+    shutil.rmtree(tmp_path / "state" / "run-a")  # the state dir restored from a backup made before run-a
+    with pytest.raises(FedPGGANError, match=r"earlier runs took 20 \(run-b \(10\), run-a \(10, in spend-journal only\)\)"):
+        check_lifetime_budget(node, run_state("run-c"), cfg)
+    rolled_back = run_state("run-b")  # a run whose own reservation was lost reserves again: run-a still counts
+    rolled_back.lifetime_reserved = None
+    check_lifetime_budget(node, rolled_back, cfg)
+    assert len(journal.read_text().splitlines()) == 3
+    check_lifetime_budget(node, rolled_back, cfg)  # reserved in both places now: nothing more is written
+    assert len(journal.read_text().splitlines()) == 3
+    check_lifetime_budget({"max-total-epsilon": 25.0}, run_state("run-c"), cfg)  # without the journal run-a is forgotten
+    journal.write_text(journal.read_text() + '{"run": "run-d", "epsilon": 10.0}\n')  # a damaged line
+    with pytest.raises(FedPGGANError, match=r"spend-journal .*, line 4: unreadable"):
+        check_lifetime_budget(node, run_state("run-e"), cfg)
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path, capsys):

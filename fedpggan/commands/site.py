@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedpggan.site_check import (LEAVES, STAYS, check_budget, check_ca_certificate, check_data, check_device,
-                                     check_peer_keys, check_private_key, check_state_dir)
+                                     check_peer_keys, check_private_key, check_spend_journal, check_state_dir)
     from fedpggan.site_config import load_site_config
 
     site = load_site_config(args.config, insecure=args.insecure)
@@ -46,11 +46,14 @@ def run(args: argparse.Namespace) -> int:
     budget_line, budget_warnings = check_budget(site, len(data))
     warnings += budget_warnings
     state_line = check_state_dir(site.state_dir)
+    journal_line, journal_warnings = check_spend_journal(site)
+    warnings += journal_warnings
     device_line = check_device(site)
 
     print(f"site {site.site_id}: ready to join {site.superlink}")
-    for label, line in (("data", data_line), ("budget", budget_line), ("state dir", state_line), ("device", device_line),
-                        ("CA certificate", cert_line), ("node key", f"{site.auth_private_key}"), ("peer keys", peers_line)):
+    for label, line in (("data", data_line), ("budget", budget_line), ("state dir", state_line),
+                        ("spend journal", journal_line), ("device", device_line), ("CA certificate", cert_line),
+                        ("node key", f"{site.auth_private_key}"), ("peer keys", peers_line)):
         print(f"  {label:<15}{line}")
     print("will leave this site:\n" + "".join(f"  - {item}\n" for item in LEAVES), end="")
     print("will NOT leave this site:\n" + "".join(f"  - {item}\n" for item in STAYS), end="")
