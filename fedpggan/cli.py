@@ -32,11 +32,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated, differentially private Parallel-Generator GAN for medical images.",
     )
     parser.add_argument("--version", action="version", version=f"fedpggan {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    debug_help = "show tracebacks instead of one-line errors"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"fedpggan.commands.{name}").register(sub)
+    add_debug_after_commands(sub, debug_help)
     return parser
+
+
+def add_debug_after_commands(sub: argparse._SubParsersAction, debug_help: str) -> None:
+    """Accept ``--debug`` after any (sub-)command too; SUPPRESS keeps one given before it."""
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):  # e.g. fedpggan site check
+                add_debug_after_commands(action, debug_help)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -193,7 +193,9 @@ def coerce(name: str, value: Any, default: Any, source: str) -> Any:
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise FedPGGANError(f"{source}: option '{flag(name)}' = {value!r} is not a valid {type(default).__name__}") from None
+        expected = ("a number, or 'none' for no DP" if name == "epsilon" else
+                    {bool: "true or false", int: "a whole number", float: "a number"}.get(type(default), "text"))
+        raise FedPGGANError(f"{source}: option '{flag(name)}' = {value!r} is not {expected}; fix its value") from None
 
 
 def class_prior(spec: str) -> list[float] | None:
@@ -237,8 +239,9 @@ def add_arguments(parser: argparse.ArgumentParser, names: list[str], defaults: d
         default = defaults.get(f.name, f.default)
         shown = "none" if isinstance(default, float) and math.isinf(default) else default
         group.add_argument(
-            f"--{flag(f.name)}", dest=f.name, default=argparse.SUPPRESS, metavar=type(f.default).__name__.upper(),
-            choices=f.metadata["choices"], help=f"{f.metadata['help']} (default: {shown!r})",
+            f"--{flag(f.name)}", dest=f.name, default=argparse.SUPPRESS, choices=f.metadata["choices"],
+            metavar=None if f.metadata["choices"] else type(f.default).__name__.upper(),  # choices show as {a,b}
+            help=f"{f.metadata['help']} (default: {shown!r})",
         )
     parser.add_argument("--config", metavar="FILE", help="TOML file of options (flags override it)")
 
@@ -255,4 +258,5 @@ def resolve(args: argparse.Namespace, names: list[str], defaults: dict[str, Any]
                                     "(see this command's --help for its options)")
         values.update(from_file)
     values.update({n: getattr(args, n) for n in names if hasattr(args, n)})
-    return RunConfig.from_dict(values, source=f"--config {args.config}" if getattr(args, "config", None) else "options")
+    source = f"command line or --config {args.config}" if getattr(args, "config", None) else "command line"
+    return RunConfig.from_dict(values, source=source)

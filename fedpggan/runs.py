@@ -226,13 +226,16 @@ class RunFolder:
                                 "record of it, so no checkpoint's hash can be verified; restore both from a backup")
         if not entries:
             raise FedPGGANError(f"{self.root}: no checkpoints found; train a run first or pass a run folder")
+        skipped = []
         for entry in reversed(entries):
             if self.verified(entry):
+                for file, round_ in skipped if warn else []:  # only when one is usable: otherwise the error says it all
+                    print(f"warning: {file} (round {round_}): missing or hash mismatch (deleted, corrupt or truncated); "
+                          "using an earlier checkpoint", file=sys.stderr)
                 return self.checkpoints / entry["file"], entry
-            if warn:
-                print(f"warning: {self.checkpoints / entry['file']} (round {entry['round']}): missing or hash mismatch "
-                      "(deleted, corrupt or truncated); using an earlier checkpoint", file=sys.stderr)
-        raise FedPGGANError(f"{self.root}: every checkpoint fails its hash check; the run cannot be used")
+            skipped.append((self.checkpoints / entry["file"], entry["round"]))
+        raise FedPGGANError(f"{self.root}: all {len(entries)} checkpoints are missing or fail their hash check (deleted, "
+                            f"corrupt or truncated); restore {self.checkpoints} from a backup, or train the run again")
 
     def checkpoint_file(self, spec: str) -> Path:
         """``--checkpoint FILE|ROUND`` of export and evaluate: a round number (its file in

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from fedpggan.build import (build_gan, open_training_data, pick_device, prior_tensor, seed_everything,
                             warn_single_class, warn_without_dp)
 from fedpggan.config import RunConfig
+from fedpggan.data.sources import run_dataset_name
 from fedpggan.errors import FedPGGANError
 from fedpggan.plots import save_curves, save_sample_grid
 from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings
@@ -163,7 +164,7 @@ def mean_stats(stats: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str
 
 def dataset_info(data) -> dict:
     return {
-        "name": data.name if data.is_medical else f"{data.name} (not medical data)",
+        "name": run_dataset_name(data.name, data.is_medical),
         "source": data.source, "is_medical": data.is_medical, "num_classes": data.num_classes,
         "class_names": data.class_names, "image_size": data.image_size, "channels": data.channels,
         "num_records": len(data),

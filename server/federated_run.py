@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from fedpggan.build import build_gan, derived_seed, pick_device, prior_tensor, seed_everything
 from fedpggan.config import RunConfig
+from fedpggan.data.sources import run_dataset_name
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes
 from fedpggan.plots import save_curves, save_sample_grid
@@ -148,7 +149,7 @@ class FederatedRun:
                 self.ledger.register_site(self.site_id(node), public_num_records=int(site["num-records"]))
         self.run_info = {
             "run_id": self.run_id, "kind": "federated", "config": cfg.to_flower(),
-            "dataset": {"name": facts["dataset"] if facts["is-medical"] else f"{facts['dataset']} (not medical data)",
+            "dataset": {"name": run_dataset_name(facts["dataset"], bool(facts["is-medical"])),
                         "is_medical": bool(facts["is-medical"]), "num_classes": len(self.class_names),
                         "class_names": self.class_names, "image_size": int(facts["image-size"]),
                         "channels": int(facts["channels"]),

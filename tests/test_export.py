@@ -19,6 +19,7 @@ from fedpggan.audit.runner import audited_content
 from fedpggan.cli import main
 from fedpggan.config import RunConfig
 from fedpggan.data import open_dataset, open_phantom
+from fedpggan.data.sources import run_dataset_name
 from fedpggan.errors import FedPGGANError
 from fedpggan.export import ExportOptions, export_run, exporter
 from fedpggan.export.imagefolder import ImageFolderWriter, class_folders
@@ -60,7 +61,7 @@ def gray_run(tmp_path_factory) -> Path:
                                 g_batch_size=16, epsilon=2, accountant="rdp", out=str(root / "run")))
     folder = RunFolder(root / "run")
     run = folder.read_run()
-    run["dataset"].update(name="phantom (not medical data)", is_medical=False,
+    run["dataset"].update(name=run_dataset_name("phantom", is_medical=False), is_medical=False,
                           class_names=open_phantom("test", n=2).class_names)
     folder.write_run(run)
     write_audit(folder.root, passed=True, sites={"central": {"replace_one_epsilon": 3.25}})
@@ -137,6 +138,7 @@ def test_200_image_export_is_complete_reproducible_and_refuses_a_full_folder(gra
     assert sheet["export"]["generator_counts"] == {"G1": 100, "G2": 100}
     assert sheet["export"]["files"]["synthetic.npz"] == sha256_file(a / "synthetic.npz")
     assert sheet["quality"] is None and sheet["versions"]["torch"]
+    assert sheet["dataset"]["name"] == "phantom" and sheet["title"].endswith("(phantom)")  # its public name, unmarked
     markdown = (a / "DATASHEET.md").read_text()
     assert "NOT MEDICAL DATA" in markdown and f"{eps:.4g}" in markdown and "not for diagnosis" in markdown.lower()
     assert "UNAUDITED" not in markdown

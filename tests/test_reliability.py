@@ -358,6 +358,11 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path, 
     err = capsys.readouterr().err
     assert "the newest checkpoint (round 3) is missing or fails its hash check" in err and "--checkpoint ROUND" in err
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+    for entry in folder.checkpoint_index():  # none left that verifies: one line that says how to recover
+        (folder.checkpoints / entry["file"]).unlink(missing_ok=True)
+    assert main(["evaluate", str(run), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run}: all 3 checkpoints are missing") and "from a backup" in err and err.count("\n") == 1
 
 
 # --- failing and hostile sites ------------------------------------------------------------

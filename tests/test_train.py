@@ -125,9 +125,10 @@ def test_toml_config_and_flag_precedence(tmp_path):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["train", "--d-spectral-norm", "maybe"], "option 'd-spectral-norm' = 'maybe' is not a valid bool"),
+    (["train", "--d-spectral-norm", "maybe"], "command line: option 'd-spectral-norm' = 'maybe' is not true or false"),
     (["train", "--config", "{toml}"], "option 'clients' does not apply to this command"),
-    (["simulate", "--config", "{toml}", "--rounds", "x"], "option 'rounds' = 'x' is not a valid int"),
+    (["simulate", "--config", "{toml}", "--rounds", "x"], "option 'rounds' = 'x' is not a whole number"),
+    (["simulate", "--epsilon", "abc"], "command line: option 'epsilon' = 'abc' is not a number, or 'none' for no DP"),
 ])
 def test_an_option_that_would_be_misread_or_ignored_is_refused(argv, message, tmp_path, capsys):
     toml = tmp_path / "c.toml"
@@ -135,6 +136,14 @@ def test_an_option_that_would_be_misread_or_ignored_is_refused(argv, message, tm
     assert main([a.format(toml=toml) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err, err
+
+
+def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path, capsys):
+    assert main(["audit", str(tmp_path)]) == 2  # without it: one line
+    for argv in (["--debug", "audit", str(tmp_path)], ["audit", str(tmp_path), "--debug"],
+                 ["site", "check", "--config", str(tmp_path / "site.toml"), "--debug"]):
+        with pytest.raises(FedPGGANError):
+            main(argv)
 
 
 def test_flower_run_config_round_trip():

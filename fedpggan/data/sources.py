@@ -12,6 +12,8 @@ from fedpggan.data.npz import load_npz
 from fedpggan.data.phantom import open_phantom
 from fedpggan.errors import FedPGGANError
 
+NOT_MEDICAL = " (not medical data)"  # appended to a run's dataset name in run.json
+
 SPLITS = ("train", "val", "test")
 DEFAULT_IMAGE_SIZE = 28
 
@@ -40,10 +42,15 @@ def open_dataset(spec: str, split: str = "train", data_dir: str | None = None,
                         f"'phantom'; set {named_by} to an .npz file in MedMNIST layout or an ImageFolder directory")
 
 
+def run_dataset_name(name: str, is_medical: bool) -> str:
+    """The dataset's name as run.json records it: data that are not medical say so."""
+    return name if is_medical else name + NOT_MEDICAL
+
+
 def public_name(spec: str) -> str:
     """The dataset's name as a site may tell the coordinator: a public benchmark's name (a
-    MedMNIST name or phantom, also as the stem of an .npz file such as pneumoniamnist_64.npz),
-    else "site data". A path names the hospital's own storage and can itself be sensitive, so
-    it never leaves the site."""
-    stem = re.sub(r"_\d+$", "", Path(spec).name.lower().removesuffix(".npz"))
+    MedMNIST name or phantom, also as the stem of an .npz file such as pneumoniamnist_64.npz,
+    or as run.json records it), else "site data". A path names the hospital's own storage and
+    can itself be sensitive, so it never leaves the site."""
+    stem = re.sub(r"_\d+$", "", Path(spec.removesuffix(NOT_MEDICAL)).name.lower().removesuffix(".npz"))
     return stem if stem in MEDMNIST or stem == "phantom" else "site data"
