@@ -133,6 +133,9 @@ def check_lifetime_budget(node_config: dict[str, Any], state: "SiteState", cfg: 
                                     f"together above its max-total-{name} {cap:g}; {smaller}raise max-total-{name} in "
                                     "the site config only if the hospital accepts the larger total")
         if journal is not None:  # first the journal: a crash before the state is saved then counts more, not less
+            for run, budget in others.items():  # runs from before the journal was kept: copied in once
+                if run not in in_journal:
+                    append_reservation(journal, run, *budget)
             append_reservation(journal, state.run_id, *asked)
         state.lifetime_reserved, state.lifetime_reserved_delta = asked  # the reservation the next run's check counts
         state.save()

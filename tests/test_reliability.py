@@ -324,22 +324,28 @@ def test_a_spend_journal_keeps_runs_a_restored_state_dir_forgot(site_setup, tmp_
         state.delta = 1e-5  # as ensure_mechanism sets it before the check
         return state
 
+    def journal_lines():
+        return [(e["run"], e["epsilon"], e["delta"]) for e in map(json.loads, journal.read_text().splitlines())]
+
+    (tmp_path / "state" / "run-early").mkdir(parents=True)  # reserved before the site kept a journal
+    (tmp_path / "state" / "run-early" / "site_state.json").write_text(json.dumps({"lifetime_reserved": 1.0, "delta": 1e-6}))
     check_lifetime_budget(node, run_state("run-a"), cfg)
     check_lifetime_budget(node, run_state("run-b"), cfg)
-    lines = [json.loads(line) for line in journal.read_text().splitlines()]
-    assert [(entry["run"], entry["epsilon"], entry["delta"]) for entry in lines] == [("run-a", 10.0, 1e-5), ("run-b", 10.0, 1e-5)]
-    shutil.rmtree(tmp_path / "state" / "run-a")  # the state dir restored from a backup made before run-a
-    with pytest.raises(FedPGGANError, match=r"earlier runs took 20 \(run-b \(10\), run-a \(10, in spend-journal only\)\)"):
+    assert journal_lines() == [("run-early", 1.0, 1e-6), ("run-a", 10.0, 1e-5), ("run-b", 10.0, 1e-5)]  # copied in once
+    for lost in ("run-early", "run-a"):  # the state dir restored from a backup made before them
+        shutil.rmtree(tmp_path / "state" / lost)
+    with pytest.raises(FedPGGANError, match=r"earlier runs took 21 \(run-b \(10\), run-early \(1, in spend-journal only\), "
+                                            r"run-a \(10, in spend-journal only\)\)"):
         check_lifetime_budget(node, run_state("run-c"), cfg)
-    rolled_back = run_state("run-b")  # a run whose own reservation was lost reserves again: run-a still counts
+    rolled_back = run_state("run-b")  # a run whose own reservation was lost reserves again: the others still count
     rolled_back.lifetime_reserved = None
     check_lifetime_budget(node, rolled_back, cfg)
-    assert len(journal.read_text().splitlines()) == 3
+    assert len(journal_lines()) == 4
     check_lifetime_budget(node, rolled_back, cfg)  # reserved in both places now: nothing more is written
-    assert len(journal.read_text().splitlines()) == 3
-    check_lifetime_budget({"max-total-epsilon": 25.0}, run_state("run-c"), cfg)  # without the journal run-a is forgotten
+    assert len(journal_lines()) == 4
+    check_lifetime_budget({"max-total-epsilon": 25.0}, run_state("run-c"), cfg)  # without the journal they are forgotten
     journal.write_text(journal.read_text() + '{"run": "run-d", "epsilon": 10.0}\n')  # a damaged line
-    with pytest.raises(FedPGGANError, match=r"spend-journal .*, line 4: unreadable"):
+    with pytest.raises(FedPGGANError, match=r"spend-journal .*, line 5: unreadable"):
         check_lifetime_budget(node, run_state("run-e"), cfg)
 
 
