@@ -13,7 +13,6 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ from fedpggan.io import atomic_write_json
 from fedpggan.privacy import default_delta
 from fedpggan.privacy.peer_keys import PeerSigning, load_peer_signing
 from fedpggan.privacy.secure_sum import epsilon_if_all_other_sites_collude
-from fedpggan.privacy.spend_journal import append_reservation, merge_budgets, read_spend_journal
+from fedpggan.privacy.lifetime import append_reservation, merge_budgets, read_spend_journal, reserved_budgets
 from fedpggan.site_config import site_torch_device
 
 
@@ -78,11 +77,14 @@ def check_site_budget(node_config: dict[str, Any], cfg: RunConfig, num_records: 
     if not cfg.dp:
         return
     total_delta = node_config.get("max-total-delta")
+    max_delta = coerce("delta", node_config.get("max-delta", 1.0 / num_records), 0.0, "node config max-delta")
     if total_delta is not None and not coerce("delta", total_delta, 0.0, "node config max-total-delta") < 1.0 / num_records:
         raise FedPGGANError(f"this site's max-total-delta {total_delta} is not below 1/n = {1 / num_records:.3g} for its "
                             f"{num_records} images: a total delta that large allows a record to leak outright; lower it")
+    if total_delta is not None and "max-delta" in node_config and float(total_delta) < max_delta:
+        raise FedPGGANError(f"this site's max-total-delta {total_delta} is below its max-delta {max_delta:g}: one run could "
+                            "pass the lifetime cap; lower max-delta or raise max-total-delta in the site config")
     delta = cfg.delta or default_delta(num_records)
-    max_delta = coerce("delta", node_config.get("max-delta", 1.0 / num_records), 0.0, "node config max-delta")
     if not delta < min(max_delta, 1.0 / num_records) + 1e-15:
         raise FedPGGANError(f"the run's delta {delta:g} is not below this site's limit {min(max_delta, 1 / num_records):g} "
                             "(max-delta, and 1/n for n records); run with a smaller --run-config delta")
@@ -101,7 +103,7 @@ def check_lifetime_budget(node_config: dict[str, Any], state: "SiteState", cfg: 
     lock of the whole state dir, so two runs started at once cannot both fit under the caps; a
     run asking for more than it reserved is checked again. With a ``spend-journal`` (a file on
     another volume) every reservation is also appended there, and the runs it names count too, so
-    a state dir restored from an older backup cannot forget them (fedpggan.privacy.spend_journal)."""
+    a state dir restored from an older backup cannot forget them (fedpggan.privacy.lifetime)."""
     caps = {name: coerce(name, node_config[f"max-total-{name}"], 0.0, f"node config max-total-{name}")
             for name in ("epsilon", "delta") if f"max-total-{name}" in node_config}
     if not caps:
@@ -139,31 +141,6 @@ def check_lifetime_budget(node_config: dict[str, Any], state: "SiteState", cfg: 
             append_reservation(journal, state.run_id, *asked)
         state.lifetime_reserved, state.lifetime_reserved_delta = asked  # the reservation the next run's check counts
         state.save()
-
-
-def reserved_budgets(root: Path) -> dict[str, tuple[float, float]]:
-    """Each run's (epsilon, delta) in the state dir ``root`` that counts towards the lifetime
-    caps: what it reserved, or, for a run that spent before it could reserve, its budget. Read
-    from the files as they are, without loading each run's state (another run's own problems
-    are its own). A run that reserved before deltas were reserved counts at its mechanism's
-    delta, or at 1 (no guarantee) when it has none; a run that trained without DP counts as
-    (infinite, 1), even one made while the site had no cap."""
-    budgets = {}
-    for path in sorted(root.glob("*/site_state.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise FedPGGANError(f"{path}: unreadable ({exc}); the lifetime cap cannot count that run's spend: restore "
-                                "the file from backup") from exc
-        if data.get("trained_without_dp"):  # whatever it reserved: its records were read without DP
-            budgets[path.parent.name] = (math.inf, 1.0)
-            continue
-        spent = data.get("budget_epsilon") if data.get("history") else None
-        counted = [eps for eps in (data.get("lifetime_reserved"), spent) if eps is not None]
-        if counted:
-            delta = data.get("lifetime_reserved_delta") or data.get("delta")
-            budgets[path.parent.name] = (max(counted), 1.0 if delta is None else float(delta))
-    return budgets
 
 
 def check_collusion_cap(node_config: dict[str, Any], state: "SiteState", num_sites: int) -> None:

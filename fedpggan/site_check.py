@@ -18,6 +18,7 @@ import torch
 from fedpggan.data import ImageDataset, open_dataset
 from fedpggan.errors import FedPGGANError
 from fedpggan.preflight import check_image_size
+from fedpggan.privacy.lifetime import merge_budgets, read_spend_journal, reserved_budgets
 from fedpggan.privacy.peer_keys import load_peer_signing, load_signing_key, openssh_public
 from fedpggan.site_config import SiteConfig, site_torch_device
 
@@ -100,8 +101,6 @@ def check_spend_journal(site: SiteConfig) -> tuple[str, list[str]]:
     """The copy of the lifetime reservations outside ``state-dir``: never inside it (a restore of the
     state dir would roll it back too), its folder writable now, its lines readable; runs it names
     that the state dir lacks are reported (they still count towards the lifetime caps)."""
-    from fedpggan.privacy.spend_journal import read_spend_journal
-
     journal = site.spend_journal
     if journal is None:
         return "none: a state dir restored from an older backup forgets the runs made since (privacy.spend-journal)", []
@@ -121,6 +120,28 @@ def check_spend_journal(site: SiteConfig) -> tuple[str, list[str]]:
         warnings.append(f"privacy.spend-journal names run(s) that state-dir lacks ({', '.join(missing)}): was state-dir "
                         "restored from an older backup? They still count towards the lifetime caps")
     return f"{journal}: {len(recorded)} run(s) recorded", warnings
+
+
+def check_lifetime_left(site: SiteConfig) -> tuple[str, list[str]]:
+    """What the lifetime caps leave for new runs, counted as the site will count it (the state
+    dir and the spend journal); a site that would refuse a run at its own max-epsilon is warned."""
+    caps = {"epsilon": site.max_total_epsilon, "delta": site.max_total_delta}
+    if all(cap is None for cap in caps.values()):
+        return "no lifetime cap", []
+    journal = {} if site.spend_journal is None else read_spend_journal(site.spend_journal)
+    budgets = merge_budgets(reserved_budgets(site.state_dir), journal)
+    parts, warnings = [], []
+    for i, (name, cap) in enumerate(caps.items()):
+        if cap is None:
+            continue
+        used = sum(budget[i] for budget in budgets.values())
+        parts.append(f"{name} {used:g} of {cap:g} used by {len(budgets)} run(s), {max(cap - used, 0.0):g} left")
+        per_run = site.max_epsilon if name == "epsilon" else site.max_delta
+        if per_run is not None and used + per_run > cap * (1 + 1e-9):
+            warnings.append(f"privacy.max-total-{name}: {max(cap - used, 0.0):g} left, less than one run at this site's "
+                            f"max-{name} {per_run:g}; such a run will be refused: raise max-total-{name} knowingly, or "
+                            f"accept only runs with a smaller {name}")
+    return "; ".join(parts), warnings
 
 
 def check_ca_certificate(path: Path) -> tuple[str, list[str]]:

@@ -122,8 +122,9 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
     total_delta = get.value(privacy, "privacy.max-total-delta", (int, float), required=False)
     if total_delta is not None and not (math.isfinite(max_epsilon) and 0 < total_delta < 1
                                         and (max_delta is None or total_delta >= max_delta)):
-        raise get.error("privacy.max-total-delta", "a number in (0, 1), at least max-delta, with max-epsilon a number "
-                                                   "(e.g. 1e-4 for ten runs at 1e-5), or leave it out for no cap")
+        raise get.error("privacy.max-total-delta", f"a number in (0, 1), at least max-delta ({max_delta}; lower that if it "
+                                                   "is the mistake), with max-epsilon a number (e.g. 1e-4 for ten runs at "
+                                                   "1e-5), or leave it out for no cap")
     journal = get.value(privacy, "privacy.spend-journal", str, required=False)
     if journal is not None and total is None and total_delta is None:
         raise get.error("privacy.spend-journal", "left out, or set together with max-total-epsilon or max-total-delta "

@@ -156,8 +156,14 @@ def hide_release(ledger):
     del ledger["sites"]["central"]["feature_release"]
 
 
+def raise_delta(ledger):
+    """A larger delta than the run's default (config delta 0: min(1e-5, 1/(10 n)))."""
+    ledger["sites"]["central"]["delta"] *= 5
+
+
 @pytest.mark.parametrize("edit, field, words", [
     (halve_noise, "sites.central.noise_multiplier", "calibrated"),
+    (raise_delta, "sites.central.delta", "exceeds the default min(1e-5, 1/(10 n))"),
     (hide_release, "sites.central.rounds", "spend is missing"),
     (remove_round, "sites.central.rounds", "round(s) 2 missing"),
     (change_sample_rate, "sites.central.sample_rate", "batch-size"),

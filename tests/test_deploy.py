@@ -407,6 +407,7 @@ def test_a_sites_cap_on_a_secure_releases_worst_case_reaches_its_node_config(sit
 def test_a_sites_lifetime_cap_reaches_its_node_config(site_toml, capsys):
     code, out, _ = site_check(capsys, site_toml(extra_privacy="max-total-epsilon = 25.0\nmax-total-delta = 1e-4\n"))
     assert code == 0 and "at most 25 over all runs (max-total-epsilon)" in out
+    assert "epsilon 0 of 25 used by 0 run(s), 25 left; delta 0 of 0.0001 used by 0 run(s), 0.0001 left" in out
     assert "per run, at most 0.0001 over all runs (max-total-delta)" in out
     command = out.split("start the site with:\n", 1)[1].strip()
     node = parse_config_args([re.search(r"--node-config '([^']+)'", command).group(1)])
@@ -425,6 +426,10 @@ def test_a_sites_spend_journal_is_checked_and_reaches_its_node_config(site_toml,
     journal.write_text('{"run": "run-a", "epsilon": 10.0, "delta": 1e-05}\n')  # a run the state dir does not hold
     code, out, err = site_check(capsys, site_toml(extra_privacy=caps))
     assert code == 0 and "1 run(s) recorded" in out and "names run(s) that state-dir lacks (run-a)" in err
+    assert "epsilon 10 of 25 used by 1 run(s), 15 left" in out and "less than one run" not in err
+    journal.write_text(journal.read_text() + '{"run": "run-b", "epsilon": 10.0, "delta": 1e-05}\n')
+    code, out, err = site_check(capsys, site_toml(extra_privacy=caps))  # ready, but warned: a run at max-epsilon won't fit
+    assert code == 0 and "5 left" in out and "max-total-epsilon: 5 left, less than one run at this site's max-epsilon 10" in err
     for bad, names in ((f'"{tmp_path / "state" / "spend.jsonl"}"', "lies inside state-dir"),
                        (f'"{tmp_path / "nowhere" / "spend.jsonl"}"', "its folder does not exist or it is not writable")):
         code, _, err = site_check(capsys, site_toml(extra_privacy=f"max-total-epsilon = 25.0\nspend-journal = {bad}\n"))
@@ -518,7 +523,7 @@ def test_site_device_errors_name_the_setting(monkeypatch, name):
 def test_site_check_rejects_an_unwritable_state_dir(site_toml, capsys, tmp_path):
     (tmp_path / "taken").write_text("a file, not a folder")
     code, _, err = site_check(capsys, site_toml(state_dir=f'"{tmp_path / "taken"}"'))
-    assert code == 2 and err.startswith("error: state-dir") and err.count("\n") == 1
+    assert code == 2 and err.startswith(f"error: --config {tmp_path / 'site.toml'}: state-dir") and err.count("\n") == 1
 
 
 def test_site_check_warns_about_no_dp_and_insecure(site_toml, capsys):

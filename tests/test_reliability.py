@@ -310,6 +310,8 @@ def test_a_site_caps_the_deltas_of_all_runs_on_its_records_too(site_setup, tmp_p
         check_lifetime_budget({"max-total-epsilon": 1000.0}, run_state("run-later"), cfg)
     with pytest.raises(FedPGGANError, match=r"max-total-delta 0.01 is not below 1/n = 0.01"):
         check_site_budget({"max-epsilon": 10.0, "max-total-delta": 0.01}, cfg, 100)
+    with pytest.raises(FedPGGANError, match=r"max-total-delta 1e-06 is below its max-delta 1e-05: one run could pass"):
+        check_site_budget({"max-epsilon": 10.0, "max-total-delta": 1e-6, "max-delta": 1e-5}, cfg, 100)
 
 
 def test_a_spend_journal_keeps_runs_a_restored_state_dir_forgot(site_setup, tmp_path):

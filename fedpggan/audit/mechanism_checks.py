@@ -14,6 +14,7 @@ import math
 from fedpggan.audit import accountants
 from fedpggan.audit.findings import Finding, close
 from fedpggan.audit.records import RunFacts, Site, number
+from fedpggan.privacy.accounting import default_delta
 from fedpggan.privacy.dp_discriminator import sample_rate
 
 
@@ -89,9 +90,12 @@ def check_budget_and_delta(site: Site, facts: RunFacts) -> list[Finding]:
     if not site.delta < 1.0 / site.public_num_records:
         out.append(Finding(f"{p}.delta", f"{site.delta:g} is not below 1/n = 1/{site.public_num_records}: "
                                          "the guarantee would allow leaking a whole record"))
-    config_delta = number(facts.config.get("delta")) or 0.0
-    if config_delta > 0 and site.delta > config_delta * (1 + 1e-9):
-        out.append(Finding(f"{p}.delta", f"{site.delta:g} exceeds the config delta {config_delta:g}"))
+    config_delta = number(facts.config.get("delta")) or 0.0  # 0: each site's default, min(1e-5, 1/(10 n))
+    run_delta = config_delta if config_delta > 0 else default_delta(site.public_num_records)
+    if site.delta > run_delta * (1 + 1e-9):
+        source = f"the config delta {config_delta:g}" if config_delta > 0 else (
+            f"the default min(1e-5, 1/(10 n)) = {run_delta:g} for its {site.public_num_records} records (config delta 0)")
+        out.append(Finding(f"{p}.delta", f"{site.delta:g} exceeds {source}"))
     if facts.config.get("accountant") not in (None, site.accountant):
         out.append(Finding(f"{p}.accountant", f"{site.accountant!r}, but the config says {facts.config['accountant']!r}"))
     clip = number(facts.config.get("max-grad-norm"))

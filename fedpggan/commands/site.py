@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedpggan.site_config import SiteConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,11 +31,33 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedpggan.site_check import (LEAVES, STAYS, check_budget, check_ca_certificate, check_data, check_device,
-                                     check_peer_keys, check_private_key, check_spend_journal, check_state_dir)
+    from fedpggan.errors import FedPGGANError
+    from fedpggan.site_check import LEAVES, STAYS
     from fedpggan.site_config import load_site_config
 
     site = load_site_config(args.config, insecure=args.insecure)
+    try:
+        lines, warnings, public_key = check_site(site)
+    except FedPGGANError as exc:  # every problem names the config file it is to be fixed in
+        raise (exc if str(exc).startswith("--config") else FedPGGANError(f"--config {site.path}: {exc}")) from None
+
+    print(f"site {site.site_id}: ready to join {site.superlink}")
+    for label, line in lines:
+        print(f"  {label:<15}{line}")
+    print("will leave this site:\n" + "".join(f"  - {item}\n" for item in LEAVES), end="")
+    print("will NOT leave this site:\n" + "".join(f"  - {item}\n" for item in STAYS), end="")
+    print(f"send this public key to the coordinator (flwr supernode register):\n  {public_key}")
+    print(f"start the site with:\n  {site.supernode_command_line()}")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def check_site(site: SiteConfig) -> tuple[list[tuple[str, str]], list[str], str]:
+    """Run every check: (report lines, warnings, the node's public key to register)."""
+    from fedpggan.site_check import (check_budget, check_ca_certificate, check_data, check_device, check_lifetime_left,
+                                     check_peer_keys, check_private_key, check_spend_journal, check_state_dir)
+
     warnings = []
     if site.root_certificates is None:
         warnings.append("--insecure: no CA certificate; the SuperNode will talk to the coordinator WITHOUT TLS. "
@@ -44,21 +70,11 @@ def run(args: argparse.Namespace) -> int:
     peers_line = check_peer_keys(site)
     data, data_line = check_data(site)
     budget_line, budget_warnings = check_budget(site, len(data))
-    warnings += budget_warnings
     state_line = check_state_dir(site.state_dir)
     journal_line, journal_warnings = check_spend_journal(site)
-    warnings += journal_warnings
-    device_line = check_device(site)
-
-    print(f"site {site.site_id}: ready to join {site.superlink}")
-    for label, line in (("data", data_line), ("budget", budget_line), ("state dir", state_line),
-                        ("spend journal", journal_line), ("device", device_line), ("CA certificate", cert_line),
-                        ("node key", f"{site.auth_private_key}"), ("peer keys", peers_line)):
-        print(f"  {label:<15}{line}")
-    print("will leave this site:\n" + "".join(f"  - {item}\n" for item in LEAVES), end="")
-    print("will NOT leave this site:\n" + "".join(f"  - {item}\n" for item in STAYS), end="")
-    print(f"send this public key to the coordinator (flwr supernode register):\n  {public_key}")
-    print(f"start the site with:\n  {site.supernode_command_line()}")
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    return 0
+    lifetime_line, lifetime_warnings = check_lifetime_left(site)
+    warnings += budget_warnings + journal_warnings + lifetime_warnings
+    lines = [("data", data_line), ("budget", budget_line), ("state dir", state_line), ("spend journal", journal_line),
+             ("lifetime", lifetime_line), ("device", check_device(site)), ("CA certificate", cert_line),
+             ("node key", str(site.auth_private_key)), ("peer keys", peers_line)]
+    return lines, warnings, public_key

@@ -1,0 +1,97 @@
+"""What all runs on a site's records have spent together: the lifetime caps' arithmetic.
+
+The lifetime caps (``max-total-epsilon``, ``max-total-delta``) count the runs in the site's
+state dir. A state dir restored from an older backup forgets the runs made since, and the
+site could then spend their budget again. The optional spend journal is an append-only file
+of one JSON line per reservation, kept on another volume (``spend-journal`` in the site
+config): the caps count every run it names, whether or not the state dir still holds it.
+
+Privacy assumptions: basic composition across runs (their epsilons add up, and so do their
+deltas); the journal and the state dir are not both rolled back to the same older copy; a run
+counts at the largest (epsilon, delta) either of them recorded for it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fedpggan.errors import FedPGGANError
+
+Budgets = dict[str, tuple[float, float]]
+
+
+def reserved_budgets(root: Path) -> Budgets:
+    """Each run's (epsilon, delta) in the state dir ``root`` that counts towards the lifetime
+    caps: what it reserved, or, for a run that spent before it could reserve, its budget. Read
+    from the files as they are, without loading each run's state (another run's own problems
+    are its own). A run that reserved before deltas were reserved counts at its mechanism's
+    delta, or at 1 (no guarantee) when it has none; a run that trained without DP counts as
+    (infinite, 1), even one made while the site had no cap."""
+    budgets = {}
+    for path in sorted(root.glob("*/site_state.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise FedPGGANError(f"{path}: unreadable ({exc}); the lifetime cap cannot count that run's spend: restore "
+                                "the file from backup") from exc
+        if data.get("trained_without_dp"):  # whatever it reserved: its records were read without DP
+            budgets[path.parent.name] = (math.inf, 1.0)
+            continue
+        spent = data.get("budget_epsilon") if data.get("history") else None
+        counted = [eps for eps in (data.get("lifetime_reserved"), spent) if eps is not None]
+        if counted:
+            delta = data.get("lifetime_reserved_delta") or data.get("delta")
+            budgets[path.parent.name] = (max(counted), 1.0 if delta is None else float(delta))
+    return budgets
+
+
+def merge_budgets(state_dir_budgets: Budgets, journal_budgets: Budgets) -> Budgets:
+    """Every run either record names, at the larger epsilon and the larger delta of the two."""
+    merged = dict(state_dir_budgets)
+    for run, (epsilon, delta) in journal_budgets.items():
+        old = merged.get(run, (0.0, 0.0))
+        merged[run] = (max(old[0], epsilon), max(old[1], delta))
+    return merged
+
+
+def read_spend_journal(path: str | Path) -> Budgets:
+    """Each run's largest reserved (epsilon, delta) in the journal; a missing file is empty
+    (no reservation made yet), a line that cannot be read is a one-line error."""
+    path = Path(path)
+    budgets: Budgets = {}
+    try:
+        lines = path.read_text().splitlines() if path.exists() else []
+    except OSError as exc:
+        raise FedPGGANError(f"spend-journal {path}: cannot read ({exc.strerror}); fix its permissions or the "
+                            "'spend-journal' path in the site config") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            run, epsilon, delta = str(entry["run"]), float(entry["epsilon"]), float(entry["delta"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FedPGGANError(f"spend-journal {path}, line {number}: unreadable ({exc}); the lifetime caps cannot count "
+                                "that run: restore the file from backup (never delete lines from it)") from None
+        old = budgets.get(run, (0.0, 0.0))
+        budgets[run] = (max(old[0], epsilon), max(old[1], delta))
+    return budgets
+
+
+def append_reservation(path: str | Path, run: str, epsilon: float, delta: float) -> None:
+    """Append one reservation and fsync it before the caller records it in the state dir, so a
+    crash in between leaves the journal counting more, never less."""
+    entry = {"run": run, "epsilon": epsilon if math.isfinite(epsilon) else "inf", "delta": delta,
+             "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise FedPGGANError(f"spend-journal {path}: cannot append ({exc.strerror}); the run reserves nothing until it "
+                            "can: fix the volume or the 'spend-journal' path in the site config") from None
