@@ -27,9 +27,9 @@ from fedpggan.data import ImageDataset, open_dataset, partition
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json
 from fedpggan.privacy import default_delta
+from fedpggan.privacy.lifetime import append_reservation, merge_budgets, read_spend_journal, reserved_budgets
 from fedpggan.privacy.peer_keys import PeerSigning, load_peer_signing
 from fedpggan.privacy.secure_sum import epsilon_if_all_other_sites_collude
-from fedpggan.privacy.lifetime import append_reservation, merge_budgets, read_spend_journal, reserved_budgets
 from fedpggan.site_config import site_torch_device
 
 
