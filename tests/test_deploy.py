@@ -282,12 +282,18 @@ def test_compose_demo_is_secured_and_keeps_data_read_only():
         assert site["build"]["dockerfile"] == "deploy/Dockerfile.site" and "--insecure" not in args
         assert {"--root-certificates", "--auth-supernode-private-key"} <= set(args), name
         node = parse_config_args([args["--node-config"]])
-        assert set(node) == {"site-id", "data-path", "state-dir", "max-epsilon", "peer-keys", "auth-private-key"}, name
+        assert set(node) == {"site-id", "data-path", "state-dir", "max-epsilon", "max-total-epsilon", "spend-journal",
+                             "peer-keys", "auth-private-key"}, name
         mounts = {m.group(2): (m.group(1), m.group(3)) for m in map(VOLUME.fullmatch, site["volumes"])}
         assert mounts[node["data-path"]][1] == ":ro", "site data must be mounted read-only"
         assert mounts[node["peer-keys"]] == ("./keys/peers.pub", ":ro"), "the roster of peer keys, read-only"
         assert mounts[node["auth-private-key"]][0] == f"./keys/{name}" and node["auth-private-key"].endswith(args["--auth-supernode-private-key"])
         assert mounts[node["state-dir"]][0] in named, "the accountant needs a persistent named volume"
+        journal = Path(node["spend-journal"]).parent
+        assert mounts[str(journal)][0] in named - {mounts[node["state-dir"]][0]}, "the journal needs its own volume"
+        assert float(node["max-total-epsilon"]) >= float(node["max-epsilon"]), "a lifetime cap the site accepts"
+        owned = re.search(r"mkdir -p ([^&]+)&& chown app:app", (DEPLOY / "Dockerfile.site").read_text()).group(1).split()
+        assert {node["state-dir"], str(journal)} <= set(owned), "a fresh named volume is writable only on a mount point the image owns"
 
 
 def test_flower_run_config_lists_every_federated_option_with_its_default():
