@@ -4,7 +4,7 @@
 ``train``: DP-SGD on the discriminator with the site's own images (client/site_round.py),
 reply with D's weights and the privacy spend. ``release_keys``, ``release_masked`` and
 ``release_reveal``: the three steps of the secure release (fedpggan.privacy.secure_sum).
-Nothing else leaves the site.
+Nothing else leaves the site; a failure's text does, without the site's paths (``site_handler``).
 
 A round that was trained but whose reply was lost (the server died) is replayed from the
 site's cache when the server asks for it again with the same inputs: the same output is
@@ -13,18 +13,20 @@ released again, so the spend is not charged twice.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site import (SiteState, check_collusion_cap, check_lifetime_budget, check_site_budget, load_site_data,
-                         peer_signing, site_device, site_identity, site_lock, state_dir)
+                         peer_signing, shared_error, site_device, site_identity, site_lock, state_dir)
 from client.site_round import (ensure_mechanism, ensure_noise_key, ensure_release, public_facts, round_key,
                                run_site_round)
 from fedpggan.build import build_gan
@@ -32,7 +34,7 @@ from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes
 from fedpggan.privacy.peer_keys import sign_key, verify_key_list
-from fedpggan.privacy.secure_sum import (masked_share, new_key_pair, new_self_mask_seed, private_key_bytes, private_key_from,
+from fedpggan.privacy.secure_sum import (check_key_list, masked_share, new_key_pair, new_self_mask_seed, private_key_bytes, private_key_from,
                                          public_key_of, seed_commitment)
 from fedpggan.wire import (arrays_sha256, generator_arrays, key_reply, load_generators, masked_reply, public_keys_of,
                           reply_content, reveal_reply, signed_keys_of)
@@ -42,6 +44,18 @@ ROUND_KEYS = ("round", "run-id", "site-state-root")
 
 app = ClientApp()
 warnings.filterwarnings("ignore", module="opacus")
+
+
+def site_handler(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """A handler whose failures reach the coordinator without the site's paths or other studies
+    (client.site.shared_error); the full error stays in the SuperNode's log, as the cause."""
+    @functools.wraps(handler)
+    def handle(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            raise FedPGGANError(shared_error(exc, context.node_config)) from exc
+    return handle
 
 
 def run_config_of(msg: Message) -> tuple[RunConfig, dict]:
@@ -60,6 +74,7 @@ def site_index(node_config: dict) -> int:
 
 
 @app.query()
+@site_handler
 def query(msg: Message, context: Context) -> Message:
     cfg, _ = run_config_of(msg)
     data = load_site_data(context.node_config, cfg)
@@ -69,6 +84,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 @app.query("release_keys")
+@site_handler
 def release_keys(msg: Message, context: Context) -> Message:
     """Secure release, step 1: a fresh key pair; the public key leaves, the private one stays. A
     site with a roster (``peer-keys``) signs it for this run with its SuperNode key."""
@@ -84,6 +100,7 @@ def release_keys(msg: Message, context: Context) -> Message:
 
 
 @app.query("release_masked")
+@site_handler
 def release_masked(msg: Message, context: Context) -> Message:
     """Secure release, step 2: this site's share of the release (1/sqrt(N) of the noise), masked
     towards every other key of the list and self-masked; only the sum of all N vectors, with every
@@ -104,6 +121,7 @@ def release_masked(msg: Message, context: Context) -> Message:
             raise FedPGGANError("secure release: this site already revealed its self-mask for another attempt of this run, "
                                 "so it takes part in no other; start a new run")
         private = private_key_from(state.secure_key_file.read_bytes())
+        check_key_list(public_key_of(private), publics)  # before anything is charged
         data = load_site_data(context.node_config, cfg)
         check_site_budget(context.node_config, cfg, len(data))
         ensure_noise_key(state, cfg, site_index(context.node_config))
@@ -123,6 +141,7 @@ def release_masked(msg: Message, context: Context) -> Message:
 
 
 @app.query("release_reveal")
+@site_handler
 def release_reveal(msg: Message, context: Context) -> Message:
     """Secure release, step 3: the self-mask seed of this site's latest vector, once the server
     has every vector of that attempt. Revealed for one attempt only, so this site's share is in
@@ -146,9 +165,11 @@ def release_reveal(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@site_handler
 def train(msg: Message, context: Context) -> Message:
     cfg, raw = run_config_of(msg)
-    torch.set_num_threads(max(1, int(cfg.client_cpus)))
+    if "partition-id" in context.node_config:  # a simulated site gets --client-cpus; a deployed one keeps its cores
+        torch.set_num_threads(max(1, int(cfg.client_cpus)))
     round_num, run_id = int(raw["round"]), str(raw["run-id"])
     root = state_dir(context.node_config, raw)
     with site_lock(root, run_id):  # a stale ClientApp of a crashed run must not overwrite newer state
@@ -177,7 +198,7 @@ def train_round(msg: Message, context: Context, cfg: RunConfig, state: SiteState
     gan.d.load_state_dict(msg.content["d"].to_torch_state_dict())
     load_generators(gan, msg.content["g"])
     result = run_site_round(gan, data, cfg, state, round_num, site_index(context.node_config), input_sha)
-    status = {"status": result.status, "site-id": site_id, "accountant": cfg.accountant, "replayed": False,
+    status = {"status": result.status, "site-id": site_id, "replayed": False,
               "recovered": result.recovered,
               "t-compute": time.perf_counter() - started}  # data loading + training: the rest of a round is Flower
     g_record = generator_arrays(gan) if cfg.generator_training == "local" and result.status == "trained" else None

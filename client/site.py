@@ -33,13 +33,33 @@ from fedpggan.privacy.secure_sum import epsilon_if_all_other_sites_collude
 from fedpggan.site_config import site_torch_device
 
 
+# Node-config keys whose values are paths at the site: never named in what it tells the coordinator.
+PATH_KEYS = ("data-path", "state-dir", "spend-journal", "peer-keys", "auth-private-key")
+
+
+def shared_error(exc: Exception, node_config: dict[str, Any]) -> str:
+    """What the site tells the coordinator about a failure: the error's ``shared`` text, or its
+    message, with the site's own paths replaced by their node-config keys (Flower sends a
+    ClientApp's exception text to the coordinator verbatim; the site's log keeps it whole)."""
+    text = getattr(exc, "shared", None) or (str(exc) if isinstance(exc, FedPGGANError) else f"{type(exc).__name__}: {exc}")
+    paths = {}
+    for key in PATH_KEYS:
+        if key in node_config:
+            value = str(node_config[key])
+            paths.update({value: key, str(Path(value).expanduser().resolve()): key})
+    for path in sorted(paths, key=len, reverse=True):
+        text = text.replace(path, f"<{paths[path]}>")
+    return text
+
+
 def site_identity(node_config: dict[str, Any]) -> str:
     """The site id: ``site-id`` from the node config, else the simulation partition id."""
     if "site-id" in node_config:
         return str(node_config["site-id"])
     if "partition-id" in node_config:
         return str(node_config["partition-id"])
-    raise FedPGGANError("node config has neither 'site-id' nor 'partition-id'; start the SuperNode with --node-config \"site-id=... data-path=... state-dir=...\"")
+    raise FedPGGANError("node config has neither 'site-id' nor 'partition-id'; start the SuperNode with the --node-config "
+                        "that `fedpggan site check --config site.toml` prints")
 
 
 def load_site_data(node_config: dict[str, Any], cfg: RunConfig) -> ImageDataset:
@@ -47,7 +67,8 @@ def load_site_data(node_config: dict[str, Any], cfg: RunConfig) -> ImageDataset:
     if "data-path" in node_config:
         return _open_cached(str(node_config["data-path"]), cfg.image_size)
     if "partition-id" not in node_config:
-        raise FedPGGANError("node config lacks 'data-path'; start the SuperNode with --node-config \"data-path=/data/site.npz ...\"")
+        raise FedPGGANError("node config lacks 'data-path'; start the SuperNode with the --node-config that "
+                            "`fedpggan site check --config site.toml` prints")
     return _partition_cached(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.partition, cfg.alpha,
                              cfg.min_per_site, int(node_config["num-partitions"]), int(node_config["partition-id"]))
 
@@ -68,7 +89,12 @@ def check_site_budget(node_config: dict[str, Any], cfg: RunConfig, num_records: 
     """Refuse a run that asks for more than this site's own cap (``max-epsilon``, ``max-delta``).
 
     The run config comes from the coordinator; the cap is the hospital's decision, so it is
-    enforced here, before any spend is reserved. ``max-epsilon="none"`` accepts runs without DP."""
+    enforced here, before any spend is reserved. ``max-epsilon="none"`` accepts runs without DP;
+    a deployed site (``data-path``) must say so: a cap left out refuses every run, so that a
+    hand-typed node config cannot drop it. A simulated site, whose operator holds all the data, has none."""
+    if "data-path" in node_config and "max-epsilon" not in node_config:
+        raise FedPGGANError("this site's node config has no max-epsilon, so it refuses every run; start the SuperNode with "
+                            "the --node-config that `fedpggan site check --config site.toml` prints")
     cap = coerce("epsilon", node_config.get("max-epsilon", "none"), 0.0, "node config max-epsilon")
     if cfg.epsilon > cap:
         asked = "none (no DP)" if not cfg.dp else f"{cfg.epsilon:g}"
@@ -133,7 +159,9 @@ def check_lifetime_budget(node_config: dict[str, Any], state: "SiteState", cfg: 
                 smaller = f"run with a smaller --run-config {name}, or " if cfg.dp else ""
                 raise FedPGGANError(f"the run asks for {asks} and this site's earlier runs took {earlier:g} ({runs}): "
                                     f"together above its max-total-{name} {cap:g}; {smaller}raise max-total-{name} in "
-                                    "the site config only if the hospital accepts the larger total")
+                                    "the site config only if the hospital accepts the larger total",
+                                    shared=f"the run asks for {asks}, more than this site's lifetime cap (max-total-{name}) "
+                                           "has left after its other studies; the site's log names them")
         if journal is not None:  # first the journal: a crash before the state is saved then counts more, not less
             for run, budget in others.items():  # runs from before the journal was kept: copied in once
                 if run not in in_journal:

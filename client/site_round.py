@@ -26,7 +26,7 @@ from fedpggan.config import RunConfig
 from fedpggan.data import ImageDataset
 from fedpggan.data.sources import public_name
 from fedpggan.errors import FedPGGANError
-from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, epsilon_of, extend_history
+from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, default_delta, epsilon_of, extend_history
 from fedpggan.io import atomic_write_bytes
 from fedpggan.privacy.mechanism import site_mechanism
 from fedpggan.privacy.feature_release import features_for, release_entry, release_sum
@@ -55,8 +55,15 @@ class RoundResult:
 
 def ensure_mechanism(state: SiteState, cfg: RunConfig, num_records: int) -> None:
     """Fix this site's DP mechanism on first contact: q from its (public) size, sigma calibrated
-    for the whole planned run so that the final epsilon meets the budget."""
+    for the whole planned run so that the final epsilon meets the budget. Once fixed, a message
+    asking for another budget is refused: the site's caps were checked against the run's epsilon
+    and delta, so they must be the ones it keeps spending under."""
     if state.noise_multiplier is not None:
+        delta = cfg.delta or default_delta(num_records)
+        if (cfg.epsilon, delta, cfg.accountant) != (state.budget_epsilon, state.delta, state.accountant):
+            raise FedPGGANError(f"the run now asks for epsilon {cfg.epsilon:g}, delta {delta:g} ({cfg.accountant}), but this "
+                                f"site fixed its mechanism for epsilon {state.budget_epsilon:g}, delta {state.delta:g} "
+                                f"({state.accountant}) at first contact; continue the run with its own options")
         return
     state.budget_epsilon = cfg.epsilon
     state.accountant = cfg.accountant

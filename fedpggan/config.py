@@ -178,6 +178,8 @@ def coerce(name: str, value: Any, default: Any, source: str) -> Any:
     if name == "epsilon" and isinstance(value, str) and value.strip().lower() in ("none", "inf", "off"):
         return math.inf
     try:
+        if not isinstance(value, (str, int, float)) or (isinstance(value, bool) and not isinstance(default, bool)):
+            raise ValueError  # a TOML list or table, or true/false for a number or text
         if isinstance(default, bool):
             words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
             if isinstance(value, str) and value.strip().lower() in words:
@@ -190,7 +192,10 @@ def coerce(name: str, value: Any, default: Any, source: str) -> Any:
                 raise ValueError
             return int(value)
         if isinstance(default, float):
-            return float(value)
+            number = float(value)
+            if math.isnan(number):
+                raise ValueError
+            return number
         return str(value)
     except (TypeError, ValueError):
         expected = ("a number, or 'none' for no DP" if name == "epsilon" else
@@ -223,9 +228,14 @@ def read_toml(path: str | Path, fix: str = "check the path") -> dict[str, Any]:
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
+    """The options of a flat file, or of its [fedpggan] table (then nothing may stand beside it)."""
     data = read_toml(path)
-    # Accept a flat file or one with a [fedpggan] table.
-    return data.get("fedpggan", data)
+    if "fedpggan" not in data:
+        return data
+    if not isinstance(data["fedpggan"], dict) or len(data) > 1:
+        raise FedPGGANError(f"--config {path}: put every option either at the top of the file or under one [fedpggan] "
+                            f"table, not both (found {', '.join(sorted(data))})")
+    return data["fedpggan"]
 
 
 def add_arguments(parser: argparse.ArgumentParser, names: list[str], defaults: dict[str, Any] | None = None) -> None:

@@ -241,23 +241,13 @@ class RunFolder:
         """``--checkpoint FILE|ROUND`` of export and evaluate: a round number (its file in
         checkpoints/), a .pt path, or a file name in checkpoints/."""
         spec = str(spec)
-        candidates = [self.checkpoint_path(int(spec))] if spec.isdigit() else [Path(spec).expanduser(), self.checkpoints / spec]
+        candidates = [self.checkpoint_path(int(spec))] if spec.isascii() and spec.isdigit() else [Path(spec).expanduser(), self.checkpoints / spec]
         for path in candidates:
             if path.is_file():
                 return path
         rounds = ", ".join(str(e["round"]) for e in self.checkpoint_index() if (self.checkpoints / e["file"]).is_file())
         raise FedPGGANError(f"--checkpoint {spec}: no such checkpoint file or round; give a .pt file or a round "
                             f"with a checkpoint in {self.checkpoints} ({rounds or 'none'})")
-
-
-def resolve_checkpoint(run_or_file: str | Path) -> Path:
-    """A run folder (its newest verified checkpoint) or a checkpoint file, as given by the user."""
-    path = Path(run_or_file)
-    if path.is_dir():
-        return RunFolder(path).latest_checkpoint()[0]
-    if path.is_file():
-        return path
-    raise FedPGGANError(f"{path}: no such run folder or checkpoint file")
 
 
 # How each kind of run is continued, for the one line that refuses the other command.

@@ -30,14 +30,17 @@ LEAVES = ("discriminator weights after DP-SGD (per-sample clipped, Gaussian nois
           "one DP release of per-class mean image embeddings (noised, counted in epsilon); in a secure release "
           "instead a one-run public key (signed with the node key when peer-keys is set) and the masked share",
           "public facts: site id, number of images, image size, channels, class names, dataset name (its MedMNIST name or 'site data')",
-          "how long the site's round took (the coordinator sees the reply's arrival time anyway)")
+          "how long the site's round took (the coordinator sees the reply's arrival time anyway)",
+          "why a run was refused or failed, with this site's paths replaced by their node-config keys and "
+          "without naming its other studies")
 STAYS = ("images and labels", "un-noised per-class counts, losses or accuracies on real images",
          "the data path and the state directory (the accountant history and the secret noise key)")
 
 
 def check_data(site: SiteConfig) -> tuple[ImageDataset, str]:
-    """Open the site's training images exactly as the ClientApp will (loader errors are one line),
-    at ``image-size`` when given, which must be a size training can build the model for."""
+    """Open the site's training images with the ClientApp's loader (loader errors are one line), at
+    ``image-size`` when given, which must be a size training can build the model for; without it at
+    the stored size (a run resizes them to its own --image-size, 28 by default)."""
     if site.image_size is not None:
         check_image_size(site.image_size, f"--config {site.path}: 'image-size'")
     data = open_dataset(site.data, "train", None, site.image_size, named_by=f"'data' in {site.path}")

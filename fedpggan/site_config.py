@@ -9,6 +9,7 @@ turns it into the ``flower-supernode`` command, so the node config the ClientApp
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ class SiteConfig:
             items["max-epsilon-if-colluding"] = self.max_epsilon_if_colluding
         if self.peer_keys is not None:  # the ClientApp signs its secure-release key with the SuperNode's own key
             items.update({"peer-keys": str(self.peer_keys), "auth-private-key": str(self.auth_private_key)})
-        return " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v!r}" for k, v in items.items())
+        return " ".join(f"{k}={node_config_text(k, v)}" if isinstance(v, str) else f"{k}={v!r}" for k, v in items.items())
 
     def supernode_command(self) -> list[str]:
         tls = ["--root-certificates", str(self.root_certificates)] if self.root_certificates else ["--insecure"]
@@ -75,6 +76,18 @@ class SiteConfig:
 
     def supernode_command_line(self) -> str:
         return shlex.join(self.supernode_command())
+
+
+def node_config_text(key: str, value: str) -> str:
+    """``value`` as Flower reads a --node-config value: a TOML string, which Flower finds by a
+    pattern that stops at the first quote of its kind, so a double-quoted value (backslashes
+    escaped) cannot hold a double quote and a single-quoted one (taken literally) no single quote."""
+    if '"' not in value:
+        return json.dumps(value, ensure_ascii=False)
+    if "'" not in value and "\n" not in value:
+        return f"'{value}'"
+    raise FedPGGANError(f"{key} {value!r} holds both kinds of quote (or a quote and a line break), which Flower's "
+                        "--node-config cannot carry; rename it in the site config")
 
 
 def site_torch_device(name: str) -> torch.device:

@@ -8,8 +8,9 @@ Server -> site ("train"): ArrayRecord "d" (global D), ArrayRecord "g" (G1/G2 wei
 Site -> server (train reply): ArrayRecord "d" (D after local DP-SGD), ArrayRecord "g" only
     with --generator-training local, ArrayRecord "embedding" only with --embedding-weight > 0
     (the site's one-shot DP release of its class-mean embedding: a noisy sum, never per-record
-    values), MetricRecord "privacy" (the spend), ConfigRecord "status" (trained / replayed /
-    exhausted, site id, accountant).
+    values), MetricRecord "privacy" (the spend), ConfigRecord "status" ("status": trained or
+    exhausted; "site-id"; "replayed": re-sent from the site's cache; "recovered": recomputed after
+    a crash mid-round; "t-compute": the site's seconds of data loading and training).
 
 Secure release (--release-aggregation secure), once before round 1:
 Server -> site ("query.release_keys"): ConfigRecord "config".
@@ -82,10 +83,6 @@ def train_content(gan: PGGAN, config: dict[str, Any]) -> RecordDict:
         "g": generator_arrays(gan),
         "config": ConfigRecord(config),
     })
-
-
-def state_dict_of(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return record.to_torch_state_dict()
 
 
 def reply_content(d_state: dict[str, torch.Tensor], privacy: dict[str, float], status: dict[str, Any],

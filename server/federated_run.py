@@ -36,12 +36,12 @@ from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
 from fedpggan.privacy.mechanism import Mechanism, site_mechanism
 from fedpggan.privacy.noise import SEEDED_NOISE_WARNING
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
-from fedpggan.wire import site_error, train_content
+from fedpggan.wire import generator_arrays, site_error, train_content
 from pggan_model import CASES, GeneratorTrainer, load_checkpoint, save_checkpoint
 from pggan_model.mean_embedding import class_means, release_noise_ratio
 from server.aggregation import aggregate
 from server.secure_release import SecureSum, secure_sum
-from server.validation import outlier_problems, update_norm, update_problem
+from server.validation import outlier_problems, reply_problem, update_norm, update_problem
 
 # Rounds in a row with fewer than --min-clients valid replies before the run stops.
 MAX_FAILED_ROUNDS = 3
@@ -258,6 +258,7 @@ class FederatedRun:
     def accept_replies(self, round_num: int, selected: list[int], replies: list[Message],
                        global_d: dict[str, torch.Tensor]) -> tuple[list, list]:
         """Validate each reply, record its spend, and keep the valid updates."""
+        global_g = generator_arrays(self.gan).to_torch_state_dict()
         valid: list[tuple[str, dict[str, torch.Tensor], Message]] = []
         answered = set()
         for reply in sorted(replies, key=lambda r: self.site_id(r.metadata.src_node_id)):  # arrival order varies
@@ -266,6 +267,10 @@ class FederatedRun:
             site = self.site_id(node)
             if reply.has_error():
                 self.ledger.record_event(site, round_num, "failed", f"site error: {site_error(reply)}")
+                continue
+            problem = reply_problem(reply.content, self.cfg.dp)
+            if problem:  # counted as a failed round: any spend it reserved is unrecorded (the audit says so)
+                self.ledger.record_event(site, round_num, "failed", f"unreadable reply: {problem}")
                 continue
             status = dict(reply.content["status"])
             privacy = dict(reply.content["privacy"])
@@ -279,6 +284,7 @@ class FederatedRun:
                                          "(the spend it reported: reported_epsilon, reported_total_steps)", "excluded")
                 self.ledger.site(site)["events"][-1].update(reported_epsilon=privacy.get("epsilon"),
                                                             reported_total_steps=privacy.get("total_steps"))
+                self.ledger.raise_epsilon(site, float(privacy["epsilon"]))  # what it says it spent counts, privacy first
                 continue
             if self.cfg.dp:
                 self.ledger.record_round(site, round_num, steps=int(privacy["steps"]),
@@ -296,6 +302,8 @@ class FederatedRun:
                                          "recomputed with the same seed and inputs")
             d_state = reply.content["d"].to_torch_state_dict()
             problem = update_problem(d_state, global_d)
+            if not problem and "g" in reply.content:  # local generator training: shapes and finite values
+                problem = update_problem(reply.content["g"].to_torch_state_dict(), global_g, max_relative=math.inf)
             if problem:
                 self.ledger.record_event(site, round_num, "rejected_update", problem)
                 continue

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
 # An update that moves D by more than this multiple of D's own norm is not a few DP-SGD
@@ -13,6 +16,27 @@ MAX_RELATIVE_UPDATE = 2.0
 # rate and clipping, so honest norms agree within a small factor): a scaled, model-replacement
 # style update. Needs three or more updates for the median to be trustworthy.
 MAX_UPDATE_VS_MEDIAN = 10.0
+
+
+# What every train reply's privacy record holds: with DP the whole spend, without DP the steps.
+SPEND_FIELDS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps")
+
+
+def reply_problem(content: Any, dp: bool) -> str | None:
+    """None if a train reply carries every record and field the server reads, else the reason
+    (a site on another version, or a broken one: the round goes on without it)."""
+    for name in ("status", "privacy", "d"):
+        if name not in content:
+            return f"the reply lacks its '{name}' record"
+    status = content["status"].get("status")
+    if status not in ("trained", "exhausted"):
+        return f"status {status!r} is neither 'trained' nor 'exhausted'"
+    privacy = content["privacy"]
+    for name in SPEND_FIELDS if dp else ("steps",):
+        value = privacy.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            return f"privacy field '{name}' = {value!r} is not a finite number >= 0"
+    return None
 
 
 def update_problem(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],

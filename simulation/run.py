@@ -42,14 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def prepare(cfg: RunConfig) -> tuple[RunConfig, list[dict]]:
     """Resolve the dataset, check that it splits into the sites and that the model and every
     site's budget can be set up; print the partition table."""
+    cfg.validate()  # also when called from Python with a RunConfig built by hand
     check_image_size(cfg.image_size)
     check_simulation_resources(cfg)
     data = open_training_data(cfg)
     prior_tensor(cfg, data.num_classes)  # the ServerApp's check, made before Flower starts
     cfg = dataclasses.replace(cfg, dataset=data.source if cfg.dataset == "auto" and data.is_medical else
                               ("phantom" if cfg.dataset == "auto" else cfg.dataset))
-    if cfg.min_clients > cfg.clients:
-        raise FedPGGANError(f"--min-clients {cfg.min_clients} exceeds --clients {cfg.clients}")
     parts = partition(data.labels.numpy(), cfg.clients, cfg.partition, cfg.alpha, cfg.min_per_site, cfg.seed)
     check_federated_budget(cfg, map(len, parts))
     warn_without_dp(cfg)

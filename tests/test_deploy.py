@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -346,6 +347,10 @@ def test_site_refuses_runs_over_its_own_budget():
         check_site_budget({"max-epsilon": 10.0, "max-delta": 1e-6}, RunConfig(epsilon=1.0), 100)
     check_site_budget({"max-epsilon": 10.0, "max-delta": 1e-5}, RunConfig(epsilon=10.0), 100)
     check_site_budget({"max-epsilon": "none"}, RunConfig(epsilon=math.inf), 100)
+    with pytest.raises(FedPGGANError, match="no max-epsilon, so it refuses every run"):  # a hand-typed node config dropped it
+        check_site_budget({"site-id": "a", "data-path": "/data/site.npz"}, RunConfig(epsilon=1.0), 100)
+    with pytest.raises(FedPGGANError, match="node config max-epsilon: option 'epsilon' = 'nan' is not a number"):
+        check_site_budget({"max-epsilon": "nan"}, RunConfig(epsilon=10.0), 100)
 
 
 # --- fedpggan site check ---------------------------------------------------------------------------
@@ -400,6 +405,17 @@ def test_site_check_accepts_a_good_site_and_says_what_leaves(site_toml, capsys, 
     assert node == {"site-id": "hospital-a", "data-path": str(tmp_path / "site.npz"),
                     "state-dir": str(tmp_path / "state"), "max-epsilon": 10.0, "device": "auto"}
     assert re.search(r"^  device +(cpu|cuda)", out, re.MULTILINE)
+
+
+def test_the_node_config_keeps_quotes_and_backslashes_in_a_site_id(site_toml, capsys):
+    for toml_value, site_id in ((r'"St. \"Mary\" ward\\1"', 'St. "Mary" ward\\1'), (r'"a\\b c"', "a\\b c")):
+        code, out, _ = site_check(capsys, site_toml(site_id=toml_value))
+        assert code == 0
+        command = shlex.split(out.split("start the site with:\n", 1)[1].strip())
+        node = parse_config_args([command[command.index("--node-config") + 1]])  # as the SuperNode reads it
+        assert node["site-id"] == site_id and node["max-epsilon"] == 10.0
+    code, _, err = site_check(capsys, site_toml(site_id='"St. \\"Mary\'s\\" ward"'))
+    assert code == 2 and "holds both kinds of quote" in err
 
 
 def test_a_sites_cap_on_a_secure_releases_worst_case_reaches_its_node_config(site_toml, capsys):

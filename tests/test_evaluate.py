@@ -120,6 +120,7 @@ def test_cli_errors_are_one_line(run_dir, tmp_path, capsys):
     assert "3 classes" in error_of(str(run_dir), "--real", str(npz), *TINY)
     assert "--seeds 0" in error_of(str(run_dir), "--seeds", "0")
     assert "--checkpoint 7: no such checkpoint file or round" in error_of(str(run_dir), "--checkpoint", "7")
+    assert "--checkpoint ²: no such checkpoint file or round" in error_of(str(run_dir), "--checkpoint", "²")  # a digit to str.isdigit
 
 
 def test_checkpoint_is_a_file_or_a_round_as_for_export(run_dir, tmp_path):

@@ -29,7 +29,7 @@ from fedpggan.errors import FedPGGANError
 from fedpggan.io import sha256_file
 from fedpggan.runs import RunFolder
 from server.aggregation import aggregate
-from server.validation import MAX_RELATIVE_UPDATE, update_norm, update_problem
+from server.validation import MAX_RELATIVE_UPDATE, reply_problem, update_norm, update_problem
 from simulation.faults import kill_hard, round_in_flight, start_killable
 from simulation.run import prepare, simulate
 
@@ -195,6 +195,19 @@ def test_a_lost_release_is_redrawn_only_from_the_inputs_it_was_charged_for(site_
         ensure_release(state, cfg, data)
 
 
+def test_a_run_cannot_change_its_budget_once_the_site_fixed_its_mechanism(site_setup, tmp_path):
+    from client.site_round import ensure_mechanism
+
+    cfg, data, _ = site_setup
+    state = fresh_state(tmp_path, "s")
+    ensure_mechanism(state, cfg, len(data))
+    ensure_mechanism(state, cfg, len(data))  # the same options: nothing to do
+    # a site whose caps were lowered mid-run checks them against the epsilon it still spends under
+    for changed in (dict(epsilon=cfg.epsilon / 2), dict(delta=1e-6), dict(accountant="rdp")):
+        with pytest.raises(FedPGGANError, match="fixed its mechanism for epsilon"):
+            ensure_mechanism(state, dataclasses.replace(cfg, **changed), len(data))
+
+
 def test_a_missing_site_state_beside_proof_of_spend_is_refused(site_setup, tmp_path):
     from client.site import SiteState
 
@@ -240,6 +253,30 @@ def test_an_exhausted_site_sends_nothing_computed_from_its_data(site_setup, tmp_
     assert refused.status == "exhausted" and refused.embedding_release is None
 
 
+def test_what_a_site_tells_the_coordinator_of_a_failure_names_neither_its_paths_nor_its_other_studies(tmp_path):
+    from types import SimpleNamespace
+
+    from client.client_app import site_handler
+
+    node = {"site-id": "a", "data-path": str(tmp_path / "site.npz"), "state-dir": str(tmp_path / "state")}
+
+    def coordinator_reads(exc: Exception) -> FedPGGANError:
+        @site_handler
+        def handler(msg, context):
+            raise exc
+
+        with pytest.raises(FedPGGANError) as caught:
+            handler(None, SimpleNamespace(node_config=node))
+        assert caught.value.__cause__ is exc  # the site's own log keeps the whole error
+        return caught.value
+
+    assert str(coordinator_reads(FedPGGANError(f"{tmp_path / 'state'}/run/site_state.json: unreadable"))) == \
+        "<state-dir>/run/site_state.json: unreadable"
+    assert str(coordinator_reads(FileNotFoundError(f"no such file: '{tmp_path / 'site.npz'}'"))) == \
+        "FileNotFoundError: no such file: '<data-path>'"
+    assert str(coordinator_reads(FedPGGANError("earlier runs took 9 (study-x (9))", shared="over the cap"))) == "over the cap"
+
+
 def test_a_site_caps_what_all_runs_on_its_records_spend_together(site_setup, tmp_path):
     from client.site import SiteState, check_lifetime_budget, state_dir
 
@@ -256,8 +293,9 @@ def test_a_site_caps_what_all_runs_on_its_records_spend_together(site_setup, tmp
     assert SiteState.load(tmp_path / "state", "run-b").lifetime_reserved == 10.0  # reserved at once, under one lock
     third = SiteState.load(tmp_path / "state", "run-c")  # so a run started at the same time sees both
     third.delta = 1e-5
-    with pytest.raises(FedPGGANError, match=r"earlier runs took 20 \(run-a \(10\), run-b \(10\)\)"):
+    with pytest.raises(FedPGGANError, match=r"earlier runs took 20 \(run-a \(10\), run-b \(10\)\)") as refused:
         check_lifetime_budget({"max-total-epsilon": 25.0}, third, cfg)
+    assert "run-a" not in refused.value.shared and "max-total-epsilon" in refused.value.shared  # what the coordinator reads
     check_lifetime_budget({"max-total-epsilon": 20.0}, second, cfg)  # run-b itself, asked again: already counted
     with pytest.raises(FedPGGANError, match="above its max-total-epsilon 20"):  # but not for more than it reserved
         check_lifetime_budget({"max-total-epsilon": 20.0}, second, dataclasses.replace(cfg, epsilon=12.0))
@@ -312,6 +350,22 @@ def test_a_site_caps_the_deltas_of_all_runs_on_its_records_too(site_setup, tmp_p
         check_site_budget({"max-epsilon": 10.0, "max-total-delta": 0.01}, cfg, 100)
     with pytest.raises(FedPGGANError, match=r"max-total-delta 1e-06 is below its max-delta 1e-05: one run could pass"):
         check_site_budget({"max-epsilon": 10.0, "max-total-delta": 1e-6, "max-delta": 1e-5}, cfg, 100)
+
+
+def test_a_spend_record_no_cap_can_count_is_refused_not_read_as_nothing_spent(tmp_path):
+    from fedpggan.privacy.lifetime import read_spend_journal, reserved_budgets
+
+    run = tmp_path / "state" / "run-a"
+    run.mkdir(parents=True)
+    for text in ('{"lifetime_reserved": NaN}', '{"budget_epsilon": -1, "history": [[1, 1, 1]]}', "[1, 2]",
+                 '{"lifetime_reserved": "ten"}'):
+        (run / "site_state.json").write_text(text)
+        with pytest.raises(FedPGGANError, match="site_state.json: unreadable .*restore the file from backup"):
+            reserved_budgets(tmp_path / "state")
+    journal = tmp_path / "journal.jsonl"
+    journal.write_text('{"run": "run-a", "epsilon": NaN, "delta": 1e-05}\n')
+    with pytest.raises(FedPGGANError, match="line 1: unreadable"):
+        read_spend_journal(journal)
 
 
 def test_a_spend_journal_keeps_runs_a_restored_state_dir_forgot(site_setup, tmp_path):
@@ -493,6 +547,39 @@ def test_robust_aggregation_withstands_a_hostile_site(attack):
         assert update_norm(aggregate(updates, rule), honest_mean) < 0.5 * honest_move, rule
 
 
+def test_a_reply_missing_a_record_or_with_a_non_finite_spend_is_unreadable_not_a_crash():
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    spend = {"epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 8}
+
+    def reply(status="trained", without=None, **privacy):
+        records = {"d": ArrayRecord({"w": torch.zeros(2)}), "status": ConfigRecord({"status": status}),
+                   "privacy": MetricRecord({**spend, **privacy})}
+        return RecordDict({k: v for k, v in records.items() if k != without})
+
+    assert reply_problem(reply(), dp=True) is None and reply_problem(reply("exhausted"), dp=True) is None
+    for record in ("d", "status", "privacy"):
+        assert reply_problem(reply(without=record), dp=True) == f"the reply lacks its '{record}' record"
+    assert "'epsilon' = nan" in reply_problem(reply(epsilon=math.nan), dp=True)
+    assert "'delta' = -1" in reply_problem(reply(delta=-1.0), dp=True)
+    assert "neither" in reply_problem(reply("done"), dp=True)
+    no_dp = RecordDict({"d": ArrayRecord({"w": torch.zeros(2)}), "status": ConfigRecord({"status": "trained"}),
+                        "privacy": MetricRecord({"steps": 8})})
+    assert reply_problem(no_dp, dp=False) is None and "'epsilon'" in reply_problem(no_dp, dp=True)
+
+
+def test_a_sites_epsilon_in_the_ledger_never_falls():
+    from fedpggan.privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger("run", True, {}, "mechanism", {})
+    ledger.register_site("a")
+    ledger.record_round("a", 1, steps=8, epsilon=2.0)
+    ledger.record_round("a", 2, steps=8, epsilon=1.0)  # a broken or lying site's later, lower report
+    assert ledger.site("a")["epsilon"] == 2.0
+    ledger.raise_epsilon("a", 3.0)  # an excluded reply's report counts too
+    assert ledger.site("a")["epsilon"] == 3.0
+
+
 # --- bad input: one line, no traceback, nothing lost --------------------------------------
 @pytest.mark.parametrize("argv, needle", [
     (["simulate", "--clients", "0"], "--clients 0 is invalid"),
@@ -514,6 +601,24 @@ def test_bad_input_is_one_line_without_traceback(argv, needle, tmp_path):
     assert proc.returncode != 0
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     assert needle in err, err
+
+
+def test_a_config_value_of_the_wrong_kind_is_refused_not_converted(tmp_path):
+    from fedpggan.config import coerce, load_toml
+
+    with pytest.raises(FedPGGANError, match="option 'epsilon' = True is not a number"):  # TOML true is not epsilon 1
+        coerce("epsilon", True, 10.0, "--config c.toml")
+    with pytest.raises(FedPGGANError, match="option 'rounds' = True is not a whole number"):
+        coerce("rounds", True, 60, "--config c.toml")
+    with pytest.raises(FedPGGANError, match=r"option 'dataset' = \['a'\] is not text"):
+        coerce("dataset", ["a"], "phantom", "--config c.toml")
+    with pytest.raises(FedPGGANError, match="option 'lr-d' = nan is not a number"):
+        coerce("lr_d", math.nan, 2e-4, "--config c.toml")
+    assert coerce("embedding_noise_limit", "inf", 1.0, "--config c.toml") == math.inf  # infinity is a setting
+    for text in ("fedpggan = 1\n", "rounds = 3\n[fedpggan]\nepsilon = 1.0\n"):  # an option would be dropped silently
+        (tmp_path / "c.toml").write_text(text)
+        with pytest.raises(FedPGGANError, match="either at the top of the file or under one \\[fedpggan\\] table"):
+            load_toml(tmp_path / "c.toml")
 
 
 def test_a_failing_command_leaves_the_run_folder_untouched(tmp_path, capsys):

@@ -51,9 +51,9 @@ def test_one_masked_vector_a_partial_sum_or_the_sum_without_every_seed_reveals_n
 
 def test_a_key_list_without_this_site_or_with_a_repeated_key_is_refused():
     (private, public), (_, other) = new_key_pair(), new_key_pair()
-    with pytest.raises(ValueError, match="key list"):
+    with pytest.raises(FedPGGANError, match="key list"):
         masked_share(torch.zeros(2), private, public, [other], new_self_mask_seed())
-    with pytest.raises(ValueError, match="key list"):
+    with pytest.raises(FedPGGANError, match="key list"):
         masked_share(torch.zeros(2), private, public, [public, other, other], new_self_mask_seed())
 
 
@@ -136,6 +136,12 @@ def test_a_site_over_its_cap_draws_no_share_and_charges_nothing(tmp_path):
         release_masked(msg, SimpleNamespace(node_config=node_config))
     state = SiteState.load(tmp_path / "sites" / "site_0", "run")
     assert not state.release_file.exists() and state.history == [] and state.release_share_of == 0
+    other = new_key_pair()[1]
+    repeated = SimpleNamespace(content={"config": raw, "keys": {"public-keys": [public, other, other]}})
+    with pytest.raises(FedPGGANError, match="key list must hold this site's public key once"):
+        release_masked(repeated, SimpleNamespace(node_config={**node_config, "max-epsilon-if-colluding": 1e9}))
+    state = SiteState.load(tmp_path / "sites" / "site_0", "run")
+    assert not state.release_file.exists() and state.history == [] and state.release_share_of == 0  # nothing charged
 
 
 def test_a_crash_between_charging_and_drawing_cannot_lower_the_noise(tmp_path, phantom):

@@ -18,7 +18,7 @@ from simulation.run import prepare
 
 from conftest import tiny_config
 
-STATUS_KEYS = {"status", "site-id", "accountant", "replayed", "recovered", "t-compute"}
+STATUS_KEYS = {"status", "site-id", "replayed", "recovered", "t-compute"}
 
 
 class RecordingGrid:

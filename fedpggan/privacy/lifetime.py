@@ -35,18 +35,34 @@ def reserved_budgets(root: Path) -> Budgets:
     for path in sorted(root.glob("*/site_state.json")):
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            budget = _counted_budget(data)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
             raise FedPGGANError(f"{path}: unreadable ({exc}); the lifetime cap cannot count that run's spend: restore "
-                                "the file from backup") from exc
-        if data.get("trained_without_dp"):  # whatever it reserved: its records were read without DP
-            budgets[path.parent.name] = (math.inf, 1.0)
-            continue
-        spent = data.get("budget_epsilon") if data.get("history") else None
-        counted = [eps for eps in (data.get("lifetime_reserved"), spent) if eps is not None]
-        if counted:
-            delta = data.get("lifetime_reserved_delta") or data.get("delta")
-            budgets[path.parent.name] = (max(counted), 1.0 if delta is None else float(delta))
+                                "the file from backup") from None
+        if budget is not None:
+            budgets[path.parent.name] = budget
     return budgets
+
+
+def _counted_budget(data: dict) -> tuple[float, float] | None:
+    """One run's counted (epsilon, delta) from its site_state.json, or None if it reserved and spent nothing."""
+    if data.get("trained_without_dp"):  # whatever it reserved: its records were read without DP
+        return math.inf, 1.0
+    spent = data.get("budget_epsilon") if data.get("history") else None
+    counted = [checked(eps, "epsilon") for eps in (data.get("lifetime_reserved"), spent) if eps is not None]
+    if not counted:
+        return None
+    delta = data.get("lifetime_reserved_delta") or data.get("delta")
+    return max(counted), 1.0 if delta is None else checked(delta, "delta")
+
+
+def checked(value: object, name: str) -> float:
+    """A recorded epsilon or delta as a float; NaN or a negative value, which no cap comparison can
+    count, is refused (ValueError) rather than read as nothing spent."""
+    number = float(value)  # type: ignore[arg-type]
+    if not number >= 0:
+        raise ValueError(f"{name} {value!r} is not a number >= 0")
+    return number
 
 
 def merge_budgets(state_dir_budgets: Budgets, journal_budgets: Budgets) -> Budgets:
@@ -73,7 +89,7 @@ def read_spend_journal(path: str | Path) -> Budgets:
             continue
         try:
             entry = json.loads(line)
-            run, epsilon, delta = str(entry["run"]), float(entry["epsilon"]), float(entry["delta"])
+            run, epsilon, delta = str(entry["run"]), checked(entry["epsilon"], "epsilon"), checked(entry["delta"], "delta")
         except (ValueError, KeyError, TypeError) as exc:
             raise FedPGGANError(f"spend-journal {path}, line {number}: unreadable ({exc}); the lifetime caps cannot count "
                                 "that run: restore the file from backup (never delete lines from it)") from None

@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
+from fedpggan.errors import FedPGGANError
 from fedpggan.privacy.accounting import epsilon_of
 from fedpggan.privacy.feature_release import release_entry
 
@@ -139,12 +140,19 @@ def self_mask(seed: bytes, size: int) -> np.ndarray:
     return mask_stream(SELF_MASK_INFO + seed, size)
 
 
+def check_key_list(own_public: bytes, publics: list[bytes]) -> None:
+    """A key list this site can mask towards: its own key once, no key twice (a repeated key would
+    cancel a mask that should stay)."""
+    if publics.count(own_public) != 1 or len(set(publics)) != len(publics):
+        raise FedPGGANError("secure release: the server's key list must hold this site's public key once and no key "
+                            "twice; the server must restart the protocol from step 1")
+
+
 def masked_share(share: torch.Tensor, private: X25519PrivateKey, own_public: bytes, publics: list[bytes],
                  self_seed: bytes) -> np.ndarray:
     """This site's fixed-point ``share`` plus its self-mask and its masks with every other key of
     ``publics`` (added towards larger keys, subtracted towards smaller ones, so each pair cancels)."""
-    if publics.count(own_public) != 1 or len(set(publics)) != len(publics):
-        raise ValueError("the key list must hold this site's public key once and no key twice")
+    check_key_list(own_public, publics)
     total = to_fixed(share).ravel()
     total = total + self_mask(self_seed, total.size)  # uint64 arithmetic wraps mod 2^64
     for peer in publics:
