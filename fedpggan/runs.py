@@ -139,8 +139,15 @@ class RunFolder:
 
     # --- checkpoints -----------------------------------------------------------------
     def checkpoint_index(self) -> list[dict[str, Any]]:
+        """checkpoints/index.json's entries (round, file, sha256); a malformed index is a one-line error."""
         index = self.checkpoints / "index.json"
-        return self.read_json(index) if index.exists() else []
+        entries = self.read_json(index) if index.exists() else []
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("round"), int) and isinstance(e.get("file"), str)
+                and isinstance(e.get("sha256"), str) for e in entries):
+            raise FedPGGANError(f"{index}: not a list of {{round, file, sha256}} entries; restore it from backup (the "
+                                "ledger lists the same checkpoints with their hashes)")
+        return entries
 
     def checkpoint_path(self, step: int) -> Path:
         return self.checkpoints / f"ckpt_{step:05d}.pt"

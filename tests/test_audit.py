@@ -179,6 +179,25 @@ def test_each_tampering_fails_naming_the_field(run_copy, edit, field, words):
     assert not report["sites"]["central"]["passed"]
 
 
+@pytest.mark.parametrize("damage", [
+    lambda ledger: ledger["sites"]["central"]["rounds"][0].update(round=None),
+    lambda ledger: ledger["sites"]["central"]["rounds"].append("round 9"),
+    lambda ledger: ledger["sites"].update(other="a site"),
+])
+def test_a_damaged_ledger_is_a_finding_not_a_crash(run_copy, damage):
+    edit_ledger(run_copy, damage)
+    code, report = audit(run_copy)
+    assert code == 1 and report["violations"]
+
+
+def test_a_malformed_checkpoint_index_is_one_line(run_copy, capsys):
+    for text in ('{"a": 1}', '[{"round": 1}]'):
+        (run_copy / "checkpoints" / "index.json").write_text(text)
+        assert main(["audit", str(run_copy)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "index.json: not a list of {round, file, sha256} entries; restore it from backup" in err and "\n" not in err
+
+
 def test_halved_noise_is_also_an_under_report_over_budget(run_copy):
     edit_ledger(run_copy, halve_noise)
     _, report = audit(run_copy)

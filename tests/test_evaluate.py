@@ -119,6 +119,7 @@ def test_cli_errors_are_one_line(run_dir, tmp_path, capsys):
              **{f"{s}_labels": (np.arange(9) % 3)[:, None] for s in ("train", "val", "test")})
     assert "3 classes" in error_of(str(run_dir), "--real", str(npz), *TINY)
     assert "--seeds 0" in error_of(str(run_dir), "--seeds", "0")
+    assert "--n-synthetic 3: PRDC's 5 nearest neighbours need more" in error_of(str(run_dir), "--n-synthetic", "3")
     assert "--checkpoint 7: no such checkpoint file or round" in error_of(str(run_dir), "--checkpoint", "7")
     assert "--checkpoint ²: no such checkpoint file or round" in error_of(str(run_dir), "--checkpoint", "²")  # a digit to str.isdigit
 
@@ -229,3 +230,25 @@ def test_dp_sgd_classifier_meets_its_budget(phantom):
     summary = trtr(train, test, seeds=1, budget=TrainingBudget(steps=3, batch_size=64),
                    privacy=ClassifierPrivacy(epsilon=1.0, accountant="rdp"), progress=False)
     assert summary["privacy"]["epsilon"] <= 1.02 and 0 <= summary["auc"]["mean"] <= 1
+
+
+def test_a_classifier_budget_in_epochs_is_judged_by_the_steps_it_makes():
+    from fedpggan.evaluation.classifier import TrainingBudget
+    from fedpggan.evaluation.suite import smaller_than_report
+
+    assert smaller_than_report(5000, 3, TrainingBudget(epochs=0.01))["quick"]  # 1 step on 5000 images
+    assert not smaller_than_report(5000, 3, TrainingBudget(epochs=20))["quick"]  # 782 steps
+
+
+def test_a_run_whose_ledger_is_missing_is_not_reported_as_without_dp(run_dir, tmp_path):
+    from fedpggan.evaluation.report import privacy_unknown
+    from fedpggan.evaluation.suite import ledger_guarantee
+    from fedpggan.runs import RunFolder
+
+    assert ledger_guarantee(RunFolder(run_dir))["ledger"] == "verified"
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "privacy_ledger.json").unlink()
+    guarantee = ledger_guarantee(RunFolder(run))
+    assert guarantee["epsilon"] is None and privacy_unknown(guarantee) == \
+        "unknown (privacy ledger missing, or not the one run.json records)"

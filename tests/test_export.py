@@ -132,7 +132,7 @@ def test_200_image_export_is_complete_reproducible_and_refuses_a_full_folder(gra
     assert sheet["source_run"]["num_sites"] == 1
     assert sheet["generator"]["sha256"] == ledger["checkpoints"][-1]["sha256"]
     assert sheet["audit"] == {"status": "passed", "date": "2026-01-02T03:04:05+00:00",
-                              "report": str(gray_run / "audit.json"), "reason": None}
+                              "report": "audit.json", "reason": None}
     assert sheet["privacy"]["sites"]["central"]["replace_one_epsilon"] == 3.25  # the audit's, per site
     assert sheet["export"]["class_counts"] == {"no lesion": 100, "lesion": 100}
     assert sheet["export"]["generator_counts"] == {"G1": 100, "G2": 100}
@@ -180,6 +180,9 @@ def test_split_per_class_counts_and_imagefolder_layout(gray_run, tmp_path):
     assert folder.class_to_idx == {"0_no_lesion": 0, "1_lesion": 1} and len(folder) == 30
     assert open_dataset(str(out / "synthetic.npz"), "test").class_counts() == [10, 5]
     assert sheet["export"]["split_counts"]["val"] == {"no lesion": 10, "lesion": 5}
+    with pytest.raises(FedPGGANError, match="the val split would hold no image of some class"):  # 2 x 0.1 rounds to 0
+        export_run(gray_run, tmp_path / "tiny", ExportOptions(per_class=(8, 2), split=parse_split("0.8/0.1/0.1")))
+    assert not (tmp_path / "tiny").exists()
 
 
 def test_class_prior_file_and_single_generator(gray_run, tmp_path):
@@ -328,8 +331,8 @@ def test_an_audit_written_with_out_is_used_through_audit_report(gray_run, tmp_pa
     assert "pass --audit-report DIR" in capsys.readouterr().err
     assert cli(run, "--out", tmp_path / "ok", "--n", 10, "--audit-report", reports) == 0
     sheet = json.loads((tmp_path / "ok" / "datasheet.json").read_text())
-    assert sheet["audit"]["status"] == "passed" and sheet["audit"]["report"] == str(reports / "audit.json")
-    assert f"--audit-report {reports}" in sheet["export"]["command"]
+    assert sheet["audit"]["status"] == "passed" and sheet["audit"]["report"] == "audit.json"  # no path of the site's
+    assert "--audit-report reports" in sheet["export"]["command"] and str(tmp_path) not in json.dumps(sheet)
     other = copy_run(gray_run, tmp_path / "other")  # another run's report is no verdict on this one
     edit_ledger(other, lambda led: led["assumptions"].append("another run"))
     capsys.readouterr()
@@ -350,7 +353,8 @@ def test_a_quick_evaluation_reaches_the_datasheet_but_no_figure_read_from_the_tr
     assert quality["quick"] is True and quality["settings"]["seeds"] == [0] and quality["settings"]["n_synthetic"] == 1000
     assert quality["real_data"] == {"name": "phantom", "n_test": 64, "image_size": evaluation["dataset"]["image_size"]}
     assert not any(w.startswith("QUALITY MEASURED ON OTHER SETTINGS") for w in sheet["warnings"])
-    assert any(w.startswith("QUICK EVALUATION") and "100 classifier steps (report: 400)" in w for w in sheet["warnings"])
+    assert any(w.startswith("QUICK EVALUATION") and "100 classifier steps on the synthetic set (report: 400)" in w
+               for w in sheet["warnings"])
     markdown = (tmp_path / "o" / "DATASHEET.md").read_text()
     assert "> **QUICK EVALUATION" in markdown and "**QUICK evaluation**" in markdown
     assert "- real test data: phantom, 64 test images" in markdown
@@ -376,12 +380,23 @@ def test_never_overwrites_the_run_folder(gray_run, tmp_path):
     assert (gray_run / "privacy_ledger.json").is_file()
 
 
-def test_overwrite_never_replaces_another_run_folder(gray_run, rgb_run, tmp_path):
+def test_overwrite_replaces_only_an_earlier_export(gray_run, rgb_run, tmp_path):
     other = copy_run(rgb_run, tmp_path)
-    before = sorted(p.name for p in other.rglob("*"))
-    with pytest.raises(FedPGGANError, match="holds a training run"):
-        export_run(gray_run, other, ExportOptions(n=10, overwrite=True))
-    assert sorted(p.name for p in other.rglob("*")) == before
+    runs = tmp_path / "runs"  # a folder holding a run
+    runs.mkdir()
+    shutil.copytree(other, runs / "run-a")
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.txt").write_text("years of work")
+    for out, reason in ((other, "holds a training run"), (runs, "holds a training run"), (thesis, "not an earlier export"),
+                        (gray_run / "checkpoints", "would replace the run folder")):
+        before = sorted(p.name for p in out.rglob("*"))
+        with pytest.raises(FedPGGANError, match=reason):
+            export_run(gray_run, out, ExportOptions(n=10, overwrite=True))
+        assert sorted(p.name for p in out.rglob("*")) == before
+    export_run(gray_run, tmp_path / "export", ExportOptions(n=10))
+    export_run(gray_run, tmp_path / "export", ExportOptions(n=12, overwrite=True))  # an export replaces an export
+    assert len(np.load(tmp_path / "export" / "synthetic.npz")["train_labels"]) == 12
 
 
 def test_interrupted_export_leaves_no_output_and_keeps_the_old_one(gray_run, tmp_path, monkeypatch):

@@ -225,6 +225,17 @@ def test_a_site_fraction_never_selects_has_spent_only_what_it_released(tmp_path,
         assert site["epsilon"] == pytest.approx(spent)
     audit = audit_run(out)
     assert audit["passed"], audit
+    # a site dropped from the ledger (and the ledger's hash updated to match) would drop its spend unnoticed
+    from fedpggan.io import sha256_file
+
+    dropped = next(s for s, v in ledger["sites"].items() if v["rounds"])
+    del ledger["sites"][dropped]
+    (out / "privacy_ledger.json").write_text(json.dumps(ledger))
+    info = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**info, "ledger_sha256": sha256_file(out / "privacy_ledger.json")}))
+    audit = audit_run(out)
+    assert not audit["passed"] and any(f"site(s) {dropped} of run.json have no ledger entry" in v["reason"]
+                                       for v in audit["violations"])
 
 
 def test_flower_log_lines_are_printed_once_and_without_debug():

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpggan.audit.findings import Finding
+from fedpggan.audit.records import number
 from fedpggan.config import RunConfig
 from fedpggan.io import sha256_file, sha256_json
 from fedpggan.runs import RunFolder
@@ -104,7 +105,8 @@ def check_checkpoints(ledger: dict[str, Any], run: dict[str, Any], folder: RunFo
             findings.append(Finding(f"checkpoints[{i}].sha256", f"checkpoints/{name} does not have the hash the ledger "
                                                                 "recorded: the file was replaced or altered"))
         rows.append({"round": entry.get("round"), "file": name, "status": status})
-    last_spend = max((r.get("round", 0) for s in ledger.get("sites", {}).values() for r in s.get("rounds", [])), default=None)
+    last_spend = max((number(r.get("round")) or 0 for s in ledger.get("sites", {}).values() if isinstance(s, dict)
+                      for r in s.get("rounds") or [] if isinstance(r, dict)), default=None)
     indexed = {e.get("file") for e in folder.checkpoint_index()}
     if folder.checkpoints.is_dir():
         for path in sorted(folder.checkpoints.glob("*.pt")):

@@ -78,6 +78,28 @@ def check_noise_key(run: dict[str, Any], ledger: dict[str, Any], kind: str, note
     return []
 
 
+def check_site_roster(run: dict[str, Any], sites: list, ledger_ids: set[str]) -> list[Finding]:
+    """The ledger holds exactly the sites run.json says took part, with their record counts: a
+    site dropped from the ledger would otherwise drop its spend from the guarantee unnoticed."""
+    declared = run.get("sites")
+    if not isinstance(declared, dict) or run.get("num_sites") != len(declared):
+        return [Finding("run.json:sites", f"run.json does not list its {run.get('num_sites')!r} sites with their record "
+                                          "counts; restore it from backup")]
+    declared = {str(k): v for k, v in declared.items()}
+    findings = []
+    if set(declared) - ledger_ids:
+        findings.append(Finding("sites", f"site(s) {', '.join(sorted(set(declared) - ledger_ids))} of run.json have no "
+                                         "ledger entry: their spend is not in the guarantee; restore the run's ledger"))
+    if ledger_ids - set(declared):
+        findings.append(Finding("sites", f"ledger site(s) {', '.join(sorted(ledger_ids - set(declared)))} are not among "
+                                         "run.json's sites"))
+    for site in sites:
+        if site.site_id in declared and declared[site.site_id] != site.public_num_records:
+            findings.append(Finding(f"sites.{site.site_id}.public_num_records",
+                                    f"{site.public_num_records} differs from run.json's {declared[site.site_id]!r}"))
+    return findings
+
+
 def audit_ledger_sites(ledger: dict[str, Any], run: dict[str, Any], kind: str,
                        folder: RunFolder) -> tuple[dict[str, Any], list[Finding], list[str]]:
     """Consistency and accounting checks of every DP site, plus the run-level guarantee."""
@@ -91,6 +113,8 @@ def audit_ledger_sites(ledger: dict[str, Any], run: dict[str, Any], kind: str,
             sites.append(site)
     if not ledger["sites"]:
         findings.append(Finding("sites", "no site registered a DP mechanism: nothing supports the claimed guarantee"))
+    if kind == "federated":
+        findings += check_site_roster(run, sites, set(map(str, ledger["sites"])))
     facts = RunFacts(kind=kind, config=run["config"], status=str(run.get("status", "")),
                      num_records=(run.get("dataset") or {}).get("num_records"), end_round=end_round(ledger, run, folder))
     for site in sites:

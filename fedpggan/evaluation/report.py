@@ -35,6 +35,12 @@ def pm(stat: dict[str, Any], i: int | None = None) -> str:
     return "n/a" if fmt(mean) == "n/a" else f"{fmt(mean)} ± {fmt(std)}"
 
 
+def privacy_unknown(result: dict[str, Any]) -> str:
+    """What to print for a run whose ledger states no epsilon: no DP, or no ledger to tell."""
+    ledger = result.get("ledger", "verified")  # reports written before the field existed
+    return "no DP" if ledger == "verified" else f"unknown (privacy ledger {ledger})"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The report as a markdown document of tables."""
     names = result["dataset"]["class_names"]
@@ -43,7 +49,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Evaluation of {result['run']}", "",
         f"Checkpoint `{result['checkpoint']['file']}` (round {result['checkpoint']['round']}), "
-        f"epsilon = {fmt(eps, 2) if eps is not None else 'no DP'}; real data: {result['dataset']['name']} "
+        f"epsilon = {fmt(eps, 2) if eps is not None else privacy_unknown(result)}; real data: {result['dataset']['name']} "
         f"({result['dataset']['n_train']} train / {result['dataset']['n_test']} test); generator {s['generator']}, "
         f"{s['n_synthetic']} synthetic images, seeds {s['seeds']}, classifier budget {s['classifier_budget']}.", "",
     ]

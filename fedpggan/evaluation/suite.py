@@ -44,6 +44,9 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
     run = RunFolder(run_dir)
     if not run.root.is_dir():
         raise FedPGGANError(f"{run.root}: no such run folder; pass the folder a training run wrote (--out)")
+    if n_synthetic <= NEAREST_K:  # checked now, not after minutes of classifier training
+        raise FedPGGANError(f"--n-synthetic {n_synthetic}: PRDC's {NEAREST_K} nearest neighbours need more synthetic "
+                            f"images; give at least {NEAREST_K + 1} (report default {EVALUATION_REPORT_SIZE['n_synthetic']})")
     info = run.read_run()
     guarantee = ledger_guarantee(run)  # read before minutes of evaluation: an unreadable ledger fails now
     ckpt = run.latest_checkpoint()[0] if checkpoint is None else run.checkpoint_file(str(checkpoint))
@@ -105,7 +108,7 @@ def smaller_than_report(n_synthetic: int, num_seeds: int, budget: TrainingBudget
     short = [f"{have} {what} (report: {want})" for have, want, what in (
         (n_synthetic, EVALUATION_REPORT_SIZE["n_synthetic"], "synthetic images"),
         (num_seeds, EVALUATION_REPORT_SIZE["seeds"], "seed(s)"),
-        (budget.steps if budget.epochs is None else None, EVALUATION_REPORT_SIZE["steps"], "classifier steps"))
+        (budget.steps_for(n_synthetic), EVALUATION_REPORT_SIZE["steps"], "classifier steps on the synthetic set"))
         if have is not None and have < want]
     return {"quick": bool(short), "short_of_report": short}
 
@@ -148,8 +151,12 @@ def check_enough_test_images(test: ImageDataset, spec: str) -> None:
                             f"{NEAREST_K} real test images with every class present")
 
 
-def ledger_guarantee(run: RunFolder) -> dict[str, float | None]:
-    """The run's privacy guarantee from its ledger: epsilon (max over sites) and delta; both
-    None for a run without DP (or without a ledger)."""
-    guarantee = run.read_json(run.ledger_json).get("guarantee", {}) if run.ledger_json.exists() else {}
-    return {"epsilon": guarantee.get("epsilon"), "delta": guarantee.get("delta")}
+def ledger_guarantee(run: RunFolder) -> dict[str, Any]:
+    """The run's privacy guarantee from the ledger run.json vouches for: epsilon (max over sites)
+    and delta, both None for a run without DP; ``ledger`` says whether there was such a ledger, so
+    that a missing or edited one is not reported as "no DP"."""
+    ledger = run.vouched_ledger()
+    if ledger is None:
+        return {"epsilon": None, "delta": None, "ledger": "missing, or not the one run.json records"}
+    guarantee = ledger.get("guarantee", {})
+    return {"epsilon": guarantee.get("epsilon"), "delta": guarantee.get("delta"), "ledger": "verified"}

@@ -69,7 +69,8 @@ def build_datasheet(prov: Provenance, export: dict[str, Any]) -> dict[str, Any]:
     quality = quality_summary(prov.evaluation, prov.checkpoint_sha256)
     warnings += quality_warnings(quality)
     if quality and quality["real_data"]:
-        evaluated = (str(quality["settings"]["generator"]), quality["real_data"].get("image_size"))
+        generator = quality["settings"].get("generator")
+        evaluated = (None if generator is None else str(generator), quality["real_data"].get("image_size"))
         exported = (str(export["generator"]), export["image_size"])
         if None not in evaluated and evaluated != exported:
             warnings.append(f"QUALITY MEASURED ON OTHER SETTINGS: evaluated with generator {evaluated[0]} at {evaluated[1]} px; "

@@ -103,24 +103,31 @@ def describe(plans: list[SplitPlan], folder: Path, class_names: list[str], gan: 
         "formats": list(options.formats),
         "class_folders": class_folders(class_names) if "imagefolder" in options.formats else [],
         "files": files, "device": options.device,
-        "options": {k: v for k, v in asdict(options).items() if k not in ("overwrite",)},
+        "options": {k: file_name(v) if k in ("audit_report", "class_prior") else v
+                    for k, v in asdict(options).items() if k not in ("overwrite",)},
         "command": command_line(options, checkpoint, run_root, out),
     }
 
 
+def file_name(value: str | None) -> str | None:
+    """An option's file or folder, by name only: the datasheet travels with the data, paths at the site do not."""
+    return Path(value).name if value is not None and Path(value).expanduser().exists() else value
+
+
 def command_line(options: ExportOptions, checkpoint: Path, run_root: Path, out: Path) -> str:
-    """A ``fedpggan export`` call that recreates these exact bytes (pinned to the checkpoint)."""
-    args = ["fedpggan", "export", str(run_root), "--out", str(out), "--checkpoint", str(checkpoint)]
+    """A ``fedpggan export`` call that recreates these exact bytes (pinned to the checkpoint), with
+    the run, the output and any option file named without their folders."""
+    args = ["fedpggan", "export", run_root.resolve().name, "--out", out.resolve().name, "--checkpoint", checkpoint.name]
     if options.per_class is not None:
         args += ["--per-class", ",".join(map(str, options.per_class))]
     else:
-        args += ["--n", str(options.n or DEFAULT_N), "--class-prior", options.class_prior]
+        args += ["--n", str(options.n or DEFAULT_N), "--class-prior", file_name(options.class_prior)]
     args += ["--generator", options.generator, "--seed", str(options.seed), "--format", ",".join(options.formats),
              "--split", "/".join(f"{f:g}" for f in options.split), "--device", options.device]
     if options.image_size is not None:
         args += ["--image-size", str(options.image_size)]
     if options.audit_report is not None:
-        args += ["--audit-report", options.audit_report]
+        args += ["--audit-report", file_name(options.audit_report)]
     args += [flag for flag, on in (("--allow-unaudited", options.allow_unaudited),
                                    ("--allow-no-dp", options.allow_no_dp)) if on]
     return shlex.join(args)

@@ -98,7 +98,11 @@ class ExportOptions:
 def read_prior_file(path: Path, class_names: list[str]) -> list[float]:
     """Weights from a JSON list, a JSON object keyed by class name (or label id), or plain text
     of numbers separated by commas, spaces or newlines."""
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FedPGGANError(f"--class-prior {path}: unreadable as text ({exc}); give a file of weights such as "
+                            "0.3,0.7 or a JSON list") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedpggan.errors import FedPGGANError
 from fedpggan.export.options import SPLITS, apportion
 
 PLAN_STREAM = 1  # seed stream for the label shuffles (latents use their own, see sampler.py)
@@ -38,6 +39,11 @@ def make_plan(class_counts: list[int], split: tuple[float, float, float], genera
     (variable-size batches fragment the heap), as ``PGGAN.sample`` orders "both" too."""
     label_dtype = np.uint8 if len(class_counts) <= 256 else np.int64
     per_split = np.array([apportion(c, list(split)) for c in class_counts]).T  # (3, classes)
+    for name, fraction, counts in zip(SPLITS, split, per_split):
+        if fraction > 0 and any(n == 0 and total > 0 for n, total in zip(counts, class_counts)):
+            raise FedPGGANError(f"--split {'/'.join(f'{f:g}' for f in split)}: the {name} split would hold no image of "
+                                f"some class ({counts.tolist()} per class), which an empty ImageFolder class folder and a "
+                                "classifier cannot use; export more images (--n, --per-class) or set its fraction to 0")
     plans, start = [], 0
     for k, (name, fraction) in enumerate(zip(SPLITS, split)):
         if fraction <= 0:

@@ -56,7 +56,7 @@ def verify_run(folder: RunFolder, checkpoint: str | None, allow_unaudited: bool,
                                 f"privacy guarantee and can never pass `fedpggan audit`; to export it anyway pass "
                                 f"{' '.join(needed)} (the datasheet will say {says})")
     elif label and not allow_unaudited:
-        raise FedPGGANError(f"{audit['report']}: {audit['reason']}; or pass --allow-unaudited to export anyway "
+        raise FedPGGANError(f"{audit_report_path(folder, audit_report)}: {audit['reason']}; or pass --allow-unaudited to export anyway "
                             f"(the datasheet will say {label})")
     evaluation = folder.read_json(folder.root / EVALUATION_FILE) if (folder.root / EVALUATION_FILE).is_file() else None
     return Provenance(run, ledger, path, sha, round_num, audit, evaluation)
@@ -118,7 +118,9 @@ def audit_status(folder: RunFolder, run: dict[str, Any], spec: str | None = None
     the ledger and options it audited (their hashes, in audit.json) are the run's current ones."""
     path = audit_report_path(folder, spec)
     audit = folder.read_json(path) if path.is_file() else None
-    status = {"status": "unaudited", "date": None, "report": str(path), "reason": None}
+    # the report by name, inside the run when it is there: the datasheet carries no path of the site's
+    report = str(path.relative_to(folder.root)) if path.is_relative_to(folder.root) else path.name
+    status = {"status": "unaudited", "date": None, "report": report, "reason": None}
     if audit is None:
         return {**status, "reason": f"is missing; run `fedpggan audit {folder.root}` (an audit written with "
                                     "--out DIR: pass --audit-report DIR)"}

@@ -18,17 +18,22 @@ from fedpggan.io import check_folder_path
 
 
 def check_target(out: Path, run_root: Path, overwrite: bool) -> None:
-    """Refuse a file, a non-empty folder (unless ``overwrite``), the run folder or its parents,
-    and any other run folder: an export may replace an export, never a run and its ledger."""
+    """Refuse a file, the run folder, a folder inside it or above it, and a non-empty folder
+    unless ``overwrite`` and it is an earlier export (its datasheet.json): an export may replace
+    an export, never a run, its checkpoints or anyone's other files."""
     target, run = out.resolve(), run_root.resolve()
-    if target == run or target in run.parents:
-        raise FedPGGANError(f"--out {out}: would replace the run folder {run_root}; choose a folder outside it")
+    if target == run or target in run.parents or run in target.parents:
+        raise FedPGGANError(f"--out {out}: would replace the run folder {run_root} or a folder of it; choose a folder "
+                            "outside it")
     check_folder_path(out)
-    if out.is_dir() and any((out / name).exists() for name in ("run.json", "privacy_ledger.json")):
-        raise FedPGGANError(f"--out {out}: holds a training run (run.json / privacy_ledger.json), which --overwrite "
-                            "never replaces; choose another folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FedPGGANError(f"--out {out}: folder is not empty; choose a new folder or pass --overwrite to replace it")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FedPGGANError(f"--out {out}: folder is not empty; choose a new folder or pass --overwrite to replace an "
+                            "earlier export")
+    if not (out / "datasheet.json").is_file() or any(out.rglob("run.json")) or any(out.rglob("privacy_ledger.json")):
+        raise FedPGGANError(f"--out {out}: not an earlier export (no datasheet.json, or it holds a training run), which "
+                            "--overwrite never replaces; choose a new or empty folder")
 
 
 @contextmanager
