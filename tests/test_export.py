@@ -372,6 +372,10 @@ def test_a_quick_evaluation_reaches_the_datasheet_but_no_figure_read_from_the_tr
     sheet = export_run(run, tmp_path / "other", ExportOptions(n=10, formats=("npz",), generator="1", image_size=2 * size))
     assert (f"QUALITY MEASURED ON OTHER SETTINGS: evaluated with generator both at {size} px; this export uses "
             f"generator 1 at {2 * size} px.") in sheet["warnings"]
+    del evaluation["settings"]["generator"]  # an evaluation that did not record it: nothing to compare
+    (run / "evaluation.json").write_text(json.dumps(evaluation))
+    sheet = export_run(run, tmp_path / "unknown", ExportOptions(n=10, formats=("npz",), generator="1"))
+    assert not any(w.startswith("QUALITY MEASURED ON OTHER SETTINGS") for w in sheet["warnings"])
 
 
 def test_never_overwrites_the_run_folder(gray_run, tmp_path):
