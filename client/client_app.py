@@ -125,8 +125,8 @@ def release_masked(msg: Message, context: Context) -> Message:
         data = load_site_data(context.node_config, cfg)
         check_site_budget(context.node_config, cfg, len(data))
         ensure_noise_key(state, cfg, site_index(context.node_config))
+        ensure_mechanism(state, cfg, len(data))
         if cfg.dp:
-            ensure_mechanism(state, cfg, len(data))
             # the least noisy share this site sends, made for the first key list, bounds its worst case
             check_collusion_cap(context.node_config, state, state.release_share_of or len(publics))
         check_lifetime_budget(context.node_config, state, cfg)  # last: a run refused above reserves nothing
@@ -191,8 +191,7 @@ def train_round(msg: Message, context: Context, cfg: RunConfig, state: SiteState
 
     check_site_budget(context.node_config, cfg, len(data))
     ensure_noise_key(state, cfg, site_index(context.node_config))  # a run these refuse reserves nothing ...
-    if cfg.dp:
-        ensure_mechanism(state, cfg, len(data))
+    ensure_mechanism(state, cfg, len(data))  # also refuses a DP run's switch to no DP
     check_lifetime_budget(context.node_config, state, cfg)  # ... against the lifetime cap, checked before any charge
     gan = build_gan(cfg, data.image_size, data.channels, data.num_classes).to(device)
     gan.d.load_state_dict(msg.content["d"].to_torch_state_dict())

@@ -43,10 +43,9 @@ def shared_error(exc: Exception, node_config: dict[str, Any]) -> str:
     ClientApp's exception text to the coordinator verbatim; the site's log keeps it whole)."""
     text = getattr(exc, "shared", None) or (str(exc) if isinstance(exc, FedPGGANError) else f"{type(exc).__name__}: {exc}")
     paths = {}
-    for key in PATH_KEYS:
-        if key in node_config:
-            value = str(node_config[key])
-            paths.update({value: key, str(Path(value).expanduser().resolve()): key})
+    for key in PATH_KEYS:  # whole absolute paths only: a short relative value would garble the text around it
+        value = str(node_config.get(key) or "")
+        paths.update({path: key for path in (value, str(Path(value).expanduser().resolve())) if value and Path(path).is_absolute()})
     for path in sorted(paths, key=len, reverse=True):
         text = text.replace(path, f"<{paths[path]}>")
     return text

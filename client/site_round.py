@@ -54,16 +54,19 @@ class RoundResult:
 
 
 def ensure_mechanism(state: SiteState, cfg: RunConfig, num_records: int) -> None:
-    """Fix this site's DP mechanism on first contact: q from its (public) size, sigma calibrated
-    for the whole planned run so that the final epsilon meets the budget. Once fixed, a message
-    asking for another budget is refused: the site's caps were checked against the run's epsilon
+    """Fix this site's DP mechanism on first contact of a DP run: q from its (public) size, sigma
+    calibrated for the whole planned run so that the final epsilon meets the budget. Once fixed, a
+    message asking for another budget (or for no DP) is refused: the site's caps were checked against the run's epsilon
     and delta, so they must be the ones it keeps spending under."""
     if state.noise_multiplier is not None:
         delta = cfg.delta or default_delta(num_records)
         if (cfg.epsilon, delta, cfg.accountant) != (state.budget_epsilon, state.delta, state.accountant):
             raise FedPGGANError(f"the run now asks for epsilon {cfg.epsilon:g}, delta {delta:g} ({cfg.accountant}), but this "
                                 f"site fixed its mechanism for epsilon {state.budget_epsilon:g}, delta {state.delta:g} "
-                                f"({state.accountant}) at first contact; continue the run with its own options")
+                                f"({state.accountant}) at first contact (with --delta 0 the delta follows the site's image "
+                                "count, so a changed data set also changes it); continue the run with its own options and data")
+        return
+    if not cfg.dp:  # a run without DP keeps no mechanism
         return
     state.budget_epsilon = cfg.epsilon
     state.accountant = cfg.accountant
@@ -206,8 +209,7 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
     key = round_key(input_sha, cfg, data)
     torch.manual_seed(noise_seed(state, "round", round_num, key))
     privacy = None
-    if cfg.dp:
-        ensure_mechanism(state, cfg, len(data))
+    ensure_mechanism(state, cfg, len(data))  # also refuses a DP run's switch to no DP
     # A secure run's share was made (and charged) at the secure release and never rides on a round reply.
     release = ensure_release(state, cfg, data) if cfg.release_aggregation == "plain" else None
     charge_release(state, cfg)

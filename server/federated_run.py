@@ -284,7 +284,6 @@ class FederatedRun:
                                          "(the spend it reported: reported_epsilon, reported_total_steps)", "excluded")
                 self.ledger.site(site)["events"][-1].update(reported_epsilon=privacy.get("epsilon"),
                                                             reported_total_steps=privacy.get("total_steps"))
-                self.ledger.raise_epsilon(site, float(privacy["epsilon"]))  # what it says it spent counts, privacy first
                 continue
             if self.cfg.dp:
                 self.ledger.record_round(site, round_num, steps=int(privacy["steps"]),

@@ -110,8 +110,10 @@ def describe(plans: list[SplitPlan], folder: Path, class_names: list[str], gan: 
 
 
 def file_name(value: str | None) -> str | None:
-    """An option's file or folder, by name only: the datasheet travels with the data, paths at the site do not."""
-    return Path(value).name if value is not None and Path(value).expanduser().exists() else value
+    """An option's file or folder, by name only: the datasheet travels with the data, paths at the site
+    do not (a --class-prior of weights, or "uniform", is no path and stays)."""
+    is_path = value is not None and ("/" in value or Path(value).expanduser().exists())
+    return Path(value).name if is_path else value
 
 
 def command_line(options: ExportOptions, checkpoint: Path, run_root: Path, out: Path) -> str:

@@ -72,16 +72,9 @@ class PrivacyLedger:
         """A round a site trained in: steps, mechanism, cumulative epsilon (as the site reported)."""
         entry = self.site(site_id)
         entry["rounds"].append({"round": round_num, **spend})
-        if "epsilon" in spend and spend["epsilon"] is None:  # no DP: no guarantee
-            entry["epsilon"] = None
-        elif "epsilon" in spend:
-            self.raise_epsilon(site_id, spend["epsilon"])
-
-    def raise_epsilon(self, site_id: str, epsilon: float) -> None:
-        """A site's epsilon only grows: a report below an earlier one (a broken or lying site) lowers nothing."""
-        entry = self.site(site_id)
-        if entry["epsilon"] is not None and math.isfinite(epsilon):
-            entry["epsilon"] = max(entry["epsilon"], epsilon)
+        epsilon = spend.get("epsilon", entry["epsilon"])
+        # a site's epsilon only grows: a later, lower report (a broken or lying site) lowers nothing; None: no DP
+        entry["epsilon"] = None if epsilon is None or entry["epsilon"] is None else max(entry["epsilon"], epsilon)
 
     def record_event(self, site_id: str, round_num: int, event: str, reason: str, status: str | None = None) -> None:
         entry = self.data["sites"].setdefault(site_id, {"rounds": [], "events": [], "status": "active", "epsilon": 0.0})

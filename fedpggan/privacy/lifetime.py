@@ -38,7 +38,8 @@ def reserved_budgets(root: Path) -> Budgets:
             budget = _counted_budget(data)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
             raise FedPGGANError(f"{path}: unreadable ({exc}); the lifetime cap cannot count that run's spend: restore "
-                                "the file from backup") from None
+                                "the file from backup", shared="the state of another run at this site is unreadable, so "
+                                "its lifetime cap cannot be checked; the site's log names it") from None
         if budget is not None:
             budgets[path.parent.name] = budget
     return budgets
