@@ -376,6 +376,17 @@ def test_a_quick_evaluation_reaches_the_datasheet_but_no_figure_read_from_the_tr
     (run / "evaluation.json").write_text(json.dumps(evaluation))
     sheet = export_run(run, tmp_path / "unknown", ExportOptions(n=10, formats=("npz",), generator="1"))
     assert not any(w.startswith("QUALITY MEASURED ON OTHER SETTINGS") for w in sheet["warnings"])
+    assert not any(w.startswith("QUALITY MEASURED ON OTHER DATA") for w in sheet["warnings"])  # phantom on phantom
+    evaluation["dataset"]["name"] = "breastmnist"  # `fedpggan evaluate --real breastmnist` of a phantom run
+    (run / "evaluation.json").write_text(json.dumps(evaluation))
+    sheet = export_run(run, tmp_path / "other-data", ExportOptions(n=10, formats=("npz",)))
+    assert ("QUALITY MEASURED ON OTHER DATA: evaluated on the breastmnist test split; the run was trained on "
+            "phantom.") in sheet["warnings"]
+    evaluation["dataset"]["name"] = "/hospital/xrays"  # a site's own folder: its name cannot be compared, nor shown
+    (run / "evaluation.json").write_text(json.dumps(evaluation))
+    sheet = export_run(run, tmp_path / "site-data", ExportOptions(n=10, formats=("npz",)))
+    assert not any(w.startswith("QUALITY MEASURED ON OTHER DATA") for w in sheet["warnings"])
+    assert "/hospital" not in json.dumps(sheet)
 
 
 def test_never_overwrites_the_run_folder(gray_run, tmp_path):

@@ -47,10 +47,13 @@ def run_dataset_name(name: str, is_medical: bool) -> str:
     return name if is_medical else name + NOT_MEDICAL
 
 
+SITE_DATA = "site data"  # what public_name calls a hospital's own data
+
+
 def public_name(spec: str) -> str:
     """The dataset's name as a site may tell the coordinator: a public benchmark's name (a
     MedMNIST name or phantom, also as the stem of an .npz file such as pneumoniamnist_64.npz,
     or as run.json records it), else "site data". A path names the hospital's own storage and
     can itself be sensitive, so it never leaves the site."""
     stem = re.sub(r"_\d+$", "", Path(spec.removesuffix(NOT_MEDICAL)).name.lower().removesuffix(".npz"))
-    return stem if stem in MEDMNIST or stem == "phantom" else "site data"
+    return stem if stem in MEDMNIST or stem == "phantom" else SITE_DATA

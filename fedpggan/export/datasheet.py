@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedpggan.data.sources import public_name
+from fedpggan.data.sources import SITE_DATA, public_name
 from fedpggan.export.provenance import AUDIT_LABELS, Provenance
 from fedpggan.io import sha256_json
 from fedpggan.runs import library_versions, now_iso
@@ -75,6 +75,11 @@ def build_datasheet(prov: Provenance, export: dict[str, Any]) -> dict[str, Any]:
         if None not in evaluated and evaluated != exported:
             warnings.append(f"QUALITY MEASURED ON OTHER SETTINGS: evaluated with generator {evaluated[0]} at {evaluated[1]} px; "
                             f"this export uses generator {exported[0]} at {exported[1]} px.")
+        # Only public benchmark names can be compared: a site's own data is "site data" on both sides.
+        tested, trained = quality["real_data"]["name"], public_name(str(dataset.get("name")))
+        if SITE_DATA not in (tested, trained) and tested != trained:
+            warnings.append(f"QUALITY MEASURED ON OTHER DATA: evaluated on the {tested} test split; the run was "
+                            f"trained on {trained}.")
     sites = ledger.get("sites", {})
     return {
         "format": 1,
