@@ -87,6 +87,12 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Check ranges; each failure is one line naming the option and a valid value."""
+        for f in fields(self):  # inf is a value only where an option gives it a meaning
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value) and f.name not in ("epsilon", "embedding_noise_limit"):
+                raise FedPGGANError(f"--{flag(f.name)} {value} is invalid: it must be a finite number")
+        if not 0 <= self.seed < 2 ** 63:
+            raise FedPGGANError(f"--seed {self.seed} is invalid: it must be in 0 .. 2**63 - 1")
         positive = ("clients", "rounds", "local_steps", "batch_size", "g_batch_size", "epochs", "d_steps",
                     "image_size", "latent_dim", "g_width", "d_width", "sample_every", "checkpoint_every",
                     "keep_checkpoints")
@@ -117,6 +123,10 @@ class RunConfig:
             raise FedPGGANError(f"--delta {self.delta} is invalid: it must be < 1 (typically 1e-5)")
         if self.min_clients > self.clients:
             raise FedPGGANError(f"--min-clients {self.min_clients} exceeds --clients {self.clients}")
+        if self.min_clients > (selected := math.ceil(self.fraction * self.clients)):
+            raise FedPGGANError(f"--min-clients {self.min_clients} exceeds the {selected} site(s) that --fraction "
+                                f"{self.fraction:g} selects of --clients {self.clients}: no round could succeed; lower "
+                                "--min-clients or raise --fraction")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:

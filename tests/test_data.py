@@ -284,12 +284,47 @@ def test_image_folder_rgb_with_split_folders(tmp_path):
     one_line_error(excinfo, "'val'")
 
 
-@pytest.mark.parametrize("case", ["mixed sizes", "empty class", "not an image"])
+def test_image_folder_channels_follow_the_train_split(tmp_path):
+    """A model trained on one channel count is evaluated on the same, whatever one split holds."""
+    save_images(tmp_path / "train" / "a", 2)
+    save_images(tmp_path / "train" / "b", 2, seed=1)
+    save_images(tmp_path / "test" / "a", 1, mode="RGB")  # a colour image in a grey data set: its luminance
+    save_images(tmp_path / "test" / "b", 1, seed=3)
+    test = open_dataset(str(tmp_path), split="test", image_size=10)
+    with Image.open(tmp_path / "test" / "a" / "0.png") as img:
+        expected = torch.tensor(np.asarray(img.convert("L")), dtype=torch.float32) / 127.5 - 1
+    assert test.channels == 1 and (test.images[0, 0] - expected).abs().max() <= 1 / 127.5
+    rgb = tmp_path / "rgb"
+    save_images(rgb / "train" / "a", 2, mode="RGB")
+    save_images(rgb / "train" / "b", 2, mode="RGB", seed=1)
+    save_images(rgb / "test" / "a", 1)  # grey test images of an RGB data set: three equal channels
+    save_images(rgb / "test" / "b", 1, seed=3)
+    test = open_dataset(str(rgb), split="test", image_size=10)
+    assert test.channels == 3 and torch.equal(test.images[:, 0], test.images[:, 2])
+
+
+@pytest.mark.parametrize("case", ["mixed sizes", "empty class", "not an image", "16-bit", "float", "not square",
+                                  "class only in test"])
 def test_bad_image_folder(tmp_path, case):
     save_images(tmp_path / "a", 2)
+    split = "train"
     if case == "mixed sizes":
-        save_images(tmp_path / "b", 1, size=(12, 10))
-        needle, named = "12x10", str(tmp_path / "b" / "0.png")
+        save_images(tmp_path / "b", 2, size=(12, 12))
+        needle, named = "12x12", str(tmp_path / "b" / "0.png")
+    elif case in ("16-bit", "float"):  # medical exports; converting to 8 bits would clip or zero them silently
+        (tmp_path / "b").mkdir()
+        pixels = np.full((10, 10), 4000, np.uint16) if case == "16-bit" else np.full((10, 10), 0.5, np.float32)
+        Image.fromarray(pixels).save(tmp_path / "b" / "0.tif")
+        needle, named = "convert the folder's images to 8-bit PNG", str(tmp_path / "b" / "0.tif")
+    elif case == "not square":
+        for cls in "ab":
+            save_images(tmp_path / cls, 2, size=(12, 10))
+        needle, named = "expected square images", str(tmp_path / "a" / "0.png")
+    elif case == "class only in test":
+        for split_name in ("train", "test"):
+            save_images(tmp_path / split_name / "a", 2)
+        save_images(tmp_path / "test" / "c", 2)
+        split, needle, named = "test", "has no folder under", str(tmp_path / "test" / "c")
     elif case == "empty class":
         (tmp_path / "b").mkdir()
         needle, named = "no images", str(tmp_path / "b")
@@ -298,7 +333,7 @@ def test_bad_image_folder(tmp_path, case):
         (tmp_path / "b" / "broken.png").write_bytes(b"not a png")
         needle, named = "not a readable image", str(tmp_path / "b" / "broken.png")
     with pytest.raises(FedPGGANError) as excinfo:
-        open_dataset(str(tmp_path))
+        open_dataset(str(tmp_path), split=split)
     one_line_error(excinfo, needle, named)
 
 

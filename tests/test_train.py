@@ -69,6 +69,14 @@ def test_a_folder_with_other_files_or_a_file_is_refused_as_out(command, tmp_path
         (["train", "--class-prior", "0.5,x"], "--class-prior"),
         (["train", "--epsilon", "-1"], "--epsilon -1.0 is invalid"),
         (["simulate", "--clients", "3", "--min-clients", "5"], "--min-clients 5 exceeds --clients 3"),
+        (["simulate", "--clients", "2", "--fraction", "0.5", "--min-clients", "2"],
+         "--min-clients 2 exceeds the 1 site(s) that --fraction 0.5 selects of --clients 2"),
+        # infinite clipping would make sigma * C infinite: NaN models certified as private
+        (["train", "--max-grad-norm", "inf"], "--max-grad-norm inf is invalid: it must be a finite number"),
+        (["train", "--lr-d", "inf"], "--lr-d inf is invalid"),
+        (["simulate", "--partition", "quantity", "--alpha", "inf"], "--alpha inf is invalid"),
+        (["simulate", "--seed", "-1"], "--seed -1 is invalid"),
+        (["train", "--seed", str(2 ** 70)], "is invalid: it must be in 0 .. 2**63 - 1"),
     ],
 )
 def test_bad_options_give_one_line_errors(argv, message, capsys):

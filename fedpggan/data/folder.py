@@ -16,10 +16,16 @@ from fedpggan.data.dataset import ImageDataset, to_model_range
 from fedpggan.errors import FedPGGANError
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA"}  # PIL modes whose RGB conversion loses nothing
+LUMINANCE = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL's convert("L")
 
 
 def load_folder(root: str | Path, split: str, name: str, image_size: int) -> ImageDataset:
-    """Load ``split``; grayscale (1 channel) when every image has R == G == B, else RGB."""
+    """Load ``split``; grayscale (1 channel) when every training image has R == G == B, else RGB.
+
+    The train split decides for every split: a model trained on one channel count must be
+    evaluated on the same (a grey test image then gets 3 equal channels; a colour one in a grey
+    data set, its luminance)."""
     root = Path(root)
     has_splits = (root / "train").is_dir()
     if not has_splits and split != "train":
@@ -29,20 +35,35 @@ def load_folder(root: str | Path, split: str, name: str, image_size: int) -> Ima
     if not split_dir.is_dir():
         raise FedPGGANError(f"{root}: has no '{split}' sub-folder; add that folder with one sub-folder per class")
     class_names = _classes(root / "train" if has_splits else root)  # every split uses train's classes
+    if extra := sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+                       and p.name not in class_names):
+        raise FedPGGANError(f"{split_dir / extra[0]}: class '{extra[0]}' has no folder under {root / 'train'}, so the "
+                            "model cannot learn it; add its training images or remove the folder")
+    files, labels = _split_files(split_dir, class_names, split)
+    pixels = _read_all(files)
+    grey = _is_grey(pixels) if split == "train" else _is_grey(_read_all(_split_files(root / "train", class_names, "train")[0]))
+    if grey:
+        pixels = pixels[..., 0] if _is_grey(pixels) else np.rint(pixels @ LUMINANCE).astype(np.uint8)
+    return ImageDataset(to_model_range(pixels, image_size), torch.tensor(labels, dtype=torch.int64),
+                        class_names, name, True, str(root.resolve()))
+
+
+def _split_files(split_dir: Path, class_names: list[str], split: str) -> tuple[list[Path], list[int]]:
     files, labels = [], []
     for label, cls in enumerate(class_names):
         found = _images_in(split_dir / cls)
         if not found and split == "train":
-            raise FedPGGANError(f"{split_dir / cls}: class '{cls}' has no images; add images or remove the folder")
+            raise FedPGGANError(f"{split_dir / cls}: class '{cls}' has no images (read: {', '.join(sorted(EXTENSIONS))}); "
+                                "add images or remove the folder")
         files += found
         labels += [label] * len(found)
     if not files:
         raise FedPGGANError(f"{split_dir}: no images found; expected one sub-folder of images per class")
-    pixels = _read_all(files)
-    if (pixels[..., :1] == pixels).all():
-        pixels = pixels[..., 0]
-    return ImageDataset(to_model_range(pixels, image_size), torch.tensor(labels, dtype=torch.int64),
-                        class_names, name, True, str(root.resolve()))
+    return files, labels
+
+
+def _is_grey(pixels: np.ndarray) -> bool:
+    return bool((pixels[..., :1] == pixels).all())
 
 
 def _classes(folder: Path) -> list[str]:
@@ -59,17 +80,22 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def _read_all(files: list[Path]) -> np.ndarray:
-    """All images as uint8 (N,H,W,3); they must share one size so they can be stacked."""
+    """All images as uint8 (N,H,W,3); they must be 8-bit, square and share one size."""
     arrays = []
     for f in files:
         try:
             with Image.open(f) as img:
+                if img.mode not in EIGHT_BIT_MODES:  # converting would clip 16-bit values and zero floats silently
+                    raise FedPGGANError(f"{f}: a {img.mode} image (more than 8 bits per channel); convert the folder's "
+                                        "images to 8-bit PNG first, with the window/level you want the model to see")
                 arrays.append(np.asarray(img.convert("RGB")))
-        except (OSError, UnidentifiedImageError) as exc:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
             raise FedPGGANError(f"{f}: not a readable image ({exc}); fix or remove it") from exc
+        h, w = arrays[-1].shape[:2]
+        if h != w:
+            raise FedPGGANError(f"{f}: is {w}x{h}; expected square images: crop them first (resizing would distort them)")
         if arrays[-1].shape != arrays[0].shape:
             h0, w0 = arrays[0].shape[:2]
-            h, w = arrays[-1].shape[:2]
             raise FedPGGANError(f"{f}: is {w}x{h} but {files[0]} is {w0}x{h0}; "
                                 "resize all images of the folder to one size first")
     return np.stack(arrays)
