@@ -356,7 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         rows += classifier_rows(base, profile, device)
         save(stem, rows, meta)
     print(markdown(rows, meta))
-    return 0
+    failed = [r["run"] for r in rows if "error" in r]
+    if failed:
+        print(f"error: {len(failed)} row(s) failed: {', '.join(failed)} (see the table); an earlier measurement of a "
+              "failed row is kept in the results file", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def selected_rows(text: str, names: list[str]) -> list[str]:
@@ -400,12 +404,16 @@ def run_meta(dataset: str, device_name: str, profile: str) -> dict[str, Any]:
 def save(stem: Path, rows: list[dict], meta: dict) -> None:
     """Rewrite both files after every row, so a long benchmark that stops keeps what it measured.
     Rows of earlier invocations with the same file name and profile are kept unless re-run now
-    (a file of another profile is replaced whole: its rows share names, not settings)."""
+    (a file of another profile is replaced whole: its rows share names, not settings); a row that
+    fails now does not replace an earlier measurement of it."""
     path = stem.with_suffix(".json")
     earlier_file = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
     earlier = earlier_file["rows"] if earlier_file["meta"].get("profile") == meta["profile"] else []
-    names = {r["run"] for r in rows}
-    merged = [r for r in earlier if r["run"] not in names] + rows
+    # a row that failed now does not replace an earlier measurement of it
+    measured = {r["run"] for r in earlier if "error" not in r}
+    kept = [r for r in rows if "error" not in r or r["run"] not in measured]
+    names = {r["run"] for r in kept}
+    merged = [r for r in earlier if r["run"] not in names] + kept
     order = {name: i for i, (name, *_rest) in enumerate(row_specs(PROFILES[meta["profile"]]))}
     merged.sort(key=lambda r: order.get(r["run"], len(order)))
     summaries = seed_summaries(merged, meta["settings"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,23 +151,33 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
     device = get.value(data, "device", str, required=False) or "auto"
     if device not in SITE_DEVICES:
         raise get.error("device", f"one of {', '.join(repr(d) for d in SITE_DEVICES)}")
+    def local(value: str) -> Path:
+        """A relative path is read against the config's own folder, never the directory a command
+        happens to run in: a SuperNode started elsewhere must find the same state dir."""
+        given = Path(value).expanduser()
+        return given if given.is_absolute() else Path(os.path.normpath(path.parent.absolute() / given))
+
+    data_spec = get.value(data, "data", str)
+    if any(sep in data_spec for sep in ("/", os.sep)) or Path(data_spec).suffix or (path.parent / data_spec).exists():
+        data_spec = str(local(data_spec))  # else a MedMNIST name, looked up as --dataset does
     return SiteConfig(
-        path=path, site_id=get.value(data, "site-id", str), data=get.value(data, "data", str),
-        state_dir=Path(get.value(data, "state-dir", str)), image_size=image_size,
+        path=path, site_id=get.value(data, "site-id", str), data=data_spec,
+        state_dir=local(get.value(data, "state-dir", str)), image_size=image_size,
         max_epsilon=float(max_epsilon), max_delta=None if max_delta is None else float(max_delta),
-        superlink=_address(get, get.value(link, "superlink.address", str)), root_certificates=Path(certs) if certs else None,
-        auth_private_key=Path(get.value(link, "superlink.auth-private-key", str)), device=device,
+        superlink=_address(get, get.value(link, "superlink.address", str)), root_certificates=local(certs) if certs else None,
+        auth_private_key=local(get.value(link, "superlink.auth-private-key", str)), device=device,
         max_epsilon_if_colluding=None if colluding is None else float(colluding),
-        peer_keys=Path(peer_keys) if peer_keys else None, max_total_epsilon=None if total is None else float(total),
+        peer_keys=local(peer_keys) if peer_keys else None, max_total_epsilon=None if total is None else float(total),
         max_total_delta=None if total_delta is None else float(total_delta),
-        spend_journal=None if journal is None else Path(journal),
+        spend_journal=None if journal is None else local(journal),
     )
 
 
 def _address(get: _Getter, address: str) -> str:
     """The SuperLink's ``host:port``; flower-supernode would only fail on it after starting."""
     host, _, port = address.rpartition(":")
-    if not host or any(c.isspace() for c in address) or not port.isdigit() or not 0 < int(port) < 65536:
+    # a URL ("https://host:port") would become "https://https://..." inside flower-supernode
+    if not host or "/" in address or any(c.isspace() for c in address) or not port.isdigit() or not 0 < int(port) < 65536:
         raise get.error("superlink.address", f"host:port (e.g. \"coordinator.example.org:8000\"), not {address!r}")
     return address
 

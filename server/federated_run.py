@@ -32,7 +32,7 @@ from fedpggan.privacy import epsilon_of
 from fedpggan.privacy.dp_discriminator import mechanism_name
 from fedpggan.privacy.feature_release import features_for, release_entry, release_history
 from fedpggan.privacy.secure_sum import SECURE_SUM_ASSUMPTION, epsilon_if_all_other_sites_collude, release_share_noise
-from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none
+from fedpggan.privacy.ledger import SPENT_BEFORE_RESUME, PrivacyLedger, finite_or_none
 from fedpggan.privacy.mechanism import Mechanism, site_mechanism
 from fedpggan.privacy.noise import SEEDED_NOISE_WARNING
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
@@ -190,18 +190,38 @@ class FederatedRun:
         return self.expected_mechanism[num_records]
 
     def restore(self) -> int:
-        """Continue from the newest verified checkpoint (a corrupt one falls back to the previous)."""
+        """Continue from the newest verified checkpoint (a corrupt one falls back to the previous).
+
+        The ledger on disk, not the checkpoint's snapshot, says what was spent: a round recorded
+        after the checkpoint was charged at its sites. It is redone (a site given the same inputs
+        replays its reply without a new charge), so its ledger rounds become ``spent_before_resume``
+        events that keep their steps: a site that fails the redone round still shows that spend."""
+        self.run_info = self.folder.read_run()
+        recorded = self.folder.read_verified_ledger(self.run_info, "a resume")  # never build on a lost spend record
         path, entry = self.folder.latest_checkpoint()
         payload = load_checkpoint(path, self.gan)
         self.g_trainer.load_state_dict(payload["generator_optim"])
-        self.run_info = self.folder.read_run()
         self.run_id = self.run_info["run_id"]
-        self.ledger = PrivacyLedger.load(payload["ledger"])
-        self.ledger.data["checkpoints"][-1]["sha256"] = entry["sha256"]  # a file cannot hold its own hash
+        self.ledger = PrivacyLedger.load(recorded)
+        resumed_at = now_iso()
+        for site in self.ledger.data["sites"].values():
+            for r in [r for r in site["rounds"] if int(r["round"]) > entry["round"]]:
+                site["rounds"].remove(r)
+                site["events"].append({"round": r["round"], "event": SPENT_BEFORE_RESUME, "steps": int(r["steps"]),
+                                       "epsilon": r.get("epsilon"), "reason": f"recorded after checkpoint round "
+                                       f"{entry['round']}; redone after the resume of {resumed_at} (spent once more "
+                                       "only if the site could not replay its reply)"})
+        for c in self.ledger.data["checkpoints"]:
+            if c["round"] > entry["round"]:  # newer ones latest_checkpoint skipped: missing or failing their hash
+                self.ledger.discard_checkpoint(c["round"], f"missing or failing its hash at the resume of {resumed_at}")
         self.failed_rounds = payload.get("failed_rounds", 0)
+        self.releases = {site: released.double() for site, released in payload.get("releases", {}).items()}
+        if self.releases:
+            self.use_release(sum(self.releases[s] for s in sorted(self.releases)),
+                             sum(self.release_sigma(s) ** 2 for s in self.releases))
         rows = [r for r in self.folder.read_metrics() if r["round"] <= entry["round"]]
         atomic_write_bytes(self.folder.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows).encode())  # a kill keeps the old rows
-        self.run_info.update(status="running", resumed_at=now_iso(), resumed_from_round=entry["round"])
+        self.run_info.update(status="running", resumed_at=resumed_at, resumed_from_round=entry["round"])
         self.folder.save_ledger(self.ledger, self.run_info)
         self.folder.discard_checkpoints_after(entry["round"])  # newer files this resume could not use: set aside
         print(f"resuming {self.folder.root} after round {entry['round']} ({path.name})")
@@ -328,7 +348,7 @@ class FederatedRun:
             return
         entry = self.ledger.site(site)
         recorded = sum(int(r["steps"]) for r in entry["rounds"]) + (1 if entry.get("feature_release") else 0)
-        already = sum(int(e.get("steps", 0)) for e in entry["events"] if e["event"] == "unrecorded_spend")
+        already = sum(int(e.get("steps", 0)) for e in entry["events"] if e["event"] in ("unrecorded_spend", SPENT_BEFORE_RESUME))
         extra = int(privacy["total_steps"]) - recorded - already
         if extra > 0:
             self.ledger.record_event(site, round_num, "unrecorded_spend",
@@ -458,13 +478,13 @@ class FederatedRun:
         return row
 
     def checkpoint(self, round_num: int) -> None:
-        """Every round: the resume point (weights, optimisers, ledger snapshot)."""
+        """Every round: the resume point (weights, optimisers, the sites' plain releases)."""
         if round_num % self.cfg.checkpoint_every and round_num != self.cfg.rounds:
             return
         path = self.folder.checkpoint_path(round_num)
         self.ledger.record_checkpoint(round_num, path.name, "pending")
         sha = save_checkpoint(path, self.gan, generator_optim=self.g_trainer.state_dict(), run_config=self.cfg.to_flower(),
-                              round=round_num, ledger=self.ledger.data, failed_rounds=self.failed_rounds)
+                              round=round_num, failed_rounds=self.failed_rounds, releases=dict(self.releases))
         self.ledger.data["checkpoints"][-1]["sha256"] = sha
         self.folder.save_ledger(self.ledger, self.run_info)
         self.folder.record_checkpoint(round_num, sha)  # listed only once the ledger vouches for it

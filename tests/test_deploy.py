@@ -407,6 +407,20 @@ def test_site_check_accepts_a_good_site_and_says_what_leaves(site_toml, capsys, 
     assert re.search(r"^  device +(cpu|cuda)", out, re.MULTILINE)
 
 
+def test_relative_paths_in_a_site_config_are_read_against_its_own_folder(site_toml, capsys, tmp_path, monkeypatch):
+    """A SuperNode started from another directory must find the same state dir (else it would
+    start a fresh accountant, and its lifetime caps would forget earlier runs)."""
+    config = site_toml(data='"site.npz"', state_dir='"state"', root_certificates='"ca.crt"', auth_private_key='"./site.key"')
+    monkeypatch.chdir("/")
+    code, out, err = site_check(capsys, config)
+    assert code == 0, err
+    command = shlex.split(out.split("start the site with:\n", 1)[1].strip())
+    node = parse_config_args([command[command.index("--node-config") + 1]])
+    assert node["data-path"] == str(tmp_path / "site.npz") and node["state-dir"] == str(tmp_path / "state")
+    assert command[command.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
+    assert command[command.index("--auth-supernode-private-key") + 1] == str(tmp_path / "site.key")
+
+
 def test_the_node_config_keeps_quotes_and_backslashes_in_a_site_id(site_toml, capsys):
     for toml_value, site_id in ((r'"St. \"Mary\" ward\\1"', 'St. "Mary" ward\\1'), (r'"a\\b c"', "a\\b c")):
         code, out, _ = site_check(capsys, site_toml(site_id=toml_value))
@@ -501,6 +515,7 @@ def test_a_sites_roster_of_peer_keys_is_checked_and_reaches_its_node_config(site
     ({"extra_top": "max-delta = 1e-6\n"}, "unknown key 'max-delta' at the top level"),
     ({"address": '"coordinator example org"'}, "'superlink.address' must be host:port"),
     ({"address": '"coordinator.example.org"'}, "'superlink.address' must be host:port"),
+    ({"address": '"https://coordinator.example.org:8000"'}, "'superlink.address' must be host:port"),
     ({"state-dir": '"/nonexistent/stat"'}, "state-dir /nonexistent/stat: does not exist; create it"),
 ])
 def test_site_check_rejects_a_bad_site_with_one_line(site_toml, capsys, override, names):

@@ -141,6 +141,22 @@ def test_a_partial_run_keeps_earlier_rows_of_its_own_profile_only(tmp_path):
     assert [r["auc"] for r in json.loads((tmp_path / "table.json").read_text())["rows"]] == [0.5]  # never mixed
 
 
+def test_a_failed_row_keeps_the_earlier_measurement_and_the_script_exits_non_zero(tmp_path, capsys):
+    """A re-run that fails (here: data that cannot be found) must not replace a measured figure, nor
+    let automation believe it succeeded."""
+    args = ["--dataset", "pneumoniamnist", "--data-dir", str(tmp_path / "nowhere"), "--profile", "smoke", "--device", "cpu",
+            "--rows", "federated eps=10", "--work", str(tmp_path / "work"), "--results", str(tmp_path)]
+    assert quality.main(args) == 1
+    assert "1 row(s) failed: federated eps=10" in capsys.readouterr().err
+    path = next(tmp_path.glob("quality-pneumoniamnist-cpu-*.json"))
+    saved = json.loads(path.read_text())
+    assert "error" in saved["rows"][0]  # nothing measured before: the failure is the row
+    saved["rows"] = [{"run": "federated eps=10", "kind": "federated", "auc": 0.9}]
+    path.write_text(json.dumps(saved))
+    assert quality.main(args) == 1
+    assert json.loads(path.read_text())["rows"] == [{"run": "federated eps=10", "kind": "federated", "auc": 0.9}]
+
+
 def test_training_seconds_are_the_recorded_round_or_epoch_times_however_the_run_was_obtained(tmp_path):
     """A fresh, a reused and a resumed run report the same kind of time: the rounds' (or epochs')
     own recorded times, never wall time that would include restarts or evaluation."""

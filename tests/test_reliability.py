@@ -84,6 +84,42 @@ def test_killed_mid_round_resumes_to_the_same_result(tmp_path, aggregation):
     assert events and set(events) <= {"replayed", "recovered"}, events
 
 
+def test_a_resume_keeps_the_spend_recorded_after_its_checkpoint(tmp_path, monkeypatch):
+    """With --checkpoint-every 2 a kill after round 3 is in the ledger resumes from round 2's
+    checkpoint and redoes round 3. Sites that crash in the redone round spent round 3 all the same:
+    the ledger must keep that spend (the checkpoint's snapshot of the ledger did not have it)."""
+    from fedpggan.audit.runner import audit_run
+    from simulation.faults import app as faulty_sites
+
+    cfg = tiny_config(tmp_path / "run", epsilon=10.0, rounds=4, clients=3, checkpoint_every=2, noise_key="seed")
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    proc = start_killable(cfg, ray_tmp)
+    run = Path(cfg.out)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and len(RunFolder(run).read_metrics()) < 3:
+            time.sleep(0.02)
+    finally:
+        kill_hard(proc, ray_tmp)
+    at_kill = json.loads((run / "privacy_ledger.json").read_text())["sites"]
+    assert all([r["round"] for r in s["rounds"]][-1] == 3 for s in at_kill.values()), "not killed after round 3"
+
+    monkeypatch.setenv("FEDPGGAN_FAULT_DROP", "1.0")  # every site but partition 0 crashes from now on
+    monkeypatch.setenv("FEDPGGAN_FAULT_MODES", "none")
+    simulate(None, resume=str(run), client_app=faulty_sites)
+
+    after = json.loads((run / "privacy_ledger.json").read_text())["sites"]
+    crashed = [s for s in after.values() if [r["round"] for r in s["rounds"]] == [1, 2]]
+    assert len(crashed) == 2
+    for site_id, site in after.items():
+        assert site["epsilon"] >= at_kill[site_id]["epsilon"]  # no site's spend falls at a resume
+    for site in crashed:
+        redone = [e for e in site["events"] if e["event"] == "spent_before_resume"]
+        assert [(e["round"], e["epsilon"]) for e in redone] == [(3, site["epsilon"])] and redone[0]["steps"] > 0
+    report = audit_run(run)
+    assert [v for v in report["violations"] if "seeded with --seed" not in v["reason"]] == []
+
+
 # --- a site that dies mid-round ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def site_setup(tmp_path_factory):

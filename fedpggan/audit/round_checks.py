@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from fedpggan.audit.findings import Finding, close
 from fedpggan.audit.records import RunFacts, Site, number
+from fedpggan.privacy.ledger import SPENT_BEFORE_RESUME
 
 EXHAUSTED = ("budget_exhausted", "exhausted")
 LEFT = (*EXHAUSTED, "excluded")  # the server selects such a site no more
-UNRECORDED_SPEND = ("failed", "no_reply", "excluded", "unrecorded_spend")  # a site reserves its spend before it trains
+# a site reserves its spend before it trains; a round recorded after a resume's checkpoint was spent, then redone
+UNRECORDED_SPEND = ("failed", "no_reply", "excluded", "unrecorded_spend", SPENT_BEFORE_RESUME)
 
 
 def first_event(site: Site, names: tuple[str, ...]) -> int | None:
@@ -49,8 +51,12 @@ def check_rounds(site: Site, facts: RunFacts) -> tuple[list[Finding], list[str]]
         if b < a - 1e-9:
             out.append(Finding(f"{p}.rounds[{numbers.index(rb)}].epsilon",
                                f"cumulative epsilon falls from {a:.4g} (round {ra}) to {b:.4g} (round {rb})"))
-    if eps and not close(site.epsilon, eps[-1][1]):
-        out.append(Finding(f"{p}.epsilon", f"{site.epsilon:.4g}, but the last round ({eps[-1][0]}) records {eps[-1][1]:.4g}"))
+    # a round recorded, then redone after a resume, keeps its claim in its event (server/federated_run.py restore)
+    redone = [(int(number(e.get("round")) or 0), number(e.get("epsilon"))) for e in site.events
+              if e.get("event") == SPENT_BEFORE_RESUME and number(e.get("epsilon")) is not None]
+    claims = eps + redone
+    if claims and not close(site.epsilon, (last_claim := max(claims, key=lambda c: c[1]))[1]):
+        out.append(Finding(f"{p}.epsilon", f"{site.epsilon:.4g}, but the last round ({last_claim[0]}) records {last_claim[1]:.4g}"))
     return out, notes
 
 

@@ -27,6 +27,10 @@ ASSUMPTIONS = [
 ]
 
 
+# A site's round recorded after the checkpoint a federated resume continues from: spent, then redone.
+SPENT_BEFORE_RESUME = "spent_before_resume"
+
+
 def finite_or_none(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
