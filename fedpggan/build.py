@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 
@@ -10,6 +11,7 @@ import torch
 
 from fedpggan.config import RunConfig, class_prior
 from fedpggan.data import ImageDataset, open_dataset
+from fedpggan.data.medmnist import search_dirs
 from fedpggan.errors import FedPGGANError
 from pggan_model import PGGAN, GANConfig, ModelShape
 
@@ -39,9 +41,19 @@ def open_training_data(cfg: RunConfig, split: str = "train") -> ImageDataset:
     try:
         return open_dataset("pneumoniamnist", split, cfg.data_dir or None, cfg.image_size, cfg.seed)
     except FedPGGANError as exc:
+        if any((d / "pneumoniamnist.npz").is_file() for d in search_dirs(cfg.data_dir or None)):
+            raise  # found but unreadable: a damaged file is the user's to fix, not a reason to train on phantom
         print(f"warning: --dataset auto: {exc} -- using 'phantom' instead (procedurally generated, NOT medical data)",
               file=sys.stderr)
         return open_dataset("phantom", split, None, cfg.image_size, cfg.seed)
+
+
+def with_resolved_dataset(cfg: RunConfig, data: ImageDataset) -> RunConfig:
+    """``cfg`` naming the data ``auto`` resolved to (its file, or phantom), as run.json must record
+    it: a resume must never pick other data because a file appeared or vanished since."""
+    if cfg.dataset != "auto":
+        return cfg
+    return dataclasses.replace(cfg, dataset=data.source if data.is_medical else "phantom")
 
 
 def pick_device(name: str) -> torch.device:

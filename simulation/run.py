@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedpggan import config
-from fedpggan.build import open_training_data, prior_tensor, warn_single_class, warn_without_dp
+from fedpggan.build import open_training_data, prior_tensor, warn_single_class, warn_without_dp, with_resolved_dataset
 from fedpggan.config import RunConfig
 from fedpggan.data import partition, partition_summary, partition_table
 from fedpggan.errors import FedPGGANError
@@ -47,8 +47,7 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, list[dict]]:
     check_simulation_resources(cfg)
     data = open_training_data(cfg)
     prior_tensor(cfg, data.num_classes)  # the ServerApp's check, made before Flower starts
-    cfg = dataclasses.replace(cfg, dataset=data.source if cfg.dataset == "auto" and data.is_medical else
-                              ("phantom" if cfg.dataset == "auto" else cfg.dataset))
+    cfg = with_resolved_dataset(cfg, data)
     parts = partition(data.labels.numpy(), cfg.clients, cfg.partition, cfg.alpha, cfg.min_per_site, cfg.seed)
     check_federated_budget(cfg, map(len, parts))
     warn_without_dp(cfg)

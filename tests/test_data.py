@@ -218,6 +218,27 @@ def test_medmnist_name_missing_and_download_failing(no_medmnist_cache, monkeypat
     assert not data_dir.exists()  # no partial download, nor the folder made for it, left behind
 
 
+def test_auto_falls_back_to_phantom_only_when_no_file_is_there_and_records_what_it_used(no_medmnist_cache, monkeypatch,
+                                                                                       capsys):
+    from fedpggan.build import open_training_data, with_resolved_dataset
+    from fedpggan.config import RunConfig
+
+    monkeypatch.setattr(medmnist, "fetch", lambda url, dest: (_ for _ in ()).throw(OSError("offline")))
+    data_dir = no_medmnist_cache / "data"
+    data_dir.mkdir()
+    cfg = RunConfig(dataset="auto", data_dir=str(data_dir))
+    data = open_training_data(cfg)
+    assert data.name == "phantom" and "using 'phantom' instead" in capsys.readouterr().err
+    assert with_resolved_dataset(cfg, data).dataset == "phantom"  # a resume never picks other data
+    (data_dir / "pneumoniamnist.npz").write_bytes(b"truncated")  # found, but damaged: an error, not phantom
+    with pytest.raises(FedPGGANError) as excinfo:
+        open_training_data(cfg)
+    one_line_error(excinfo, str(data_dir / "pneumoniamnist.npz"))
+    write_npz(data_dir / "pneumoniamnist.npz", size=8)
+    data = open_training_data(cfg)
+    assert with_resolved_dataset(cfg, data).dataset == data.source == str((data_dir / "pneumoniamnist.npz").resolve())
+
+
 def test_download_with_wrong_md5_is_discarded(no_medmnist_cache, monkeypatch):
     monkeypatch.setattr(medmnist, "fetch", lambda url, dest: Path(dest).write_bytes(b"not the file"))
     data_dir = no_medmnist_cache / "data"
@@ -228,7 +249,7 @@ def test_download_with_wrong_md5_is_discarded(no_medmnist_cache, monkeypatch):
     assert not list(data_dir.iterdir())
 
 
-def test_medmnist_name_found_in_root_and_size_variant_preferred(no_medmnist_cache, monkeypatch):
+def test_medmnist_name_found_in_root_and_size_variant_preferred(no_medmnist_cache, monkeypatch, capsys):
     root = no_medmnist_cache / "root"
     root.mkdir()
     write_npz(root / "breastmnist.npz", size=8)
@@ -238,7 +259,9 @@ def test_medmnist_name_found_in_root_and_size_variant_preferred(no_medmnist_cach
     assert ds.image_size == 8 and ds.name == "breastmnist" and ds.class_names[0] == "malignant"
     assert ds.source == str((root / "breastmnist.npz").resolve())
     assert open_dataset("breastmnist", image_size=64).source.endswith("breastmnist_64.npz")
+    assert "upsampled" not in capsys.readouterr().err
     assert open_dataset("breastmnist", image_size=32).source.endswith("breastmnist.npz")
+    assert "upsampled to 32 px" in capsys.readouterr().err  # the data would be described as 32 px
 
 
 def test_multi_label_medmnist_name_is_refused():

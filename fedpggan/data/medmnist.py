@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -77,10 +78,10 @@ def resolve(name: str, data_dir: str | None, image_size: int | None) -> Path:
     for d in dirs:
         for f in files:
             if (d / f).is_file():
-                return d / f
+                return _warn_if_upsampled(d / f, name, image_size)
     made: list[Path] = []
     try:
-        return download(name, _first_writable(dirs, made))
+        return _warn_if_upsampled(download(name, _first_writable(dirs, made)), name, image_size)
     except OSError as exc:
         for d in made:  # a failed download leaves no empty folders behind (e.g. a mistyped --data-dir)
             d.rmdir()
@@ -89,6 +90,16 @@ def resolve(name: str, data_dir: str | None, image_size: int | None) -> Path:
             f"{name}: not found in {', '.join(map(str, dirs))} and download failed ({reason}); "
             f"put {name}.npz in one of them or pass --data-dir DIR "
             "(or name the built-in 'phantom' dataset to run offline)") from exc
+
+
+def _warn_if_upsampled(path: Path, name: str, image_size: int | None) -> Path:
+    """The 28x28 file used for a larger --image-size: the images are interpolated, with no more
+    detail than 28 px, and everything downstream would describe them as larger; say so."""
+    if image_size is not None and image_size > 28 and path.name == f"{name}.npz":
+        larger = f"{name}_{image_size}.npz" if image_size in LARGER_SIZES else f"{name}_64.npz (or _128, _224)"
+        print(f"warning: {path}: 28x28 images upsampled to {image_size} px, with no more detail than 28 px; put "
+              f"{larger} beside it for real {image_size} px images", file=sys.stderr)
+    return path
 
 
 def _first_writable(dirs: list[Path], made: list[Path]) -> Path:
