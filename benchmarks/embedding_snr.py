@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fedpggan.cli import run_reporting_errors
 from fedpggan.config import RunConfig
 from fedpggan.data import open_dataset
 from fedpggan.io import atomic_write_bytes, atomic_write_json
@@ -72,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--repeats", type=int, default=3, help="noise draws averaged per cell")
     p.add_argument("--results", default=str(RESULTS), help="folder for the JSON and markdown results")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args = p.parse_args(argv)
+    return run_reporting_errors(lambda: run(args, defaults), args.debug)
+
+
+def run(args: argparse.Namespace, defaults: RunConfig) -> int:
     data = open_dataset(args.dataset, "train", args.data_dir or None)
     rows = []
     count_shares = [float(c) for c in args.count_shares.split(",")]

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpggan.cli import run_reporting_errors
 from fedpggan.config import RunConfig
 from fedpggan.data import open_dataset
 from fedpggan.errors import FedPGGANError
@@ -328,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="run only the main rows, the [short] comparison rows or the classifier rows")
     p.add_argument("--work", default="runs/quality", help="where the runs' folders go")
     p.add_argument("--results", default="benchmarks/results")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args = p.parse_args(argv)
+    return run_reporting_errors(lambda: run(p, args), args.debug)
+
+
+def run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     profile = PROFILES[args.profile]
     device, device_name = resolve_device(args.device)
     base = base_config(args.dataset, args.data_dir, device, profile)

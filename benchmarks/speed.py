@@ -367,15 +367,19 @@ def target_from_results(path: Path) -> dict[str, Any]:
     issue 5's target (a run's time counts as 'time to target' only if it got there)."""
     if not path.is_file():
         raise FedPGGANError(f"--target-results {path}: file not found; give a quality-*.json from benchmarks/quality.py")
-    data = json.loads(path.read_text())
-    row = next((r for r in data.get("rows", []) if r.get("run") == TARGET_ROW and "error" not in r), None)
-    if row is None:
-        raise FedPGGANError(f"--target-results {path}: no completed '{TARGET_ROW}' row; run benchmarks/quality.py --rows '{TARGET_ROW}'")
-    met = (row["auc"] >= TARGET["auc"] and row["label_fidelity"] >= TARGET["label_fidelity"]
-           and not row["collapsed_classes"])
-    return {"status": "measured", "source": str(path), "device": data["meta"]["device"], "train_seconds": row["train_seconds"],
-            "auc": row["auc"], "label_fidelity": row["label_fidelity"], "collapsed_classes": row["collapsed_classes"],
-            "target_met": met, "judged_on": "one run (training seed 0), not the mean over training seeds"}
+    try:
+        data = json.loads(path.read_text())
+        row = next((r for r in data.get("rows", []) if r.get("run") == TARGET_ROW and "error" not in r), None)
+        if row is None:
+            raise FedPGGANError(f"--target-results {path}: no completed '{TARGET_ROW}' row; run benchmarks/quality.py --rows '{TARGET_ROW}'")
+        met = (row["auc"] >= TARGET["auc"] and row["label_fidelity"] >= TARGET["label_fidelity"]
+               and not row["collapsed_classes"])
+        return {"status": "measured", "source": str(path), "device": data["meta"]["device"], "train_seconds": row["train_seconds"],
+                "auc": row["auc"], "label_fidelity": row["label_fidelity"], "collapsed_classes": row["collapsed_classes"],
+                "target_met": met, "judged_on": "one run (training seed 0), not the mean over training seeds"}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError: JSONDecodeError, a damaged file
+        raise FedPGGANError(f"--target-results {path}: not a results file of benchmarks/quality.py ({type(exc).__name__}: "
+                            f"{exc}); give the quality-*.json it wrote") from None
 
 
 def load_sibling(name: str) -> ModuleType:

@@ -133,9 +133,25 @@ class RunFolder:
             f.write(json.dumps(row) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The rows so far. A last line cut short (a kill or a full disk mid-append) is left out:
+        that row's round or epoch is redone by a resume; any other unreadable line is an error."""
         if not self.metrics_jsonl.exists():
             return []
-        return [json.loads(line) for line in self.metrics_jsonl.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.metrics_jsonl.read_text(errors="replace").splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                if i == len(lines) - 1:
+                    print(f"warning: {self.metrics_jsonl}: its last line is cut short (a kill mid-write); left out",
+                          file=sys.stderr)
+                    break
+                raise FedPGGANError(f"{self.metrics_jsonl}: line {i + 1} is not JSON ({exc.msg}); restore the file "
+                                    "from a backup, or delete that line") from None
+            if not isinstance(rows[-1], dict):
+                raise FedPGGANError(f"{self.metrics_jsonl}: line {i + 1} is not a JSON object; restore the file from a backup")
+        return rows
 
     # --- checkpoints -----------------------------------------------------------------
     def checkpoint_index(self) -> list[dict[str, Any]]:
@@ -188,7 +204,7 @@ class RunFolder:
         if not self.ledger_vouched_for(run):
             raise FedPGGANError(f"{self.ledger_json}: content hash differs from ledger_sha256 in {self.run_json} "
                                 f"(edited or tampered); {use} needs the run's original ledger: restore it")
-        return self.read_json(self.ledger_json)
+        return self.read_ledger()
 
     def verified(self, entry: dict[str, Any]) -> bool:
         """Whether an index entry's file is on disk with the content hash recorded for it."""
@@ -199,7 +215,7 @@ class RunFolder:
         """The ledger, if run.json vouches for it; None otherwise (an edited ledger vouches for nothing)."""
         if not (self.ledger_json.is_file() and self.run_json.is_file()) or not self.ledger_vouched_for(self.read_run()):
             return None
-        return self.read_json(self.ledger_json)
+        return self.read_ledger()
 
     def usable_checkpoints(self) -> list[dict[str, Any]]:
         """The checkpoints a run may be read at or continue from, oldest first: the index's entries
@@ -219,7 +235,13 @@ class RunFolder:
 
     def ledger_lists_checkpoints(self) -> bool:
         """Whether the ledger file lists any checkpoint (so an empty index means a lost one)."""
-        return self.ledger_json.is_file() and bool(self.read_json(self.ledger_json).get("checkpoints"))
+        return self.ledger_json.is_file() and bool(self.read_ledger().get("checkpoints"))
+
+    def read_ledger(self) -> dict[str, Any]:
+        ledger = self.read_json(self.ledger_json)
+        if not isinstance(ledger, dict):
+            raise FedPGGANError(f"{self.ledger_json}: not a privacy ledger (a JSON object); restore it from a backup")
+        return ledger
 
     def latest_checkpoint(self, warn: bool = True) -> tuple[Path, dict[str, Any]]:
         """Newest checkpoint whose content hash verifies; a missing or corrupt one is skipped, with
@@ -279,6 +301,9 @@ def config_to_resume(path: str | Path, kind: str = "federated") -> RunConfig:
         raise FedPGGANError(f"{folder.root}: no checkpoints found: the run stopped before its first one, so there is "
                             "nothing to resume; start a new run (what this one spent stays in its ledger)")
     folder.latest_checkpoint(warn=False)  # fail early, with one line, if nothing can be resumed (the resume warns)
+    if not isinstance(info.get("config"), dict):
+        raise FedPGGANError(f"{folder.run_json}: has no 'config' (the run's options), so the run cannot continue with "
+                            "them; restore run.json from a backup")
     return dataclasses.replace(RunConfig.from_saved(info["config"]), out=str(folder.root))
 
 

@@ -173,7 +173,22 @@ BAD_NPZ = {
                     "dtype uint16"),
     "wrong ndim": (lambda p: write_npz(p / "flat.npz", train_images=np.zeros((12, 64), np.uint8)),
                    "expected (N,H,W)"),
+    # a huge id would make numpy allocate terabytes for the class check
+    "huge label": (lambda p: write_npz(p / "huge.npz", train_labels=np.array([[0], [2 ** 40]] * 6, np.int64)),
+                   "go up to 1099511627776 for 12 images"),
+    "infinite label": (lambda p: write_npz(p / "inf.npz", train_labels=np.array([[0.0], [np.inf]] * 6)),
+                       "NaN or infinite"),
+    "unknown zip version": (lambda p: _zip_version(write_npz(p / "ver.npz")), "unreadable or truncated npz"),
 }
+
+
+def _zip_version(path: Path) -> Path:
+    """A damaged header that names a zip version the zipfile module does not know."""
+    data = bytearray(path.read_bytes())
+    central = data.rfind(b"PK\x01\x02")  # the last central-directory entry: 'version needed' at offset 6
+    data[central + 6:central + 8] = (192).to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    return path
 
 
 @pytest.mark.parametrize("case", BAD_NPZ)

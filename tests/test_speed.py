@@ -128,6 +128,10 @@ def test_target_from_quality_results(tmp_path):
     assert not speed.target_from_results(quality_json(tmp_path, collapsed_classes=["normal"]))["target_met"]
     with pytest.raises(FedPGGANError, match="no completed"):
         speed.target_from_results(quality_json(tmp_path, run="federated eps=1"))
+    damaged = quality_json(tmp_path)
+    damaged.write_text(damaged.read_text()[:-20])  # cut short
+    with pytest.raises(FedPGGANError, match="not a results file of benchmarks/quality.py"):
+        speed.target_from_results(damaged)
 
 
 def test_target_without_gpu_is_reported_unmeasured():

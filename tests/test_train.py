@@ -289,6 +289,35 @@ def test_resume_charges_epochs_lost_after_the_last_checkpoint_and_does_not_redo_
     assert main(["audit", str(run)]) == 0
 
 
+def test_a_metrics_line_cut_short_by_a_kill_is_left_out_and_damaged_run_files_are_one_line_errors(tmp_path, capsys):
+    run = tmp_path / "run"
+    folder, info = trained_then_marked_running(run, 2)
+    folder.write_run(info)
+    with open(folder.metrics_jsonl, "a") as f:
+        f.write('{"epoch": 3, "d_lo')  # a kill (or a full disk) mid-append
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0  # the resume was refused with a traceback before
+    assert "last line is cut short" in capsys.readouterr().err
+    assert [r["epoch"] for r in folder.read_metrics()] == [1, 2]  # completed: nothing left to redo
+    folder.metrics_jsonl.write_text('{"epoch": 1}\nnot json\n{"epoch": 2}\n')  # damage inside: not a kill's
+    with pytest.raises(FedPGGANError, match="line 2 is not JSON"):
+        folder.read_metrics()
+
+    other = tmp_path / "other"
+    folder, info = trained_then_marked_running(other, 2)
+    del info["config"]
+    folder.write_run(info)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "has no 'config'" in err and "\n" not in err.strip()
+    info = folder.read_run()
+    folder.ledger_json.write_text("[]")  # a ledger that is no ledger, with run.json vouching for it
+    folder.write_run(info)
+    with pytest.raises(FedPGGANError, match="not a privacy ledger"):
+        folder.usable_checkpoints()
+
+
 def test_resume_refuses_a_run_whose_data_or_options_changed_or_whose_ledger_is_gone(tmp_path, capsys):
     """The resumed epochs must spend under the mechanism the ledger registered, not a new calibration."""
     run = tmp_path / "run"

@@ -41,7 +41,8 @@ def load_npz(path: str | Path, split: str, name: str, image_size: int | None) ->
             train_labels = _labels(path, "train_labels", data["train_labels"])
             images = data[f"{split}_images"]
             labels = _labels(path, f"{split}_labels", data[f"{split}_labels"])
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, pickle.UnpicklingError) as exc:
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, pickle.UnpicklingError,
+            NotImplementedError) as exc:  # the last: a damaged zip header naming an unknown zip version
         raise FedPGGANError(f"{path}: unreadable or truncated npz ({_first_line(exc)}); "
                             "download or re-save the file") from exc
 
@@ -50,6 +51,9 @@ def load_npz(path: str | Path, split: str, name: str, image_size: int | None) ->
     _check_images(path, split, images, len(labels))
     names = known_class_names(path.stem)
     num_classes = len(names) if names else int(train_labels.max(initial=-1)) + 1
+    if num_classes > len(train_labels):  # every class needs a train image: ids 0..K-1 cannot exceed the images
+        raise FedPGGANError(f"{path}: train_labels go up to {num_classes - 1} for {len(train_labels)} images; "
+                            "labels must be class ids 0..K-1")
     for key, lab in (("train_labels", train_labels), (f"{split}_labels", labels)):
         if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
             raise FedPGGANError(f"{path}: {key} has values {lab.min()}..{lab.max()} outside 0..{num_classes - 1}; "
@@ -71,8 +75,8 @@ def _labels(path: Path, key: str, lab: np.ndarray) -> np.ndarray:
         raise FedPGGANError(f"{path}: {key} has shape {lab.shape}; expected (N,) or (N,1) class ids")
     lab = lab.reshape(-1)
     if lab.dtype.kind == "f":
-        if np.isnan(lab).any():
-            raise FedPGGANError(f"{path}: {key} contains NaN; every image needs a class id")
+        if not np.isfinite(lab).all():
+            raise FedPGGANError(f"{path}: {key} contains NaN or infinite values; every image needs a class id")
         if not np.array_equal(lab, np.round(lab)):
             raise FedPGGANError(f"{path}: {key} has fractional values; expected integer class ids")
     elif lab.dtype.kind not in "iu":
