@@ -30,7 +30,9 @@ from fedpggan.runs import RunFolder, library_versions
 from pggan_model import PGGAN, gan_from_checkpoint
 
 RANKINGS = ("realism", "margin")
-SETTINGS = ("rounds", "local-steps", "g-steps", "embedding-share")  # what tells the runs apart in the table
+# what tells the runs apart in the table, by the trainer that made them
+SETTINGS = {"federated": ("rounds", "local-steps", "g-steps", "embedding-share"),
+            "centralised": ("epochs", "d-steps", "embedding-share")}
 
 
 @torch.no_grad()
@@ -62,15 +64,18 @@ def selected_set(gan: PGGAN, n: int, oversample: int, ranking: str, seed: int) -
 def measure(run: Path, data_dir: str | None, n: int, oversample: int, seeds: int) -> list[dict]:
     folder = RunFolder(run)
     gan, payload = gan_from_checkpoint(folder.latest_checkpoint()[0])
-    config = folder.read_run()["config"]
+    info = folder.read_run()
+    config = info["config"]
+    ledger = folder.vouched_ledger() or {}
+    spent = (ledger.get("guarantee") or {}).get("epsilon")  # what the run spent, not its budget
     test = open_dataset(config["dataset"], "test", data_dir or config.get("data-dir") or None, gan.shape.image_size)
     sets: dict[str, Callable[[int], TrainSet]] = {"none": lambda seed: synthetic_set(gan, n, "both", seed)}
     sets.update({r: (lambda seed, r=r: selected_set(gan, n, oversample, r, seed)) for r in RANKINGS})
     rows = []
     for ranking, train_set in sets.items():
         summary, _ = scores_over_seeds(train_set, test, seeds, desc=f"{run.name} {ranking}", progress=False)
-        rows.append({"run": str(run), "round": payload.get("round"), "epsilon": config.get("epsilon"),
-                     "settings": {k: config.get(k) for k in SETTINGS},
+        rows.append({"run": str(run), "round": payload.get("round"), "epsilon": spent, "budget_epsilon": config.get("epsilon"),
+                     "settings": {k: config.get(k) for k in SETTINGS.get(info.get("kind"), SETTINGS["federated"])},
                      "ranking": ranking, "oversample": 1 if ranking == "none" else oversample,
                      "auc": summary["auc"]["mean"], "auc_std": summary["auc"]["std"],
                      "accuracy": summary["accuracy"]["mean"], "per_class_recall": summary["per_class_recall"]["mean"]})
@@ -82,14 +87,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Selecting synthetic images with the DP discriminator ({meta['device']}, {meta['date']})", "",
              f"TSTR AUC of {meta['n']} images (small CNN, {meta['seeds']} classifier seeds): plain samples vs the "
              f"best n/K per class of {meta['oversample']}x as many by D's realism or class margin.", "",
-             "| run | eps | settings | plain | ± | realism | ± | margin | ± |", "|---|---|---|---|---|---|---|---|---|"]
+             "| run | eps spent | settings | plain | ± | realism | ± | margin | ± |", "|---|---|---|---|---|---|---|---|---|"]
     by_run: dict[str, dict[str, dict]] = {}
     for r in rows:
         by_run.setdefault(r["run"], {})[r["ranking"]] = r
     for run, cells in by_run.items():
         values = " | ".join(f"{cells[k]['auc']:.3f} | {cells[k]['auc_std']:.3f}" for k in ("none", *RANKINGS))
         settings = ", ".join(f"{k} {v}" for k, v in cells["none"]["settings"].items())
-        lines.append(f"| {Path(run).name} | {cells['none']['epsilon']} | {settings} | {values} |")
+        spent = cells["none"]["epsilon"]
+        lines.append(f"| {Path(run).name} | {'no DP' if spent is None else f'{spent:.2f}'} | {settings} | {values} |")
     return "\n".join(lines) + "\n"
 
 

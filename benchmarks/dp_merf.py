@@ -167,6 +167,13 @@ def run(args: argparse.Namespace) -> int:
             "n_synthetic": args.n_synthetic, "classifier_seeds": args.classifier_seeds, "delta": DELTA, "accountant": ACCOUNTANT,
             "count_share": COUNT_SHARE, "generator_batch": BATCH, "versions": library_versions()}
     stem = Path(args.results) / f"dp-merf-{meta['dataset']}-{meta['device']}-{meta['date']}{'' if args.sites == 1 else f'-{args.sites}-sites'}"
+    earlier = stem.with_suffix(".json")
+    if earlier.exists():  # its rows are merged under this run's meta: they must have been judged the same way
+        judged = {k: json.loads(earlier.read_text()).get("meta", {}).get(k) for k in ("n_synthetic", "classifier_seeds")}
+        if judged != {"n_synthetic": args.n_synthetic, "classifier_seeds": args.classifier_seeds}:
+            raise FedPGGANError(f"{earlier}: holds rows judged with {judged['n_synthetic']} synthetic images and "
+                                f"{judged['classifier_seeds']} classifier seeds; pass those (--n-synthetic, "
+                                "--classifier-seeds) or another --results folder")
 
     def save(row: dict) -> None:
         """Merge ``row`` into the day's file (rows of earlier invocations stay; a re-measured row replaces

@@ -265,10 +265,13 @@ class PeakMemory:
         self._thread.join()
 
 
+SIM_DEVICE = "cpu"  # the federated rounds' server and sites, whatever --device the D-step part measures
+
+
 def sim_config(sites: int, profile: dict[str, Any], out: Path, size: str) -> RunConfig:
     """DP at eps 10 on the phantom data (2000 images: 20 per site at 100 sites); ``size`` "product"
     keeps the default models, batch and steps, "tiny" shrinks them for the scaling runs."""
-    common = dict(dataset="phantom", clients=sites, epsilon=10.0, min_per_site=10, device="cpu", out=str(out))
+    common = dict(dataset="phantom", clients=sites, epsilon=10.0, min_per_site=10, device=SIM_DEVICE, out=str(out))
     if size == "product":
         return RunConfig(rounds=profile["product_rounds"], sample_every=profile["product_rounds"], **common).validate()
     return RunConfig(rounds=profile["rounds"], local_steps=profile["local_steps"], g_steps=profile["g_steps"],
@@ -456,11 +459,11 @@ def markdown(result: dict[str, Any]) -> str:
     sim = meta["simulation"]
     lines += ["", "## One federated round at product size (simulation engine, DP eps 10)", "",
               f"{meta['product_rounds']} rounds with the default models and steps of the day "
-              f"({settings_text(result['product_rounds'])}), phantom data, 1 CPU per site actor. "
+              f"({settings_text(result['product_rounds'])}), phantom data, all on the CPU (server and sites; 1 CPU per site actor), whatever the device above. "
               f"Medians over rounds 2..{meta['product_rounds']}. {ROUND_COLUMNS}", ""]
     lines += round_table(result["product_rounds"])
     lines += ["", "## Scaling with sites (simulation engine, tiny models, DP eps 10)", "",
-              f"{sim['rounds']} rounds ({settings_text(result['federated'])}), phantom data, 1 CPU per site actor. "
+              f"{sim['rounds']} rounds ({settings_text(result['federated'])}), phantom data, all on the CPU (server and sites; 1 CPU per site actor), whatever the device above. "
               f"Medians over rounds 2..{sim['rounds']}. {ROUND_COLUMNS}", ""]
     lines += round_table(result["federated"])
     fit = result["scaling_fit"]
@@ -588,7 +591,7 @@ def run(args: argparse.Namespace) -> int:
                  "date": date.today().isoformat(), "profile": args.profile, "versions": library_versions(),
                  "torch_threads": torch.get_num_threads(),
                  "timing": {k: profile[k] for k in ("warmup", "repeats", "steps")},
-                 "simulation": {k: profile[k] for k in ("rounds", "local_steps", "g_steps")},
+                 "simulation": {**{k: profile[k] for k in ("rounds", "local_steps", "g_steps")}, "device": SIM_DEVICE},
                  "product_rounds": profile["product_rounds"],
                  "note": "Ratios are measured interleaved in one run; absolute times depend on machine load."},
         "discriminator": [], "generator": [], "product_rounds": [], "federated": [], "scaling_fit": None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 
 import pytest
@@ -41,3 +42,18 @@ def test_margin_is_own_label_minus_best_other_label():
     own = all_labels.gather(1, y[:, None]).squeeze(1)
     other = all_labels.masked_fill(torch.nn.functional.one_hot(y, 3).bool(), -torch.inf).amax(1)
     assert torch.allclose(selection.selection_score(gan, x, y, "margin"), own - other, atol=1e-5)
+
+
+def test_a_centralised_run_is_described_by_its_own_settings_and_its_spent_epsilon(tmp_path):
+    """The table must not show federated defaults a centralised run never used, nor its budget as spend."""
+    from fedpggan.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "phantom", "--epochs", "1", "--g-width", "8", "--d-width", "8", "--batch-size", "32",
+                 "--g-batch-size", "32", "--embedding-weight", "0", "--epsilon", "10", "--out", str(run)]) == 0
+    rows = selection.measure(run, None, n=40, oversample=2, seeds=1)
+    spent = json.loads((run / "privacy_ledger.json").read_text())["guarantee"]["epsilon"]
+    assert {tuple(r["settings"]) for r in rows} == {("epochs", "d-steps", "embedding-share")}
+    assert all(r["epsilon"] == spent < r["budget_epsilon"] == 10.0 for r in rows)
+    table = selection.markdown(rows, {"device": "cpu", "date": "today", "n": 40, "seeds": 1, "oversample": 2})
+    assert f"| run | {spent:.2f} | epochs 1, d-steps " in table

@@ -59,6 +59,10 @@ def test_rows_per_setting_budget_and_seed_merge_across_invocations(tmp_path):
     assert all(0.0 <= r["auc"] <= 1.0 for r in rows)
     table = next(tmp_path.glob("dp-merf-phantom-cpu-*.md")).read_text()
     assert "| 50 | 0.001 | 2 | 10 | 2 |" in table  # the mean over both training seeds
+    before = next(tmp_path.glob("dp-merf-phantom-cpu-*.json")).read_text()
+    # rows judged on another synthetic set size would be listed under this run's heading: refused
+    assert merf.main([*base[:-4], "--classifier-seeds", "2", "--results", str(tmp_path), "--settings", "50:1e-3:2"]) == 2
+    assert next(tmp_path.glob("dp-merf-phantom-cpu-*.json")).read_text() == before
 
 
 def test_a_malformed_setting_is_a_one_line_error(capsys):
