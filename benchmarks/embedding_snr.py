@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from datetime import date
 from pathlib import Path
@@ -87,24 +88,27 @@ def run(args: argparse.Namespace, defaults: RunConfig) -> int:
         for blur in (float(b) for b in args.blurs.split(",")):
             # without noise the count share cancels out: the exact means and the trap need one share
             exact = pooled_means(data, args.sites, frequencies, None, 0, blur, count_shares[0])
-            separation = float(torch.cdist(exact.T, exact.T).triu(1).max())
+            # per class, the distance to its nearest other class, as the product's gate reads it
+            # (pggan_model.mean_embedding.release_noise_ratio); the same for two classes
+            nearest = torch.cdist(exact.T, exact.T).fill_diagonal_(math.inf).min(dim=1).values
+            separation = float(nearest.min())
             trap = noise_trap(data, frequencies, blur) / separation
             for count_share, (epsilon, sigma) in itertools.product(count_shares, sigmas.items()):
                 errors = torch.stack([(pooled_means(data, args.sites, frequencies, sigma, r, blur, count_share) - exact).norm(dim=0)
                                       for r in range(args.repeats)]).mean(0)
                 rows.append({"frequencies": frequencies, "blur": blur, "count_share": count_share, "eps": epsilon, "release_sigma": sigma,
                              "class_separation": separation, "noise_trap_over_separation": trap,
-                             "noise_over_separation": {c: float(e) / separation for c, e in zip(data.class_names, errors)}})
+                             "noise_over_separation": {c: float(e / d) for c, e, d in zip(data.class_names, errors, nearest)}})
                 print(json.dumps(rows[-1]))
     stem = Path(args.results) / f"embedding-snr-{args.dataset}-{date.today().isoformat()}"
     meta = {"dataset": args.dataset, "sites": args.sites, "share": args.share, "count_shares": args.count_shares, "delta": args.delta,
             "repeats": args.repeats, "records": len(data)}
     atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
     lines = [f"# DP embedding target noise: {args.dataset}, {args.sites} IID sites, the release costing {args.share:g} of each site's epsilon",
-             "", "Error of each class's pooled mean embedding / distance between the classes' exact means "
+             "", "Error of each class's pooled mean embedding / distance from its exact mean to the nearest other class's exact mean "
              f"(mean of {args.repeats} noise draws). Near or above 1: that class's target is mostly noise. "
              "Noise trap: distance from the real embedding to that of the mean image plus pixel noise, over the "
-             "same separation; small means noise textures match the target about as well as images.", "",
+             "smallest such distance; small means noise textures match the target about as well as images.", "",
              "| frequencies | blur | count share | eps | release sigma | noise trap | " + " | ".join(data.class_names) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(data.class_names)]
     lines += [f"| {r['frequencies']} | {r['blur']:g} | {r['count_share']:g} | {r['eps']:g} | {r['release_sigma']:.2f} | {r['noise_trap_over_separation']:.2f} | "
