@@ -518,3 +518,19 @@ def test_a_deployed_site_missing_its_data_names_the_node_config_key(tmp_path):
         load_site_data({"site-id": "hospital-a", "data-path": str(tmp_path / "gone.npz")}, RunConfig())
     message = one_line_error(excinfo, "'data-path'", "gone.npz", "fedpggan site check")
     assert "--dataset" not in message
+
+
+def test_a_simulated_actor_reads_the_data_once_however_many_sites_it_serves(monkeypatch):
+    """Actors serve the sites in turn: a per-site cache smaller than the site count reloaded the
+    whole data set nearly every round (30 s per site for a folder of 55 000 PNGs)."""
+    import client.site as site
+    from fedpggan.config import RunConfig
+
+    loads = []
+    real = site.open_training_data
+    monkeypatch.setattr(site, "open_training_data", lambda cfg: loads.append(cfg.dataset) or real(cfg))
+    site._training_data_cached.cache_clear()
+    site._partition_cached.cache_clear()
+    cfg = RunConfig(dataset="phantom", seed=12345)
+    sizes = [[len(site.load_site_data({"partition-id": p, "num-partitions": 6}, cfg)) for p in range(6)] for _ in range(3)]
+    assert loads == ["phantom"] and sizes[0] == sizes[2] and sum(sizes[0]) == 2000
