@@ -6,7 +6,8 @@ Builds an ImageFolder (train/val/test, one sub-folder per class: the layout hosp
 that pools several MedMNIST files into one multi-class task — by default PneumoniaMNIST and
 BreastMNIST, 4 classes — under --work (never in the repository), then trains and evaluates the
 quality benchmark's ``federated eps=10`` row on it, unchanged, with the same profile. Writes
-benchmarks/results/quality-unseen-<device>-<date>.json and .md, with per-class recall.
+benchmarks/results/quality-unseen-<device>-<date>.json and .md (with other --datasets,
+quality-unseen-<their stems>-<device>-<date>), with per-class recall.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # the quality benchmark, next to
 import quality  # noqa: E402
 
 SPLITS = ("train", "val", "test")
+DEFAULT_DATASETS = ["pneumoniamnist", "breastmnist"]
 ROW = "federated eps=10"
 
 
@@ -71,7 +73,8 @@ def per_class_table(row: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", required=True, help="folder with the MedMNIST npz files")
-    p.add_argument("--datasets", default="pneumoniamnist,breastmnist", help="comma-separated MedMNIST names to pool")
+    p.add_argument("--datasets", default=",".join(DEFAULT_DATASETS),
+                   help="comma-separated MedMNIST names (or npz paths) to pool")
     p.add_argument("--profile", choices=sorted(quality.PROFILES), default=None, help="default: gpu if there is one")
     p.add_argument("--device", default="auto")
     p.add_argument("--work", default="runs/unseen", help="where the ImageFolder and the run folder go")
@@ -93,11 +96,13 @@ def run(args: argparse.Namespace) -> int:
     classes = open_dataset(str(folder)).class_names
     print(f"{folder}: {len(classes)} classes: {', '.join(classes)}", flush=True)
     base = quality.base_config(str(folder), args.data_dir, device, profile)
-    name = f"unseen: {' + '.join(specs)} as one ImageFolder ({len(classes)} classes), {ROW}"
+    shown = " + ".join(Path(s).name for s in specs)  # an npz path by its file name: where it lies is no result
+    name = f"unseen: {shown} as one ImageFolder ({len(classes)} classes), {ROW}"
     _, kind, length, overrides = next(spec for spec in quality.row_specs(profile) if spec[0] == ROW)
     row = {**quality.run_gan_row(name, kind, length, overrides, base, work, profile, device), "classes": classes}
-    meta = quality.run_meta(f"unseen data ({' + '.join(specs)})", device_name, profile_name)
-    stem = Path(args.results) / f"quality-unseen-{device_name}-{meta['date']}"
+    meta = quality.run_meta(f"unseen data ({shown})", device_name, profile_name)
+    pooled = "" if specs == DEFAULT_DATASETS else "-".join(Path(s).stem for s in specs) + "-"  # other data: its own file
+    stem = Path(args.results) / f"quality-unseen-{pooled}{device_name}-{meta['date']}"
     atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "rows": [row]})
     text = quality.markdown([row], meta) + per_class_table(row)
     atomic_write_bytes(stem.with_suffix(".md"), text.encode())
