@@ -14,7 +14,8 @@ from fedpggan.errors import FedPGGANError
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a
-    partial one: temp file in the same folder, fsync, rename."""
+    partial one: temp file in the same folder, fsync, rename, fsync of the folder (so that a
+    power loss cannot undo the rename: a ledger entry must stay written once a round relies on it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -27,6 +28,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def json_bytes(obj: Any) -> bytes:

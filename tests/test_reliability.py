@@ -772,3 +772,18 @@ def test_fraction_samples_the_same_sites_whatever_node_ids_flower_draws():
         assert {big[n] for n in picked} == {small[n] for n in sample_sites(small, 0.5, seed)}
         assert picked == sample_sites(dict(reversed(list(big.items()))), 0.5, seed)  # independent of reply order
     assert sample_sites(big, 1.0, 0) == sorted(big)
+
+
+def test_an_atomic_write_syncs_the_file_and_then_its_folder(tmp_path, monkeypatch):
+    """Without the folder's fsync a power loss may undo the rename: the ledger would lose an entry
+    that a checkpoint written after it relies on."""
+    import os
+    import stat
+
+    from fedpggan.io import atomic_write_bytes
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real(fd))
+    atomic_write_bytes(tmp_path / "ledger.json", b"{}")
+    assert synced == [False, True] and (tmp_path / "ledger.json").read_bytes() == b"{}"
