@@ -39,8 +39,8 @@ STAYS = ("images and labels", "un-noised per-class counts, losses or accuracies 
 
 def check_data(site: SiteConfig) -> tuple[ImageDataset, str]:
     """Open the site's training images with the ClientApp's loader (loader errors are one line), at
-    ``image-size`` when given, which must be a size training can build the model for; without it at
-    the stored size (a run resizes them to its own --image-size, 28 by default)."""
+    ``image-size`` when given, which must be a size training can build the model for; without it as
+    a run with the default --image-size would (an npz at its stored size, an ImageFolder at 28 px)."""
     if site.image_size is not None:
         check_image_size(site.image_size, f"--config {site.path}: 'image-size'")
     data = open_dataset(site.data, "train", None, site.image_size, named_by=f"'data' in {site.path}")
