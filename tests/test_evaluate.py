@@ -93,12 +93,39 @@ def test_a_one_class_dataset_trains_with_a_warning_and_its_utility_is_reported_a
     assert "| ROC AUC | n/a | n/a |" in md and "One class: a classifier has nothing to tell apart" in md
 
 
+def test_settings_can_be_compared_on_the_val_split_without_touching_test(run_dir, phantom, tmp_path, monkeypatch):
+    from fedpggan.evaluation import suite
+
+    opened, real_open = [], suite.open_real
+    monkeypatch.setattr(suite, "open_real", lambda spec, split, *a: opened.append(split) or real_open(spec, split, *a))
+    out = tmp_path / "val"
+    assert main(["evaluate", str(run_dir), *TINY, "--split", "val", "--out", str(out)]) == 0
+    assert opened == ["train", "val"]
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["dataset"]["split"] == "val" and result["dataset"]["n_test"] == len(phantom["val"])
+    assert f"/ {len(phantom['val'])} val)" in (out / "EVALUATION.md").read_text()
+
+
 def test_synthetic_sets_are_balanced_and_reproducible(run_dir):
     gan, _ = gan_from_checkpoint(run_dir / "checkpoints" / "ckpt_00001.pt")
     a, labels = synthetic_set(gan, 51, "both", seed=3)
     b, _ = synthetic_set(gan, 51, "both", seed=3)
     assert torch.equal(a, b) and not torch.equal(a, synthetic_set(gan, 51, "both", seed=4)[0])
     assert a.shape == (51, 1, 28, 28) and torch.bincount(labels).tolist() == [26, 25]
+
+
+def test_the_fidelity_set_follows_the_real_test_splits_class_mix(run_dir):
+    """FID, PRDC, label fidelity and the memorisation baseline compare with real images: a balanced
+    set against PneumoniaMNIST's 234 / 390 test split measured the mix (FID 0.89 -> 2.34 for real images)."""
+    from fedpggan.evaluation.utility import mixed_labels
+
+    labels = mixed_labels(5000, [234, 390], seed=0)
+    assert torch.bincount(labels).tolist() == [1875, 3125]
+    assert torch.bincount(labels[:2500], minlength=2).min() > 800  # each generator's half holds both classes
+    assert torch.bincount(mixed_labels(7, [1, 1, 1], seed=1)).tolist() in ([3, 2, 2], [2, 3, 2], [2, 2, 3])
+    gan, _ = gan_from_checkpoint(run_dir / "checkpoints" / "ckpt_00001.pt")
+    _, labels = synthetic_set(gan, 100, "both", seed=3, class_mix=[30, 70])
+    assert torch.bincount(labels).tolist() == [30, 70]
 
 
 def test_cli_errors_are_one_line(run_dir, tmp_path, capsys):

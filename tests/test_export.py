@@ -351,7 +351,8 @@ def test_a_quick_evaluation_reaches_the_datasheet_but_no_figure_read_from_the_tr
     sheet = json.loads((tmp_path / "o" / "datasheet.json").read_text())
     quality = sheet["quality"]
     assert quality["quick"] is True and quality["settings"]["seeds"] == [0] and quality["settings"]["n_synthetic"] == 1000
-    assert quality["real_data"] == {"name": "phantom", "n_test": 64, "image_size": evaluation["dataset"]["image_size"]}
+    assert quality["real_data"] == {"name": "phantom", "split": "test", "n_test": 64,
+                                    "image_size": evaluation["dataset"]["image_size"]}
     assert not any(w.startswith("QUALITY MEASURED ON OTHER SETTINGS") for w in sheet["warnings"])
     assert any(w.startswith("QUICK EVALUATION") and "100 classifier steps on the synthetic set (report: 400)" in w
                for w in sheet["warnings"])

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "verified one)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default auto)")
     p.add_argument("--out", metavar="DIR", help="where to write the report (default: the run folder)")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="real split the figures are measured on: test (default; what results report) or val (to "
+                        "compare settings without choosing them on the split that is reported)")
     p.add_argument("--quick", action="store_true", help="smoke check: 1000 images, 100 steps, 1 seed "
                    "(explicit options still win)")
     p.set_defaults(func=run)
@@ -51,5 +54,5 @@ def run(args: argparse.Namespace) -> int:
     check_folder_path(args.out)
     budget = TrainingBudget(steps=steps, epochs=args.epochs, batch_size=args.batch_size)
     evaluate_run(args.run, args.real, args.data_dir, n, seeds, args.generator, budget, args.device, args.out,
-                 args.checkpoint)
+                 args.checkpoint, split=args.split)
     return 0

@@ -50,7 +50,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"# Evaluation of {result['run']}", "",
         f"Checkpoint `{result['checkpoint']['file']}` (round {result['checkpoint']['round']}), "
         f"epsilon = {fmt(eps, 2) if eps is not None else privacy_unknown(result)}; real data: {result['dataset']['name']} "
-        f"({result['dataset']['n_train']} train / {result['dataset']['n_test']} test); generator {s['generator']}, "
+        f"({result['dataset']['n_train']} train / {result['dataset']['n_test']} {result['dataset'].get('split', 'test')}); "
+        f"generator {s['generator']}, "
         f"{s['n_synthetic']} synthetic images, seeds {s['seeds']}, classifier budget {s['classifier_budget']}.", "",
     ]
     if s.get("quick"):

@@ -31,16 +31,23 @@ CLASSIFIER = (f"SmallCNN: 3 x [conv3x3 stride 2, GroupNorm, ReLU] widths {WIDTHS
               "linear; Adam, cross-entropy")
 
 
+EVALUATION_SPLITS = ("test", "val")
+
+
 def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: str | None = None,
                  n_synthetic: int = EVALUATION_REPORT_SIZE["n_synthetic"],
                  seeds: int | Sequence[int] = EVALUATION_REPORT_SIZE["seeds"], generator: str = "both",
                  budget: TrainingBudget = TrainingBudget(), device: str = "cpu", out: str | Path | None = None,
-                 checkpoint: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+                 checkpoint: str | Path | None = None, progress: bool = True, split: str = "test") -> dict[str, Any]:
     """Evaluate a run's EMA generators; write evaluation.json, EVALUATION.md and
     evaluation_grid.png to ``out`` (default: the run folder) and return the JSON dict.
 
     ``real_spec`` takes the same forms as ``--dataset`` (default: the run's own dataset);
-    ``checkpoint`` a .pt file, a file name in RUN/checkpoints or a round (default: newest verified)."""
+    ``checkpoint`` a .pt file, a file name in RUN/checkpoints or a round (default: newest verified);
+    ``split`` the real split the figures are measured on: "test" (what results report) or "val"
+    (to compare settings without choosing them on the split that is reported)."""
+    if split not in EVALUATION_SPLITS:
+        raise FedPGGANError(f"--split {split}: choose one of {', '.join(EVALUATION_SPLITS)}")
     run = RunFolder(run_dir)
     if not run.root.is_dir():
         raise FedPGGANError(f"{run.root}: no such run folder; pass the folder a training run wrote (--out)")
@@ -53,8 +60,9 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
     dev = pick_device(device)
     gan, payload = gan_from_checkpoint(ckpt, dev)
     spec, data_dir = real_dataset_spec(info, real_spec, data_dir)
-    train, test = (open_real(spec, split, data_dir, gan.shape.image_size, int(info.get("seed", 0)))
-                   for split in ("train", "test"))
+    # "test" names the split the figures are measured on, also when it is val
+    train, test = (open_real(spec, part, data_dir, gan.shape.image_size, int(info.get("seed", 0)))
+                   for part in ("train", split))
     for real in (train, test):
         check_matches_gan(real, gan)
     check_enough_test_images(test, spec)
@@ -64,7 +72,9 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
     trtr_summary, real_models = scores_over_seeds(lambda _: (train.images, train.labels), test, seeds, budget, dev,
                                                   desc="TRTR", progress=progress)
     judge = real_models[0]
-    fake, fake_labels = synthetic_set(gan, n_synthetic, generator, seeds[0])
+    # in the test split's class mix: FID, PRDC, label fidelity (against the judge's accuracy on that
+    # split) and the memorisation baseline compare with real images, and must not measure the mix
+    fake, fake_labels = synthetic_set(gan, n_synthetic, generator, seeds[0], class_mix=test.class_counts())
     _, fake_feats = embed(judge, fake)
     _, real_feats = embed(judge, test.images)
     # precision/recall depend on set sizes: compare equally many synthetic and real images
@@ -76,10 +86,11 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
         "run": str(run.root), "run_kind": info.get("kind"), "created": now_iso(),
         "checkpoint": {"file": ckpt.name, "round": payload.get("round"), "sha256": sha256_file(ckpt)},
         **guarantee,
-        "dataset": {"name": test.name, "spec": spec, "class_names": test.class_names, "channels": test.channels,
+        "dataset": {"name": test.name, "spec": spec, "split": split, "class_names": test.class_names, "channels": test.channels,
                     "image_size": test.image_size, "n_train": len(train), "n_test": len(test)},
         "device": str(dev),
-        "settings": {"n_synthetic": n_synthetic, "seeds": seeds, "labels": "balanced",
+        "settings": {"n_synthetic": n_synthetic, "seeds": seeds,
+                     "labels": "balanced for TSTR; the real test split's class mix for the other figures",
                      "generator": "1" if gan.single else generator,  # what was sampled, as export records it
                      "classifier": CLASSIFIER, "classifier_budget": budget_text(budget), "lr": budget.lr,
                      "feature_reference": "real test split", "prdc_nearest_k": NEAREST_K,

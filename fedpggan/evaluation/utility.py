@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedpggan.data import ImageDataset
@@ -33,9 +34,12 @@ def seed_list(seeds: int | Sequence[int]) -> list[int]:
     return out
 
 
-def synthetic_set(gan: PGGAN, n: int, generator: str = "both", seed: int = 0) -> TrainSet:
-    """``n`` EMA samples with balanced labels (class c gets n/K +-1), on the CPU; with
-    ``both``, each chunk is half G1, half G2. Reproducible for a seed."""
+def synthetic_set(gan: PGGAN, n: int, generator: str = "both", seed: int = 0,
+                  class_mix: Sequence[int] | None = None) -> TrainSet:
+    """``n`` EMA samples, on the CPU; with ``both``, each chunk is half G1, half G2. Reproducible
+    for a seed. Labels are balanced (class c gets n/K +-1: what TSTR trains on), or in the
+    proportions of ``class_mix`` (e.g. the real test split's class counts: figures that compare
+    the synthetic set with real images, such as FID, must not measure a difference in class mix)."""
     if generator not in GENERATOR_CHOICES:
         raise FedPGGANError(f"--generator {generator}: choose one of {', '.join(GENERATOR_CHOICES)}")
     if gan.single and generator == "2":
@@ -44,11 +48,22 @@ def synthetic_set(gan: PGGAN, n: int, generator: str = "both", seed: int = 0) ->
     if n < gan.shape.num_classes:
         raise FedPGGANError(f"--n-synthetic {n}: must be at least the class count ({gan.shape.num_classes})")
     device = next(gan.parameters()).device
-    labels = torch.arange(n) % gan.shape.num_classes
+    labels = torch.arange(n) % gan.shape.num_classes if class_mix is None else mixed_labels(n, class_mix, seed)
     with seeded(seed, device):
         images = torch.cat([gan.sample(len(chunk), chunk, generator=generator)[0].cpu()
                             for chunk in labels.split(SAMPLE_CHUNK)])
     return images, labels
+
+
+def mixed_labels(n: int, counts: Sequence[int], seed: int) -> torch.Tensor:
+    """``n`` labels in the proportions of ``counts`` (largest remainders), shuffled so that every
+    chunk, and each generator's half of it, holds the same mix."""
+    weights = np.asarray(counts, dtype=float)
+    exact = n * weights / weights.sum()
+    per_class = np.floor(exact).astype(int)
+    per_class[np.argsort(per_class - exact)[: n - per_class.sum()]] += 1
+    labels = torch.repeat_interleave(torch.arange(len(counts)), torch.as_tensor(per_class))
+    return labels[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
 
 
 def scores_over_seeds(train_set: Callable[[int], TrainSet], real_test: ImageDataset, seeds: int | Sequence[int],

@@ -123,7 +123,7 @@ def quality_summary(evaluation: dict[str, Any] | None, checkpoint_sha256: str) -
             "evaluated_checkpoint_sha256": evaluated,
             "same_checkpoint": evaluated == checkpoint_sha256 if evaluated else None,
             # the test split's name and size only: never a file path, nor anything about the training images
-            "real_data": {"name": public_name(str(real.get("name"))), "n_test": real.get("n_test"),
+            "real_data": {"name": public_name(str(real.get("name"))), "split": real.get("split", "test"), "n_test": real.get("n_test"),
                           "image_size": real.get("image_size")} if real else None,
             "settings": {k: settings.get(k) for k in ("n_synthetic", "seeds", "classifier_budget", "generator")},
             "quick": settings.get("quick"), "short_of_report": settings.get("short_of_report", []),
@@ -223,7 +223,7 @@ def quality_lines(quality: dict[str, Any] | None) -> list[str]:
     size = {True: "**QUICK evaluation** (a smoke check: " + ", ".join(quality["short_of_report"]) + ")",
             False: "at least the report defaults", None: "size against the report defaults not recorded"}[quality["quick"]]
     return [f"From `fedpggan evaluate` ({quality['created']}, {note}):", "",
-            "- real test data: " + (f"{real['name']}, {real['n_test']} test images" if real else "not recorded"),
+            "- real test data: " + (f"{real['name']}, {real['n_test']} {real.get('split', 'test')} images" if real else "not recorded"),
             (f"- evaluation: {settings['n_synthetic']} synthetic images, seeds {settings['seeds']}, classifier "
              f"{settings['classifier_budget']}; {size}" if settings["n_synthetic"] else "- evaluation: settings not recorded"),
             "", "TSTR (a classifier trained on these synthetic images, tested on the real test split):", ""] \
