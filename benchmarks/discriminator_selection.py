@@ -66,8 +66,8 @@ def measure(run: Path, data_dir: str | None, n: int, oversample: int, seeds: int
     gan, payload = gan_from_checkpoint(folder.latest_checkpoint()[0])
     info = folder.read_run()
     config = info["config"]
-    ledger = folder.vouched_ledger() or {}
-    spent = (ledger.get("guarantee") or {}).get("epsilon")  # what the run spent, not its budget
+    ledger = folder.vouched_ledger()
+    spent = ((ledger or {}).get("guarantee") or {}).get("epsilon")  # what the run spent, not its budget
     test = open_dataset(config["dataset"], "test", data_dir or config.get("data-dir") or None, gan.shape.image_size)
     sets: dict[str, Callable[[int], TrainSet]] = {"none": lambda seed: synthetic_set(gan, n, "both", seed)}
     sets.update({r: (lambda seed, r=r: selected_set(gan, n, oversample, r, seed)) for r in RANKINGS})
@@ -75,6 +75,7 @@ def measure(run: Path, data_dir: str | None, n: int, oversample: int, seeds: int
     for ranking, train_set in sets.items():
         summary, _ = scores_over_seeds(train_set, test, seeds, desc=f"{run.name} {ranking}", progress=False)
         rows.append({"run": str(run), "round": payload.get("round"), "epsilon": spent, "budget_epsilon": config.get("epsilon"),
+                     "ledger_verified": ledger is not None,
                      "settings": {k: config.get(k) for k in SETTINGS.get(info.get("kind"), SETTINGS["federated"])},
                      "ranking": ranking, "oversample": 1 if ranking == "none" else oversample,
                      "auc": summary["auc"]["mean"], "auc_std": summary["auc"]["std"],
@@ -95,7 +96,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         values = " | ".join(f"{cells[k]['auc']:.3f} | {cells[k]['auc_std']:.3f}" for k in ("none", *RANKINGS))
         settings = ", ".join(f"{k} {v}" for k, v in cells["none"]["settings"].items())
         spent = cells["none"]["epsilon"]
-        lines.append(f"| {Path(run).name} | {'no DP' if spent is None else f'{spent:.2f}'} | {settings} | {values} |")
+        shown = ("unverified ledger" if not cells["none"].get("ledger_verified", True) else
+                 "no DP" if spent is None else f"{spent:.2f}")
+        lines.append(f"| {Path(run).name} | {shown} | {settings} | {values} |")
     return "\n".join(lines) + "\n"
 
 

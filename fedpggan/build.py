@@ -41,7 +41,8 @@ def open_training_data(cfg: RunConfig, split: str = "train") -> ImageDataset:
     try:
         return open_dataset("pneumoniamnist", split, cfg.data_dir or None, cfg.image_size, cfg.seed)
     except FedPGGANError as exc:
-        if any((d / "pneumoniamnist.npz").is_file() for d in search_dirs(cfg.data_dir or None)):
+        names = ("pneumoniamnist.npz", f"pneumoniamnist_{cfg.image_size}.npz")
+        if any((d / name).is_file() for d in search_dirs(cfg.data_dir or None) for name in names):
             raise  # found but unreadable: a damaged file is the user's to fix, not a reason to train on phantom
         print(f"warning: --dataset auto: {exc} -- using 'phantom' instead (procedurally generated, NOT medical data)",
               file=sys.stderr)

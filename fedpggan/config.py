@@ -89,7 +89,7 @@ class RunConfig:
         """Check ranges; each failure is one line naming the option and a valid value."""
         for f in fields(self):  # inf is a value only where an option gives it a meaning
             value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value) and f.name not in ("epsilon", "embedding_noise_limit"):
+            if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and f.name not in ("epsilon", "embedding_noise_limit"))):
                 raise FedPGGANError(f"--{flag(f.name)} {value} is invalid: it must be a finite number")
         if not 0 <= self.seed < 2 ** 63:
             raise FedPGGANError(f"--seed {self.seed} is invalid: it must be in 0 .. 2**63 - 1")

@@ -192,10 +192,9 @@ class FederatedRun:
     def restore(self) -> int:
         """Continue from the newest verified checkpoint (a corrupt one falls back to the previous).
 
-        The ledger on disk, not the checkpoint's snapshot, says what was spent: a round recorded
-        after the checkpoint was charged at its sites. It is redone (a site given the same inputs
-        replays its reply without a new charge), so its ledger rounds become ``spent_before_resume``
-        events that keep their steps: a site that fails the redone round still shows that spend."""
+        The ledger on disk, not a snapshot in the checkpoint, says what was spent: a round recorded
+        after the checkpoint was charged at its sites, and stays charged when it is redone
+        (PrivacyLedger.resume_after; a site given the same inputs replays its reply without a new charge)."""
         self.run_info = self.folder.read_run()
         recorded = self.folder.read_verified_ledger(self.run_info, "a resume")  # never build on a lost spend record
         path, entry = self.folder.latest_checkpoint()
@@ -204,16 +203,7 @@ class FederatedRun:
         self.run_id = self.run_info["run_id"]
         self.ledger = PrivacyLedger.load(recorded)
         resumed_at = now_iso()
-        for site in self.ledger.data["sites"].values():
-            for r in [r for r in site["rounds"] if int(r["round"]) > entry["round"]]:
-                site["rounds"].remove(r)
-                site["events"].append({"round": r["round"], "event": SPENT_BEFORE_RESUME, "steps": int(r["steps"]),
-                                       "epsilon": r.get("epsilon"), "reason": f"recorded after checkpoint round "
-                                       f"{entry['round']}; redone after the resume of {resumed_at} (spent once more "
-                                       "only if the site could not replay its reply)"})
-        for c in self.ledger.data["checkpoints"]:
-            if c["round"] > entry["round"]:  # newer ones latest_checkpoint skipped: missing or failing their hash
-                self.ledger.discard_checkpoint(c["round"], f"missing or failing its hash at the resume of {resumed_at}")
+        self.ledger.resume_after(int(entry["round"]), resumed_at)
         self.failed_rounds = payload.get("failed_rounds", 0)
         self.releases = {site: released.double() for site, released in payload.get("releases", {}).items()}
         if self.releases:
@@ -261,7 +251,7 @@ class FederatedRun:
             row["skipped"] = f"{len(d_states)} valid replies < {needed} needed"
         t_gen = time.perf_counter() - t1
         events = [{"site": s, "event": e["event"], "reason": e["reason"]} for s, v in self.ledger.data["sites"].items()
-                  for e in v["events"] if e["round"] == round_num and e["event"] != "not_selected"]
+                  for e in v["events"] if e["round"] == round_num and e["event"] != "not_selected" and "before_resume" not in e]
         if events:
             row["events"] = events
         row.update(self.privacy_row())
@@ -311,6 +301,8 @@ class FederatedRun:
                                          epsilon=privacy["epsilon"], delta=privacy["delta"], replayed=bool(status.get("replayed")))
             else:
                 self.ledger.record_round(site, round_num, steps=int(privacy["steps"]), epsilon=None)
+            if self.cfg.dp and (status.get("replayed") or status.get("recovered")):
+                self.ledger.mark_replayed(site, round_num)  # no new charge: a resume's record of it is in the rounds again
             if status.get("replayed"):
                 self.ledger.record_event(site, round_num, "replayed",
                                          "reply re-sent from the site's cache after a restart; spent once, before the crash")
@@ -348,7 +340,8 @@ class FederatedRun:
             return
         entry = self.ledger.site(site)
         recorded = sum(int(r["steps"]) for r in entry["rounds"]) + (1 if entry.get("feature_release") else 0)
-        already = sum(int(e.get("steps", 0)) for e in entry["events"] if e["event"] in ("unrecorded_spend", SPENT_BEFORE_RESUME))
+        already = sum(int(e.get("steps", 0)) for e in entry["events"] if e["event"] == "unrecorded_spend"
+                      or (e["event"] == SPENT_BEFORE_RESUME and not e.get("replayed")))
         extra = int(privacy["total_steps"]) - recorded - already
         if extra > 0:
             self.ledger.record_event(site, round_num, "unrecorded_spend",

@@ -388,6 +388,10 @@ def test_a_quick_evaluation_reaches_the_datasheet_but_no_figure_read_from_the_tr
     sheet = export_run(run, tmp_path / "site-data", ExportOptions(n=10, formats=("npz",)))
     assert not any(w.startswith("QUALITY MEASURED ON OTHER DATA") for w in sheet["warnings"])
     assert "/hospital" not in json.dumps(sheet)
+    evaluation["dataset"]["split"] = "val"  # `fedpggan evaluate --split val`: figures for choosing settings
+    (run / "evaluation.json").write_text(json.dumps(evaluation))
+    sheet = export_run(run, tmp_path / "val", ExportOptions(n=10, formats=("npz",)))
+    assert any(w.startswith("QUALITY MEASURED ON THE VAL SPLIT") for w in sheet["warnings"])
 
 
 def test_never_overwrites_the_run_folder(gray_run, tmp_path):

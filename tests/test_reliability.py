@@ -115,9 +115,16 @@ def test_a_resume_keeps_the_spend_recorded_after_its_checkpoint(tmp_path, monkey
         assert site["epsilon"] >= at_kill[site_id]["epsilon"]  # no site's spend falls at a resume
     for site in crashed:
         redone = [e for e in site["events"] if e["event"] == "spent_before_resume"]
-        assert [(e["round"], e["epsilon"]) for e in redone] == [(3, site["epsilon"])] and redone[0]["steps"] > 0
+        assert [(e["round"], e["epsilon"], e.get("replayed")) for e in redone] == [(3, site["epsilon"], None)]
+        assert redone[0]["steps"] > 0
+    replayed = [s for s in after.values() if s not in crashed]  # partition 0 re-sent its round-3 reply: no new charge
+    assert len(replayed) == 1 and [r["round"] for r in replayed[0]["rounds"]] == [1, 2, 3, 4]
+    redone = [e for e in replayed[0]["events"] if e["event"] == "spent_before_resume"]
+    assert [(e["round"], e.get("replayed")) for e in redone] == [(3, True)]  # its spend is the recorded round's again
     report = audit_run(run)
     assert [v for v in report["violations"] if "seeded with --seed" not in v["reason"]] == []
+    rows = RunFolder(run).read_metrics()
+    assert not any(e["event"] == "spent_before_resume" for r in rows for e in r.get("events", []))  # history, not round 3's
 
 
 # --- a site that dies mid-round ----------------------------------------------------------
@@ -616,6 +623,30 @@ def test_a_sites_epsilon_in_the_ledger_never_falls():
     assert ledger.site("a")["epsilon"] == 2.0
     ledger.record_round("a", 3, steps=8, epsilon=3.0)
     assert ledger.site("a")["epsilon"] == 3.0
+
+
+def test_a_resume_keeps_later_spend_and_lets_the_redone_rounds_decide_a_sites_status_again():
+    from fedpggan.privacy.ledger import PrivacyLedger, spent_outside_rounds
+
+    ledger = PrivacyLedger("run", True, {}, "mechanism", {})
+    for site in "ab":
+        ledger.register_site(site)
+        for r in (1, 2, 3):
+            ledger.record_round(site, r, steps=8, epsilon=float(r))
+    ledger.record_event("a", 3, "excluded", "after the checkpoint", "excluded")
+    ledger.record_event("b", 1, "excluded", "before it", "excluded")
+    for r in (1, 2, 3):
+        ledger.record_checkpoint(r, f"ckpt_{r}.pt", f"sha{r}")
+    ledger.resume_after(2, "now")
+    a, b = ledger.site("a"), ledger.site("b")
+    assert a["status"] == "active" and b["status"] == "excluded"  # only what happened after the checkpoint is redone
+    assert [r["round"] for r in a["rounds"]] == [1, 2] and a["epsilon"] == 3.0  # the spend stays
+    redone = [e for e in a["events"] if e["event"] == "spent_before_resume"]
+    assert [(e["round"], e["steps"], e["epsilon"]) for e in redone] == [(3, 8, 3.0)] and spent_outside_rounds(redone[0])
+    assert all(e["before_resume"] == "now" for e in a["events"])
+    assert [bool(c.get("discarded")) for c in ledger.data["checkpoints"]] == [False, False, True]
+    ledger.mark_replayed("a", 3)  # the site re-sent that reply: its spend is a recorded round again
+    assert not spent_outside_rounds(redone[0])
 
 
 # --- bad input: one line, no traceback, nothing lost --------------------------------------

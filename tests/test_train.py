@@ -60,6 +60,15 @@ def test_a_folder_with_other_files_or_a_file_is_refused_as_out(command, tmp_path
     assert (lost / "privacy_ledger.json").read_text() == "{}"
 
 
+def test_nan_is_refused_for_every_decimal_option_also_from_python():
+    """The CLI and TOML readers refuse 'nan'; a RunConfig built in Python must not slip one past
+    (a NaN noise limit kept the embedding gate shut without a word)."""
+    for name in ("embedding_noise_limit", "epsilon", "lr_g"):
+        with pytest.raises(FedPGGANError, match="must be a finite number"):
+            RunConfig(**{name: float("nan")}).validate()
+    assert RunConfig(embedding_noise_limit=float("inf"), epsilon=float("inf")).validate().dp is False
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

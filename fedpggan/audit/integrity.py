@@ -78,6 +78,8 @@ def check_checkpoints(ledger: dict[str, Any], run: dict[str, Any], folder: RunFo
     rounds = sorted({e.get("round") for e in ledger.get("checkpoints", [])
                      if isinstance(e, dict) and isinstance(e.get("round"), int) and not e.get("discarded")})
     kept = set(rounds[-keep:])
+    # a federated resume redoes the rounds after its checkpoint and writes their files under the names it discarded
+    current = {e.get("file") for e in ledger.get("checkpoints", []) if isinstance(e, dict) and not e.get("discarded")}
     for i, entry in enumerate(ledger.get("checkpoints", [])):
         name = entry.get("file") if isinstance(entry, dict) else None
         if not isinstance(name, str) or Path(name).name != name:
@@ -85,7 +87,7 @@ def check_checkpoints(ledger: dict[str, Any], run: dict[str, Any], folder: RunFo
             continue
         listed.add(name)
         path = folder.checkpoints / name
-        if entry.get("discarded") and path.exists() and sha256_file(path) != entry.get("sha256"):
+        if entry.get("discarded") and path.exists() and name not in current and sha256_file(path) != entry.get("sha256"):
             status = "HASH MISMATCH"
             findings.append(Finding(f"checkpoints[{i}].sha256", f"checkpoints/{name} was discarded by a resume, and a "
                                                                 "file with another content has its name since: remove it"))

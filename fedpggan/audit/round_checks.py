@@ -5,19 +5,18 @@
   to the round the site left the run (budget exhausted, excluded); with --fraction < 1 the
   server records a "not_selected" event for every site it did not pick;
 - a site trains no more once it declares its budget exhausted;
-- cumulative epsilons never decrease, and the site's epsilon is its last round's.
+- cumulative epsilons never decrease, and the site's epsilon is its last round's (or the larger claim a
+  resume kept in a spent_before_resume event).
 """
 
 from __future__ import annotations
 
 from fedpggan.audit.findings import Finding, close
 from fedpggan.audit.records import RunFacts, Site, number
-from fedpggan.privacy.ledger import SPENT_BEFORE_RESUME
+from fedpggan.privacy.ledger import SPENT_BEFORE_RESUME, spent_outside_rounds
 
 EXHAUSTED = ("budget_exhausted", "exhausted")
 LEFT = (*EXHAUSTED, "excluded")  # the server selects such a site no more
-# a site reserves its spend before it trains; a round recorded after a resume's checkpoint was spent, then redone
-UNRECORDED_SPEND = ("failed", "no_reply", "excluded", "unrecorded_spend", SPENT_BEFORE_RESUME)
 
 
 def first_event(site: Site, names: tuple[str, ...]) -> int | None:
@@ -42,7 +41,7 @@ def check_rounds(site: Site, facts: RunFacts) -> tuple[list[Finding], list[str]]
     if missing:
         out.append(Finding(f"{p}.rounds", f"round(s) {spans(missing)} missing with no event explaining the gap "
                                           f"(the run reached round {facts.end_round})"))
-    unrecorded = sorted(int(number(e.get("round")) or 0) for e in site.events if e.get("event") in UNRECORDED_SPEND)
+    unrecorded = sorted(int(number(e.get("round")) or 0) for e in site.events if spent_outside_rounds(e))
     if unrecorded:
         notes.append(f"{p}: round(s) {spans(unrecorded)} failed or were excluded; any spend reserved then is not in the "
                      "recorded rounds (the site's later cumulative claims include it)")

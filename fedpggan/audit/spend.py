@@ -17,7 +17,7 @@ from tqdm import tqdm
 from fedpggan.audit import accountants
 from fedpggan.audit.findings import Finding, below, close, slack
 from fedpggan.audit.records import Site, number
-from fedpggan.audit.round_checks import UNRECORDED_SPEND
+from fedpggan.privacy.ledger import spent_outside_rounds
 
 RULE = (
     "Every accountant (RDP, PRV, PLD) gives a valid upper bound on the true epsilon, so the tightest sound "
@@ -64,7 +64,7 @@ def audit_spend(site: Site) -> tuple[dict[str, Any], list[Finding], list[str]]:
             if not below(site.epsilon, tightest):
                 notes.append(f"{p}.epsilon: claimed {site.epsilon:.4g} is below the declared accountant "
                              f"({site.accountant}: {declared:.4g}) but supported by {tightest_name} ({tightest:.4g})")
-        elif any(e.get("event") in UNRECORDED_SPEND for e in site.events):
+        elif any(spent_outside_rounds(e) for e in site.events):
             notes.append(f"{p}.epsilon: claimed {site.epsilon:.4g} is above the recorded rounds' {declared:.4g} "
                          f"({site.accountant}); failed/excluded rounds explain the difference")
         else:
@@ -79,7 +79,7 @@ def replace_one(site: Site, notes: list[str]) -> dict[str, Any]:
     its presence, must stay hidden) and what it was computed over: the recorded rounds, or, when
     events explain spend the rounds do not record (a failed or excluded round), the release and
     every planned step, an upper bound since a site never trains past its plan."""
-    unrecorded = any(e.get("event") in UNRECORDED_SPEND for e in site.events)
+    unrecorded = any(spent_outside_rounds(e) for e in site.events)
     history = (site.release_history + ((site.noise_multiplier, site.sample_rate, site.planned_steps),)
                if unrecorded else site.history)
     try:

@@ -6,6 +6,7 @@ without converting it to npz first.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from fedpggan.data.dataset import ImageDataset, to_model_range
 from fedpggan.errors import FedPGGANError
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
-EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA"}  # PIL modes whose RGB conversion loses nothing
+EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"}  # 8 bits per channel: RGB loses no depth
 LUMINANCE = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL's convert("L")
 
 
@@ -41,9 +42,9 @@ def load_folder(root: str | Path, split: str, name: str, image_size: int) -> Ima
                             "model cannot learn it; add its training images or remove the folder")
     files, labels = _split_files(split_dir, class_names, split)
     pixels = _read_all(files)
-    grey = _is_grey(pixels) if split == "train" else _is_grey(_read_all(_split_files(root / "train", class_names, "train")[0]))
-    if grey:
-        pixels = pixels[..., 0] if _is_grey(pixels) else np.rint(pixels @ LUMINANCE).astype(np.uint8)
+    own_grey = _is_grey(pixels)
+    if own_grey if split == "train" else _train_split_is_grey(str(root.resolve()), tuple(class_names)):
+        pixels = pixels[..., 0] if own_grey else np.rint(pixels @ LUMINANCE).astype(np.uint8)
     return ImageDataset(to_model_range(pixels, image_size), torch.tensor(labels, dtype=torch.int64),
                         class_names, name, True, str(root.resolve()))
 
@@ -60,6 +61,11 @@ def _split_files(split_dir: Path, class_names: list[str], split: str) -> tuple[l
     if not files:
         raise FedPGGANError(f"{split_dir}: no images found; expected one sub-folder of images per class")
     return files, labels
+
+
+@functools.lru_cache(maxsize=8)  # evaluate opens train and test: the train split is read once for both
+def _train_split_is_grey(root: str, class_names: tuple[str, ...]) -> bool:
+    return _is_grey(_read_all(_split_files(Path(root) / "train", list(class_names), "train")[0]))
 
 
 def _is_grey(pixels: np.ndarray) -> bool:

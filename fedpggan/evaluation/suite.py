@@ -18,14 +18,14 @@ from fedpggan.build import pick_device
 from fedpggan.config import EVALUATION_REPORT_SIZE
 from fedpggan.data import ImageDataset, open_dataset
 from fedpggan.errors import FedPGGANError
-from fedpggan.evaluation.classifier import WIDTHS, TrainingBudget, embed
+from fedpggan.evaluation.classifier import WIDTHS, SmallCNN, TrainingBudget, embed
 from fedpggan.evaluation.dcr import memorisation
 from fedpggan.evaluation.fidelity import NEAREST_K, class_diversity, frechet_distance, label_fidelity, prdc_scores
 from fedpggan.evaluation.report import save_comparison_grid, write_report
 from fedpggan.evaluation.utility import check_matches_gan, scores_over_seeds, seed_list, synthetic_set, tstr
 from fedpggan.io import sha256_file
 from fedpggan.runs import RunFolder, library_versions, now_iso
-from pggan_model import gan_from_checkpoint
+from pggan_model import PGGAN, gan_from_checkpoint
 
 CLASSIFIER = (f"SmallCNN: 3 x [conv3x3 stride 2, GroupNorm, ReLU] widths {WIDTHS}, global average pool, "
               "linear; Adam, cross-entropy")
@@ -90,16 +90,18 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
                     "image_size": test.image_size, "n_train": len(train), "n_test": len(test)},
         "device": str(dev),
         "settings": {"n_synthetic": n_synthetic, "seeds": seeds,
-                     "labels": "balanced for TSTR; the real test split's class mix for the other figures",
+                     "labels": f"balanced for TSTR and per-class diversity; the real {split} split's class mix for "
+                               "FID, PRDC, label fidelity and memorisation",
                      "generator": "1" if gan.single else generator,  # what was sampled, as export records it
                      "classifier": CLASSIFIER, "classifier_budget": budget_text(budget), "lr": budget.lr,
-                     "feature_reference": "real test split", "prdc_nearest_k": NEAREST_K,
+                     "feature_reference": f"real {split} split", "prdc_nearest_k": NEAREST_K,
                      **smaller_than_report(n_synthetic, len(seeds), budget)},
         "tstr": utility["tstr"], "trtr": trtr_summary,
         "fid": frechet_distance(real_feats, fake_feats),
         "prdc": prdc_scores(real_feats, fake_feats[pick]),
         "label_fidelity": fidelity,
-        "diversity": class_diversity(real_feats, test.labels.numpy(), fake_feats, fake_labels.numpy(),
+        # per class: a rare class of the test mix would get too few images to judge its spread
+        "diversity": class_diversity(real_feats, test.labels.numpy(), *balanced_feats(judge, gan, n_synthetic, generator, seeds[0]),
                                      test.class_names),
         "memorisation": memorisation(fake, train.images, test.images, seeds[0]),
         "versions": library_versions(),
@@ -111,6 +113,12 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
     print(text)
     print(f"written: {out / 'evaluation.json'}, {out / 'EVALUATION.md'}, {out / 'evaluation_grid.png'}")
     return result
+
+
+def balanced_feats(judge: SmallCNN, gan: PGGAN, n: int, generator: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The judge's features of a class-balanced synthetic set (as TSTR draws it) and its labels."""
+    images, labels = synthetic_set(gan, n, generator, seed)
+    return embed(judge, images)[1], labels.numpy()
 
 
 def smaller_than_report(n_synthetic: int, num_seeds: int, budget: TrainingBudget) -> dict[str, Any]:

@@ -75,6 +75,9 @@ def build_datasheet(prov: Provenance, export: dict[str, Any]) -> dict[str, Any]:
         if None not in evaluated and evaluated != exported:
             warnings.append(f"QUALITY MEASURED ON OTHER SETTINGS: evaluated with generator {evaluated[0]} at {evaluated[1]} px; "
                             f"this export uses generator {exported[0]} at {exported[1]} px.")
+        if quality["real_data"].get("split", "test") != "test":
+            warnings.append(f"QUALITY MEASURED ON THE {quality['real_data']['split'].upper()} SPLIT: the figures are not "
+                            "the test split's; run `fedpggan evaluate` without --split for figures to publish.")
         # Only public benchmark names can be compared: a site's own data is "site data" on both sides.
         tested, trained = quality["real_data"]["name"], public_name(str(dataset.get("name")))
         if SITE_DATA not in (tested, trained) and tested != trained:

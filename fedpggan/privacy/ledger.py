@@ -29,6 +29,14 @@ ASSUMPTIONS = [
 
 # A site's round recorded after the checkpoint a federated resume continues from: spent, then redone.
 SPENT_BEFORE_RESUME = "spent_before_resume"
+STATUS_EVENTS = ("budget_exhausted", "excluded")  # the events after which the server selects a site no more
+
+
+def spent_outside_rounds(event: dict[str, Any]) -> bool:
+    """Whether ``event`` stands for spend the site's recorded rounds do not hold: a round it reserved
+    and never delivered, or one recorded before a resume and not replayed since."""
+    return event.get("event") in ("failed", "no_reply", "excluded", "unrecorded_spend") or (
+        event.get("event") == SPENT_BEFORE_RESUME and not event.get("replayed"))
 
 
 def finite_or_none(x: float) -> float | None:
@@ -85,6 +93,38 @@ class PrivacyLedger:
         entry["events"].append({"round": round_num, "event": event, "reason": reason})
         if status:
             entry["status"] = status
+
+    def resume_after(self, round_num: int, when: str) -> None:
+        """A federated resume continues from the checkpoint of ``round_num`` and redoes the rounds
+        after it. Their spend stays: each later ledger round becomes a ``spent_before_resume`` event
+        with its steps and epsilon (marked ``replayed`` once the site re-sends that very reply, its
+        spend then recorded again); later events stay as history (``before_resume``); a status set
+        after the checkpoint is active again (the redone round decides anew: a site still refuses
+        past its budget); later checkpoints are discarded (a redone round writes its own under the
+        same name)."""
+        for site in self.data["sites"].values():
+            for event in site["events"]:
+                if int(event["round"]) > round_num:
+                    event.setdefault("before_resume", when)
+            for r in [r for r in site["rounds"] if int(r["round"]) > round_num]:
+                site["rounds"].remove(r)
+                site["events"].append({"round": r["round"], "event": SPENT_BEFORE_RESUME, "steps": int(r["steps"]),
+                                       "epsilon": r.get("epsilon"), "before_resume": when,
+                                       "reason": f"recorded after checkpoint round {round_num}, then redone after the "
+                                                 "resume (spent once more only if the site could not replay its reply)"})
+            if site.get("status") != "active" and not any(
+                    e["event"] in STATUS_EVENTS and int(e["round"]) <= round_num for e in site["events"]):
+                site["status"] = "active"
+        for c in self.data["checkpoints"]:
+            if c["round"] > round_num and not c.get("discarded"):  # newer ones the resume could not use
+                c["discarded"] = f"missing or failing its hash at the resume of {when}"
+
+    def mark_replayed(self, site_id: str, round_num: int) -> None:
+        """The site re-sent (or recomputed under its reservation) a round it had spent before a
+        resume: that spend is in its recorded rounds again."""
+        for event in self.site(site_id)["events"]:
+            if event["event"] == SPENT_BEFORE_RESUME and int(event["round"]) == round_num:
+                event["replayed"] = True
 
     def record_checkpoint(self, round_num: int, file: str, sha256: str) -> None:
         self.data["checkpoints"].append({"round": round_num, "file": file, "sha256": sha256})
