@@ -301,7 +301,7 @@ class FederatedRun:
                                          epsilon=privacy["epsilon"], delta=privacy["delta"], replayed=bool(status.get("replayed")))
             else:
                 self.ledger.record_round(site, round_num, steps=int(privacy["steps"]), epsilon=None)
-            if self.cfg.dp and (status.get("replayed") or status.get("recovered")):
+            if status.get("replayed") or status.get("recovered"):
                 self.ledger.mark_replayed(site, round_num)  # no new charge: a resume's record of it is in the rounds again
             if status.get("replayed"):
                 self.ledger.record_event(site, round_num, "replayed",
