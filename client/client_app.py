@@ -196,7 +196,7 @@ def train_round(msg: Message, context: Context, cfg: RunConfig, state: SiteState
     gan = build_gan(cfg, data.image_size, data.channels, data.num_classes).to(device)
     gan.d.load_state_dict(msg.content["d"].to_torch_state_dict())
     load_generators(gan, msg.content["g"])
-    result = run_site_round(gan, data, cfg, state, round_num, site_index(context.node_config), input_sha)
+    result = run_site_round(gan, data, cfg, state, round_num, site_index(context.node_config), key)
     status = {"status": result.status, "site-id": site_id, "replayed": False,
               "recovered": result.recovered,
               "t-compute": time.perf_counter() - started}  # data loading + training: the rest of a round is Flower

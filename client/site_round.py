@@ -195,18 +195,19 @@ def round_key(weights_sha: str, cfg: RunConfig, data: ImageDataset) -> str:
 
 
 def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteState, round_num: int,
-                   site_index: int, input_sha: str = "") -> RoundResult:
+                   site_index: int, key: str | None = None) -> RoundResult:
     """Train ``gan.d`` (and, with local generator training, G1/G2) for one round in place.
 
-    ``input_sha`` identifies the weights the server sent; the round's noise is seeded by the
-    site's secret key, the round and :func:`round_key` (those weights, the options, the data). A
+    ``key`` is the round's :func:`round_key` (the weights the server sent, the options, the data;
+    that of unnamed weights when None); the round's noise is seeded by the site's secret key, the
+    round and that key. A
     round reserved with the same key but never finished (the site died mid-round), and still the
     site's latest spend, is recomputed with the same seed, hence the same noise: it yields the
     one output that reservation paid for, so it is not charged again. Otherwise the reserved
     spend stays spent (privacy first) and the round is charged anew; other inputs give other
     noise, so no two outputs share a draw."""
     ensure_noise_key(state, cfg, site_index)
-    key = round_key(input_sha, cfg, data)
+    key = round_key("", cfg, data) if key is None else key
     torch.manual_seed(noise_seed(state, "round", round_num, key))
     privacy = None
     ensure_mechanism(state, cfg, len(data))  # also refuses a DP run's switch to no DP

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,8 +12,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedpggan.io import atomic_write_bytes  # noqa: E402
 from pggan_model import PGGAN  # noqa: E402
+
+LEGEND_LIMIT = 10  # more lines than this in a panel (e.g. one per site of 100): only the highlighted one is named
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Write ``fig`` as a PNG atomically (a kill mid-write leaves the previous picture, never a cut one) and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -45,24 +59,31 @@ def save_sample_grid(gan: PGGAN, path: str | Path, class_names: Sequence[str], p
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def save_curves(rows: list[dict[str, Any]], x_key: str, panels: dict[str, list[str]], path: str | Path) -> None:
-    """One panel per entry of ``panels`` (title -> metric keys), each key a line over ``x_key``."""
+def save_curves(rows: list[dict[str, Any]], x_key: str, panels: dict[str, list[str]], path: str | Path,
+                y_label: str = "", highlight: dict[str, str] | None = None) -> None:
+    """One panel per entry of ``panels`` (title -> metric keys), each key a line over ``x_key``.
+    ``highlight`` (key -> legend label) draws those keys thick and black, e.g. the run's guarantee
+    over the per-site epsilons; points are marked, so a one-round run still shows them."""
+    highlight = highlight or {}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels.items()):
+        named = []
         for key in keys:
             pts = [(r[x_key], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-            if pts:
-                ax.plot(*zip(*pts), label=key)
+            if not pts:
+                continue
+            style = {"color": "black", "linewidth": 2.2, "zorder": 3} if key in highlight else {"linewidth": 1.0}
+            (line,) = ax.plot(*zip(*pts), marker="." if len(pts) <= 50 else None, label=highlight.get(key, key), **style)
+            if key in highlight:
+                named.append(line)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(x_key)
+        ax.set_ylabel(y_label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.lines:
-            ax.legend(fontsize=7)
+            ax.legend(handles=None if len(ax.lines) <= LEGEND_LIMIT else named or None, fontsize=7)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

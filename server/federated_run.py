@@ -32,7 +32,7 @@ from fedpggan.privacy import epsilon_of
 from fedpggan.privacy.dp_discriminator import mechanism_name
 from fedpggan.privacy.feature_release import features_for, release_entry, release_history
 from fedpggan.privacy.secure_sum import SECURE_SUM_ASSUMPTION, epsilon_if_all_other_sites_collude, release_share_noise
-from fedpggan.privacy.ledger import SPENT_BEFORE_RESUME, PrivacyLedger, finite_or_none
+from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none, spent_outside_rounds
 from fedpggan.privacy.mechanism import Mechanism, site_mechanism
 from fedpggan.privacy.noise import SEEDED_NOISE_WARNING
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
@@ -262,7 +262,7 @@ class FederatedRun:
             eps = row.get("epsilon_max")
             save_sample_grid(self.gan, self.folder.samples / f"round_{round_num:05d}.png", self.class_names,
                              title=f"{self.run_info['dataset']['name']} round {round_num}  "
-                                   f"eps={f'{eps:.4g}' if isinstance(eps, (int, float)) else 'no DP'}")
+                                   f"eps={f'{eps:.4g}' if isinstance(eps, (int, float)) else 'not recorded' if self.cfg.dp else 'no DP'}")
         return f"{len(d_states)}/{len(selected)}"
 
     def accept_replies(self, round_num: int, selected: list[int], replies: list[Message],
@@ -340,8 +340,8 @@ class FederatedRun:
             return
         entry = self.ledger.site(site)
         recorded = sum(int(r["steps"]) for r in entry["rounds"]) + (1 if entry.get("feature_release") else 0)
-        already = sum(int(e.get("steps", 0)) for e in entry["events"] if e["event"] == "unrecorded_spend"
-                      or (e["event"] == SPENT_BEFORE_RESUME and not e.get("replayed")))
+        # steps already counted outside the rounds (only unrecorded_spend and spent_before_resume carry a count)
+        already = sum(int(e.get("steps", 0)) for e in entry["events"] if spent_outside_rounds(e))
         extra = int(privacy["total_steps"]) - recorded - already
         if extra > 0:
             self.ledger.record_event(site, round_num, "unrecorded_spend",
@@ -487,7 +487,8 @@ class FederatedRun:
         save_curves(rows, "round", CURVE_PANELS, self.folder.curves / "training.png")
         eps_keys = sorted({k for r in rows for k in r if k.startswith("epsilon_site_")})
         if eps_keys:
-            save_curves(rows, "round", {"epsilon per site": eps_keys}, self.folder.curves / "epsilon.png")
+            save_curves(rows, "round", {"epsilon per site": eps_keys + ["epsilon_max"]}, self.folder.curves / "epsilon.png",
+                        y_label="cumulative epsilon", highlight={"epsilon_max": "guarantee (max over sites)"})
         self.ledger.update_guarantee()
         self.run_info.update(status=status, reason=reason, ended=now_iso(), final_epsilon=self.ledger.data["guarantee"]["epsilon"])
         self.folder.save_ledger(self.ledger, self.run_info)

@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedpggan.errors import FedPGGANError
-from fedpggan.privacy.secure_sum import seed_commitment, unmasked_sum
+from fedpggan.privacy.secure_sum import check_public_key, seed_commitment, unmasked_sum
 from fedpggan.wire import (key_list_record, masked_vector, revealed_seed, seed_commitment_of, share_made_for, site_error,
                            verified_signers)
 
@@ -44,6 +44,7 @@ def secure_sum(grid: Grid, nodes: dict[int, str], config: ConfigRecord, shape: t
     while True:
         enough(nodes, needed, left_out)
         keys = ask(grid, nodes, "query.release_keys", RecordDict({"config": config}), read_key, left_out, timeout)
+        keys = without_copied_keys(keys, nodes, left_out)
         nodes = {n: s for n, s in nodes.items() if n in keys}
         enough(nodes, needed, left_out)
         order = sorted(nodes)
@@ -71,9 +72,18 @@ class Vector:
 
 
 def read_key(content: RecordDict) -> RecordDict:
-    if len(bytes(content["key"]["public-key"])) != 32:
-        raise ValueError("a public key of the wrong length")
+    check_public_key(bytes(content["key"]["public-key"]))
     return content
+
+
+def without_copied_keys(keys: dict[int, RecordDict], nodes: dict[int, str], left_out: dict[str, str]) -> dict[int, RecordDict]:
+    """Leave out every site whose public key another site also sent: one of them copied it, and a
+    repeated key would make every honest site refuse the list."""
+    raw = {n: bytes(k["key"]["public-key"]) for n, k in keys.items()}
+    copied = {n for n in raw if list(raw.values()).count(raw[n]) > 1}
+    for n in copied:
+        left_out[nodes[n]] = "sent the same public key as another site (a copied key)"
+    return {n: k for n, k in keys.items() if n not in copied}
 
 
 def read_vector(content: RecordDict, size: int) -> Vector:

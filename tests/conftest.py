@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 torch.set_num_threads(2)
+# Ray, for the simulation tests: keep accelerator variables as they are for zero-GPU actors (and so
+# silence its FutureWarning about that), and show every actor's log line.
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 warnings.filterwarnings("ignore", module="opacus")
 
 

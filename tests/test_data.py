@@ -341,6 +341,27 @@ def test_image_folder_channels_follow_the_train_split(tmp_path):
     assert test.channels == 3 and torch.equal(test.images[:, 0], test.images[:, 2])
 
 
+def test_image_folder_read_in_chunks_gives_what_one_read_gives(tmp_path, monkeypatch):
+    """Full-size scans are read CHUNK at a time, never all at once; the chunking changes nothing, also
+    when a colour image comes after a chunk of grey ones (an RGB data set) or a grey data set's test
+    split has a colour image in a later chunk (its luminance)."""
+    import fedpggan.data.folder as folder
+
+    save_images(tmp_path / "rgb" / "train" / "a", 3, size=(20, 20))  # grey first ...
+    save_images(tmp_path / "rgb" / "train" / "b", 2, size=(20, 20), mode="RGB", seed=1)  # ... then colour
+    save_images(tmp_path / "grey" / "train" / "a", 3, size=(20, 20))
+    save_images(tmp_path / "grey" / "train" / "b", 1, size=(20, 20), seed=4)
+    save_images(tmp_path / "grey" / "test" / "a", 3, size=(20, 20), seed=2)
+    save_images(tmp_path / "grey" / "test" / "b", 2, size=(20, 20), mode="RGB", seed=3)
+    reads = {}
+    for chunk in (2, 1000):
+        monkeypatch.setattr(folder, "CHUNK", chunk)
+        reads[chunk] = [open_dataset(str(tmp_path / "rgb"), image_size=10).images,
+                        open_dataset(str(tmp_path / "grey"), split="test", image_size=10).images]
+    assert reads[2][0].shape == (5, 3, 10, 10) and reads[2][1].shape == (5, 1, 10, 10)
+    assert all(torch.equal(a, b) for a, b in zip(reads[2], reads[1000]))
+
+
 @pytest.mark.parametrize("case", ["mixed sizes", "empty class", "not an image", "16-bit", "float", "not square",
                                   "class only in test"])
 def test_bad_image_folder(tmp_path, case):

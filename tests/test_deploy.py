@@ -264,9 +264,31 @@ def test_supernode_without_the_ca_certificate_cannot_connect(federation):
 def test_container_images_use_the_pinned_flower_version():
     pinned = re.search(r'"flwr\[simulation\]==([^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
     assert pinned == version("flwr")
-    for dockerfile, component in (("Dockerfile.site", "supernode"), ("Dockerfile.coordinator", "superlink")):
+    python = re.search(r'requires-python = ">=(3\.\d+)', (REPO / "pyproject.toml").read_text()).group(1)
+    # A bare version tag is Alpine (musl) with Flower's newest Python: pip install . cannot work there.
+    # flwr/superlink is built for that Python only, so the coordinator starts from flwr/base.
+    for dockerfile, image in (("Dockerfile.site", "supernode"), ("Dockerfile.coordinator", "base")):
         bases = re.findall(r"^FROM\s+(\S+)", (DEPLOY / dockerfile).read_text(), re.MULTILINE)
-        assert bases == [f"flwr/{component}:{pinned}"], dockerfile
+        assert bases == [f"flwr/{image}:{pinned}-py{python}-ubuntu24.04"], dockerfile
+    assert 'ENTRYPOINT ["flower-superlink"]' in (DEPLOY / "Dockerfile.coordinator").read_text()
+
+
+def test_the_server_certificate_is_renewed_with_the_sites_ca_kept(tmp_path):
+    """A new CA would lock every site out until each had the new ca.crt: renewing the SuperLink's
+    certificate reuses ca.key, and the script never overwrites a file."""
+    make = ["bash", str(DEPLOY / "make-certs.sh"), str(tmp_path)]
+    subprocess.run(make, check=True, capture_output=True)
+    ca = (tmp_path / "ca.crt").read_bytes()
+    refused = subprocess.run(make, capture_output=True, text=True)
+    assert refused.returncode == 2 and "server.key exists; move it away first to renew it" in refused.stderr
+    old = (tmp_path / "server.pem").read_bytes()
+    for name in ("server.pem", "server.key"):
+        (tmp_path / name).rename(tmp_path / f"{name}.old")
+    subprocess.run(make, check=True, capture_output=True)
+    assert (tmp_path / "ca.crt").read_bytes() == ca and (tmp_path / "server.pem").read_bytes() != old
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / "server.pem")],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
 
 
 def test_compose_demo_is_secured_and_keeps_data_read_only():

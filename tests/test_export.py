@@ -298,6 +298,8 @@ def test_allow_unaudited_says_so_and_quality_figures_are_included(gray_run, tmp_
     assert sheet["audit"]["status"] == "failed" and "AUDIT FAILED (2026-01-01)" in markdown
     assert sheet["quality"]["figures"] == {"tstr.auc.mean": 0.812, "tstr.auc.std": 0.01}  # FID reads the training images
     assert "tstr.auc.mean: 0.812" in markdown and "DIFFERENT checkpoint" in markdown
+    assert "> **QUALITY MEASURED ON ANOTHER CHECKPOINT" in markdown  # at the top, beside the other warnings
+    assert "G1's rows come first, then G2's: shuffle before slicing" in markdown
     assert "LOW UTILITY" not in markdown
     evaluation["tstr"]["auc"]["mean"] = 0.53  # near chance, as BreastMNIST at epsilon 1
     (run / "evaluation.json").write_text(json.dumps(evaluation))
@@ -477,6 +479,28 @@ def test_options_are_checked(gray_run, tmp_path):
         export_run(gray_run, tmp_path / "x", ExportOptions(per_class=(1, 2, 3)))
     with pytest.raises(SystemExit):
         cli(gray_run, "--out", tmp_path / "y", "--n", 5, "--per-class", 3)
+    with pytest.raises(FedPGGANError, match="--class-prior applies to --n only"):  # it would be ignored
+        ExportOptions(per_class=(5, 5), class_prior="0.9,0.1")
+    # an ImageFolder cannot hold an empty class (torchvision refuses it); an npz can
+    for options in (ExportOptions(per_class=(10, 0)), ExportOptions(n=1)):
+        with pytest.raises(FedPGGANError, match="class '.*' would get no image.*--format npz"):
+            export_run(gray_run, tmp_path / "empty", options)
+    assert not (tmp_path / "empty").exists()
+    assert export_run(gray_run, tmp_path / "npz", ExportOptions(per_class=(10, 0), formats=("npz",)))[
+        "export"]["class_counts"] == {"no lesion": 10, "lesion": 0}
+
+
+def test_out_dot_and_a_checkpoint_path_stay_out_of_the_way(gray_run, tmp_path, monkeypatch):
+    """``--out .`` exports into the current folder (it has no parent of its own to stage beside),
+    and a ``--checkpoint`` path is named in the datasheet by its file name only."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    checkpoint = sorted((gray_run / "checkpoints").glob("ckpt_*.pt"))[-1]
+    sheet = export_run(gray_run, ".", ExportOptions(n=10, formats=("npz",), checkpoint=str(checkpoint)))
+    assert sorted(p.name for p in here.iterdir()) == ["DATASHEET.md", "datasheet.json", "synthetic.npz"]
+    assert sheet["export"]["options"]["checkpoint"] == checkpoint.name
+    assert str(tmp_path) not in (here / "datasheet.json").read_text()
 
 
 def test_example_script_trains_on_the_export_and_tests_on_real_data(gray_run, tmp_path, capsys):

@@ -14,7 +14,9 @@ from client.site_round import ensure_mechanism, ensure_noise_key, ensure_release
 from fedpggan.data import open_dataset
 from fedpggan.errors import FedPGGANError
 from fedpggan.privacy.feature_release import features_for
-from fedpggan.privacy.secure_sum import (FRACTION_BITS, epsilon_if_all_other_sites_collude, masked_share, new_key_pair,
+from fedpggan.privacy.mechanism import site_mechanism
+from fedpggan.privacy.secure_sum import (FRACTION_BITS, check_key_list, epsilon_if_all_other_sites_collude, masked_share,
+                                         new_key_pair,
                                          new_self_mask_seed, private_key_bytes, public_key_of, release_share_noise,
                                          seed_commitment, top_up_noise, unmasked_sum)
 from pggan_model.mean_embedding import record_sum
@@ -55,6 +57,22 @@ def test_a_key_list_without_this_site_or_with_a_repeated_key_is_refused():
         masked_share(torch.zeros(2), private, public, [other], new_self_mask_seed())
     with pytest.raises(FedPGGANError, match="key list"):
         masked_share(torch.zeros(2), private, public, [public, other, other], new_self_mask_seed())
+    # a low-order point (all zeros) agrees a zero secret with everyone: refused before any share is drawn
+    with pytest.raises(FedPGGANError, match=r"key 2 of the server's key list is not a usable X25519 public key .*no share was drawn"):
+        check_key_list(public, [public, bytes(32), other])
+
+
+def test_sites_of_different_sizes_need_one_delta_for_a_secure_release(tmp_path):
+    """Each share carries 1/sqrt(N) of its own site's noise: the sum is as noisy as one release only if
+    every site's noise is the same. With --delta 0 a site of more than 10 000 images would get a
+    smaller delta, hence more noise, than the others, and the sum less than its release needs."""
+    secure = tiny_config(tmp_path, epsilon=1.0, release_aggregation="secure")
+    site_mechanism(secure, 5000, 100)  # delta 1e-5, as every site of <= 10 000 images
+    with pytest.raises(FedPGGANError, match=r"one delta at every site.*20000 images.*set --delta") as excinfo:
+        site_mechanism(secure, 20000, 100)
+    assert "\n" not in str(excinfo.value)
+    site_mechanism(tiny_config(tmp_path, epsilon=1.0, release_aggregation="secure", delta=4e-6), 20000, 100)
+    site_mechanism(tiny_config(tmp_path, epsilon=1.0), 20000, 100)  # plain: each release carries its own full noise
 
 
 def site_state(tmp_path: Path, cfg, data) -> SiteState:
@@ -180,6 +198,7 @@ class ProtocolSites:
     def __init__(self, shares: dict[int, torch.Tensor], fail: dict[tuple[str, int], tuple[int, str | None]]):
         self.shares, self.fail, self.attempt, self.reveal_calls, self.wrong_seed, self.short = shares, fail, 0, 0, None, None
         self.private, self.seeds, self.lists, self.made_for, self.revealed = {}, {}, [], {}, {}
+        self.forged, self.copies = {}, {}  # node -> the raw key it sends; node -> the node whose key it copies
 
     def reply(self, node, content=None, error=None):
         from types import SimpleNamespace
@@ -192,7 +211,9 @@ class ProtocolSites:
 
         if step == "keys":
             self.private[node], public = new_key_pair()
-            return key_reply(public, None)
+            if node in self.copies:  # a hostile or broken site sends another site's key
+                public = public_key_of(self.private[self.copies[node]])
+            return key_reply(self.forged.get(node, public), None)
         if step == "masked":
             publics = public_keys_of(content["keys"])
             self.lists.append(len(publics))
@@ -252,6 +273,18 @@ def test_a_site_with_a_malformed_vector_is_left_out_not_the_run_stopped(monkeypa
     assert result.left_out == {"hospital-b": "sent a malformed reply (a vector of 3 entries, not 10): it must run the "
                                              "coordinator's fedpggan version"}
     assert torch.allclose(result.pooled, torch.full((5, 2), 3.0, dtype=torch.float64))
+
+
+def test_sites_sending_an_unusable_or_a_copied_key_are_left_out_at_the_key_step(monkeypatch):
+    """Caught before any site draws its share: a low-order key, or one key sent by two sites, would
+    otherwise make every honest site refuse the list after charging its release."""
+    shares = {n: torch.ones(5, 2, dtype=torch.float64) for n in (11, 12, 13, 14)}
+    sites = ProtocolSites(shares, {})
+    sites.forged, sites.copies = {12: bytes(32)}, {14: 13}
+    result = run_protocol(monkeypatch, sites, needed=1)
+    assert result.sites == ["hospital-a"] and sites.lists == [1]
+    assert "low-order point" in result.left_out["hospital-b"]
+    assert result.left_out["hospital-c"] == result.left_out["hospital-d"] == "sent the same public key as another site (a copied key)"
 
 
 def test_a_secure_release_with_too_few_sites_left_stops_naming_them(monkeypatch):

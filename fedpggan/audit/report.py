@@ -92,6 +92,8 @@ def plot_epsilon(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    from fedpggan.plots import LEGEND_LIMIT, save_figure
+
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for i, row in enumerate(result["sites"].values()):
         curve, colour = row.get("curve"), f"C{i % 10}"
@@ -108,11 +110,10 @@ def plot_epsilon(result: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("round" if result["kind"] == "federated" else "epoch")
     ax.set_ylabel("cumulative epsilon")
     ax.set_title(f"{result['run_id']}: epsilon vs round (dashed: budget)" if result["sites"] else "no DP: no epsilon")
-    if result["sites"]:
+    if result["sites"] and len(ax.lines) <= 3 * LEGEND_LIMIT:  # three lines per site; beyond, audit.md names them
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:

@@ -7,6 +7,7 @@ without converting it to npz first.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from fedpggan.errors import FedPGGANError
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"}  # 8 bits per channel: RGB loses no depth
 LUMINANCE = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL's convert("L")
+CHUNK = 32  # images held at full size at a time (32 RGB scans of 1024x1024: 0.4 GB as float)
 
 
 def load_folder(root: str | Path, split: str, name: str, image_size: int) -> ImageDataset:
@@ -41,12 +43,19 @@ def load_folder(root: str | Path, split: str, name: str, image_size: int) -> Ima
         raise FedPGGANError(f"{split_dir / extra[0]}: class '{extra[0]}' has no folder under {root / 'train'}, so the "
                             "model cannot learn it; add its training images or remove the folder")
     files, labels = _split_files(split_dir, class_names, split)
-    pixels = _read_all(files)
-    own_grey = _is_grey(pixels)
-    if own_grey if split == "train" else _train_split_is_grey(str(root.resolve()), tuple(class_names)):
-        pixels = pixels[..., 0] if own_grey else np.rint(pixels @ LUMINANCE).astype(np.uint8)
-    return ImageDataset(to_model_range(pixels, image_size), torch.tensor(labels, dtype=torch.int64),
-                        class_names, name, True, str(root.resolve()))
+    # Read and resized CHUNK images at a time: a folder of full-size scans never sits in memory at full size.
+    to_grey = None if split == "train" else _train_split_is_grey(str(root.resolve()), tuple(class_names))
+    parts, all_grey = [], True
+    for pixels in _chunks(files, CHUNK):
+        grey = _is_grey(pixels)
+        all_grey = all_grey and grey  # the train split is grey if every one of its images is
+        if to_grey or (to_grey is None and all_grey):
+            pixels = pixels[..., 0] if grey else np.rint(pixels @ LUMINANCE).astype(np.uint8)
+        parts.append(to_model_range(pixels, image_size))
+    if to_grey is None and not all_grey:  # the train split's chunks read before its first colour image
+        parts = [p.expand(-1, 3, -1, -1) if p.shape[1] == 1 else p for p in parts]
+    images = torch.cat(parts)
+    return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), class_names, name, True, str(root.resolve()))
 
 
 def _split_files(split_dir: Path, class_names: list[str], split: str) -> tuple[list[Path], list[int]]:
@@ -65,7 +74,7 @@ def _split_files(split_dir: Path, class_names: list[str], split: str) -> tuple[l
 
 @functools.lru_cache(maxsize=8)  # evaluate opens train and test: the train split is read once for both
 def _train_split_is_grey(root: str, class_names: tuple[str, ...]) -> bool:
-    return _is_grey(_read_all(_split_files(Path(root) / "train", list(class_names), "train")[0]))
+    return all(_is_grey(pixels) for pixels in _chunks(_split_files(Path(root) / "train", list(class_names), "train")[0], CHUNK))
 
 
 def _is_grey(pixels: np.ndarray) -> bool:
@@ -85,23 +94,34 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
 
 
-def _read_all(files: list[Path]) -> np.ndarray:
-    """All images as uint8 (N,H,W,3); they must be 8-bit, square and share one size."""
-    arrays = []
-    for f in files:
-        try:
-            with Image.open(f) as img:
-                if img.mode not in EIGHT_BIT_MODES:  # converting would clip 16-bit values and zero floats silently
-                    raise FedPGGANError(f"{f}: a {img.mode} image (more than 8 bits per channel); convert the folder's "
-                                        "images to 8-bit PNG first, with the window/level you want the model to see")
-                arrays.append(np.asarray(img.convert("RGB")))
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-            raise FedPGGANError(f"{f}: not a readable image ({exc}); fix or remove it") from exc
-        h, w = arrays[-1].shape[:2]
-        if h != w:
-            raise FedPGGANError(f"{f}: is {w}x{h}; expected square images: crop them first (resizing would distort them)")
-        if arrays[-1].shape != arrays[0].shape:
-            h0, w0 = arrays[0].shape[:2]
-            raise FedPGGANError(f"{f}: is {w}x{h} but {files[0]} is {w0}x{h0}; "
-                                "resize all images of the folder to one size first")
-    return np.stack(arrays)
+def _chunks(files: list[Path], size: int) -> Iterator[np.ndarray]:
+    """The images, ``size`` at a time, as uint8 (n,H,W,3); they must be 8-bit, square and all of
+    the first image's size."""
+    first: tuple[Path, tuple[int, ...]] | None = None
+    for start in range(0, len(files), size):
+        arrays = []
+        for f in files[start:start + size]:
+            arrays.append(_read_one(f))
+            first = first or (f, arrays[-1].shape)
+            if arrays[-1].shape != first[1]:
+                h, w = arrays[-1].shape[:2]
+                h0, w0 = first[1][:2]
+                raise FedPGGANError(f"{f}: is {w}x{h} but {first[0]} is {w0}x{h0}; "
+                                    "resize all images of the folder to one size first")
+        yield np.stack(arrays)
+
+
+def _read_one(f: Path) -> np.ndarray:
+    """One 8-bit square image as uint8 (H,W,3)."""
+    try:
+        with Image.open(f) as img:
+            if img.mode not in EIGHT_BIT_MODES:  # converting would clip 16-bit values and zero floats silently
+                raise FedPGGANError(f"{f}: a {img.mode} image (more than 8 bits per channel); convert the folder's "
+                                    "images to 8-bit PNG first, with the window/level you want the model to see")
+            array = np.asarray(img.convert("RGB"))
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise FedPGGANError(f"{f}: not a readable image ({exc}); fix or remove it") from exc
+    h, w = array.shape[:2]
+    if h != w:
+        raise FedPGGANError(f"{f}: is {w}x{h}; expected square images: crop them first (resizing would distort them)")
+    return array

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from fedpggan.io import atomic_write_bytes, atomic_write_json
-from fedpggan.plots import plt, to_uint8
+from fedpggan.plots import plt, save_figure, to_uint8
 
 GRID_PER_CLASS = 8
 
@@ -121,9 +121,7 @@ def save_comparison_grid(real: torch.Tensor, real_labels: torch.Tensor, fake: to
         ax.set_yticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(result: dict[str, Any], out: Path) -> str:

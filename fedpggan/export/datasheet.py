@@ -68,6 +68,9 @@ def build_datasheet(prov: Provenance, export: dict[str, Any]) -> dict[str, Any]:
                         f"its planned end); the generator is the one of {unit} {prov.checkpoint_round}.")
     quality = quality_summary(prov.evaluation, prov.checkpoint_sha256)
     warnings += quality_warnings(quality)
+    if quality and quality["same_checkpoint"] is False:
+        warnings.append("QUALITY MEASURED ON ANOTHER CHECKPOINT: the quality figures are those of another generator "
+                        "checkpoint of the run than the one exported; run `fedpggan evaluate` with the exported checkpoint.")
     if quality and quality["real_data"]:
         generator = quality["settings"].get("generator")
         evaluated = (None if generator is None else str(generator), quality["real_data"].get("image_size"))
@@ -201,7 +204,9 @@ def render_markdown(sheet: dict[str, Any]) -> str:
     for split, counts in exp["split_counts"].items():
         lines.append(f"| {split} | " + " | ".join(map(str, counts.values())) + f" | {sum(counts.values())} |")
     lines += ["", f"Class folders (label id prefix = npz label): {', '.join(exp['class_folders'])}.",
-              "Generators (EMA): " + ", ".join(f"{k} {v}" for k, v in exp["generator_counts"].items()) + ". Files: " +
+              "Generators (EMA): " + ", ".join(f"{k} {v}" for k, v in exp["generator_counts"].items())
+              + (" (within each split G1's rows come first, then G2's: shuffle before slicing a split into parts)"
+                 if all(exp["generator_counts"].values()) else "") + ". Files: " +
               ", ".join(f"`{name}` (sha256 `{sha}`)" for name, sha in exp["files"].items()), ""]
     lines += ["## Privacy", "", priv["meaning"], "",
               "| site | epsilon | delta | budget | accountant | status | epsilon under replace-one (audit) |",

@@ -36,7 +36,7 @@ IMAGES_DIR = "images"
 def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
     """Write ``synthetic.npz``, ``images/`` and the datasheet of ``run_dir`` into ``out``
     (all or nothing); returns the datasheet. Same run, checkpoint, options => same bytes on CPU."""
-    folder, out = RunFolder(run_dir), Path(out)
+    folder, out = RunFolder(run_dir), Path(out).resolve()  # "." has no parent to stage beside
     check_target(out, folder.root, options.overwrite)
     prov = verify_run(folder, options.checkpoint, options.allow_unaudited, options.allow_no_dp, options.audit_report)
     gan, _ = gan_from_checkpoint(prov.checkpoint, pick_device(options.device))
@@ -47,7 +47,12 @@ def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions = Ex
         raise FedPGGANError(f"{folder.run_json}: lists {len(class_names)} class names but the checkpoint has "
                             f"{gan.shape.num_classes} classes; the run folder is inconsistent")
     generator = "1" if gan.single else options.generator
-    plans = make_plan(options.class_counts(class_names), options.split, generator, options.seed)
+    counts = options.class_counts(class_names)
+    if "imagefolder" in options.formats and (empty := [name for name, n in zip(class_names, counts) if n == 0]):
+        raise FedPGGANError(f"class '{empty[0]}' would get no image, and an ImageFolder cannot hold an empty class "
+                            "(torchvision refuses it; leaving its folder out would renumber the classes): raise --n or "
+                            "that class's --per-class / --class-prior, or export --format npz")
+    plans = make_plan(counts, options.split, generator, options.seed)
     with staged_folder(out) as staging:
         write_images(gan, plans, staging, class_names, options)
         summary = describe(plans, staging, class_names, gan, options, generator, prov.checkpoint, folder.root, out)
@@ -103,7 +108,7 @@ def describe(plans: list[SplitPlan], folder: Path, class_names: list[str], gan: 
         "formats": list(options.formats),
         "class_folders": class_folders(class_names) if "imagefolder" in options.formats else [],
         "files": files, "device": options.device,
-        "options": {k: file_name(v) if k in ("audit_report", "class_prior") else v
+        "options": {k: file_name(v) if k in ("audit_report", "class_prior", "checkpoint") else v
                     for k, v in asdict(options).items() if k not in ("overwrite",)},
         "command": command_line(options, checkpoint, run_root, out),
     }

@@ -49,6 +49,8 @@ class ExportOptions:
     def __post_init__(self) -> None:
         if self.n is not None and self.per_class is not None:
             raise FedPGGANError("--n and --per-class are exclusive; give one of them")
+        if self.per_class is not None and self.class_prior.strip().lower() != "uniform":
+            raise FedPGGANError("--class-prior applies to --n only (--per-class fixes every class's count): drop one of them")
         if self.n is not None and self.n < 1:
             raise FedPGGANError(f"--n {self.n} is invalid: it must be >= 1")
         if self.per_class is not None and (min(self.per_class) < 0 or sum(self.per_class) < 1):

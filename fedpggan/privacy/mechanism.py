@@ -42,5 +42,12 @@ def site_mechanism(cfg: RunConfig, num_records: int, steps: int) -> Mechanism:
                             f"images: it would allow leaking a whole record; use e.g. {0.1 / num_records:.1g}, or 0 for "
                             "the default min(1e-5, 1/(10 n))")
     release = release_for(cfg, num_records)
+    if release is not None and cfg.release_aggregation == "secure" and not cfg.delta and delta != default_delta(1):
+        # Each share carries 1/sqrt(N) of its own site's release noise, so the sum is as noisy as one
+        # release only if every site's noise is the same: one delta for all (sites of <= 10 000 images
+        # all get 1e-5 by default; a larger site's default is smaller, hence its noise larger).
+        raise FedPGGANError(f"--release-aggregation secure needs one delta at every site, but --delta 0 gives this site "
+                            f"of {num_records} images its own min(1e-5, 1/(10 n)) = {delta:.2g}: set --delta for the "
+                            f"run, at most 1/(10 n) of the largest site (e.g. {delta:.1g} if this site is the largest)")
     sigma = calibrate_noise(cfg.epsilon, delta, q, steps, cfg.accountant, release_history(release))
     return Mechanism(sigma, q, delta, release)

@@ -29,7 +29,9 @@ Privacy assumptions (state them to the privacy officer; the ledger records both 
   for this run, so a server cannot forge them; a site without a roster takes the list on trust,
   and a server that hands it forged keys can unmask its vector;
 - the other sites do not collude with the server: a coalition learns the honest sites' sum with
-  only their share of the noise; a site whose every peer colludes keeps only its own noise
+  only their share of the noise; and as the server picks which keys are in a site's list, a server
+  that deviates can give a site a list of itself and c colluders and see its share with
+  sigma^2 / (c + 1) of noise. A site whose every peer of its list colludes keeps only its own noise
   (sigma / sqrt(N)), the ledger's ``epsilon_if_all_other_sites_collude``. A server that forges
   the key list of a site without a roster gets the same (a site's share seen alone), with an N of
   its choosing (with a roster, N is at most the roster's size): so each site caps that worst case
@@ -140,12 +142,29 @@ def self_mask(seed: bytes, size: int) -> np.ndarray:
     return mask_stream(SELF_MASK_INFO + seed, size)
 
 
+def check_public_key(raw: bytes) -> None:
+    """Raise ValueError unless ``raw`` is an X25519 public key a mask can be agreed with (not a
+    low-order point, with which every shared secret is zero)."""
+    if len(raw) != 32:
+        raise ValueError("a public key of the wrong length")
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        raise ValueError("not a usable X25519 public key (a low-order point)") from None
+
+
 def check_key_list(own_public: bytes, publics: list[bytes]) -> None:
     """A key list this site can mask towards: its own key once, no key twice (a repeated key would
-    cancel a mask that should stay)."""
+    cancel a mask that should stay), every key usable. Checked before the share is drawn."""
     if publics.count(own_public) != 1 or len(set(publics)) != len(publics):
         raise FedPGGANError("secure release: the server's key list must hold this site's public key once and no key "
                             "twice; the server must restart the protocol from step 1")
+    for i, key in enumerate(publics):
+        try:
+            check_public_key(key)
+        except ValueError as exc:
+            raise FedPGGANError(f"secure release: key {i + 1} of the server's key list is {exc}; no share was drawn; "
+                                "the server must leave that site out and restart the protocol from step 1") from None
 
 
 def masked_share(share: torch.Tensor, private: X25519PrivateKey, own_public: bytes, publics: list[bytes],
