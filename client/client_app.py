@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site import (SiteState, check_collusion_cap, check_lifetime_budget, check_site_budget, load_site_data,
-                         peer_signing, shared_error, site_device, site_identity, site_lock, state_dir)
+                         peer_signing, shared_error, site_device, site_identity, site_lock, spend_journal, state_dir)
 from client.site_round import (ensure_mechanism, ensure_noise_key, ensure_release, public_facts, round_key,
                                run_site_round)
 from fedpggan.build import build_gan
@@ -196,7 +196,8 @@ def train_round(msg: Message, context: Context, cfg: RunConfig, state: SiteState
     gan = build_gan(cfg, data.image_size, data.channels, data.num_classes).to(device)
     gan.d.load_state_dict(msg.content["d"].to_torch_state_dict())
     load_generators(gan, msg.content["g"])
-    result = run_site_round(gan, data, cfg, state, round_num, site_index(context.node_config), key)
+    result = run_site_round(gan, data, cfg, state, round_num, site_index(context.node_config), key,
+                            spend_journal(context.node_config, state))
     status = {"status": result.status, "site-id": site_id, "replayed": False,
               "recovered": result.recovered,
               "t-compute": time.perf_counter() - started}  # data loading + training: the rest of a round is Flower

@@ -136,7 +136,7 @@ def check_lifetime_budget(node_config: dict[str, Any], state: "SiteState", cfg: 
     if cfg.dp and state.delta is None:
         raise RuntimeError("check_lifetime_budget needs the run's mechanism: call ensure_mechanism first")
     asked = (cfg.epsilon, state.delta if cfg.dp else 1.0)  # no DP: no guarantee, delta 1
-    journal = node_config.get("spend-journal")
+    journal = spend_journal(node_config, state)
     reserved = [(state.lifetime_reserved or 0.0, state.lifetime_reserved_delta or 0.0)]
     if journal is not None:
         reserved.append(read_spend_journal(journal).get(state.run_id, (0.0, 0.0)))
@@ -166,8 +166,26 @@ def check_lifetime_budget(node_config: dict[str, Any], state: "SiteState", cfg: 
                 if run not in in_journal:
                     append_reservation(journal, run, *budget)
             append_reservation(journal, state.run_id, *asked)
+            journal_used(state).touch()
         state.lifetime_reserved, state.lifetime_reserved_delta = asked  # the reservation the next run's check counts
         state.save()
+
+
+def journal_used(state: "SiteState") -> Path:
+    """The marker, in the site's state dir, that it has written to its spend journal."""
+    return state.path.parent.parent / ".spend-journal-used"
+
+
+def spend_journal(node_config: dict[str, Any], state: "SiteState") -> str | None:
+    """The site's spend journal, if it keeps one. Once the state dir has written to it, a missing
+    journal is refused: a volume not mounted would otherwise read as a fresh journal and forget
+    every run and round it recorded."""
+    journal = node_config.get("spend-journal")
+    if journal is not None and not Path(journal).exists() and journal_used(state).exists():
+        raise FedPGGANError(f"spend-journal {journal}: missing, but this state dir has written to it before "
+                            f"({journal_used(state)}): mount its volume or restore it from backup; never start it afresh",
+                            shared="this site's spend journal is missing; the site's log says what to restore")
+    return journal
 
 
 def check_collusion_cap(node_config: dict[str, Any], state: "SiteState", num_sites: int) -> None:
@@ -282,6 +300,7 @@ class SiteState:
     lifetime_reserved_delta: float | None = None  # the delta it reserved against max-total-delta
     trained_without_dp: bool = False  # a round of this run read the data without DP: no guarantee at all
     noise_key: str = ""  # secret seed material of this site's noise: never leaves the site
+    noise_source: str | None = None  # --noise-key the DP mechanism was fixed with (None: a state saved before it was kept)
     history: list[list[float]] = field(default_factory=list)
     rounds: dict[str, dict[str, Any]] = field(default_factory=dict)
     exhausted: bool = False

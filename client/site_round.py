@@ -15,21 +15,24 @@ import io
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from client.site import SiteState
+from client.site import SiteState, journal_used
 from fedpggan.build import prior_tensor
 from fedpggan.config import RunConfig
 from fedpggan.data import ImageDataset
 from fedpggan.data.sources import public_name
 from fedpggan.errors import FedPGGANError
 from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, default_delta, epsilon_of, extend_history
+from fedpggan.privacy.dp_discriminator import sample_rate
 from fedpggan.io import atomic_write_bytes
 from fedpggan.privacy.mechanism import site_mechanism
 from fedpggan.privacy.feature_release import features_for, release_entry, release_sum
+from fedpggan.privacy.lifetime import append_progress, journal_steps
 from fedpggan.privacy.noise import SecretNoise, SeededNoise, new_secret_key
 from fedpggan.privacy.secure_sum import release_share_noise, top_up_noise
 from pggan_model import PGGAN, GeneratorTrainer
@@ -60,16 +63,24 @@ def ensure_mechanism(state: SiteState, cfg: RunConfig, num_records: int) -> None
     and delta, so they must be the ones it keeps spending under."""
     if state.noise_multiplier is not None:
         delta = cfg.delta or default_delta(num_records)
-        if (cfg.epsilon, delta, cfg.accountant) != (state.budget_epsilon, state.delta, state.accountant):
-            raise FedPGGANError(f"the run now asks for epsilon {cfg.epsilon:g}, delta {delta:g} ({cfg.accountant}), but this "
-                                f"site fixed its mechanism for epsilon {state.budget_epsilon:g}, delta {state.delta:g} "
-                                f"({state.accountant}) at first contact (with --delta 0 the delta follows the site's image "
-                                "count, so a changed data set also changes it); continue the run with its own options and data")
+        asked = (cfg.epsilon, delta, cfg.accountant, sample_rate(num_records, cfg.batch_size),
+                 cfg.noise_key if state.noise_source else None, cfg.embedding_weight > 0)
+        fixed = (state.budget_epsilon, state.delta, state.accountant, state.sample_rate, state.noise_source,
+                 state.release_noise is not None)
+        if asked != fixed:
+            raise FedPGGANError(f"the run now asks for epsilon {cfg.epsilon:g}, delta {delta:g} ({cfg.accountant}), sample "
+                                f"rate {asked[3]:.4g}, noise key {cfg.noise_key}, embedding release {'on' if asked[5] else 'off'}, "
+                                f"but this site fixed its mechanism for epsilon {state.budget_epsilon:g}, delta {state.delta:g} "
+                                f"({state.accountant}), sample rate {state.sample_rate:.4g}, noise key {state.noise_source or 'as saved'}, "
+                                f"embedding release {'on' if fixed[5] else 'off'} at first contact (with --delta 0 the delta "
+                                "follows the site's image count, so a changed data set also changes it); continue the run with "
+                                "its own options (--batch-size, --noise-key, --embedding-weight) and data")
         return
     if not cfg.dp:  # a run without DP keeps no mechanism
         return
     state.budget_epsilon = cfg.epsilon
     state.accountant = cfg.accountant
+    state.noise_source = cfg.noise_key  # the DP draws' source is part of the mechanism: a message cannot weaken it later
     state.planned_steps = cfg.rounds * cfg.local_steps
     mechanism = site_mechanism(cfg, num_records, state.planned_steps)
     state.sample_rate, state.delta, state.release_noise = mechanism.sample_rate, mechanism.delta, mechanism.release_noise
@@ -145,6 +156,8 @@ def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset, share_o
                                 "from backup or start a new run")
         state.release_key = inputs  # saved with the charge: a crash and retry redraws this very release
         charge_release(state, cfg)
+        if not cfg.dp:  # the data are read without DP: the lifetime caps count this run as (inf, 1) from now on
+            state.trained_without_dp = True
         if share_of and not made_for:  # fixed before the noise is drawn: a crash and retry redraws this share
             state.release_share_of = made_for = share_of
         state.save()
@@ -194,8 +207,22 @@ def round_key(weights_sha: str, cfg: RunConfig, data: ImageDataset) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def count_journal_steps(state: SiteState, journal: str) -> None:
+    """Steps the spend journal records for this run beyond the state's own were spent: the state
+    was restored from a copy older than the journal (or a crash fell between their two writes).
+    They count again, privacy first, and the site's reported total tells the server."""
+    behind = journal_steps(journal, state.run_id) - sum(int(h[2]) for h in state.history)
+    if behind > 0:
+        print(f"warning: {state.path} records {behind} DP steps of run {state.run_id} fewer than spend-journal "
+              f"{journal}: it is older than the journal (restored from a backup?); those steps count as spent",
+              file=sys.stderr)
+        state.history = [list(h) for h in extend_history([tuple(h) for h in state.history], state.noise_multiplier,
+                                                         state.sample_rate, behind)]
+        state.save()
+
+
 def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteState, round_num: int,
-                   site_index: int, key: str | None = None) -> RoundResult:
+                   site_index: int, key: str | None = None, journal: str | None = None) -> RoundResult:
     """Train ``gan.d`` (and, with local generator training, G1/G2) for one round in place.
 
     ``key`` is the round's :func:`round_key` (the weights the server sent, the options, the data;
@@ -214,6 +241,8 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
     # A secure run's share was made (and charged) at the secure release and never rides on a round reply.
     release = ensure_release(state, cfg, data) if cfg.release_aggregation == "plain" else None
     charge_release(state, cfg)
+    if cfg.dp and journal is not None:
+        count_journal_steps(state, journal)
     reserved = state.rounds.get(str(round_num), {})
     recovering = bool(cfg.dp and reserved.get("status") == "reserved" and reserved.get("input_sha") == key
                       and as_floats(state.history) == as_floats(extend_history(
@@ -233,6 +262,9 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
             # answer goes first: it could no longer be replayed, and beside a round reserved anew it
             # would make this state look older than its files (SiteState.check_not_behind).
             state.reply_cache.unlink(missing_ok=True)
+            if journal is not None:  # on another volume: a state restored from an older copy cannot forget this round
+                append_progress(journal, state.run_id, sum(int(h[2]) for h in planned))
+                journal_used(state).touch()
             state.rounds[str(round_num)] = {"status": "reserved", "steps": cfg.local_steps, "input_sha": key,
                                             "history_before": [list(h) for h in previous]}
             state.history = [list(h) for h in planned]

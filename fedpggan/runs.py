@@ -85,10 +85,16 @@ class RunFolder:
         return path in (self.checkpoints, self.samples, self.curves) and path.is_dir() and not any(path.iterdir())
 
     def read_json(self, path: Path) -> Any:
+        return self.read_json_and_sha256(path)[0]
+
+    def read_json_and_sha256(self, path: Path) -> tuple[Any, str]:
+        """The file's JSON and the SHA-256 of the very bytes parsed: one read, so a writer in between
+        (a run still training) cannot pair one version's content with another's hash."""
         if not path.is_file():
             raise FedPGGANError(f"{path}: not found; is {self.root} a fedpggan run folder?")
+        raw = path.read_bytes()
         try:
-            return json.loads(path.read_text())
+            return json.loads(raw.decode()), sha256_bytes(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise FedPGGANError(f"{path}: unreadable JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from exc
 

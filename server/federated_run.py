@@ -292,8 +292,11 @@ class FederatedRun:
             if problem:  # its update is discarded, but it was received: what the site says it spent is kept
                 self.ledger.record_event(site, round_num, "excluded", f"{problem}; its update was received and discarded "
                                          "(the spend it reported: reported_epsilon, reported_total_steps)", "excluded")
-                self.ledger.site(site)["events"][-1].update(reported_epsilon=privacy.get("epsilon"),
-                                                            reported_total_steps=privacy.get("total_steps"))
+                entry = self.ledger.site(site)
+                entry["events"][-1].update(reported_epsilon=privacy.get("epsilon"), reported_total_steps=privacy.get("total_steps"))
+                reported = finite_or_none(privacy.get("epsilon"))
+                if reported is not None and reported > (finite_or_none(entry.get("epsilon")) or 0.0):
+                    entry["epsilon"] = reported  # privacy first: what it says it spent counts, its update discarded or not
                 continue
             if self.cfg.dp:
                 self.ledger.record_round(site, round_num, steps=int(privacy["steps"]),

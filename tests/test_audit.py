@@ -26,6 +26,7 @@ from fedpggan.audit.round_checks import check_rounds
 from fedpggan.cli import main
 from fedpggan.data import open_phantom
 from fedpggan.io import sha256_file, sha256_json
+from fedpggan.runs import RunFolder
 from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings
 from fedpggan.privacy.dp_discriminator import sample_rate
 from fedpggan.train import train_centralised
@@ -183,11 +184,49 @@ def test_each_tampering_fails_naming_the_field(run_copy, edit, field, words):
     lambda ledger: ledger["sites"]["central"]["rounds"][0].update(round=None),
     lambda ledger: ledger["sites"]["central"]["rounds"].append("round 9"),
     lambda ledger: ledger["sites"].update(other="a site"),
+    lambda ledger: ledger["sites"]["central"].update(events=5),  # these three were tracebacks
+    lambda ledger: ledger["sites"]["central"].update(rounds={"a": 1}),
+    lambda ledger: ledger["sites"]["central"].update(public_num_records=0),
 ])
 def test_a_damaged_ledger_is_a_finding_not_a_crash(run_copy, damage):
     edit_ledger(run_copy, damage)
     code, report = audit(run_copy)
     assert code == 1 and report["violations"]
+
+
+def test_steps_the_ledger_records_outside_its_rounds_count_in_the_recomputed_epsilon(run_copy):
+    """A round charged before a crash and redone with other inputs is in the ledger as an event with
+    its steps: the recomputed epsilon includes them, so a claim over the recorded rounds only fails."""
+    code, clean = audit(run_copy)
+    steps = clean["sites"]["central"]["steps"]
+    edit_ledger(run_copy, lambda ledger: ledger["sites"]["central"]["events"].append(
+        {"round": 2, "event": "unrecorded_spend", "steps": steps, "reason": "charged before a crash"}))
+    code, report = audit(run_copy)
+    row = report["sites"]["central"]
+    assert code == 1 and row["unrecorded_steps"] == steps
+    assert row["tightest_epsilon"] > clean["sites"]["central"]["tightest_epsilon"]
+    assert "sites.central.epsilon" in fields(report)  # the claim covers the recorded rounds only: under-reported
+    assert any(f"{2 * steps} steps taken ({steps} of them outside the recorded rounds)" in v["reason"]
+               for v in report["violations"])
+
+
+def test_the_verdict_is_bound_to_the_ledger_bytes_it_read(run_copy, monkeypatch):
+    """A run still training may save its ledger while the audit runs: the report names the hash of
+    the ledger it judged, never that of a newer one."""
+    import fedpggan.audit.runner as runner
+
+    judged = sha256_file(run_copy / "privacy_ledger.json")
+    real = runner.audit_ledger_sites
+
+    def ledger_saved_meanwhile(*args, **kwargs):
+        out = real(*args, **kwargs)
+        path = run_copy / "privacy_ledger.json"
+        path.write_text(path.read_text() + " ")  # the trainer's next save
+        return out
+
+    monkeypatch.setattr(runner, "audit_ledger_sites", ledger_saved_meanwhile)
+    report = runner.audit_run(run_copy)
+    assert report["content"]["ledger_sha256"] == judged != sha256_file(run_copy / "privacy_ledger.json")
 
 
 def test_a_malformed_checkpoint_index_is_one_line(run_copy, capsys):
@@ -230,6 +269,22 @@ def test_a_seeded_run_fails_even_if_run_json_is_edited_to_say_secret(tmp_path, t
     (run / "run.json").write_text(json.dumps(info, indent=2))
     code, report = audit(run)
     assert code == 1 and {"run.json:config", "config.noise-key"} <= set(fields(report))
+
+
+def test_an_option_added_to_run_json_since_the_checkpoint_is_an_edit(run_copy):
+    """A run saved before --noise-key existed has no options hash in its ledger and checkpoints
+    without that option: writing noise-key "secret" into its run.json must not pass as its setting."""
+    from fedpggan.audit.integrity import check_config_in_checkpoint
+
+    newest = sorted((run_copy / "checkpoints").glob("ckpt_*.pt"))[-1]
+    payload = torch.load(newest, weights_only=False)
+    del payload["run_config"]["noise-key"]  # as a checkpoint of that time was written
+    torch.save(payload, newest)
+    info = json.loads((run_copy / "run.json").read_text())
+    found = check_config_in_checkpoint(info, RunFolder(run_copy), [{"status": "verified", "file": newest.name}])
+    assert [f.field for f in found] == ["run.json:config"] and "noise-key" in found[0].reason
+    del info["config"]["noise-key"]
+    assert check_config_in_checkpoint(info, RunFolder(run_copy), [{"status": "verified", "file": newest.name}]) == []
 
 
 def test_swapped_checkpoint_fails_and_rotated_one_does_not(tmp_path, tiny_npz):

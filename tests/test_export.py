@@ -301,6 +301,14 @@ def test_allow_unaudited_says_so_and_quality_figures_are_included(gray_run, tmp_
     assert "> **QUALITY MEASURED ON ANOTHER CHECKPOINT" in markdown  # at the top, beside the other warnings
     assert "G1's rows come first, then G2's: shuffle before slicing" in markdown
     assert "LOW UTILITY" not in markdown
+    assert "CLASSES NOT LEARNED" not in markdown  # no per-class recall recorded: nothing to judge
+    evaluation["dataset"] = {"name": "phantom", "class_names": ["no lesion", "lesion"], "n_test": 400}
+    evaluation["tstr"]["per_class_recall"] = {"mean": [0.04, 0.97]}  # a classifier trained on them misses class 0
+    (run / "evaluation.json").write_text(json.dumps(evaluation))
+    export_run(run, tmp_path / "missed", ExportOptions(n=10, formats=("npz",), allow_unaudited=True))
+    missed = (tmp_path / "missed" / "DATASHEET.md").read_text()
+    assert "> **CLASSES NOT LEARNED: a classifier trained on these images recognises fewer than 10% of the real test " \
+           "images of no lesion (TSTR recall)" in missed and "- recall per class: no lesion 0.04, lesion 0.97" in missed
     evaluation["tstr"]["auc"]["mean"] = 0.53  # near chance, as BreastMNIST at epsilon 1
     (run / "evaluation.json").write_text(json.dumps(evaluation))
     export_run(run, tmp_path / "low", ExportOptions(n=10, formats=("npz",), allow_unaudited=True))

@@ -103,8 +103,28 @@ def test_a_seeded_site_state_is_not_resumed_with_secret_noise(tmp_path, monkeypa
     state = SiteState.load(tmp_path / "state", "run")
     seeded = tiny_config(tmp_path / "run", epsilon=5.0, local_steps=1, noise_key="seed")
     assert run_site_round(PGGAN(SHAPE), data, seeded, state, 1, 0).status == "trained"
-    with pytest.raises(FedPGGANError, match="--noise-key seed"):
+    with pytest.raises(FedPGGANError, match="noise key secret, .* fixed its mechanism .* noise key seed"):
         run_site_round(PGGAN(SHAPE), data, tiny_config(tmp_path / "run", epsilon=5.0, local_steps=1), state, 2, 0)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"noise_key": "seed"}, "noise key seed"),  # would swap the AES stream for PyTorch's generator mid-run
+    ({"batch_size": 64}, "sample rate 0.25, "),  # the site would sample at another rate than it reserved
+    ({"embedding_weight": 50.0}, "embedding release on"),  # a release the mechanism has no noise for
+])
+def test_a_message_cannot_change_a_sites_mechanism_mid_run(tmp_path, monkeypatch, change, words):
+    """What the site's spend is computed from is fixed at first contact; a later message asking for
+    another noise source, sampling rate or a release is refused before the data are read."""
+    monkeypatch.setenv("FEDPGGAN_SIMULATION", "1")
+    data = open_dataset("phantom", image_size=28).subset(range(200))
+    state = SiteState.load(tmp_path / "state", "run")
+    first = dict(epsilon=5.0, local_steps=1, embedding_weight=0.0)
+    assert run_site_round(PGGAN(SHAPE), data, tiny_config(tmp_path / "run", **first), state, 1, 0).status == "trained"
+    history = [list(h) for h in state.history]
+    with pytest.raises(FedPGGANError, match=words) as excinfo:
+        run_site_round(PGGAN(SHAPE), data, tiny_config(tmp_path / "run", **{**first, **change}), state, 2, 0)
+    assert "continue the run with its own options" in str(excinfo.value) and "\n" not in str(excinfo.value)
+    assert state.history == history  # nothing reserved
 
 
 def test_centralised_runs_are_reproducible_only_with_seeded_noise_and_its_audit_fails(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,6 +182,33 @@ def test_site_accountant_survives_a_restart(tmp_path):
         eps_b = run_site_round(PGGAN(SHAPE), data, cfg, SiteState.load(tmp_path / "b", "run"), r, 0).privacy["epsilon"]
     assert eps_b == pytest.approx(eps_a)
     assert SiteState.load(tmp_path / "b", "run").history == [list(h) for h in uninterrupted.history]
+
+
+def test_a_state_restored_mid_run_counts_the_rounds_the_spend_journal_recorded_since(tmp_path):
+    """site_state.json restored from a copy taken after round 1 would spend rounds 2 and 3 once more
+    unseen; the journal, on another volume, recorded the step total of every round, so the site
+    counts them again, and once it has used the journal a missing one is refused."""
+    import shutil
+
+    from client.site import journal_used, spend_journal
+
+    cfg, data = site_setup(tmp_path, rounds=5)
+    journal = str(tmp_path / "other-volume.jsonl")
+    state = SiteState.load(tmp_path / "state", "run")
+    run_site_round(PGGAN(SHAPE), data, cfg, state, 1, 0, journal=journal)
+    shutil.copytree(tmp_path / "state", tmp_path / "backup")
+    for r in (2, 3):
+        spent = run_site_round(PGGAN(SHAPE), data, cfg, state, r, 0, journal=journal).privacy
+    shutil.rmtree(tmp_path / "state")
+    shutil.copytree(tmp_path / "backup", tmp_path / "state")  # the state dir restored from the copy of round 1
+    restored = SiteState.load(tmp_path / "state", "run")
+    again = run_site_round(PGGAN(SHAPE), data, cfg, restored, 2, 0, journal=journal).privacy
+    assert again["total_steps"] == spent["total_steps"] + cfg.local_steps  # rounds 2 and 3 stay spent, then round 2 again
+    assert again["epsilon"] > spent["epsilon"]
+    assert journal_used(restored).exists()
+    Path(journal).unlink()  # its volume not mounted: it must not read as a fresh journal
+    with pytest.raises(FedPGGANError, match="spend-journal .* missing, but this state dir has written to it before"):
+        spend_journal({"spend-journal": journal}, restored)
 
 
 def test_spend_is_recorded_before_training(tmp_path, monkeypatch):

@@ -144,7 +144,7 @@ def site_round(site_setup, state, round_num: int, input_sha: str, crash: bool = 
     spend is reserved, inside DP-SGD."""
     import copy
 
-    from client.site_round import run_site_round
+    from client.site_round import round_key, run_site_round
     from fedpggan.privacy import DiscriminatorTrainer
 
     cfg, data, gan = site_setup
@@ -153,9 +153,9 @@ def site_round(site_setup, state, round_num: int, input_sha: str, crash: bool = 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(DiscriminatorTrainer, "train", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
             with pytest.raises(KeyboardInterrupt):
-                run_site_round(gan, data, cfg, state, round_num, 0, input_sha)
+                run_site_round(gan, data, cfg, state, round_num, 0, round_key(input_sha, cfg, data))
         return None, None
-    result = run_site_round(gan, data, cfg, state, round_num, 0, input_sha)
+    result = run_site_round(gan, data, cfg, state, round_num, 0, round_key(input_sha, cfg, data))
     return result, gan.d.state_dict()
 
 
@@ -387,7 +387,7 @@ def test_a_site_caps_the_deltas_of_all_runs_on_its_records_too(site_setup, tmp_p
     from client.site_round import run_site_round
 
     plain_cfg, data, gan = dataclasses.replace(cfg, epsilon=math.inf), *site_setup[1:]
-    run_site_round(copy.deepcopy(gan), data, plain_cfg, run_state("run-without-dp", delta=None), 1, 0, "weights")
+    run_site_round(copy.deepcopy(gan), data, plain_cfg, run_state("run-without-dp", delta=None), 1, 0)
     assert SiteState.load(tmp_path / "state", "run-without-dp").trained_without_dp  # trained when the site had no cap
     with pytest.raises(FedPGGANError, match=r"run-without-dp \(inf\)"):
         check_lifetime_budget({"max-total-epsilon": 1000.0}, run_state("run-later"), cfg)
@@ -512,6 +512,9 @@ def test_site_reporting_an_inconsistent_spend_is_excluded(tmp_path, monkeypatch)
     hostile = [s for s in ledger["sites"].values() if s["status"] == "excluded"]
     assert len(hostile) == 1 and "noise_multiplier" in hostile[0]["events"][0]["reason"]
     assert hostile[0]["events"][0]["reported_epsilon"] > 0 and hostile[0]["events"][0]["reported_total_steps"] > 0
+    # what it says it spent counts in its epsilon and in the run's guarantee, its update discarded or not
+    assert hostile[0]["epsilon"] == hostile[0]["events"][0]["reported_epsilon"]
+    assert ledger["guarantee"]["epsilon"] >= hostile[0]["epsilon"]
     rows = RunFolder(run).read_metrics()
     assert rows[0]["accepted"] == 3 and rows[1]["selected"] == 3  # never selected again
 

@@ -173,6 +173,16 @@ def test_a_crash_between_charging_and_drawing_cannot_lower_the_noise(tmp_path, p
     assert torch.equal(ensure_release(state, cfg, phantom, share_of=5), share)  # not redrawn with less noise for 5
 
 
+def test_a_release_made_without_dp_is_counted_by_the_lifetime_caps(tmp_path, phantom):
+    """A run without DP whose only contact is its (secure) release has read the data: the site's
+    lifetime caps must count it as (inf, 1), as they count a round trained without DP."""
+    cfg = tiny_config(tmp_path, release_aggregation="secure")  # epsilon inf: no DP
+    state = site_state(tmp_path, cfg, phantom)
+    assert not cfg.dp and not state.trained_without_dp
+    ensure_release(state, cfg, phantom, share_of=3)
+    assert SiteState.load(tmp_path, "run").trained_without_dp  # saved before the data were read
+
+
 def test_the_centralised_trainer_refuses_a_secure_release(tmp_path):
     from fedpggan.train import train_centralised
 

@@ -21,18 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from fedpggan.audit.findings import Finding
-from fedpggan.audit.records import number
+from fedpggan.audit.records import as_list, number
 from fedpggan.config import RunConfig
 from fedpggan.io import sha256_file, sha256_json
 from fedpggan.runs import RunFolder
 from pggan_model.checkpoint import read_checkpoint
 
 
-def check_ledger_hash(run: dict[str, Any], folder: RunFolder) -> list[Finding]:
+def check_ledger_hash(run: dict[str, Any], folder: RunFolder, actual: str) -> list[Finding]:
+    """The ledger that was read (SHA-256 ``actual``) is the one run.json vouches for."""
     recorded = run.get("ledger_sha256")
     if not isinstance(recorded, str):
         return [Finding("run.json:ledger_sha256", "missing: the ledger cannot be shown to be the one the trainer wrote")]
-    actual = sha256_file(folder.ledger_json)
     if not folder.ledger_vouched_for(run, actual):
         return [Finding("run.json:ledger_sha256", f"{folder.ledger_json.name} hashes to {actual[:12]}..., run.json "
                                                   f"recorded {recorded[:12]}...: the ledger was changed after the run wrote it")]
@@ -59,6 +59,9 @@ def check_config_in_checkpoint(run: dict[str, Any], folder: RunFolder, rows: lis
     saved = read_checkpoint(folder.checkpoints / verified[-1]["file"]).get("run_config") or {}
     config = run.get("config") or {}
     differ = sorted(k for k in set(saved) & set(config) - {"out"} if saved[k] != config[k])
+    # an option the checkpoint was written without was added to run.json since (e.g. noise-key in a run
+    # saved before that option existed, whose ledger records no options hash to catch it)
+    differ += sorted(set(config) - set(saved) - {"out"})
     if not differ:
         return []
     return [Finding("run.json:config", f"{', '.join(differ)} in run.json differ from the options "
@@ -108,7 +111,7 @@ def check_checkpoints(ledger: dict[str, Any], run: dict[str, Any], folder: RunFo
                                                                 "recorded: the file was replaced or altered"))
         rows.append({"round": entry.get("round"), "file": name, "status": status})
     last_spend = max((number(r.get("round")) or 0 for s in ledger.get("sites", {}).values() if isinstance(s, dict)
-                      for r in s.get("rounds") or [] if isinstance(r, dict)), default=None)
+                      for r in as_list(s.get("rounds")) if isinstance(r, dict)), default=None)
     indexed = {e.get("file") for e in folder.checkpoint_index()}
     if folder.checkpoints.is_dir():
         for path in sorted(folder.checkpoints.glob("*.pt")):

@@ -56,9 +56,10 @@ def check_mechanism(site: Site, facts: RunFacts) -> list[Finding]:
             out.append(Finding(f"{p}.rounds[{i}].steps", f"round {r.round} took {r.steps} steps; the config gives {per_round}"))
     if planned is not None and site.planned_steps != planned:
         out.append(Finding(f"{p}.planned_steps", f"{site.planned_steps}, but the config gives {planned}"))
-    total = sum(r.steps for r in site.rounds)
+    total = sum(r.steps for r in site.rounds) + site.unrecorded_steps
     if total > site.planned_steps:
-        out.append(Finding(f"{p}.rounds", f"{total} steps taken, more than planned_steps {site.planned_steps}"))
+        out.append(Finding(f"{p}.rounds", f"{total} steps taken ({site.unrecorded_steps} of them outside the recorded "
+                                          f"rounds), more than planned_steps {site.planned_steps}"))
     return out + check_noise(site) + check_budget_and_delta(site, facts)
 
 

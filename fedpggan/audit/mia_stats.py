@@ -89,7 +89,9 @@ def epsilon_lower_bound(members: np.ndarray, others: np.ndarray, delta: float, r
     return {
         "epsilon_lower_bound": float(max(0.0, certified)) if math.isfinite(certified) else 0.0,
         "confidence": confidence, "delta": delta, "threshold": float(thresholds[index]),
-        "direction": "member if score > threshold" if direction == 0 else "member if score <= threshold",
+        # both rows certify the test "score > threshold is a member"; the second through its complement
+        # (non-members at or below the threshold against members at or below it)
+        "direction": "member if score > threshold" + ("" if direction == 0 else " (bound from the rates at or below it)"),
         "records_select_certify": [len(sel_m) + len(sel_o), len(cert_m) + len(cert_o)],
     }
 

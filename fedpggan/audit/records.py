@@ -12,6 +12,7 @@ from typing import Any
 
 from fedpggan.audit.findings import Finding
 from fedpggan.errors import FedPGGANError
+from fedpggan.privacy.ledger import spent_outside_rounds
 
 MECHANISM = ("budget_epsilon", "delta", "noise_multiplier", "sample_rate", "planned_steps", "public_num_records", "epsilon")
 KINDS = ("centralised", "federated")
@@ -72,14 +73,29 @@ class Site:
         return self.release_share is not None or not never_sent_a_round
 
     @property
+    def unrecorded_steps(self) -> int:
+        """DP-SGD steps the site spent that no recorded round holds: those the server counted from the
+        site's reported step total (``unrecorded_spend``; ``spent_before_resume`` not replayed) or, if
+        more, what a site whose update was excluded reported beyond its recorded rounds and release."""
+        counted = sum(int(number(e.get("steps")) or 0) for e in self.events if spent_outside_rounds(e))
+        recorded = sum(r.steps for r in self.rounds) + (1 if self.release_spent and self.release else 0)
+        reported = max((int(number(e.get("reported_total_steps")) or 0) for e in self.events
+                        if e.get("event") == "excluded"), default=0)
+        return max(counted, reported - recorded, 0)
+
+    @property
     def history(self) -> tuple[tuple[float, float, int], ...]:
-        """The accountant history: the release (if spent), then the rounds, equal mechanisms merged."""
+        """The accountant history: the release (if spent), then the rounds, equal mechanisms merged,
+        then the steps spent outside the recorded rounds (at the site's mechanism, fixed for the run)."""
         out: list[tuple[float, float, int]] = list(self.release_history if self.release_spent else ())
-        for r in self.rounds:
-            if out and out[-1][:2] == (r.noise_multiplier, r.sample_rate):
-                out[-1] = (r.noise_multiplier, r.sample_rate, out[-1][2] + r.steps)
+        spent = [(r.noise_multiplier, r.sample_rate, r.steps) for r in self.rounds]
+        if self.unrecorded_steps:
+            spent.append((self.noise_multiplier, self.sample_rate, self.unrecorded_steps))
+        for sigma, q, steps in spent:
+            if out and out[-1][:2] == (sigma, q):
+                out[-1] = (sigma, q, out[-1][2] + steps)
             else:
-                out.append((r.noise_multiplier, r.sample_rate, r.steps))
+                out.append((sigma, q, steps))
         return tuple(out)
 
 
@@ -92,6 +108,11 @@ class RunFacts:
     status: str
     num_records: int | None
     end_round: int  # the last round/epoch the run reached (ledger, checkpoints, metrics)
+
+
+def as_list(value: Any) -> list[Any]:
+    """``value`` if it is a list, else an empty one (a damaged field is reported where it is parsed)."""
+    return value if isinstance(value, list) else []
 
 
 def number(value: Any) -> float | None:
@@ -108,6 +129,10 @@ def parse_site(site_id: str, raw: Any) -> tuple[Site | None, list[Finding]]:
     values = {k: number(raw.get(k)) for k in MECHANISM}
     bad = [Finding(f"{prefix}.{k}", f"missing or not a finite number ({raw.get(k)!r}); epsilon cannot be recomputed")
            for k, v in values.items() if v is None]
+    if values["public_num_records"] is not None and values["public_num_records"] < 1:
+        bad.append(Finding(f"{prefix}.public_num_records", f"{raw.get('public_num_records')!r}: a site holds at least one record"))
+    if not isinstance(raw.get("events", []), list):
+        bad.append(Finding(f"{prefix}.events", "not a list; the site's events cannot be read"))
     if not isinstance(raw.get("accountant"), str):
         bad.append(Finding(f"{prefix}.accountant", f"missing ({raw.get('accountant')!r}); the ledger must name its accountant"))
     rounds, round_findings = _parse_rounds(prefix, raw.get("rounds"), values)
@@ -122,7 +147,7 @@ def parse_site(site_id: str, raw: Any) -> tuple[Site | None, list[Finding]]:
         max_grad_norm=number(raw.get("max_grad_norm")), planned_steps=int(values["planned_steps"]),
         public_num_records=int(values["public_num_records"]), epsilon=values["epsilon"],
         status=str(raw.get("status", "")), rounds=rounds,
-        events=[e for e in raw.get("events") or [] if isinstance(e, dict)],
+        events=[e for e in as_list(raw.get("events")) if isinstance(e, dict)],
         release=release, release_share=release_share, key_list_signers=_verified_signers(raw.get("feature_release")),
         release_left_out=_left_out(raw.get("feature_release")),
     )

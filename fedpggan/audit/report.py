@@ -24,7 +24,8 @@ def site_table(result: dict[str, Any]) -> str:
     body = [[row["site"], fmt(row["budget_epsilon"]), fmt(row["claimed_epsilon"]),
              *(fmt(row["recomputed"].get(a)) for a in ACCOUNTANTS), fmt(row.get("tightest_epsilon")),
              fmt(row.get("replace_one_epsilon")),
-             row["declared_accountant"], f"{row['steps']}/{row['planned_steps']}", "PASS" if row.get("passed") else "FAIL"]
+             row["declared_accountant"], f"{row['steps']}" + (f"+{row['unrecorded_steps']}" if row.get("unrecorded_steps") else "")
+             + f"/{row['planned_steps']}", "PASS" if row.get("passed") else "FAIL"]
             for row in result["sites"].values()]
     if not body:
         return "no DP sites: no epsilon to recompute"

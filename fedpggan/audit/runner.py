@@ -9,7 +9,7 @@ from fedpggan.audit import accountants, integrity, report
 from fedpggan.audit.findings import ABS_TOL, REL_TOL, Finding
 from fedpggan.audit.mechanism_checks import check_mechanism
 from fedpggan.audit.mia import MiaOptions, run_mia
-from fedpggan.audit.records import RunFacts, Site, check_shape, number, parse_site, run_kind
+from fedpggan.audit.records import RunFacts, Site, as_list, check_shape, number, parse_site, run_kind
 from fedpggan.audit.round_checks import check_rounds
 from fedpggan.audit.spend import RULE, audit_sites, check_guarantee
 from fedpggan.errors import FedPGGANError
@@ -27,9 +27,9 @@ def audit_run(run_dir: str | Path, out: str | Path | None = None, mia: MiaOption
     folder = RunFolder(run_dir)
     run = folder.read_run()
     kind = run_kind(run, str(folder.run_json))
-    ledger = folder.read_json(folder.ledger_json)
+    ledger, ledger_sha256 = folder.read_json_and_sha256(folder.ledger_json)  # the verdict is about these bytes
     check_shape(ledger, str(folder.ledger_json))
-    findings = integrity.check_ledger_hash(run, folder) + integrity.check_config(run, ledger)
+    findings = integrity.check_ledger_hash(run, folder, ledger_sha256) + integrity.check_config(run, ledger)
     checkpoints, ckpt_findings = integrity.check_checkpoints(ledger, run, folder)
     findings += ckpt_findings + integrity.check_config_in_checkpoint(run, folder, checkpoints)
     rows: dict[str, Any] = {}
@@ -43,7 +43,7 @@ def audit_run(run_dir: str | Path, out: str | Path | None = None, mia: MiaOption
         notes.insert(0, f"run status is {run.get('status')!r}: this audits the run as far as it got")
     result: dict[str, Any] = {
         "passed": False, "date": now_iso(), "run": str(folder.root.resolve()), "run_id": run.get("run_id"),
-        "kind": kind, "dp": ledger["dp"], "content": audited_content(folder, run), "violations": [], "notes": notes, "rule": RULE,
+        "kind": kind, "dp": ledger["dp"], "content": audited_content(folder, run, ledger_sha256), "violations": [], "notes": notes, "rule": RULE,
         "tolerance": {"relative": REL_TOL, "absolute": ABS_TOL}, "sites": rows, "checkpoints": checkpoints,
         "assumptions": ledger.get("assumptions", []),
         "versions": {"audit": accountants.versions(), "run": ledger.get("versions", {})},
@@ -54,15 +54,16 @@ def audit_run(run_dir: str | Path, out: str | Path | None = None, mia: MiaOption
     result["violations"] = [f.to_json() for f in dict.fromkeys(findings)]  # a config problem is found once per site
     result["passed"] = not findings
     for row in rows.values():
-        row["passed"] = not any(f.field.startswith(f"sites.{row['site']}.") for f in findings)
+        row["passed"] = not any(f.field.startswith((f"sites.{row['site']}.", f"mia.{row['site']}.")) for f in findings)
     report.write_outputs(result, Path(out) if out else folder.root)
     return result
 
 
-def audited_content(folder: RunFolder, run: dict[str, Any]) -> dict[str, str]:
-    """Hashes of what the verdict is about, the ledger and the run's options: an export
-    (fedpggan/export/provenance.py) trusts a verdict only while the run still has this content."""
-    return {"ledger_sha256": sha256_file(folder.ledger_json), "config_sha256": sha256_json(run.get("config", {}))}
+def audited_content(folder: RunFolder, run: dict[str, Any], ledger_sha256: str | None = None) -> dict[str, str]:
+    """Hashes of what the verdict is about, the ledger (``ledger_sha256``: of the bytes the audit read;
+    else the file now) and the run's options: an export (fedpggan/export/provenance.py) trusts a
+    verdict only while the run still has this content."""
+    return {"ledger_sha256": ledger_sha256 or sha256_file(folder.ledger_json), "config_sha256": sha256_json(run.get("config", {}))}
 
 
 def check_noise_key(run: dict[str, Any], ledger: dict[str, Any], kind: str, notes: list[str]) -> list[Finding]:
@@ -149,7 +150,7 @@ def end_round(ledger: dict[str, Any], run: dict[str, Any], folder: RunFolder) ->
     seen = [0]
     for site in ledger.get("sites", {}).values():
         if isinstance(site, dict):
-            for entry in (site.get("rounds") or []) + (site.get("events") or []):
+            for entry in as_list(site.get("rounds")) + as_list(site.get("events")):  # other shapes: parse_site's findings
                 seen.append(number(entry.get("round")) if isinstance(entry, dict) else None)
     seen += [number(c.get("round")) for c in ledger.get("checkpoints", []) if isinstance(c, dict)]
     try:

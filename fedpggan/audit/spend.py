@@ -25,8 +25,10 @@ RULE = (
     "the tolerance (no accountant supports the claim: under-report), if 'tightest' exceeds the budget by more "
     "than the tolerance, or if the site claims more than its budget. A claim below the declared accountant's "
     "value but still >= 'tightest' is a note (the guarantee holds, it does not reproduce with the accountant "
-    "named). A claim above the declared accountant's value over the recorded rounds means spend is missing "
-    "from the rounds: FAIL, unless a failed/no_reply/excluded event explains unrecorded spend. 'replace-one' is "
+    "named). Every accountant reads the recorded rounds plus the steps the ledger records as spent outside them "
+    "(unrecorded_spend, spent_before_resume not replayed, an excluded site's reported total). A claim above the "
+    "declared accountant's value means spend is missing from the rounds: FAIL, unless a failed/no_reply/excluded "
+    "event explains unrecorded spend. 'replace-one' is "
     "the same rounds' epsilon (PLD) under replace-one adjacency (over every planned step when such an event left "
     "spend unrecorded), the sound reading when record counts are public; it is reported, not judged, since the "
     "budgets are stated under add/remove adjacency."
@@ -42,7 +44,8 @@ def audit_spend(site: Site) -> tuple[dict[str, Any], list[Finding], list[str]]:
         "site": site.site_id, "status": site.status, "budget_epsilon": site.budget_epsilon, "delta": site.delta,
         "declared_accountant": site.accountant, "claimed_epsilon": site.epsilon, "recomputed": values,
         "accountant_errors": errors, "noise_multiplier": site.noise_multiplier, "sample_rate": site.sample_rate,
-        "steps": sum(r.steps for r in site.rounds), "planned_steps": site.planned_steps, "rounds_trained": len(site.rounds),
+        "steps": sum(r.steps for r in site.rounds), "unrecorded_steps": site.unrecorded_steps,
+        "planned_steps": site.planned_steps, "rounds_trained": len(site.rounds),
     }
     if not values:
         return row, [Finding(f"{p}.epsilon", f"no accountant could recompute it ({errors})")], notes
@@ -117,7 +120,8 @@ def _curve(site: Site, final: dict[str, float]) -> tuple[dict[str, Any], list[Fi
 
 
 def _declared(site: Site, i: int) -> float | None:
-    prefix = dataclasses.replace(site, rounds=site.rounds[: i + 1])
+    # the rounds up to i only: when the spend outside them happened is not recorded, so the final value counts it
+    prefix = dataclasses.replace(site, rounds=site.rounds[: i + 1], events=[])
     try:
         return accountants.epsilon(site.accountant, prefix.history, site.delta)
     except Exception:  # reported for the final value already

@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
     from fedpggan.errors import FedPGGANError
     from fedpggan.io import check_folder_path
 
-    for name in ("mia_records", "synthetic"):
-        if getattr(args, name) < 1:
-            raise FedPGGANError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: it must be >= 1")
+    for name, least in (("mia_records", 2), ("synthetic", 1)):  # the epsilon bound selects on one half, certifies on the other
+        if getattr(args, name) < least:
+            raise FedPGGANError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: it must be >= {least}")
     for name in ("bootstraps", "seed"):
         if getattr(args, name) < 0:
             raise FedPGGANError(f"--{name} {getattr(args, name)} is invalid: it must be >= 0")

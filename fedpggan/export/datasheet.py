@@ -32,6 +32,10 @@ PUBLISHED_QUALITY_KEYS = ("tstr",)
 # Below this TSTR AUC the datasheet warns that the images are of little use for training (0.5 = chance);
 # measured there: BreastMNIST at epsilon 1 (docs/quality-results.md)
 LOW_UTILITY_AUC = 0.6
+# Below this TSTR recall a class counts as not learned: a classifier trained on the images (at its own decision)
+# recognises almost none of the real test images of that class; measured there: 8 of 10 classes of an RGB phantom
+# at epsilon 10 (docs/quality-findings.md)
+UNLEARNED_RECALL = 0.1
 NOT_PUBLISHED = ("The evaluation's other figures (TRTR, FID, precision/recall, label fidelity, diversity, memorisation) "
                  "read the real training images without differential privacy: they stay in the source run's "
                  "EVALUATION.md and are not published with the data.")
@@ -125,7 +129,11 @@ def quality_summary(evaluation: dict[str, Any] | None, checkpoint_sha256: str) -
     picked = {k: evaluation[k] for k in PUBLISHED_QUALITY_KEYS if k in evaluation}
     evaluated = (evaluation.get("checkpoint") or {}).get("sha256")
     settings, real = evaluation.get("settings") or {}, evaluation.get("dataset") or {}
+    recall, names = ((evaluation.get("tstr") or {}).get("per_class_recall") or {}).get("mean"), real.get("class_names")
     return {"figures": dict(flatten(picked)), "created": evaluation.get("created"),
+            # TSTR too (a classifier trained on the synthetic images, tested on the real test split), per class
+            "tstr_recall_per_class": dict(zip(names, recall)) if isinstance(recall, list) and isinstance(names, list)
+            and len(recall) == len(names) else None,
             "evaluated_checkpoint_sha256": evaluated,
             "same_checkpoint": evaluated == checkpoint_sha256 if evaluated else None,
             # the test split's name and size only: never a file path, nor anything about the training images
@@ -150,6 +158,13 @@ def quality_warnings(quality: dict[str, Any] | None) -> list[str]:
         warnings.append(f"LOW UTILITY: a classifier trained on these images reaches a TSTR AUC of {auc:.3g} on the real "
                         "test split (0.5 is chance): they carry little a classifier can use; do not train models for "
                         "this task on them.")
+    missed = [str(name) for name, r in (quality.get("tstr_recall_per_class") or {}).items()
+              if isinstance(r, (int, float)) and r < UNLEARNED_RECALL]
+    if missed:
+        warnings.append(f"CLASSES NOT LEARNED: a classifier trained on these images recognises fewer than "
+                        f"{UNLEARNED_RECALL:.0%} of the real test images of {', '.join(missed)} (TSTR recall): the "
+                        "synthetic images of those classes do not carry what tells them apart; do not rely on them "
+                        "for those classes.")
     return warnings
 
 
@@ -235,7 +250,9 @@ def quality_lines(quality: dict[str, Any] | None) -> list[str]:
             (f"- evaluation: {settings['n_synthetic']} synthetic images, seeds {settings['seeds']}, classifier "
              f"{settings['classifier_budget']}; {size}" if settings["n_synthetic"] else "- evaluation: settings not recorded"),
             "", "TSTR (a classifier trained on these synthetic images, tested on the real test split):", ""] \
-        + [f"- {k}: {num(v)}" for k, v in quality["figures"].items()] + ["", quality["not_published"]]
+        + [f"- {k}: {num(v)}" for k, v in quality["figures"].items()] \
+        + (["- recall per class: " + ", ".join(f"{name} {num(r)}" for name, r in quality["tstr_recall_per_class"].items())]
+           if quality.get("tstr_recall_per_class") else []) + ["", quality["not_published"]]
 
 
 def num(value: Any) -> str:

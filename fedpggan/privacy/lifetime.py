@@ -4,7 +4,10 @@ The lifetime caps (``max-total-epsilon``, ``max-total-delta``) count the runs in
 state dir. A state dir restored from an older backup forgets the runs made since, and the
 site could then spend their budget again. The optional spend journal is an append-only file
 of one JSON line per reservation, kept on another volume (``spend-journal`` in the site
-config): the caps count every run it names, whether or not the state dir still holds it.
+config): the caps count every run it names, whether or not the state dir still holds it. It
+also gets one line per DP round, the run's step total, before the round is reserved: a run's
+state restored from a copy taken mid-run would otherwise spend the rounds since once more
+(client/site_round.py counts them again from the journal).
 
 Privacy assumptions: basic composition across runs (their epsilons add up, and so do their
 deltas); the journal and the state dir are not both rolled back to the same older copy; a run
@@ -90,6 +93,9 @@ def read_spend_journal(path: str | Path) -> Budgets:
             continue
         try:
             entry = json.loads(line)
+            if "steps" in entry and "epsilon" not in entry:  # a round's progress line (journal_steps)
+                checked(entry["steps"], "steps")
+                continue
             run, epsilon, delta = str(entry["run"]), checked(entry["epsilon"], "epsilon"), checked(entry["delta"], "delta")
         except (ValueError, KeyError, TypeError) as exc:
             raise FedPGGANError(f"spend-journal {path}, line {number}: unreadable ({exc}); the lifetime caps cannot count "
@@ -99,11 +105,34 @@ def read_spend_journal(path: str | Path) -> Budgets:
     return budgets
 
 
+def journal_steps(path: str | Path, run: str) -> int:
+    """The largest step total the journal's progress lines record for ``run`` (0: none)."""
+    path = Path(path)
+    steps = 0
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # read_spend_journal reports unreadable lines
+        if isinstance(entry, dict) and entry.get("run") == run and "epsilon" not in entry:
+            steps = max(steps, int(checked(entry.get("steps", 0), "steps")))
+    return steps
+
+
+def append_progress(path: str | Path, run: str, steps: int) -> None:
+    """Append a run's DP step total before the round that brings it there is reserved in the
+    state dir (fsynced first: a crash in between counts more, never less)."""
+    append_line(path, {"run": run, "steps": steps, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
 def append_reservation(path: str | Path, run: str, epsilon: float, delta: float) -> None:
     """Append one reservation and fsync it before the caller records it in the state dir, so a
     crash in between leaves the journal counting more, never less."""
-    entry = {"run": run, "epsilon": epsilon if math.isfinite(epsilon) else "inf", "delta": delta,
-             "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    append_line(path, {"run": run, "epsilon": epsilon if math.isfinite(epsilon) else "inf", "delta": delta,
+                       "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+def append_line(path: str | Path, entry: dict) -> None:
     try:
         with open(path, "a") as handle:
             handle.write(json.dumps(entry) + "\n")
