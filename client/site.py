@@ -27,7 +27,8 @@ from fedpggan.data import ImageDataset, open_dataset, partition
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json
 from fedpggan.privacy import default_delta
-from fedpggan.privacy.lifetime import append_reservation, merge_budgets, read_spend_journal, reserved_budgets
+from fedpggan.privacy.lifetime import (JOURNAL_USED, append_reservation, check_journal_present, merge_budgets,
+                                       read_spend_journal, reserved_budgets)
 from fedpggan.privacy.peer_keys import PeerSigning, load_peer_signing
 from fedpggan.privacy.secure_sum import epsilon_if_all_other_sites_collude
 from fedpggan.site_config import site_torch_device
@@ -173,18 +174,14 @@ def check_lifetime_budget(node_config: dict[str, Any], state: "SiteState", cfg: 
 
 def journal_used(state: "SiteState") -> Path:
     """The marker, in the site's state dir, that it has written to its spend journal."""
-    return state.path.parent.parent / ".spend-journal-used"
+    return state.path.parent.parent / JOURNAL_USED
 
 
 def spend_journal(node_config: dict[str, Any], state: "SiteState") -> str | None:
-    """The site's spend journal, if it keeps one. Once the state dir has written to it, a missing
-    journal is refused: a volume not mounted would otherwise read as a fresh journal and forget
-    every run and round it recorded."""
+    """The site's spend journal, if it keeps one (refused when missing once used)."""
     journal = node_config.get("spend-journal")
-    if journal is not None and not Path(journal).exists() and journal_used(state).exists():
-        raise FedPGGANError(f"spend-journal {journal}: missing, but this state dir has written to it before "
-                            f"({journal_used(state)}): mount its volume or restore it from backup; never start it afresh",
-                            shared="this site's spend journal is missing; the site's log says what to restore")
+    if journal is not None:
+        check_journal_present(journal, state.path.parent.parent)
     return journal
 
 

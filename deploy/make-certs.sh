@@ -37,6 +37,11 @@ for name in "$@"; do san="$san,DNS:$name"; done
 
 umask 077
 if [ -e "$out/ca.key" ]; then
+  # a CA made by this script before 2026-12-06 lasted CERT_DAYS only, like its server certificate
+  if ! openssl x509 -checkend $((days * 86400)) -noout -in "$out/ca.crt" >/dev/null; then
+    echo "error: $out/ca.crt expires before a new $days-day server certificate would; make a new CA in another OUT_DIR and send its ca.crt to every site (or renew with a smaller CERT_DAYS)" >&2
+    exit 2
+  fi
   ca="reused $out/ca.crt (sites keep theirs)"
 else
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -sha256 -days "$ca_days" \

@@ -83,7 +83,7 @@ def save_curves(rows: list[dict[str, Any]], x_key: str, panels: dict[str, list[s
         ax.set_xlabel(x_key)
         ax.set_ylabel(y_label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ax.lines:
-            ax.legend(handles=None if len(ax.lines) <= LEGEND_LIMIT else named or None, fontsize=7)
+        if ax.lines and (len(ax.lines) <= LEGEND_LIMIT or named):
+            ax.legend(handles=None if len(ax.lines) <= LEGEND_LIMIT else named, fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)

@@ -18,7 +18,7 @@ import torch
 from fedpggan.data import ImageDataset, open_dataset
 from fedpggan.errors import FedPGGANError
 from fedpggan.preflight import check_image_size
-from fedpggan.privacy.lifetime import merge_budgets, read_spend_journal, reserved_budgets
+from fedpggan.privacy.lifetime import check_journal_present, merge_budgets, read_spend_journal, reserved_budgets
 from fedpggan.privacy.peer_keys import load_peer_signing, load_signing_key, openssh_public
 from fedpggan.site_config import SiteConfig, site_torch_device
 
@@ -113,6 +113,7 @@ def check_spend_journal(site: SiteConfig) -> tuple[str, list[str]]:
     if not journal.parent.is_dir() or not os.access(journal.parent, os.W_OK) or (journal.exists() and not os.access(journal, os.W_OK)):
         raise FedPGGANError(f"privacy.spend-journal {journal}: its folder does not exist or it is not writable; create "
                             f"{journal.parent} on a persistent volume other than state-dir's, or fix the path in {site.path}")
+    check_journal_present(journal, site.state_dir)
     recorded = read_spend_journal(journal)
     warnings = []
     if site.state_dir.is_dir() and os.stat(journal.parent).st_dev == os.stat(site.state_dir).st_dev:

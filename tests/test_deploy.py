@@ -289,6 +289,11 @@ def test_the_server_certificate_is_renewed_with_the_sites_ca_kept(tmp_path):
     verify = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / "server.pem")],
                             capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
+    for name in ("server.pem", "server.key"):  # a CA that expires before the new certificate would is not reused
+        (tmp_path / name).unlink()
+    short = subprocess.run(make, capture_output=True, text=True, env={**os.environ, "CERT_DAYS": "5000"})
+    assert short.returncode == 2 and "ca.crt expires before a new 5000-day server certificate" in short.stderr
+    assert not (tmp_path / "server.pem").exists()
 
 
 def test_compose_demo_is_secured_and_keeps_data_read_only():
@@ -495,6 +500,10 @@ def test_a_sites_spend_journal_is_checked_and_reaches_its_node_config(site_toml,
     journal.write_text("not json\n")
     code, _, err = site_check(capsys, site_toml(extra_privacy=caps))
     assert code == 2 and "line 1: unreadable" in err and "restore the file from backup" in err
+    journal.unlink()  # its volume not mounted, after the state dir has written to it: refused, as the site refuses it
+    (tmp_path / "state" / ".spend-journal-used").touch()
+    code, _, err = site_check(capsys, site_toml(extra_privacy=caps))
+    assert code == 2 and "missing, but state dir" in err and "never start it afresh" in err and err.count("\n") == 1
 
 
 def test_a_sites_roster_of_peer_keys_is_checked_and_reaches_its_node_config(site_toml, capsys, tmp_path):

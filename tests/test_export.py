@@ -498,17 +498,22 @@ def test_options_are_checked(gray_run, tmp_path):
         "export"]["class_counts"] == {"no lesion": 10, "lesion": 0}
 
 
-def test_out_dot_and_a_checkpoint_path_stay_out_of_the_way(gray_run, tmp_path, monkeypatch):
-    """``--out .`` exports into the current folder (it has no parent of its own to stage beside),
-    and a ``--checkpoint`` path is named in the datasheet by its file name only."""
+def test_out_dot_is_refused_and_a_checkpoint_path_stays_out_of_the_datasheet(gray_run, tmp_path, monkeypatch):
+    """An export replaces its folder as a whole: the folder one stands in (``--out .``) or one above it
+    would leave the shell in a deleted folder, so they are refused in one line before any work;
+    a ``--checkpoint`` path is named in the datasheet by its file name only."""
     here = tmp_path / "here"
     here.mkdir()
     monkeypatch.chdir(here)
+    for out in (".", "..", "sub/.."):
+        with pytest.raises(FedPGGANError, match="is the folder you are in .*--out ./export"):
+            export_run(gray_run, out, ExportOptions(n=10, formats=("npz",)))
+    assert list(here.iterdir()) == []
     checkpoint = sorted((gray_run / "checkpoints").glob("ckpt_*.pt"))[-1]
-    sheet = export_run(gray_run, ".", ExportOptions(n=10, formats=("npz",), checkpoint=str(checkpoint)))
-    assert sorted(p.name for p in here.iterdir()) == ["DATASHEET.md", "datasheet.json", "synthetic.npz"]
+    sheet = export_run(gray_run, "export", ExportOptions(n=10, formats=("npz",), checkpoint=str(checkpoint)))
+    assert sorted(p.name for p in (here / "export").iterdir()) == ["DATASHEET.md", "datasheet.json", "synthetic.npz"]
     assert sheet["export"]["options"]["checkpoint"] == checkpoint.name
-    assert str(tmp_path) not in (here / "datasheet.json").read_text()
+    assert str(tmp_path) not in (here / "export" / "datasheet.json").read_text()
 
 
 def test_example_script_trains_on_the_export_and_tests_on_real_data(gray_run, tmp_path, capsys):

@@ -207,7 +207,7 @@ def test_a_state_restored_mid_run_counts_the_rounds_the_spend_journal_recorded_s
     assert again["epsilon"] > spent["epsilon"]
     assert journal_used(restored).exists()
     Path(journal).unlink()  # its volume not mounted: it must not read as a fresh journal
-    with pytest.raises(FedPGGANError, match="spend-journal .* missing, but this state dir has written to it before"):
+    with pytest.raises(FedPGGANError, match="spend-journal .* missing, but state dir .* has written to it before"):
         spend_journal({"spend-journal": journal}, restored)
 
 

@@ -132,6 +132,8 @@ def collusion_note(site: Site) -> str:
     every other site collude (only the least noisy share the site sent then protects it)."""
     share, sites = site.release_share
     history = [(share, 1.0, 1), *((r.noise_multiplier, r.sample_rate, r.steps) for r in site.rounds)]
+    if site.unrecorded_steps:  # spent outside the recorded rounds: counted here too, as in the site's epsilon
+        history.append((site.noise_multiplier, site.sample_rate, site.unrecorded_steps))
     worst = accountants.epsilon(site.accountant, history, site.delta)
     if site.key_list_signers is None:
         trust = "the site took the server's key list on trust (no peer-keys), so a server that forged it reaches that too"

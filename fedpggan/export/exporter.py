@@ -36,7 +36,7 @@ IMAGES_DIR = "images"
 def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
     """Write ``synthetic.npz``, ``images/`` and the datasheet of ``run_dir`` into ``out``
     (all or nothing); returns the datasheet. Same run, checkpoint, options => same bytes on CPU."""
-    folder, out = RunFolder(run_dir), Path(out).resolve()  # "." has no parent to stage beside
+    folder, out = RunFolder(run_dir), Path(out)
     check_target(out, folder.root, options.overwrite)
     prov = verify_run(folder, options.checkpoint, options.allow_unaudited, options.allow_no_dp, options.audit_report)
     gan, _ = gan_from_checkpoint(prov.checkpoint, pick_device(options.device))

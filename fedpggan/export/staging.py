@@ -25,6 +25,9 @@ def check_target(out: Path, run_root: Path, overwrite: bool) -> None:
     if target == run or target in run.parents or run in target.parents:
         raise FedPGGANError(f"--out {out}: would replace the run folder {run_root} or a folder of it; choose a folder "
                             "outside it")
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+        raise FedPGGANError(f"--out {out}: is the folder you are in (or above it), and an export replaces its folder "
+                            "as a whole; give a new folder, e.g. --out ./export")
     check_folder_path(out)
     if not out.is_dir() or not any(out.iterdir()):
         return

@@ -105,6 +105,18 @@ def read_spend_journal(path: str | Path) -> Budgets:
     return budgets
 
 
+JOURNAL_USED = ".spend-journal-used"  # marker in a state dir that has written to its spend journal
+
+
+def check_journal_present(journal: str | Path, state_dir: Path) -> None:
+    """Once ``state_dir`` has written to its journal, a missing journal is refused: a volume not
+    mounted would otherwise read as a fresh journal and forget every run and round it recorded."""
+    if not Path(journal).exists() and (state_dir / JOURNAL_USED).exists():
+        raise FedPGGANError(f"spend-journal {journal}: missing, but state dir {state_dir} has written to it before "
+                            f"({JOURNAL_USED}): mount its volume or restore it from backup; never start it afresh",
+                            shared="this site's spend journal is missing; the site's log says what to restore")
+
+
 def journal_steps(path: str | Path, run: str) -> int:
     """The largest step total the journal's progress lines record for ``run`` (0: none)."""
     path = Path(path)
