@@ -279,3 +279,15 @@ def test_a_run_whose_ledger_is_missing_is_not_reported_as_without_dp(run_dir, tm
     guarantee = ledger_guarantee(RunFolder(run))
     assert guarantee["epsilon"] is None and privacy_unknown(guarantee) == \
         "unknown (privacy ledger missing, or not the one run.json records)"
+
+
+def test_classes_a_tstr_classifier_misses_are_named_with_the_remedy_measured_for_them():
+    from fedpggan.evaluation.report import unlearned_classes
+
+    result = {"dataset": {"class_names": ["a", "b", "c"]}, "tstr": {"per_class_recall": {"mean": [0.05, 0.9, 0.02]}},
+              "epsilon": 9.99, "run_g_steps": 2}
+    lines = unlearned_classes(result)
+    assert "**Classes not learned:** a, c (TSTR recall below 10%)" in lines[-1] and "`--g-steps 8`" in lines[-1]
+    assert "--g-steps" not in unlearned_classes({**result, "epsilon": 1.0})[-1]  # at epsilon 1 more steps learn D's noise
+    assert "--g-steps" not in unlearned_classes({**result, "run_g_steps": 8})[-1]
+    assert unlearned_classes({**result, "tstr": {"per_class_recall": {"mean": [0.5, 0.9, 0.2]}}}) == []

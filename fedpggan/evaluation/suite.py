@@ -84,6 +84,7 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
 
     result = {
         "run": str(run.root), "run_kind": info.get("kind"), "created": now_iso(),
+        "run_g_steps": (info.get("config") or {}).get("g-steps") if info.get("kind") == "federated" else None,
         "checkpoint": {"file": ckpt.name, "round": payload.get("round"), "sha256": sha256_file(ckpt)},
         **guarantee,
         "dataset": {"name": test.name, "spec": spec, "split": split, "class_names": test.class_names, "channels": test.channels,

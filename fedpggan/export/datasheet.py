@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedpggan.config import UNLEARNED_RECALL
 from fedpggan.data.sources import SITE_DATA, public_name
 from fedpggan.export.provenance import AUDIT_LABELS, Provenance
 from fedpggan.io import sha256_json
@@ -32,10 +33,6 @@ PUBLISHED_QUALITY_KEYS = ("tstr",)
 # Below this TSTR AUC the datasheet warns that the images are of little use for training (0.5 = chance);
 # measured there: BreastMNIST at epsilon 1 (docs/quality-results.md)
 LOW_UTILITY_AUC = 0.6
-# Below this TSTR recall a class counts as not learned: a classifier trained on the images (at its own decision)
-# recognises almost none of the real test images of that class; measured there: 8 of 10 classes of an RGB phantom
-# at epsilon 10 (docs/quality-findings.md)
-UNLEARNED_RECALL = 0.1
 NOT_PUBLISHED = ("The evaluation's other figures (TRTR, FID, precision/recall, label fidelity, diversity, memorisation) "
                  "read the real training images without differential privacy: they stay in the source run's "
                  "EVALUATION.md and are not published with the data.")
