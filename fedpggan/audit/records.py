@@ -89,8 +89,8 @@ class Site:
         then the steps spent outside the recorded rounds (at the site's mechanism, fixed for the run)."""
         out: list[tuple[float, float, int]] = list(self.release_history if self.release_spent else ())
         spent = [(r.noise_multiplier, r.sample_rate, r.steps) for r in self.rounds]
-        if self.unrecorded_steps:
-            spent.append((self.noise_multiplier, self.sample_rate, self.unrecorded_steps))
+        if unrecorded := self.unrecorded_steps:
+            spent.append((self.noise_multiplier, self.sample_rate, unrecorded))
         for sigma, q, steps in spent:
             if out and out[-1][:2] == (sigma, q):
                 out[-1] = (sigma, q, out[-1][2] + steps)
