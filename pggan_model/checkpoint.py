@@ -22,6 +22,10 @@ from pggan_model.pggan import PGGAN, GANConfig
 FORMAT_VERSION = 1
 
 
+# What np.random.get_state() pickles to, allowed through torch.load(weights_only=True)
+NUMPY_RNG_TYPES = [np.dtype, np.ndarray, np._core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+
+
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -53,9 +57,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FedPGGANError(f"{path}: checkpoint not found; pass a run folder with checkpoints/ or a .pt file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for truncated/corrupt files
+    try:  # tensors, plain containers and the numpy RNG state only: a checkpoint is data, never code to run
+        with torch.serialization.safe_globals(NUMPY_RNG_TYPES):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated/corrupt files (and for pickled code)
         raise FedPGGANError(f"{path}: checkpoint is unreadable ({type(exc).__name__}); use an earlier checkpoint") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise FedPGGANError(f"{path}: not a fedpggan checkpoint (format {FORMAT_VERSION} expected)")
@@ -83,7 +88,11 @@ def load_checkpoint(path: str | Path, gan: PGGAN) -> dict[str, Any]:
 def gan_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[PGGAN, dict[str, Any]]:
     """Rebuild the model a checkpoint was made for (for evaluation and export)."""
     payload = read_checkpoint(path)
-    config = payload["model_config"]
-    gan = PGGAN(ModelShape(**config["shape"]), GANConfig(**config["gan"]))
-    gan.load_state_dict(payload["state_dict"])
+    try:
+        config = payload["model_config"]
+        gan = PGGAN(ModelShape(**config["shape"]), GANConfig(**config["gan"]))
+        gan.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as exc:  # a model config or weights this version cannot build
+        raise FedPGGANError(f"{path}: this fedpggan version cannot build the checkpoint's model ({type(exc).__name__}); "
+                            "use a checkpoint this version wrote") from exc
     return gan.to(device).eval(), payload

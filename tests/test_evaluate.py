@@ -13,12 +13,14 @@ from conftest import tiny_config
 
 from fedpggan.cli import main
 from fedpggan.data import open_dataset
+from fedpggan.errors import FedPGGANError
 from fedpggan.evaluation import (ClassifierPrivacy, TrainingBudget, class_diversity, classification_scores,
                                  classifier_auc, embed, frechet_distance, label_fidelity, memorisation,
                                  nearest_distance, prdc_scores, scores_over_seeds, synthetic_set, train_classifier,
                                  trtr)
 from fedpggan.evaluation import dcr
 from fedpggan.evaluation.report import markdown
+from fedpggan.io import sha256_file
 from fedpggan.train import train_centralised
 from pggan_model import gan_from_checkpoint
 
@@ -272,13 +274,54 @@ def test_a_run_whose_ledger_is_missing_is_not_reported_as_without_dp(run_dir, tm
     from fedpggan.evaluation.suite import ledger_guarantee
     from fedpggan.runs import RunFolder
 
-    assert ledger_guarantee(RunFolder(run_dir))["ledger"] == "verified"
+    listed = sha256_file(run_dir / "checkpoints" / "ckpt_00001.pt")
+    assert ledger_guarantee(RunFolder(run_dir), listed)["ledger"] == "verified"
+    # a .pt from elsewhere (--checkpoint FILE) is not what the ledger's guarantee covers
+    assert privacy_unknown(ledger_guarantee(RunFolder(run_dir), "0" * 64)) == "unknown (privacy ledger does not list this checkpoint)"
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     (run / "privacy_ledger.json").unlink()
-    guarantee = ledger_guarantee(RunFolder(run))
+    guarantee = ledger_guarantee(RunFolder(run), listed)
     assert guarantee["epsilon"] is None and privacy_unknown(guarantee) == \
         "unknown (privacy ledger missing, or not the one run.json records)"
+
+
+def test_a_deployed_run_is_evaluated_on_the_data_its_sites_named_or_needs_real():
+    from fedpggan.evaluation.suite import real_dataset_spec
+
+    deployed = {"config": {"dataset": "auto"}, "dataset": {"name": "breastmnist", "is_medical": True}}
+    assert real_dataset_spec(deployed, None, None) == ("breastmnist", None)  # not PneumoniaMNIST because it is medical
+    assert real_dataset_spec({**deployed, "dataset": {"name": "phantom (not medical data)"}}, None, None)[0] == "phantom"
+    with pytest.raises(FedPGGANError, match="sites trained on their own data.*give --real"):
+        real_dataset_spec({**deployed, "dataset": {"name": "site data", "is_medical": True}}, None, None)
+    assert real_dataset_spec({**deployed, "dataset": {"name": "site data"}}, "/data/test", "d") == ("/data/test", "d")
+
+
+def test_real_data_are_read_with_the_runs_class_ids_by_name(phantom):
+    from fedpggan.evaluation.suite import in_run_class_order
+
+    test = phantom["test"]
+    info = {"dataset": {"class_names": test.class_names[::-1]}}  # an ImageFolder numbers its classes alphabetically
+    mapped = in_run_class_order(test, info)
+    assert mapped.class_names == test.class_names[::-1]
+    assert torch.equal(mapped.labels, test.num_classes - 1 - test.labels) and torch.equal(mapped.images, test.images)
+    assert in_run_class_order(test, {"dataset": {"class_names": ["class_0", "class_1"]}}) is test  # generic: ids decide
+    with pytest.raises(FedPGGANError, match=r"classes .* but the run was trained on \['benign', 'malignant'\]"):
+        in_run_class_order(test, {"dataset": {"class_names": ["benign", "malignant"]}})
+
+
+def test_a_quick_or_val_evaluation_does_not_replace_the_full_report_export_publishes(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "evaluation.json").write_text(json.dumps({"dataset": {"split": "test"}, "settings": {"quick": False}}))
+    before = (run / "evaluation.json").read_bytes()
+    for extra in ([], ["--split", "val"]):  # TINY is quick
+        assert main(["evaluate", str(run), *TINY, *extra]) == 2
+        assert "holds a full test-split evaluation" in capsys.readouterr().err
+    assert (run / "evaluation.json").read_bytes() == before
+    (run / "evaluation.json").write_text(json.dumps({"dataset": {"split": "test"}, "settings": {"quick": True}}))
+    assert main(["evaluate", str(run), "--n-synthetic", "40", "--steps", "2", "--seeds", "1", "--device", "cpu"]) == 0
+    assert json.loads((run / "evaluation.json").read_text())["settings"]["prdc_images_per_side"] == 40  # min(40, test)
 
 
 def test_classes_a_tstr_classifier_misses_are_named_with_the_remedy_measured_for_them():

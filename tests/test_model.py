@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from opacus.validators import ModuleValidator
 
 from fedpggan.errors import FedPGGANError
-from pggan_model import PGGAN, GANConfig, GeneratorTrainer, ModelShape, generator_rule_loss, load_checkpoint, save_checkpoint
+from pggan_model import (PGGAN, GANConfig, GeneratorTrainer, ModelShape, gan_from_checkpoint, generator_rule_loss, load_checkpoint,
+                         save_checkpoint)
 from pggan_model.losses import rule_weights
 
 
@@ -131,6 +135,25 @@ def test_checkpoint_round_trip_restores_identical_outputs(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(FedPGGANError, match="unreadable"):
         load_checkpoint(tmp_path / "bad.pt", gan)
+
+
+class RunsCode:
+    """A pickle that would run code when loaded (as a .pt someone hands to --checkpoint could)."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["FEDPGGAN_TEST_MARKER"]),))
+
+
+def test_a_checkpoint_is_read_as_data_never_run_as_code(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDPGGAN_TEST_MARKER", str(tmp_path / "ran"))
+    gan = PGGAN(ModelShape(28, 1, 2, latent_dim=8, g_width=16, d_width=8))
+    save_checkpoint(tmp_path / "c.pt", gan, round=1, extra=RunsCode())
+    with pytest.raises(FedPGGANError, match="unreadable"):
+        gan_from_checkpoint(tmp_path / "c.pt")
+    assert not (tmp_path / "ran").exists()
+    torch.save({"format": 1, "model_config": {"shape": {"pixels": 28}, "gan": {}}, "state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(FedPGGANError, match="cannot build the checkpoint's model"):
+        gan_from_checkpoint(tmp_path / "other.pt")
 
 
 def test_embedding_loss_trains_the_mixture_of_both_generators():

@@ -8,15 +8,19 @@ against the real training split, then the JSON / markdown / PNG report.
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedpggan.build import pick_device
 from fedpggan.config import EVALUATION_REPORT_SIZE
 from fedpggan.data import ImageDataset, open_dataset
+from fedpggan.data.sources import SITE_DATA, public_name
 from fedpggan.errors import FedPGGANError
 from fedpggan.evaluation.classifier import WIDTHS, SmallCNN, TrainingBudget, embed
 from fedpggan.evaluation.dcr import memorisation
@@ -55,18 +59,21 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
         raise FedPGGANError(f"--n-synthetic {n_synthetic}: PRDC's {NEAREST_K} nearest neighbours need more synthetic "
                             f"images; give at least {NEAREST_K + 1} (report default {EVALUATION_REPORT_SIZE['n_synthetic']})")
     info = run.read_run()
-    guarantee = ledger_guarantee(run)  # read before minutes of evaluation: an unreadable ledger fails now
+    seeds = seed_list(seeds)
+    size = smaller_than_report(n_synthetic, len(seeds), budget)
+    out = writable_out(run, out, split, size["quick"])  # checked before minutes of evaluation, like the ledger
     ckpt = run.latest_checkpoint()[0] if checkpoint is None else run.checkpoint_file(str(checkpoint))
+    ckpt_sha = sha256_file(ckpt)
+    guarantee = ledger_guarantee(run, ckpt_sha)
     dev = pick_device(device)
     gan, payload = gan_from_checkpoint(ckpt, dev)
     spec, data_dir = real_dataset_spec(info, real_spec, data_dir)
     # "test" names the split the figures are measured on, also when it is val
-    train, test = (open_real(spec, part, data_dir, gan.shape.image_size, int(info.get("seed", 0)))
+    train, test = (in_run_class_order(open_real(spec, part, data_dir, gan.shape.image_size, int(info.get("seed", 0))), info)
                    for part in ("train", split))
     for real in (train, test):
         check_matches_gan(real, gan)
     check_enough_test_images(test, spec)
-    seeds = seed_list(seeds)
 
     utility = tstr(gan, None, test, n_synthetic, seeds, generator, budget, dev, progress)
     trtr_summary, real_models = scores_over_seeds(lambda _: (train.images, train.labels), test, seeds, budget, dev,
@@ -77,15 +84,18 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
     fake, fake_labels = synthetic_set(gan, n_synthetic, generator, seeds[0], class_mix=test.class_counts())
     _, fake_feats = embed(judge, fake)
     _, real_feats = embed(judge, test.images)
-    # precision/recall depend on set sizes: compare equally many synthetic and real images
-    pick = np.random.default_rng(seeds[0]).permutation(len(fake))[: len(test)]
+    # precision/recall depend on set sizes: compare equally many synthetic and real images (at most
+    # n_synthetic of each, so a large test split does not need a test-size-squared distance matrix)
+    prdc_size = min(len(fake), len(test))
+    rng = np.random.default_rng(seeds[0])
+    pick_fake, pick_real = rng.permutation(len(fake))[:prdc_size], rng.permutation(len(test))[:prdc_size]
     fidelity = label_fidelity(judge, fake, fake_labels)
     fidelity["real_test_reference"] = trtr_summary["accuracy"]["per_seed"][0]
 
     result = {
         "run": str(run.root), "run_kind": info.get("kind"), "created": now_iso(),
         "run_g_steps": (info.get("config") or {}).get("g-steps") if info.get("kind") == "federated" else None,
-        "checkpoint": {"file": ckpt.name, "round": payload.get("round"), "sha256": sha256_file(ckpt)},
+        "checkpoint": {"file": ckpt.name, "round": payload.get("round"), "sha256": ckpt_sha},
         **guarantee,
         "dataset": {"name": test.name, "spec": spec, "split": split, "class_names": test.class_names, "channels": test.channels,
                     "image_size": test.image_size, "n_train": len(train), "n_test": len(test)},
@@ -95,11 +105,11 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
                                "FID, PRDC, label fidelity and memorisation",
                      "generator": "1" if gan.single else generator,  # what was sampled, as export records it
                      "classifier": CLASSIFIER, "classifier_budget": budget_text(budget), "lr": budget.lr,
-                     "feature_reference": f"real {split} split", "prdc_nearest_k": NEAREST_K,
-                     **smaller_than_report(n_synthetic, len(seeds), budget)},
+                     "feature_reference": f"real {split} split", "prdc_nearest_k": NEAREST_K, "prdc_images_per_side": prdc_size,
+                     **size},
         "tstr": utility["tstr"], "trtr": trtr_summary,
         "fid": frechet_distance(real_feats, fake_feats),
-        "prdc": prdc_scores(real_feats, fake_feats[pick]),
+        "prdc": prdc_scores(real_feats[pick_real], fake_feats[pick_fake]),
         "label_fidelity": fidelity,
         # per class: a rare class of the test mix would get too few images to judge its spread
         "diversity": class_diversity(real_feats, test.labels.numpy(), *balanced_feats(judge, gan, n_synthetic, generator, seeds[0]),
@@ -107,10 +117,9 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
         "memorisation": memorisation(fake, train.images, test.images, seeds[0]),
         "versions": library_versions(),
     }
-    out = Path(out) if out is not None else run.root
-    out.mkdir(parents=True, exist_ok=True)
-    text = write_report(result, out)
+    # the grid first, evaluation.json last: a failure in between leaves the last complete report's JSON
     save_comparison_grid(test.images, test.labels, fake, fake_labels, test.class_names, out / "evaluation_grid.png")
+    text = write_report(result, out)
     print(text)
     print(f"written: {out / 'evaluation.json'}, {out / 'EVALUATION.md'}, {out / 'evaluation_grid.png'}")
     return result
@@ -138,17 +147,67 @@ def budget_text(budget: TrainingBudget) -> str:
     return f"{amount} of batch {budget.batch_size}"
 
 
+def writable_out(run: RunFolder, out: str | Path | None, split: str, quick: bool) -> Path:
+    """The report's folder, created and checked writable now. A val-split or quick evaluation does not
+    replace a full test-split report in the run folder (the one export publishes): it needs ``--out``."""
+    if out is None:
+        out = run.root
+        if split != "test" or quick:
+            previous = run.root / "evaluation.json"
+            try:
+                full = previous.is_file() and is_full_test_report(json.loads(previous.read_text()))
+            except (OSError, ValueError):
+                full = False  # an unreadable report is replaced, as before
+            if full:
+                raise FedPGGANError(f"{previous} holds a full test-split evaluation (the one export publishes); give a "
+                                    f"{'quick' if quick else split + '-split'} evaluation its own folder with --out")
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        raise FedPGGANError(f"--out {out}: cannot write there ({exc.strerror or exc}); choose a writable folder") from exc
+    return out
+
+
+def is_full_test_report(report: Any) -> bool:
+    return (isinstance(report, dict) and report.get("dataset", {}).get("split", "test") == "test"
+            and not report.get("settings", {}).get("quick"))
+
+
 def real_dataset_spec(info: dict[str, Any], real_spec: str | None, data_dir: str | None) -> tuple[str, str | None]:
-    """``--real`` if given, else the dataset the run was trained on (``auto`` resolved the way
-    training resolved it: PneumoniaMNIST for a medical run, otherwise phantom)."""
+    """``--real`` if given, else the dataset the run was trained on: run.json's ``dataset`` option, or
+    for ``auto`` (a deployed coordinator's) the public name the sites reported. A hospital's own data
+    ("site data") is not on the coordinator's machine, so it needs ``--real``."""
     config = info.get("config", {})
     data_dir = data_dir or config.get("data-dir") or None
     if real_spec:
         return real_spec, data_dir
     spec = str(config.get("dataset", "auto"))
     if spec == "auto":
-        spec = "pneumoniamnist" if info.get("dataset", {}).get("is_medical") else "phantom"
+        spec = public_name(str(info.get("dataset", {}).get("name", SITE_DATA)))
+        if spec == SITE_DATA:
+            raise FedPGGANError("run.json: the sites trained on their own data, which the coordinator does not hold; "
+                                "give --real a test split of the same kind (an .npz in MedMNIST layout or an ImageFolder)")
     return spec, data_dir
+
+
+def in_run_class_order(real: ImageDataset, info: dict[str, Any]) -> ImageDataset:
+    """The real data with the run's class ids: an ImageFolder numbers its classes alphabetically, a
+    MedMNIST file by label id, so the same classes can carry other ids. Names decide; generic names
+    (class_0, ...) say nothing, and other names that differ are refused (every figure would be wrong)."""
+    trained = [str(n) for n in info.get("dataset", {}).get("class_names", [])]
+    if not trained or trained == real.class_names or generic_names(trained) or generic_names(real.class_names):
+        return real
+    if sorted(trained) != sorted(real.class_names):
+        raise FedPGGANError(f"--real {real.name}: classes {real.class_names}, but the run was trained on {trained}; "
+                            "use real data of the run's classes (an ImageFolder's class folders named as in run.json)")
+    new_id = torch.tensor([trained.index(name) for name in real.class_names])
+    return ImageDataset(real.images, new_id[real.labels], trained, real.name, real.is_medical, real.source)
+
+
+def generic_names(names: Sequence[str]) -> bool:
+    return all(str(name) == f"class_{k}" for k, name in enumerate(names))
 
 
 def open_real(spec: str, split: str, data_dir: str | None, image_size: int, seed: int) -> ImageDataset:
@@ -171,12 +230,15 @@ def check_enough_test_images(test: ImageDataset, spec: str) -> None:
                             f"{NEAREST_K} real test images with every class present")
 
 
-def ledger_guarantee(run: RunFolder) -> dict[str, Any]:
+def ledger_guarantee(run: RunFolder, checkpoint_sha256: str) -> dict[str, Any]:
     """The run's privacy guarantee from the ledger run.json vouches for: epsilon (max over sites)
     and delta, both None for a run without DP; ``ledger`` says whether there was such a ledger, so
-    that a missing or edited one is not reported as "no DP"."""
+    that a missing or edited one is not reported as "no DP". The guarantee holds for the checkpoints
+    the ledger lists, not for a .pt file from elsewhere (``--checkpoint``)."""
     ledger = run.vouched_ledger()
     if ledger is None:
         return {"epsilon": None, "delta": None, "ledger": "missing, or not the one run.json records"}
+    if checkpoint_sha256 not in {e["sha256"] for e in run.usable_checkpoints()}:
+        return {"epsilon": None, "delta": None, "ledger": "does not list this checkpoint"}
     guarantee = ledger.get("guarantee", {})
     return {"epsilon": guarantee.get("epsilon"), "delta": guarantee.get("delta"), "ledger": "verified"}
