@@ -291,7 +291,8 @@ def simulate_sites(sites: int, profile: dict[str, Any], work: Path, size: str) -
         raise FedPGGANError(f"{folder}: no Flower site actor (ray::ClientAppActor) was seen; cannot split the round time")
     trained = json.loads((folder / "run.json").read_text())["config"]
     return {"sites": sites, "rounds": rows, "workers": memory.actors, "peak_rss_mb": memory.peak_bytes / 2**20,
-            "simulation_s": time.perf_counter() - start, "settings": {k: trained[k] for k in SETTINGS_SHOWN}}
+            "simulation_s": time.perf_counter() - start,
+            "settings": {**{k: trained[k] for k in SETTINGS_SHOWN}, "g-steps": RunConfig.from_saved(trained).generator_steps()}}
 
 
 # What the round tables say a round did, read from each run's own run.json (not today's defaults).

@@ -78,6 +78,9 @@ def ensure_mechanism(state: SiteState, cfg: RunConfig, num_records: int) -> None
         return
     if not cfg.dp:  # a run without DP keeps no mechanism
         return
+    if state.trained_without_dp:  # its earlier replies were not private: no epsilon could state what they spent
+        raise FedPGGANError("this site already trained this run without DP; a finite epsilon from now on would not cover "
+                            "those rounds: start a new run to train with DP")
     state.budget_epsilon = cfg.epsilon
     state.accountant = cfg.accountant
     state.noise_source = cfg.noise_key  # the DP draws' source is part of the mechanism: a message cannot weaken it later
@@ -283,7 +286,7 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
     g_stats = []
     if cfg.generator_training == "local":
         g_trainer = GeneratorTrainer(gan)
-        g_stats = [g_trainer.step(cfg.g_batch_size, prior) for _ in range(cfg.g_steps)]
+        g_stats = [g_trainer.step(cfg.g_batch_size, prior) for _ in range(cfg.generator_steps())]
     if privacy is None:
         return RoundResult("trained", {"epsilon": math.inf, "steps": cfg.local_steps}, g_stats, release)
     state.rounds[str(round_num)].update(status="done", recovered=bool(recovering))

@@ -88,14 +88,21 @@ class FederatedRun:
         status, reason = "completed", f"{cfg.rounds} rounds done"
         bar = tqdm(range(first_round, cfg.rounds + 1), desc="rounds", unit="round", initial=first_round - 1, total=cfg.rounds)
         for round_num in bar:
+            if reason := self.no_round_can_succeed():
+                status = "stopped"
+                if round_num > first_round:
+                    self.checkpoint(round_num - 1, last=True)
+                break
             outcome = self.run_round(round_num)
             eps = self.ledger.data["guarantee"].get("epsilon")
             bar.set_postfix(eps=f"{eps:.2f}" if eps is not None else "no DP", sites=outcome)
             if not self.active_nodes():
                 status, reason = "completed", f"every site exhausted its budget or was excluded by round {round_num}"
+                self.checkpoint(round_num, last=True)
                 break
             if self.failed_rounds >= MAX_FAILED_ROUNDS:
                 status, reason = "stopped", f"fewer than --min-clients valid replies for {MAX_FAILED_ROUNDS} rounds in a row; resume with --resume {self.folder.root} (deployed: --run-config \"resume-from='{self.folder.root}'\")"
+                self.checkpoint(round_num, last=True)
                 break
         self.finish(status, reason)
         return self.folder.root
@@ -110,7 +117,8 @@ class FederatedRun:
         if not nodes:
             raise FedPGGANError(f"no site connected within --round-timeout {self.cfg.round_timeout}s; start the SuperNodes first")
         config = ConfigRecord(self.cfg.to_flower())
-        messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type="query") for n in nodes]
+        messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type="query", ttl=self.cfg.round_timeout)
+                    for n in nodes]
         sites, failures = {}, []
         for reply in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
             if reply.has_error():
@@ -122,9 +130,22 @@ class FederatedRun:
             first = failures[0] if failures else f"no answer within --round-timeout {self.cfg.round_timeout}s"
             raise FedPGGANError(f"no site could describe its data ({first}); fix what the sites report "
                                 "(a data path: 'fedpggan site check')")
-        shapes = {(f["image-size"], f["channels"], tuple(f["class-names"])) for f in sites.values()}
+        by_id: dict[str, list[int]] = {}
+        for node, facts in sites.items():
+            by_id.setdefault(str(facts["site-id"]), []).append(node)
+        if twice := sorted(site for site, nodes in by_id.items() if len(nodes) > 1):
+            raise FedPGGANError(f"site id {twice[0]!r} is used by {len(by_id[twice[0]])} SuperNodes (nodes "
+                                f"{', '.join(map(str, by_id[twice[0]]))}); give each site its own site-id (a copied site.toml?)")
+        shapes: dict[tuple, list[str]] = {}
+        for facts in sites.values():
+            shapes.setdefault((facts["image-size"], facts["channels"], tuple(facts["class-names"])), []).append(str(facts["site-id"]))
         if len(shapes) > 1:
-            raise FedPGGANError(f"sites disagree on image size / channels / classes: {sorted(shapes)}; give every site data of one kind")
+            kinds = "; ".join(f"{', '.join(sorted(ids))}: {size} px, {channels} channel(s), classes {list(names)}"
+                              for (size, channels, names), ids in sorted(shapes.items(), key=lambda kv: sorted(kv[1])))
+            raise FedPGGANError(f"sites disagree on image size / channels / classes ({kinds}); give every site data of one kind")
+        if len(sites) < max(self.cfg.min_clients, 1):  # before any site is charged for rounds that could not succeed
+            raise FedPGGANError(f"{len(sites)} site(s) answered, fewer than --min-clients {self.cfg.min_clients}; start more "
+                                "SuperNodes or lower --min-clients")
         return sites
 
     def site_id(self, node: int) -> str:
@@ -204,7 +225,8 @@ class FederatedRun:
         self.ledger = PrivacyLedger.load(recorded)
         resumed_at = now_iso()
         self.ledger.resume_after(int(entry["round"]), resumed_at)
-        self.failed_rounds = payload.get("failed_rounds", 0)
+        self.failed_rounds = 0  # a resume is the operator's answer to failed rounds: they count afresh
+        self.check_sites_match_ledger()
         self.releases = {site: released.double() for site, released in payload.get("releases", {}).items()}
         if self.releases:
             self.use_release(sum(self.releases[s] for s in sorted(self.releases)),
@@ -216,6 +238,29 @@ class FederatedRun:
         self.folder.discard_checkpoints_after(entry["round"])  # newer files this resume could not use: set aside
         print(f"resuming {self.folder.root} after round {entry['round']} ({path.name})")
         return int(entry["round"]) + 1
+
+    def check_sites_match_ledger(self) -> None:
+        """A resumed run's sites must be the ones its ledger registered, with the sizes their
+        mechanisms were calibrated for (the site's accountant would otherwise disagree with the ledger)."""
+        registered = self.ledger.data["sites"]
+        for facts in self.sites.values():
+            site, n = str(facts["site-id"]), int(facts["num-records"])
+            if site not in registered:
+                raise FedPGGANError(f"site {site!r} is not one of this run's sites ({', '.join(sorted(registered))}); "
+                                    "resume with the SuperNodes the run started with, or start a new run")
+            if n != int(registered[site].get("public_num_records", n)):
+                raise FedPGGANError(f"site {site!r} now holds {n} images, {registered[site]['public_num_records']} when the run "
+                                    "began; restore its data (the noise was calibrated for that size) or start a new run")
+
+    def no_round_can_succeed(self) -> str | None:
+        """Why no round can reach --min-clients valid replies any more (fewer active sites, or fewer
+        than --fraction selects), so that no site is charged for one; None while a round can."""
+        active = len(self.active_nodes())
+        selectable = max(1, math.ceil(self.cfg.fraction * active)) if active else 0
+        if active and selectable < self.cfg.min_clients:
+            return (f"--fraction {self.cfg.fraction:g} of the {active} active site(s) selects {selectable}, fewer than "
+                    f"--min-clients {self.cfg.min_clients} (the others exhausted their budgets or were excluded)")
+        return None
 
     # --- one round ---------------------------------------------------------------------
     def active_nodes(self) -> list[int]:
@@ -232,8 +277,9 @@ class FederatedRun:
             self.ledger.record_event(self.site_id(node), round_num, "not_selected", f"--fraction {cfg.fraction}: not sampled this round")
         config = {**cfg.to_flower(), "round": round_num, "run-id": self.run_id,
                   "site-state-root": str((self.folder.root / "sites").resolve())}
-        messages = [Message(train_content(self.gan, config), dst_node_id=n, message_type="train", group_id=str(round_num))
-                    for n in selected]
+        # the round's time to live: a site back after an outage must not train (and charge) rounds nobody awaits
+        messages = [Message(train_content(self.gan, config), dst_node_id=n, message_type="train", group_id=str(round_num),
+                            ttl=cfg.round_timeout) for n in selected]
         replies = list(self.grid.send_and_receive(messages, timeout=cfg.round_timeout))
         t_sites = time.perf_counter() - t0
         global_d = {k: v.detach().cpu().clone() for k, v in self.gan.d.state_dict().items()}
@@ -269,7 +315,7 @@ class FederatedRun:
                        global_d: dict[str, torch.Tensor]) -> tuple[list, list]:
         """Validate each reply, record its spend, and keep the valid updates."""
         global_g = generator_arrays(self.gan).to_torch_state_dict()
-        valid: list[tuple[str, dict[str, torch.Tensor], Message]] = []
+        valid: list[tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor] | None, Message]] = []
         answered = set()
         for reply in sorted(replies, key=lambda r: self.site_id(r.metadata.src_node_id)):  # arrival order varies
             node = reply.metadata.src_node_id
@@ -315,25 +361,29 @@ class FederatedRun:
                                          "the round was in flight at a crash: spent once (reserved before training), "
                                          "recomputed with the same seed and inputs")
             d_state = reply.content["d"].to_torch_state_dict()
+            g_state = reply.content["g"].to_torch_state_dict() if "g" in reply.content else None
             problem = update_problem(d_state, global_d)
-            if not problem and "g" in reply.content:  # local generator training: shapes and finite values
-                problem = update_problem(reply.content["g"].to_torch_state_dict(), global_g, max_relative=math.inf)
+            if not problem and g_state is not None:  # local generator training: shapes and finite values
+                problem = update_problem(g_state, global_g, max_relative=math.inf)
             if problem:
                 self.ledger.record_event(site, round_num, "rejected_update", problem)
                 continue
-            valid.append((site, d_state, reply))
+            valid.append((site, d_state, g_state, reply))
         for node in set(selected) - answered:
             self.ledger.record_event(self.site_id(node), round_num, "no_reply", f"no reply within --round-timeout {self.cfg.round_timeout}s")
-        problems = outlier_problems([update_norm(d, global_d) for _, d, _ in valid])
+        problems = outlier_problems([update_norm(d, global_d) for _, d, _, _ in valid])
+        if any(g is not None for _, _, g, _ in valid):  # a locally trained G is averaged too: one site must not own it
+            g_problems = outlier_problems([update_norm(g, global_g) if g is not None else 0.0 for _, _, g, _ in valid])
+            problems = [d or (g and f"generators: {g}") for d, g in zip(problems, g_problems)]
         d_states, g_states = [], []
-        for (site, d_state, reply), problem in zip(valid, problems):
+        for (site, d_state, g_state, reply), problem in zip(valid, problems):
             if problem:
                 self.ledger.record_event(site, round_num, "rejected_update", problem)
                 continue
             self.receive_release(site, round_num, reply)
             d_states.append(d_state)
-            if "g" in reply.content:
-                g_states.append(reply.content["g"].to_torch_state_dict())
+            if g_state is not None:
+                g_states.append(g_state)
         return d_states, g_states
 
     def check_unrecorded_spend(self, site: str, round_num: int, privacy: dict[str, float]) -> None:
@@ -442,9 +492,9 @@ class FederatedRun:
             self.gan.g2.load_state_dict({k[3:]: v for k, v in merged.items() if k.startswith("g2.")})
             self.gan.update_ema()
             return {**self.fit_embedding(), **self.fake_score()}
-        stats = [self.g_trainer.step(self.cfg.g_batch_size, self.prior) for _ in range(self.cfg.g_steps)]
+        stats = [self.g_trainer.step(self.cfg.g_batch_size, self.prior) for _ in range(self.cfg.generator_steps())]
         keys = ("loss_g1", "loss_g2") + (("loss_embedding",) if "loss_embedding" in stats[0] else ()) if stats else ()
-        out = {k: float(np.nanmean([s[k] for s in stats])) for k in keys}
+        out = {"g_steps": len(stats), **{k: float(np.nanmean([s[k] for s in stats])) for k in keys}}  # what --g-steps 0 chose
         out.update({f"case_{c}": sum(s[f"case_{c}"] for s in stats) for c in CASES})
         out.update(self.fit_embedding())
         out.update(self.fake_score())
@@ -455,7 +505,7 @@ class FederatedRun:
         pooled release is clean enough (--embedding-noise-limit); post-processing of the release."""
         if self.g_trainer.embedding is None:
             return {}
-        steps = self.cfg.g_steps * self.cfg.embedding_steps_at(self.release_noise_ratio)
+        steps = self.cfg.generator_steps() * self.cfg.embedding_steps_at(self.release_noise_ratio)
         for _ in range(steps):
             self.g_trainer.embedding_step(self.cfg.g_batch_size, self.prior)
         return {"embedding_noise_ratio": finite_or_none(self.release_noise_ratio), "embedding_steps": steps}
@@ -473,9 +523,11 @@ class FederatedRun:
         row["epsilon_max"] = self.ledger.data["guarantee"]["epsilon"]
         return row
 
-    def checkpoint(self, round_num: int) -> None:
-        """Every round: the resume point (weights, optimisers, the sites' plain releases)."""
-        if round_num % self.cfg.checkpoint_every and round_num != self.cfg.rounds:
+    def checkpoint(self, round_num: int, last: bool = False) -> None:
+        """Every --checkpoint-every rounds and at the ``last`` round the run reaches: the resume point
+        (weights, optimisers, the sites' plain releases)."""
+        written = not round_num % self.cfg.checkpoint_every or round_num == self.cfg.rounds
+        if written == last:  # not due, or already written by the round itself
             return
         path = self.folder.checkpoint_path(round_num)
         self.ledger.record_checkpoint(round_num, path.name, "pending")

@@ -128,7 +128,7 @@ def ask(grid: Grid, nodes: dict[int, str], message_type: str, content: RecordDic
         failed: dict[str, str], timeout: float) -> dict[int, T]:
     """One step of the protocol: what ``read`` takes from each site's answer. A site that fails, stays
     silent or sends what ``read`` cannot take is added to ``failed`` with the reason."""
-    messages = [Message(content, dst_node_id=n, message_type=message_type) for n in nodes]
+    messages = [Message(content, dst_node_id=n, message_type=message_type, ttl=timeout) for n in nodes]  # never taken up late
     answers: dict[int, T] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id

@@ -3,7 +3,7 @@
 * ``app``: a ClientApp that is the real site, except that partition 0 sends a broken or
   hostile reply and the other sites crash now and then. Ray's workers inherit the driver's
   environment, so the faults are set there: ``FEDPGGAN_FAULT_MODES`` (comma-separated, one
-  per round, cycled: nan | scaled | random | shapes | overspend | none) and
+  per round, cycled: nan | scaled | random | shapes | scaled-g | overspend | none) and
   ``FEDPGGAN_FAULT_DROP`` (probability that another site crashes in a round; the draw is
   seeded by round and site, so a resumed run meets the same crashes), and
   ``FEDPGGAN_FAULT_RELEASE`` (comma-separated ``step:partition``, step ``keys``, ``masked`` or ``reveal``:
@@ -93,6 +93,9 @@ def tamper(reply: Message, msg: Message, mode: str) -> None:
         d = {k: torch.randn_like(v) * 10 if v.is_floating_point() else v for k, v in d.items()}
     elif mode == "shapes":
         d.pop(first)
+    elif mode == "scaled-g":  # honest D, locally trained generators replaced (--generator-training local)
+        g = reply.content["g"].to_torch_state_dict()
+        reply.content["g"] = ArrayRecord({k: v * 1e3 if v.is_floating_point() else v for k, v in g.items()})
     elif mode == "overspend":  # honest weights, a spend its config does not allow
         privacy = dict(reply.content["privacy"])
         privacy["noise_multiplier"] = privacy["noise_multiplier"] / 2

@@ -23,6 +23,7 @@ from fedpggan import config
 from fedpggan.build import open_training_data, prior_tensor, warn_single_class, warn_without_dp, with_resolved_dataset
 from fedpggan.config import RunConfig
 from fedpggan.data import partition, partition_summary, partition_table
+from fedpggan.data.partition import check_same_partition, site_sha256
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json
 from fedpggan.preflight import check_federated_budget, check_image_size, check_simulation_resources
@@ -55,7 +56,20 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, list[dict]]:
     print(f"dataset: {data.name}{'' if data.is_medical else ' (NOT medical data)'} -- {len(data)} training images, "
           f"{data.num_classes} classes, {data.channels}x{data.image_size}x{data.image_size}")
     print(partition_table(data.labels.numpy(), parts, data.class_names))
-    return cfg, partition_summary(data.labels.numpy(), parts, data.class_names)
+    summary = partition_summary(data.labels.numpy(), parts, data.class_names)
+    return cfg, [{**row, "sha256": sha} for row, sha in zip(summary, site_sha256(data, parts))]
+
+
+def check_resumable(cfg: RunConfig, folder: RunFolder) -> None:
+    """What ``prepare`` checks for a new run, for a resumed one: the machine can host the sites, and
+    their data still split into the records each site began with (a site rebuilds its share)."""
+    check_simulation_resources(cfg)
+    if not (folder.root / "partition.json").is_file():
+        return
+    data = open_training_data(cfg)
+    parts = partition(data.labels.numpy(), cfg.clients, cfg.partition, cfg.alpha, cfg.min_per_site, cfg.seed)
+    check_same_partition(folder.read_json(folder.root / "partition.json"), data, parts,
+                         f"restore the data the run was started with ({cfg.dataset}) or start a new run")
 
 
 def simulate(cfg: RunConfig | None, resume: str | None = None, client_app: ClientApp | None = None) -> Path:
@@ -70,6 +84,7 @@ def simulate(cfg: RunConfig | None, resume: str | None = None, client_app: Clien
     if resume:
         cfg = config_to_resume(resume)
         folder = RunFolder(cfg.out)
+        check_resumable(cfg, folder)
     else:
         cfg, summary = prepare(cfg)
         cfg = dataclasses.replace(cfg, out=cfg.out or str(default_run_dir()))

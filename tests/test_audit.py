@@ -487,10 +487,10 @@ def test_members_and_non_members_are_drawn_with_the_same_class_mix(k):
     assert np.bincount(members[mine], minlength=3)[2] == 0  # a class the held-out set lacks is left out
 
 
-def test_mia_refuses_a_deployed_run_whose_members_stayed_at_the_sites():
+def test_mia_refuses_a_deployed_run_whose_members_stayed_at_the_sites(tmp_path):
     run = {"kind": "federated", "config": {"dataset": "auto", "image-size": 28}, "dataset": {"num_records": 9416}}
     with pytest.raises(FedPGGANError, match=r"^--mia: this run's sites \(hospital-a, hospital-b\) are deployed sites"):
-        member_sets(run, ["hospital-a", "hospital-b"], None)
+        member_sets(RunFolder(tmp_path), run, ["hospital-a", "hospital-b"], None)
 
 
 def test_cli_mia_on_the_dp_run(run_copy):

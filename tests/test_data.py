@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -362,8 +363,19 @@ def test_image_folder_read_in_chunks_gives_what_one_read_gives(tmp_path, monkeyp
     assert all(torch.equal(a, b) for a, b in zip(reads[2], reads[1000]))
 
 
+def test_hidden_files_and_folders_in_a_class_are_not_read(tmp_path):
+    """A .trash folder may hold a withdrawn image; macOS' ._ files are not images at all."""
+    save_images(tmp_path / "a", 2)
+    save_images(tmp_path / "a" / ".trash", 1)
+    save_images(tmp_path / "b", 1, seed=1)
+    (tmp_path / "b" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    save_images(tmp_path / "__MACOSX" / "a", 1)
+    ds = open_dataset(str(tmp_path), image_size=10)
+    assert ds.class_names == ["a", "b"] and ds.class_counts() == [2, 1]
+
+
 @pytest.mark.parametrize("case", ["mixed sizes", "empty class", "not an image", "16-bit", "float", "not square",
-                                  "class only in test"])
+                                  "class only in test", "splits named otherwise"])
 def test_bad_image_folder(tmp_path, case):
     save_images(tmp_path / "a", 2)
     split = "train"
@@ -384,6 +396,12 @@ def test_bad_image_folder(tmp_path, case):
             save_images(tmp_path / split_name / "a", 2)
         save_images(tmp_path / "test" / "c", 2)
         split, needle, named = "test", "has no folder under", str(tmp_path / "test" / "c")
+    elif case == "splits named otherwise":  # Kaggle's layout: read as classes, every real class would merge
+        shutil.rmtree(tmp_path / "a")
+        for split_name in ("Training", "Testing"):
+            save_images(tmp_path / split_name / "glioma", 2)
+            save_images(tmp_path / split_name / "meningioma", 2, seed=1)
+        needle, named = "Testing, Training look like data splits", str(tmp_path)
     elif case == "empty class":
         (tmp_path / "b").mkdir()
         needle, named = "no images", str(tmp_path / "b")
@@ -412,6 +430,22 @@ def test_subset_and_class_counts_keep_metadata():
 # ---------------------------------------------------------------- partition
 
 LABELS = np.repeat(np.arange(3), [600, 300, 100])
+
+
+def test_a_run_rebuilding_its_sites_from_changed_data_is_refused():
+    """A record moved to another site would be charged at both: a resume and the audit's member sets
+    check the sites' records against partition.json."""
+    from fedpggan.data.partition import check_same_partition, site_sha256
+
+    data = open_phantom("train", 60, num_classes=2)
+    parts = partition(data.labels, 3, seed=0)
+    recorded = [{"site": i, "n": len(p), "sha256": h} for i, (p, h) in enumerate(zip(parts, site_sha256(data, parts)))]
+    check_same_partition(recorded, data, parts, "restore the data")
+    check_same_partition([{"site": r["site"], "n": r["n"]} for r in recorded], data, parts, "restore")  # runs before hashes
+    grown = ImageDataset(torch.cat([data.images, data.images[:1]]), torch.cat([data.labels, data.labels[:1]]),
+                         data.class_names, data.name, data.is_medical, data.source)  # one record more: the split moves
+    with pytest.raises(FedPGGANError, match=r"^partition.json: site \d's records differ from those the run began with .*; restore the data$"):
+        check_same_partition(recorded, grown, partition(grown.labels, 3, seed=0), "restore the data")
 
 
 def skew(labels: np.ndarray, parts: list[np.ndarray]) -> float:

@@ -298,16 +298,14 @@ def test_a_deployed_run_is_evaluated_on_the_data_its_sites_named_or_needs_real()
 
 
 def test_real_data_are_read_with_the_runs_class_ids_by_name(phantom):
-    from fedpggan.evaluation.suite import in_run_class_order
-
     test = phantom["test"]
-    info = {"dataset": {"class_names": test.class_names[::-1]}}  # an ImageFolder numbers its classes alphabetically
-    mapped = in_run_class_order(test, info)
-    assert mapped.class_names == test.class_names[::-1]
+    trained = test.class_names[::-1]  # an ImageFolder numbers its classes alphabetically, a MedMNIST file by id
+    mapped = test.in_class_order(trained, "--real")
+    assert mapped.class_names == trained
     assert torch.equal(mapped.labels, test.num_classes - 1 - test.labels) and torch.equal(mapped.images, test.images)
-    assert in_run_class_order(test, {"dataset": {"class_names": ["class_0", "class_1"]}}) is test  # generic: ids decide
-    with pytest.raises(FedPGGANError, match=r"classes .* but the run was trained on \['benign', 'malignant'\]"):
-        in_run_class_order(test, {"dataset": {"class_names": ["benign", "malignant"]}})
+    assert test.in_class_order(["class_0", "class_1"], "--real") is test  # generic names: the ids decide
+    with pytest.raises(FedPGGANError, match=r"--real phantom: classes .* but the run was trained on \['benign', 'malignant'\]"):
+        test.in_class_order(["benign", "malignant"], "--real")
 
 
 def test_a_quick_or_val_evaluation_does_not_replace_the_full_report_export_publishes(run_dir, tmp_path, capsys):

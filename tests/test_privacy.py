@@ -58,6 +58,21 @@ def test_dp_training_reports_epsilon_within_target():
     assert any(not torch.equal(before[k], v) for k, v in gan.d.state_dict().items())
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bookkeeping"])
+def test_every_clipping_mode_samples_and_accounts_the_planned_rate(mode):
+    """Opacus takes q as 1 / len(its Poisson loader), which float rounding makes one batch short when
+    ceil(n / B) is 93, 99, 105, ...: 5900 records in batches of 64 would be accounted at 1/92, not the
+    1/93 the site calibrated its noise for and reserved (its accountant check would then fail every round)."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(5900, 1, 28, 28), torch.randint(0, 2, (5900,))
+    trainer = DiscriminatorTrainer(PGGAN(SHAPE), images, labels, 64, PrivacySettings(1.0, 1.0, 1e-5, "rdp", mode))
+    trainer.train(1)
+    assert trainer.history == [(1.0, sample_rate(5900, 64), 1)] and sample_rate(5900, 64) == 1 / 93
+    assert trainer.expected_batch_size == int(5900 / 93) == 63
+    if mode != "bookkeeping":  # the noisy sum Opacus divides by B
+        assert trainer.optimizer.expected_batch_size == 63
+
+
 def test_ghost_clipping_mode_trains():
     torch.manual_seed(0)
     data = open_dataset("phantom", image_size=28).subset(range(128))

@@ -249,6 +249,13 @@ def test_a_run_cannot_change_its_budget_once_the_site_fixed_its_mechanism(site_s
     for changed in (dict(epsilon=cfg.epsilon / 2), dict(delta=1e-6), dict(accountant="rdp"), dict(epsilon=math.inf)):
         with pytest.raises(FedPGGANError, match="fixed its mechanism for epsilon"):
             ensure_mechanism(state, dataclasses.replace(cfg, **changed), len(data))
+    # nor can a run that trained without DP turn DP on: a finite epsilon would not cover its earlier rounds
+    plain = fresh_state(tmp_path, "p")
+    plain.trained_without_dp = True
+    ensure_mechanism(plain, dataclasses.replace(cfg, epsilon=math.inf), len(data))
+    with pytest.raises(FedPGGANError, match="already trained this run without DP"):
+        ensure_mechanism(plain, cfg, len(data))
+    assert plain.noise_multiplier is None
 
 
 def test_a_missing_site_state_beside_proof_of_spend_is_refused(site_setup, tmp_path):
@@ -504,6 +511,38 @@ def test_broken_and_hostile_updates_are_rejected_and_logged(tmp_path, monkeypatc
     assert "non-finite" in reasons[0][0] and "median update" in reasons[1][0] and "model norm" in reasons[2][0]
     assert "array names differ" in reasons[3][0]
     assert all(torch.isfinite(v).all() for v in final_weights(run).values() if v.is_floating_point())
+
+
+def test_a_hostile_sites_locally_trained_generators_are_rejected_too(tmp_path, monkeypatch):
+    run = simulate_with_hostile_site(tmp_path, monkeypatch, "scaled-g", generator_training="local")
+    events = RunFolder(run).read_metrics()[0]["events"]
+    assert [(e["site"], e["event"]) for e in events] == [("0", "rejected_update")]
+    assert events[0]["reason"].startswith("generators: update norm") and "median update norm" in events[0]["reason"]
+
+
+def test_a_run_ended_early_keeps_its_last_round_in_a_checkpoint(monkeypatch):
+    """With --checkpoint-every 3, a run whose sites are all exhausted at round 5 still checkpoints
+    round 5 (once): the generators it trained since round 3 are what export should publish."""
+    from types import SimpleNamespace
+
+    import server.federated_run
+    from server.federated_run import FederatedRun
+
+    saved = []
+    monkeypatch.setattr(server.federated_run, "save_checkpoint", lambda path, gan, **kw: saved.append(kw["round"]) or "f" * 64)
+    run = FederatedRun.__new__(FederatedRun)
+    run.cfg = RunConfig(rounds=10, checkpoint_every=3)
+    run.folder = SimpleNamespace(checkpoint_path=lambda r: Path(f"ckpt_{r}.pt"), save_ledger=lambda *a: None,
+                                 record_checkpoint=lambda *a: None)
+    run.ledger = SimpleNamespace(record_checkpoint=lambda *a: None, data={"checkpoints": [{}]})
+    run.gan, run.g_trainer, run.failed_rounds, run.releases, run.run_info = None, SimpleNamespace(state_dict=dict), 0, {}, {}
+    for round_num in range(1, 6):
+        run.checkpoint(round_num)
+    run.checkpoint(5, last=True)
+    assert saved == [3, 5]
+    run.checkpoint(6)
+    run.checkpoint(6, last=True)  # written by the round itself: not twice
+    assert saved == [3, 5, 6]
 
 
 def test_site_reporting_an_inconsistent_spend_is_excluded(tmp_path, monkeypatch):
@@ -783,7 +822,7 @@ def test_when_no_site_can_describe_itself_the_error_quotes_a_site_not_a_guess(tm
     from server.federated_run import FederatedRun
 
     # outside a Flower run a Message cannot be built; what is sent does not matter here
-    monkeypatch.setattr(server.federated_run, "Message", lambda content, dst_node_id, message_type: dst_node_id)
+    monkeypatch.setattr(server.federated_run, "Message", lambda content, dst_node_id, message_type, **_: dst_node_id)
     failed = SimpleNamespace(metadata=SimpleNamespace(src_node_id=7), has_error=lambda: True,
                              error=SimpleNamespace(reason="<class 'ray.exceptions.OutOfMemoryError'>:<'worker killed: "
                                                           "the node is low on memory'>"))
@@ -792,6 +831,67 @@ def test_when_no_site_can_describe_itself_the_error_quotes_a_site_not_a_guess(tm
     run.grid = SimpleNamespace(get_node_ids=lambda: [7], send_and_receive=lambda messages, timeout: [failed])
     with pytest.raises(FedPGGANError, match=r"no site could describe its data \(node 7: worker killed: the node is low on memory\)"):
         run.discover_sites()
+
+
+def discovered(tmp_path, monkeypatch, facts: dict[int, dict], **options):
+    """What FederatedRun.discover_sites makes of sites answering with ``facts`` (node id -> facts),
+    and the messages it sent."""
+    from types import SimpleNamespace
+
+    import server.federated_run
+    from server.federated_run import FederatedRun
+
+    sent = []
+    monkeypatch.setattr(server.federated_run, "Message", lambda content, **kw: sent.append(kw) or kw["dst_node_id"])
+    replies = [SimpleNamespace(metadata=SimpleNamespace(src_node_id=n), has_error=lambda: False, content={"site": f})
+               for n, f in facts.items()]
+    run = FederatedRun.__new__(FederatedRun)
+    run.cfg = tiny_config(tmp_path, **options)
+    run.grid = SimpleNamespace(get_node_ids=lambda: list(facts), send_and_receive=lambda messages, timeout: replies)
+    return run.discover_sites(), sent
+
+
+def site_facts(site_id: str, records: int = 50, size: int = 28) -> dict:
+    return {"site-id": site_id, "num-records": records, "image-size": size, "channels": 1, "class-names": ["a", "b"]}
+
+
+def test_sites_are_refused_before_any_spend_when_no_round_could_use_them(tmp_path, monkeypatch):
+    sites, sent = discovered(tmp_path, monkeypatch, {7: site_facts("A"), 8: site_facts("B")}, clients=2, round_timeout=30.0)
+    assert sorted(sites) == [7, 8] and {m["ttl"] for m in sent} == {30.0}  # a late site never answers a stale query
+    with pytest.raises(FedPGGANError, match=r"site id 'A' is used by 2 SuperNodes \(nodes 7, 8\); give each site its own site-id"):
+        discovered(tmp_path, monkeypatch, {7: site_facts("A"), 8: site_facts("A")}, clients=2)
+    with pytest.raises(FedPGGANError, match=r"sites disagree .*\(A: 28 px, .*; B: 64 px, .*\); give every site"):
+        discovered(tmp_path, monkeypatch, {7: site_facts("A"), 8: site_facts("B", size=64)}, clients=2)
+    with pytest.raises(FedPGGANError, match="2 site\\(s\\) answered, fewer than --min-clients 3; start more SuperNodes"):
+        discovered(tmp_path, monkeypatch, {7: site_facts("A"), 8: site_facts("B")}, clients=4, min_clients=3,
+                   round_timeout=1.0)  # waits that long for the other 2
+
+
+def test_a_run_stops_before_a_round_that_cannot_reach_min_clients():
+    from types import SimpleNamespace
+
+    from server.federated_run import FederatedRun
+
+    run = FederatedRun.__new__(FederatedRun)
+    run.cfg = RunConfig(clients=4, fraction=1.0, min_clients=3)
+    active = [1, 2, 3]
+    run.active_nodes = lambda: active
+    assert run.no_round_can_succeed() is None
+    active.pop()
+    assert "selects 2, fewer than --min-clients 3" in run.no_round_can_succeed()
+    run.cfg = RunConfig(clients=4, fraction=0.5, min_clients=2)
+    active[:] = [1, 2, 3, 4]
+    assert run.no_round_can_succeed() is None
+    active.pop()  # ceil(0.5 * 3) = 2 still
+    active.pop()
+    assert "--fraction 0.5 of the 2 active site(s) selects 1" in run.no_round_can_succeed()
+    run.sites = {7: site_facts("A", 50), 8: site_facts("C", 50)}
+    run.ledger = SimpleNamespace(data={"sites": {"A": {"public_num_records": 50}, "B": {"public_num_records": 50}}})
+    with pytest.raises(FedPGGANError, match="site 'C' is not one of this run's sites \\(A, B\\)"):
+        run.check_sites_match_ledger()
+    run.sites = {7: site_facts("A", 51)}
+    with pytest.raises(FedPGGANError, match="site 'A' now holds 51 images, 50 when the run began"):
+        run.check_sites_match_ledger()
 
 
 def test_fraction_samples_the_same_sites_whatever_node_ids_flower_draws():

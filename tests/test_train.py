@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -167,6 +168,16 @@ def test_flower_run_config_round_trip():
     cfg = RunConfig(epsilon=float("inf"), clients=4)
     back = RunConfig.from_flower(cfg.to_flower())
     assert back == cfg and not back.dp
+
+
+def test_generator_steps_follow_the_discriminators_noise_unless_given():
+    """--g-steps 0: 8 where D's noise is low (epsilon >= 5, or no DP), 2 where it is high; a number wins."""
+    assert RunConfig().g_steps == 0 and RunConfig().generator_steps() == 8  # epsilon 10
+    assert RunConfig(epsilon=math.inf).generator_steps() == 8
+    assert RunConfig(epsilon=5.0).generator_steps() == 8 and RunConfig(epsilon=4.99).generator_steps() == 2
+    assert RunConfig(epsilon=1.0).generator_steps() == 2
+    assert RunConfig(epsilon=1.0, g_steps=8).generator_steps() == 8 and RunConfig(g_steps=3).generator_steps() == 3
+    assert RunConfig.from_saved({**RunConfig().to_flower(), "g-steps": 2}).generator_steps() == 2  # runs before the change
 
 
 def test_a_run_saved_before_a_default_changed_reads_back_as_it_trained():

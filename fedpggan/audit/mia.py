@@ -72,9 +72,10 @@ def run_mia(folder: RunFolder, run: dict[str, Any], sites: dict[str, dict[str, A
     gan, _ = gan_from_checkpoint(path, pick_device(options.device))
     site_ids = list(sites) or (["central"] if run["kind"] == "centralised"
                                else [str(i) for i in range(int(run["config"].get("clients", 0)))])
-    members = mia_data.member_sets(run, site_ids, options.data_dir)
+    members = mia_data.member_sets(folder, run, site_ids, options.data_dir)
     rng = np.random.default_rng(options.seed)
-    others = subsample(mia_data.non_members(run, options.data_dir, options.holdout), options.max_records, rng)
+    others = subsample(mia_data.non_members(run, options.data_dir, options.holdout)
+                       .in_class_order(run.get("dataset", {}).get("class_names", []), "--holdout"), options.max_records, rng)
     have = (others.num_classes, others.channels, others.image_size)
     want = (gan.shape.num_classes, gan.shape.channels, gan.shape.image_size)
     if have != want:

@@ -13,7 +13,9 @@ from typing import Any
 from fedpggan.build import open_training_data
 from fedpggan.config import RunConfig
 from fedpggan.data import ImageDataset, open_dataset, partition
+from fedpggan.data.partition import check_same_partition
 from fedpggan.errors import FedPGGANError
+from fedpggan.runs import RunFolder
 
 
 def run_data_config(run: dict[str, Any], data_dir: str | None) -> RunConfig:
@@ -25,8 +27,9 @@ def run_data_config(run: dict[str, Any], data_dir: str | None) -> RunConfig:
         raise FedPGGANError(f"run.json: config lacks dataset/image-size ({exc}); cannot rebuild the members for --mia") from exc
 
 
-def member_sets(run: dict[str, Any], site_ids: list[str], data_dir: str | None) -> dict[str, ImageDataset]:
-    """Each site's training records (sites whose id is not a partition index are left out)."""
+def member_sets(folder: RunFolder, run: dict[str, Any], site_ids: list[str], data_dir: str | None) -> dict[str, ImageDataset]:
+    """Each site's training records (sites whose id is not a partition index are left out), checked
+    against the hashes partition.json recorded when the run began."""
     if run["kind"] != "centralised" and not any(s.isdigit() for s in site_ids):
         raise FedPGGANError(f"--mia: this run's sites ({', '.join(site_ids[:3])}{', ...' if len(site_ids) > 3 else ''}) "
                             "are deployed sites, not simulated partitions: their records never left them, so no auditor "
@@ -45,6 +48,8 @@ def member_sets(run: dict[str, Any], site_ids: list[str], data_dir: str | None) 
                           int(c["min-per-site"]), int(c.get("seed", 0)))
     except (KeyError, TypeError, ValueError) as exc:
         raise FedPGGANError(f"run.json: config lacks clients/partition/alpha/min-per-site ({exc}); cannot rebuild the partition") from exc
+    if (folder.root / "partition.json").is_file():
+        check_same_partition(folder.read_json(folder.root / "partition.json"), data, parts, "pass the data the run used (--data-dir)")
     members = {s: data.subset(parts[int(s)]) for s in site_ids if s.isdigit() and int(s) < len(parts)}
     recorded = run.get("sites") if isinstance(run.get("sites"), dict) else {}
     for s, subset in members.items():

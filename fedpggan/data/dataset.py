@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from fedpggan.errors import FedPGGANError
+
 
 class ImageDataset(Dataset):
     """In-memory labelled images. ``__getitem__`` -> (float32 tensor (C,H,W) in [-1,1], int label)."""
@@ -70,9 +72,28 @@ class ImageDataset(Dataset):
     def class_counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=self.num_classes).tolist()
 
+    def in_class_order(self, names: Sequence[str], option: str) -> ImageDataset:
+        """These images with the class ids of ``names`` (a run's classes): an ImageFolder numbers its
+        classes alphabetically, a MedMNIST file by label id, so the same classes can carry other ids.
+        Names decide; generic names (class_0, ...) say nothing, and other names that differ are
+        refused in one line naming ``option``: every figure measured on them would be wrong."""
+        names = [str(n) for n in names]
+        if not names or names == self.class_names or generic_names(names) or generic_names(self.class_names):
+            return self
+        if sorted(names) != sorted(self.class_names):
+            raise FedPGGANError(f"{option} {self.name}: classes {self.class_names}, but the run was trained on {names}; "
+                                f"give {option} data of the run's classes (an ImageFolder's class folders named as in run.json)")
+        new_id = torch.tensor([names.index(name) for name in self.class_names])
+        return ImageDataset(self.images, new_id[self.labels], names, self.name, self.is_medical, self.source)
+
     def __repr__(self) -> str:
         return (f"ImageDataset({self.name!r}, n={len(self)}, shape=({self.channels},"
                 f"{self.image_size},{self.image_size}), classes={self.class_names})")
+
+
+def generic_names(names: Sequence[str]) -> bool:
+    """Names the npz loader gives classes it knows nothing of (class_0, class_1, ...)."""
+    return all(str(name) == f"class_{k}" for k, name in enumerate(names))
 
 
 def to_model_range(pixels: np.ndarray, image_size: int | None) -> torch.Tensor:

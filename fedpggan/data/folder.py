@@ -20,6 +20,7 @@ from fedpggan.errors import FedPGGANError
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"}  # 8 bits per channel: RGB loses no depth
 LUMINANCE = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL's convert("L")
+SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}  # compared in lower case
 CHUNK = 32  # images held at full size at a time (32 RGB scans of 1024x1024: 0.4 GB as float)
 
 
@@ -38,7 +39,7 @@ def load_folder(root: str | Path, split: str, name: str, image_size: int) -> Ima
     if not split_dir.is_dir():
         raise FedPGGANError(f"{root}: has no '{split}' sub-folder; add that folder with one sub-folder per class")
     class_names = _classes(root / "train" if has_splits else root)  # every split uses train's classes
-    if extra := sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+    if extra := sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not _hidden(p.name)
                        and p.name not in class_names):
         raise FedPGGANError(f"{split_dir / extra[0]}: class '{extra[0]}' has no folder under {root / 'train'}, so the "
                             "model cannot learn it; add its training images or remove the folder")
@@ -82,16 +83,26 @@ def _is_grey(pixels: np.ndarray) -> bool:
 
 
 def _classes(folder: Path) -> list[str]:
-    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not _hidden(p.name))
     if not names:
         raise FedPGGANError(f"{folder}: no class sub-folders; expected one sub-folder of images per class")
+    if split_like := [n for n in names if n.lower() in SPLIT_NAMES]:
+        # e.g. Training/ and Testing/: read as two classes they would merge every real class, and train on the test images
+        raise FedPGGANError(f"{folder}: folder(s) {', '.join(split_like)} look like data splits, not classes; splits are read "
+                            "only from folders named train, val and test (lower case): rename them")
     return names
 
 
 def _images_in(folder: Path) -> list[Path]:
+    """Image files under ``folder``, at any depth, except hidden ones (a .trash folder, macOS' ._ files)."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
+                  and not any(_hidden(part) for part in p.relative_to(folder).parts))
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
 
 
 def _chunks(files: list[Path], size: int) -> Iterator[np.ndarray]:

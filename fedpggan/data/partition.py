@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedpggan.data.dataset import ImageDataset
 from fedpggan.errors import FedPGGANError
 
 SCHEMES = ("iid", "dirichlet", "quantity")
@@ -93,6 +94,24 @@ def partition_summary(labels: np.ndarray | torch.Tensor, parts: list[np.ndarray]
         rows.append({"site": site, "n": int(len(idx)),
                      "per_class": {name: int(c) for name, c in zip(class_names, counts)}})
     return rows
+
+
+def site_sha256(data: ImageDataset, parts: list[np.ndarray]) -> list[str]:
+    """Each site's content hash (ImageDataset.sha256), for partition.json: what pins a simulated
+    site's records for a resume and for the audit's membership check."""
+    return [data.subset(idx).sha256 for idx in parts]
+
+
+def check_same_partition(recorded: list[dict], data: ImageDataset, parts: list[np.ndarray], fix: str) -> None:
+    """Refuse data whose split into sites differs from the one ``recorded`` (partition.json) holds:
+    a record moved between sites is charged at both, beyond either site's accounted epsilon, and
+    the audit would judge the wrong members. Runs recorded without hashes are not checked."""
+    for row, now in zip(recorded, site_sha256(data, parts)):
+        if "sha256" in row and row["sha256"] != now:
+            raise FedPGGANError(f"partition.json: site {row['site']}'s records differ from those the run began with "
+                                f"(the data changed since); {fix}")
+    if len(recorded) != len(parts):
+        raise FedPGGANError(f"partition.json: {len(recorded)} sites recorded, {len(parts)} rebuilt; {fix}")
 
 
 def partition_table(labels: np.ndarray | torch.Tensor, parts: list[np.ndarray], class_names: list[str]) -> str:

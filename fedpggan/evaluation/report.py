@@ -120,8 +120,9 @@ def unlearned_classes(result: dict[str, Any]) -> list[str]:
     low_noise = eps >= 5 if eps is not None else result.get("ledger", "verified") == "verified"  # None: no DP
     if isinstance(g_steps, int) and g_steps < 8 and low_noise:
         lines[-1] += (f" The run took {g_steps} generator steps per round at a low DP noise; on an RGB phantom with 10 "
-                      "classes at epsilon 10, `--g-steps 8` lifted TSTR AUC from 0.811 / 0.783 to 0.890 / 0.897 (two "
-                      "training seeds; docs/quality-findings.md); at epsilon 1 more generator steps learn D's noise instead.")
+                      "classes at epsilon 10, 8 steps lifted TSTR AUC from 0.811 / 0.783 to 0.890 / 0.897 (two training "
+                      "seeds; docs/quality-findings.md): train with `--g-steps 0` (the default since 2026-12-06: 8 at "
+                      "epsilon >= 5 or without DP) or `--g-steps 8`; at epsilon 1 more generator steps learn D's noise instead.")
     return lines
 
 

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedpggan.build import pick_device
-from fedpggan.config import EVALUATION_REPORT_SIZE
+from fedpggan.config import EVALUATION_REPORT_SIZE, RunConfig
 from fedpggan.data import ImageDataset, open_dataset
 from fedpggan.data.sources import SITE_DATA, public_name
 from fedpggan.errors import FedPGGANError
@@ -69,7 +68,8 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
     gan, payload = gan_from_checkpoint(ckpt, dev)
     spec, data_dir = real_dataset_spec(info, real_spec, data_dir)
     # "test" names the split the figures are measured on, also when it is val
-    train, test = (in_run_class_order(open_real(spec, part, data_dir, gan.shape.image_size, int(info.get("seed", 0))), info)
+    trained_classes = info.get("dataset", {}).get("class_names", [])
+    train, test = (open_real(spec, part, data_dir, gan.shape.image_size, int(info.get("seed", 0))).in_class_order(trained_classes, "--real")
                    for part in ("train", split))
     for real in (train, test):
         check_matches_gan(real, gan)
@@ -94,7 +94,7 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
 
     result = {
         "run": str(run.root), "run_kind": info.get("kind"), "created": now_iso(),
-        "run_g_steps": (info.get("config") or {}).get("g-steps") if info.get("kind") == "federated" else None,
+        "run_g_steps": run_generator_steps(info),
         "checkpoint": {"file": ckpt.name, "round": payload.get("round"), "sha256": ckpt_sha},
         **guarantee,
         "dataset": {"name": test.name, "spec": spec, "split": split, "class_names": test.class_names, "channels": test.channels,
@@ -147,6 +147,16 @@ def budget_text(budget: TrainingBudget) -> str:
     return f"{amount} of batch {budget.batch_size}"
 
 
+def run_generator_steps(info: dict[str, Any]) -> int | None:
+    """The generator steps per round a federated run took (--g-steps 0 resolved as it trained)."""
+    if info.get("kind") != "federated":
+        return None
+    try:
+        return RunConfig.from_saved(info.get("config") or {}).generator_steps()
+    except FedPGGANError:  # a run.json this version cannot read as options: the report goes without the remedy line
+        return None
+
+
 def writable_out(run: RunFolder, out: str | Path | None, split: str, quick: bool) -> Path:
     """The report's folder, created and checked writable now. A val-split or quick evaluation does not
     replace a full test-split report in the run folder (the one export publishes): it needs ``--out``."""
@@ -190,24 +200,6 @@ def real_dataset_spec(info: dict[str, Any], real_spec: str | None, data_dir: str
             raise FedPGGANError("run.json: the sites trained on their own data, which the coordinator does not hold; "
                                 "give --real a test split of the same kind (an .npz in MedMNIST layout or an ImageFolder)")
     return spec, data_dir
-
-
-def in_run_class_order(real: ImageDataset, info: dict[str, Any]) -> ImageDataset:
-    """The real data with the run's class ids: an ImageFolder numbers its classes alphabetically, a
-    MedMNIST file by label id, so the same classes can carry other ids. Names decide; generic names
-    (class_0, ...) say nothing, and other names that differ are refused (every figure would be wrong)."""
-    trained = [str(n) for n in info.get("dataset", {}).get("class_names", [])]
-    if not trained or trained == real.class_names or generic_names(trained) or generic_names(real.class_names):
-        return real
-    if sorted(trained) != sorted(real.class_names):
-        raise FedPGGANError(f"--real {real.name}: classes {real.class_names}, but the run was trained on {trained}; "
-                            "use real data of the run's classes (an ImageFolder's class folders named as in run.json)")
-    new_id = torch.tensor([trained.index(name) for name in real.class_names])
-    return ImageDataset(real.images, new_id[real.labels], trained, real.name, real.is_medical, real.source)
-
-
-def generic_names(names: Sequence[str]) -> bool:
-    return all(str(name) == f"class_{k}" for k, name in enumerate(names))
 
 
 def open_real(spec: str, split: str, data_dir: str | None, image_size: int, seed: int) -> ImageDataset:

@@ -110,6 +110,7 @@ class DiscriminatorTrainer:
     ) -> None:
         self.gan, self.batch_size, self.privacy, self.prior = gan, batch_size, privacy, prior
         self.images, self.labels = images, labels
+        self.sample_rate = sample_rate(len(images), batch_size)  # what the site planned, calibrated and reserved
         # With DP: the Poisson masks and Gaussian noise come from ``noise`` (a secret keystream),
         # or when None from PyTorch's global generator as Opacus draws them (reproducible from the seed).
         self.noise = noise if privacy is not None else None
@@ -148,13 +149,14 @@ class DiscriminatorTrainer:
                 self.model, self.optimizer, self.criterion, self.loader = wrapped
             else:
                 self.model, self.optimizer, self.loader = wrapped
+            # Opacus takes q as 1 / len(its Poisson loader), whose length is int(1 / q): one batch short for
+            # ceil(n / B) = 93, 99, 105, ... (float rounding), so it would account and divide by another q than
+            # the one planned. Its sampler draws at the planned q; the accountant and the optimiser get it too.
+            self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
+            self.optimizer.expected_batch_size = self.expected_batch_size
             if self.noise is not None:
                 self.noise.noise_optimizer(self.optimizer)
         self._batches = iter(self.loader)
-
-    @property
-    def sample_rate(self) -> float:
-        return 1.0 / len(self.loader)
 
     @property
     def history(self) -> History:
