@@ -42,7 +42,7 @@ PROFILES = {
     "gpu": dict(main_rounds=300, ablation_rounds=300, local_steps=20, main_g_steps=4, ablation_g_steps=4, eval_seeds=3,
                 n_synthetic=10000, ablation_seeds=3, main_seeds=3),
     # 2 generator steps: the committed CPU rows were measured with them, the default until 2026-12-06 (today's
-    # default, --g-steps 0, takes 8 at eps >= 5 or without DP: its eps-10 rows are quality-probes-gsteps8-eps10-cpu-2026-12-06)
+    # default, --g-steps 0, takes 8 where D's noise is low, as at eps 10 here: its eps-10 rows are quality-probes-gsteps8-eps10-cpu-2026-12-06)
     "cpu": dict(main_rounds=60, ablation_rounds=15, local_steps=8, main_g_steps=2, ablation_g_steps=8, eval_seeds=3,
                 n_synthetic=5000, ablation_seeds=3, main_seeds=5),
     "smoke": dict(main_rounds=2, ablation_rounds=2, local_steps=2, main_g_steps=1, ablation_g_steps=1, eval_seeds=1,
@@ -164,7 +164,7 @@ def row_config(kind: str, length: str, overrides: dict[str, Any], base: RunConfi
     if kind == "centralised":  # the federation's total D steps and generator steps, on one machine
         d_steps_per_epoch = math.ceil(len(open_dataset(cfg.dataset, "train", cfg.data_dir)) / cfg.batch_size)
         d_total = cfg.clients * rounds * cfg.local_steps
-        cfg = dataclasses.replace(cfg, d_steps=max(1, d_total // (rounds * cfg.generator_steps())),
+        cfg = dataclasses.replace(cfg, d_steps=max(1, d_total // (rounds * cfg.g_steps)),  # every profile pins its g_steps
                                   epochs=max(1, round(d_total / d_steps_per_epoch)))
     return cfg
 

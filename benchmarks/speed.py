@@ -41,7 +41,7 @@ from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings
 from fedpggan.privacy.dp_discriminator import FAKE_GRADIENTS, GRAD_SAMPLE_MODES
 from fedpggan.privacy.feature_release import features_for
 from fedpggan.privacy.noise import NOISE_KEYS, SecretNoise, new_secret_key
-from fedpggan.runs import library_versions
+from fedpggan.runs import library_versions, recorded_generator_steps
 from pggan_model import GeneratorTrainer
 
 # "gpu" is the grid the targets are stated for; "cpu" is what a 2-core machine finishes
@@ -289,10 +289,11 @@ def simulate_sites(sites: int, profile: dict[str, Any], work: Path, size: str) -
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     if memory.actors < 1:
         raise FedPGGANError(f"{folder}: no Flower site actor (ray::ClientAppActor) was seen; cannot split the round time")
-    trained = json.loads((folder / "run.json").read_text())["config"]
+    run = json.loads((folder / "run.json").read_text())
+    trained = run["config"]
     return {"sites": sites, "rounds": rows, "workers": memory.actors, "peak_rss_mb": memory.peak_bytes / 2**20,
             "simulation_s": time.perf_counter() - start,
-            "settings": {**{k: trained[k] for k in SETTINGS_SHOWN}, "g-steps": RunConfig.from_saved(trained).generator_steps()}}
+            "settings": {**{k: trained[k] for k in SETTINGS_SHOWN}, "g-steps": recorded_generator_steps(run)}}
 
 
 # What the round tables say a round did, read from each run's own run.json (not today's defaults).

@@ -286,7 +286,7 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
     g_stats = []
     if cfg.generator_training == "local":
         g_trainer = GeneratorTrainer(gan)
-        g_stats = [g_trainer.step(cfg.g_batch_size, prior) for _ in range(cfg.generator_steps())]
+        g_stats = [g_trainer.step(cfg.g_batch_size, prior) for _ in range(cfg.g_steps)]  # as the server resolved --g-steps 0
     if privacy is None:
         return RoundResult("trained", {"epsilon": math.inf, "steps": cfg.local_steps}, g_stats, release)
     state.rounds[str(round_num)].update(status="done", recovered=bool(recovering))

@@ -37,7 +37,7 @@ class RunConfig:
     fraction: float = opt(1.0, "fraction of sites selected each round", group="federation")
     min_clients: int = opt(0, "fewest valid replies a round needs (0 = half the selected sites, rounded up)", group="federation")
     local_steps: int = opt(8, "DP-SGD steps on D at each site per round", group="federation")
-    g_steps: int = opt(0, "generator steps on the server per round; 0 = by the discriminator's noise: 8 at epsilon >= 5 or without DP, 2 below (under heavy noise D must stay ahead of the generators, which otherwise learn its noise; 2 at every epsilon in runs before 2026-12-06)", group="federation")
+    g_steps: int = opt(0, "generator steps on the server per round; 0 = by the averaged discriminator's DP noise: 8 where it is low (without DP, or e.g. PneumoniaMNIST's 5 sites at epsilon 10), 2 where it is high (epsilon 1, small sites), since the generators otherwise learn that noise; the run prints and records its choice (2 at every budget in runs before 2026-12-06)", group="federation")
     generator_training: str = opt("server", "where G1/G2 learn: 'server' (default) or 'local' at each site, then averaged", ("server", "local"), group="federation")
     aggregation: str = opt("fedavg", "how D updates are combined (equal weights)", ("fedavg", "median", "trimmed-mean"), group="federation")
     round_timeout: float = opt(600.0, "seconds to wait for a round's replies", group="federation")
@@ -136,12 +136,12 @@ class RunConfig:
         class_prior(self.class_prior)  # raises on a malformed prior
         return self
 
-    def generator_steps(self) -> int:
-        """Generator steps per round: --g-steps, or for 0 the measured choice by D's noise (AUTO_G_STEPS)."""
+    def generator_steps(self, d_noise: float) -> int:
+        """Generator steps per round: --g-steps, or for 0 the measured choice by ``d_noise``, the noise of
+        the averaged discriminator's per-step gradient (fedpggan.privacy.mechanism.averaged_d_noise)."""
         if self.g_steps:
             return self.g_steps
-        low_noise = not self.dp or self.epsilon >= AUTO_G_STEPS_MIN_EPSILON
-        return AUTO_G_STEPS["low noise" if low_noise else "high noise"]
+        return AUTO_G_STEPS["low noise" if d_noise <= AUTO_G_STEPS_MAX_NOISE else "high noise"]
 
     def embedding_steps_at(self, noise_ratio: float) -> int:
         """Embedding-only steps per adversarial generator step for a release of this estimated
@@ -180,13 +180,15 @@ class RunConfig:
 SAVED_BEFORE_DEFAULT_CHANGED = {"fake-gradients": "clipped", "embedding-count-share": 0.5, "embedding-steps": 0,
                                 "embedding-noise-limit": 0.5, "noise-key": "seed"}
 
-# --g-steps 0: generator steps per round by the discriminator's noise, as measured on PneumoniaMNIST, an RGB
-# phantom with 10 classes and Fashion-MNIST (docs/quality-findings.md, "Generator steps by noise"): at epsilon 10
-# and without DP 8 steps learn the classes of data with many (RGB phantom TSTR AUC 0.81 -> 0.89, Fashion-MNIST
-# 0.915 -> 0.938) and lift PneumoniaMNIST's label fidelity (0.91 -> 0.96) at the same AUC; at epsilon 1 they
-# learn D's noise (0.869 -> 0.754). Nothing was measured between 1 and 10: the threshold splits the gap.
+# --g-steps 0: generator steps per round by the averaged discriminator's DP noise (sigma / B of each site's
+# DP-SGD step, root mean square over the sites, over sqrt of the sites averaged per round: 0 without DP), as
+# measured (docs/quality-findings.md, "Generator steps by noise"): where it is at most 0.008 (PneumoniaMNIST's 5
+# sites, an RGB phantom's and Fashion-MNIST's at epsilon 10) 8 steps learn the classes of data with many (RGB
+# phantom TSTR AUC 0.81 -> 0.89, Fashion-MNIST 0.915 -> 0.938) and lift PneumoniaMNIST's label fidelity
+# (0.91 -> 0.95) at the same AUC; where it is 0.043 or more (BreastMNIST's 3 sites at epsilon 10, PneumoniaMNIST's
+# at epsilon 1) they learn D's noise (0.714 -> 0.605; 0.869 -> 0.754). The limit splits the unmeasured gap.
 AUTO_G_STEPS = {"low noise": 8, "high noise": 2}
-AUTO_G_STEPS_MIN_EPSILON = 5.0
+AUTO_G_STEPS_MAX_NOISE = 0.02
 
 # How large ``fedpggan evaluate`` is: REPORT is the size figures are quoted at (its defaults), QUICK
 # the smoke check of ``--quick``. The report flags an evaluation smaller than REPORT as quick.

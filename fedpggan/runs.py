@@ -285,6 +285,16 @@ class RunFolder:
                             f"with a checkpoint in {self.checkpoints} ({rounds or 'none'})")
 
 
+def recorded_generator_steps(run: dict[str, Any]) -> int | None:
+    """The generator steps per round a federated run took: what its server chose (run.json's
+    ``generator_steps``, for --g-steps 0), else the option it gave; None when neither says."""
+    chosen = run.get("generator_steps")
+    if isinstance(chosen, dict) and isinstance(chosen.get("per_round"), int):
+        return chosen["per_round"]
+    given = (run.get("config") or {}).get("g-steps")
+    return given if isinstance(given, int) and given > 0 else None
+
+
 # How each kind of run is continued, for the one line that refuses the other command.
 RESUME_COMMANDS = {"centralised": "fedpggan train --resume {run}",
                    "federated": "fedpggan simulate --resume {run} (deployed: --run-config \"resume-from='{run}'\")"}

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from tqdm import tqdm
 
 from fedpggan.build import build_gan, derived_seed, pick_device, prior_tensor, seed_everything
-from fedpggan.config import RunConfig
+from fedpggan.config import AUTO_G_STEPS_MAX_NOISE, RunConfig
 from fedpggan.data.sources import run_dataset_name
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes
@@ -33,7 +33,7 @@ from fedpggan.privacy.dp_discriminator import mechanism_name
 from fedpggan.privacy.feature_release import features_for, release_entry, release_history
 from fedpggan.privacy.secure_sum import SECURE_SUM_ASSUMPTION, epsilon_if_all_other_sites_collude, release_share_noise
 from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none, spent_outside_rounds
-from fedpggan.privacy.mechanism import Mechanism, site_mechanism
+from fedpggan.privacy.mechanism import Mechanism, averaged_d_noise, site_mechanism
 from fedpggan.privacy.noise import SEEDED_NOISE_WARNING
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
 from fedpggan.wire import generator_arrays, site_error, train_content
@@ -83,6 +83,7 @@ class FederatedRun:
         self.releases: dict[str, torch.Tensor] = {}
         self.release_noise_ratio = math.inf  # no release yet
         first_round = self.restore() if self.resume else self.start(facts)
+        self.g_steps = self.choose_generator_steps()
         if cfg.release_aggregation == "secure" and cfg.embedding_weight > 0:
             self.secure_release()
         status, reason = "completed", f"{cfg.rounds} rounds done"
@@ -252,6 +253,21 @@ class FederatedRun:
                 raise FedPGGANError(f"site {site!r} now holds {n} images, {registered[site]['public_num_records']} when the run "
                                     "began; restore its data (the noise was calibrated for that size) or start a new run")
 
+    def choose_generator_steps(self) -> int:
+        """--g-steps, or for 0 the steps the averaged discriminator's DP noise allows (computed from the
+        sites' public sizes and the config); printed, and recorded in run.json for whoever reads the run."""
+        averaged = max(1, math.ceil(self.cfg.fraction * len(self.sites)))
+        noise = averaged_d_noise([(self.mechanism_for(int(s["num-records"])), int(s["num-records"])) for s in self.sites.values()],
+                                 averaged) if self.cfg.dp else 0.0
+        steps = self.cfg.generator_steps(noise)
+        self.run_info["generator_steps"] = {"per_round": steps, "averaged_d_noise": noise,
+                                            "chosen_by": "--g-steps" if self.cfg.g_steps else f"--g-steps 0: noise vs {AUTO_G_STEPS_MAX_NOISE}"}
+        self.folder.save_ledger(self.ledger, self.run_info)
+        if not self.cfg.g_steps:
+            print(f"generator steps per round: {steps} (--g-steps 0: the averaged discriminator's DP noise is {noise:.4f}, "
+                  f"{'at most' if noise <= AUTO_G_STEPS_MAX_NOISE else 'above'} {AUTO_G_STEPS_MAX_NOISE})")
+        return steps
+
     def no_round_can_succeed(self) -> str | None:
         """Why no round can reach --min-clients valid replies any more (fewer active sites, or fewer
         than --fraction selects), so that no site is charged for one; None while a round can."""
@@ -275,7 +291,7 @@ class FederatedRun:
         selected = self.select(round_num)
         for node in set(self.active_nodes()) - set(selected):
             self.ledger.record_event(self.site_id(node), round_num, "not_selected", f"--fraction {cfg.fraction}: not sampled this round")
-        config = {**cfg.to_flower(), "round": round_num, "run-id": self.run_id,
+        config = {**cfg.to_flower(), "g-steps": self.g_steps, "round": round_num, "run-id": self.run_id,
                   "site-state-root": str((self.folder.root / "sites").resolve())}
         # the round's time to live: a site back after an outage must not train (and charge) rounds nobody awaits
         messages = [Message(train_content(self.gan, config), dst_node_id=n, message_type="train", group_id=str(round_num),
@@ -492,9 +508,9 @@ class FederatedRun:
             self.gan.g2.load_state_dict({k[3:]: v for k, v in merged.items() if k.startswith("g2.")})
             self.gan.update_ema()
             return {**self.fit_embedding(), **self.fake_score()}
-        stats = [self.g_trainer.step(self.cfg.g_batch_size, self.prior) for _ in range(self.cfg.generator_steps())]
+        stats = [self.g_trainer.step(self.cfg.g_batch_size, self.prior) for _ in range(self.g_steps)]
         keys = ("loss_g1", "loss_g2") + (("loss_embedding",) if "loss_embedding" in stats[0] else ()) if stats else ()
-        out = {"g_steps": len(stats), **{k: float(np.nanmean([s[k] for s in stats])) for k in keys}}  # what --g-steps 0 chose
+        out = {"g_steps": len(stats), **{k: float(np.nanmean([s[k] for s in stats])) for k in keys}}
         out.update({f"case_{c}": sum(s[f"case_{c}"] for s in stats) for c in CASES})
         out.update(self.fit_embedding())
         out.update(self.fake_score())
@@ -505,7 +521,7 @@ class FederatedRun:
         pooled release is clean enough (--embedding-noise-limit); post-processing of the release."""
         if self.g_trainer.embedding is None:
             return {}
-        steps = self.cfg.generator_steps() * self.cfg.embedding_steps_at(self.release_noise_ratio)
+        steps = self.g_steps * self.cfg.embedding_steps_at(self.release_noise_ratio)
         for _ in range(steps):
             self.g_trainer.embedding_step(self.cfg.g_batch_size, self.prior)
         return {"embedding_noise_ratio": finite_or_none(self.release_noise_ratio), "embedding_steps": steps}

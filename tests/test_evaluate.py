@@ -331,4 +331,7 @@ def test_classes_a_tstr_classifier_misses_are_named_with_the_remedy_measured_for
     assert "**Classes not learned:** a, c (TSTR recall below 10%)" in lines[-1] and "`--g-steps 8`" in lines[-1]
     assert "--g-steps" not in unlearned_classes({**result, "epsilon": 1.0})[-1]  # at epsilon 1 more steps learn D's noise
     assert "--g-steps" not in unlearned_classes({**result, "run_g_steps": 8})[-1]
+    # a run that recorded its discriminator's noise is judged by it, whatever its epsilon
+    assert "--g-steps" not in unlearned_classes({**result, "run_d_noise": 0.043})[-1]  # BreastMNIST's at epsilon 10
+    assert "--g-steps 0" in unlearned_classes({**result, "epsilon": 1.0, "run_d_noise": 0.005})[-1]  # large sites
     assert unlearned_classes({**result, "tstr": {"per_class_recall": {"mean": [0.5, 0.9, 0.2]}}}) == []

@@ -867,6 +867,25 @@ def test_sites_are_refused_before_any_spend_when_no_round_could_use_them(tmp_pat
                    round_timeout=1.0)  # waits that long for the other 2
 
 
+def test_the_server_chooses_and_records_the_generator_steps_by_the_sites_noise(capsys):
+    from types import SimpleNamespace
+
+    from server.federated_run import FederatedRun
+
+    for epsilon, steps in ((10.0, 8), (1.0, 2)):
+        run = FederatedRun.__new__(FederatedRun)
+        run.cfg = RunConfig(epsilon=epsilon, rounds=60, local_steps=8, delta=1e-5)
+        run.sites = {n: site_facts(str(n), 942) for n in range(5)}  # PneumoniaMNIST's 5 sites
+        run.expected_mechanism, run.run_info, run.ledger = {}, {}, None
+        run.folder = SimpleNamespace(save_ledger=lambda *a: None)
+        assert run.choose_generator_steps() == steps
+        recorded = run.run_info["generator_steps"]
+        assert recorded["per_round"] == steps and recorded["chosen_by"] == "--g-steps 0: noise vs 0.02"
+        assert f"generator steps per round: {steps} (--g-steps 0: the averaged discriminator's DP noise is" in capsys.readouterr().out
+    run.cfg = RunConfig(epsilon=1.0, rounds=60, local_steps=8, delta=1e-5, g_steps=5)
+    assert run.choose_generator_steps() == 5 and run.run_info["generator_steps"]["chosen_by"] == "--g-steps"
+
+
 def test_a_run_stops_before_a_round_that_cannot_reach_min_clients():
     from types import SimpleNamespace
 

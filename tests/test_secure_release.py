@@ -255,7 +255,7 @@ def run_protocol(monkeypatch, sites: ProtocolSites, needed: int = 2):
     from server.secure_release import secure_sum
 
     # outside a Flower run a Message cannot be built: the fake grid reads (node, type, content)
-    monkeypatch.setattr(server.secure_release, "Message", lambda content, dst_node_id, message_type: (dst_node_id, message_type, content))
+    monkeypatch.setattr(server.secure_release, "Message", lambda content, dst_node_id, message_type, **_: (dst_node_id, message_type, content))
     nodes = {11: "hospital-a", 12: "hospital-b", 13: "hospital-c", 14: "hospital-d"}
     return secure_sum(sites, nodes, ConfigRecord({}), (5, 2), needed, 30)
 

@@ -97,17 +97,22 @@ def test_run_folder_is_complete_and_within_budget(simulated):
     saved = run["config"]
     for r in trained:  # the gate on --embedding-steps follows the logged estimate of the release's noise
         clean = r["embedding_noise_ratio"] is not None and r["embedding_noise_ratio"] <= saved["embedding-noise-limit"]
-        assert r["g_steps"] == saved["g-steps"] == 1  # conftest's tiny runs pin it
+        assert r["g_steps"] == saved["g-steps"] == run["generator_steps"]["per_round"] == 1  # conftest's tiny runs pin it
         assert r["embedding_steps"] == (saved["g-steps"] * saved["embedding-steps"] if clean else 0)
     for name in ("samples/round_00002.png", "curves/training.png", "curves/epsilon.png"):
         assert (out / name).stat().st_size > 0, name
-    sites = json.loads((out / "partition.json").read_text())  # what pins each site's records for a resume and the audit
-    assert [r["n"] for r in sites] == [run["sites"][s] for s in ("0", "1", "2")] and all(len(r["sha256"]) == 64 for r in sites)
     for site in ("0", "1", "2"):  # each site's accountant state persisted on its side
         state = json.loads((out / "sites" / f"site_{site}" / out.name / "site_state.json").read_text())
         release, *dp_sgd = state["history"]  # the one-shot embedding release comes first
         assert release == [state["release_noise"], 1.0, 1]
         assert sum(steps for _, _, steps in dp_sgd) == 4
+
+
+def test_the_partition_summary_pins_each_sites_records_by_hash(tmp_path):
+    """What partition.json holds, so a resume and the audit can refuse data that split otherwise."""
+    cfg, summary = prepare(tiny_config(tmp_path / "run"))
+    assert len(summary) == cfg.clients and len({r["sha256"] for r in summary}) == cfg.clients
+    assert all(len(r["sha256"]) == 64 and r["n"] > 0 for r in summary)
 
 
 def test_no_raw_data_crosses_the_wire(simulated):

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fedpggan.config import UNLEARNED_RECALL
+from fedpggan.config import AUTO_G_STEPS_MAX_NOISE, UNLEARNED_RECALL
 from fedpggan.io import atomic_write_bytes, atomic_write_json
 from fedpggan.plots import plt, save_figure, to_uint8
 
@@ -117,12 +117,17 @@ def unlearned_classes(result: dict[str, Any]) -> list[str]:
     g_steps, eps = result.get("run_g_steps"), result["epsilon"]
     lines = ["", f"**Classes not learned:** {', '.join(map(str, missed))} (TSTR recall below {UNLEARNED_RECALL:.0%}): "
                  "the synthetic images of these classes do not carry what tells them apart."]
-    low_noise = eps >= 5 if eps is not None else result.get("ledger", "verified") == "verified"  # None: no DP
+    noise = result.get("run_d_noise")  # recorded by runs since 2026-12-06; before, epsilon stands in for it
+    if noise is not None:
+        low_noise = noise <= AUTO_G_STEPS_MAX_NOISE
+    else:
+        low_noise = eps >= 5 if eps is not None else result.get("ledger", "verified") == "verified"  # None: no DP
     if isinstance(g_steps, int) and g_steps < 8 and low_noise:
         lines[-1] += (f" The run took {g_steps} generator steps per round at a low DP noise; on an RGB phantom with 10 "
                       "classes at epsilon 10, 8 steps lifted TSTR AUC from 0.811 / 0.783 to 0.890 / 0.897 (two training "
-                      "seeds; docs/quality-findings.md): train with `--g-steps 0` (the default since 2026-12-06: 8 at "
-                      "epsilon >= 5 or without DP) or `--g-steps 8`; at epsilon 1 more generator steps learn D's noise instead.")
+                      "seeds; docs/quality-findings.md): train with `--g-steps 0` (the default since 2026-12-06, which "
+                      "takes 8 where the discriminator's noise is low) or `--g-steps 8`; under heavy noise more generator "
+                      "steps learn D's noise instead.")
     return lines
 
 

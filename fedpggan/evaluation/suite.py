@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fedpggan.build import pick_device
-from fedpggan.config import EVALUATION_REPORT_SIZE, RunConfig
+from fedpggan.config import EVALUATION_REPORT_SIZE
 from fedpggan.data import ImageDataset, open_dataset
 from fedpggan.data.sources import SITE_DATA, public_name
 from fedpggan.errors import FedPGGANError
@@ -27,7 +27,7 @@ from fedpggan.evaluation.fidelity import NEAREST_K, class_diversity, frechet_dis
 from fedpggan.evaluation.report import save_comparison_grid, write_report
 from fedpggan.evaluation.utility import check_matches_gan, scores_over_seeds, seed_list, synthetic_set, tstr
 from fedpggan.io import sha256_file
-from fedpggan.runs import RunFolder, library_versions, now_iso
+from fedpggan.runs import RunFolder, library_versions, now_iso, recorded_generator_steps
 from pggan_model import PGGAN, gan_from_checkpoint
 
 CLASSIFIER = (f"SmallCNN: 3 x [conv3x3 stride 2, GroupNorm, ReLU] widths {WIDTHS}, global average pool, "
@@ -94,7 +94,8 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
 
     result = {
         "run": str(run.root), "run_kind": info.get("kind"), "created": now_iso(),
-        "run_g_steps": run_generator_steps(info),
+        "run_g_steps": recorded_generator_steps(info) if info.get("kind") == "federated" else None,
+        "run_d_noise": (info.get("generator_steps") or {}).get("averaged_d_noise"),
         "checkpoint": {"file": ckpt.name, "round": payload.get("round"), "sha256": ckpt_sha},
         **guarantee,
         "dataset": {"name": test.name, "spec": spec, "split": split, "class_names": test.class_names, "channels": test.channels,
@@ -145,16 +146,6 @@ def smaller_than_report(n_synthetic: int, num_seeds: int, budget: TrainingBudget
 def budget_text(budget: TrainingBudget) -> str:
     amount = f"{budget.steps} steps" if budget.epochs is None else f"{budget.epochs:g} epochs"
     return f"{amount} of batch {budget.batch_size}"
-
-
-def run_generator_steps(info: dict[str, Any]) -> int | None:
-    """The generator steps per round a federated run took (--g-steps 0 resolved as it trained)."""
-    if info.get("kind") != "federated":
-        return None
-    try:
-        return RunConfig.from_saved(info.get("config") or {}).generator_steps()
-    except FedPGGANError:  # a run.json this version cannot read as options: the report goes without the remedy line
-        return None
 
 
 def writable_out(run: RunFolder, out: str | Path | None, split: str, quick: bool) -> Path:

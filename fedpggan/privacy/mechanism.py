@@ -7,6 +7,8 @@ a check made before a run starts fails exactly when the run would.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from fedpggan.config import RunConfig
@@ -51,3 +53,14 @@ def site_mechanism(cfg: RunConfig, num_records: int, steps: int) -> Mechanism:
                             f"run, at most 1/(10 n) of the largest site (e.g. {delta:.1g} if this site is the largest)")
     sigma = calibrate_noise(cfg.epsilon, delta, q, steps, cfg.accountant, release_history(release))
     return Mechanism(sigma, q, delta, release)
+
+
+def averaged_d_noise(mechanisms: Iterable[tuple[Mechanism, int]], averaged_per_round: int) -> float:
+    """The noise std of the averaged discriminator's per-step gradient, relative to the clipping norm:
+    each site's sigma / B (B = n q, the expected batch its noisy sum is divided by), root mean square over
+    the ``(mechanism, n)`` of the sites, over sqrt(sites averaged per round). What --g-steps 0 decides
+    by (RunConfig.generator_steps); 0 without DP. Computed from public facts (sizes, the config) only."""
+    per_site = [m.noise_multiplier / (n * m.sample_rate) for m, n in mechanisms]
+    if not per_site:
+        return 0.0
+    return math.sqrt(sum(x * x for x in per_site) / len(per_site)) / math.sqrt(max(averaged_per_round, 1))
