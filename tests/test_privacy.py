@@ -341,6 +341,7 @@ def test_embedding_steps_are_taken_only_while_the_release_is_clean(monkeypatch):
         server.cfg = RunConfig(epsilon=1.0, g_steps=2, embedding_steps=3, embedding_noise_limit=0.5, g_batch_size=8)
         server.features, server.class_names, server.releases, server.device = features, data.class_names, {}, "cpu"
         server.g_trainer, server.prior, server.release_noise_ratio = GeneratorTrainer(PGGAN(SHAPE)), None, math.inf
+        server.g_steps = server.cfg.g_steps  # what choose_generator_steps makes of a given --g-steps
         server.run_info = {"sites": {"0": 200, "1": 200}}
         server.mechanism_for = lambda n, s=sigma: (1.0, 0.1, 1e-5, s)
         for site, part in enumerate((range(0, 200), range(200, 400))):
