@@ -26,7 +26,7 @@ from fedpggan.cli import run_reporting_errors
 from fedpggan.data import open_dataset
 from fedpggan.evaluation.utility import SAMPLE_CHUNK, TrainSet, scores_over_seeds, synthetic_set
 from fedpggan.io import atomic_write_bytes, atomic_write_json
-from fedpggan.runs import RunFolder, library_versions
+from fedpggan.runs import RunFolder, library_versions, recorded_generator_steps
 from pggan_model import PGGAN, gan_from_checkpoint
 
 RANKINGS = ("realism", "margin")
@@ -76,7 +76,8 @@ def measure(run: Path, data_dir: str | None, n: int, oversample: int, seeds: int
         summary, _ = scores_over_seeds(train_set, test, seeds, desc=f"{run.name} {ranking}", progress=False)
         rows.append({"run": str(run), "round": payload.get("round"), "epsilon": spent, "budget_epsilon": config.get("epsilon"),
                      "ledger_verified": ledger is not None,
-                     "settings": {k: config.get(k) for k in SETTINGS.get(info.get("kind"), SETTINGS["federated"])},
+                     "settings": {**{k: config.get(k) for k in SETTINGS.get(info.get("kind"), SETTINGS["federated"])},
+                                  **({"g-steps": recorded_generator_steps(info)} if info.get("kind") == "federated" else {})},
                      "ranking": ranking, "oversample": 1 if ranking == "none" else oversample,
                      "auc": summary["auc"]["mean"], "auc_std": summary["auc"]["std"],
                      "accuracy": summary["accuracy"]["mean"], "per_class_recall": summary["per_class_recall"]["mean"]})

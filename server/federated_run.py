@@ -84,13 +84,16 @@ class FederatedRun:
         self.release_noise_ratio = math.inf  # no release yet
         first_round = self.restore() if self.resume else self.start(facts)
         self.g_steps = self.choose_generator_steps()
+        status, reason = "completed", f"{cfg.rounds} rounds done"
+        if why := self.no_round_can_succeed():  # before the secure release charges every site
+            self.finish("stopped", why)
+            return self.folder.root
         if cfg.release_aggregation == "secure" and cfg.embedding_weight > 0:
             self.secure_release()
-        status, reason = "completed", f"{cfg.rounds} rounds done"
         bar = tqdm(range(first_round, cfg.rounds + 1), desc="rounds", unit="round", initial=first_round - 1, total=cfg.rounds)
         for round_num in bar:
-            if reason := self.no_round_can_succeed():
-                status = "stopped"
+            if why := self.no_round_can_succeed():
+                status, reason = "stopped", why
                 if round_num > first_round:
                     self.checkpoint(round_num - 1, last=True)
                 break
@@ -255,11 +258,14 @@ class FederatedRun:
 
     def choose_generator_steps(self) -> int:
         """--g-steps, or for 0 the steps the averaged discriminator's DP noise allows (computed from the
-        sites' public sizes and the config); printed, and recorded in run.json for whoever reads the run."""
-        averaged = max(1, math.ceil(self.cfg.fraction * len(self.sites)))
-        noise = averaged_d_noise([(self.mechanism_for(int(s["num-records"])), int(s["num-records"])) for s in self.sites.values()],
-                                 averaged) if self.cfg.dp else 0.0
-        steps = self.cfg.generator_steps(noise)
+        public sizes of the sites the ledger registered, and the config); printed, and recorded in run.json.
+        A resumed run keeps what it began with: other steps would change every redone round's inputs, so
+        its sites would charge those rounds again instead of replaying them."""
+        began_with = self.run_info.get("generator_steps")
+        if self.resume and isinstance(began_with, dict) and isinstance(began_with.get("per_round"), int):
+            return began_with["per_round"]
+        noise = None if self.cfg.g_steps else self.averaged_d_noise() if self.cfg.dp else 0.0  # None: not needed
+        steps = self.cfg.generator_steps(noise or 0.0)
         self.run_info["generator_steps"] = {"per_round": steps, "averaged_d_noise": noise,
                                             "chosen_by": "--g-steps" if self.cfg.g_steps else f"--g-steps 0: noise vs {AUTO_G_STEPS_MAX_NOISE}"}
         self.folder.save_ledger(self.ledger, self.run_info)
@@ -267,6 +273,13 @@ class FederatedRun:
             print(f"generator steps per round: {steps} (--g-steps 0: the averaged discriminator's DP noise is {noise:.4f}, "
                   f"{'at most' if noise <= AUTO_G_STEPS_MAX_NOISE else 'above'} {AUTO_G_STEPS_MAX_NOISE})")
         return steps
+
+    def averaged_d_noise(self) -> float:
+        """fedpggan.privacy.mechanism.averaged_d_noise of the sites the ledger registered."""
+        sizes = [int(entry["public_num_records"]) for entry in self.ledger.data["sites"].values()]
+        # locally trained generators (--generator-training local) learn from their own site's D, not the average
+        averaged = 1 if self.cfg.generator_training == "local" else max(1, math.ceil(self.cfg.fraction * len(sizes)))
+        return averaged_d_noise([(self.mechanism_for(n), n) for n in sizes], averaged)
 
     def no_round_can_succeed(self) -> str | None:
         """Why no round can reach --min-clients valid replies any more (fewer active sites, or fewer
@@ -379,6 +392,8 @@ class FederatedRun:
             d_state = reply.content["d"].to_torch_state_dict()
             g_state = reply.content["g"].to_torch_state_dict() if "g" in reply.content else None
             problem = update_problem(d_state, global_d)
+            if not problem and self.cfg.generator_training == "local" and g_state is None:
+                problem = "no generators in the reply of a --generator-training local round"
             if not problem and g_state is not None:  # local generator training: shapes and finite values
                 problem = update_problem(g_state, global_g, max_relative=math.inf)
             if problem:
@@ -388,8 +403,8 @@ class FederatedRun:
         for node in set(selected) - answered:
             self.ledger.record_event(self.site_id(node), round_num, "no_reply", f"no reply within --round-timeout {self.cfg.round_timeout}s")
         problems = outlier_problems([update_norm(d, global_d) for _, d, _, _ in valid])
-        if any(g is not None for _, _, g, _ in valid):  # a locally trained G is averaged too: one site must not own it
-            g_problems = outlier_problems([update_norm(g, global_g) if g is not None else 0.0 for _, _, g, _ in valid])
+        if self.cfg.generator_training == "local":  # a locally trained G is averaged too: one site must not own it
+            g_problems = outlier_problems([update_norm(g, global_g) for _, _, g, _ in valid])
             problems = [d or (g and f"generators: {g}") for d, g in zip(problems, g_problems)]
         d_states, g_states = [], []
         for (site, d_state, g_state, reply), problem in zip(valid, problems):
@@ -548,7 +563,7 @@ class FederatedRun:
         path = self.folder.checkpoint_path(round_num)
         self.ledger.record_checkpoint(round_num, path.name, "pending")
         sha = save_checkpoint(path, self.gan, generator_optim=self.g_trainer.state_dict(), run_config=self.cfg.to_flower(),
-                              round=round_num, failed_rounds=self.failed_rounds, releases=dict(self.releases))
+                              round=round_num, releases=dict(self.releases))
         self.ledger.data["checkpoints"][-1]["sha256"] = sha
         self.folder.save_ledger(self.ledger, self.run_info)
         self.folder.record_checkpoint(round_num, sha)  # listed only once the ledger vouches for it

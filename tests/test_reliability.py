@@ -875,15 +875,23 @@ def test_the_server_chooses_and_records_the_generator_steps_by_the_sites_noise(c
     for epsilon, steps in ((10.0, 8), (1.0, 2)):
         run = FederatedRun.__new__(FederatedRun)
         run.cfg = RunConfig(epsilon=epsilon, rounds=60, local_steps=8, delta=1e-5)
-        run.sites = {n: site_facts(str(n), 942) for n in range(5)}  # PneumoniaMNIST's 5 sites
-        run.expected_mechanism, run.run_info, run.ledger = {}, {}, None
+        run.ledger = SimpleNamespace(data={"sites": {str(n): {"public_num_records": 942} for n in range(5)}})  # PneumoniaMNIST's
+        run.expected_mechanism, run.run_info, run.resume = {}, {}, False
         run.folder = SimpleNamespace(save_ledger=lambda *a: None)
         assert run.choose_generator_steps() == steps
         recorded = run.run_info["generator_steps"]
         assert recorded["per_round"] == steps and recorded["chosen_by"] == "--g-steps 0: noise vs 0.02"
         assert f"generator steps per round: {steps} (--g-steps 0: the averaged discriminator's DP noise is" in capsys.readouterr().out
+    run.resume, run.expected_mechanism = True, {}  # a resumed run keeps the steps it began with, whatever it would choose now
+    run.cfg = dataclasses.replace(run.cfg, epsilon=10.0)
+    assert run.choose_generator_steps() == 2 and capsys.readouterr().out == ""
+    run.resume, run.run_info = False, {}
     run.cfg = RunConfig(epsilon=1.0, rounds=60, local_steps=8, delta=1e-5, g_steps=5)
     assert run.choose_generator_steps() == 5 and run.run_info["generator_steps"]["chosen_by"] == "--g-steps"
+    assert run.run_info["generator_steps"]["averaged_d_noise"] is None
+    for training, noise in (("server", 0.0081), ("local", 0.0180)):  # local: each site's G learns from its own D
+        run.cfg, run.expected_mechanism = RunConfig(epsilon=10.0, rounds=60, local_steps=8, delta=1e-5, generator_training=training), {}
+        assert run.averaged_d_noise() == pytest.approx(noise, abs=5e-5)
 
 
 def test_a_run_stops_before_a_round_that_cannot_reach_min_clients():

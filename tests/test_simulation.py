@@ -80,7 +80,7 @@ def simulated(tmp_path_factory):
 def test_run_folder_is_complete_and_within_budget(simulated):
     out, _, _ = simulated
     run = json.loads((out / "run.json").read_text())
-    assert run["status"] == "completed", run
+    assert run["status"] == "completed" and run["reason"] == "2 rounds done", run
     assert run["kind"] == "federated" and run["num_sites"] == 3
     ledger = json.loads((out / "privacy_ledger.json").read_text())
     assert set(ledger["sites"]) == {"0", "1", "2"}

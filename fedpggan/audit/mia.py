@@ -75,7 +75,7 @@ def run_mia(folder: RunFolder, run: dict[str, Any], sites: dict[str, dict[str, A
     members = mia_data.member_sets(folder, run, site_ids, options.data_dir)
     rng = np.random.default_rng(options.seed)
     others = subsample(mia_data.non_members(run, options.data_dir, options.holdout)
-                       .in_class_order(run.get("dataset", {}).get("class_names", []), "--holdout"), options.max_records, rng)
+                       .in_class_order((run.get("dataset") or {}).get("class_names") or [], "--holdout"), options.max_records, rng)
     have = (others.num_classes, others.channels, others.image_size)
     want = (gan.shape.num_classes, gan.shape.channels, gan.shape.image_size)
     if have != want:

@@ -68,7 +68,7 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
     gan, payload = gan_from_checkpoint(ckpt, dev)
     spec, data_dir = real_dataset_spec(info, real_spec, data_dir)
     # "test" names the split the figures are measured on, also when it is val
-    trained_classes = info.get("dataset", {}).get("class_names", [])
+    trained_classes = (info.get("dataset") or {}).get("class_names") or []
     train, test = (open_real(spec, part, data_dir, gan.shape.image_size, int(info.get("seed", 0))).in_class_order(trained_classes, "--real")
                    for part in ("train", split))
     for real in (train, test):
@@ -172,21 +172,21 @@ def writable_out(run: RunFolder, out: str | Path | None, split: str, quick: bool
 
 
 def is_full_test_report(report: Any) -> bool:
-    return (isinstance(report, dict) and report.get("dataset", {}).get("split", "test") == "test"
-            and not report.get("settings", {}).get("quick"))
+    return (isinstance(report, dict) and (report.get("dataset") or {}).get("split", "test") == "test"
+            and not (report.get("settings") or {}).get("quick"))
 
 
 def real_dataset_spec(info: dict[str, Any], real_spec: str | None, data_dir: str | None) -> tuple[str, str | None]:
     """``--real`` if given, else the dataset the run was trained on: run.json's ``dataset`` option, or
     for ``auto`` (a deployed coordinator's) the public name the sites reported. A hospital's own data
     ("site data") is not on the coordinator's machine, so it needs ``--real``."""
-    config = info.get("config", {})
+    config = info.get("config") or {}
     data_dir = data_dir or config.get("data-dir") or None
     if real_spec:
         return real_spec, data_dir
     spec = str(config.get("dataset", "auto"))
     if spec == "auto":
-        spec = public_name(str(info.get("dataset", {}).get("name", SITE_DATA)))
+        spec = public_name(str((info.get("dataset") or {}).get("name", SITE_DATA)))
         if spec == SITE_DATA:
             raise FedPGGANError("run.json: the sites trained on their own data, which the coordinator does not hold; "
                                 "give --real a test split of the same kind (an .npz in MedMNIST layout or an ImageFolder)")
@@ -221,7 +221,7 @@ def ledger_guarantee(run: RunFolder, checkpoint_sha256: str) -> dict[str, Any]:
     ledger = run.vouched_ledger()
     if ledger is None:
         return {"epsilon": None, "delta": None, "ledger": "missing, or not the one run.json records"}
-    if checkpoint_sha256 not in {e["sha256"] for e in run.usable_checkpoints()}:
+    if checkpoint_sha256 not in {c.get("sha256") for c in ledger.get("checkpoints") or [] if not c.get("discarded")}:
         return {"epsilon": None, "delta": None, "ledger": "does not list this checkpoint"}
     guarantee = ledger.get("guarantee", {})
     return {"epsilon": guarantee.get("epsilon"), "delta": guarantee.get("delta"), "ledger": "verified"}
