@@ -232,7 +232,7 @@ class RunFolder:
         index, ledger = self.checkpoint_index(), self.vouched_ledger()
         if ledger is None:
             return index
-        listed = [c for c in ledger.get("checkpoints", []) if not c.get("discarded")]
+        listed = ledger_checkpoints(ledger)
         hashes = {c.get("sha256") for c in listed}
         entries = [e for e in index if e["sha256"] in hashes]
         newest = max((e["round"] for e in entries), default=0)
@@ -283,6 +283,11 @@ class RunFolder:
         rounds = ", ".join(str(e["round"]) for e in self.checkpoint_index() if (self.checkpoints / e["file"]).is_file())
         raise FedPGGANError(f"--checkpoint {spec}: no such checkpoint file or round; give a .pt file or a round "
                             f"with a checkpoint in {self.checkpoints} ({rounds or 'none'})")
+
+
+def ledger_checkpoints(ledger: dict[str, Any]) -> list[dict[str, Any]]:
+    """The checkpoints a ledger vouches for: those it lists and no resume set aside (``discarded``)."""
+    return [c for c in ledger.get("checkpoints") or [] if isinstance(c, dict) and not c.get("discarded")]
 
 
 def recorded_generator_steps(run: dict[str, Any]) -> int | None:

@@ -27,7 +27,7 @@ from fedpggan.evaluation.fidelity import NEAREST_K, class_diversity, frechet_dis
 from fedpggan.evaluation.report import save_comparison_grid, write_report
 from fedpggan.evaluation.utility import check_matches_gan, scores_over_seeds, seed_list, synthetic_set, tstr
 from fedpggan.io import sha256_file
-from fedpggan.runs import RunFolder, library_versions, now_iso, recorded_generator_steps
+from fedpggan.runs import RunFolder, ledger_checkpoints, library_versions, now_iso, recorded_generator_steps
 from pggan_model import PGGAN, gan_from_checkpoint
 
 CLASSIFIER = (f"SmallCNN: 3 x [conv3x3 stride 2, GroupNorm, ReLU] widths {WIDTHS}, global average pool, "
@@ -221,7 +221,7 @@ def ledger_guarantee(run: RunFolder, checkpoint_sha256: str) -> dict[str, Any]:
     ledger = run.vouched_ledger()
     if ledger is None:
         return {"epsilon": None, "delta": None, "ledger": "missing, or not the one run.json records"}
-    if checkpoint_sha256 not in {c.get("sha256") for c in ledger.get("checkpoints") or [] if not c.get("discarded")}:
+    if checkpoint_sha256 not in {c.get("sha256") for c in ledger_checkpoints(ledger)}:
         return {"epsilon": None, "delta": None, "ledger": "does not list this checkpoint"}
     guarantee = ledger.get("guarantee", {})
     return {"epsilon": guarantee.get("epsilon"), "delta": guarantee.get("delta"), "ledger": "verified"}
