@@ -75,7 +75,8 @@ def run_reporting_errors(func, debug: bool) -> int:
               "permissions, free space)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: everything written so far is kept", file=sys.stderr)
+        print("interrupted: what was saved is kept (checkpoints, the ledger, finished reports); an unfinished "
+              "export is removed, an earlier one left as it was", file=sys.stderr)
         return 130
 
 

@@ -96,7 +96,8 @@ class RunFolder:
         try:
             return json.loads(raw.decode()), sha256_bytes(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FedPGGANError(f"{path}: unreadable JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from exc
+            raise FedPGGANError(f"{path}: unreadable JSON ({exc.msg if hasattr(exc, 'msg') else exc}); the file is damaged: "
+                                "restore it from a backup") from exc
 
     def read_run(self) -> dict[str, Any]:
         run = self.read_json(self.run_json)

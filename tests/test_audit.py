@@ -15,7 +15,7 @@ import torch
 
 from conftest import tiny_config
 from fedpggan.audit import accountants, attack_metrics, epsilon_lower_bound
-from fedpggan.audit.findings import close
+from fedpggan.audit.findings import close, slack
 from fedpggan.audit.mechanism_checks import check_mechanism
 from fedpggan.audit.mia import class_matched
 from fedpggan.audit.mia_attacks import discriminator_scores, distance_scores
@@ -24,10 +24,10 @@ from fedpggan.errors import FedPGGANError
 from fedpggan.audit.records import Round, RunFacts, Site
 from fedpggan.audit.round_checks import check_rounds
 from fedpggan.cli import main
-from fedpggan.data import open_phantom
+from fedpggan.data import ImageDataset, open_phantom
 from fedpggan.io import sha256_file, sha256_json
 from fedpggan.runs import RunFolder
-from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings
+from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, epsilon_of, extend_history
 from fedpggan.privacy.dp_discriminator import sample_rate
 from fedpggan.train import train_centralised
 from pggan_model import PGGAN, GANConfig, ModelShape
@@ -162,8 +162,34 @@ def raise_delta(ledger):
     ledger["sites"]["central"]["delta"] *= 5
 
 
+def lower_epsilon_slightly(ledger):
+    """1.5 % under the declared accountant: inside the 2 % + 0.01 tolerance the audit once allowed."""
+    site = ledger["sites"]["central"]
+    site["epsilon"] *= 0.985
+    site["rounds"][-1]["epsilon"] *= 0.985
+    ledger["guarantee"]["epsilon"] = site["epsilon"]
+
+
+def spend_just_past_the_budget(ledger):
+    """Noise 2 % under the calibrated level, every claim recomputed to match: a consistent ledger of a
+    site that spent a little more than its budget (within the tolerance the audit once allowed)."""
+    site = ledger["sites"]["central"]
+    site["noise_multiplier"] *= 0.98
+    release = site["feature_release"]
+    history = [(release["noise_multiplier"], 1.0, 1)]
+    for r in site["rounds"]:
+        r["noise_multiplier"] = site["noise_multiplier"]
+        history = extend_history(history, r["noise_multiplier"], r["sample_rate"], r["steps"])
+        r["epsilon"] = epsilon_of(history, site["delta"], site["accountant"])
+    site["epsilon"] = ledger["guarantee"]["epsilon"] = site["rounds"][-1]["epsilon"]
+    assert site["budget_epsilon"] < site["epsilon"] < site["budget_epsilon"] + slack(site["budget_epsilon"])
+
+
 @pytest.mark.parametrize("edit, field, words", [
     (halve_noise, "sites.central.noise_multiplier", "calibrated"),
+    (spend_just_past_the_budget, "sites.central.epsilon", "exceeds the budget"),
+    (spend_just_past_the_budget, "sites.central.noise_multiplier", "above the budget"),
+    (lower_epsilon_slightly, "sites.central.epsilon", "under-reported"),
     (raise_delta, "sites.central.delta", "exceeds the default min(1e-5, 1/(10 n))"),
     (hide_release, "sites.central.rounds", "spend is missing"),
     (remove_round, "sites.central.rounds", "round(s) 2 missing"),
@@ -187,6 +213,8 @@ def test_each_tampering_fails_naming_the_field(run_copy, edit, field, words):
     lambda ledger: ledger["sites"]["central"].update(events=5),  # these three were tracebacks
     lambda ledger: ledger["sites"]["central"].update(rounds={"a": 1}),
     lambda ledger: ledger["sites"]["central"].update(public_num_records=0),
+    lambda ledger: ledger["sites"]["central"]["events"].append({"round": "2", "event": "failed", "reason": "x"}),  # was round 0
+    lambda ledger: ledger["sites"]["central"]["events"].append({"round": 10**12, "event": "failed", "reason": "x"}),  # hung
 ])
 def test_a_damaged_ledger_is_a_finding_not_a_crash(run_copy, damage):
     edit_ledger(run_copy, damage)
@@ -396,6 +424,39 @@ def test_federated_round_gaps_need_an_event():
     assert [f.field for f in check_rounds(site, facts)[0]] == ["sites.0.rounds"]
 
 
+@pytest.mark.parametrize("event", ["rejected_release", "recovered", "anything"])
+def test_only_an_event_that_stands_for_a_round_explains_its_gap(event):
+    site, facts = federated_site([1, 2, 4], [{"round": 3, "event": event, "reason": "..."}])
+    assert "round(s) 3 missing" in " ".join(f.reason for f in check_rounds(site, facts)[0])
+    site, facts = federated_site([1, 2, 3, 4], [{"round": 3, "event": event, "reason": "..."}])
+    assert bool(check_rounds(site, facts)[0]) == (event == "anything")  # an unknown event is a finding of its own
+
+
+def test_a_round_failed_after_the_last_report_counts_the_site_at_its_budget():
+    """A site reserves a round's spend before it trains: if its reply never arrives and no later reply
+    carries its cumulative epsilon, the guarantee must not stay at the last claim."""
+    from fedpggan.audit.spend import check_guarantee
+    from fedpggan.privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger("r", True, {}, "dp-sgd", {})
+    for site in ("0", "1"):
+        ledger.register_site(site, budget_epsilon=4.0, delta=1e-5)
+        ledger.record_round(site, 1, steps=2, epsilon=1.5)
+    ledger.record_event("1", 2, "no_reply", "timeout")
+    ledger.update_guarantee()
+    assert ledger.data["guarantee"]["epsilon"] == 4.0
+    assert ledger.data["guarantee"]["counted_at_budget"]["sites"] == {"1": 2}
+    assert check_guarantee(ledger.data) == []
+    stale = {**ledger.data, "guarantee": {**ledger.data["guarantee"], "epsilon": 1.5}}  # what the ledger said before
+    assert [f.field for f in check_guarantee(stale)] == ["guarantee.epsilon"]
+    ledger.record_round("1", 3, steps=2, epsilon=2.5)  # a later cumulative claim covers round 2
+    ledger.update_guarantee()
+    assert ledger.data["guarantee"]["epsilon"] == 2.5 and "counted_at_budget" not in ledger.data["guarantee"]
+    site, facts = federated_site([1], [{"round": 2, "event": "no_reply", "reason": "timeout"}])
+    facts = RunFacts("federated", facts.config, "completed", facts.num_records, end_round=2)
+    assert any("counts the site at its budget" in n for n in check_rounds(site, facts)[1])
+
+
 def test_replace_one_covers_every_planned_step_when_an_event_explains_unrecorded_spend():
     from fedpggan.audit.spend import replace_one
 
@@ -503,4 +564,27 @@ def test_cli_mia_on_the_dp_run(run_copy):
         assert m["members"] == 128 and m["non_members"] == 128
         assert 0.3 < m["auc"] < 0.7
         assert m["epsilon_lower_bound"] <= report["sites"]["central"]["tightest_epsilon"]
+        assert m["confidence"] == report["mia"]["confidence_each"] == 1 - 0.05 / 2  # one site, two attacks: Bonferroni
+    assert report["mia"]["holdout_left_out_as_training_images"] == 0
     assert "Membership inference" in (run_copy / "AUDIT.md").read_text()
+
+
+def test_held_out_images_that_are_training_images_are_left_out():
+    from fedpggan.audit.mia import without_training_images
+
+    train, test = open_phantom("train", n=40), open_phantom("test", n=30)
+    mixed = ImageDataset(torch.cat([test.images, train.images[:5]]), torch.cat([test.labels, train.labels[:5]]),
+                         test.class_names, test.name, test.is_medical, test.source)
+    kept, dropped = without_training_images(mixed, [train.subset(range(20)), train.subset(range(20, 40))])
+    assert dropped == 5 and torch.equal(kept.images, test.images)
+    with pytest.raises(FedPGGANError, match="every held-out image is also a training image"):
+        without_training_images(train, [train])
+
+
+def test_mia_on_a_run_whose_data_moved_says_to_put_it_back(run_copy, capsys):
+    info = json.loads((run_copy / "run.json").read_text())
+    info["config"]["dataset"] = str(run_copy / "moved.npz")
+    (run_copy / "run.json").write_text(json.dumps(info))
+    code, _ = audit(run_copy, "--mia")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is not there any more; put it back" in err

@@ -255,6 +255,13 @@ def test_a_failed_audit_is_refused_with_its_violation_and_exported_as_audit_fail
     assert "UNAUDITED" not in (tmp_path / "o" / "DATASHEET.md").read_text()
 
 
+def _edit_run(run, change):
+    folder = RunFolder(run)
+    info = folder.read_run()
+    change(info)
+    folder.write_run(info)
+
+
 def _bump(ledger, eps):
     ledger["sites"]["central"]["epsilon"] = ledger["guarantee"]["epsilon"] = eps
 
@@ -269,7 +276,9 @@ REFUSALS = {
     "unaudited": (lambda run: (run / "audit.json").unlink(), "audit.json: is missing"),
     "failed audit": (lambda run: write_audit(run, passed=False, date="2026-01-01"), "FAILED"),
     "audit of an older content": (lambda run: edit_ledger(run, lambda led: led["assumptions"].append("edited")),
-                                  "audited other content than this run's ledger and options now"),
+                                  "audited other content than this run's ledger, options and description now"),
+    "run described otherwise since the audit": (lambda run: _edit_run(run, lambda info: info["dataset"].update(is_medical=True)),
+                                                "audited other content than this run's ledger, options and description now"),
     "audit without content hashes": (lambda run: (run / "audit.json").write_text('{"passed": true, "date": "x"}'),
                                      "records no content hashes"),
 }
@@ -427,6 +436,57 @@ def test_overwrite_replaces_only_an_earlier_export(gray_run, rgb_run, tmp_path):
     export_run(gray_run, tmp_path / "export", ExportOptions(n=10))
     export_run(gray_run, tmp_path / "export", ExportOptions(n=12, overwrite=True))  # an export replaces an export
     assert len(np.load(tmp_path / "export" / "synthetic.npz")["train_labels"]) == 12
+    # ...but not the files someone added beside it, nor any folder that merely has a datasheet.json
+    (tmp_path / "export" / "NOTES.txt").write_text("my notes")
+    lookalike = tmp_path / "project"
+    (lookalike / "data").mkdir(parents=True)
+    (lookalike / "datasheet.json").write_text("{}")
+    for out, reason in ((tmp_path / "export", "holds NOTES.txt, which no export writes"), (lookalike, "not an earlier export")):
+        before = sorted(p.name for p in out.rglob("*"))
+        with pytest.raises(FedPGGANError, match=reason):
+            export_run(gray_run, out, ExportOptions(n=10, overwrite=True))
+        assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_the_datasheet_names_no_path_of_the_site(gray_run, tmp_path):
+    """The datasheet travels with the data: a prior file's folder or the run's path stay at the site."""
+    secret = tmp_path / "site_secret_folder"
+    secret.mkdir()
+    (secret / "prior.json").write_text("[1, 3]")
+    run = copy_run(gray_run, secret)
+    (run / "audit.json").unlink(missing_ok=True)
+    sheet = export_run(run, tmp_path / "out", ExportOptions(n=10, class_prior=str(secret / "prior.json"), allow_unaudited=True))
+    assert sheet["export"]["class_prior"]["spec"] == "prior.json" and "RUN" in sheet["audit"]["reason"]
+    assert "site_secret_folder" not in (tmp_path / "out" / "datasheet.json").read_text() + (tmp_path / "out" / "DATASHEET.md").read_text()
+
+
+def test_sigterm_during_an_export_leaves_no_output_and_stale_staging_is_removed(gray_run, tmp_path, monkeypatch):
+    import os
+    import signal
+    import time
+
+    from fedpggan.export import staging
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.partial-killed"  # what an export killed with SIGKILL leaves
+    stale.mkdir()
+    os.utime(stale, (time.time() - 2 * staging.STALE_SECONDS,) * 2)
+    real_write = ImageFolderWriter.write
+
+    def write_then_terminated(self, *args):
+        real_write(self, *args)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ImageFolderWriter, "write", write_then_terminated)
+    with pytest.raises(KeyboardInterrupt):
+        export_run(gray_run, out, ExportOptions(n=30, chunk_size=10))
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_large_image_size_is_generated_in_smaller_chunks_and_too_large_one_refused():
+    assert ExportOptions(image_size=1024).images_per_chunk(1024, 3) == 21  # 256 MB of float32 images
+    assert ExportOptions().images_per_chunk(28, 1) == 500
+    with pytest.raises(FedPGGANError, match="between 4 and 1024"):
+        ExportOptions(image_size=10**6)
 
 
 def test_interrupted_export_leaves_no_output_and_keeps_the_old_one(gray_run, tmp_path, monkeypatch):

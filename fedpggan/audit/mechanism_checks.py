@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from fedpggan.audit import accountants
-from fedpggan.audit.findings import Finding, close
+from fedpggan.audit.findings import Finding, below, exceeds
 from fedpggan.audit.records import RunFacts, Site, number
 from fedpggan.privacy.accounting import default_delta
 from fedpggan.privacy.dp_discriminator import sample_rate
@@ -75,7 +75,11 @@ def check_noise(site: Site) -> list[Finding]:
         eps = accountants.epsilon(site.accountant, planned, site.delta)
     except Exception as exc:  # numerical failure: the mechanism cannot be checked
         return [Finding(f"{site.prefix}.noise_multiplier", f"{site.accountant} failed on it ({type(exc).__name__})")]
-    if close(eps, site.budget_epsilon):
+    if exceeds(eps, site.budget_epsilon):
+        return [Finding(f"{site.prefix}.noise_multiplier",
+                        f"{site.noise_multiplier:.6g} gives epsilon {eps:.4g} over the planned {site.planned_steps} steps "
+                        f"({site.accountant}), above the budget {site.budget_epsilon:g}: less noise than the calibrated level")]
+    if not below(eps, site.budget_epsilon):  # calibration stops within its tolerance below the budget
         return []
     return [Finding(f"{site.prefix}.noise_multiplier",
                     f"{site.noise_multiplier:.6g} gives epsilon {eps:.4g} over the planned {site.planned_steps} steps "

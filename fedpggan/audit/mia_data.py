@@ -8,11 +8,13 @@ distribution the run never saw: the dataset's test split, or a held-out set the 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fedpggan.build import open_training_data
 from fedpggan.config import RunConfig
 from fedpggan.data import ImageDataset, open_dataset, partition
+from fedpggan.data.medmnist import MEDMNIST
 from fedpggan.data.partition import check_same_partition
 from fedpggan.errors import FedPGGANError
 from fedpggan.runs import RunFolder
@@ -35,6 +37,9 @@ def member_sets(folder: RunFolder, run: dict[str, Any], site_ids: list[str], dat
                             "are deployed sites, not simulated partitions: their records never left them, so no auditor "
                             "holds the members; run --mia on a simulation of the same configuration")
     cfg = run_data_config(run, data_dir)
+    if cfg.dataset.lower() not in (*MEDMNIST, "phantom", "auto") and not Path(cfg.dataset).expanduser().exists():
+        raise FedPGGANError(f"--mia: the run's training data {cfg.dataset} (run.json) is not there any more; put it back "
+                            "where the run read it: the members are rebuilt from it")
     data = open_training_data(cfg)
     expected = (run.get("dataset") or {}).get("num_records")
     if expected is not None and len(data) != expected:

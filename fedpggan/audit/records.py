@@ -136,7 +136,7 @@ def parse_site(site_id: str, raw: Any) -> tuple[Site | None, list[Finding]]:
     if not isinstance(raw.get("accountant"), str):
         bad.append(Finding(f"{prefix}.accountant", f"missing ({raw.get('accountant')!r}); the ledger must name its accountant"))
     rounds, round_findings = _parse_rounds(prefix, raw.get("rounds"), values)
-    bad += round_findings
+    bad += round_findings + _event_findings(prefix, raw.get("events"))
     release, release_share, release_findings = _parse_release(prefix, raw.get("feature_release"))
     bad += release_findings
     if bad:
@@ -152,6 +152,23 @@ def parse_site(site_id: str, raw: Any) -> tuple[Site | None, list[Finding]]:
         release_left_out=_left_out(raw.get("feature_release")),
     )
     return site, []
+
+
+def count(value: Any) -> int | None:
+    """``value`` as a non-negative integer (a round number, a step count), else None."""
+    n = number(value)
+    return int(n) if n is not None and n >= 0 and n.is_integer() else None
+
+
+def _event_findings(prefix: str, raw: Any) -> list[Finding]:
+    """A damaged event is a violation: its round would otherwise be read as round 0 or explain a gap."""
+    bad = []
+    for i, e in enumerate(as_list(raw)):
+        if not isinstance(e, dict) or not isinstance(e.get("event"), str) or count(e.get("round")) is None:
+            bad.append(Finding(f"{prefix}.events[{i}]", f"needs an event name and a non-negative integer 'round', got {e!r}"))
+        elif "steps" in e and count(e["steps"]) is None:
+            bad.append(Finding(f"{prefix}.events[{i}].steps", f"{e['steps']!r} is not a non-negative integer step count"))
+    return bad
 
 
 def _parse_rounds(prefix: str, raw: Any, site: dict[str, float | None]) -> tuple[list[Round], list[Finding]]:

@@ -53,7 +53,8 @@ def markdown(result: dict[str, Any]) -> str:
            f"**Verdict: {'PASS' if result['passed'] else 'FAIL'}** ({len(result['violations'])} violation(s)); "
            f"{result['kind']} run, audited {result['date']}.", "",
            "## Epsilon per site (claimed vs recomputed)", "", "```", site_table(result), "```", "",
-           f"Rule: {result['rule']} Tolerance: {tol['relative']:.0%} relative + {tol['absolute']} absolute.", ""]
+           f"Rule: {result['rule']} Tolerance: claims against budgets and recomputations {tol.get('claims_and_budgets', 0):g} "
+           f"(rounding); between different computations {tol['relative']:.0%} relative + {tol['absolute']} absolute.", ""]
     out += ["## Violations", ""] + ([f"- `{v['field']}`: {v['reason']}" for v in result["violations"]] or ["none"])
     if result["notes"]:
         out += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]

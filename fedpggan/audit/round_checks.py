@@ -17,6 +17,11 @@ from fedpggan.privacy.ledger import SPENT_BEFORE_RESUME, spent_outside_rounds
 
 EXHAUSTED = ("budget_exhausted", "exhausted")
 LEFT = (*EXHAUSTED, "excluded")  # the server selects such a site no more
+# Events that stand for a round the site has no recorded round for (server/federated_run.py writes them).
+EXPLAINS_GAP = ("not_selected", "failed", "no_reply", *LEFT, SPENT_BEFORE_RESUME)
+# Events that accompany a recorded round, or stand for none (round 0).
+OTHER_EVENTS = ("replayed", "recovered", "rejected_update", "unrecorded_spend", "rejected_release",
+                "left_out_of_secure_release")
 
 
 def first_event(site: Site, names: tuple[str, ...]) -> int | None:
@@ -34,15 +39,28 @@ def check_rounds(site: Site, facts: RunFacts) -> tuple[list[Finding], list[str]]
     late = [n for n in numbers if exhausted is not None and n >= exhausted]
     if late:
         out.append(Finding(f"{p}.rounds", f"trained in round(s) {late} after declaring budget_exhausted in round {exhausted}"))
-    explained = {int(number(e.get("round")) or 0) for e in site.events}
+    unknown = sorted({str(e.get("event")) for e in site.events} - set(EXPLAINS_GAP) - set(OTHER_EVENTS))
+    if unknown:
+        out.append(Finding(f"{p}.events", f"unknown event(s) {', '.join(unknown)}: not written by fedpggan"))
+    explained = {int(number(e.get("round")) or 0) for e in site.events if e.get("event") in EXPLAINS_GAP}
     left = first_event(site, LEFT)
-    last = left - 1 if left is not None else facts.end_round
+    last = min(left - 1, facts.end_round) if left is not None else facts.end_round
+    planned = number(facts.config.get("rounds" if facts.kind == "federated" else "epochs"))
+    beyond = [n for n in [*numbers, *explained] if planned is not None and n > planned]
+    if beyond:
+        out.append(Finding(f"{p}.rounds", f"round(s) {spans(sorted(set(beyond)))} beyond the {planned:g} the run planned"))
+        last = min(last, int(planned))
     missing = [n for n in range(1, last + 1) if n not in numbers and n not in explained]
     if missing:
         out.append(Finding(f"{p}.rounds", f"round(s) {spans(missing)} missing with no event explaining the gap "
                                           f"(the run reached round {facts.end_round})"))
     unrecorded = sorted(int(number(e.get("round")) or 0) for e in site.events if spent_outside_rounds(e))
-    if unrecorded:
+    trailing = sorted({int(number(e.get("round")) or 0) for e in site.events if e.get("event") in ("failed", "no_reply")
+                       and int(number(e.get("round")) or 0) > max(numbers, default=0)})  # ledger.unreported_round
+    if trailing:
+        notes.append(f"{p}: round(s) {spans(trailing)} failed or went unanswered after the site's last reported round; "
+                     "any spend reserved then is in no claim, so the guarantee counts the site at its budget")
+    elif unrecorded:
         notes.append(f"{p}: round(s) {spans(unrecorded)} failed or were excluded; any spend reserved then is not in the "
                      "recorded rounds (the site's later cumulative claims include it)")
     eps = [(r.round, r.epsilon) for r in site.rounds if r.epsilon is not None]

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpggan.audit import accountants, integrity, report
-from fedpggan.audit.findings import ABS_TOL, REL_TOL, Finding
+from fedpggan.audit.findings import ABS_TOL, FLOAT_TOL, REL_TOL, Finding
 from fedpggan.audit.mechanism_checks import check_mechanism
 from fedpggan.audit.mia import MiaOptions, run_mia
 from fedpggan.audit.records import RunFacts, Site, as_list, check_shape, number, parse_site, run_kind
@@ -44,7 +44,7 @@ def audit_run(run_dir: str | Path, out: str | Path | None = None, mia: MiaOption
     result: dict[str, Any] = {
         "passed": False, "date": now_iso(), "run": str(folder.root.resolve()), "run_id": run.get("run_id"),
         "kind": kind, "dp": ledger["dp"], "content": audited_content(folder, run, ledger_sha256), "violations": [], "notes": notes, "rule": RULE,
-        "tolerance": {"relative": REL_TOL, "absolute": ABS_TOL}, "sites": rows, "checkpoints": checkpoints,
+        "tolerance": {"relative": REL_TOL, "absolute": ABS_TOL, "claims_and_budgets": FLOAT_TOL}, "sites": rows, "checkpoints": checkpoints,
         "assumptions": ledger.get("assumptions", []),
         "versions": {"audit": accountants.versions(), "run": ledger.get("versions", {})},
     }
@@ -59,11 +59,17 @@ def audit_run(run_dir: str | Path, out: str | Path | None = None, mia: MiaOption
     return result
 
 
+# run.json's facts besides its options that an export's datasheet states (what the data is, whether the run
+# finished): a verdict must not survive an edit of them either.
+DESCRIBED_RUN_FIELDS = ("run_id", "kind", "status", "num_sites", "dataset")
+
+
 def audited_content(folder: RunFolder, run: dict[str, Any], ledger_sha256: str | None = None) -> dict[str, str]:
     """Hashes of what the verdict is about, the ledger (``ledger_sha256``: of the bytes the audit read;
-    else the file now) and the run's options: an export (fedpggan/export/provenance.py) trusts a
-    verdict only while the run still has this content."""
-    return {"ledger_sha256": ledger_sha256 or sha256_file(folder.ledger_json), "config_sha256": sha256_json(run.get("config", {}))}
+    else the file now), the run's options and the facts a datasheet states from run.json: an export
+    (fedpggan/export/provenance.py) trusts a verdict only while the run still has this content."""
+    return {"ledger_sha256": ledger_sha256 or sha256_file(folder.ledger_json), "config_sha256": sha256_json(run.get("config", {})),
+            "run_facts_sha256": sha256_json({k: run.get(k) for k in DESCRIBED_RUN_FIELDS})}
 
 
 def check_noise_key(run: dict[str, Any], ledger: dict[str, Any], kind: str, notes: list[str]) -> list[Finding]:

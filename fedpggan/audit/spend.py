@@ -15,15 +15,16 @@ from typing import Any
 from tqdm import tqdm
 
 from fedpggan.audit import accountants
-from fedpggan.audit.findings import Finding, below, close, slack
+from fedpggan.audit.findings import Finding, exceeds, falls_short
 from fedpggan.audit.records import Site, number
-from fedpggan.privacy.ledger import spent_outside_rounds
+from fedpggan.privacy.ledger import epsilon_bound, spent_outside_rounds
 
 RULE = (
     "Every accountant (RDP, PRV, PLD) gives a valid upper bound on the true epsilon, so the tightest sound "
-    "statement is their minimum ('tightest'). FAIL if the claimed epsilon is below 'tightest' by more than "
-    "the tolerance (no accountant supports the claim: under-report), if 'tightest' exceeds the budget by more "
-    "than the tolerance, or if the site claims more than its budget. A claim below the declared accountant's "
+    "statement is their minimum ('tightest'). FAIL if the claimed epsilon is below 'tightest' (no accountant "
+    "supports the claim: under-report), if 'tightest' exceeds the budget, or if the site claims more than its budget, "
+    "each by more than float rounding (an honest claim is the declared accountant's value on the same history, and a "
+    "site refuses a round that would take it past its budget). A claim below the declared accountant's "
     "value but still >= 'tightest' is a note (the guarantee holds, it does not reproduce with the accountant "
     "named). Every accountant reads the recorded rounds plus the steps the ledger records as spent outside them "
     "(unrecorded_spend, spent_before_resume not replayed, an excluded site's reported total). A claim above the "
@@ -53,18 +54,18 @@ def audit_spend(site: Site) -> tuple[dict[str, Any], list[Finding], list[str]]:
     tightest = values[tightest_name]
     row.update(tightest_epsilon=tightest, tightest_accountant=tightest_name)
     row.update(replace_one(site, notes))
-    if below(site.epsilon, tightest):
+    if falls_short(site.epsilon, tightest):
         findings.append(Finding(f"{p}.epsilon", f"claimed {site.epsilon:.4g} is below the tightest recomputed bound "
                                                 f"{tightest:.4g} ({tightest_name}): under-reported"))
-    if tightest > site.budget_epsilon + slack(site.budget_epsilon):
+    if exceeds(tightest, site.budget_epsilon):
         findings.append(Finding(f"{p}.budget_epsilon", f"recomputed epsilon {tightest:.4g} ({tightest_name}) exceeds "
                                                        f"the budget {site.budget_epsilon:g}"))
-    if site.epsilon > site.budget_epsilon + slack(site.budget_epsilon):
+    if exceeds(site.epsilon, site.budget_epsilon):
         findings.append(Finding(f"{p}.epsilon", f"claimed {site.epsilon:.4g} exceeds the budget {site.budget_epsilon:g}"))
     declared = values.get(site.accountant)
-    if declared is not None and not close(site.epsilon, declared):
+    if declared is not None and (falls_short(site.epsilon, declared) or exceeds(site.epsilon, declared)):
         if site.epsilon < declared:
-            if not below(site.epsilon, tightest):
+            if not falls_short(site.epsilon, tightest):
                 notes.append(f"{p}.epsilon: claimed {site.epsilon:.4g} is below the declared accountant "
                              f"({site.accountant}: {declared:.4g}) but supported by {tightest_name} ({tightest:.4g})")
         elif any(spent_outside_rounds(e) for e in site.events):
@@ -111,7 +112,7 @@ def _curve(site: Site, final: dict[str, float]) -> tuple[dict[str, Any], list[Fi
         declared[rounds[i].round] = value
         claim = rounds[i].epsilon
         # The last round's claim is the site's, judged against all accountants in audit_spend.
-        if claim is not None and i < len(rounds) - 1 and below(claim, min(value, rdp[i])):
+        if claim is not None and i < len(rounds) - 1 and falls_short(claim, min(value, rdp[i])):
             findings.append(Finding(f"{site.prefix}.rounds[{i}].epsilon", f"round {rounds[i].round} claims {claim:.4g}, "
                                                                           f"recomputed {min(value, rdp[i]):.4g}: under-reported"))
     curve = {"round": [r.round for r in rounds], "claimed": [r.epsilon for r in rounds], "rdp": rdp,
@@ -139,12 +140,12 @@ def audit_sites(sites: list[Site]) -> tuple[dict[str, dict[str, Any]], list[Find
 
 
 def check_guarantee(ledger: dict[str, Any]) -> list[Finding]:
-    """guarantee.epsilon / .delta are the maxima over the sites' claims."""
+    """guarantee.epsilon / .delta are the maxima over the sites' bounds (fedpggan.privacy.ledger.epsilon_bound) and deltas."""
     sites = [s for s in ledger.get("sites", {}).values() if isinstance(s, dict)]
     guarantee = ledger.get("guarantee") if isinstance(ledger.get("guarantee"), dict) else {}
     out = []
-    for key in ("epsilon", "delta"):
-        values = [v for v in (number(s.get(key)) for s in sites) if v is not None]
+    for key in ("epsilon", "delta"):  # a site with a spend it could not report counts at its budget
+        values = [v for v in (number(epsilon_bound(s) if key == "epsilon" else s.get(key)) for s in sites) if v is not None]
         claimed = number(guarantee.get(key))
         if values and (claimed is None or abs(claimed - max(values)) > 1e-9 * max(1.0, max(values))):
             out.append(Finding(f"guarantee.{key}", f"{guarantee.get(key)!r}, but the maximum over sites is {max(values):.6g}"))

@@ -29,10 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="npz, imagefolder or both, comma-separated (default: npz,imagefolder)")
     p.add_argument("--split", default="1", metavar="TRAIN/VAL/TEST",
                    help="split fractions, e.g. 0.8/0.1/0.1 (default: all train)")
-    p.add_argument("--image-size", type=int, metavar="S", help="resample images to SxS (bilinear, antialiased)")
+    p.add_argument("--image-size", type=int, metavar="S", help="resample images to SxS, 4 to 1024 (bilinear, antialiased)")
     p.add_argument("--device", choices=("cpu", "auto", "cuda"), default="cpu",
                    help="where to sample; only cpu is bit-for-bit reproducible (default: cpu)")
-    p.add_argument("--chunk-size", type=int, default=500, metavar="K", help="images generated at a time (default: 500)")
+    p.add_argument("--chunk-size", type=int, default=500, metavar="K", help="images generated at a time (default: 500; fewer where they would take over 256 MB, "
+                   "at a large --image-size); the bytes written do not depend on it")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty DIR (only once the new export is complete)")
     p.add_argument("--audit-report", metavar="PATH",

@@ -47,6 +47,9 @@ def config_sha256(run: dict[str, Any]) -> str:
     return sha256_json(run.get("config", {}))
 
 
+DATASHEET_FILES = ("datasheet.json", "DATASHEET.md")
+
+
 def build_datasheet(prov: Provenance, export: dict[str, Any]) -> dict[str, Any]:
     """The datasheet as a dict; ``export`` describes what was written (counts, files, options)."""
     run, ledger, dataset = prov.run, prov.ledger, prov.run.get("dataset", {})
@@ -168,8 +171,9 @@ def quality_warnings(quality: dict[str, Any] | None) -> list[str]:
 def write_datasheet(folder: Path, sheet: dict[str, Any]) -> None:
     """Plain writes: the staging folder already makes the export all-or-nothing, and the files
     keep normal (shareable) permissions."""
-    (folder / "datasheet.json").write_text(json.dumps(sheet, indent=2) + "\n")
-    (folder / "DATASHEET.md").write_text(render_markdown(sheet))
+    json_name, markdown_name = DATASHEET_FILES
+    (folder / json_name).write_text(json.dumps(sheet, indent=2) + "\n")
+    (folder / markdown_name).write_text(render_markdown(sheet))
 
 
 def replace_one_text(priv: dict[str, Any], audit: dict[str, Any]) -> str:
@@ -183,6 +187,15 @@ def replace_one_text(priv: dict[str, Any], audit: dict[str, Any]) -> str:
         return (f"; under replace-one adjacency: not in this audit for site(s) {', '.join(map(str, missing))} "
                 "(re-run `fedpggan audit`)")
     return f"; under replace-one adjacency epsilon {num(max(s['replace_one_epsilon'] for s in priv['sites'].values()))} (audit)"
+
+
+def budget_note(guarantee: dict[str, Any]) -> str:
+    """Why the guarantee may be a site's budget rather than its last claim (fedpggan.privacy.ledger.epsilon_bound)."""
+    counted = (guarantee.get("counted_at_budget") or {}).get("sites") or {}
+    if not counted:
+        return ""
+    return ("; site(s) " + ", ".join(f"{site} (round {n})" for site, n in counted.items())
+            + " counted at their budget: a round failed after their last report and may have been spent")
 
 
 def replace_one_cell(site: dict[str, Any], audit: dict[str, Any]) -> str:
@@ -202,8 +215,8 @@ def render_markdown(sheet: dict[str, Any]) -> str:
         f"| Run config sha256 | `{src['config_sha256']}` |",
         f"| Dataset | {sheet['dataset']['name']} |",
         "| Privacy | " + (f"({num(g.get('epsilon'))}, {num(g.get('delta'))})-DP per record (add/remove adjacency), "
-                           f"accountant {', '.join(priv['accountants'])}{replace_one_text(priv, audit)}" if priv["dp"] else "**NONE**")
-        + " |",
+                           f"accountant {', '.join(priv['accountants'])}{replace_one_text(priv, audit)}{budget_note(g)}"
+                           if priv["dp"] else "**NONE**") + " |",
         f"| Audit | {audit['status'].upper()}" + (f", {audit['date']}" if audit["date"] else "") + " |",
         f"| Generator | `{gen['checkpoint']}` ({gen['unit']} {gen['round']}, {gen['weights']} weights), "
         f"sha256 `{gen['sha256']}` |",
@@ -215,11 +228,12 @@ def render_markdown(sheet: dict[str, Any]) -> str:
     ]
     for split, counts in exp["split_counts"].items():
         lines.append(f"| {split} | " + " | ".join(map(str, counts.values())) + f" | {sum(counts.values())} |")
-    lines += ["", f"Class folders (label id prefix = npz label): {', '.join(exp['class_folders'])}.",
-              "Generators (EMA): " + ", ".join(f"{k} {v}" for k, v in exp["generator_counts"].items())
+    files = [f"`{name}` (sha256 `{sha}`)" for name, sha in exp["files"].items()]
+    files += [f"`images/` ({exp['num_images']} PNG files in class folders)"] if exp["class_folders"] else []
+    lines += [""] + ([f"Class folders (label id prefix = npz label): {', '.join(exp['class_folders'])}."] if exp["class_folders"] else [])
+    lines += ["Generators (EMA): " + ", ".join(f"{k} {v}" for k, v in exp["generator_counts"].items())
               + (" (within each split G1's rows come first, then G2's: shuffle before slicing a split into parts)"
-                 if all(exp["generator_counts"].values()) else "") + ". Files: " +
-              ", ".join(f"`{name}` (sha256 `{sha}`)" for name, sha in exp["files"].items()), ""]
+                 if all(exp["generator_counts"].values()) else "") + ". Files: " + ", ".join(files) + ".", ""]
     lines += ["## Privacy", "", priv["meaning"], "",
               "| site | epsilon | delta | budget | accountant | status | epsilon under replace-one (audit) |",
               "|---|---|---|---|---|---|---|"]

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from fedpggan.build import pick_device
 from fedpggan.errors import FedPGGANError
-from fedpggan.export.datasheet import build_datasheet, write_datasheet
+from fedpggan.export.datasheet import DATASHEET_FILES, build_datasheet, write_datasheet
 from fedpggan.export.imagefolder import ImageFolderWriter, class_folders
 from fedpggan.export.npz_writer import NpzWriter
 from fedpggan.export.options import DEFAULT_N, ExportOptions
@@ -37,7 +37,7 @@ def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions = Ex
     """Write ``synthetic.npz``, ``images/`` and the datasheet of ``run_dir`` into ``out``
     (all or nothing); returns the datasheet. Same run, checkpoint, options => same bytes on CPU."""
     folder, out = RunFolder(run_dir), Path(out)
-    check_target(out, folder.root, options.overwrite)
+    check_target(out, folder.root, options.overwrite, {NPZ_NAME, IMAGES_DIR, *DATASHEET_FILES})
     prov = verify_run(folder, options.checkpoint, options.allow_unaudited, options.allow_no_dp, options.audit_report)
     gan, _ = gan_from_checkpoint(prov.checkpoint, pick_device(options.device))
     if gan.single and options.generator == "2":
@@ -69,13 +69,14 @@ def write_images(gan: PGGAN, plans: list[SplitPlan], folder: Path, class_names: 
     npz = NpzWriter(folder / NPZ_NAME) if "npz" in options.formats else None
     pngs = (ImageFolderWriter(folder / IMAGES_DIR, class_names, [p.name for p in plans], plans[-1].stop)
             if "imagefolder" in options.formats else None)
+    chunk = options.images_per_chunk(size, gan.shape.channels)
     with npz or nullcontext(), tqdm(total=plans[-1].stop, unit="img", desc="export") as bar:
         for plan in plans:
             n = len(plan.labels)
             if npz:
                 npz.begin(f"{plan.name}_images", (n, *pixel_shape), np.dtype(np.uint8))
-            for lo in range(0, n, options.chunk_size):
-                hi = min(lo + options.chunk_size, n)
+            for lo in range(0, n, chunk):
+                hi = min(lo + chunk, n)
                 images = sample_chunk(gan, plan, lo, hi, options.seed, options.image_size)
                 if npz:
                     npz.write(images)
@@ -97,7 +98,7 @@ def describe(plans: list[SplitPlan], folder: Path, class_names: list[str], gan: 
     generators = np.concatenate([p.generators for p in plans])
     files = {NPZ_NAME: sha256_file(folder / NPZ_NAME)} if "npz" in options.formats else {}
     prior = ("fixed per-class counts (--per-class)" if options.per_class is not None
-             else {"spec": options.class_prior, "weights": options.prior_weights(class_names)})
+             else {"spec": file_name(options.class_prior), "weights": options.prior_weights(class_names)})
     return {
         "num_images": int(len(labels)), "seed": options.seed,
         "image_size": options.image_size or gan.shape.image_size, "channels": gan.shape.channels,

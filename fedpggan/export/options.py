@@ -19,6 +19,8 @@ SPLITS = ("train", "val", "test")
 GENERATORS = ("1", "2", "both")
 DEVICES = ("cpu", "auto", "cuda")
 DEFAULT_N = 1000
+MAX_IMAGE_SIZE = 1024  # resampling 28x28 generators further adds pixels, not detail
+CHUNK_BYTES = 256 * 2**20  # float32 images generated at a time: bounds memory at large --image-size
 
 
 @dataclass(frozen=True)
@@ -59,14 +61,19 @@ class ExportOptions:
             raise FedPGGANError(f"--generator {self.generator!r} is invalid: choose 1, 2 or both")
         if not self.formats or any(f not in FORMATS for f in self.formats):
             raise FedPGGANError(f"--format {','.join(self.formats)!r} is invalid: use npz, imagefolder or both")
-        if self.image_size is not None and self.image_size < 4:
-            raise FedPGGANError(f"--image-size {self.image_size} is invalid: it must be >= 4")
+        if self.image_size is not None and not 4 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise FedPGGANError(f"--image-size {self.image_size} is invalid: it must be between 4 and {MAX_IMAGE_SIZE}")
         if self.chunk_size < 1:
             raise FedPGGANError(f"--chunk-size {self.chunk_size} is invalid: it must be >= 1")
         if self.seed < 0:
             raise FedPGGANError(f"--seed {self.seed} is invalid: it must be >= 0")
         if self.device not in DEVICES:
             raise FedPGGANError(f"--device {self.device!r} is invalid: choose cpu, auto or cuda")
+
+    def images_per_chunk(self, size: int, channels: int) -> int:
+        """``chunk_size``, or fewer when that many float32 images of ``size`` would pass CHUNK_BYTES (the
+        bytes written do not depend on it: every image's latent is fixed by its index)."""
+        return max(1, min(self.chunk_size, CHUNK_BYTES // (4 * channels * size * size)))
 
     def class_counts(self, class_names: list[str]) -> list[int]:
         """Exact images per class: ``--per-class`` as given, else ``--n`` split by the prior."""

@@ -17,6 +17,7 @@ from typing import Any
 from fedpggan.audit.runner import audited_content
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import sha256_file
+from fedpggan.privacy.ledger import epsilon_bound
 from fedpggan.runs import RunFolder
 
 AUDIT_FILE = "audit.json"
@@ -56,8 +57,8 @@ def verify_run(folder: RunFolder, checkpoint: str | None, allow_unaudited: bool,
                                 f"privacy guarantee and can never pass `fedpggan audit`; to export it anyway pass "
                                 f"{' '.join(needed)} (the datasheet will say {says})")
     elif label and not allow_unaudited:
-        raise FedPGGANError(f"{audit_report_path(folder, audit_report)}: {audit['reason']}; or pass --allow-unaudited to export anyway "
-                            f"(the datasheet will say {label})")
+        raise FedPGGANError(f"{audit_report_path(folder, audit_report)}: {audit['reason']} (RUN: {folder.root}); or pass "
+                            f"--allow-unaudited to export anyway (the datasheet will say {label})")
     evaluation = folder.read_json(folder.root / EVALUATION_FILE) if (folder.root / EVALUATION_FILE).is_file() else None
     return Provenance(run, ledger, path, sha, round_num, audit, evaluation)
 
@@ -75,9 +76,10 @@ def check_budgets(path: Path, ledger: dict[str, Any]) -> None:
             raise FedPGGANError(f"{path}: site {site} spent epsilon {spent[site]} over its budget {budget}; "
                                 "this run's privacy promise is broken and it must not be shared")
     claimed = (ledger.get("guarantee") or {}).get("epsilon")
-    if not isinstance(claimed, (int, float)) or not math.isclose(claimed, max(spent.values()), rel_tol=1e-9):
+    worst = max(epsilon_bound(entry) for entry in sites.values())  # a site with unreported spend at its budget
+    if not isinstance(claimed, (int, float)) or not math.isclose(claimed, worst, rel_tol=1e-9):
         raise FedPGGANError(f"{path}: guarantee epsilon {claimed} is not the maximum over sites "
-                            f"({max(spent.values())}); the ledger is inconsistent, restore the original")
+                            f"({worst}); the ledger is inconsistent, restore the original")
 
 
 def pick_checkpoint(folder: RunFolder, spec: str | None, ledger: dict[str, Any]) -> tuple[Path, str, int]:
@@ -115,23 +117,24 @@ def audit_report_path(folder: RunFolder, spec: str | None) -> Path:
 
 def audit_status(folder: RunFolder, run: dict[str, Any], spec: str | None = None) -> dict[str, Any]:
     """What ``fedpggan audit`` concluded about the run *as it is now*: a verdict counts only while
-    the ledger and options it audited (their hashes, in audit.json) are the run's current ones."""
+    the ledger and options it audited (their hashes, in audit.json) are the run's current ones. The
+    reason names the run folder RUN, not its path: it goes into the datasheet, which travels with the data."""
     path = audit_report_path(folder, spec)
     audit = folder.read_json(path) if path.is_file() else None
     # the report by name, inside the run when it is there: the datasheet carries no path of the site's
     report = str(path.relative_to(folder.root)) if path.is_relative_to(folder.root) else path.name
     status = {"status": "unaudited", "date": None, "report": report, "reason": None}
     if audit is None:
-        return {**status, "reason": f"is missing; run `fedpggan audit {folder.root}` (an audit written with "
+        return {**status, "reason": "is missing; run `fedpggan audit RUN` (an audit written with "
                                     "--out DIR: pass --audit-report DIR)"}
     if not isinstance(audit, dict):
-        return {**status, "reason": f"is not a `fedpggan audit` report; run `fedpggan audit {folder.root}`"}
+        return {**status, "reason": "is not a `fedpggan audit` report; run `fedpggan audit RUN`"}
     status["date"] = audit.get("date")
     if audit.get("content") != audited_content(folder, run):
         what = ("records no content hashes (written by an older fedpggan)" if "content" not in audit else
-                "audited other content than this run's ledger and options now (the run changed since, or the "
+                "audited other content than this run's ledger, options and description now (the run changed since, or the "
                 "report is another run's)")
-        return {**status, "reason": f"{what}; run `fedpggan audit {folder.root}` again"}
+        return {**status, "reason": f"{what}; run `fedpggan audit RUN` again"}
     if audit.get("passed") is not True:
         found = [f"{v.get('field')}: {v.get('reason')}" for v in audit.get("violations") or [] if isinstance(v, dict)]
         more = f" (and {len(found) - 1} more in its AUDIT.md)" if len(found) > 1 else ""

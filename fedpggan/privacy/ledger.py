@@ -39,6 +39,38 @@ def spent_outside_rounds(event: dict[str, Any]) -> bool:
         event.get("event") == SPENT_BEFORE_RESUME and not event.get("replayed"))
 
 
+def unreported_round(entry: dict[str, Any]) -> int | None:
+    """The round of a site's failed or unanswered round after its last reported one, if any.
+
+    A site reserves a round's spend before it touches its data, so a round whose reply never came
+    back may have been spent; a later reply's cumulative epsilon covers it, but when none follows,
+    the site's recorded epsilon is too low by up to that round."""
+    rounds, events = (x if isinstance(x := entry.get(key), list) else [] for key in ("rounds", "events"))
+    last = max((n for r in rounds if isinstance(r, dict) and (n := _round_number(r)) is not None), default=0)
+    pending = [n for e in events if isinstance(e, dict) and e.get("event") in ("failed", "no_reply")
+               and (n := _round_number(e)) is not None and n > last]
+    return max(pending, default=None)
+
+
+def _round_number(item: dict[str, Any]) -> int | None:
+    n = item.get("round")  # the audit reads ledgers that may be damaged: anything but an int is not a round here
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+def epsilon_bound(entry: dict[str, Any]) -> float | None:
+    """What the guarantee may state for a site: its recorded epsilon, or its budget while a round may
+    have been spent unreported (:func:`unreported_round`). Sound because a site refuses any round that
+    would take it past its budget."""
+    eps, budget = entry.get("epsilon"), entry.get("budget_epsilon")
+    if not _is_number(eps) or unreported_round(entry) is None:
+        return eps
+    return max(eps, budget) if _is_number(budget) else math.inf
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def finite_or_none(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
@@ -143,11 +175,16 @@ class PrivacyLedger:
         return json_bytes(self.data)
 
     def update_guarantee(self) -> None:
-        """The run-level guarantee: the maximum epsilon over sites."""
+        """The run-level guarantee: the maximum over sites of their epsilon bound (:func:`epsilon_bound`)."""
         sites = self.data["sites"].values()
-        eps = [s["epsilon"] for s in sites if s.get("epsilon") is not None]
+        eps = [epsilon_bound(s) for s in sites if s.get("epsilon") is not None]
         self.data["guarantee"] = {
             "epsilon": finite_or_none(max(eps)) if eps and self.data["dp"] else None,
             "delta": max((s.get("delta", 0.0) for s in sites), default=None) if self.data["dp"] else None,
             "meaning": "every site's records are (epsilon, delta)-DP w.r.t. everything released" if self.data["dp"] else "no DP guarantee",
         }
+        unreported = {site: n for site, s in self.data["sites"].items() if (n := unreported_round(s)) is not None}
+        if unreported and self.data["dp"]:
+            self.data["guarantee"]["counted_at_budget"] = {
+                "sites": unreported, "why": "each listed site's round (the value) failed or went unanswered after its last "
+                                            "reported round and may have been spent: the site is counted at its budget"}
