@@ -25,8 +25,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site import (SiteState, check_collusion_cap, check_lifetime_budget, check_site_budget, load_site_data,
-                         peer_signing, shared_error, site_device, site_identity, site_lock, spend_journal, state_dir)
+from client.site import (SiteState, check_collusion_cap, check_lifetime_budget, check_node_config_keys, check_site_budget,
+                         load_site_data, peer_signing, shared_error, site_device, site_identity, site_lock, spend_journal,
+                         state_dir)
 from client.site_round import (ensure_mechanism, ensure_noise_key, ensure_release, public_facts, round_key,
                                run_site_round)
 from fedpggan.build import build_gan
@@ -52,6 +53,7 @@ def site_handler(handler: Callable[[Message, Context], Message]) -> Callable[[Me
     @functools.wraps(handler)
     def handle(msg: Message, context: Context) -> Message:
         try:
+            check_node_config_keys(context.node_config)
             return handler(msg, context)
         except Exception as exc:
             raise FedPGGANError(shared_error(exc, context.node_config)) from exc

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,7 @@ from fedpggan.privacy.lifetime import (JOURNAL_USED, append_reservation, check_j
                                        read_spend_journal, reserved_budgets)
 from fedpggan.privacy.peer_keys import PeerSigning, load_peer_signing
 from fedpggan.privacy.secure_sum import epsilon_if_all_other_sites_collude
-from fedpggan.site_config import site_torch_device
+from fedpggan.site_config import NODE_CONFIG_KEYS, check_persistent, site_torch_device
 
 
 # Node-config keys whose values are paths at the site: never named in what it tells the coordinator.
@@ -40,16 +41,32 @@ PATH_KEYS = ("data-path", "state-dir", "spend-journal", "peer-keys", "auth-priva
 
 def shared_error(exc: Exception, node_config: dict[str, Any]) -> str:
     """What the site tells the coordinator about a failure: the error's ``shared`` text, or its
-    message, with the site's own paths replaced by their node-config keys (Flower sends a
-    ClientApp's exception text to the coordinator verbatim; the site's log keeps it whole)."""
+    message, with the site's own paths, and everything below them (a file name can be a patient
+    number), replaced by their node-config keys (Flower sends a ClientApp's exception text to the
+    coordinator verbatim; the site's log keeps it whole)."""
     text = getattr(exc, "shared", None) or (str(exc) if isinstance(exc, FedPGGANError) else f"{type(exc).__name__}: {exc}")
     paths = {}
-    for key in PATH_KEYS:  # whole absolute paths only: a short relative value would garble the text around it
-        value = str(node_config.get(key) or "")
-        paths.update({path: key for path in (value, str(Path(value).expanduser().resolve())) if value and Path(path).is_absolute()})
+    for key in PATH_KEYS:
+        value = str(node_config.get(key) or "").rstrip("/")
+        paths.update({path: key for path in (value, str(Path(value).expanduser().resolve())) if value and path != "."})
     for path in sorted(paths, key=len, reverse=True):
-        text = text.replace(path, f"<{paths[path]}>")
+        key, token = paths[path], rf"(?<![\w./~-]){re.escape(path)}"
+        files = r"/[^\s'\"]*?(?=:?(?:[\s'\"]|$))"  # below the data path: image file names (a patient number?)
+        if Path(path).is_absolute() or "/" in path:
+            pattern = token + r"(?![\w.-])" + (f"(?:{files})?" if key == "data-path" else "")
+        else:  # a bare relative name ("data") is this path only where a file below it follows
+            pattern = token + (files if key == "data-path" else "(?=/)")
+        text = re.sub(pattern, f"<{key}>", text)
     return text
+
+
+def check_node_config_keys(node_config: dict[str, Any]) -> None:
+    """A real site's node config holds only keys the ClientApp reads: a mistyped one ("max-total-epsilom")
+    would otherwise be ignored, and the cap it was meant to set with it."""
+    unknown = sorted(set(node_config) - set(NODE_CONFIG_KEYS)) if "data-path" in node_config else []
+    if unknown:
+        raise FedPGGANError(f"node config key(s) {', '.join(unknown)} unknown: a mistyped key sets nothing; the keys are "
+                            f"{', '.join(NODE_CONFIG_KEYS)} (`fedpggan site check` prints a node config to start with)")
 
 
 def site_identity(node_config: dict[str, Any]) -> str:
@@ -181,6 +198,7 @@ def spend_journal(node_config: dict[str, Any], state: "SiteState") -> str | None
     """The site's spend journal, if it keeps one (refused when missing once used)."""
     journal = node_config.get("spend-journal")
     if journal is not None:
+        check_persistent(Path(journal).parent, "spend-journal's folder")
         check_journal_present(journal, state.path.parent.parent)
     return journal
 
@@ -242,6 +260,7 @@ def _partition_cached(dataset: str, data_dir: str, image_size: int, seed: int, s
 def state_dir(node_config: dict[str, Any], config: dict[str, Any]) -> Path:
     """Where this site keeps its accountant: ``state-dir`` (deployment) or the run's sites/ folder."""
     if "state-dir" in node_config:
+        check_persistent(Path(str(node_config["state-dir"])), "state-dir")
         return Path(str(node_config["state-dir"]))
     if "data-path" in node_config:  # a real site: where its spend is kept is its own decision, not the coordinator's
         raise FedPGGANError("node config has 'data-path' but no 'state-dir': a site keeps its accountant in its own "

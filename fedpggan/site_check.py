@@ -20,7 +20,7 @@ from fedpggan.errors import FedPGGANError
 from fedpggan.preflight import check_image_size
 from fedpggan.privacy.lifetime import check_journal_present, merge_budgets, read_spend_journal, reserved_budgets
 from fedpggan.privacy.peer_keys import load_peer_signing, load_signing_key, openssh_public
-from fedpggan.site_config import SiteConfig, site_torch_device
+from fedpggan.site_config import SiteConfig, check_persistent, site_torch_device
 
 EXPIRY_WARNING = timedelta(days=30)
 
@@ -96,6 +96,7 @@ def check_state_dir(path: Path) -> str:
     except OSError as exc:
         raise FedPGGANError(f"state-dir {path}: not writable ({exc.strerror}); mount a persistent, writable "
                             "volume there (never a temporary one: it holds the site's privacy spend)") from None
+    check_persistent(path, "state-dir")
     runs = sorted(p.parent.name for p in path.glob("*/site_state.json"))
     return f"{path}: writable, {len(runs)} earlier run(s) recorded" + (f" ({', '.join(runs)})" if runs else "")
 
@@ -113,6 +114,7 @@ def check_spend_journal(site: SiteConfig) -> tuple[str, list[str]]:
     if not journal.parent.is_dir() or not os.access(journal.parent, os.W_OK) or (journal.exists() and not os.access(journal, os.W_OK)):
         raise FedPGGANError(f"privacy.spend-journal {journal}: its folder does not exist or it is not writable; create "
                             f"{journal.parent} on a persistent volume other than state-dir's, or fix the path in {site.path}")
+    check_persistent(journal.parent, "privacy.spend-journal's folder")
     check_journal_present(journal, site.state_dir)
     recorded = read_spend_journal(journal)
     warnings = []
@@ -130,8 +132,13 @@ def check_lifetime_left(site: SiteConfig) -> tuple[str, list[str]]:
     """What the lifetime caps leave for new runs, counted as the site will count it (the state
     dir and the spend journal); a site that would refuse a run at its own max-epsilon is warned."""
     caps = {"epsilon": site.max_total_epsilon, "delta": site.max_total_delta}
-    if all(cap is None for cap in caps.values()):
-        return "no lifetime cap", []
+    if caps["epsilon"] is None:
+        no_cap = ("privacy.max-total-epsilon is not set: max-epsilon caps each run, but the coordinator names the runs and "
+                  "each new run id starts from nothing, so nothing bounds what all runs on these records spend together")
+        if caps["delta"] is None:
+            return "no lifetime cap", [no_cap]
+    else:
+        no_cap = None
     journal = {} if site.spend_journal is None else read_spend_journal(site.spend_journal)
     budgets = merge_budgets(reserved_budgets(site.state_dir), journal)
     parts, warnings = [], []
@@ -145,7 +152,7 @@ def check_lifetime_left(site: SiteConfig) -> tuple[str, list[str]]:
             warnings.append(f"privacy.max-total-{name}: {max(cap - used, 0.0):g} left, less than one run at this site's "
                             f"max-{name} {per_run:g}; such a run will be refused: raise max-total-{name} knowingly, or "
                             f"accept only runs with a smaller {name}")
-    return "; ".join(parts), warnings
+    return "; ".join(parts), warnings + ([no_cap] if no_cap else [])
 
 
 def check_ca_certificate(path: Path) -> tuple[str, list[str]]:
@@ -170,6 +177,20 @@ def check_ca_certificate(path: Path) -> tuple[str, list[str]]:
             warnings.append(f"{path}: '{name}' expires on {cert.not_valid_after_utc:%Y-%m-%d}")
         names.append(f"'{name}' valid until {cert.not_valid_after_utc:%Y-%m-%d}")
     return f"{path}: {', '.join(names)}", warnings
+
+
+def check_code_guard() -> tuple[str, list[str]]:
+    """Whether this Python environment loads client/installed_code_only.py at start-up (its .pth file):
+    without it, the ClientApp the SuperNode starts is the code in the coordinator's app bundle."""
+    from client.installed_code_only import PTH_LINE, pth_file
+
+    path = pth_file()
+    if path.is_file() and path.read_text() == PTH_LINE:
+        return f"this site's installed fedpggan ({path.name}: an app bundle's code is never imported)", []
+    return "the coordinator's app bundle", [
+        "the ClientApp would run the code inside the coordinator's app bundle (Flower puts it first on sys.path), so the "
+        "site's protections would be the coordinator's to change: run `python -m client.installed_code_only` once in this "
+        "environment (the site image does)"]
 
 
 def check_private_key(path: Path) -> str:

@@ -79,6 +79,26 @@ class SiteConfig:
         return shlex.join(self.supernode_command())
 
 
+# Every --node-config key the ClientApp reads at a real site (client/site.py); SiteConfig.node_config writes them.
+NODE_CONFIG_KEYS = ("site-id", "data-path", "state-dir", "max-epsilon", "device", "max-total-epsilon", "max-total-delta",
+                    "spend-journal", "max-delta", "max-epsilon-if-colluding", "peer-keys", "auth-private-key")
+
+
+# Set in the site image (deploy/Dockerfile.site): there a folder that is no mounted volume lives in the
+# container's own layer and goes with the container, the site's privacy spend with it.
+MUST_BE_MOUNTED = "FEDPGGAN_STATE_MUST_BE_MOUNTED"
+
+
+def check_persistent(path: Path, key: str) -> None:
+    """Refuse, in the site image, a ``key`` folder (state-dir, the spend journal's) on no mounted volume."""
+    if os.environ.get(MUST_BE_MOUNTED) != "1":
+        return
+    folder = Path(os.path.abspath(path))
+    if not any(os.path.ismount(p) for p in (folder, *folder.parents) if p != Path(p.anchor)):
+        raise FedPGGANError(f"{key} {path}: no volume is mounted there, so the site's privacy spend would vanish with the "
+                            f"container; mount a persistent volume (docker run -v fedpggan-state:{path}) and start again")
+
+
 def node_config_text(key: str, value: str) -> str:
     """``value`` as Flower reads a --node-config value: a TOML string, which Flower finds by a
     pattern that stops at the first quote of its kind, so a double-quoted value (backslashes

@@ -40,6 +40,7 @@ from fedpggan.cli import main as cli_main
 from fedpggan.config import RunConfig, flag
 from fedpggan.data import open_dataset
 from fedpggan.errors import FedPGGANError
+from fedpggan.site_config import NODE_CONFIG_KEYS
 
 from conftest import REPO, write_ssh_key
 
@@ -273,6 +274,32 @@ def test_container_images_use_the_pinned_flower_version():
     assert 'ENTRYPOINT ["flower-superlink"]' in (DEPLOY / "Dockerfile.coordinator").read_text()
 
 
+def test_a_site_image_runs_its_installed_code_never_the_coordinators_app_bundle(tmp_path):
+    """Flower unpacks the FAB `flwr run` sends under $FLWR_HOME/apps and puts it first on sys.path; the
+    site image's .pth line (the one Dockerfile.site writes) makes Python import the installed copy."""
+    from client import installed_code_only
+
+    assert "RUN python -m client.installed_code_only" in (DEPLOY / "Dockerfile.site").read_text()
+    (tmp_path / "site-packages").mkdir()
+    installed_code_only.write_pth(tmp_path / "site-packages")  # what `python -m client.installed_code_only` writes
+    bundle = tmp_path / "flwr" / "apps" / "fedpggan.fedpggan.0.1.0.0123456789"
+    (bundle / "client").mkdir(parents=True)
+    for name in ("client/__init__.py", "client/client_app.py", "exfiltrate.py"):
+        (bundle / name).write_text("raise SystemExit('the bundle ran its own code')\n")
+    probe = (f"import site, sys\n{{}}sys.path.insert(0, {str(bundle)!r})\n"
+             "import client.client_app\nprint(client.__file__)\n"
+             "try:\n    import exfiltrate\nexcept ImportError as exc:\n    print('refused:', exc)\n")
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr")}
+    run = lambda guard: subprocess.run([sys.executable, "-c", probe.format(guard)], capture_output=True, text=True, env=env, timeout=300)
+    unguarded = run("")  # what Flower does without the guard: the bundle's code runs
+    assert "the bundle ran its own code" in unguarded.stderr
+    guarded = run(f"site.addsitedir({str(tmp_path / 'site-packages')!r})\n")
+    assert guarded.returncode == 0, guarded.stderr
+    installed, refused = guarded.stdout.splitlines()
+    assert bundle not in Path(installed).parents and (Path(installed).parent / "site_round.py").is_file()  # the real package
+    assert refused.startswith("refused: exfiltrate: the coordinator's app bundle provides this module")
+
+
 def test_the_server_certificate_is_renewed_with_the_sites_ca_kept(tmp_path):
     """A new CA would lock every site out until each had the new ca.crt: renewing the SuperLink's
     certificate reuses ca.key, and the script never overwrites a file."""
@@ -312,6 +339,7 @@ def test_compose_demo_is_secured_and_keeps_data_read_only():
         node = parse_config_args([args["--node-config"]])
         assert set(node) == {"site-id", "data-path", "state-dir", "max-epsilon", "max-total-epsilon", "spend-journal",
                              "peer-keys", "auth-private-key"}, name
+        assert set(node) <= set(NODE_CONFIG_KEYS), "keys the ClientApp reads (it refuses others)"
         mounts = {m.group(2): (m.group(1), m.group(3)) for m in map(VOLUME.fullmatch, site["volumes"])}
         assert mounts[node["data-path"]][1] == ":ro", "site data must be mounted read-only"
         assert mounts[node["peer-keys"]] == ("./keys/peers.pub", ":ro"), "the roster of peer keys, read-only"
@@ -392,8 +420,13 @@ def write_ca(path: Path, days: int = 365) -> None:
 
 
 @pytest.fixture
-def site_toml(tmp_path):
-    """Write a site config (overrides: key -> TOML value text, None drops the line); return its path."""
+def site_toml(tmp_path, monkeypatch):
+    """Write a site config (overrides: key -> TOML value text, None drops the line); return its path.
+    The Python environment counts as a site's (its import guard installed, as the site image has it)."""
+    from client import installed_code_only
+
+    guard = installed_code_only.write_pth(tmp_path)
+    monkeypatch.setattr(installed_code_only, "pth_file", lambda: guard)
     write_site_npz(tmp_path / "site.npz", 0)
     write_ca(tmp_path / "ca.crt")
     write_ssh_key(tmp_path / "site.key")
@@ -424,7 +457,9 @@ def site_check(capsys, config: str, *flags: str) -> tuple[int, str, str]:
 
 def test_site_check_accepts_a_good_site_and_says_what_leaves(site_toml, capsys, tmp_path):
     code, out, err = site_check(capsys, site_toml())
-    assert code == 0 and err == ""
+    # its only warning: a cap per run bounds nothing over the runs the coordinator may start
+    assert code == 0 and err.count("\n") == 1 and err.startswith("warning: privacy.max-total-epsilon is not set")
+    assert site_check(capsys, site_toml(extra_privacy="max-total-epsilon = 30.0\n"))[2] == ""
     assert "40 images, 2 classes" in out and "will NOT leave this site" in out and "images and labels" in out
     assert re.search(r"^  ecdsa-sha2-nistp384 \S+$", out, re.MULTILINE)  # the key to register
     command = out.split("start the site with:\n", 1)[1].strip()
@@ -432,6 +467,33 @@ def test_site_check_accepts_a_good_site_and_says_what_leaves(site_toml, capsys, 
     assert node == {"site-id": "hospital-a", "data-path": str(tmp_path / "site.npz"),
                     "state-dir": str(tmp_path / "state"), "max-epsilon": 10.0, "device": "auto"}
     assert re.search(r"^  device +(cpu|cuda)", out, re.MULTILINE)
+
+
+def test_site_check_warns_where_the_coordinators_app_bundle_would_run(site_toml, capsys, tmp_path, monkeypatch):
+    from client import installed_code_only
+
+    config = site_toml()
+    monkeypatch.setattr(installed_code_only, "pth_file", lambda: tmp_path / "missing.pth")
+    code, out, err = site_check(capsys, config)
+    assert code == 0 and re.search(r"^  code run +the coordinator's app bundle$", out, re.MULTILINE)
+    assert "run `python -m client.installed_code_only` once" in err
+
+
+def test_in_the_site_image_a_state_dir_on_no_mounted_volume_is_refused(site_toml, capsys, tmp_path, monkeypatch):
+    """Forgetting `-v ...:/state` would keep the accountant in the container's layer: gone with the container."""
+    from client.site import state_dir
+
+    config = site_toml()
+    monkeypatch.setenv("FEDPGGAN_STATE_MUST_BE_MOUNTED", "1")
+    assert "ENV FEDPGGAN_STATE_MUST_BE_MOUNTED=1" in (DEPLOY / "Dockerfile.site").read_text()
+    code, _, err = site_check(capsys, config)
+    assert code == 2 and err.count("\n") == 1 and "no volume is mounted there" in err
+    with pytest.raises(FedPGGANError, match="no volume is mounted there"):
+        state_dir({"site-id": "a", "data-path": "x", "state-dir": str(tmp_path / "state")}, {})
+    mounted = tmp_path / "state"
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == mounted)
+    assert site_check(capsys, config)[0] == 0
+    assert state_dir({"site-id": "a", "data-path": "x", "state-dir": str(mounted / "sub")}, {}) == mounted / "sub"
 
 
 def test_relative_paths_in_a_site_config_are_read_against_its_own_folder(site_toml, capsys, tmp_path, monkeypatch):

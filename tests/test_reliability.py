@@ -327,6 +327,24 @@ def test_what_a_site_tells_the_coordinator_of_a_failure_names_neither_its_paths_
         "FileNotFoundError: no such file: '<data-path>'"
     assert str(coordinator_reads(FedPGGANError("earlier runs took 9 (study-x (9))", shared="over the cap"))) == "over the cap"
     assert str(coordinator_reads(FedPGGANError("journal j: site_state.json"))) == "journal j: site_state.json"
+    assert str(coordinator_reads(FedPGGANError("j/2026.log: unreadable"))) == "<spend-journal>/2026.log: unreadable"
+    # an image's file name can be a patient number: nothing below the data path is named
+    broken = tmp_path / "site.npz" / "pneumonia" / "MRN123456_broken.png"
+    assert str(coordinator_reads(FedPGGANError(f"{broken}: not a readable image (cannot identify image file '{broken}')"))) == \
+        "<data-path>: not a readable image (cannot identify image file '<data-path>')"
+    node["data-path"] = "imgs"  # relative, as a hand-typed node config may have it
+    assert str(coordinator_reads(FedPGGANError("imgs/normal/MRN1.png: broken; the imgs folder"))) == \
+        "<data-path>: broken; the imgs folder"
+
+
+def test_a_mistyped_node_config_key_is_refused_not_ignored():
+    from client.site import check_node_config_keys
+    from fedpggan.site_config import NODE_CONFIG_KEYS
+
+    check_node_config_keys({"partition-id": 0, "num-partitions": 5})  # a simulated site: Flower's keys
+    check_node_config_keys({k: "x" for k in NODE_CONFIG_KEYS})
+    with pytest.raises(FedPGGANError, match="max-total-epsilom unknown: a mistyped key sets nothing"):
+        check_node_config_keys({"site-id": "a", "data-path": "/d", "max-epsilon": 10.0, "max-total-epsilom": 5.0})
 
 
 def test_a_site_caps_what_all_runs_on_its_records_spend_together(site_setup, tmp_path):

@@ -55,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
 def check_site(site: SiteConfig) -> tuple[list[tuple[str, str]], list[str], str]:
     """Run every check: (report lines, warnings, the node's public key to register)."""
-    from fedpggan.site_check import (check_budget, check_ca_certificate, check_data, check_device, check_lifetime_left,
-                                     check_peer_keys, check_private_key, check_spend_journal, check_state_dir)
+    from fedpggan.site_check import (check_budget, check_ca_certificate, check_code_guard, check_data, check_device,
+                                     check_lifetime_left, check_peer_keys, check_private_key, check_spend_journal,
+                                     check_state_dir)
 
     warnings = []
     if site.root_certificates is None:
@@ -73,8 +74,9 @@ def check_site(site: SiteConfig) -> tuple[list[tuple[str, str]], list[str], str]
     state_line = check_state_dir(site.state_dir)
     journal_line, journal_warnings = check_spend_journal(site)
     lifetime_line, lifetime_warnings = check_lifetime_left(site)
-    warnings += budget_warnings + journal_warnings + lifetime_warnings
+    code_line, code_warnings = check_code_guard()
+    warnings += budget_warnings + journal_warnings + lifetime_warnings + code_warnings
     lines = [("data", data_line), ("budget", budget_line), ("state dir", state_line), ("spend journal", journal_line),
              ("lifetime", lifetime_line), ("device", check_device(site)), ("CA certificate", cert_line),
-             ("node key", str(site.auth_private_key)), ("peer keys", peers_line)]
+             ("node key", str(site.auth_private_key)), ("peer keys", peers_line), ("code run", code_line)]
     return lines, warnings, public_key
