@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fedpggan.data import ImageDataset, open_dataset
+from fedpggan.data.medmnist import MEDMNIST, search_dirs
 from fedpggan.errors import FedPGGANError
 from fedpggan.preflight import check_image_size
 from fedpggan.privacy.lifetime import check_journal_present, merge_budgets, read_spend_journal, reserved_budgets
@@ -43,7 +44,15 @@ def check_data(site: SiteConfig) -> tuple[ImageDataset, str]:
     a run with the default --image-size would (an npz at its stored size, an ImageFolder at 28 px)."""
     if site.image_size is not None:
         check_image_size(site.image_size, f"--config {site.path}: 'image-size'")
-    data = open_dataset(site.data, "train", None, site.image_size, named_by=f"'data' in {site.path}")
+    try:
+        data = open_dataset(site.data, "train", None, site.image_size, named_by=f"'data' in {site.path}")
+    except FedPGGANError:
+        name, folders = site.data.lower(), search_dirs(None)
+        if name not in MEDMNIST or any(any(folder.glob(f"{name}*.npz")) for folder in folders):
+            raise  # a file that is there but unusable: its own error names it
+        raise FedPGGANError(f"'data' in {site.path}: {site.data} is a MedMNIST name, and no {name}.npz is in "
+                            f"{', '.join(map(str, folders))}; set 'data' to the path of the site's own .npz file or "
+                            "image folder") from None
     kind = "" if data.is_medical else " -- NOT medical data"
     return data, (f"{site.data}: {len(data)} images, {data.num_classes} classes ({', '.join(data.class_names)}), "
                   f"{data.channels}x{data.image_size}x{data.image_size}{kind}")

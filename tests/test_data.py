@@ -374,6 +374,18 @@ def test_hidden_files_and_folders_in_a_class_are_not_read(tmp_path):
     assert ds.class_names == ["a", "b"] and ds.class_counts() == [2, 1]
 
 
+def test_a_class_folder_this_user_cannot_read_says_so_not_that_it_is_empty(tmp_path, monkeypatch):
+    """A site container runs as uid 49999: an unreadable folder is a permission to fix, not a missing class."""
+    import fedpggan.data.folder as folder
+
+    save_images(tmp_path / "a", 2)
+    save_images(tmp_path / "b", 1, seed=1)
+    real_access = folder.os.access
+    monkeypatch.setattr(folder.os, "access", lambda path, mode: Path(path).name != "b" and real_access(path, mode))
+    with pytest.raises(FedPGGANError, match=r"b: not readable by this user \(uid \d+\); give it read access"):
+        open_dataset(str(tmp_path), image_size=10)
+
+
 @pytest.mark.parametrize("case", ["mixed sizes", "empty class", "not an image", "16-bit", "float", "not square",
                                   "class only in test", "splits named otherwise"])
 def test_bad_image_folder(tmp_path, case):

@@ -601,7 +601,7 @@ def test_a_sites_roster_of_peer_keys_is_checked_and_reaches_its_node_config(site
     ({"extra_privacy": "max-total-delta = 0.5\n"}, "privacy.max-total-delta 0.5 is not below 1/n"),
     ({"extra_privacy": 'spend-journal = "/tmp/spend.jsonl"\n'}, "'privacy.spend-journal' must be left out, or set together"),
     ({"site-id": None}, "'site-id' is missing"),
-    ({"auth-private-key": '"/nonexistent/site.key"'}, "superlink.auth-private-key"),
+    ({"auth-private-key": '"/nonexistent/site.key"'}, "superlink.auth-private-key /nonexistent/site.key: no such file; make one"),
     ({"device": '"gpu"'}, "'device' must be one of"),
     ({"extra_privacy": "max-detla = 1e-6\n"}, "unknown key 'max-detla' in [privacy]"),
     ({"extra_top": "image_size = 28\n"}, "unknown key 'image_size' at the top level"),
@@ -616,6 +616,27 @@ def test_site_check_rejects_a_bad_site_with_one_line(site_toml, capsys, override
     assert code == 2 and out == ""
     assert err.startswith("error: ") and err.count("\n") == 1 and names in err, err
     assert "--dataset" not in err and "--image-size" not in err  # a site.toml has keys, not flags
+
+
+def test_a_site_data_named_by_medmnist_name_it_cannot_find_asks_for_its_path(site_toml, capsys, tmp_path, monkeypatch):
+    from fedpggan.data import medmnist
+
+    monkeypatch.setenv("MEDMNIST_ROOT", str(tmp_path / "root"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(medmnist, "fetch", lambda url, dest: (_ for _ in ()).throw(OSError("network is unreachable")))
+    code, _, err = site_check(capsys, site_toml(data='"pneumoniamnist"'))
+    assert code == 2 and err.count("\n") == 1 and "pneumoniamnist is a MedMNIST name" in err
+    assert "set 'data' to the path of the site's own .npz file" in err and "--data-dir" not in err
+
+
+def test_an_unreadable_node_key_is_a_permission_to_fix_not_a_key_to_replace(site_toml, capsys, monkeypatch):
+    """Making a new key, as for a missing one, would lock the site out: the coordinator registered the old one."""
+    config = site_toml()
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if self.name == "site.key" else real(self))
+    code, _, err = site_check(capsys, config)
+    assert code == 2 and "cannot read (Permission denied); give this user" in err and "ssh-keygen" not in err
 
 
 def test_site_check_opens_the_data_at_its_image_size(site_toml, capsys):

@@ -584,3 +584,15 @@ def test_example_script_trains_on_the_export_and_tests_on_real_data(gray_run, tm
     spec.loader.exec_module(example)
     accuracy = example.main(["--export", str(tmp_path / "export"), "--real", str(real), "--epochs", "1"])
     assert 0.0 <= accuracy <= 1.0 and "48 synthetic images" in capsys.readouterr().out
+
+
+def test_a_checkpoint_the_run_set_aside_is_exported_with_a_warning(gray_run, tmp_path):
+    """A resume marks a checkpoint it could not use discarded; its rounds were charged, so it may still be
+    exported by name, but the datasheet says the run did not go on from it."""
+    run = copy_run(gray_run, tmp_path)
+    checkpoint = sorted((run / "checkpoints").glob("ckpt_*.pt"))[-1]
+    edit_ledger(run, lambda led: led["checkpoints"][-1].update(discarded="missing at the resume of 2026-12-06"))
+    write_audit(run, passed=True)
+    sheet = export_run(run, tmp_path / "out", ExportOptions(n=10, formats=("npz",), checkpoint=str(checkpoint)))
+    assert any(w.startswith("CHECKPOINT SET ASIDE") and "missing at the resume" in w for w in sheet["warnings"])
+    assert "CHECKPOINT SET ASIDE" in (tmp_path / "out" / "DATASHEET.md").read_text()

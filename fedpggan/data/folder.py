@@ -7,6 +7,7 @@ without converting it to npz first.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,6 +98,9 @@ def _images_in(folder: Path) -> list[Path]:
     """Image files under ``folder``, at any depth, except hidden ones (a .trash folder, macOS' ._ files)."""
     if not folder.is_dir():
         return []
+    if not os.access(folder, os.R_OK | os.X_OK):  # rglob would skip it silently and report no images
+        raise FedPGGANError(f"{folder}: not readable by this user (uid {os.getuid()}); give it read access (a site "
+                            "container runs as uid 49999: chmod -R o+rX, or chown the data to that user)")
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
                   and not any(_hidden(part) for part in p.relative_to(folder).parts))
 

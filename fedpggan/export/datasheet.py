@@ -70,6 +70,11 @@ def build_datasheet(prov: Provenance, export: dict[str, Any]) -> dict[str, Any]:
     if run.get("status") != "completed":
         warnings.append(f"INCOMPLETE RUN: the source run's status is {run.get('status')!r} (stopped or interrupted before "
                         f"its planned end); the generator is the one of {unit} {prov.checkpoint_round}.")
+    discarded = next((c.get("discarded") for c in ledger.get("checkpoints", [])
+                      if c.get("sha256") == prov.checkpoint_sha256 and c.get("discarded")), None)
+    if discarded:
+        warnings.append(f"CHECKPOINT SET ASIDE: the run marked this checkpoint discarded ({discarded}) and went on from an "
+                        "earlier one; its rounds were charged, so the privacy figures hold, but no later round built on it.")
     quality = quality_summary(prov.evaluation, prov.checkpoint_sha256)
     warnings += quality_warnings(quality)
     if quality and quality["same_checkpoint"] is False:

@@ -16,6 +16,8 @@ site already caps (``max-epsilon-if-colluding``).
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,11 +60,14 @@ class PeerSigning:
 
 def load_signing_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
     """The site's SuperNode key (OpenSSH format, NIST curve, as ``flower-supernode`` reads it)."""
-    fix = f"make one with ssh-keygen -t ecdsa -b 384 -N '' -f {path}"
+    fix = f"make one with ssh-keygen -t ecdsa -b 384 -N '' -f {path} (a new key must be registered with the coordinator again)"
     try:
         key = load_ssh_private_key(Path(path).read_bytes(), None)
-    except OSError as exc:
-        raise FedPGGANError(f"superlink.auth-private-key {path}: cannot read ({exc.strerror}); {fix}") from None
+    except FileNotFoundError:
+        raise FedPGGANError(f"superlink.auth-private-key {path}: no such file; {fix}") from None
+    except OSError as exc:  # the key the coordinator registered is there: let this user read it, do not replace it
+        raise FedPGGANError(f"superlink.auth-private-key {path}: cannot read ({exc.strerror}); give this user (uid "
+                            f"{os.getuid()}; the site image's is 49999) read access to it") from None
     except (ValueError, UnsupportedAlgorithm, TypeError):
         key = None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in HASH_OF_CURVE:
