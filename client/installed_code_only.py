@@ -26,20 +26,28 @@ from types import ModuleType
 from typing import Sequence
 
 
-def bundle_root() -> Path:
-    """Where the SuperNode unpacks app bundles (flwr.supercore.utils.get_flwr_home() / "apps")."""
-    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").absolute() / "apps"
+def bundle_roots() -> tuple[Path, ...]:
+    """Where a SuperNode unpacks app bundles, and where it would install one's project if runtime dependency
+    installation were on (flwr.supercore.utils.get_flwr_home() / "apps", / "runtime-envs")."""
+    home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").absolute()
+    return home / "apps", home / "runtime-envs"
 
 
-def in_bundle(entry: str) -> bool:
-    root = bundle_root()
-    path = Path(entry or ".").absolute()
-    return path == root or root in path.parents
+def in_bundle(location: str | None) -> bool:
+    if location is None:
+        return False
+    path = Path(location or ".").absolute()
+    return any(path == root or root in path.parents for root in bundle_roots())
+
+
+def from_bundle(spec: importlib.machinery.ModuleSpec) -> bool:
+    return in_bundle(spec.origin) or any(in_bundle(p) for p in spec.submodule_search_locations or ())
 
 
 class InstalledCodeOnly(MetaPathFinder):
-    """Resolves a top-level module that an app bundle on ``sys.path`` provides from the other
-    ``sys.path`` entries (the site's installation) or refuses it; submodules follow their package."""
+    """Resolves a top-level module that an app bundle on ``sys.path`` provides through the other finders
+    (the site's installation: site-packages, or an editable install's own finder) without the bundle's
+    entries, or refuses it; submodules follow their package."""
 
     def find_spec(self, name: str, path: Sequence[str] | None = None,
                   target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
@@ -48,11 +56,18 @@ class InstalledCodeOnly(MetaPathFinder):
         bundles = [e for e in sys.path if in_bundle(e)]
         if not bundles or importlib.machinery.PathFinder.find_spec(name, bundles) is None:
             return None  # nothing to shadow: the usual import
-        spec = importlib.machinery.PathFinder.find_spec(name, [e for e in sys.path if not in_bundle(e)])
-        if spec is None:
-            raise ImportError(f"{name}: the coordinator's app bundle provides this module and this site has no installed "
-                              "copy of it; a site runs only the fedpggan it installed (deploy/Dockerfile.site)", name=name)
-        return spec
+        installed = [e for e in sys.path if not in_bundle(e)]
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            if finder is importlib.machinery.PathFinder:
+                spec = finder.find_spec(name, installed)
+            else:
+                spec = finder.find_spec(name, None, target)
+            if spec is not None and not from_bundle(spec):
+                return spec
+        raise ImportError(f"{name}: the coordinator's app bundle provides this module and this site has no installed "
+                          "copy of it; a site runs only the fedpggan it installed (deploy/Dockerfile.site)", name=name)
 
 
 PTH_NAME = "fedpggan-installed-code-only.pth"

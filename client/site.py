@@ -50,8 +50,9 @@ def shared_error(exc: Exception, node_config: dict[str, Any]) -> str:
         value = str(node_config.get(key) or "").rstrip("/")
         paths.update({path: key for path in (value, str(Path(value).expanduser().resolve())) if value and path != "."})
     for path in sorted(paths, key=len, reverse=True):
-        key, token = paths[path], rf"(?<![\w./~-]){re.escape(path)}"
-        files = r"/[^\s'\"]*?(?=:?(?:[\s'\"]|$))"  # below the data path: image file names (a patient number?)
+        key, token = paths[path], rf"(?<![\w.~-]){re.escape(path)}"
+        # below the data path: image file names (a patient number?), spaces included, up to a quote, ": " or a line's end
+        files = r"/(?:(?!: |['\"\n]).)*"
         if Path(path).is_absolute() or "/" in path:
             pattern = token + r"(?![\w.-])" + (f"(?:{files})?" if key == "data-path" else "")
         else:  # a bare relative name ("data") is this path only where a file below it follows

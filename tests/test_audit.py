@@ -28,6 +28,7 @@ from fedpggan.data import ImageDataset, open_phantom
 from fedpggan.io import sha256_file, sha256_json
 from fedpggan.runs import RunFolder
 from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings, epsilon_of, extend_history
+from fedpggan.privacy.ledger import epsilon_bound, unreported_round
 from fedpggan.privacy.dp_discriminator import sample_rate
 from fedpggan.train import train_centralised
 from pggan_model import PGGAN, GANConfig, ModelShape
@@ -455,6 +456,22 @@ def test_a_round_failed_after_the_last_report_counts_the_site_at_its_budget():
     site, facts = federated_site([1], [{"round": 2, "event": "no_reply", "reason": "timeout"}])
     facts = RunFacts("federated", facts.config, "completed", facts.num_records, end_round=2)
     assert any("counts the site at its budget" in n for n in check_rounds(site, facts)[1])
+    # a later report that a resume moved out of the rounds (its claim kept in the event) or an excluded reply's
+    # reported epsilon covers the lost round: no bound then
+    for later in ({"event": "spent_before_resume", "epsilon": 2.0, "steps": 2}, {"event": "excluded", "reported_epsilon": 2.0}):
+        entry = {"epsilon": 2.0, "budget_epsilon": 4.0, "rounds": [{"round": 1}],
+                 "events": [{"round": 2, "event": "no_reply"}, {"round": 3, **later}]}
+        assert unreported_round(entry) is None and epsilon_bound(entry) == 2.0
+
+
+def test_a_site_whose_only_round_was_lost_after_its_release_passes_at_its_budget():
+    """Its plain release rode on that round, so the audit counts it; the site's recorded epsilon is still 0."""
+    from fedpggan.audit.spend import audit_spend
+
+    site, _ = federated_site([1], [{"round": 1, "event": "no_reply", "reason": "timeout"}])
+    site.rounds, site.epsilon, site.release = [], 0.0, (20.0, 1.0, 1)
+    row, findings, notes = audit_spend(site)
+    assert 0 < row["tightest_epsilon"] < site.budget_epsilon and findings == [], findings
 
 
 def test_replace_one_covers_every_planned_step_when_an_event_explains_unrecorded_spend():

@@ -283,8 +283,10 @@ def test_a_site_image_runs_its_installed_code_never_the_coordinators_app_bundle(
     (tmp_path / "site-packages").mkdir()
     installed_code_only.write_pth(tmp_path / "site-packages")  # what `python -m client.installed_code_only` writes
     bundle = tmp_path / "flwr" / "apps" / "fedpggan.fedpggan.0.1.0.0123456789"
-    (bundle / "client").mkdir(parents=True)
-    for name in ("client/__init__.py", "client/client_app.py", "exfiltrate.py"):
+    for package in ("client", "fedpggan", "pggan_model"):  # as `flwr build` packs them (pyproject fab-include)
+        (bundle / package).mkdir(parents=True)
+        (bundle / package / "__init__.py").write_text("raise SystemExit('the bundle ran its own code')\n")
+    for name in ("client/client_app.py", "exfiltrate.py"):
         (bundle / name).write_text("raise SystemExit('the bundle ran its own code')\n")
     probe = (f"import site, sys\n{{}}sys.path.insert(0, {str(bundle)!r})\n"
              "import client.client_app\nprint(client.__file__)\n"

@@ -332,6 +332,9 @@ def test_what_a_site_tells_the_coordinator_of_a_failure_names_neither_its_paths_
     broken = tmp_path / "site.npz" / "pneumonia" / "MRN123456_broken.png"
     assert str(coordinator_reads(FedPGGANError(f"{broken}: not a readable image (cannot identify image file '{broken}')"))) == \
         "<data-path>: not a readable image (cannot identify image file '<data-path>')"
+    spaced = tmp_path / "site.npz" / "Pleural effusion" / "John Smith 1234.png"  # names with spaces, too
+    assert str(coordinator_reads(FedPGGANError(f"{spaced}: not a readable image (cannot identify image file '{spaced}')"))) == \
+        "<data-path>: not a readable image (cannot identify image file '<data-path>')"
     node["data-path"] = "imgs"  # relative, as a hand-typed node config may have it
     assert str(coordinator_reads(FedPGGANError("imgs/normal/MRN1.png: broken; the imgs folder"))) == \
         "<data-path>: broken; the imgs folder"

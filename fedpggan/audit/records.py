@@ -12,7 +12,7 @@ from typing import Any
 
 from fedpggan.audit.findings import Finding
 from fedpggan.errors import FedPGGANError
-from fedpggan.privacy.ledger import spent_outside_rounds
+from fedpggan.privacy.ledger import spent_outside_rounds, unreported_round
 
 MECHANISM = ("budget_epsilon", "delta", "noise_multiplier", "sample_rate", "planned_steps", "public_num_records", "epsilon")
 KINDS = ("centralised", "federated")
@@ -71,6 +71,12 @@ class Site:
         never_sent_a_round = not self.rounds and bool(self.events) and all(
             e.get("event") == "not_selected" for e in self.events)
         return self.release_share is not None or not never_sent_a_round
+
+    @property
+    def unreported_round(self) -> int | None:
+        """A failed or unanswered round after the site's last report (fedpggan.privacy.ledger.unreported_round):
+        the guarantee counts the site at its budget."""
+        return unreported_round({"rounds": [{"round": r.round} for r in self.rounds], "events": self.events})
 
     @property
     def unrecorded_steps(self) -> int:

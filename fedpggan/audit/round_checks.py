@@ -55,11 +55,10 @@ def check_rounds(site: Site, facts: RunFacts) -> tuple[list[Finding], list[str]]
         out.append(Finding(f"{p}.rounds", f"round(s) {spans(missing)} missing with no event explaining the gap "
                                           f"(the run reached round {facts.end_round})"))
     unrecorded = sorted(int(number(e.get("round")) or 0) for e in site.events if spent_outside_rounds(e))
-    trailing = sorted({int(number(e.get("round")) or 0) for e in site.events if e.get("event") in ("failed", "no_reply")
-                       and int(number(e.get("round")) or 0) > max(numbers, default=0)})  # ledger.unreported_round
-    if trailing:
-        notes.append(f"{p}: round(s) {spans(trailing)} failed or went unanswered after the site's last reported round; "
-                     "any spend reserved then is in no claim, so the guarantee counts the site at its budget")
+    trailing = site.unreported_round
+    if trailing is not None:
+        notes.append(f"{p}: round {trailing} failed or went unanswered after the site's last report; any spend reserved "
+                     "then is in no claim, so the guarantee counts the site at its budget")
     elif unrecorded:
         notes.append(f"{p}: round(s) {spans(unrecorded)} failed or were excluded; any spend reserved then is not in the "
                      "recorded rounds (the site's later cumulative claims include it)")

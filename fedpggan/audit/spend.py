@@ -54,8 +54,10 @@ def audit_spend(site: Site) -> tuple[dict[str, Any], list[Finding], list[str]]:
     tightest = values[tightest_name]
     row.update(tightest_epsilon=tightest, tightest_accountant=tightest_name)
     row.update(replace_one(site, notes))
-    if falls_short(site.epsilon, tightest):
-        findings.append(Finding(f"{p}.epsilon", f"claimed {site.epsilon:.4g} is below the tightest recomputed bound "
+    # a round lost after the site's last report may have been spent: the guarantee states the site's budget
+    claim = site.epsilon if site.unreported_round is None else max(site.epsilon, site.budget_epsilon)
+    if falls_short(claim, tightest):
+        findings.append(Finding(f"{p}.epsilon", f"claimed {claim:.4g} is below the tightest recomputed bound "
                                                 f"{tightest:.4g} ({tightest_name}): under-reported"))
     if exceeds(tightest, site.budget_epsilon):
         findings.append(Finding(f"{p}.budget_epsilon", f"recomputed epsilon {tightest:.4g} ({tightest_name}) exceeds "
@@ -63,17 +65,17 @@ def audit_spend(site: Site) -> tuple[dict[str, Any], list[Finding], list[str]]:
     if exceeds(site.epsilon, site.budget_epsilon):
         findings.append(Finding(f"{p}.epsilon", f"claimed {site.epsilon:.4g} exceeds the budget {site.budget_epsilon:g}"))
     declared = values.get(site.accountant)
-    if declared is not None and (falls_short(site.epsilon, declared) or exceeds(site.epsilon, declared)):
-        if site.epsilon < declared:
-            if not falls_short(site.epsilon, tightest):
-                notes.append(f"{p}.epsilon: claimed {site.epsilon:.4g} is below the declared accountant "
+    if declared is not None and (falls_short(claim, declared) or exceeds(claim, declared)):
+        if claim < declared:
+            if not falls_short(claim, tightest):
+                notes.append(f"{p}.epsilon: claimed {claim:.4g} is below the declared accountant "
                              f"({site.accountant}: {declared:.4g}) but supported by {tightest_name} ({tightest:.4g})")
         elif any(spent_outside_rounds(e) for e in site.events):
-            notes.append(f"{p}.epsilon: claimed {site.epsilon:.4g} is above the recorded rounds' {declared:.4g} "
+            notes.append(f"{p}.epsilon: claimed {claim:.4g} is above the recorded rounds' {declared:.4g} "
                          f"({site.accountant}); failed/excluded rounds explain the difference")
         else:
             findings.append(Finding(f"{p}.rounds", f"the recorded rounds spend epsilon {declared:.4g} ({site.accountant}), "
-                                                   f"the site claims {site.epsilon:.4g}: spend is missing from the rounds"))
+                                                   f"the site claims {claim:.4g}: spend is missing from the rounds"))
     row["curve"], curve_findings = _curve(site, values)
     return row, findings + curve_findings, notes
 

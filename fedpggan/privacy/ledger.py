@@ -46,7 +46,11 @@ def unreported_round(entry: dict[str, Any]) -> int | None:
     back may have been spent; a later reply's cumulative epsilon covers it, but when none follows,
     the site's recorded epsilon is too low by up to that round."""
     rounds, events = (x if isinstance(x := entry.get(key), list) else [] for key in ("rounds", "events"))
-    last = max((n for r in rounds if isinstance(r, dict) and (n := _round_number(r)) is not None), default=0)
+    # a report: a recorded round, a round recorded before a resume (its claim kept in the event), an excluded reply's
+    reports = [*rounds, *(e for e in events if isinstance(e, dict) and (
+        (e.get("event") == SPENT_BEFORE_RESUME and e.get("epsilon") is not None)
+        or (e.get("event") == "excluded" and e.get("reported_epsilon") is not None)))]
+    last = max((n for r in reports if isinstance(r, dict) and (n := _round_number(r)) is not None), default=0)
     pending = [n for e in events if isinstance(e, dict) and e.get("event") in ("failed", "no_reply")
                and (n := _round_number(e)) is not None and n > last]
     return max(pending, default=None)
