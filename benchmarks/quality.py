@@ -4,7 +4,8 @@
     python benchmarks/quality.py --data-dir ../shared/data --profile cpu      # reduced, CPU-sized
 
 Writes benchmarks/results/quality-<dataset>-<device>-<date>.json and .md (one row per run,
-keys name ``eps`` and ``auc``) plus each run's folder under --work. Every number is measured
+keys name ``eps`` and ``auc``; ``-<profile>-profile`` follows the device when the profile is not the
+device's own, so a smoke check never replaces a day's measured table) plus each run's folder under --work. Every number is measured
 here: rows that are not run are absent, never filled in.
 """
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from fedpggan.cli import run_reporting_errors
+from fedpggan.build import pick_device
 from fedpggan.config import RunConfig
 from fedpggan.data import open_dataset
 from fedpggan.errors import FedPGGANError
@@ -35,7 +37,7 @@ from fedpggan.train import train_centralised
 from simulation.run import simulate
 
 # Training lengths per profile. "gpu" is the configuration the targets are meant for; "cpu"
-# is what a shared 2-core machine runs in about 4.5 hours: the headline rows (eps 10 / 1 / no DP)
+# is what a shared 2-core machine runs (over 10 hours of training for all rows): the headline rows (eps 10 / 1 / no DP)
 # at "main" length, the comparisons (ablations, baselines, other data) at the shorter
 # "ablation" length, each against an IID average-rule reference row of that same length.
 PROFILES = {
@@ -86,6 +88,13 @@ BREAST_HEADLINE = {"BreastMNIST federated 3 sites eps=10": 10.0, "BreastMNIST fe
 BREAST_SECURE_HEADLINE = {"BreastMNIST federated 3 sites eps=10 secure release": (10.0, dict(release_aggregation="secure")),
                           "BreastMNIST federated 3 sites eps=1 secure release with D width 64":
                               (1.0, dict(release_aggregation="secure", d_width=64))}
+# The headline runs with the defaults of 2026-12-06, which the rows above predate: generator steps chosen by
+# the averaged discriminator's noise (--g-steps 0: 8 at eps 10 and without DP here), the embedding-noise limit 1.0 and
+# book-keeping clipping, all pinned so that a later default change does not move them. On this CPU they were measured
+# as probes (quality-probes-gsteps8-eps10-cpu-2026-12-06); these rows let the script reproduce them on any device.
+DEFAULTS_2026_12_06 = dict(g_steps=0, embedding_noise_limit=1.0, grad_sample_mode="bookkeeping")
+HEADLINE_2026_12_06 = {"federated eps=10 with the defaults of 2026-12-06": 10.0,
+                       "federated no DP with the defaults of 2026-12-06": math.inf}
 # the eps-10 headline as trained before --embedding-steps (at eps 1 the gate keeps them off anyway)
 NO_EMBEDDING_STEPS = "federated eps=10 without embedding steps (earlier default)"
 
@@ -153,7 +162,9 @@ def row_specs(profile: dict[str, Any]) -> list[tuple[str, str, str, dict[str, An
                                      ("federated", WIDE_D_SECURE_HEADLINE, dict(release_aggregation="secure", d_width=64))):
         rows += [(training_seed_row(name, seed), kind, "main", dict(epsilon=eps, seed=seed, **settings))
                  for seed in range(profile["main_seeds"]) for name, eps in headline.items()]
-    return [(name, kind, length, {**OPACUS_HOOKS, **overrides}) for name, kind, length, overrides in rows]
+    rows = [(name, kind, length, {**OPACUS_HOOKS, **overrides}) for name, kind, length, overrides in rows]
+    return rows + [(training_seed_row(name, seed), "federated", "main", dict(epsilon=eps, seed=seed, **DEFAULTS_2026_12_06))
+                   for seed in range(profile["main_seeds"]) for name, eps in HEADLINE_2026_12_06.items()]
 
 
 def row_config(kind: str, length: str, overrides: dict[str, Any], base: RunConfig, profile: dict) -> RunConfig:
@@ -302,7 +313,7 @@ def seed_summaries(rows: list[dict], settings: dict[str, Any]) -> dict[str, list
     """The runs repeated over training seeds: the headline rows and the [short] loss rules."""
     headline = {name: [training_seed_row(name, s) for s in range(settings["main_seeds"])]
                 for name in (*HEADLINE, NO_EMBEDDING_STEPS, *SECURE_HEADLINE, *CENTRAL_HEADLINE, *WIDE_D_SECURE_HEADLINE,
-                             *BREAST_HEADLINE, *BREAST_SECURE_HEADLINE)}
+                             *BREAST_HEADLINE, *BREAST_SECURE_HEADLINE, *HEADLINE_2026_12_06)}
     rules = {rule: [loss_rule_row(rule, s) for s in range(settings["ablation_seeds"])] for rule in LOSS_RULES}
     return {"Headline runs over training seeds": seed_summary(rows, headline),
             "Loss rules at eps=10 over training seeds": seed_summary(rows, rules)}
@@ -325,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", required=True, help="folder with pneumoniamnist.npz and breastmnist.npz")
     p.add_argument("--dataset", default="pneumoniamnist")
     p.add_argument("--profile", choices=sorted(PROFILES), default="gpu" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--rows", default="", help="comma-separated exact row names: run only these")
     p.add_argument("--group", choices=("main", "short", "classifiers"),
                    help="run only the main rows, the [short] comparison rows or the classifier rows")
@@ -341,7 +352,7 @@ def run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     device, device_name = resolve_device(args.device)
     base = base_config(args.dataset, args.data_dir, device, profile)
     work = Path(args.work) / args.profile
-    stem = Path(args.results) / f"quality-{args.dataset}-{device_name}-{date.today().isoformat()}"
+    stem = Path(args.results) / f"quality-{args.dataset}-{device_name}{profile_tag(args.profile, device)}-{date.today().isoformat()}"
     meta = run_meta(args.dataset, device_name, args.profile)
     specs = row_specs(profile)
     try:
@@ -386,10 +397,16 @@ def selected_rows(text: str, names: list[str]) -> list[str]:
 
 
 def resolve_device(device: str) -> tuple[str, str]:
-    """(torch device, name for file names and tables): ``auto`` is the GPU when there is one."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    """(torch device, name for file names and tables): ``auto`` is the GPU when there is one;
+    ``cuda`` without one is a one-line error."""
+    device = pick_device(device).type
     return device, torch.cuda.get_device_name(0).replace(" ", "-") if device == "cuda" else "cpu"
+
+
+def profile_tag(profile: str, device: str) -> str:
+    """What a results file's name says of its profile: nothing for the device's own (gpu on a GPU,
+    cpu otherwise), so that another profile's run (a smoke check) never replaces that day's table."""
+    return "" if profile == ("gpu" if device == "cuda" else "cpu") else f"-{profile}-profile"
 
 
 def base_config(dataset: str, data_dir: str | None, device: str, profile: dict[str, Any]) -> RunConfig:

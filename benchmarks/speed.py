@@ -4,7 +4,8 @@ what the server's embedding-only generator steps cost.
     python benchmarks/speed.py --profile gpu --data-dir ../shared/data --target-run   # the full grid + eps-10 run
     python benchmarks/speed.py --profile cpu                                          # reduced, 2-core sized
 
-Writes benchmarks/results/speed-<device>-<date>.json and .md. Everything is measured in this one
+Writes benchmarks/results/speed-<device>-<date>.json and .md (``-<profile>-profile`` after the device
+when the profile is not the device's own: a smoke check never replaces a day's figures). Everything is measured in this one
 run: DP and plain timings alternate repeat by repeat, so background load slows both alike and
 their ratio (key ``ratio``: DP time / plain time) stays meaningful on a shared machine; absolute
 images/s on a loaded CPU are not. Figures that are not measured say so; none is filled in.
@@ -64,6 +65,8 @@ CHANNELS, CLASSES = 1, 2  # PneumoniaMNIST's shape: grayscale, 2 classes
 RECORDS_PER_BATCH = 8  # a holder of 8 batches of records: Poisson sampling rate q = 1/8
 TARGET_ROW = "federated eps=10"  # the quality benchmark's row whose training time issue 10 asks for
 TARGET = dict(auc=0.93, label_fidelity=0.9)  # issue 5's eps-10 target (and no collapsed class)
+# what the target line says the row was trained with (its profile pins some of them away from today's defaults)
+TARGET_SETTINGS = ("rounds", "local-steps", "g-steps", "embedding-noise-limit", "grad-sample-mode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,7 +384,8 @@ def target_from_results(path: Path) -> dict[str, Any]:
                and not row["collapsed_classes"])
         return {"status": "measured", "source": str(path), "device": data["meta"]["device"], "train_seconds": row["train_seconds"],
                 "auc": row["auc"], "label_fidelity": row["label_fidelity"], "collapsed_classes": row["collapsed_classes"],
-                "target_met": met, "judged_on": "one run (training seed 0), not the mean over training seeds"}
+                "target_met": met, "judged_on": "one run (training seed 0), not the mean over training seeds",
+                "trained_with": {key: row.get("config", {}).get(key) for key in TARGET_SETTINGS}}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError: JSONDecodeError, a damaged file
         raise FedPGGANError(f"--target-results {path}: not a results file of benchmarks/quality.py ({type(exc).__name__}: "
                             f"{exc}); give the quality-*.json it wrote") from None
@@ -488,14 +492,19 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(NOT_RUN)
     target = result["target"]
     lines += ["", "## Time to the eps-10 quality target", ""]
-    if target["status"] == "measured":
-        lines.append(f"{target['train_seconds']} s training on {target['device']} (AUC {target['auc']:.3f}, label fidelity "
-                     f"{target['label_fidelity']:.3f}, collapsed: {target['collapsed_classes'] or 'none'}); "
-                     f"target {'met' if target['target_met'] else 'NOT met'} by {target.get('judged_on', 'one run')} "
-                     f"({target['source']}).")
-    else:
-        lines.append(target["status"] + ".")
+    lines.append(target_line(target))
     return "\n".join(lines) + "\n"
+
+
+def target_line(target: dict[str, Any]) -> str:
+    """The time-to-target sentence, with the settings the row was trained with."""
+    if target["status"] != "measured":
+        return target["status"] + "."
+    settings = ", ".join(f"{k} {v}" for k, v in target.get("trained_with", {}).items()) or "settings not recorded"
+    return (f"{target['train_seconds']} s training on {target['device']} (AUC {target['auc']:.3f}, label fidelity "
+            f"{target['label_fidelity']:.3f}, collapsed: {target['collapsed_classes'] or 'none'}); "
+            f"target {'met' if target['target_met'] else 'NOT met'} by {target.get('judged_on', 'one run')} "
+            f"({target['source']}); trained with {settings}.")
 
 
 NOT_RUN = "not measured (--parts)."
@@ -560,7 +569,7 @@ def keep_earlier_parts(stem: Path, result: dict[str, Any], parts: set[str]) -> N
     provenance = earlier["meta"].get("kept_parts", {})
     kept = {}
     for part in PART_KEYS:
-        if (part in parts or not earlier.get(PART_KEYS[part][0])  # a part that file did not measure
+        if (part in parts or not measured(part, earlier)
                 or not all(current_format(key, earlier.get(key)) for key in PART_KEYS[part])):
             continue
         for key in PART_KEYS[part]:
@@ -568,6 +577,12 @@ def keep_earlier_parts(stem: Path, result: dict[str, Any], parts: set[str]) -> N
         kept[part] = provenance.get(part, {"file": path.name, "date": earlier["meta"].get("date")})
     if kept:
         result["meta"]["kept_parts"] = kept
+
+
+def measured(part: str, result: dict[str, Any]) -> bool:
+    """Whether a results file holds figures of ``part`` (the target part says "not run" when it was not)."""
+    value = result.get(PART_KEYS[part][0])
+    return bool(value) and (part != "target" or value.get("status") == "measured")
 
 
 def current_format(key: str, value: Any) -> bool:
@@ -586,7 +601,8 @@ def run(args: argparse.Namespace) -> int:
     if profile["threads"]:
         torch.set_num_threads(profile["threads"])
     name = device_name(device)
-    stem = Path(args.results) / f"speed-{name}-{date.today().isoformat()}"
+    tag = "" if args.profile == ("gpu" if device.type == "cuda" else "cpu") else f"-{args.profile}-profile"  # as quality.py's
+    stem = Path(args.results) / f"speed-{name}{tag}-{date.today().isoformat()}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "meta": {"device": f"{name} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores)",

@@ -196,7 +196,7 @@ EVALUATION_REPORT_SIZE = {"n_synthetic": 5000, "steps": 400, "seeds": 3}
 EVALUATION_QUICK_SIZE = {"n_synthetic": 1000, "steps": 100, "seeds": 1}
 # Below this TSTR recall a class counts as not learned: a classifier trained on the synthetic images (at its own
 # decision) recognises almost none of the real test images of that class (EVALUATION.md and the datasheet say so);
-# measured there: 8 of 10 classes of an RGB phantom at epsilon 10 (docs/quality-findings.md)
+# measured there: 7 of 10 classes of an RGB phantom at epsilon 10 (docs/quality-findings.md)
 UNLEARNED_RECALL = 0.1
 
 

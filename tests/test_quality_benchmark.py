@@ -96,7 +96,13 @@ def test_seed_summaries_pool_each_runs_training_seeds_with_the_reference_as_seed
     reference = dataclasses.replace(RunConfig(), **specs[quality.SHORT_REFERENCE])
     assert (reference.loss_rule, reference.seed) == ("average", 0)
     hooks = dict(grad_sample_mode="hooks")  # every committed row was clipped by Opacus' hooks, the default then
-    assert all(overrides["grad_sample_mode"] == "hooks" for overrides in specs.values())
+    today = {quality.training_seed_row(name, s) for name in quality.HEADLINE_2026_12_06 for s in range(5)}
+    assert all(overrides["grad_sample_mode"] == "hooks" for name, overrides in specs.items() if name not in today)
+    for name, eps in quality.HEADLINE_2026_12_06.items():  # the defaults of 2026-12-06, pinned: generator steps by noise
+        assert [specs[quality.training_seed_row(name, s)] for s in range(5)] == [
+            dict(epsilon=eps, seed=s, g_steps=0, embedding_noise_limit=1.0, grad_sample_mode="bookkeeping") for s in range(5)]
+        config = quality.row_config("federated", "main", specs[name], RunConfig(), quality.PROFILES["cpu"])
+        assert config.g_steps == 0 and config.g_steps != quality.PROFILES["cpu"]["main_g_steps"]  # not the profile's 2
     for name, eps in quality.HEADLINE.items():  # each headline row trains today's defaults with its seed,
         # pinning the noise limit it was measured with (for its release noise, 1.0 gates the same)
         assert [specs[quality.training_seed_row(name, s)] for s in range(3)] == [
@@ -149,6 +155,7 @@ def test_a_failed_row_keeps_the_earlier_measurement_and_the_script_exits_non_zer
     assert quality.main(args) == 1
     assert "1 row(s) failed: federated eps=10" in capsys.readouterr().err
     path = next(tmp_path.glob("quality-pneumoniamnist-cpu-*.json"))
+    assert path.name.startswith("quality-pneumoniamnist-cpu-smoke-profile-")  # never the cpu profile's table of the day
     saved = json.loads(path.read_text())
     assert "error" in saved["rows"][0]  # nothing measured before: the failure is the row
     saved["rows"] = [{"run": "federated eps=10", "kind": "federated", "auc": 0.9}]
@@ -182,3 +189,10 @@ def test_a_run_saved_before_the_count_share_existed_released_an_even_split(tmp_p
     assert quality.completed_run_with(folder, RunConfig(fake_gradients="clipped", embedding_count_share=0.5))
     with pytest.raises(FedPGGANError, match="embedding-count-share: 0.5, this row wants 0.1"):
         quality.completed_run_with(folder, RunConfig(fake_gradients="clipped"))
+
+
+@pytest.mark.skipif(quality.torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_asking_for_a_gpu_that_is_not_there_is_a_one_line_error(tmp_path, capsys):
+    args = ["--data-dir", str(tmp_path), "--device", "cuda", "--profile", "smoke", "--results", str(tmp_path)]
+    assert quality.main(args) == 2
+    assert "--device cuda: no CUDA GPU is visible" in capsys.readouterr().err and not list(tmp_path.iterdir())

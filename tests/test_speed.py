@@ -116,7 +116,8 @@ def test_peak_memory_includes_child_processes():
 
 def quality_json(tmp_path, **row):
     path = tmp_path / "quality.json"
-    base = {"run": speed.TARGET_ROW, "train_seconds": 240.0, "auc": 0.95, "label_fidelity": 0.92, "collapsed_classes": []}
+    base = {"run": speed.TARGET_ROW, "train_seconds": 240.0, "auc": 0.95, "label_fidelity": 0.92, "collapsed_classes": [],
+            "config": {"rounds": 300, "local-steps": 20, "g-steps": 4, "embedding-noise-limit": 0.5, "grad-sample-mode": "hooks"}}
     path.write_text(json.dumps({"meta": {"device": "NVIDIA-H100"}, "rows": [base | row]}))
     return path
 
@@ -124,6 +125,10 @@ def quality_json(tmp_path, **row):
 def test_target_from_quality_results(tmp_path):
     target = speed.target_from_results(quality_json(tmp_path))
     assert target["status"] == "measured" and target["train_seconds"] == 240.0 and target["target_met"]
+    assert target["trained_with"] == {"rounds": 300, "local-steps": 20, "g-steps": 4, "embedding-noise-limit": 0.5,
+                                      "grad-sample-mode": "hooks"}  # the profile pins some away from the defaults: say so
+    assert "trained with rounds 300, local-steps 20, g-steps 4, embedding-noise-limit 0.5, grad-sample-mode hooks" in \
+        speed.target_line(target)
     assert not speed.target_from_results(quality_json(tmp_path, auc=0.90))["target_met"]
     assert not speed.target_from_results(quality_json(tmp_path, collapsed_classes=["normal"]))["target_met"]
     with pytest.raises(FedPGGANError, match="no completed"):
@@ -163,6 +168,7 @@ def test_a_d_grid_stopped_mid_way_keeps_the_cells_it_finished(tmp_path, monkeypa
     assert speed.main(["--profile", "two-cells", "--device", "cpu", "--parts", "discriminator",
                        "--results", str(tmp_path)]) == 130  # what the session script's `timeout -s INT` ends in
     [saved] = tmp_path.glob("speed-cpu-*.json")
+    assert saved.name.startswith("speed-cpu-two-cells-profile-")  # not the cpu profile's file of the day
     rows = json.loads(saved.read_text())["discriminator"]
     assert cells == [(28, 8)] and [(r["image_size"], r["batch"]) for r in rows] == [(28, 8)]
 
@@ -180,11 +186,11 @@ def test_a_partial_run_keeps_the_other_parts_of_the_same_machine_and_says_where_
     stem = tmp_path / "speed-cpu-2026-11-23"
     earlier = {"meta": {**MACHINE, "date": "2026-11-23"}, "discriminator": [{"ratio": 1.6}],
                "product_rounds": [{"sites": 5, "packing_idle_s": 0.5}], "federated": [{"sites": 5, "packing_idle_s": 0.0}],
-               "scaling_fit": {"round_s_per_site": 0.2}, "target": {"status": "old"}}
+               "scaling_fit": {"round_s_per_site": 0.2}, "target": {"status": "measured", "auc": 0.91}}
     stem.with_suffix(".json").write_text(json.dumps(earlier))
     fresh = empty_result()
     speed.keep_earlier_parts(stem, fresh, {"federated"})  # re-measuring the rounds keeps the D grid and the target
-    assert fresh["discriminator"] == [{"ratio": 1.6}] and fresh["target"] == {"status": "old"}
+    assert fresh["discriminator"] == [{"ratio": 1.6}] and fresh["target"] == {"status": "measured", "auc": 0.91}
     assert fresh["product_rounds"] == [] and fresh["scaling_fit"] is None
     origin = {"file": "speed-cpu-2026-11-23.json", "date": "2026-11-23"}
     assert fresh["meta"]["kept_parts"] == {"discriminator": origin, "target": origin}
@@ -213,8 +219,8 @@ def test_rounds_of_an_older_format_are_not_kept(tmp_path):
     stem.with_suffix(".json").write_text(json.dumps(old))
     fresh = empty_result()
     speed.keep_earlier_parts(tmp_path / "speed-cpu-2026-11-24", fresh, {"discriminator"})
-    assert fresh["product_rounds"] == [] and "federated" not in fresh["meta"]["kept_parts"]  # no packing_idle_s
-    assert list(fresh["meta"]["kept_parts"]) == ["target"]
+    assert fresh["product_rounds"] == []  # no packing_idle_s
+    assert "kept_parts" not in fresh["meta"]  # nor a target that file did not run: it would be called "measured"
 
 
 def test_product_size_rounds_use_the_default_models_and_tiny_ones_shrink_them(tmp_path):
