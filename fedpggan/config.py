@@ -16,6 +16,10 @@ from typing import Any
 
 from fedpggan.errors import FedPGGANError
 
+# The random features are pixels x 2 x frequencies floats on every site and the server: 20 000 frequencies
+# at 64x64 RGB are 2 GB, beyond which a run fails on memory, not on an error message.
+MAX_EMBEDDING_FREQUENCIES = 20_000
+
 
 def opt(default: Any, help: str, choices: tuple | None = None, group: str = "run") -> Any:
     return field(default=default, metadata={"help": help, "choices": choices, "group": group})
@@ -113,8 +117,12 @@ class RunConfig:
             raise FedPGGANError(f"--embedding-share {self.embedding_share} is invalid: it must be in (0, 1)")
         if not 0 <= self.embedding_blur <= 8:
             raise FedPGGANError(f"--embedding-blur {self.embedding_blur} is invalid: it must be in [0, 8] pixels")
-        if self.embedding_frequencies < 1:
-            raise FedPGGANError(f"--embedding-frequencies {self.embedding_frequencies} is invalid: it must be >= 1")
+        if not 1 <= self.embedding_frequencies <= MAX_EMBEDDING_FREQUENCIES:  # the features are pixels x 2 x frequencies floats
+            raise FedPGGANError(f"--embedding-frequencies {self.embedding_frequencies} is invalid: it must be in 1 .. "
+                                f"{MAX_EMBEDDING_FREQUENCIES} (default 500)")
+        for name in ("lr_d", "lr_g"):  # Adam steps of more than the weights' own scale only diverge
+            if getattr(self, name) > 1:
+                raise FedPGGANError(f"--{flag(name)} {getattr(self, name)} is invalid: it must be at most 1 (default 2e-4)")
         if not 0 < self.fraction <= 1:
             raise FedPGGANError(f"--fraction {self.fraction} is invalid: it must be in (0, 1]")
         if not 0 <= self.ema_decay < 1:

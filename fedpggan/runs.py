@@ -12,14 +12,17 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import itertools
 import json
 import platform
 import re
 import sys
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from fedpggan.config import RunConfig, flag
 from fedpggan.errors import FedPGGANError
@@ -46,7 +49,11 @@ def now_iso() -> str:
 
 
 def default_run_dir() -> Path:
-    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    """``runs/<time>``, with ``-2``, ``-3``, ... when a run started in the same second holds that name
+    (two runs sharing a folder would mix their partition summaries)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidates = (Path("runs") / (stamp if i == 1 else f"{stamp}-{i}") for i in itertools.count(1))
+    return next(path for path in candidates if not path.exists())
 
 
 class RunFolder:
@@ -76,6 +83,20 @@ class RunFolder:
                                 f"{', ...' if len(other) > 3 else ''}); choose a new or empty folder")
         for sub in (self.root, self.checkpoints, self.samples, self.curves):
             sub.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the run for this process while it trains (an OS lock on ``.lock``, released even on a
+        crash). A second trainer of the same folder, e.g. a ``--resume`` while the run still trains,
+        is refused: both would take the same steps on the same records, each with its own noise,
+        and the ledger they share would charge them once."""
+        with open(self.root / ".lock", "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FedPGGANError(f"{self.root}: another process is training this run; let it finish (or stop it) "
+                                    "before --resume") from None
+            yield
 
     def _set_up(self, path: Path) -> bool:
         """Whether ``path`` is only what setting up a run makes before run.json: an empty folder of
@@ -306,10 +327,16 @@ RESUME_COMMANDS = {"centralised": "fedpggan train --resume {run}",
                    "federated": "fedpggan simulate --resume {run} (deployed: --run-config \"resume-from='{run}'\")"}
 
 
-def config_to_resume(path: str | Path, kind: str = "federated") -> RunConfig:
+# What a resume may change: where the data lie and what runs the steps, never what the steps are. The
+# data's content is checked against the run's own record of it (run.json's or partition.json's hashes).
+RESUME_MAY_CHANGE = ("dataset", "data_dir", "device")
+
+
+def config_to_resume(path: str | Path, kind: str = "federated", changes: dict[str, Any] | None = None) -> RunConfig:
     """The options of the run in ``path``, to continue it from its newest checkpoint (``train``
-    and simulation ``--resume``, a deployed coordinator's ``resume-from``); a completed run, one
-    without a checkpoint or one of the other ``kind`` is refused with one line."""
+    and simulation ``--resume``, a deployed coordinator's ``resume-from``), with ``changes`` of
+    :data:`RESUME_MAY_CHANGE`; a completed run, one without a checkpoint or one of the other
+    ``kind`` is refused with one line."""
     folder = RunFolder(path)
     info = folder.read_run()
     found = info.get("kind") if isinstance(info, dict) else None
@@ -317,8 +344,7 @@ def config_to_resume(path: str | Path, kind: str = "federated") -> RunConfig:
         how = RESUME_COMMANDS.get(found)
         raise FedPGGANError(f"{folder.root}: is a {found or 'unknown'} run, not a {kind} one; "
                             + (f"continue it with `{how.format(run=folder.root)}`" if how else "pass a run folder the trainer wrote"))
-    if info.get("status") == "completed":
-        raise FedPGGANError(f"{folder.root}: the run already completed; nothing to resume (start a new run)")
+    refuse_completed(folder.root, info)
     if not folder.checkpoint_index() and not folder.ledger_lists_checkpoints():
         raise FedPGGANError(f"{folder.root}: no checkpoints found: the run stopped before its first one, so there is "
                             "nothing to resume; start a new run (what this one spent stays in its ledger)")
@@ -326,12 +352,39 @@ def config_to_resume(path: str | Path, kind: str = "federated") -> RunConfig:
     if not isinstance(info.get("config"), dict):
         raise FedPGGANError(f"{folder.run_json}: has no 'config' (the run's options), so the run cannot continue with "
                             "them; restore run.json from a backup")
-    return dataclasses.replace(RunConfig.from_saved(info["config"]), out=str(folder.root))
+    changes = changes or {}
+    if {"dataset", "data_dir"} & changes.keys() and not records_data_hash(folder, info):
+        raise FedPGGANError(f"{folder.root}: the run recorded no content hash of its data, so --resume cannot check that "
+                            "other paths hold the same records; resume without --dataset/--data-dir, from where the run started")
+    return dataclasses.replace(RunConfig.from_saved(info["config"]), out=str(folder.root), **changes)
+
+
+def records_data_hash(folder: RunFolder, info: dict[str, Any]) -> bool:
+    """Whether the run recorded what its data hash to: run.json's ``dataset.sha256`` (centralised,
+    since 2026-12-06) or a hash per site in partition.json (simulations)."""
+    if isinstance(info.get("dataset"), dict) and info["dataset"].get("sha256"):
+        return True
+    partition = folder.root / "partition.json"
+    rows = folder.read_json(partition) if partition.is_file() else None
+    return isinstance(rows, list) and bool(rows) and all(isinstance(r, dict) and r.get("sha256") for r in rows)
+
+
+def resume_changes(args: Any) -> dict[str, Any]:
+    """The options of :data:`RESUME_MAY_CHANGE` given with ``--resume``."""
+    return {name: getattr(args, name) for name in RESUME_MAY_CHANGE if getattr(args, name, None) is not None}
+
+
+def refuse_completed(root: Path, info: dict[str, Any]) -> None:
+    """A completed run has nothing to resume: checked when ``--resume`` starts and again once the
+    run is held (its trainer may have finished in between)."""
+    if info.get("status") == "completed":
+        raise FedPGGANError(f"{root}: the run already completed; nothing to resume (start a new run)")
 
 
 def refuse_options_with_resume(args: Any, names: list[str]) -> None:
-    """``--resume`` continues a run with its own options: any other option given is refused."""
-    given = [name for name in [*names, "config"] if getattr(args, name, None) is not None]
+    """``--resume`` continues a run with its own options: any other option given is refused, except
+    where the data lie and the device (:data:`RESUME_MAY_CHANGE`)."""
+    given = [name for name in [*names, "config"] if getattr(args, name, None) is not None and name not in RESUME_MAY_CHANGE]
     if given:
         raise FedPGGANError(f"--resume continues {args.resume} with its own configuration; drop --{flag(given[0])} "
-                            "(start a new run to change options)")
+                            "(start a new run to change options; a resume takes only --dataset, --data-dir and --device)")

@@ -20,7 +20,7 @@ from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes
 from fedpggan.privacy.accounting import History, extend_history
 from fedpggan.privacy.ledger import PrivacyLedger
-from fedpggan.runs import RunFolder, now_iso
+from fedpggan.runs import RunFolder, now_iso, refuse_completed
 from pggan_model import GeneratorTrainer, load_checkpoint
 from pggan_model.checkpoint import set_rng_state
 
@@ -35,12 +35,20 @@ class Resumed:
     embedding_noise_ratio: float
 
 
-def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History, planned: dict[str, float] | None) -> Resumed:
+def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History, planned: dict[str, float] | None,
+            data_sha256: str) -> Resumed:
     """Load the newest verified checkpoint into ``g_trainer``'s GAN; the ledger, accountant
     history and metrics as of the last recorded epoch. ``release`` is the release's history and
     ``planned`` the mechanism the data and options give now (None without DP): it must be the
-    one the ledger registered, or the resumed epochs would spend under another calibration."""
+    one the ledger registered, or the resumed epochs would spend under another calibration.
+    ``data_sha256`` is the training data's content hash: other records than the run began with
+    would be trained under an accountant that never counted them (and the release is theirs)."""
     info = run.read_run()
+    refuse_completed(run.root, info)
+    recorded_data = (info.get("dataset") or {}).get("sha256") if isinstance(info.get("dataset"), dict) else None
+    if recorded_data is not None and recorded_data != data_sha256:
+        raise FedPGGANError(f"{run.root}: the training data differ from those the run began with (their content hash "
+                            "changed); resume with the run's own data (--dataset/--data-dir) or start a new run")
     recorded = run.read_verified_ledger(info, "a resume")  # never build on an edited or lost spend record
     path, entry = run.latest_checkpoint()
     payload = load_checkpoint(path, g_trainer.gan)
@@ -74,6 +82,10 @@ def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History, plann
         ledger.discard_checkpoint(round_num, f"missing or failing its hash at the resume of {info['resumed_at']}")
     run.save_ledger(ledger, info)
     run.discard_checkpoints_after(entry["round"])
-    print(f"resuming {run.root} at epoch {last + 1} (weights of {path.name})")
+    if last >= int(info["config"].get("epochs", last)):
+        print(f"warning: no epoch is left to train: the run completes with epoch {entry['round']}'s weights "
+              "(an export's datasheet says so)")
+    else:
+        print(f"resuming {run.root} at epoch {last + 1} (weights of {path.name})")
     ratio = info.get("embedding_noise_ratio")
     return Resumed(info, ledger, last + 1, history, payload["embedding_means"], math.inf if ratio is None else ratio)

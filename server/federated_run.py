@@ -35,7 +35,7 @@ from fedpggan.privacy.secure_sum import SECURE_SUM_ASSUMPTION, epsilon_if_all_ot
 from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none, spent_outside_rounds
 from fedpggan.privacy.mechanism import Mechanism, averaged_d_noise, site_mechanism
 from fedpggan.privacy.noise import SEEDED_NOISE_WARNING
-from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
+from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso, refuse_completed
 from fedpggan.wire import generator_arrays, site_error, train_content
 from pggan_model import CASES, GeneratorTrainer, load_checkpoint, save_checkpoint
 from pggan_model.mean_embedding import class_means, release_noise_ratio
@@ -68,9 +68,13 @@ class FederatedRun:
 
     # --- set-up ------------------------------------------------------------------------
     def run(self) -> Path:
-        cfg = self.cfg
         if not self.resume:
             self.folder.create()
+        with self.folder.held():  # one ServerApp per run folder: a second one would charge the sites' rounds again
+            return self.run_rounds()
+
+    def run_rounds(self) -> Path:
+        cfg = self.cfg
         self.sites = self.discover_sites()
         facts = next(iter(self.sites.values()))
         self.class_names = list(facts["class-names"])
@@ -221,6 +225,7 @@ class FederatedRun:
         after the checkpoint was charged at its sites, and stays charged when it is redone
         (PrivacyLedger.resume_after; a site given the same inputs replays its reply without a new charge)."""
         self.run_info = self.folder.read_run()
+        refuse_completed(self.folder.root, self.run_info)
         recorded = self.folder.read_verified_ledger(self.run_info, "a resume")  # never build on a lost spend record
         path, entry = self.folder.latest_checkpoint()
         payload = load_checkpoint(path, self.gan)

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedpggan import config
 from fedpggan.build import open_training_data, prior_tensor, warn_single_class, warn_without_dp, with_resolved_dataset
@@ -27,12 +27,13 @@ from fedpggan.data.partition import check_same_partition, site_sha256
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json
 from fedpggan.preflight import check_federated_budget, check_image_size, check_simulation_resources
-from fedpggan.runs import RunFolder, config_to_resume, default_run_dir, refuse_options_with_resume
+from fedpggan.runs import RunFolder, config_to_resume, default_run_dir, refuse_options_with_resume, resume_changes
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
 OPTIONS = [f.name for f in dataclasses.fields(RunConfig) if f.name not in ("epochs", "d_steps")]
+STOPPED_EXIT_CODE = 3  # a run that stopped cleanly (too few sites): neither success (0) nor a user error (2)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,9 +73,11 @@ def check_resumable(cfg: RunConfig, folder: RunFolder) -> None:
                          f"restore the data the run was started with ({cfg.dataset}) or start a new run")
 
 
-def simulate(cfg: RunConfig | None, resume: str | None = None, client_app: ClientApp | None = None) -> Path:
+def simulate(cfg: RunConfig | None, resume: str | None = None, client_app: ClientApp | None = None,
+             changes: dict[str, Any] | None = None) -> Path:
     """Run (or resume) a simulation; return the run folder. Raises FedPGGANError on failure.
-    ``client_app`` replaces the product's site (the soak benchmark's fault injection uses it)."""
+    ``client_app`` replaces the product's site (the soak benchmark's fault injection uses it);
+    ``changes`` are what a resume may change (fedpggan.runs.RESUME_MAY_CHANGE)."""
     from flwr.simulation import run_simulation
 
     from client.client_app import app as site_app
@@ -82,7 +85,7 @@ def simulate(cfg: RunConfig | None, resume: str | None = None, client_app: Clien
 
     client_app = client_app or site_app
     if resume:
-        cfg = config_to_resume(resume)
+        cfg = config_to_resume(resume, changes=changes)
         folder = RunFolder(cfg.out)
         check_resumable(cfg, folder)
     else:
@@ -125,7 +128,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.resume:
         refuse_options_with_resume(args, OPTIONS)
     cfg = None if args.resume else config.resolve(args, OPTIONS)
-    simulate(cfg, args.resume)
+    root = simulate(cfg, args.resume, changes=resume_changes(args) if args.resume else None)
+    if json.loads((root / "run.json").read_text()).get("status") == "stopped":  # resumable, but not what was asked
+        print(f"error: {root}: the run stopped before its planned end (the reason is above and in run.json); "
+              f"continue it with --resume {root}", file=sys.stderr)
+        return STOPPED_EXIT_CODE
     return 0
 
 

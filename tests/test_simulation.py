@@ -258,3 +258,34 @@ def test_flower_log_lines_are_printed_once_and_without_debug():
     output = done.stdout + done.stderr
     assert "debug-marker" not in output
     assert output.count("info-marker") == 1
+
+
+def test_a_second_server_of_a_run_still_training_is_refused_before_it_asks_any_site(tmp_path):
+    """Its rounds would be charged at the sites a second time under the one ledger."""
+    from fedpggan.errors import FedPGGANError
+    from fedpggan.runs import RunFolder
+
+    folder = RunFolder(tmp_path / "run")
+    folder.root.mkdir()
+    with folder.held(), pytest.raises(FedPGGANError, match="another process is training this run"):
+        FederatedRun(None, tiny_config(tmp_path / "run"), resume=True).run()  # no grid: it must stop before using one
+
+
+def test_a_stopped_simulation_exits_with_its_own_code_and_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    import simulation.run as sim
+
+    (tmp_path / "run.json").write_text(json.dumps({"status": "stopped"}))
+    monkeypatch.setattr(sim, "simulate", lambda cfg, resume=None, changes=None: tmp_path)
+    assert sim.main(["--dataset", "phantom"]) == sim.STOPPED_EXIT_CODE == 3
+    assert f"continue it with --resume {tmp_path}" in capsys.readouterr().err
+    (tmp_path / "run.json").write_text(json.dumps({"status": "completed"}))
+    assert sim.main(["--dataset", "phantom"]) == 0
+
+
+def test_a_resume_may_move_the_data_and_the_device_but_change_nothing_else(tmp_path, capsys):
+    import simulation.run as sim
+
+    assert sim.main(["--resume", str(tmp_path / "nowhere"), "--rounds", "3"]) == 2
+    assert "drop --rounds" in capsys.readouterr().err
+    assert sim.main(["--resume", str(tmp_path / "nowhere"), "--device", "cpu", "--data-dir", str(tmp_path)]) == 2
+    assert "run.json: not found" in capsys.readouterr().err  # past the option check, to the missing run

@@ -87,6 +87,9 @@ def test_nan_is_refused_for_every_decimal_option_also_from_python():
         (["simulate", "--partition", "quantity", "--alpha", "inf"], "--alpha inf is invalid"),
         (["simulate", "--seed", "-1"], "--seed -1 is invalid"),
         (["train", "--seed", str(2 ** 70)], "is invalid: it must be in 0 .. 2**63 - 1"),
+        # values that ended in a traceback (memory, overflow) after the run folder was made
+        (["train", "--embedding-frequencies", "100000000"], "--embedding-frequencies 100000000 is invalid: it must be in 1 .. 20000"),
+        (["train", "--lr-d", "1e300"], "--lr-d 1e+300 is invalid: it must be at most 1"),
     ],
 )
 def test_bad_options_give_one_line_errors(argv, message, capsys):
@@ -483,3 +486,74 @@ def test_a_run_stopped_inside_a_ledger_write_still_audits_and_resumes(tmp_path, 
     assert main(["train", "--resume", str(run)]) == 0
     assert "ledger_sha256_before" not in json.loads((run / "run.json").read_text())
     assert main(["audit", str(run)]) == 0
+
+
+def test_a_run_still_training_is_not_resumed_by_a_second_process(tmp_path, capsys):
+    """Two trainers of one folder would each take the same epochs with their own noise, and the ledger
+    they share would charge them once: the second is refused while the first holds the run."""
+    run = tmp_path / "run"
+    folder, info = trained_then_marked_running(run, 2)
+    folder.write_run(info)
+    before = folder.ledger_json.read_bytes()
+    capsys.readouterr()
+    with folder.held():  # the first trainer, still at work
+        assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "another process is training this run" in err and "\n" not in err.strip()
+    assert folder.ledger_json.read_bytes() == before  # nothing written by the refused one
+    assert main(["train", "--resume", str(run), "--device", "cpu"]) == 0  # once free; --device may change on a resume
+
+
+def test_a_resume_with_other_training_data_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    folder, info = trained_then_marked_running(run, 2)
+    assert info["dataset"]["sha256"]  # recorded at the start
+    info["dataset"]["sha256"] = "0" * 64  # as if the files at the run's data path were replaced since
+    folder.write_run(info)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "the training data differ from those the run began with" in capsys.readouterr().err
+    del info["dataset"]["sha256"]  # a run from before the hash: it cannot check other paths
+    folder.write_run(info)
+    assert main(["train", "--resume", str(run), "--data-dir", str(tmp_path)]) == 2
+    assert "recorded no content hash of its data" in capsys.readouterr().err
+
+
+def test_a_run_whose_last_epoch_lost_its_weights_completes_and_its_export_says_so(tmp_path, capsys):
+    """Killed after the last epoch was charged but before its checkpoint: no epoch is left, so the run
+    completes with the previous epoch's weights, and the datasheet does not pass them off as the last."""
+    run = tmp_path / "run"
+    folder, info = trained_then_marked_running(run, 2)
+    index = folder.checkpoint_index()
+    (run / "checkpoints" / "index.json").write_text(json.dumps(index[:1]))
+    ledger = json.loads(folder.ledger_json.read_text())
+    ledger["checkpoints"] = ledger["checkpoints"][:1]
+    folder.ledger_json.write_text(json.dumps(ledger))
+    (run / "checkpoints" / index[1]["file"]).unlink()
+    folder.write_run(info)  # the ledger's new hash
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "no epoch is left to train: the run completes with epoch 1's weights" in capsys.readouterr().out
+    assert folder.read_run()["status"] == "completed"
+    assert main(["audit", str(run)]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "x"), "--n", "10"]) == 0
+    warnings = json.loads((tmp_path / "x" / "datasheet.json").read_text())["warnings"]
+    assert any(w.startswith("EARLIER GENERATOR: the run trained 2 epochs; this generator is the one of epoch 1") for w in warnings)
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    import datetime as real
+
+    import fedpggan.runs as runs
+
+    class Frozen(real.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return real.datetime(2026, 12, 6, 12, 0, 0)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runs, "datetime", Frozen)
+    first = runs.default_run_dir()
+    first.mkdir(parents=True)
+    second = runs.default_run_dir()
+    assert (first.name, second.name) == ("20261206-120000", "20261206-120000-2")

@@ -30,12 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedpggan.runs import config_to_resume, refuse_options_with_resume
+    from fedpggan.runs import config_to_resume, refuse_options_with_resume, resume_changes
     from fedpggan.train import train_centralised
 
     if args.resume:
         refuse_options_with_resume(args, OPTIONS)
-        train_centralised(config_to_resume(args.resume, kind="centralised"), resume=True)
+        train_centralised(config_to_resume(args.resume, kind="centralised", changes=resume_changes(args)), resume=True)
     else:
         train_centralised(config.resolve(args, OPTIONS, DEFAULTS))
     return 0

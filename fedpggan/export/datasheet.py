@@ -67,9 +67,14 @@ def build_datasheet(prov: Provenance, export: dict[str, Any]) -> dict[str, Any]:
         warnings.append(f"{AUDIT_LABELS['failed']} ({prov.audit['date']}): the run's privacy claims did not survive "
                         "the audit" + "".join(f"; {v}" for v in prov.audit.get("violations", [])) + ".")
     unit = "epoch" if run.get("kind") == "centralised" else "round"
+    trained_epochs = (run.get("config") or {}).get("epochs") if unit == "epoch" else None  # a completed run trains all
     if run.get("status") != "completed":
         warnings.append(f"INCOMPLETE RUN: the source run's status is {run.get('status')!r} (stopped or interrupted before "
                         f"its planned end); the generator is the one of {unit} {prov.checkpoint_round}.")
+    elif isinstance(trained_epochs, int) and prov.checkpoint_round < trained_epochs:
+        warnings.append(f"EARLIER GENERATOR: the run trained {trained_epochs} epochs; this generator is the one of epoch "
+                        f"{prov.checkpoint_round} (the later epochs' weights were lost, or an earlier checkpoint was chosen); "
+                        "the privacy figures count every epoch trained.")
     discarded = next((c.get("discarded") for c in ledger.get("checkpoints", [])
                       if c.get("sha256") == prov.checkpoint_sha256 and c.get("discarded")), None)
     if discarded:
