@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import itertools
 import json
 import platform
@@ -90,18 +89,21 @@ class RunFolder:
         crash). A second trainer of the same folder, e.g. a ``--resume`` while the run still trains,
         is refused: both would take the same steps on the same records, each with its own noise,
         and the ledger they share would charge them once."""
+        import fcntl  # POSIX, like the sites and servers; the readers of a run folder (audit, export) need no lock
+
         with open(self.root / ".lock", "a") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise FedPGGANError(f"{self.root}: another process is training this run; let it finish (or stop it) "
-                                    "before --resume") from None
+                raise FedPGGANError(f"{self.root}: another process is training a run in this folder; let it finish (or "
+                                    "stop it) before resuming it, or give a new run another --out") from None
             yield
 
     def _set_up(self, path: Path) -> bool:
         """Whether ``path`` is only what setting up a run makes before run.json: an empty folder of
-        :meth:`create` or the simulation's partition summary (the ServerApp creates after it)."""
-        if path.name == "partition.json":
+        :meth:`create` or the simulation's partition summary (the ServerApp creates after it), and the
+        lock of a trainer that failed before writing run.json (e.g. no site connected)."""
+        if path.name in ("partition.json", ".lock"):
             return path.is_file()
         return path in (self.checkpoints, self.samples, self.curves) and path.is_dir() and not any(path.iterdir())
 
@@ -356,7 +358,17 @@ def config_to_resume(path: str | Path, kind: str = "federated", changes: dict[st
     if {"dataset", "data_dir"} & changes.keys() and not records_data_hash(folder, info):
         raise FedPGGANError(f"{folder.root}: the run recorded no content hash of its data, so --resume cannot check that "
                             "other paths hold the same records; resume without --dataset/--data-dir, from where the run started")
-    return dataclasses.replace(RunConfig.from_saved(info["config"]), out=str(folder.root), **changes)
+    # run.json's config stays as the run began (its ledger holds its hash); a resume's new paths are kept beside it
+    moved = info.get("resumed_with") if isinstance(info.get("resumed_with"), dict) else {}
+    return dataclasses.replace(RunConfig.from_saved({**info["config"], **moved}), out=str(folder.root), **changes)
+
+
+def resumed_with(cfg: RunConfig, info: dict[str, Any]) -> dict[str, Any]:
+    """The options of :data:`RESUME_MAY_CHANGE` a resumed run trains with where they differ from
+    run.json's config (flag names): what run.json's ``resumed_with`` keeps for the next resume,
+    and what the checkpoints written since may differ from run.json in."""
+    now, saved = cfg.to_flower(), info.get("config") or {}
+    return {flag(name): now[flag(name)] for name in RESUME_MAY_CHANGE if now.get(flag(name)) != saved.get(flag(name))}
 
 
 def records_data_hash(folder: RunFolder, info: dict[str, Any]) -> bool:

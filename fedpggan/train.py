@@ -73,7 +73,7 @@ def train_centralised(cfg: RunConfig, resume: bool = False) -> Path:
             planned = None if privacy is None else {"noise_multiplier": privacy.noise_multiplier, "sample_rate": q,
                                                     "delta": privacy.delta, "planned_steps": total_d_steps,
                                                     "public_num_records": n}
-            resumed = restore(run, g_trainer, release_history(release), planned, data.sha256)
+            resumed = restore(run, g_trainer, release_history(release), planned, data.sha256, cfg)
             run_info, ledger, first_epoch, history = resumed.run_info, resumed.ledger, resumed.first_epoch, resumed.history
         else:
             run_info, ledger = start(run, cfg, data, privacy, q, total_d_steps, release)

@@ -20,7 +20,8 @@ from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes
 from fedpggan.privacy.accounting import History, extend_history
 from fedpggan.privacy.ledger import PrivacyLedger
-from fedpggan.runs import RunFolder, now_iso, refuse_completed
+from fedpggan.config import RunConfig
+from fedpggan.runs import RunFolder, now_iso, refuse_completed, resumed_with
 from pggan_model import GeneratorTrainer, load_checkpoint
 from pggan_model.checkpoint import set_rng_state
 
@@ -36,13 +37,14 @@ class Resumed:
 
 
 def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History, planned: dict[str, float] | None,
-            data_sha256: str) -> Resumed:
+            data_sha256: str, cfg: RunConfig) -> Resumed:
     """Load the newest verified checkpoint into ``g_trainer``'s GAN; the ledger, accountant
     history and metrics as of the last recorded epoch. ``release`` is the release's history and
     ``planned`` the mechanism the data and options give now (None without DP): it must be the
     one the ledger registered, or the resumed epochs would spend under another calibration.
     ``data_sha256`` is the training data's content hash: other records than the run began with
-    would be trained under an accountant that never counted them (and the release is theirs)."""
+    would be trained under an accountant that never counted them (and the release is theirs).
+    ``cfg`` is what the resumed run trains with (its paths and device may be new: RESUME_MAY_CHANGE)."""
     info = run.read_run()
     refuse_completed(run.root, info)
     recorded_data = (info.get("dataset") or {}).get("sha256") if isinstance(info.get("dataset"), dict) else None
@@ -77,12 +79,12 @@ def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History, plann
               f"stays charged, so training continues at epoch {last + 1} from epoch {entry['round']}'s weights")
     rows = [r for r in run.read_metrics() if r["epoch"] <= last]
     atomic_write_bytes(run.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows).encode())  # a kill keeps the old rows
-    info.update(status="running", resumed_at=now_iso(), resumed_from_epoch=entry["round"])
+    info.update(status="running", resumed_at=now_iso(), resumed_from_epoch=entry["round"], resumed_with=resumed_with(cfg, info))
     for round_num in broken:  # in the ledger first, so that an interrupted resume leaves nothing unexplained
         ledger.discard_checkpoint(round_num, f"missing or failing its hash at the resume of {info['resumed_at']}")
     run.save_ledger(ledger, info)
     run.discard_checkpoints_after(entry["round"])
-    if last >= int(info["config"].get("epochs", last)):
+    if last >= cfg.epochs:
         print(f"warning: no epoch is left to train: the run completes with epoch {entry['round']}'s weights "
               "(an export's datasheet says so)")
     else:

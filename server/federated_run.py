@@ -35,7 +35,7 @@ from fedpggan.privacy.secure_sum import SECURE_SUM_ASSUMPTION, epsilon_if_all_ot
 from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none, spent_outside_rounds
 from fedpggan.privacy.mechanism import Mechanism, averaged_d_noise, site_mechanism
 from fedpggan.privacy.noise import SEEDED_NOISE_WARNING
-from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso, refuse_completed
+from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso, refuse_completed, resumed_with
 from fedpggan.wire import generator_arrays, site_error, train_content
 from pggan_model import CASES, GeneratorTrainer, load_checkpoint, save_checkpoint
 from pggan_model.mean_embedding import class_means, release_noise_ratio
@@ -242,7 +242,8 @@ class FederatedRun:
                              sum(self.release_sigma(s) ** 2 for s in self.releases))
         rows = [r for r in self.folder.read_metrics() if r["round"] <= entry["round"]]
         atomic_write_bytes(self.folder.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows).encode())  # a kill keeps the old rows
-        self.run_info.update(status="running", resumed_at=resumed_at, resumed_from_round=entry["round"])
+        self.run_info.update(status="running", resumed_at=resumed_at, resumed_from_round=entry["round"],
+                             resumed_with=resumed_with(self.cfg, self.run_info))
         self.folder.save_ledger(self.ledger, self.run_info)
         self.folder.discard_checkpoints_after(entry["round"])  # newer files this resume could not use: set aside
         print(f"resuming {self.folder.root} after round {entry['round']} ({path.name})")

@@ -320,11 +320,17 @@ def test_resume_charges_epochs_lost_after_the_last_checkpoint_and_does_not_redo_
         (run / "checkpoints" / entry["file"]).unlink()
     folder.write_run(info)  # the ledger's new hash
     capsys.readouterr()
-    assert main(["train", "--resume", str(run)]) == 0
+    assert main(["train", "--resume", str(run), "--device", "cpu"]) == 0  # as on another machine: the device may change
     assert "epoch 2: trained after the newest verified checkpoint" in capsys.readouterr().out
     rounds = json.loads(folder.ledger_json.read_text())["sites"]["central"]["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
-    assert main(["audit", str(run)]) == 0
+    assert main(["audit", str(run)]) == 0  # epoch 3's checkpoint was written with --device cpu, run.json says auto
+    info = folder.read_run()
+    assert info["config"]["device"] == "auto" and info["resumed_with"] == {"device": "cpu"}
+    info["status"] = "running"  # a later resume runs where the last one did, without repeating the option
+    folder.write_run(info)
+    from fedpggan.runs import config_to_resume
+    assert config_to_resume(run, kind="centralised").device == "cpu"
 
 
 def test_a_metrics_line_cut_short_by_a_kill_is_left_out_and_damaged_run_files_are_one_line_errors(tmp_path, capsys):
@@ -499,7 +505,7 @@ def test_a_run_still_training_is_not_resumed_by_a_second_process(tmp_path, capsy
     with folder.held():  # the first trainer, still at work
         assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
-    assert "another process is training this run" in err and "\n" not in err.strip()
+    assert "another process is training a run in this folder" in err and "\n" not in err.strip()
     assert folder.ledger_json.read_bytes() == before  # nothing written by the refused one
     assert main(["train", "--resume", str(run), "--device", "cpu"]) == 0  # once free; --device may change on a resume
 

@@ -22,9 +22,9 @@ from typing import Any
 
 from fedpggan.audit.findings import Finding
 from fedpggan.audit.records import as_list, number
-from fedpggan.config import RunConfig
+from fedpggan.config import RunConfig, flag
 from fedpggan.io import sha256_file, sha256_json
-from fedpggan.runs import RunFolder
+from fedpggan.runs import RESUME_MAY_CHANGE, RunFolder
 from pggan_model.checkpoint import read_checkpoint
 
 
@@ -51,17 +51,19 @@ def check_config(run: dict[str, Any], ledger: dict[str, Any]) -> list[Finding]:
 
 def check_config_in_checkpoint(run: dict[str, Any], folder: RunFolder, rows: list[dict[str, Any]]) -> list[Finding]:
     """run.json's options agree with those the newest verified checkpoint was written with
-    (where it lies aside: ``out``). The checkpoint's hash is in the ledger, so changing its
+    (where it lies aside: ``out``, and what a resume may change: where the data lie, whose content
+    the resume checked, and the device). The checkpoint's hash is in the ledger, so changing its
     options would mean rewriting the checkpoint, its hash and the ledger's hash as well."""
     verified = [r for r in rows if r["status"] == "verified"]
     if not verified:
         return []
     saved = read_checkpoint(folder.checkpoints / verified[-1]["file"]).get("run_config") or {}
     config = run.get("config") or {}
-    differ = sorted(k for k in set(saved) & set(config) - {"out"} if saved[k] != config[k])
+    aside = {"out", *map(flag, RESUME_MAY_CHANGE)}
+    differ = sorted(k for k in set(saved) & set(config) - aside if saved[k] != config[k])
     # an option the checkpoint was written without was added to run.json since (e.g. noise-key in a run
     # saved before that option existed, whose ledger records no options hash to catch it)
-    differ += sorted(set(config) - set(saved) - {"out"})
+    differ += sorted(set(config) - set(saved) - aside)
     if not differ:
         return []
     return [Finding("run.json:config", f"{', '.join(differ)} in run.json differ from the options "
