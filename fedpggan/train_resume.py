@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
+from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes
 from fedpggan.privacy.accounting import History, extend_history
 from fedpggan.privacy.ledger import PrivacyLedger
-from fedpggan.config import RunConfig
 from fedpggan.runs import RunFolder, now_iso, refuse_completed, resumed_with
 from pggan_model import GeneratorTrainer, load_checkpoint
 from pggan_model.checkpoint import set_rng_state
@@ -47,7 +47,8 @@ def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History, plann
     ``cfg`` is what the resumed run trains with (its paths and device may be new: RESUME_MAY_CHANGE)."""
     info = run.read_run()
     refuse_completed(run.root, info)
-    recorded_data = (info.get("dataset") or {}).get("sha256") if isinstance(info.get("dataset"), dict) else None
+    dataset = info.get("dataset")
+    recorded_data = dataset.get("sha256") if isinstance(dataset, dict) else None
     if recorded_data is not None and recorded_data != data_sha256:
         raise FedPGGANError(f"{run.root}: the training data differ from those the run began with (their content hash "
                             "changed); resume with the run's own data (--dataset/--data-dir) or start a new run")
