@@ -901,7 +901,7 @@ def test_the_server_chooses_and_records_the_generator_steps_by_the_sites_noise(c
         run.folder = SimpleNamespace(save_ledger=lambda *a: None)
         assert run.choose_generator_steps() == steps
         recorded = run.run_info["generator_steps"]
-        assert recorded["per_round"] == steps and recorded["chosen_by"] == "--g-steps 0: noise vs 0.02"
+        assert recorded["per_round"] == steps and recorded["chosen_by"] == "--g-steps 0: noise vs 0.012"
         assert f"generator steps per round: {steps} (--g-steps 0: the averaged discriminator's DP noise is" in capsys.readouterr().out
     run.resume, run.expected_mechanism = True, {}  # a resumed run keeps the steps it began with, whatever it would choose now
     run.cfg = dataclasses.replace(run.cfg, epsilon=10.0)

@@ -176,6 +176,8 @@ def test_flower_run_config_round_trip():
 @pytest.mark.parametrize("sites, records, epsilon, steps", [
     (5, 942, 10.0, 8),      # PneumoniaMNIST at eps 10: 8 steps keep its AUC and learn many-class data
     (5, 942, 1.0, 2),       # ... at eps 1 they learn D's noise (0.754 against 0.869)
+    (5, 942, 3.0, 2),       # ... and at eps 3 (noise 0.018: 0.872 against 0.920)
+    (5, 942, 2.0, 2),       # ... and at eps 2 (noise 0.026: 0.828 against 0.909)
     (3, 182, 10.0, 2),      # BreastMNIST's small sites at eps 10: the same (0.554 against 0.668)
     (5, 1000, 10.0, 8),     # the RGB phantom (0.81 -> 0.89 with 8)
     (5, 942, math.inf, 8),  # no DP
