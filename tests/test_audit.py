@@ -186,8 +186,44 @@ def spend_just_past_the_budget(ledger):
     assert site["budget_epsilon"] < site["epsilon"] < site["budget_epsilon"] + slack(site["budget_epsilon"])
 
 
+def raise_budget(ledger):
+    """The ledger's budget above the run's --epsilon: a spend judged against a budget nobody set."""
+    ledger["sites"]["central"]["budget_epsilon"] *= 2
+
+
+def change_accountant(ledger):
+    """Another accountant than the run's --accountant names the claim."""
+    site = ledger["sites"]["central"]
+    site["accountant"] = "rdp" if site["accountant"] == "prv" else "prv"
+
+
+def double_clip(ledger):
+    """Noise scaled to a clipping norm other than the run's --max-grad-norm."""
+    ledger["sites"]["central"]["max_grad_norm"] *= 2
+
+
+def drop_clip(ledger):
+    """No clipping norm at all: nothing left to check the noise's scale against."""
+    del ledger["sites"]["central"]["max_grad_norm"]
+
+
+def plan_more_steps(ledger):
+    """A plan of more steps than the run's config gives (a calibration for another length)."""
+    ledger["sites"]["central"]["planned_steps"] += 10
+
+
+def under_report_an_earlier_round(ledger):
+    """Only round 1's claim halved: the final claim is right, the curve before it is not."""
+    ledger["sites"]["central"]["rounds"][0]["epsilon"] /= 2
+
+
 @pytest.mark.parametrize("edit, field, words", [
     (halve_noise, "sites.central.noise_multiplier", "calibrated"),
+    (raise_budget, "sites.central.budget_epsilon", "but run.json config epsilon is"),
+    (change_accountant, "sites.central.accountant", "but the config says"),
+    (double_clip, "sites.central.max_grad_norm", "but the config clips at"),
+    (plan_more_steps, "sites.central.planned_steps", "but the config gives"),
+    (under_report_an_earlier_round, "sites.central.rounds[0].epsilon", "under-reported"),
     (spend_just_past_the_budget, "sites.central.epsilon", "exceeds the budget"),
     (spend_just_past_the_budget, "sites.central.noise_multiplier", "above the budget"),
     (lower_epsilon_slightly, "sites.central.epsilon", "under-reported"),
@@ -205,6 +241,13 @@ def test_each_tampering_fails_naming_the_field(run_copy, edit, field, words):
     reasons = [v["reason"] for v in report["violations"] if v["field"] == field]
     assert any(words in r for r in reasons), report["violations"]
     assert not report["sites"]["central"]["passed"]
+
+
+def test_a_ledger_without_its_clipping_norm_fails(run_copy):
+    edit_ledger(run_copy, drop_clip)
+    code, report = audit(run_copy)
+    assert code == 1
+    assert any(v["field"] == "sites.central.max_grad_norm" and "missing" in v["reason"] for v in report["violations"])
 
 
 @pytest.mark.parametrize("damage", [

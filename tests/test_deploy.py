@@ -240,7 +240,8 @@ def test_secure_release_masks_only_towards_keys_the_peers_signed(federation):
         state = json.loads((federation.state_dir(site) / out.name / "site_state.json").read_text())
         assert sorted(state["release_signers"]) == sorted(SITES) and state["release_share_of"] == 3
     audit = subprocess.run([str(BIN / "fedpggan"), "audit", str(out)], capture_output=True, text=True)
-    assert "checked every key's signature against its peer-keys" in audit.stdout, audit.stdout + audit.stderr
+    assert audit.returncode == 0 and "checked every key's signature against its peer-keys" in audit.stdout, \
+        audit.stdout + audit.stderr
 
 
 def finished(federation, name: str) -> str:

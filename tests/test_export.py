@@ -151,14 +151,17 @@ def test_200_image_export_is_complete_reproducible_and_refuses_a_full_folder(gra
     assert png_bytes(a) == png_bytes(b)
 
 
-def test_same_bytes_whatever_the_chunk_size_and_new_bytes_for_a_new_seed(gray_run, tmp_path):
+def test_the_same_images_whatever_the_chunk_size_and_new_images_for_a_new_seed(gray_run, tmp_path):
+    """Each image keeps its latent whatever the chunk size; only float rounding, which a batch's size may
+    change in the last bit before the conversion to 0..255, can move a pixel, by one grey level."""
     def train_images(name: str, **kw) -> np.ndarray:
         export_run(gray_run, tmp_path / name, ExportOptions(n=120, formats=("npz",), **kw))
         with np.load(tmp_path / name / "synthetic.npz") as npz:
             return npz["train_images"]
 
     base = train_images("base")
-    assert np.abs(train_images("chunked", chunk_size=37).astype(int) - base).max() <= 1  # same latents per image
+    difference = np.abs(train_images("chunked", chunk_size=37).astype(int) - base)
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01
     assert not np.array_equal(train_images("seed1", seed=1), base)
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO
 from fedpggan.config import RunConfig
+from fedpggan.data import medmnist
 from fedpggan.errors import FedPGGANError
 
 # benchmarks/ is no package (and a PyPI 'benchmarks' may shadow it): load the script by path.
@@ -147,9 +148,12 @@ def test_a_partial_run_keeps_earlier_rows_of_its_own_profile_only(tmp_path):
     assert [r["auc"] for r in json.loads((tmp_path / "table.json").read_text())["rows"]] == [0.5]  # never mixed
 
 
-def test_a_failed_row_keeps_the_earlier_measurement_and_the_script_exits_non_zero(tmp_path, capsys):
+def test_a_failed_row_keeps_the_earlier_measurement_and_the_script_exits_non_zero(tmp_path, capsys, monkeypatch):
     """A re-run that fails (here: data that cannot be found) must not replace a measured figure, nor
     let automation believe it succeeded."""
+    monkeypatch.setenv("MEDMNIST_ROOT", str(tmp_path / "no_root"))  # not found on any machine: no other
+    monkeypatch.setenv("HOME", str(tmp_path / "no_home"))  # folder to look in, and no download
+    monkeypatch.setattr(medmnist, "fetch", lambda url, dest: (_ for _ in ()).throw(OSError("offline")))
     args = ["--dataset", "pneumoniamnist", "--data-dir", str(tmp_path / "nowhere"), "--profile", "smoke", "--device", "cpu",
             "--rows", "federated eps=10", "--work", str(tmp_path / "work"), "--results", str(tmp_path)]
     assert quality.main(args) == 1

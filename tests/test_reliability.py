@@ -969,3 +969,40 @@ def test_an_atomic_write_syncs_the_file_and_then_its_folder(tmp_path, monkeypatc
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real(fd))
     atomic_write_bytes(tmp_path / "ledger.json", b"{}")
     assert synced == [False, True] and (tmp_path / "ledger.json").read_bytes() == b"{}"
+
+
+@pytest.mark.parametrize("handler", ["release_keys", "release_masked", "release_reveal", "train"])
+def test_every_site_handler_opens_the_sites_state_only_under_its_lock(tmp_path, monkeypatch, handler):
+    """A stale ClientApp of a crashed run, or a second one of the same run, must not interleave with
+    another on the site's privacy state: each handler loads it holding the run's OS lock, which no
+    other open of the lock file (here: in this process, as another process would) can then take."""
+    import fcntl
+    from types import SimpleNamespace
+
+    import client.client_app as client_app
+    from client.site import run_folder
+    from fedpggan.privacy.secure_sum import new_key_pair
+
+    class Loaded(Exception):
+        """Raised where the handler loads the state: what happens next is other tests' concern."""
+
+    seen = []
+
+    def load(root, run_id):
+        with open(run_folder(root, run_id) / ".lock", "a") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append("free")
+            except BlockingIOError:
+                seen.append("held")
+        raise Loaded
+
+    monkeypatch.setattr(client_app.SiteState, "load", staticmethod(load))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the train handler sizes a simulated site's threads
+    raw = {**tiny_config(tmp_path, epsilon=1.0).to_flower(), "run-id": "run", "round": 1,
+           "site-state-root": str(tmp_path / "sites")}
+    publics = [new_key_pair()[1] for _ in range(3)]
+    msg = SimpleNamespace(content={"config": raw, "keys": {"public-keys": publics}})
+    with pytest.raises(FedPGGANError) as caught:
+        getattr(client_app, handler)(msg, SimpleNamespace(node_config={"partition-id": 0, "num-partitions": 3}))
+    assert isinstance(caught.value.__cause__, Loaded) and seen == ["held"]

@@ -11,6 +11,7 @@ from flwr.simulation import run_simulation
 
 import fedpggan.data.sources as sources
 from client.client_app import app as client_app
+from fedpggan.build import open_training_data
 from fedpggan.wire import PRIVACY_METRICS, PUBLIC_SITE_FACTS
 from pggan_model import GeneratorTrainer
 from server.federated_run import FederatedRun
@@ -54,7 +55,8 @@ def simulate_recorded(out, **overrides):
         g_calls.append((batch_size, prior))
         return original_step(self, batch_size, prior)
 
-    patch.setattr(sources, "open_dataset", no_data)
+    for reader in ("open_phantom", "load_npz", "load_folder"):  # every dataset is opened through one of these
+        patch.setattr(sources, reader, no_data)
     patch.setattr(GeneratorTrainer, "step", recording_step)
     app = ServerApp()
 
@@ -63,6 +65,8 @@ def simulate_recorded(out, **overrides):
         FederatedRun(RecordingGrid(grid, replies), dataclasses.replace(cfg, out=str(out))).run()
 
     try:
+        with pytest.raises(AssertionError, match="opened a dataset"):  # the guard holds for the product's own loader
+            open_training_data(cfg)
         run_simulation(server_app=app, client_app=client_app, num_supernodes=3,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                        "init_args": {"include_dashboard": False}})

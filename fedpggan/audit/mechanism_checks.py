@@ -104,7 +104,7 @@ def check_budget_and_delta(site: Site, facts: RunFacts) -> list[Finding]:
     if facts.config.get("accountant") not in (None, site.accountant):
         out.append(Finding(f"{p}.accountant", f"{site.accountant!r}, but the config says {facts.config['accountant']!r}"))
     clip = number(facts.config.get("max-grad-norm"))
-    if site.max_grad_norm is not None and clip is not None and not math.isclose(site.max_grad_norm, clip, rel_tol=1e-9):
+    if clip is not None and not math.isclose(site.max_grad_norm, clip, rel_tol=1e-9):
         out.append(Finding(f"{p}.max_grad_norm", f"{site.max_grad_norm:g}, but the config clips at {clip:g}"))
     if facts.kind == "centralised" and facts.num_records is not None and site.public_num_records != facts.num_records:
         out.append(Finding(f"{p}.public_num_records", f"{site.public_num_records}, but run.json dataset has "

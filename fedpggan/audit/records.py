@@ -38,7 +38,7 @@ class Site:
     accountant: str
     noise_multiplier: float
     sample_rate: float
-    max_grad_norm: float | None
+    max_grad_norm: float
     planned_steps: int
     public_num_records: int
     epsilon: float
@@ -141,6 +141,9 @@ def parse_site(site_id: str, raw: Any) -> tuple[Site | None, list[Finding]]:
         bad.append(Finding(f"{prefix}.events", "not a list; the site's events cannot be read"))
     if not isinstance(raw.get("accountant"), str):
         bad.append(Finding(f"{prefix}.accountant", f"missing ({raw.get('accountant')!r}); the ledger must name its accountant"))
+    if number(raw.get("max_grad_norm")) is None:
+        bad.append(Finding(f"{prefix}.max_grad_norm", f"missing or not a finite number ({raw.get('max_grad_norm')!r}); "
+                                                      "the clipping norm the noise is scaled to cannot be checked"))
     rounds, round_findings = _parse_rounds(prefix, raw.get("rounds"), values)
     bad += round_findings + _event_findings(prefix, raw.get("events"))
     release, release_share, release_findings = _parse_release(prefix, raw.get("feature_release"))
@@ -150,7 +153,7 @@ def parse_site(site_id: str, raw: Any) -> tuple[Site | None, list[Finding]]:
     site = Site(
         site_id=site_id, budget_epsilon=values["budget_epsilon"], delta=values["delta"], accountant=raw["accountant"],
         noise_multiplier=values["noise_multiplier"], sample_rate=values["sample_rate"],
-        max_grad_norm=number(raw.get("max_grad_norm")), planned_steps=int(values["planned_steps"]),
+        max_grad_norm=float(raw["max_grad_norm"]), planned_steps=int(values["planned_steps"]),
         public_num_records=int(values["public_num_records"]), epsilon=values["epsilon"],
         status=str(raw.get("status", "")), rounds=rounds,
         events=[e for e in as_list(raw.get("events")) if isinstance(e, dict)],
