@@ -1,0 +1,88 @@
+"""Which generator steps will a run take? The averaged discriminator's DP noise that --g-steps 0 decides by.
+
+    python benchmarks/generator_steps_noise.py --data-dir ../shared/data --rounds 60 --epsilons 1,2,3,5,7,10
+    python benchmarks/generator_steps_noise.py --data-dir ../shared/data --dataset breastmnist --sites 3 --rounds 60
+
+For each (epsilon, local steps) it splits the training set into IID sites as the simulation does, calibrates every
+site's DP-SGD noise as the sites and the server do (fedpggan.privacy.mechanism.site_mechanism), and reports the noise
+of the averaged discriminator's per-step gradient (averaged_d_noise) and the generator steps per round the rule
+takes for it (RunConfig.generator_steps; 8 at most fedpggan.config.AUTO_G_STEPS_MAX_NOISE, 2 above). The same
+figures a run prints when it starts and records in run.json's generator_steps. No training; seconds on a CPU.
+Writes benchmarks/results/generator-steps-noise-<dataset>-<date>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import sys
+from datetime import date
+from pathlib import Path
+
+from fedpggan.cli import run_reporting_errors
+from fedpggan.config import AUTO_G_STEPS_MAX_NOISE, RunConfig
+from fedpggan.data import open_dataset, partition
+from fedpggan.io import atomic_write_bytes, atomic_write_json
+from fedpggan.privacy.mechanism import averaged_d_noise, site_mechanism
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = RunConfig()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="pneumoniamnist", help="as simulate's --dataset")
+    p.add_argument("--data-dir", default="")
+    p.add_argument("--sites", type=int, default=defaults.clients)
+    p.add_argument("--rounds", type=int, default=defaults.rounds)
+    p.add_argument("--epsilons", default="1,2,3,5,7,10", help="comma-separated per-site budgets")
+    p.add_argument("--local-steps", default=str(defaults.local_steps), help="comma-separated --local-steps values")
+    p.add_argument("--results", default=str(RESULTS), help="folder for the JSON and markdown results")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    args = p.parse_args(argv)
+    return run_reporting_errors(lambda: run(args, defaults), args.debug)
+
+
+def noise_row(cfg: RunConfig, sizes: list[int]) -> dict:
+    """The rule's input and choice for one configuration, as the server computes them."""
+    mechanisms = [(site_mechanism(cfg, n, cfg.rounds * cfg.local_steps), n) for n in sizes]
+    noise = averaged_d_noise(mechanisms, max(1, math.ceil(cfg.fraction * len(sizes))))
+    return {"eps": cfg.epsilon, "local_steps": cfg.local_steps, "rounds": cfg.rounds,
+            "noise_multiplier": [m.noise_multiplier for m, _ in mechanisms], "sample_rate": [m.sample_rate for m, _ in mechanisms],
+            "averaged_d_noise": noise, "generator_steps": cfg.generator_steps(noise)}
+
+
+def run(args: argparse.Namespace, defaults: RunConfig) -> int:
+    data = open_dataset(args.dataset, "train", args.data_dir or None)
+    base = dataclasses.replace(defaults, dataset=args.dataset, data_dir=args.data_dir, clients=args.sites, rounds=args.rounds)
+    base.validate()
+    sizes = [len(part) for part in partition(data.labels.numpy(), args.sites, "iid", base.alpha, base.min_per_site, base.seed)]
+    rows = []
+    for epsilon, local_steps in itertools.product(map(float, args.epsilons.split(",")), map(int, args.local_steps.split(","))):
+        rows.append(noise_row(dataclasses.replace(base, epsilon=epsilon, local_steps=local_steps), sizes))
+        print(f"eps {epsilon:g}, {local_steps} local steps: averaged D noise {rows[-1]['averaged_d_noise']:.4f} -> "
+              f"{rows[-1]['generator_steps']} generator steps per round")
+    stem = Path(args.results) / f"generator-steps-noise-{args.dataset}-{date.today().isoformat()}"
+    meta = {"dataset": args.dataset, "records": len(data), "sites": args.sites, "site_sizes": sizes, "partition": "iid",
+            "rounds": args.rounds, "batch_size": base.batch_size, "delta": base.delta or "default min(1e-5, 1/(10 n))",
+            "accountant": base.accountant, "embedding_share": base.embedding_share, "limit": AUTO_G_STEPS_MAX_NOISE}
+    atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
+    lines = [f"# The generator-step rule's input: {args.dataset}, {args.sites} IID sites of {', '.join(map(str, sizes))} images, "
+             f"{args.rounds} rounds", "",
+             "Averaged discriminator's DP noise: each site's sigma / B (B = n q), root mean square over the sites, over "
+             f"sqrt(sites averaged per round). `--g-steps 0` takes 8 generator steps per round where it is at most "
+             f"{AUTO_G_STEPS_MAX_NOISE}, 2 above (fedpggan/config.py). Computed, not trained: "
+             f"`python benchmarks/generator_steps_noise.py --dataset {args.dataset} --sites {args.sites} --rounds {args.rounds} "
+             f"--epsilons {args.epsilons} --local-steps {args.local_steps}`.", "",
+             "| eps | local steps | sigma (site mean) | averaged D noise | generator steps |", "|---|---|---|---|---|"]
+    lines += [f"| {r['eps']:g} | {r['local_steps']} | {sum(r['noise_multiplier']) / len(sizes):.3f} | {r['averaged_d_noise']:.4f} | "
+              f"{r['generator_steps']} |" for r in rows]
+    atomic_write_bytes(stem.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
+    print(f"written: {stem}.json, {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

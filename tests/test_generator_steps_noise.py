@@ -1,0 +1,44 @@
+"""benchmarks/generator_steps_noise.py: the generator-step rule's input and choice per budget, as the server computes them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import REPO
+from fedpggan.config import RunConfig
+from server.federated_run import FederatedRun
+
+_spec = importlib.util.spec_from_file_location("generator_steps_noise_under_test", REPO / "benchmarks" / "generator_steps_noise.py")
+script = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(script)
+
+
+def server_choice(cfg: RunConfig, sizes: list[int]) -> tuple[float, int]:
+    """What a FederatedRun with these registered sites computes and chooses at its start."""
+    run = FederatedRun.__new__(FederatedRun)
+    run.cfg, run.expected_mechanism, run.run_info, run.resume = cfg, {}, {}, False
+    run.ledger = SimpleNamespace(data={"sites": {str(i): {"public_num_records": n} for i, n in enumerate(sizes)}})
+    run.folder = SimpleNamespace(save_ledger=lambda *a: None)
+    return run.averaged_d_noise(), run.choose_generator_steps()
+
+
+def test_each_row_is_what_the_server_computes_and_more_budget_means_less_noise(tmp_path, capsys):
+    args = ["--dataset", "phantom", "--sites", "3", "--rounds", "4", "--epsilons", "1,10", "--local-steps", "2,4",
+            "--results", str(tmp_path)]
+    assert script.main(args) == 0
+    saved = json.loads(next(tmp_path.glob("generator-steps-noise-phantom-*.json")).read_text())
+    sizes, rows = saved["meta"]["site_sizes"], saved["rows"]
+    assert len(sizes) == 3 and sum(sizes) == saved["meta"]["records"]
+    assert [(r["eps"], r["local_steps"]) for r in rows] == [(1.0, 2), (1.0, 4), (10.0, 2), (10.0, 4)]
+    for r in rows:
+        cfg = RunConfig(dataset="phantom", clients=3, rounds=4, epsilon=r["eps"], local_steps=r["local_steps"])
+        noise, steps = server_choice(cfg, sizes)
+        assert r["averaged_d_noise"] == pytest.approx(noise, rel=1e-12) and r["generator_steps"] == steps
+    assert rows[0]["averaged_d_noise"] > rows[2]["averaged_d_noise"] and rows[1]["averaged_d_noise"] > rows[0]["averaged_d_noise"]
+    table = next(tmp_path.glob("generator-steps-noise-phantom-*.md")).read_text()
+    assert f"| 10 | 2 | {sum(rows[2]['noise_multiplier']) / 3:.3f} | {rows[2]['averaged_d_noise']:.4f} | {rows[2]['generator_steps']} |" in table
