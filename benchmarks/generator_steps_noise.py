@@ -5,10 +5,11 @@
 
 For each (epsilon, local steps) it splits the training set into IID sites as the simulation does, calibrates every
 site's DP-SGD noise as the sites and the server do (fedpggan.privacy.mechanism.site_mechanism), and reports the noise
-of the averaged discriminator's per-step gradient (averaged_d_noise) and the generator steps per round the rule
-takes for it (RunConfig.generator_steps; 8 at most fedpggan.config.AUTO_G_STEPS_MAX_NOISE, 2 above). The same
-figures a run prints when it starts and records in run.json's generator_steps. No training; seconds on a CPU.
-Writes benchmarks/results/generator-steps-noise-<dataset>-<date>.json and .md.
+of the averaged discriminator's per-step gradient (fedpggan.privacy.mechanism.run_d_noise, which the server calls)
+and the generator steps per round the rule takes for it (RunConfig.generator_steps; 8 at most
+fedpggan.config.AUTO_G_STEPS_MAX_NOISE, 2 above). The same figures a run of the default options otherwise prints
+when it starts and records in run.json's generator_steps. No training; seconds to a minute on a CPU.
+Writes benchmarks/results/generator-steps-noise-<dataset>-<sites>sites-<rounds>rounds-<date>.json and .md.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import math
+import re
 import sys
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from fedpggan.cli import run_reporting_errors
 from fedpggan.config import AUTO_G_STEPS_MAX_NOISE, RunConfig
 from fedpggan.data import open_dataset, partition
 from fedpggan.io import atomic_write_bytes, atomic_write_json
-from fedpggan.privacy.mechanism import averaged_d_noise, site_mechanism
+from fedpggan.privacy.mechanism import run_d_noise, site_mechanism
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,21 +39,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default="")
     p.add_argument("--sites", type=int, default=defaults.clients)
     p.add_argument("--rounds", type=int, default=defaults.rounds)
-    p.add_argument("--epsilons", default="1,2,3,5,7,10", help="comma-separated per-site budgets")
-    p.add_argument("--local-steps", default=str(defaults.local_steps), help="comma-separated --local-steps values")
+    p.add_argument("--epsilons", type=comma_list(float), default="1,2,3,5,7,10",
+                   help="comma-separated per-site budgets ('none': no DP)")
+    p.add_argument("--local-steps", type=comma_list(int), default=str(defaults.local_steps),
+                   help="comma-separated --local-steps values")
     p.add_argument("--results", default=str(RESULTS), help="folder for the JSON and markdown results")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args = p.parse_args(argv)
     return run_reporting_errors(lambda: run(args, defaults), args.debug)
 
 
+def comma_list(kind: type) -> Callable[[str], list]:
+    """An argparse type: comma-separated values of ``kind`` ('none' as a float: no DP, as simulate's --epsilon none),
+    a one-line usage error otherwise."""
+    def parse(text: str) -> list:
+        try:
+            return [kind("inf") if kind is float and v == "none" else kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__} values") from None
+    return parse
+
+
 def noise_row(cfg: RunConfig, sizes: list[int]) -> dict:
     """The rule's input and choice for one configuration, as the server computes them."""
-    mechanisms = [(site_mechanism(cfg, n, cfg.rounds * cfg.local_steps), n) for n in sizes]
-    noise = averaged_d_noise(mechanisms, max(1, math.ceil(cfg.fraction * len(sizes))))
+    mechanisms = [site_mechanism(cfg, n, cfg.rounds * cfg.local_steps) for n in sizes] if cfg.dp else []
+    noise = run_d_noise(cfg, sizes)
     return {"eps": cfg.epsilon, "local_steps": cfg.local_steps, "rounds": cfg.rounds,
-            "noise_multiplier": [m.noise_multiplier for m, _ in mechanisms], "sample_rate": [m.sample_rate for m, _ in mechanisms],
+            "noise_multiplier": [m.noise_multiplier for m in mechanisms], "sample_rate": [m.sample_rate for m in mechanisms],
             "averaged_d_noise": noise, "generator_steps": cfg.generator_steps(noise)}
+
+
+def table_row(row: dict) -> str:
+    sigmas = row["noise_multiplier"]
+    sigma = f"{sum(sigmas) / len(sigmas):.3f}" if sigmas else "— (no DP)"
+    return f"| {row['eps']:g} | {row['local_steps']} | {sigma} | {row['averaged_d_noise']:.4f} | {row['generator_steps']} |"
 
 
 def run(args: argparse.Namespace, defaults: RunConfig) -> int:
@@ -59,27 +80,29 @@ def run(args: argparse.Namespace, defaults: RunConfig) -> int:
     base = dataclasses.replace(defaults, dataset=args.dataset, data_dir=args.data_dir, clients=args.sites, rounds=args.rounds)
     base.validate()
     sizes = [len(part) for part in partition(data.labels.numpy(), args.sites, "iid", base.alpha, base.min_per_site, base.seed)]
+    configs = [dataclasses.replace(base, epsilon=epsilon, local_steps=steps).validate()  # every row's options, before any row
+               for epsilon, steps in itertools.product(args.epsilons, args.local_steps)]
     rows = []
-    for epsilon, local_steps in itertools.product(map(float, args.epsilons.split(",")), map(int, args.local_steps.split(","))):
-        rows.append(noise_row(dataclasses.replace(base, epsilon=epsilon, local_steps=local_steps), sizes))
-        print(f"eps {epsilon:g}, {local_steps} local steps: averaged D noise {rows[-1]['averaged_d_noise']:.4f} -> "
+    for cfg in configs:
+        rows.append(noise_row(cfg, sizes))
+        print(f"eps {cfg.epsilon:g}, {cfg.local_steps} local steps: averaged D noise {rows[-1]['averaged_d_noise']:.4f} -> "
               f"{rows[-1]['generator_steps']} generator steps per round")
-    stem = Path(args.results) / f"generator-steps-noise-{args.dataset}-{date.today().isoformat()}"
+    name = re.sub(r"[^a-z0-9]+", "-", Path(args.dataset).name.lower().removesuffix(".npz")).strip("-") or "data"
+    stem = Path(args.results) / f"generator-steps-noise-{name}-{args.sites}sites-{args.rounds}rounds-{date.today().isoformat()}"
     meta = {"dataset": args.dataset, "records": len(data), "sites": args.sites, "site_sizes": sizes, "partition": "iid",
             "rounds": args.rounds, "batch_size": base.batch_size, "delta": base.delta or "default min(1e-5, 1/(10 n))",
             "accountant": base.accountant, "embedding_share": base.embedding_share, "limit": AUTO_G_STEPS_MAX_NOISE}
-    atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
+    atomic_write_json(Path(f"{stem}.json"), {"meta": meta, "rows": rows})
     lines = [f"# The generator-step rule's input: {args.dataset}, {args.sites} IID sites of {', '.join(map(str, sizes))} images, "
              f"{args.rounds} rounds", "",
              "Averaged discriminator's DP noise: each site's sigma / B (B = n q), root mean square over the sites, over "
              f"sqrt(sites averaged per round). `--g-steps 0` takes 8 generator steps per round where it is at most "
              f"{AUTO_G_STEPS_MAX_NOISE}, 2 above (fedpggan/config.py). Computed, not trained: "
              f"`python benchmarks/generator_steps_noise.py --dataset {args.dataset} --sites {args.sites} --rounds {args.rounds} "
-             f"--epsilons {args.epsilons} --local-steps {args.local_steps}`.", "",
+             f"--epsilons {','.join(f'{e:g}' for e in args.epsilons)} --local-steps {','.join(map(str, args.local_steps))}`.", "",
              "| eps | local steps | sigma (site mean) | averaged D noise | generator steps |", "|---|---|---|---|---|"]
-    lines += [f"| {r['eps']:g} | {r['local_steps']} | {sum(r['noise_multiplier']) / len(sizes):.3f} | {r['averaged_d_noise']:.4f} | "
-              f"{r['generator_steps']} |" for r in rows]
-    atomic_write_bytes(stem.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
+    lines += [table_row(r) for r in rows]
+    atomic_write_bytes(Path(f"{stem}.md"), ("\n".join(lines) + "\n").encode())
     print(f"written: {stem}.json, {stem}.md")
     return 0
 

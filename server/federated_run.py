@@ -33,7 +33,7 @@ from fedpggan.privacy.dp_discriminator import mechanism_name
 from fedpggan.privacy.feature_release import features_for, release_entry, release_history
 from fedpggan.privacy.secure_sum import SECURE_SUM_ASSUMPTION, epsilon_if_all_other_sites_collude, release_share_noise
 from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none, spent_outside_rounds
-from fedpggan.privacy.mechanism import Mechanism, averaged_d_noise, site_mechanism
+from fedpggan.privacy.mechanism import Mechanism, run_d_noise, site_mechanism
 from fedpggan.privacy.noise import SEEDED_NOISE_WARNING
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso, refuse_completed, resumed_with
 from fedpggan.wire import generator_arrays, site_error, train_content
@@ -270,7 +270,7 @@ class FederatedRun:
         began_with = self.run_info.get("generator_steps")
         if self.resume and isinstance(began_with, dict) and isinstance(began_with.get("per_round"), int):
             return began_with["per_round"]
-        noise = None if self.cfg.g_steps else self.averaged_d_noise() if self.cfg.dp else 0.0  # None: not needed
+        noise = None if self.cfg.g_steps else self.averaged_d_noise()  # None: not needed
         steps = self.cfg.generator_steps(noise or 0.0)
         self.run_info["generator_steps"] = {"per_round": steps, "averaged_d_noise": noise,
                                             "chosen_by": "--g-steps" if self.cfg.g_steps else f"--g-steps 0: noise vs {AUTO_G_STEPS_MAX_NOISE}"}
@@ -281,11 +281,9 @@ class FederatedRun:
         return steps
 
     def averaged_d_noise(self) -> float:
-        """fedpggan.privacy.mechanism.averaged_d_noise of the sites the ledger registered."""
+        """fedpggan.privacy.mechanism.run_d_noise of the sites the ledger registered (0 without DP)."""
         sizes = [int(entry["public_num_records"]) for entry in self.ledger.data["sites"].values()]
-        # locally trained generators (--generator-training local) learn from their own site's D, not the average
-        averaged = 1 if self.cfg.generator_training == "local" else max(1, math.ceil(self.cfg.fraction * len(sizes)))
-        return averaged_d_noise([(self.mechanism_for(n), n) for n in sizes], averaged)
+        return run_d_noise(self.cfg, sizes, self.mechanism_for)
 
     def no_round_can_succeed(self) -> str | None:
         """Why no round can reach --min-clients valid replies any more (fewer active sites, or fewer

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import math
 import sys
+from datetime import date
 from types import SimpleNamespace
 
 import pytest
@@ -31,7 +34,7 @@ def test_each_row_is_what_the_server_computes_and_more_budget_means_less_noise(t
     args = ["--dataset", "phantom", "--sites", "3", "--rounds", "4", "--epsilons", "1,10", "--local-steps", "2,4",
             "--results", str(tmp_path)]
     assert script.main(args) == 0
-    saved = json.loads(next(tmp_path.glob("generator-steps-noise-phantom-*.json")).read_text())
+    saved = json.loads((tmp_path / f"generator-steps-noise-phantom-3sites-4rounds-{date.today().isoformat()}.json").read_text())
     sizes, rows = saved["meta"]["site_sizes"], saved["rows"]
     assert len(sizes) == 3 and sum(sizes) == saved["meta"]["records"]
     assert [(r["eps"], r["local_steps"]) for r in rows] == [(1.0, 2), (1.0, 4), (10.0, 2), (10.0, 4)]
@@ -42,3 +45,23 @@ def test_each_row_is_what_the_server_computes_and_more_budget_means_less_noise(t
     assert rows[0]["averaged_d_noise"] > rows[2]["averaged_d_noise"] and rows[1]["averaged_d_noise"] > rows[0]["averaged_d_noise"]
     table = next(tmp_path.glob("generator-steps-noise-phantom-*.md")).read_text()
     assert f"| 10 | 2 | {sum(rows[2]['noise_multiplier']) / 3:.3f} | {rows[2]['averaged_d_noise']:.4f} | {rows[2]['generator_steps']} |" in table
+
+
+@pytest.mark.parametrize("options", [dict(generator_training="local"), dict(fraction=0.4), dict(epsilon=math.inf)])
+def test_a_row_follows_the_server_for_other_options_too(options):
+    """Locally trained generators learn from one site's D, a fraction of the sites averages fewer, no DP has no noise."""
+    sizes = [700, 700, 600, 600, 400]
+    base = RunConfig(dataset="phantom", clients=5, rounds=4, local_steps=2, epsilon=10.0, accountant="rdp")  # rdp: quicker
+    cfg = dataclasses.replace(base, **options)
+    row, default = script.noise_row(cfg, sizes), script.noise_row(base, sizes)
+    noise, steps = server_choice(cfg, sizes)
+    assert row["averaged_d_noise"] == pytest.approx(noise, rel=1e-12) and row["generator_steps"] == steps
+    assert row["averaged_d_noise"] > default["averaged_d_noise"] if cfg.dp else row["averaged_d_noise"] == 0.0
+
+
+def test_bad_lists_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        script.main(["--dataset", "phantom", "--epsilons", "1,abc", "--results", str(tmp_path)])
+    assert stopped.value.code == 2 and "'1,abc' is not a comma-separated list of float values" in capsys.readouterr().err
+    assert script.main(["--dataset", "phantom", "--sites", "2", "--rounds", "2", "--local-steps", "4,0", "--results", str(tmp_path)]) == 2
+    assert "--local-steps 0 is invalid" in capsys.readouterr().err and not list(tmp_path.iterdir())  # no row was computed

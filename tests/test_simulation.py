@@ -12,6 +12,7 @@ from flwr.simulation import run_simulation
 import fedpggan.data.sources as sources
 from client.client_app import app as client_app
 from fedpggan.build import open_training_data
+from fedpggan.data import ImageDataset
 from fedpggan.wire import PRIVACY_METRICS, PUBLIC_SITE_FACTS
 from pggan_model import GeneratorTrainer
 from server.federated_run import FederatedRun
@@ -57,6 +58,7 @@ def simulate_recorded(out, **overrides):
 
     for reader in ("open_phantom", "load_npz", "load_folder"):  # every dataset is opened through one of these
         patch.setattr(sources, reader, no_data)
+    patch.setattr(ImageDataset, "__init__", no_data)  # and held in one, however it was read
     patch.setattr(GeneratorTrainer, "step", recording_step)
     app = ServerApp()
 
