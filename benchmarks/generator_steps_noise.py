@@ -62,10 +62,11 @@ def comma_list(kind: type) -> Callable[[str], list]:
 
 def noise_row(cfg: RunConfig, sizes: list[int]) -> dict:
     """The rule's input and choice for one configuration, as the server computes them."""
-    mechanisms = [site_mechanism(cfg, n, cfg.rounds * cfg.local_steps) for n in sizes] if cfg.dp else []
-    noise = run_d_noise(cfg, sizes)
+    mechanisms = {n: site_mechanism(cfg, n, cfg.rounds * cfg.local_steps) for n in set(sizes)} if cfg.dp else {}
+    noise = run_d_noise(cfg, sizes, mechanisms.__getitem__)
     return {"eps": cfg.epsilon, "local_steps": cfg.local_steps, "rounds": cfg.rounds,
-            "noise_multiplier": [m.noise_multiplier for m in mechanisms], "sample_rate": [m.sample_rate for m in mechanisms],
+            "noise_multiplier": [mechanisms[n].noise_multiplier for n in sizes if cfg.dp],
+            "sample_rate": [mechanisms[n].sample_rate for n in sizes if cfg.dp],
             "averaged_d_noise": noise, "generator_steps": cfg.generator_steps(noise)}
 
 

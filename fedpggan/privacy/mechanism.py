@@ -66,13 +66,11 @@ def averaged_d_noise(mechanisms: Iterable[tuple[Mechanism, int]], averaged_per_r
     return math.sqrt(sum(x * x for x in per_site) / len(per_site)) / math.sqrt(max(averaged_per_round, 1))
 
 
-def run_d_noise(cfg: RunConfig, sizes: Sequence[int], mechanism_for: Callable[[int], Mechanism] | None = None) -> float:
-    """averaged_d_noise of a run whose sites hold ``sizes`` records (public): 0 without DP. The generators learn from
-    the average of ceil(fraction x sites) discriminators a round, or from one with --generator-training local (each
-    site's generators learn from its own D). ``mechanism_for`` (the server's cached calibration) defaults to
-    site_mechanism over the run's planned steps."""
+def run_d_noise(cfg: RunConfig, sizes: Sequence[int], mechanism_for: Callable[[int], Mechanism]) -> float:
+    """averaged_d_noise of a run whose sites hold ``sizes`` records (public), each under ``mechanism_for(n)``: 0 without
+    DP. The generators learn from the average of ceil(fraction x sites) discriminators a round, or from one with
+    --generator-training local (each site's generators learn from its own D)."""
     if not cfg.dp:
         return 0.0
-    mechanism = mechanism_for or (lambda n: site_mechanism(cfg, n, cfg.rounds * cfg.local_steps))
     averaged = 1 if cfg.generator_training == "local" else max(1, math.ceil(cfg.fraction * len(sizes)))
-    return averaged_d_noise([(mechanism(n), n) for n in sizes], averaged)
+    return averaged_d_noise([(mechanism_for(n), n) for n in sizes], averaged)
