@@ -184,10 +184,10 @@ def test_flower_run_config_round_trip():
 ])
 def test_generator_steps_follow_the_averaged_discriminators_noise(sites, records, epsilon, steps):
     """--g-steps 0 decides by the noise of the averaged DP discriminator's step, from public facts only."""
-    from fedpggan.privacy.mechanism import averaged_d_noise, site_mechanism
+    from fedpggan.privacy.mechanism import run_d_noise, site_mechanism
 
     cfg = RunConfig(epsilon=epsilon, rounds=60, local_steps=8, delta=1e-5, clients=sites)
-    noise = averaged_d_noise([(site_mechanism(cfg, records, 480), records)] * sites, sites) if cfg.dp else 0.0
+    noise = run_d_noise(cfg, [records] * sites, lambda n: site_mechanism(cfg, n, 480))
     assert cfg.g_steps == 0 and cfg.generator_steps(noise) == steps, noise
     assert RunConfig(g_steps=3).generator_steps(noise) == 3  # a number given wins
 
