@@ -25,7 +25,7 @@ import torch
 from fedpggan.cli import run_reporting_errors
 from fedpggan.data import open_dataset
 from fedpggan.evaluation.utility import SAMPLE_CHUNK, TrainSet, scores_over_seeds, synthetic_set
-from fedpggan.io import atomic_write_bytes, atomic_write_json
+from fedpggan.io import atomic_write_bytes, atomic_write_json, check_new_results
 from fedpggan.runs import RunFolder, library_versions, recorded_generator_steps
 from pggan_model import PGGAN, gan_from_checkpoint
 
@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     meta = {"device": "cpu", "date": date.today().isoformat(), "n": args.n, "oversample": args.oversample,
             "seeds": args.seeds, "versions": library_versions()}
-    rows = [row for run in args.runs for row in measure(run, args.data_dir, args.n, args.oversample, args.seeds)]
     stem = Path(args.results) / f"discriminator-selection-{meta['device']}-{meta['date']}"
+    check_new_results(stem)
+    rows = [row for run in args.runs for row in measure(run, args.data_dir, args.n, args.oversample, args.seeds)]
     atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
     text = markdown(rows, meta)
     atomic_write_bytes(stem.with_suffix(".md"), text.encode())

@@ -28,7 +28,7 @@ import torch
 from fedpggan.cli import run_reporting_errors
 from fedpggan.config import RunConfig
 from fedpggan.data import open_dataset
-from fedpggan.io import atomic_write_bytes, atomic_write_json
+from fedpggan.io import atomic_write_bytes, atomic_write_json, check_new_results
 from fedpggan.privacy.feature_release import features_for, release_noise, release_sum
 from fedpggan.privacy.noise import SeededNoise
 from pggan_model.mean_embedding import class_means
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, defaults: RunConfig) -> int:
+    stem = Path(args.results) / f"embedding-snr-{args.dataset}-{date.today().isoformat()}"
+    check_new_results(stem)
     data = open_dataset(args.dataset, "train", args.data_dir or None)
     rows = []
     count_shares = [float(c) for c in args.count_shares.split(",")]
@@ -100,7 +102,6 @@ def run(args: argparse.Namespace, defaults: RunConfig) -> int:
                              "class_separation": separation, "noise_trap_over_separation": trap,
                              "noise_over_separation": {c: float(e / d) for c, e, d in zip(data.class_names, errors, nearest)}})
                 print(json.dumps(rows[-1]))
-    stem = Path(args.results) / f"embedding-snr-{args.dataset}-{date.today().isoformat()}"
     meta = {"dataset": args.dataset, "sites": args.sites, "share": args.share, "count_shares": args.count_shares, "delta": args.delta,
             "repeats": args.repeats, "records": len(data)}
     atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "rows": rows})

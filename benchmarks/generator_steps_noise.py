@@ -26,7 +26,7 @@ from pathlib import Path
 from fedpggan.cli import run_reporting_errors
 from fedpggan.config import AUTO_G_STEPS_MAX_NOISE, RunConfig
 from fedpggan.data import open_dataset, partition
-from fedpggan.io import atomic_write_bytes, atomic_write_json
+from fedpggan.io import atomic_write_bytes, atomic_write_json, check_new_results
 from fedpggan.privacy.mechanism import run_d_noise, site_mechanism
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,6 +77,9 @@ def table_row(row: dict) -> str:
 
 
 def run(args: argparse.Namespace, defaults: RunConfig) -> int:
+    name = re.sub(r"[^a-z0-9]+", "-", Path(args.dataset).name.lower().removesuffix(".npz")).strip("-") or "data"
+    stem = Path(args.results) / f"generator-steps-noise-{name}-{args.sites}sites-{args.rounds}rounds-{date.today().isoformat()}"
+    check_new_results(stem)
     data = open_dataset(args.dataset, "train", args.data_dir or None)
     base = dataclasses.replace(defaults, dataset=args.dataset, data_dir=args.data_dir, clients=args.sites, rounds=args.rounds)
     base.validate()
@@ -88,8 +91,6 @@ def run(args: argparse.Namespace, defaults: RunConfig) -> int:
         rows.append(noise_row(cfg, sizes))
         print(f"eps {cfg.epsilon:g}, {cfg.local_steps} local steps: averaged D noise {rows[-1]['averaged_d_noise']:.4f} -> "
               f"{rows[-1]['generator_steps']} generator steps per round")
-    name = re.sub(r"[^a-z0-9]+", "-", Path(args.dataset).name.lower().removesuffix(".npz")).strip("-") or "data"
-    stem = Path(args.results) / f"generator-steps-noise-{name}-{args.sites}sites-{args.rounds}rounds-{date.today().isoformat()}"
     meta = {"dataset": args.dataset, "records": len(data), "sites": args.sites, "site_sizes": sizes, "partition": "iid",
             "rounds": args.rounds, "batch_size": base.batch_size, "delta": base.delta or "default min(1e-5, 1/(10 n))",
             "accountant": base.accountant, "embedding_share": base.embedding_share, "limit": AUTO_G_STEPS_MAX_NOISE}

@@ -65,3 +65,11 @@ def check_folder_path(path: str | Path | None, option: str = "--out") -> None:
     """A folder the command will write into must not be an existing file: say so before any work."""
     if path is not None and Path(path).exists() and not Path(path).is_dir():
         raise FedPGGANError(f"{option} {path}: is a file; choose a folder path")
+
+
+def check_new_results(stem: str | Path, option: str = "--results") -> None:
+    """A benchmark's dated results are committed evidence: a second run the same day must not replace
+    them. Checked before any work, so a refused run costs nothing."""
+    for path in (Path(f"{stem}.json"), Path(f"{stem}.md")):
+        if path.exists():
+            raise FedPGGANError(f"{path}: already exists (this benchmark ran today); move it away or pass another {option} folder")

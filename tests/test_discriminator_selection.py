@@ -57,3 +57,13 @@ def test_a_centralised_run_is_described_by_its_own_settings_and_its_spent_epsilo
     assert all(r["epsilon"] == spent < r["budget_epsilon"] == 10.0 for r in rows)
     table = selection.markdown(rows, {"device": "cpu", "date": "today", "n": 40, "seeds": 1, "oversample": 2})
     assert f"| run | {spent:.2f} | epochs 1, d-steps " in table
+
+
+
+def test_a_second_run_the_same_day_is_refused_before_any_run_is_measured(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(selection, "measure", lambda *a: pytest.fail("measured although the results would be refused"))
+    stem = tmp_path / f"discriminator-selection-cpu-{selection.date.today().isoformat()}"
+    stem.with_suffix(".md").write_text("today's table")
+    assert selection.main([str(tmp_path / "run"), "--results", str(tmp_path)]) == 2
+    assert f"{stem}.md: already exists" in capsys.readouterr().err
+    assert stem.with_suffix(".md").read_text() == "today's table"

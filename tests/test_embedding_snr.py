@@ -24,6 +24,9 @@ def test_rows_per_blur_and_budget_and_the_blur_widens_the_noise_trap(tmp_path):
     for r in rows[:2], rows[2:]:  # ten times the budget: less noise in every class's target
         assert all(a > b for a, b in zip(r[0]["noise_over_separation"].values(), r[1]["noise_over_separation"].values()))
     assert "| 50 | 1 | 0.1 | 10 |" in next(tmp_path.glob("embedding-snr-phantom-*.md")).read_text()
+    written = {f: f.read_bytes() for f in tmp_path.iterdir()}
+    assert snr.main(args[:-2] + ["--epsilons", "5", "--results", str(tmp_path)]) == 2  # the same day: refused, nothing lost
+    assert {f: f.read_bytes() for f in tmp_path.iterdir()} == written
 
 
 def test_a_small_count_share_makes_the_class_means_less_noisy(tmp_path):

@@ -46,6 +46,13 @@ def test_each_row_is_what_the_server_computes_and_more_budget_means_less_noise(t
     table = next(tmp_path.glob("generator-steps-noise-phantom-*.md")).read_text()
     assert f"| 10 | 2 | {sum(rows[2]['noise_multiplier']) / 3:.3f} | {rows[2]['averaged_d_noise']:.4f} | {rows[2]['generator_steps']} |" in table
 
+    # a second run the same day is refused before it computes anything, and today's results stay as they were
+    written = {f: f.read_bytes() for f in tmp_path.iterdir()}
+    capsys.readouterr()
+    assert script.main(args[:-4] + ["--epsilons", "5", "--results", str(tmp_path)]) == 2
+    assert "already exists (this benchmark ran today)" in capsys.readouterr().err
+    assert {f: f.read_bytes() for f in tmp_path.iterdir()} == written
+
 
 @pytest.mark.parametrize("options", [dict(generator_training="local"), dict(fraction=0.4), dict(epsilon=math.inf)])
 def test_a_row_follows_the_server_for_other_options_too(options):
