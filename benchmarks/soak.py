@@ -22,7 +22,8 @@ from pathlib import Path
 
 from fedpggan.audit.runner import audit_run
 from fedpggan.config import RunConfig
-from fedpggan.io import atomic_write_bytes, atomic_write_json
+from fedpggan.errors import FedPGGANError
+from fedpggan.io import atomic_write_bytes, atomic_write_json, check_new_results
 from fedpggan.runs import RunFolder, library_versions
 from simulation import faults
 from simulation.run import simulate
@@ -109,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.work) / f"soak-{args.sites}x{args.rounds}"
     if out.exists():
         p.error(f"{out} exists; remove it or pass another --work")
+    stem = Path(args.results) / f"soak-cpu-{date.today().isoformat()}"
+    try:
+        check_new_results(stem)
+    except FedPGGANError as e:
+        p.error(str(e))
     os.environ.update(FEDPGGAN_FAULT_MODES=HOSTILE_MODES, FEDPGGAN_FAULT_DROP=str(args.drop))  # inherited by Ray
     cfg = soak_config(args.sites, args.rounds, out)
     t0 = time.perf_counter()
@@ -117,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
             "date": date.today().isoformat(), "drop": args.drop, "hostile_modes": HOSTILE_MODES,
             "kill_round": kill_round, "versions": library_versions()}
-    stem = Path(args.results) / f"soak-cpu-{meta['date']}"
     atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "result": result})
     atomic_write_bytes(stem.with_suffix(".md"), markdown(result, meta).encode())
     print(markdown(result, meta))

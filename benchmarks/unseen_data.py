@@ -17,6 +17,7 @@ import json
 import re
 import shutil
 import sys
+from datetime import date
 from pathlib import Path
 
 from PIL import Image
@@ -24,7 +25,7 @@ from PIL import Image
 from fedpggan.cli import run_reporting_errors
 from fedpggan.data import open_dataset
 from fedpggan.errors import FedPGGANError
-from fedpggan.io import atomic_write_bytes, atomic_write_json
+from fedpggan.io import atomic_write_bytes, atomic_write_json, check_new_results
 from fedpggan.plots import to_uint8
 
 sys.path.insert(0, str(Path(__file__).parent))  # the quality benchmark, next to this script
@@ -90,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     profile = quality.PROFILES[profile_name]
     specs = [s.strip() for s in args.datasets.split(",") if s.strip()]
     work = Path(args.work) / profile_name
+    pooled = "" if specs == DEFAULT_DATASETS else "-".join(Path(s).stem for s in specs) + "-"  # other data: its own file
+    stem = Path(args.results) / f"quality-unseen-{pooled}{device_name}-{date.today().isoformat()}"
+    check_new_results(stem)
     folder = work / ("folder-" + "-".join(Path(s).stem for s in specs))  # an npz path gives its file stem
     if not folder.exists():
         build_folder(specs, args.data_dir, folder)
@@ -101,8 +105,6 @@ def run(args: argparse.Namespace) -> int:
     _, kind, length, overrides = next(spec for spec in quality.row_specs(profile) if spec[0] == ROW)
     row = {**quality.run_gan_row(name, kind, length, overrides, base, work, profile, device), "classes": classes}
     meta = quality.run_meta(f"unseen data ({shown})", device_name, profile_name)
-    pooled = "" if specs == DEFAULT_DATASETS else "-".join(Path(s).stem for s in specs) + "-"  # other data: its own file
-    stem = Path(args.results) / f"quality-unseen-{pooled}{device_name}-{meta['date']}"
     atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "rows": [row]})
     text = quality.markdown([row], meta) + per_class_table(row)
     atomic_write_bytes(stem.with_suffix(".md"), text.encode())

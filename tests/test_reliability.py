@@ -1006,3 +1006,16 @@ def test_every_site_handler_opens_the_sites_state_only_under_its_lock(tmp_path, 
     with pytest.raises(FedPGGANError) as caught:
         getattr(client_app, handler)(msg, SimpleNamespace(node_config={"partition-id": 0, "num-partitions": 3}))
     assert isinstance(caught.value.__cause__, Loaded) and seen == ["held"]
+
+
+def test_the_soak_refuses_to_replace_todays_results_before_it_trains(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("soak_under_test", REPO / "benchmarks" / "soak.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    stem = tmp_path / f"soak-cpu-{soak.date.today().isoformat()}"
+    stem.with_suffix(".md").write_text("today's soak")
+    with pytest.raises(SystemExit) as stopped:
+        soak.main(["--work", str(tmp_path / "work"), "--results", str(tmp_path)])
+    assert stopped.value.code == 2 and f"{stem}.md: already exists" in capsys.readouterr().err
+    assert stem.with_suffix(".md").read_text() == "today's soak" and not (tmp_path / "work").exists()

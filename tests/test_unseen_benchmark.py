@@ -50,3 +50,12 @@ def test_pooled_folder_keeps_every_image_and_label_of_every_split(tmp_path):
 def test_the_row_it_trains_is_in_the_quality_table(profile):
     names = [name for name, *_ in unseen.quality.row_specs(unseen.quality.PROFILES[profile])]
     assert unseen.ROW in names
+
+
+def test_a_second_run_the_same_day_is_refused_before_the_folder_is_built(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(unseen, "build_folder", lambda *a: pytest.fail("built although the results would be refused"))
+    stem = tmp_path / f"quality-unseen-cpu-{unseen.date.today().isoformat()}"
+    stem.with_suffix(".json").write_text("{}")
+    assert unseen.main(["--data-dir", str(tmp_path), "--device", "cpu", "--work", str(tmp_path / "work"),
+                        "--results", str(tmp_path)]) == 2
+    assert f"{stem}.json: already exists" in capsys.readouterr().err and stem.with_suffix(".json").read_text() == "{}"
