@@ -29,7 +29,9 @@ EXPIRY_WARNING = timedelta(days=30)
 LEAVES = ("discriminator weights after DP-SGD (per-sample clipped, Gaussian noise added)",
           "privacy spend per round: epsilon, delta, noise multiplier, sample rate, steps",
           "one DP release of per-class mean image embeddings (noised, counted in epsilon); in a secure release "
-          "instead a one-run public key (signed with the node key when peer-keys is set) and the masked share",
+          "instead a one-run public key (signed with the node key when peer-keys is set), the masked share with the "
+          "hash of its self-mask seed, the N it was made for and the peers whose key signatures it checked, and, once "
+          "every site's masked share is in, that seed (it removes the self-mask from the sum, not the pairwise masks)",
           "public facts: site id, number of images, image size, channels, class names, dataset name (its MedMNIST name or 'site data')",
           "how long the site's round took (the coordinator sees the reply's arrival time anyway)",
           "why a run was refused or failed, with this site's paths replaced by their node-config keys and "

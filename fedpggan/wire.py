@@ -6,7 +6,8 @@ Site -> server (query reply): ConfigRecord "site" with public facts only: site i
 Server -> site ("train"): ArrayRecord "d" (global D), ArrayRecord "g" (G1/G2 weights,
     keys prefixed "g1." / "g2."), ConfigRecord "config" (run options + round + run id).
 Site -> server (train reply): ArrayRecord "d" (D after local DP-SGD), ArrayRecord "g" only
-    with --generator-training local, ArrayRecord "embedding" only with --embedding-weight > 0
+    with --generator-training local, ArrayRecord "embedding" only with --embedding-weight > 0 and
+    --release-aggregation plain
     (the site's one-shot DP release of its class-mean embedding: a noisy sum, never per-record
     values), MetricRecord "privacy" (the spend), ConfigRecord "status" ("status": trained or
     exhausted; "site-id"; "replayed": re-sent from the site's cache; "recovered": recomputed after

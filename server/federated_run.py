@@ -441,6 +441,9 @@ class FederatedRun:
         """Keep each site's one-shot embedding release; the generators match the pooled class means."""
         if self.cfg.embedding_weight <= 0 or "embedding" not in reply.content or site in self.releases:
             return
+        if self.cfg.release_aggregation == "secure":  # the target is the secure sum: one site's plain share must not replace it
+            self.ledger.record_event(site, round_num, "rejected_release", "a plain embedding release in a run whose releases are summed securely")
+            return
         released = reply.content["embedding"].to_torch_state_dict()["sum"]
         expected = (self.features.dim + 1, len(self.class_names))
         if tuple(released.shape) != expected or not torch.isfinite(released).all():

@@ -72,7 +72,11 @@ class Vector:
 
 
 def read_key(content: RecordDict) -> RecordDict:
+    """A key reply the key list can carry: a valid public key, and a signer and signature only as bytes."""
     check_public_key(bytes(content["key"]["public-key"]))
+    for field in ("signer", "signature"):
+        if not isinstance(content["key"].get(field, b""), bytes):
+            raise TypeError(f"a {field} that is not bytes")
     return content
 
 
@@ -90,6 +94,8 @@ def read_vector(content: RecordDict, size: int) -> Vector:
     vector = Vector(masked_vector(content), share_made_for(content), seed_commitment_of(content), verified_signers(content))
     if vector.masked.size != size:
         raise ValueError(f"a vector of {vector.masked.size} entries, not {size}")
+    if len(vector.commitment) != 32:  # without it no seed could pass the reveal: leave the site out before anyone reveals
+        raise ValueError("no hash of its self-mask seed")
     return vector
 
 

@@ -88,6 +88,9 @@ def test_a_roster_error_names_the_file_the_line_and_the_fix(consortium, tmp_path
         load_roster(bad)
     with pytest.raises(FedPGGANError, match="cannot read .*peers.pub and set privacy.peer-keys"):
         load_roster(tmp_path / "missing.pub")
+    bad.write_bytes(b"0\x82\x01\xff")  # a DER key or the private key named by mistake: one line, no traceback
+    with pytest.raises(FedPGGANError, match="bad.pub: cannot read .not a text file of OpenSSH public keys."):
+        load_roster(bad)
 
 
 def test_a_site_missing_from_its_own_roster_or_without_its_key_is_told_how_to_fix_it(consortium):

@@ -298,6 +298,26 @@ def test_the_server_decodes_releases_with_the_runs_count_share():
         assert torch.allclose(target[:, k].double(), exact, atol=1e-5), k
 
 
+def test_a_plain_release_in_a_secure_run_is_rejected_not_used():
+    """One site's share must not replace the securely summed target (a hostile or outdated site)."""
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord
+
+    from fedpggan.config import RunConfig
+    from pggan_model import GeneratorTrainer
+    from server.federated_run import FederatedRun
+
+    events = []
+    server = object.__new__(FederatedRun)  # only what receive_release reads
+    server.cfg = RunConfig(epsilon=float("inf"), release_aggregation="secure")
+    server.releases, server.g_trainer = {}, GeneratorTrainer(PGGAN(SHAPE))
+    server.ledger = SimpleNamespace(record_event=lambda *event: events.append(event))
+    server.receive_release("3", 2, SimpleNamespace(content={"embedding": ArrayRecord({"sum": torch.ones(51, 2)})}))
+    assert server.releases == {} and server.g_trainer.embedding is None
+    assert events == [("3", 2, "rejected_release", "a plain embedding release in a run whose releases are summed securely")]
+
+
 def test_release_noise_ratio_estimates_the_target_error_from_public_noise_only():
     """The server gates --embedding-steps on this estimate: it must track the true error of the
     noisiest class mean over the true class separation, which it cannot see."""

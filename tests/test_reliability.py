@@ -439,6 +439,9 @@ def test_a_spend_record_no_cap_can_count_is_refused_not_read_as_nothing_spent(tm
     journal.write_text('{"run": "run-a", "epsilon": NaN, "delta": 1e-05}\n')
     with pytest.raises(FedPGGANError, match="line 1: unreadable"):
         read_spend_journal(journal)
+    journal.write_bytes(b"\xff\xfe binary")
+    with pytest.raises(FedPGGANError, match="journal.jsonl: cannot read .not a text file.*'spend-journal' path"):
+        read_spend_journal(journal)
 
 
 def test_a_spend_journal_keeps_runs_a_restored_state_dir_forgot(site_setup, tmp_path):

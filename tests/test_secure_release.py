@@ -194,6 +194,9 @@ def test_fixed_point_encoding_refuses_values_it_cannot_hold():
     (private, public) = new_key_pair()
     with pytest.raises(ValueError, match="too large"):
         masked_share(torch.tensor([2.0**40]), private, public, [public], new_self_mask_seed())
+    for value in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="not finite numbers"):
+            masked_share(torch.tensor([value]), private, public, [public], new_self_mask_seed())
     seed = new_self_mask_seed()
     assert math.isclose(float(unmasked_sum([masked_share(torch.tensor([-3.25]), private, public, [public], seed)], [seed], (1,))),
                         -3.25)
@@ -209,6 +212,7 @@ class ProtocolSites:
         self.shares, self.fail, self.attempt, self.reveal_calls, self.wrong_seed, self.short = shares, fail, 0, 0, None, None
         self.private, self.seeds, self.lists, self.made_for, self.revealed = {}, {}, [], {}, {}
         self.forged, self.copies = {}, {}  # node -> the raw key it sends; node -> the node whose key it copies
+        self.no_commitment, self.str_signer = None, None  # a site that sends no seed hash; one whose signer is a str
 
     def reply(self, node, content=None, error=None):
         from types import SimpleNamespace
@@ -217,20 +221,24 @@ class ProtocolSites:
                                error=SimpleNamespace(reason=error), content=content)
 
     def answer(self, step: str, node: int, content):
+        from types import SimpleNamespace
+
         from fedpggan.wire import key_reply, masked_reply, public_keys_of, reveal_reply
 
         if step == "keys":
             self.private[node], public = new_key_pair()
             if node in self.copies:  # a hostile or broken site sends another site's key
                 public = public_key_of(self.private[self.copies[node]])
-            return key_reply(self.forged.get(node, public), None)
+            signed = SimpleNamespace(signer="oops", signature=b"x") if node == self.str_signer else None
+            return key_reply(self.forged.get(node, public), signed)
         if step == "masked":
             publics = public_keys_of(content["keys"])
             self.lists.append(len(publics))
             private, self.seeds[node] = self.private[node], new_self_mask_seed()
             share = self.shares[node].flatten()[:3] if node == self.short else self.shares[node]
             masked = masked_share(share, private, public_key_of(private), publics, self.seeds[node])
-            return masked_reply(masked, [], self.made_for.setdefault(node, len(publics)), seed_commitment(self.seeds[node]))
+            commitment = b"" if node == self.no_commitment else seed_commitment(self.seeds[node])
+            return masked_reply(masked, [], self.made_for.setdefault(node, len(publics)), commitment)
         assert self.revealed.setdefault(node, self.attempt) == self.attempt, "a site reveals for one attempt only"
         return reveal_reply(new_self_mask_seed() if node == self.wrong_seed else self.seeds[node])
 
@@ -283,6 +291,27 @@ def test_a_site_with_a_malformed_vector_is_left_out_not_the_run_stopped(monkeypa
     assert result.left_out == {"hospital-b": "sent a malformed reply (a vector of 3 entries, not 10): it must run the "
                                              "coordinator's fedpggan version"}
     assert torch.allclose(result.pooled, torch.full((5, 2), 3.0, dtype=torch.float64))
+
+
+def test_a_vector_without_its_seed_hash_is_left_out_before_any_site_reveals(monkeypatch):
+    """Without the hash no seed could pass the reveal: accepted, it would make every site spend its one reveal
+    on a sum that then stays masked."""
+    shares = {n: torch.ones(5, 2, dtype=torch.float64) for n in (11, 12, 13, 14)}
+    sites = ProtocolSites(shares, {})
+    sites.no_commitment = 13
+    result = run_protocol(monkeypatch, sites)
+    assert "no hash of its self-mask seed" in result.left_out["hospital-c"] and sites.lists == [4, 4, 4, 4, 3, 3, 3]
+    assert sites.revealed == {11: 2, 12: 2, 14: 2}  # only the second attempt's sites revealed, once
+    assert torch.allclose(result.pooled, torch.full((5, 2), 3.0, dtype=torch.float64))
+
+
+def test_a_key_reply_with_a_signer_that_is_not_bytes_leaves_that_site_out_not_the_run_stopped(monkeypatch):
+    shares = {n: torch.ones(5, 2, dtype=torch.float64) for n in (11, 12, 13, 14)}
+    sites = ProtocolSites(shares, {})
+    sites.str_signer = 12
+    result = run_protocol(monkeypatch, sites)
+    assert "a signer that is not bytes" in result.left_out["hospital-b"] and sites.lists == [3, 3, 3]
+    assert result.sites == ["hospital-a", "hospital-c", "hospital-d"]
 
 
 def test_sites_sending_an_unusable_or_a_copied_key_are_left_out_at_the_key_step(monkeypatch):

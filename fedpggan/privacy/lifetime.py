@@ -85,8 +85,9 @@ def read_spend_journal(path: str | Path) -> Budgets:
     budgets: Budgets = {}
     try:
         lines = path.read_text().splitlines() if path.exists() else []
-    except OSError as exc:
-        raise FedPGGANError(f"spend-journal {path}: cannot read ({exc.strerror}); fix its permissions or the "
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not a text file: the path names some other file"
+        raise FedPGGANError(f"spend-journal {path}: cannot read ({why}); fix its permissions or the "
                             "'spend-journal' path in the site config") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():

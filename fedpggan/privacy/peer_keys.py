@@ -88,8 +88,9 @@ def load_roster(path: str | Path) -> dict[bytes, str]:
     """The consortium's public keys from ``path`` (OpenSSH lines ``type base64 name``): key -> name."""
     try:
         lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise FedPGGANError(f"privacy.peer-keys {path}: cannot read ({exc.strerror}); ask the coordinator for the "
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not a text file of OpenSSH public keys"
+        raise FedPGGANError(f"privacy.peer-keys {path}: cannot read ({why}); ask the coordinator for the "
                             "consortium's peers.pub and set privacy.peer-keys in the site config to it") from None
     roster: dict[bytes, str] = {}
     for number, line in enumerate(lines, 1):

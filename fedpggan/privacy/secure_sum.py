@@ -107,6 +107,8 @@ def public_key_of(private: X25519PrivateKey) -> bytes:
 def to_fixed(values: torch.Tensor) -> np.ndarray:
     """Fixed-point uint64 encoding (two's complement) of a float tensor."""
     scaled = np.rint(values.double().numpy() * 2.0**FRACTION_BITS)
+    if not np.all(np.isfinite(scaled)):
+        raise ValueError("release entries that are not finite numbers (NaN or infinite) cannot enter the secure sum")
     if not np.all(np.abs(scaled) < 2.0**62):
         raise ValueError("release entries too large for the fixed-point encoding of the secure sum")
     return scaled.astype(np.int64).view(np.uint64)
