@@ -27,11 +27,16 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
+    images = Path(args.export) / "images"
+    if not images.is_dir():
+        p.error(f"--export {args.export}: no images/ folder; export with the png format (the default), or load an "
+                "npz-only export's synthetic.npz with numpy")
+    if not Path(args.real).is_file():
+        p.error(f"--real {args.real}: no such file; pass a MedMNIST-layout npz with test_images and test_labels")
 
     with np.load(args.real) as real:
         test_x, test_y = real["test_images"], real["test_labels"].reshape(-1).astype(np.int64)
     channels = 1 if test_x.ndim == 3 else 3
-    images = Path(args.export) / "images"
     to_tensor = transforms.Compose([transforms.Grayscale() if channels == 1 else transforms.Lambda(lambda x: x),
                                     transforms.ToTensor(), transforms.Normalize([0.5] * channels, [0.5] * channels)])
     train = datasets.ImageFolder(images / "train" if (images / "train").is_dir() else images, to_tensor)

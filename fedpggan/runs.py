@@ -236,6 +236,19 @@ class RunFolder:
                                 f"(edited or tampered); {use} needs the run's original ledger: restore it")
         return self.read_ledger()
 
+    def check_report_folder(self, out: Path, option: str = "--out") -> None:
+        """A report of this run goes to its folder or to one of its own: never into another run's folder
+        (whose report it would replace, and whose export would publish it) nor into an export, which is
+        published as it is, while evaluation and audit reports stay inside the consortium."""
+        if out.resolve() == self.root.resolve():
+            return
+        if (out / "run.json").exists():
+            raise FedPGGANError(f"{option} {out}: is another run's folder (it holds run.json), whose own report this would "
+                                f"replace; write to {self.root} or to a folder of its own")
+        if (out / "datasheet.json").exists():
+            raise FedPGGANError(f"{option} {out}: is an export (it holds datasheet.json), which is published as it is, and "
+                                "reports stay inside the consortium; choose a folder outside it")
+
     def verified(self, entry: dict[str, Any]) -> bool:
         """Whether an index entry's file is on disk with the content hash recorded for it."""
         path = self.checkpoints / entry["file"]

@@ -648,3 +648,14 @@ def test_mia_on_a_run_whose_data_moved_says_to_put_it_back(run_copy, capsys):
     code, _ = audit(run_copy, "--mia")
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "is not there any more; put it back" in err
+
+
+def test_a_named_holdout_is_read_from_the_runs_data_folder_as_evaluate_reads_real(monkeypatch):
+    from fedpggan.audit import mia_data
+
+    opened = []
+    monkeypatch.setattr(mia_data, "open_dataset", lambda spec, split, data_dir, *a, **k: opened.append((spec, split, data_dir)))
+    run = {"config": {"dataset": "pneumoniamnist", "data-dir": "/site/data", "image-size": 28}}
+    mia_data.non_members(run, None, "breastmnist")
+    mia_data.non_members(run, "/given", "breastmnist")
+    assert opened == [("breastmnist", "test", "/site/data"), ("breastmnist", "test", "/given")]

@@ -317,6 +317,10 @@ def test_a_quick_or_val_evaluation_does_not_replace_the_full_report_export_publi
         assert main(["evaluate", str(run), *TINY, *extra]) == 2
         assert "holds a full test-split evaluation" in capsys.readouterr().err
     assert (run / "evaluation.json").read_bytes() == before
+    for out in (run, f"{run}/", run / ".." / run.name):  # naming the run folder as --out is no way round it
+        assert main(["evaluate", str(run), *TINY, "--out", str(out)]) == 2
+        assert "holds a full test-split evaluation" in capsys.readouterr().err
+    assert (run / "evaluation.json").read_bytes() == before
     (run / "evaluation.json").write_text(json.dumps({"dataset": {"split": "test"}, "settings": {"quick": True}}))
     assert main(["evaluate", str(run), "--n-synthetic", "40", "--steps", "2", "--seeds", "1", "--device", "cpu"]) == 0
     assert json.loads((run / "evaluation.json").read_text())["settings"]["prdc_images_per_side"] == 40  # min(40, test)
@@ -335,3 +339,30 @@ def test_classes_a_tstr_classifier_misses_are_named_with_the_remedy_measured_for
     assert "--g-steps" not in unlearned_classes({**result, "run_d_noise": 0.043})[-1]  # BreastMNIST's at epsilon 10
     assert "--g-steps 0" in unlearned_classes({**result, "epsilon": 1.0, "run_d_noise": 0.005})[-1]  # large sites
     assert unlearned_classes({**result, "tstr": {"per_class_recall": {"mean": [0.5, 0.9, 0.2]}}}) == []
+
+
+def test_a_report_is_not_written_into_another_runs_folder_nor_into_an_export(run_dir, tmp_path, capsys):
+    """Another run's report would be replaced (and its export would quote this run's figures); an
+    export is published as it is, and the evaluation holds TRTR figures and real images."""
+    other, export = tmp_path / "other", tmp_path / "export"
+    shutil.copytree(run_dir, other)
+    export.mkdir()
+    (export / "datasheet.json").write_text("{}")
+    before = {f: f.read_bytes() for f in (*other.iterdir(), *export.iterdir()) if f.is_file()}
+    for command in (["evaluate", str(run_dir), *TINY], ["audit", str(run_dir)]):
+        assert main([*command, "--out", str(other)]) == 2
+        assert f"--out {other}: is another run's folder (it holds run.json)" in capsys.readouterr().err
+        assert main([*command, "--out", str(export)]) == 2
+        assert f"--out {export}: is an export (it holds datasheet.json)" in capsys.readouterr().err
+    assert {f: f.read_bytes() for f in (*other.iterdir(), *export.iterdir()) if f.is_file()} == before
+
+
+def test_export_refuses_an_evaluation_of_another_run(report, run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    evaluation = json.loads((report / "evaluation.json").read_text())
+    assert evaluation["run_id"] == json.loads((run_dir / "run.json").read_text())["run_id"]
+    (run / "evaluation.json").write_text(json.dumps({**evaluation, "run_id": "another-run"}))
+    assert main(["export", str(run), "--out", str(tmp_path / "x"), "--n", "20", "--allow-unaudited", "--allow-no-dp"]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation.json: evaluates run another-run, not this run" in err and not (tmp_path / "x").exists()

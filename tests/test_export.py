@@ -575,6 +575,7 @@ def test_out_dot_is_refused_and_a_checkpoint_path_stays_out_of_the_datasheet(gra
     checkpoint = sorted((gray_run / "checkpoints").glob("ckpt_*.pt"))[-1]
     sheet = export_run(gray_run, "export", ExportOptions(n=10, formats=("npz",), checkpoint=str(checkpoint)))
     assert sorted(p.name for p in (here / "export").iterdir()) == ["DATASHEET.md", "datasheet.json", "synthetic.npz"]
+    assert "Run from the folder that holds the run folder" in (here / "export" / "DATASHEET.md").read_text()
     assert sheet["export"]["options"]["checkpoint"] == checkpoint.name
     assert str(tmp_path) not in (here / "export" / "datasheet.json").read_text()
 
@@ -587,6 +588,12 @@ def test_example_script_trains_on_the_export_and_tests_on_real_data(gray_run, tm
     spec.loader.exec_module(example)
     accuracy = example.main(["--export", str(tmp_path / "export"), "--real", str(real), "--epochs", "1"])
     assert 0.0 <= accuracy <= 1.0 and "48 synthetic images" in capsys.readouterr().out
+    export_run(gray_run, tmp_path / "npz_only", ExportOptions(n=8, formats=("npz",)))
+    for export, given_real, says in ((tmp_path / "npz_only", real, "no images/ folder; export with the png format"),
+                                     (tmp_path / "export", tmp_path / "none.npz", "none.npz: no such file")):
+        with pytest.raises(SystemExit) as stopped:  # a plausible slip: one line, not a traceback
+            example.main(["--export", str(export), "--real", str(given_real)])
+        assert stopped.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_a_checkpoint_the_run_set_aside_is_exported_with_a_warning(gray_run, tmp_path):

@@ -495,12 +495,17 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path, 
     assert main(["export", str(run), "--out", str(tmp_path / "x"), "--allow-unaudited", "--allow-no-dp"]) == 2
     err = capsys.readouterr().err
     assert "the newest checkpoint (round 3) is missing or fails its hash check" in err and "--checkpoint ROUND" in err
+    assert "(rounds that verify: 1, 2)" in err
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
     for entry in folder.checkpoint_index():  # none left that verifies: one line that says how to recover
         (folder.checkpoints / entry["file"]).unlink(missing_ok=True)
-    assert main(["evaluate", str(run), "--quick"]) == 2
+    assert main(["evaluate", str(run), "--quick", "--out", str(tmp_path / "quick")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {run}: all 3 checkpoints are missing") and "from a backup" in err and err.count("\n") == 1
+    assert not (tmp_path / "quick").exists()  # a refused evaluation makes no folder
+    assert main(["export", str(run), "--out", str(tmp_path / "x"), "--allow-unaudited", "--allow-no-dp"]) == 2
+    err = capsys.readouterr().err  # export says the same, not to pick an older one that is not there
+    assert "no older one verifies either: restore" in err and "--checkpoint ROUND" not in err and err.count("\n") == 1
 
 
 # --- failing and hostile sites ------------------------------------------------------------

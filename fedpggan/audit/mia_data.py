@@ -68,5 +68,5 @@ def non_members(run: dict[str, Any], data_dir: str | None, holdout: str | None) 
     """Real records outside training: ``holdout``'s test split, else the run dataset's."""
     cfg = run_data_config(run, data_dir)
     if holdout:
-        return open_dataset(holdout, "test", data_dir, cfg.image_size, cfg.seed, named_by="--holdout")
+        return open_dataset(holdout, "test", cfg.data_dir or None, cfg.image_size, cfg.seed, named_by="--holdout")
     return open_training_data(cfg, split="test")

@@ -7,6 +7,7 @@ Exit 0: the audit passed; 1: it found a violation (a run without DP always fails
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from fedpggan.audit import MiaOptions, audit_run, summary
     from fedpggan.errors import FedPGGANError
     from fedpggan.io import check_folder_path
+    from fedpggan.runs import RunFolder
 
     for name, least in (("mia_records", 2), ("synthetic", 1)):  # the epsilon bound selects on one half, certifies on the other
         if getattr(args, name) < least:
@@ -48,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 0:
             raise FedPGGANError(f"--{name} {getattr(args, name)} is invalid: it must be >= 0")
     check_folder_path(args.out)
+    if args.out:
+        RunFolder(args.run).check_report_folder(Path(args.out))
     mia = MiaOptions(args.data_dir, args.holdout, args.mia_records, args.synthetic, args.bootstraps,
                      args.device, args.seed) if args.mia else None
     result = audit_run(args.run, args.out, mia)

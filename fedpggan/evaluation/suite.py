@@ -93,7 +93,7 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
     fidelity["real_test_reference"] = trtr_summary["accuracy"]["per_seed"][0]
 
     result = {
-        "run": str(run.root), "run_kind": info.get("kind"), "created": now_iso(),
+        "run": str(run.root), "run_id": info.get("run_id"), "run_kind": info.get("kind"), "created": now_iso(),
         "run_g_steps": recorded_generator_steps(info) if info.get("kind") == "federated" else None,
         "run_d_noise": (info.get("generator_steps") or {}).get("averaged_d_noise"),
         "checkpoint": {"file": ckpt.name, "round": payload.get("round"), "sha256": ckpt_sha},
@@ -119,6 +119,7 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
         "versions": library_versions(),
     }
     # the grid first, evaluation.json last: a failure in between leaves the last complete report's JSON
+    out.mkdir(parents=True, exist_ok=True)
     save_comparison_grid(test.images, test.labels, fake, fake_labels, test.class_names, out / "evaluation_grid.png")
     text = write_report(result, out)
     print(text)
@@ -149,23 +150,25 @@ def budget_text(budget: TrainingBudget) -> str:
 
 
 def writable_out(run: RunFolder, out: str | Path | None, split: str, quick: bool) -> Path:
-    """The report's folder, created and checked writable now. A val-split or quick evaluation does not
-    replace a full test-split report in the run folder (the one export publishes): it needs ``--out``."""
-    if out is None:
-        out = run.root
-        if split != "test" or quick:
-            previous = run.root / "evaluation.json"
-            try:
-                full = previous.is_file() and is_full_test_report(json.loads(previous.read_text()))
-            except (OSError, ValueError):
-                full = False  # an unreadable report is replaced, as before
-            if full:
-                raise FedPGGANError(f"{previous} holds a full test-split evaluation (the one export publishes); give a "
-                                    f"{'quick' if quick else split + '-split'} evaluation its own folder with --out")
-    out = Path(out)
+    """The report's folder, checked now but made only when the report is written (a refused evaluation
+    leaves nothing behind). A val-split or quick evaluation does not replace a full test-split report
+    in the run folder (the one export publishes): it needs a folder of its own."""
+    out = run.root if out is None else Path(out)
+    run.check_report_folder(out)
+    if out.resolve() == run.root.resolve() and (split != "test" or quick):
+        previous = run.root / "evaluation.json"
+        try:
+            full = previous.is_file() and is_full_test_report(json.loads(previous.read_text()))
+        except (OSError, ValueError):
+            full = False  # an unreadable report is replaced, as before
+        if full:
+            raise FedPGGANError(f"{previous} holds a full test-split evaluation (the one export publishes); give a "
+                                f"{'quick' if quick else split + '-split'} evaluation its own folder with --out")
+    existing = next(folder for folder in (out, *out.absolute().parents) if folder.exists())
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
+        if not existing.is_dir():
+            raise NotADirectoryError(0, "a file is in the way")
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as exc:
         raise FedPGGANError(f"--out {out}: cannot write there ({exc.strerror or exc}); choose a writable folder") from exc
     return out

@@ -253,7 +253,8 @@ def render_markdown(sheet: dict[str, Any]) -> str:
     lines += ["## Quality", ""] + quality_lines(sheet["quality"]) + [""]
     lines += ["## Intended use", ""] + [f"- {u}" for u in sheet["intended_use"]] + [""]
     lines += ["## Limitations", ""] + [f"- {u}" for u in sheet["limitations"]] + [""]
-    lines += ["## Reproduce", "", f"    {exp['command']}", "",
+    lines += ["## Reproduce", "", "Run from the folder that holds the run folder (the run, the output and any option file "
+              "are named without their folders):", "", f"    {exp['command']}", "",
               "Library versions: " + ", ".join(f"{k} {v}" for k, v in sheet["versions"].items()), ""]
     return "\n".join(lines)
 

@@ -60,6 +60,10 @@ def verify_run(folder: RunFolder, checkpoint: str | None, allow_unaudited: bool,
         raise FedPGGANError(f"{audit_report_path(folder, audit_report)}: {audit['reason']} (RUN: {folder.root}); or pass "
                             f"--allow-unaudited to export anyway (the datasheet will say {label})")
     evaluation = folder.read_json(folder.root / EVALUATION_FILE) if (folder.root / EVALUATION_FILE).is_file() else None
+    evaluated_run = evaluation.get("run_id") if isinstance(evaluation, dict) else None  # None: written before runs were named
+    if evaluated_run is not None and evaluated_run != run.get("run_id"):
+        raise FedPGGANError(f"{folder.root / EVALUATION_FILE}: evaluates run {evaluated_run}, not this run "
+                            f"({run.get('run_id')}), so the datasheet must not quote it; run `fedpggan evaluate {folder.root}`")
     return Provenance(run, ledger, path, sha, round_num, audit, evaluation)
 
 
@@ -87,10 +91,13 @@ def pick_checkpoint(folder: RunFolder, spec: str | None, ledger: dict[str, Any])
     or ``--checkpoint`` FILE|ROUND; the ledger must list it: a checkpoint the ledger does not cover
     has no stated privacy guarantee."""
     if spec is None:
-        newest = (folder.usable_checkpoints() or [None])[-1]
-        if newest is not None and not folder.verified(newest):
-            raise FedPGGANError(f"{folder.checkpoints / newest['file']}: the newest checkpoint (round {newest['round']}) is "
-                                "missing or fails its hash check; restore it, or choose an older one with --checkpoint ROUND")
+        usable = folder.usable_checkpoints()
+        if usable and not folder.verified(usable[-1]):
+            older = [str(e["round"]) for e in usable[:-1] if folder.verified(e)]
+            fix = (f"or choose an older one with --checkpoint ROUND (rounds that verify: {', '.join(older)})" if older else
+                   f"no older one verifies either: restore {folder.checkpoints} from a backup, or train the run again")
+            raise FedPGGANError(f"{folder.checkpoints / usable[-1]['file']}: the newest checkpoint (round {usable[-1]['round']}) "
+                                f"is missing or fails its hash check; restore it, {fix}")
         path, entry = folder.latest_checkpoint()
         sha = entry["sha256"]
     else:
