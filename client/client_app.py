@@ -126,13 +126,14 @@ def release_masked(msg: Message, context: Context) -> Message:
         check_key_list(public_key_of(private), publics)  # before anything is charged
         data = load_site_data(context.node_config, cfg)
         check_site_budget(context.node_config, cfg, len(data))
-        ensure_noise_key(state, cfg, site_index(context.node_config))
+        journal = spend_journal(context.node_config, state)
+        ensure_noise_key(state, cfg, site_index(context.node_config), journal)
         ensure_mechanism(state, cfg, len(data))
         if cfg.dp:
             # the least noisy share this site sends, made for the first key list, bounds its worst case
             check_collusion_cap(context.node_config, state, state.release_share_of or len(publics))
         check_lifetime_budget(context.node_config, state, cfg)  # last: a run refused above reserves nothing
-        share = ensure_release(state, cfg, data, share_of=len(publics))
+        share = ensure_release(state, cfg, data, share_of=len(publics), journal=journal)
         seed = new_self_mask_seed()
         masked = masked_share(share, private, public_key_of(private), publics, seed)
         atomic_write_bytes(state.self_mask_file, public_key_of(private) + seed)
@@ -192,14 +193,14 @@ def train_round(msg: Message, context: Context, cfg: RunConfig, state: SiteState
         return cached
 
     check_site_budget(context.node_config, cfg, len(data))
-    ensure_noise_key(state, cfg, site_index(context.node_config))  # a run these refuse reserves nothing ...
+    journal = spend_journal(context.node_config, state)
+    ensure_noise_key(state, cfg, site_index(context.node_config), journal)  # a run these refuse reserves nothing ...
     ensure_mechanism(state, cfg, len(data))  # also refuses a DP run's switch to no DP
     check_lifetime_budget(context.node_config, state, cfg)  # ... against the lifetime cap, checked before any charge
     gan = build_gan(cfg, data.image_size, data.channels, data.num_classes).to(device)
     gan.d.load_state_dict(msg.content["d"].to_torch_state_dict())
     load_generators(gan, msg.content["g"])
-    result = run_site_round(gan, data, cfg, state, round_num, site_index(context.node_config), key,
-                            spend_journal(context.node_config, state))
+    result = run_site_round(gan, data, cfg, state, round_num, site_index(context.node_config), key, journal)
     status = {"status": result.status, "site-id": site_id, "replayed": False,
               "recovered": result.recovered,
               "t-compute": time.perf_counter() - started}  # data loading + training: the rest of a round is Flower

@@ -32,7 +32,7 @@ from fedpggan.privacy.dp_discriminator import sample_rate
 from fedpggan.io import atomic_write_bytes
 from fedpggan.privacy.mechanism import site_mechanism
 from fedpggan.privacy.feature_release import features_for, release_entry, release_sum
-from fedpggan.privacy.lifetime import append_progress, journal_steps
+from fedpggan.privacy.lifetime import append_progress, append_release_drawn, journal_records_spend, journal_steps
 from fedpggan.privacy.noise import SecretNoise, SeededNoise, new_secret_key
 from fedpggan.privacy.secure_sum import release_share_noise, top_up_noise
 from pggan_model import PGGAN, GeneratorTrainer
@@ -91,7 +91,7 @@ def ensure_mechanism(state: SiteState, cfg: RunConfig, num_records: int) -> None
     state.save()
 
 
-def ensure_noise_key(state: SiteState, cfg: RunConfig, site_index: int) -> None:
+def ensure_noise_key(state: SiteState, cfg: RunConfig, site_index: int, journal: str | None = None) -> None:
     """The secret every noise draw of this site derives from, made once per run and kept only
     in the site's state dir. A seed the server knows (``--seed``) would let it regenerate the
     noise and subtract it: so a deployed site refuses ``--noise-key seed`` for a new run. (A run
@@ -105,6 +105,12 @@ def ensure_noise_key(state: SiteState, cfg: RunConfig, site_index: int) -> None:
                             "noise; a deployed site refuses it: run with --run-config \"noise-key='secret'\"")
     if state.noise_key:
         return
+    if journal is not None and journal_records_spend(journal, state.run_id):
+        # the run's state was lost, or restored from a backup older than the run: starting it over would draw a
+        # second release and restart its accountant below what the run has spent
+        raise FedPGGANError(f"{state.path}: this run's site state is missing or older than the run, but spend-journal "
+                            f"{journal} records its spend; restore {state.path.parent} from a backup (never start a run's "
+                            "state afresh)", shared="this site's state of the run is lost; the site's log says what to restore")
     seeded = simulated and (cfg.noise_key == "seed" or not cfg.dp)
     state.noise_key = f"simulation/{cfg.seed}/{site_index}" if seeded else new_secret_key().hex()
     state.save()
@@ -136,7 +142,8 @@ def charge_release(state: SiteState, cfg: RunConfig) -> None:
         state.save()
 
 
-def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset, share_of: int = 0) -> torch.Tensor | None:
+def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset, share_of: int = 0,
+                   journal: str | None = None) -> torch.Tensor | None:
     """The site's one-shot class-mean-embedding release (made on first use, then reused): the
     whole release, or with ``share_of`` = N its share of a secure sum over N sites, which carries
     1/sqrt(N) of the noise (fedpggan.privacy.secure_sum). A share never leaves the site unmasked.
@@ -164,6 +171,9 @@ def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset, share_o
         if share_of and not made_for:  # fixed before the noise is drawn: a crash and retry redraws this share
             state.release_share_of = made_for = share_of
         state.save()
+        if cfg.dp and journal is not None:  # on another volume: a lost state cannot forget that this release exists
+            append_release_drawn(journal, state.run_id)
+            journal_used(state).touch()
         # Already charged but no file means a crash in between: the same seed redraws the same noise
         # on the same inputs (release_key), hence the same release.
         noise = secret_noise(state, cfg, "release") or SeededNoise(noise_seed(state, "release"))
@@ -236,13 +246,13 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
     one output that reservation paid for, so it is not charged again. Otherwise the reserved
     spend stays spent (privacy first) and the round is charged anew; other inputs give other
     noise, so no two outputs share a draw."""
-    ensure_noise_key(state, cfg, site_index)
+    ensure_noise_key(state, cfg, site_index, journal)
     key = round_key("", cfg, data) if key is None else key
     torch.manual_seed(noise_seed(state, "round", round_num, key))
     privacy = None
     ensure_mechanism(state, cfg, len(data))  # also refuses a DP run's switch to no DP
     # A secure run's share was made (and charged) at the secure release and never rides on a round reply.
-    release = ensure_release(state, cfg, data) if cfg.release_aggregation == "plain" else None
+    release = ensure_release(state, cfg, data, journal=journal) if cfg.release_aggregation == "plain" else None
     charge_release(state, cfg)
     if cfg.dp and journal is not None:
         count_journal_steps(state, journal)

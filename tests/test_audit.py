@@ -659,3 +659,14 @@ def test_a_named_holdout_is_read_from_the_runs_data_folder_as_evaluate_reads_rea
     mia_data.non_members(run, None, "breastmnist")
     mia_data.non_members(run, "/given", "breastmnist")
     assert opened == [("breastmnist", "test", "/site/data"), ("breastmnist", "test", "/given")]
+
+
+def test_a_run_json_older_than_noise_key_is_read_as_seeded_for_simulations_and_centralised_runs():
+    """Before 2026-12-04 simulated and centralised runs drew their DP noise from --seed (in run.json); deployed
+    sites drew it from their own secret keys. A simulation's folder holds partition.json, a deployed one's never."""
+    from fedpggan.audit.runner import check_noise_key
+
+    for kind, simulated, seeded in (("centralised", False, True), ("federated", True, True), ("federated", False, False)):
+        notes: list[str] = []
+        found = check_noise_key({"config": {}}, {"dp": True}, kind, notes, simulated)
+        assert [f.field for f in found] == (["config.noise-key"] if seeded else []) and bool(notes) != seeded, (kind, simulated)

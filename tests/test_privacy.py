@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -224,6 +225,30 @@ def test_a_state_restored_mid_run_counts_the_rounds_the_spend_journal_recorded_s
     Path(journal).unlink()  # its volume not mounted: it must not read as a fresh journal
     with pytest.raises(FedPGGANError, match="spend-journal .* missing, but state dir .* has written to it before"):
         spend_journal({"spend-journal": journal}, restored)
+
+
+def test_a_run_state_lost_after_it_spent_is_refused_not_started_over(tmp_path):
+    """A lost state folder (or a state dir restored from a backup older than the run) would make a new
+    noise key, draw a second release and restart the accountant below the run's spend; the journal
+    records the release before it is drawn, so even a state lost before its first round's steps is caught."""
+    import shutil
+
+    cfg, data = site_setup(tmp_path)
+    assert cfg.dp and cfg.embedding_weight > 0 and cfg.release_aggregation == "plain"
+    journal = tmp_path / "other-volume.jsonl"
+    run_site_round(PGGAN(SHAPE), data, cfg, SiteState.load(tmp_path / "state", "run"), 1, 0, journal=str(journal))
+    lines = journal.read_text().splitlines()
+    assert [sorted(json.loads(line)) for line in lines] == [["release", "run", "time"], ["run", "steps", "time"]]
+    for kept in (lines, lines[:1]):  # after round 1, or after the release alone
+        journal.write_text("\n".join(kept) + "\n")
+        shutil.rmtree(tmp_path / "state", ignore_errors=True)
+        lost = SiteState.load(tmp_path / "state", "run")
+        with pytest.raises(FedPGGANError, match=r"site_state.json: this run's site state is missing or older than the run, "
+                                                r"but spend-journal .* records its spend; restore .*state.run from a backup"):
+            run_site_round(PGGAN(SHAPE), data, cfg, lost, 2, 0, journal=str(journal))
+        assert journal.read_text().splitlines() == kept and not lost.noise_key
+    journal.write_text("")  # a journal without this run's spend: a new run starts as ever
+    assert run_site_round(PGGAN(SHAPE), data, cfg, SiteState.load(tmp_path / "state", "run"), 1, 0, journal=str(journal)).status == "trained"
 
 
 def test_spend_is_recorded_before_training(tmp_path, monkeypatch):

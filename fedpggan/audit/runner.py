@@ -38,7 +38,7 @@ def audit_run(run_dir: str | Path, out: str | Path | None = None, mia: MiaOption
         findings.append(Finding("dp", NO_DP))
     else:
         rows, site_findings, notes = audit_ledger_sites(ledger, run, kind, folder)
-        findings += site_findings + check_noise_key(run, ledger, kind, notes)
+        findings += site_findings + check_noise_key(run, ledger, kind, notes, simulated=(folder.root / "partition.json").is_file())
     if run.get("status") != "completed":
         notes.insert(0, f"run status is {run.get('status')!r}: this audits the run as far as it got")
     result: dict[str, Any] = {
@@ -72,16 +72,17 @@ def audited_content(folder: RunFolder, run: dict[str, Any], ledger_sha256: str |
             "run_facts_sha256": sha256_json({k: run.get(k) for k in DESCRIBED_RUN_FIELDS})}
 
 
-def check_noise_key(run: dict[str, Any], ledger: dict[str, Any], kind: str, notes: list[str]) -> list[Finding]:
+def check_noise_key(run: dict[str, Any], ledger: dict[str, Any], kind: str, notes: list[str], simulated: bool) -> list[Finding]:
     """A guarantee holds only against whoever cannot regenerate the noise: noise drawn from the
     run's --seed (``--noise-key seed``) fails the audit, whether the hash-checked ledger or
-    run.json says so."""
+    run.json says so. A run.json older than the option is read as seeded where runs then were:
+    centralised and simulated runs (a simulation's folder holds partition.json, a deployed one's never)."""
     noise_key = run["config"].get("noise-key")
-    if ledger.get("noise_key") == "seed" or noise_key == "seed" or (noise_key is None and kind == "centralised"):
+    if ledger.get("noise_key") == "seed" or noise_key == "seed" or (noise_key is None and (kind == "centralised" or simulated)):
         return [Finding("config.noise-key", f"{SEEDED_NOISE}; retrain with --noise-key secret")]
     if noise_key is None:
-        notes.append("run.json predates --noise-key (2026-12-04): a simulated run of that time drew its DP noise from "
-                     "--seed, which run.json records; a deployed site drew it from its own secret key")
+        notes.append("run.json predates --noise-key (2026-12-04): a deployed site of that time drew its DP noise from its "
+                     "own secret key")
     return []
 
 

@@ -97,6 +97,8 @@ def read_spend_journal(path: str | Path) -> Budgets:
             if "steps" in entry and "epsilon" not in entry:  # a round's progress line (journal_steps)
                 checked(entry["steps"], "steps")
                 continue
+            if entry.get("release") == "drawn" and "epsilon" not in entry:  # a release line (journal_records_spend)
+                continue
             run, epsilon, delta = str(entry["run"]), checked(entry["epsilon"], "epsilon"), checked(entry["delta"], "delta")
         except (ValueError, KeyError, TypeError) as exc:
             raise FedPGGANError(f"spend-journal {path}, line {number}: unreadable ({exc}); the lifetime caps cannot count "
@@ -118,24 +120,40 @@ def check_journal_present(journal: str | Path, state_dir: Path) -> None:
                             shared="this site's spend journal is missing; the site's log says what to restore")
 
 
-def journal_steps(path: str | Path, run: str) -> int:
-    """The largest step total the journal's progress lines record for ``run`` (0: none)."""
+def journal_entries(path: str | Path, run: str) -> list[dict]:
+    """The journal's progress and release lines of ``run`` (its reservations are read_spend_journal's)."""
     path = Path(path)
-    steps = 0
+    entries = []
     for line in (path.read_text().splitlines() if path.exists() else []):
         try:
             entry = json.loads(line)
         except ValueError:
             continue  # read_spend_journal reports unreadable lines
         if isinstance(entry, dict) and entry.get("run") == run and "epsilon" not in entry:
-            steps = max(steps, int(checked(entry.get("steps", 0), "steps")))
-    return steps
+            entries.append(entry)
+    return entries
+
+
+def journal_steps(path: str | Path, run: str) -> int:
+    """The largest step total the journal's progress lines record for ``run`` (0: none)."""
+    return max((int(checked(entry.get("steps", 0), "steps")) for entry in journal_entries(path, run)), default=0)
+
+
+def journal_records_spend(path: str | Path, run: str) -> bool:
+    """Whether the journal records that ``run`` spent at this site: a drawn release or DP steps."""
+    return any(entry.get("release") == "drawn" or entry.get("steps", 0) for entry in journal_entries(path, run))
 
 
 def append_progress(path: str | Path, run: str, steps: int) -> None:
     """Append a run's DP step total before the round that brings it there is reserved in the
     state dir (fsynced first: a crash in between counts more, never less)."""
     append_line(path, {"run": run, "steps": steps, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+def append_release_drawn(path: str | Path, run: str) -> None:
+    """Append that ``run``'s one-shot release is about to be drawn (fsynced first): a state dir that
+    then loses the run cannot start it over with a second release the journal would not count."""
+    append_line(path, {"run": run, "release": "drawn", "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
 def append_reservation(path: str | Path, run: str, epsilon: float, delta: float) -> None:
