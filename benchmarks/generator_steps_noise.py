@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import re
 import sys
 from collections.abc import Callable
 from datetime import date
@@ -26,7 +25,7 @@ from pathlib import Path
 from fedpggan.cli import run_reporting_errors
 from fedpggan.config import AUTO_G_STEPS_MAX_NOISE, RunConfig
 from fedpggan.data import open_dataset, partition
-from fedpggan.io import atomic_write_bytes, atomic_write_json, check_new_results
+from fedpggan.io import atomic_write_bytes, atomic_write_json, check_new_results, dataset_slug
 from fedpggan.privacy.mechanism import run_d_noise, site_mechanism
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,8 +76,7 @@ def table_row(row: dict) -> str:
 
 
 def run(args: argparse.Namespace, defaults: RunConfig) -> int:
-    name = re.sub(r"[^a-z0-9]+", "-", Path(args.dataset).name.lower().removesuffix(".npz")).strip("-") or "data"
-    stem = Path(args.results) / f"generator-steps-noise-{name}-{args.sites}sites-{args.rounds}rounds-{date.today().isoformat()}"
+    stem = Path(args.results) / f"generator-steps-noise-{dataset_slug(args.dataset)}-{args.sites}sites-{args.rounds}rounds-{date.today().isoformat()}"
     check_new_results(stem)
     data = open_dataset(args.dataset, "train", args.data_dir or None)
     base = dataclasses.replace(defaults, dataset=args.dataset, data_dir=args.data_dir, clients=args.sites, rounds=args.rounds)

@@ -6,7 +6,7 @@ kill -9 + resume, on CPU with tiny models and phantom data.
 
 Reports rounds completed, updates rejected, site failures, the budget overshoot (claimed and
 recomputed by the independent audit; must be 0) and whether the final checkpoint verifies.
-Writes benchmarks/results/soak-<device>-<date>.json and .md.
+Writes benchmarks/results/soak-<device>-<date>.json and .md (soak-<device>-<sites>x<rounds>-<date> for another size).
 """
 
 from __future__ import annotations
@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.work) / f"soak-{args.sites}x{args.rounds}"
     if out.exists():
         p.error(f"{out} exists; remove it or pass another --work")
-    stem = Path(args.results) / f"soak-cpu-{date.today().isoformat()}"
+    today = date.today().isoformat()
+    size = "" if (args.sites, args.rounds) == (20, 30) else f"{args.sites}x{args.rounds}-"  # a quick look never blocks the soak
+    stem = Path(args.results) / f"soak-cpu-{size}{today}"
     try:
         check_new_results(stem)
     except FedPGGANError as e:
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     killed_after = run_with_a_kill(cfg, kill_round)
     result = summarise(cfg, killed_after, time.perf_counter() - t0)
     meta = {"device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-            "date": date.today().isoformat(), "drop": args.drop, "hostile_modes": HOSTILE_MODES,
+            "date": today, "drop": args.drop, "hostile_modes": HOSTILE_MODES,
             "kill_round": kill_round, "versions": library_versions()}
     atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "result": result})
     atomic_write_bytes(stem.with_suffix(".md"), markdown(result, meta).encode())

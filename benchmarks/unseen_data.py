@@ -7,7 +7,8 @@ that pools several MedMNIST files into one multi-class task — by default Pneum
 BreastMNIST, 4 classes — under --work (never in the repository), then trains and evaluates the
 quality benchmark's ``federated eps=10`` row on it, unchanged, with the same profile. Writes
 benchmarks/results/quality-unseen-<device>-<date>.json and .md (with other --datasets,
-quality-unseen-<their stems>-<device>-<date>), with per-class recall.
+quality-unseen-<their stems>-<device>-<date>; another profile than the device's own adds
+-<profile>-profile, as quality.py does), with per-class recall.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     specs = [s.strip() for s in args.datasets.split(",") if s.strip()]
     work = Path(args.work) / profile_name
     pooled = "" if specs == DEFAULT_DATASETS else "-".join(Path(s).stem for s in specs) + "-"  # other data: its own file
-    stem = Path(args.results) / f"quality-unseen-{pooled}{device_name}-{date.today().isoformat()}"
+    today = date.today().isoformat()
+    stem = Path(args.results) / f"quality-unseen-{pooled}{device_name}{quality.profile_tag(profile_name, device)}-{today}"
     check_new_results(stem)
     folder = work / ("folder-" + "-".join(Path(s).stem for s in specs))  # an npz path gives its file stem
     if not folder.exists():
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     name = f"unseen: {shown} as one ImageFolder ({len(classes)} classes), {ROW}"
     _, kind, length, overrides = next(spec for spec in quality.row_specs(profile) if spec[0] == ROW)
     row = {**quality.run_gan_row(name, kind, length, overrides, base, work, profile, device), "classes": classes}
-    meta = quality.run_meta(f"unseen data ({shown})", device_name, profile_name)
+    meta = {**quality.run_meta(f"unseen data ({shown})", device_name, profile_name), "date": today}
     atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "rows": [row]})
     text = quality.markdown([row], meta) + per_class_table(row)
     atomic_write_bytes(stem.with_suffix(".md"), text.encode())

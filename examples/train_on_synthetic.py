@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> float:
     torch.manual_seed(args.seed)
     images = Path(args.export) / "images"
     if not images.is_dir():
-        p.error(f"--export {args.export}: no images/ folder; export with the png format (the default), or load an "
-                "npz-only export's synthetic.npz with numpy")
+        p.error(f"--export {args.export}: no images/ folder; export with --format imagefolder (part of the default "
+                "npz,imagefolder), or load an npz-only export's synthetic.npz with numpy")
     if not Path(args.real).is_file():
         p.error(f"--real {args.real}: no such file; pass a MedMNIST-layout npz with test_images and test_labels")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,11 @@ def check_folder_path(path: str | Path | None, option: str = "--out") -> None:
     """A folder the command will write into must not be an existing file: say so before any work."""
     if path is not None and Path(path).exists() and not Path(path).is_dir():
         raise FedPGGANError(f"{option} {path}: is a file; choose a folder path")
+
+
+def dataset_slug(spec: str) -> str:
+    """A dataset as a results file names it: ``../data/PhantomRGB10.npz`` -> ``phantomrgb10`` (no folder, no dot)."""
+    return re.sub(r"[^a-z0-9]+", "-", Path(spec).name.lower().removesuffix(".npz")).strip("-") or "data"
 
 
 def check_new_results(stem: str | Path, option: str = "--results") -> None:

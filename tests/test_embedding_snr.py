@@ -39,3 +39,10 @@ def test_a_small_count_share_makes_the_class_means_less_noisy(tmp_path):
     assert (small["count_share"], even["count_share"]) == (0.1, 0.5)
     for name, error in small["noise_over_separation"].items():
         assert error < 0.85 * even["noise_over_separation"][name], name
+
+
+def test_a_dataset_path_names_its_results_file_without_folder_or_dot():
+    from fedpggan.io import dataset_slug
+
+    assert dataset_slug("../data/PhantomRGB10.npz") == "phantomrgb10" and dataset_slug("pneumoniamnist") == "pneumoniamnist"
+    assert dataset_slug("/sites/a/") == "a" and dataset_slug("...") == "data"

@@ -589,7 +589,7 @@ def test_example_script_trains_on_the_export_and_tests_on_real_data(gray_run, tm
     accuracy = example.main(["--export", str(tmp_path / "export"), "--real", str(real), "--epochs", "1"])
     assert 0.0 <= accuracy <= 1.0 and "48 synthetic images" in capsys.readouterr().out
     export_run(gray_run, tmp_path / "npz_only", ExportOptions(n=8, formats=("npz",)))
-    for export, given_real, says in ((tmp_path / "npz_only", real, "no images/ folder; export with the png format"),
+    for export, given_real, says in ((tmp_path / "npz_only", real, "no images/ folder; export with --format imagefolder"),
                                      (tmp_path / "export", tmp_path / "none.npz", "none.npz: no such file")):
         with pytest.raises(SystemExit) as stopped:  # a plausible slip: one line, not a traceback
             example.main(["--export", str(export), "--real", str(given_real)])

@@ -330,15 +330,18 @@ def test_a_plain_release_in_a_secure_run_is_rejected_not_used():
     from flwr.app import ArrayRecord
 
     from fedpggan.config import RunConfig
+    from fedpggan.privacy.feature_release import features_for
     from pggan_model import GeneratorTrainer
     from server.federated_run import FederatedRun
 
     events = []
-    server = object.__new__(FederatedRun)  # only what receive_release reads
+    server = object.__new__(FederatedRun)  # only what receive_release reads: a release it would otherwise use
     server.cfg = RunConfig(epsilon=float("inf"), release_aggregation="secure")
+    server.features, server.class_names, server.device = features_for((1, 28, 28), 50, seed=0), ["a", "b"], "cpu"
     server.releases, server.g_trainer = {}, GeneratorTrainer(PGGAN(SHAPE))
     server.ledger = SimpleNamespace(record_event=lambda *event: events.append(event))
-    server.receive_release("3", 2, SimpleNamespace(content={"embedding": ArrayRecord({"sum": torch.ones(51, 2)})}))
+    release = torch.ones(server.features.dim + 1, 2)
+    server.receive_release("3", 2, SimpleNamespace(content={"embedding": ArrayRecord({"sum": release})}))
     assert server.releases == {} and server.g_trainer.embedding is None
     assert events == [("3", 2, "rejected_release", "a plain embedding release in a run whose releases are summed securely")]
 

@@ -440,8 +440,11 @@ def test_a_spend_record_no_cap_can_count_is_refused_not_read_as_nothing_spent(tm
     with pytest.raises(FedPGGANError, match="line 1: unreadable"):
         read_spend_journal(journal)
     journal.write_bytes(b"\xff\xfe binary")
-    with pytest.raises(FedPGGANError, match="journal.jsonl: cannot read .not a text file.*'spend-journal' path"):
-        read_spend_journal(journal)
+    from fedpggan.privacy.lifetime import journal_records_spend
+
+    for read in (read_spend_journal, lambda path: journal_records_spend(path, "run-a")):  # the lost-state check reads it first
+        with pytest.raises(FedPGGANError, match="journal.jsonl: cannot read .not a text file.*'spend-journal' path"):
+            read(journal)
 
 
 def test_a_spend_journal_keeps_runs_a_restored_state_dir_forgot(site_setup, tmp_path):
@@ -1021,9 +1024,9 @@ def test_the_soak_refuses_to_replace_todays_results_before_it_trains(tmp_path, c
     spec = importlib.util.spec_from_file_location("soak_under_test", REPO / "benchmarks" / "soak.py")
     soak = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(soak)
-    stem = tmp_path / f"soak-cpu-{soak.date.today().isoformat()}"
+    stem = tmp_path / f"soak-cpu-5x6-{soak.date.today().isoformat()}"  # a quick look has its own file: it never blocks the soak
     stem.with_suffix(".md").write_text("today's soak")
     with pytest.raises(SystemExit) as stopped:
-        soak.main(["--work", str(tmp_path / "work"), "--results", str(tmp_path)])
+        soak.main(["--sites", "5", "--rounds", "6", "--work", str(tmp_path / "work"), "--results", str(tmp_path)])
     assert stopped.value.code == 2 and f"{stem}.md: already exists" in capsys.readouterr().err
     assert stem.with_suffix(".md").read_text() == "today's soak" and not (tmp_path / "work").exists()

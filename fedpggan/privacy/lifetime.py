@@ -7,7 +7,9 @@ of one JSON line per reservation, kept on another volume (``spend-journal`` in t
 config): the caps count every run it names, whether or not the state dir still holds it. It
 also gets one line per DP round, the run's step total, before the round is reserved: a run's
 state restored from a copy taken mid-run would otherwise spend the rounds since once more
-(client/site_round.py counts them again from the journal).
+(client/site_round.py counts them again from the journal); and one line before a run's release
+is drawn (``{"run", "release": "drawn", "time"}``), so that a site whose state of a run is lost
+refuses to start the run over with a second release (client/site_round.py, ensure_noise_key).
 
 Privacy assumptions: basic composition across runs (their epsilons add up, and so do their
 deltas); the journal and the state dir are not both rolled back to the same older copy; a run
@@ -78,18 +80,22 @@ def merge_budgets(state_dir_budgets: Budgets, journal_budgets: Budgets) -> Budge
     return merged
 
 
+def journal_lines(path: Path) -> list[str]:
+    """The journal's lines; a missing file has none (no reservation made yet)."""
+    try:
+        return path.read_text().splitlines() if path.exists() else []
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not a text file: the path names some other file"
+        raise FedPGGANError(f"spend-journal {path}: cannot read ({why}); fix its permissions or the "
+                            "'spend-journal' path in the site config") from None
+
+
 def read_spend_journal(path: str | Path) -> Budgets:
     """Each run's largest reserved (epsilon, delta) in the journal; a missing file is empty
     (no reservation made yet), a line that cannot be read is a one-line error."""
     path = Path(path)
     budgets: Budgets = {}
-    try:
-        lines = path.read_text().splitlines() if path.exists() else []
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else "not a text file: the path names some other file"
-        raise FedPGGANError(f"spend-journal {path}: cannot read ({why}); fix its permissions or the "
-                            "'spend-journal' path in the site config") from None
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(journal_lines(path), 1):
         if not line.strip():
             continue
         try:
@@ -122,9 +128,8 @@ def check_journal_present(journal: str | Path, state_dir: Path) -> None:
 
 def journal_entries(path: str | Path, run: str) -> list[dict]:
     """The journal's progress and release lines of ``run`` (its reservations are read_spend_journal's)."""
-    path = Path(path)
     entries = []
-    for line in (path.read_text().splitlines() if path.exists() else []):
+    for line in journal_lines(Path(path)):
         try:
             entry = json.loads(line)
         except ValueError:
