@@ -20,7 +20,13 @@ COMMANDS = ("train", "simulate", "export", "audit", "evaluate", "site")
 
 class OneLineParser(argparse.ArgumentParser):
     """An option error is one line naming the fix, like every other user error (argparse would
-    print the whole usage block first). Sub-command parsers inherit the class."""
+    print the whole usage block first). Sub-command parsers inherit the class. Options are never
+    abbreviated: an option removed since a command was written must not be read as a longer one it
+    prefixes (``--generator`` as ``--generator-training``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"error: {message}; see {self.prog} --help\n")

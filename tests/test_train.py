@@ -99,6 +99,15 @@ def test_bad_options_give_one_line_errors(argv, message, capsys):
     assert "\n" not in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv", [["simulate", "--generator", "1"], ["train", "--epoch", "1"]])
+def test_an_option_is_never_read_as_a_longer_one_it_abbreviates(argv, capsys):
+    """An option removed since a command was written must fail as unknown, not run as another."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and err == f"error: unrecognized arguments: {' '.join(argv[1:])}; see fedpggan --help"
+
+
 PHANTOM_SIM = ["simulate", "--dataset", "phantom", "--clients", "2", "--rounds", "2", "--local-steps", "2"]
 TOO_SMALL = ("--epsilon 0.01 with --embedding-share 0.5 leaves 0.005 for the embedding release, which the prv "
              "accountant certifies for no noise level up to 2000 at delta 1e-05; raise --epsilon or --embedding-share")
