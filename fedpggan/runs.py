@@ -245,9 +245,11 @@ class RunFolder:
         if (out / "run.json").exists():
             raise FedPGGANError(f"{option} {out}: is another run's folder (it holds run.json), whose own report this would "
                                 f"replace; write to {self.root} or to a folder of its own")
-        if (out / "datasheet.json").exists():
-            raise FedPGGANError(f"{option} {out}: is an export (it holds datasheet.json), which is published as it is, and "
-                                "reports stay inside the consortium; choose a folder outside it")
+        export = next((folder for folder in (out, *out.resolve().parents) if (folder / "datasheet.json").exists()), None)
+        if export is not None:
+            raise FedPGGANError(f"{option} {out}: is {'an export' if export == out else 'inside the export ' + str(export)} "
+                                "(it holds datasheet.json), which is published as it is, and reports stay inside the "
+                                "consortium; choose a folder outside it")
 
     def verified(self, entry: dict[str, Any]) -> bool:
         """Whether an index entry's file is on disk with the content hash recorded for it."""

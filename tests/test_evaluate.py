@@ -354,6 +354,8 @@ def test_a_report_is_not_written_into_another_runs_folder_nor_into_an_export(run
         assert f"--out {other}: is another run's folder (it holds run.json)" in capsys.readouterr().err
         assert main([*command, "--out", str(export)]) == 2
         assert f"--out {export}: is an export (it holds datasheet.json)" in capsys.readouterr().err
+        assert main([*command, "--out", str(export / "reports")]) == 2
+        assert f"--out {export / 'reports'}: is inside the export {export} (it holds datasheet.json)" in capsys.readouterr().err
     assert {f: f.read_bytes() for f in (*other.iterdir(), *export.iterdir()) if f.is_file()} == before
 
 
