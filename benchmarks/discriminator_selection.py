@@ -25,7 +25,7 @@ import torch
 from fedpggan.cli import run_reporting_errors
 from fedpggan.data import open_dataset
 from fedpggan.evaluation.utility import SAMPLE_CHUNK, TrainSet, scores_over_seeds, synthetic_set
-from fedpggan.io import atomic_write_bytes, atomic_write_json, check_new_results
+from fedpggan.io import atomic_write_bytes, atomic_write_json, new_results_paths
 from fedpggan.runs import RunFolder, library_versions, recorded_generator_steps
 from pggan_model import PGGAN, gan_from_checkpoint
 
@@ -120,11 +120,11 @@ def run(args: argparse.Namespace) -> int:
     meta = {"device": "cpu", "date": date.today().isoformat(), "n": args.n, "oversample": args.oversample,
             "seeds": args.seeds, "versions": library_versions()}
     stem = Path(args.results) / f"discriminator-selection-{meta['device']}-{meta['date']}"
-    check_new_results(stem)
+    json_path, md_path = new_results_paths(stem)
     rows = [row for run in args.runs for row in measure(run, args.data_dir, args.n, args.oversample, args.seeds)]
-    atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
+    atomic_write_json(json_path, {"meta": meta, "rows": rows})
     text = markdown(rows, meta)
-    atomic_write_bytes(stem.with_suffix(".md"), text.encode())
+    atomic_write_bytes(md_path, text.encode())
     print(text)
     return 0
 

@@ -28,7 +28,7 @@ import torch
 from fedpggan.cli import run_reporting_errors
 from fedpggan.config import RunConfig
 from fedpggan.data import open_dataset
-from fedpggan.io import atomic_write_bytes, atomic_write_json, check_new_results, dataset_slug
+from fedpggan.io import atomic_write_bytes, atomic_write_json, new_results_paths, dataset_slug
 from fedpggan.privacy.feature_release import features_for, release_noise, release_sum
 from fedpggan.privacy.noise import SeededNoise
 from pggan_model.mean_embedding import class_means
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, defaults: RunConfig) -> int:
     stem = Path(args.results) / f"embedding-snr-{dataset_slug(args.dataset)}-{date.today().isoformat()}"
-    check_new_results(stem)
+    json_path, md_path = new_results_paths(stem)
     data = open_dataset(args.dataset, "train", args.data_dir or None)
     rows = []
     count_shares = [float(c) for c in args.count_shares.split(",")]
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace, defaults: RunConfig) -> int:
                 print(json.dumps(rows[-1]))
     meta = {"dataset": args.dataset, "sites": args.sites, "share": args.share, "count_shares": args.count_shares, "delta": args.delta,
             "repeats": args.repeats, "records": len(data)}
-    atomic_write_json(Path(f"{stem}.json"), {"meta": meta, "rows": rows})
+    atomic_write_json(json_path, {"meta": meta, "rows": rows})
     lines = [f"# DP embedding target noise: {args.dataset}, {args.sites} IID sites, the release costing {args.share:g} of each site's epsilon",
              "", "Error of each class's pooled mean embedding / distance from its exact mean to the nearest other class's exact mean "
              f"(mean of {args.repeats} noise draws). Near or above 1: that class's target is mostly noise. "
@@ -114,8 +114,8 @@ def run(args: argparse.Namespace, defaults: RunConfig) -> int:
              "|---|---|---|---|---|---|" + "---|" * len(data.class_names)]
     lines += [f"| {r['frequencies']} | {r['blur']:g} | {r['count_share']:g} | {r['eps']:g} | {r['release_sigma']:.2f} | {r['noise_trap_over_separation']:.2f} | "
               + " | ".join(f"{v:.2f}" for v in r["noise_over_separation"].values()) + " |" for r in rows]
-    atomic_write_bytes(Path(f"{stem}.md"), ("\n".join(lines) + "\n").encode())
-    print(f"written: {stem}.json, {stem}.md")
+    atomic_write_bytes(md_path, ("\n".join(lines) + "\n").encode())
+    print(f"written: {json_path}, {md_path}")
     return 0
 
 

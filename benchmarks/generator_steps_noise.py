@@ -25,7 +25,7 @@ from pathlib import Path
 from fedpggan.cli import run_reporting_errors
 from fedpggan.config import AUTO_G_STEPS_MAX_NOISE, RunConfig
 from fedpggan.data import open_dataset, partition
-from fedpggan.io import atomic_write_bytes, atomic_write_json, check_new_results, dataset_slug
+from fedpggan.io import atomic_write_bytes, atomic_write_json, new_results_paths, dataset_slug
 from fedpggan.privacy.mechanism import run_d_noise, site_mechanism
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,7 +77,7 @@ def table_row(row: dict) -> str:
 
 def run(args: argparse.Namespace, defaults: RunConfig) -> int:
     stem = Path(args.results) / f"generator-steps-noise-{dataset_slug(args.dataset)}-{args.sites}sites-{args.rounds}rounds-{date.today().isoformat()}"
-    check_new_results(stem)
+    json_path, md_path = new_results_paths(stem)
     data = open_dataset(args.dataset, "train", args.data_dir or None)
     base = dataclasses.replace(defaults, dataset=args.dataset, data_dir=args.data_dir, clients=args.sites, rounds=args.rounds)
     base.validate()
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace, defaults: RunConfig) -> int:
     meta = {"dataset": args.dataset, "records": len(data), "sites": args.sites, "site_sizes": sizes, "partition": "iid",
             "rounds": args.rounds, "batch_size": base.batch_size, "delta": base.delta or "default min(1e-5, 1/(10 n))",
             "accountant": base.accountant, "embedding_share": base.embedding_share, "limit": AUTO_G_STEPS_MAX_NOISE}
-    atomic_write_json(Path(f"{stem}.json"), {"meta": meta, "rows": rows})
+    atomic_write_json(json_path, {"meta": meta, "rows": rows})
     lines = [f"# The generator-step rule's input: {args.dataset}, {args.sites} IID sites of {', '.join(map(str, sizes))} images, "
              f"{args.rounds} rounds", "",
              "Averaged discriminator's DP noise: each site's sigma / B (B = n q), root mean square over the sites, over "
@@ -102,8 +102,8 @@ def run(args: argparse.Namespace, defaults: RunConfig) -> int:
              f"--epsilons {','.join(f'{e:g}' for e in args.epsilons)} --local-steps {','.join(map(str, args.local_steps))}`.", "",
              "| eps | local steps | sigma (site mean) | averaged D noise | generator steps |", "|---|---|---|---|---|"]
     lines += [table_row(r) for r in rows]
-    atomic_write_bytes(Path(f"{stem}.md"), ("\n".join(lines) + "\n").encode())
-    print(f"written: {stem}.json, {stem}.md")
+    atomic_write_bytes(md_path, ("\n".join(lines) + "\n").encode())
+    print(f"written: {json_path}, {md_path}")
     return 0
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from fedpggan.audit.runner import audit_run
 from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
-from fedpggan.io import atomic_write_bytes, atomic_write_json, check_new_results
+from fedpggan.io import atomic_write_bytes, atomic_write_json, new_results_paths
 from fedpggan.runs import RunFolder, library_versions
 from simulation import faults
 from simulation.run import simulate
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     size = "" if (args.sites, args.rounds) == (20, 30) else f"{args.sites}x{args.rounds}-"  # a quick look never blocks the soak
     stem = Path(args.results) / f"soak-cpu-{size}{today}"
     try:
-        check_new_results(stem)
+        json_path, md_path = new_results_paths(stem)
     except FedPGGANError as e:
         p.error(str(e))
     os.environ.update(FEDPGGAN_FAULT_MODES=HOSTILE_MODES, FEDPGGAN_FAULT_DROP=str(args.drop))  # inherited by Ray
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
             "date": today, "drop": args.drop, "hostile_modes": HOSTILE_MODES,
             "kill_round": kill_round, "versions": library_versions()}
-    atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "result": result})
-    atomic_write_bytes(stem.with_suffix(".md"), markdown(result, meta).encode())
+    atomic_write_json(json_path, {"meta": meta, "result": result})
+    atomic_write_bytes(md_path, markdown(result, meta).encode())
     print(markdown(result, meta))
     ok = result["budget_overshoot"] == 0 and result["final_checkpoint_verifies"] and result["audit_passed"]
     return 0 if ok else 1

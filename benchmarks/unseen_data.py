@@ -26,7 +26,7 @@ from PIL import Image
 from fedpggan.cli import run_reporting_errors
 from fedpggan.data import open_dataset
 from fedpggan.errors import FedPGGANError
-from fedpggan.io import atomic_write_bytes, atomic_write_json, check_new_results
+from fedpggan.io import atomic_write_bytes, atomic_write_json, new_results_paths
 from fedpggan.plots import to_uint8
 
 sys.path.insert(0, str(Path(__file__).parent))  # the quality benchmark, next to this script
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     pooled = "" if specs == DEFAULT_DATASETS else "-".join(Path(s).stem for s in specs) + "-"  # other data: its own file
     today = date.today().isoformat()
     stem = Path(args.results) / f"quality-unseen-{pooled}{device_name}{quality.profile_tag(profile_name, device)}-{today}"
-    check_new_results(stem)
+    json_path, md_path = new_results_paths(stem)
     folder = work / ("folder-" + "-".join(Path(s).stem for s in specs))  # an npz path gives its file stem
     if not folder.exists():
         build_folder(specs, args.data_dir, folder)
@@ -107,9 +107,9 @@ def run(args: argparse.Namespace) -> int:
     _, kind, length, overrides = next(spec for spec in quality.row_specs(profile) if spec[0] == ROW)
     row = {**quality.run_gan_row(name, kind, length, overrides, base, work, profile, device), "classes": classes}
     meta = {**quality.run_meta(f"unseen data ({shown})", device_name, profile_name), "date": today}
-    atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "rows": [row]})
+    atomic_write_json(json_path, {"meta": meta, "rows": [row]})
     text = quality.markdown([row], meta) + per_class_table(row)
-    atomic_write_bytes(stem.with_suffix(".md"), text.encode())
+    atomic_write_bytes(md_path, text.encode())
     print(text)
     return 0
 

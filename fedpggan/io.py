@@ -73,9 +73,12 @@ def dataset_slug(spec: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", Path(spec).name.lower().removesuffix(".npz")).strip("-") or "data"
 
 
-def check_new_results(stem: str | Path, option: str = "--results") -> None:
-    """A benchmark's dated results are committed evidence: a second run the same day must not replace
-    them. Checked before any work, so a refused run costs nothing."""
-    for path in (Path(f"{stem}.json"), Path(f"{stem}.md")):
+def new_results_paths(stem: str | Path, option: str = "--results") -> tuple[Path, Path]:
+    """The JSON and markdown files a benchmark writes for ``stem``, which must not exist yet: a
+    benchmark's dated results are committed evidence, and a second run the same day must not replace
+    them. Checked before any work, so a refused run costs nothing; the writer uses these very paths."""
+    paths = (Path(f"{stem}.json"), Path(f"{stem}.md"))
+    for path in paths:
         if path.exists():
             raise FedPGGANError(f"{path}: already exists (this benchmark ran today); move it away or pass another {option} folder")
+    return paths

@@ -236,12 +236,13 @@ class RunFolder:
                                 f"(edited or tampered); {use} needs the run's original ledger: restore it")
         return self.read_ledger()
 
-    def check_report_folder(self, out: Path, option: str = "--out") -> None:
+    def check_report_folder(self, out: Path, option: str = "--out") -> bool:
         """A report of this run goes to its folder or to one of its own: never into another run's folder
         (whose report it would replace, and whose export would publish it) nor into an export, which is
-        published as it is, while evaluation and audit reports stay inside the consortium."""
+        published as it is, while evaluation and audit reports stay inside the consortium. Returns
+        whether ``out`` is this run's folder."""
         if out.resolve() == self.root.resolve():
-            return
+            return True
         if (out / "run.json").exists():
             raise FedPGGANError(f"{option} {out}: is another run's folder (it holds run.json), whose own report this would "
                                 f"replace; write to {self.root} or to a folder of its own")
@@ -250,6 +251,7 @@ class RunFolder:
             raise FedPGGANError(f"{option} {out}: is {'an export' if export == out else 'inside the export ' + str(export)} "
                                 "(it holds datasheet.json), which is published as it is, and reports stay inside the "
                                 "consortium; choose a folder outside it")
+        return False
 
     def verified(self, entry: dict[str, Any]) -> bool:
         """Whether an index entry's file is on disk with the content hash recorded for it."""

@@ -154,8 +154,7 @@ def writable_out(run: RunFolder, out: str | Path | None, split: str, quick: bool
     leaves nothing behind). A val-split or quick evaluation does not replace a full test-split report
     in the run folder (the one export publishes): it needs a folder of its own."""
     out = run.root if out is None else Path(out)
-    run.check_report_folder(out)
-    if out.resolve() == run.root.resolve() and (split != "test" or quick):
+    if run.check_report_folder(out) and (split != "test" or quick):
         previous = run.root / "evaluation.json"
         try:
             full = previous.is_file() and is_full_test_report(json.loads(previous.read_text()))
