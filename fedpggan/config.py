@@ -43,7 +43,7 @@ class RunConfig:
     local_steps: int = opt(8, "DP-SGD steps on D at each site per round", group="federation")
     g_steps: int = opt(0, "generator steps on the server per round; 0 = by the averaged discriminator's DP noise: 8 where it is low (without DP, or e.g. PneumoniaMNIST's 5 sites at epsilon 10), 2 where it is high (epsilon 1, small sites), since the generators otherwise learn that noise; the run prints and records its choice (2 at every budget in runs before 2026-12-06)", group="federation")
     generator_training: str = opt("server", "where G1/G2 learn: 'server' (default) or 'local' at each site, then averaged", ("server", "local"), group="federation")
-    aggregation: str = opt("fedavg", "how D updates are combined (equal weights)", ("fedavg", "median", "trimmed-mean"), group="federation")
+    aggregation: str = opt("fedavg", "how D updates are combined: 'fedavg' (equal weights), 'weighted' (each site's public record count: under DP a small site's noisy D counts for less), 'median', 'trimmed-mean' (robust to a hostile site)", ("fedavg", "weighted", "median", "trimmed-mean"), group="federation")
     round_timeout: float = opt(600.0, "seconds to wait for a round's replies", group="federation")
     sample_every: int = opt(25, "write a sample grid every N rounds (and at the end)", group="federation")
     checkpoint_every: int = opt(1, "write a checkpoint every N rounds/epochs (and at the end); with 1, --resume loses no work", group="federation")

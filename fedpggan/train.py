@@ -162,7 +162,7 @@ def start(run: RunFolder, cfg: RunConfig, data, privacy: PrivacySettings | None,
 
 
 def mean_stats(stats: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
-    return {k: float(np.nanmean([s[k] for s in stats])) if stats else math.nan for k in keys}
+    return {k: float(np.mean([s[k] for s in stats])) if stats else math.nan for k in keys}
 
 
 def dataset_info(data) -> dict:

@@ -1,22 +1,34 @@
 """Combine the sites' discriminators (and generators, with local generator training).
 
-All rules give every site the same weight: a weight from a site's record count would put
-that count into the model, and counts are only public when a site declares them so.
+``fedavg`` gives every site the same weight. ``weighted`` gives each site its public record count
+(FedAvg as McMahan et al. 2017 define it): the count already sets the site's sampling rate and is in the
+ledger (README, What is assumed public), so the weights cost no privacy. Under DP a small site's D is far
+noisier (the same clipped sum, divided by a smaller expected batch, with more noise for its larger
+sampling rate): equal weights give its noise as much say as a large site's, count weights do not.
 ``median`` and ``trimmed-mean`` are robust: one hostile site cannot move them far.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
+AGGREGATIONS = ("fedavg", "weighted", "median", "trimmed-mean")
 TRIM_FRACTION = 0.2  # trimmed-mean drops this share of values at each end (at least one of 3+)
 
 
-def aggregate(states: list[dict[str, torch.Tensor]], rule: str = "fedavg") -> dict[str, torch.Tensor]:
-    """Element-wise combination of state dicts with identical keys and shapes."""
+def aggregate(states: list[dict[str, torch.Tensor]], rule: str = "fedavg",
+              record_counts: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """Element-wise combination of state dicts with identical keys and shapes; ``record_counts``
+    (the sites' public counts, in the order of ``states``) weight them under ``weighted``."""
     if not states:
         raise ValueError("nothing to aggregate")
+    if rule == "weighted":
+        if record_counts is None or len(record_counts) != len(states) or min(record_counts) < 1:
+            raise ValueError(f"aggregation 'weighted' needs one positive record count per state, got {record_counts!r}")
+        counts = torch.tensor([float(n) for n in record_counts], dtype=torch.float64)
+        weights = counts / counts.sum()
     out = {}
     for key, first in states[0].items():
         stacked = torch.stack([s[key].to(torch.float64) for s in states])
@@ -25,6 +37,8 @@ def aggregate(states: list[dict[str, torch.Tensor]], rule: str = "fedavg") -> di
             continue
         if rule == "fedavg":
             value = stacked.mean(0)
+        elif rule == "weighted":
+            value = torch.tensordot(weights, stacked, dims=1)
         elif rule == "median":
             value = stacked.median(0).values if len(states) % 2 else stacked.quantile(0.5, dim=0)
         elif rule == "trimmed-mean":

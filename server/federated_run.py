@@ -316,15 +316,15 @@ class FederatedRun:
         replies = list(self.grid.send_and_receive(messages, timeout=cfg.round_timeout))
         t_sites = time.perf_counter() - t0
         global_d = {k: v.detach().cpu().clone() for k, v in self.gan.d.state_dict().items()}
-        d_states, g_states = self.accept_replies(round_num, selected, replies, global_d)
+        d_states, g_states, counts = self.accept_replies(round_num, selected, replies, global_d)
         compute = [c for c in (site_compute_seconds(r) for r in replies) if c is not None]
         needed = cfg.min_clients or math.ceil(len(selected) / 2)  # one failing site must not stall the run
         t1 = time.perf_counter()
         row: dict[str, Any] = {"round": round_num, "selected": len(selected), "accepted": len(d_states)}
         if len(d_states) >= max(needed, 1):
             self.failed_rounds = 0
-            self.gan.d.load_state_dict(aggregate(d_states, cfg.aggregation))
-            row.update(self.train_generators(round_num, g_states))
+            self.gan.d.load_state_dict(aggregate(d_states, cfg.aggregation, counts))
+            row.update(self.train_generators(round_num, g_states, counts))
         else:
             self.failed_rounds += 1
             row["skipped"] = f"{len(d_states)} valid replies < {needed} needed"
@@ -345,8 +345,9 @@ class FederatedRun:
         return f"{len(d_states)}/{len(selected)}"
 
     def accept_replies(self, round_num: int, selected: list[int], replies: list[Message],
-                       global_d: dict[str, torch.Tensor]) -> tuple[list, list]:
-        """Validate each reply, record its spend, and keep the valid updates."""
+                       global_d: dict[str, torch.Tensor]) -> tuple[list, list, list[int]]:
+        """Validate each reply, record its spend, and keep the valid updates, with their sites' public
+        record counts (the weights of --aggregation weighted)."""
         global_g = generator_arrays(self.gan).to_torch_state_dict()
         valid: list[tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor] | None, Message]] = []
         answered = set()
@@ -410,16 +411,17 @@ class FederatedRun:
         if self.cfg.generator_training == "local":  # a locally trained G is averaged too: one site must not own it
             g_problems = outlier_problems([update_norm(g, global_g) for _, _, g, _ in valid])
             problems = [d or (g and f"generators: {g}") for d, g in zip(problems, g_problems)]
-        d_states, g_states = [], []
+        d_states, g_states, counts = [], [], []
         for (site, d_state, g_state, reply), problem in zip(valid, problems):
             if problem:
                 self.ledger.record_event(site, round_num, "rejected_update", problem)
                 continue
             self.receive_release(site, round_num, reply)
             d_states.append(d_state)
+            counts.append(int(self.ledger.site(site)["public_num_records"]))
             if g_state is not None:
                 g_states.append(g_state)
-        return d_states, g_states
+        return d_states, g_states, counts
 
     def check_unrecorded_spend(self, site: str, round_num: int, privacy: dict[str, float]) -> None:
         """A site that died mid-round and was then sent different inputs charged that round anyway
@@ -521,18 +523,18 @@ class FederatedRun:
             return f"reported epsilon {privacy['epsilon']:.4f} exceeds the budget {self.cfg.epsilon}"
         return None
 
-    def train_generators(self, round_num: int, g_states: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    def train_generators(self, round_num: int, g_states: list[dict[str, torch.Tensor]], counts: list[int]) -> dict[str, float]:
         """Server-side generator steps against the aggregated D (no real data involved)."""
         torch.manual_seed(derived_seed(self.cfg.seed, round_num, SERVER_STREAM))
         if self.cfg.generator_training == "local":
-            merged = aggregate(g_states, self.cfg.aggregation)
+            merged = aggregate(g_states, self.cfg.aggregation, counts)
             self.gan.g1.load_state_dict({k[3:]: v for k, v in merged.items() if k.startswith("g1.")})
             self.gan.g2.load_state_dict({k[3:]: v for k, v in merged.items() if k.startswith("g2.")})
             self.gan.update_ema()
             return {**self.fit_embedding(), **self.fake_score()}
         stats = [self.g_trainer.step(self.cfg.g_batch_size, self.prior) for _ in range(self.g_steps)]
         keys = ("loss_g1", "loss_g2") + (("loss_embedding",) if "loss_embedding" in stats[0] else ()) if stats else ()
-        out = {"g_steps": len(stats), **{k: float(np.nanmean([s[k] for s in stats])) for k in keys}}
+        out = {"g_steps": len(stats), **{k: float(np.mean([s[k] for s in stats])) for k in keys}}
         out.update({f"case_{c}": sum(s[f"case_{c}"] for s in stats) for c in CASES})
         out.update(self.fit_embedding())
         out.update(self.fake_score())

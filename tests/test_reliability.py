@@ -666,6 +666,25 @@ def test_robust_aggregation_withstands_a_hostile_site(attack):
         assert update_norm(aggregate(updates, rule), honest_mean) < 0.5 * honest_move, rule
 
 
+def test_weighted_aggregation_is_the_count_weighted_mean_and_needs_a_count_per_site():
+    from fedpggan.privacy.mechanism import Mechanism, averaged_d_noise
+
+    states = [{"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}, {"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(3)}]
+    merged = aggregate(states, "weighted", [100, 300])
+    assert torch.allclose(merged["w"], torch.tensor([3.25, 6.5])) and merged["n"] == 3
+    assert torch.equal(aggregate(states, "weighted", [7, 7])["w"], aggregate(states, "fedavg")["w"])
+    for counts in (None, [100], [100, 0]):
+        with pytest.raises(ValueError, match="one positive record count per state"):
+            aggregate(states, "weighted", counts)
+    # the generator-step rule's noise: the same as equal weights for equal counts, lower when a noisy site is small
+    noisy, quiet = Mechanism(8.0, 1.0, 1e-5, None), Mechanism(1.0, 0.05, 1e-5, None)
+    equal = [(noisy, 1000), (quiet, 1000)]
+    assert averaged_d_noise(equal, 2, weighted=True) == pytest.approx(averaged_d_noise(equal, 2))
+    assert averaged_d_noise(equal, 1, weighted=True) == pytest.approx(averaged_d_noise(equal, 1))
+    skewed = [(noisy, 50), (quiet, 2000)]
+    assert averaged_d_noise(skewed, 2, weighted=True) < averaged_d_noise(skewed, 2) / 5
+
+
 def test_a_reply_missing_a_record_or_with_a_non_finite_spend_is_unreadable_not_a_crash():
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 

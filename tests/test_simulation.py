@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
@@ -218,6 +219,39 @@ def test_a_secure_release_reaches_the_server_only_as_the_sum_of_all_sites(tmp_pa
     for site, value in worst.items():  # the audit recomputes the worst case on its own and says so
         note = next(n for n in audit["notes"] if n.startswith(f"sites.{site}: the embedding release was summed securely"))
         assert f"{value:.4g}" in note and "took the server's key list on trust" in note
+
+
+def test_weighted_aggregation_weighs_each_sites_discriminator_by_its_public_record_count(tmp_path):
+    """--aggregation weighted: the global D is the count-weighted mean of the sites' replies, and the
+    generator-step rule reads the noise of that weighted mean (under DP a small site's D is the noisy one)."""
+    import torch
+
+    from fedpggan.privacy.mechanism import averaged_d_noise
+    from fedpggan.runs import RunFolder
+    from pggan_model.checkpoint import read_checkpoint
+
+    out = tmp_path / "run"
+    replies, _ = simulate_recorded(out, epsilon=10.0, aggregation="weighted", partition="quantity", alpha=0.5, g_steps=0)
+    sizes = {r.metadata.src_node_id: int(r.content["site"]["num-records"]) for r in replies if "site" in r.content}
+    assert len(set(sizes.values())) == 3  # the quantity split gives the sites different sizes
+    last = [r for r in replies if "d" in r.content and r.metadata.group_id == "2"]
+    assert len(last) == 3
+    counts = torch.tensor([float(sizes[r.metadata.src_node_id]) for r in last], dtype=torch.float64)
+    states = [r.content["d"].to_torch_state_dict() for r in last]
+    path, _ = RunFolder(out).latest_checkpoint()
+    saved = {k[2:]: v for k, v in read_checkpoint(path)["state_dict"].items() if k.startswith("d.")}
+    for key, value in saved.items():
+        stacked = torch.stack([s[key].double() for s in states])
+        weighted = torch.tensordot(counts / counts.sum(), stacked, dims=1)
+        assert torch.allclose(value.double(), weighted, atol=1e-6, rtol=1e-5), key
+        if value.numel() > 1:
+            assert not torch.allclose(value.double(), stacked.mean(0), atol=1e-6, rtol=1e-5), key  # not the equal-weight mean
+    ledger = json.loads((out / "privacy_ledger.json").read_text())
+    mechanisms = [(SimpleNamespace(noise_multiplier=s["noise_multiplier"], sample_rate=s["sample_rate"]), s["public_num_records"])
+                  for s in ledger["sites"].values()]
+    chosen = json.loads((out / "run.json").read_text())["generator_steps"]
+    assert chosen["averaged_d_noise"] == pytest.approx(averaged_d_noise(mechanisms, 3, weighted=True))
+    assert chosen["averaged_d_noise"] < averaged_d_noise(mechanisms, 3)
 
 
 @pytest.mark.parametrize("release", ["plain", "secure"])

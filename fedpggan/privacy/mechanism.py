@@ -55,22 +55,29 @@ def site_mechanism(cfg: RunConfig, num_records: int, steps: int) -> Mechanism:
     return Mechanism(sigma, q, delta, release)
 
 
-def averaged_d_noise(mechanisms: Iterable[tuple[Mechanism, int]], averaged_per_round: int) -> float:
+def averaged_d_noise(mechanisms: Iterable[tuple[Mechanism, int]], averaged_per_round: int, weighted: bool = False) -> float:
     """The noise std of the averaged discriminator's per-step gradient, relative to the clipping norm:
     each site's sigma / B (B = n q, the expected batch its noisy sum is divided by), root mean square over
-    the ``(mechanism, n)`` of the sites, over sqrt(sites averaged per round). What --g-steps 0 decides
-    by (RunConfig.generator_steps); 0 without DP. Computed from public facts (sizes, the config) only."""
-    per_site = [m.noise_multiplier / (n * m.sample_rate) for m, n in mechanisms]
-    if not per_site:
+    the ``(mechanism, n)`` of the sites, over sqrt(sites averaged per round). ``weighted`` (--aggregation
+    weighted): each site's term weighted by its share of the records, sqrt(sum_i (n_i / N)^2 (sigma_i / B_i)^2),
+    scaled by sqrt(sites / sites averaged per round); with equal counts both are the same. What --g-steps 0
+    decides by (RunConfig.generator_steps); 0 without DP. Computed from public facts (sizes, the config) only."""
+    sites = [(m.noise_multiplier / (n * m.sample_rate), n) for m, n in mechanisms]
+    if not sites:
         return 0.0
-    return math.sqrt(sum(x * x for x in per_site) / len(per_site)) / math.sqrt(max(averaged_per_round, 1))
+    averaged = max(averaged_per_round, 1)
+    if weighted:
+        total = sum(n for _, n in sites)
+        return math.sqrt(sum((n / total * x) ** 2 for x, n in sites) * len(sites) / averaged)
+    return math.sqrt(sum(x * x for x, _ in sites) / len(sites)) / math.sqrt(averaged)
 
 
 def run_d_noise(cfg: RunConfig, sizes: Sequence[int], mechanism_for: Callable[[int], Mechanism]) -> float:
     """averaged_d_noise of a run whose sites hold ``sizes`` records (public), each under ``mechanism_for(n)``: 0 without
     DP. The generators learn from the average of ceil(fraction x sites) discriminators a round, or from one with
-    --generator-training local (each site's generators learn from its own D)."""
+    --generator-training local (each site's generators learn from its own D); --aggregation weighted weighs them by size."""
     if not cfg.dp:
         return 0.0
     averaged = 1 if cfg.generator_training == "local" else max(1, math.ceil(cfg.fraction * len(sizes)))
-    return averaged_d_noise([(mechanism_for(n), n) for n in sizes], averaged)
+    return averaged_d_noise([(mechanism_for(n), n) for n in sizes], averaged,
+                            weighted=cfg.aggregation == "weighted" and cfg.generator_training != "local")
