@@ -124,12 +124,24 @@ def release_noise_ratio(released_sum: torch.Tensor, count_share: float, noise_va
     return float((noise_sq / nearest_sq).max().sqrt())
 
 
+def vouched_classes(released_sum: torch.Tensor, count_share: float, noise_variance: float, sigmas: float = 2.0) -> torch.Tensor:
+    """Per class, whether the pooled release's noisy count stands ``sigmas`` standard deviations above zero.
+    A class no pooled site holds has a count of pure noise, and its "mean" (noise over that count) is a
+    target far outside the data (post-processing of the release and the public noise levels)."""
+    _, counts = class_means(released_sum, count_share)
+    _, b = split_weights(count_share)
+    return counts > max(sigmas * math.sqrt(noise_variance) / b, 0.5)
+
+
 def embedding_loss(features: RandomFourierFeatures, images: torch.Tensor, labels: torch.Tensor,
-                   target_means: torch.Tensor) -> torch.Tensor:
-    """Sum over the classes in the batch of ||mean phi(G(z, k)) - target mean of class k||^2."""
+                   target_means: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over the classes in the batch of ||mean phi(G(z, k)) - target mean of class k||^2; a class
+    that ``classes`` (a boolean per class) marks False has no target and adds nothing."""
     phi = features(images)
     loss = images.new_zeros(())
     for k in labels.unique():
+        if classes is not None and not bool(classes[k]):
+            continue
         mask = labels == k
         loss = loss + (phi[mask].mean(0) - target_means[:, k].to(phi)).pow(2).sum()
     return loss

@@ -129,12 +129,14 @@ class GeneratorTrainer:
         c = gan.config
         self.opt1 = torch.optim.Adam(gan.g1.parameters(), lr=c.lr_g, betas=(c.beta1, c.beta2))
         self.opt2 = torch.optim.Adam(gan.g2.parameters(), lr=c.lr_g, betas=(c.beta1, c.beta2))
-        self.embedding: tuple[RandomFourierFeatures, torch.Tensor, float] | None = None
+        self.embedding: tuple[RandomFourierFeatures, torch.Tensor, float, torch.Tensor | None] | None = None
 
-    def match_embedding(self, features: RandomFourierFeatures, class_means: torch.Tensor, weight: float) -> None:
+    def match_embedding(self, features: RandomFourierFeatures, class_means: torch.Tensor, weight: float,
+                        classes: torch.Tensor | None = None) -> None:
         """Add ``weight`` x the class-conditional mean-embedding loss of the generators' mixture
-        (an auxiliary loss; the target must come from a DP release when data are private)."""
-        self.embedding = (features, class_means, weight) if weight > 0 else None
+        (an auxiliary loss; the target must come from a DP release when data are private), over the
+        classes ``classes`` marks True (all when None)."""
+        self.embedding = (features, class_means, weight, classes) if weight > 0 else None
 
     def step(self, batch_size: int, prior: torch.Tensor | None = None) -> dict[str, float]:
         """One update of both generators against the current D; returns losses and case counts."""
@@ -156,9 +158,9 @@ class GeneratorTrainer:
         losses = generator_rule_loss(logits1, logits2, gan.config.loss_rule)
         loss = losses.loss
         if self.embedding is not None:
-            features, means, weight = self.embedding
+            features, means, weight, classes = self.embedding
             mixture_labels = labels if gan.single else torch.cat([labels, labels])
-            emb = embedding_loss(features, torch.cat([x1, x2]), mixture_labels, means)
+            emb = embedding_loss(features, torch.cat([x1, x2]), mixture_labels, means, classes)
             loss = loss + weight * emb
         self.update(loss)
         d.requires_grad_(True)
@@ -177,7 +179,7 @@ class GeneratorTrainer:
         depends on how noisy the release is (see :func:`release_noise_ratio`)."""
         if self.embedding is None:
             raise RuntimeError("embedding_step needs a target: call match_embedding first")
-        gan, (features, means, weight) = self.gan, self.embedding
+        gan, (features, means, weight, classes) = self.gan, self.embedding
         device = next(gan.parameters()).device
         gan.g1.train(), gan.g2.train()
         labels = gan.draw_labels(batch_size, prior, device)
@@ -185,7 +187,7 @@ class GeneratorTrainer:
         if not gan.single:
             images = torch.cat([images, gan.g2(gan.latent(batch_size, device), labels)])
             labels = torch.cat([labels, labels])
-        emb = embedding_loss(features, images, labels, means)
+        emb = embedding_loss(features, images, labels, means, classes)
         self.update(weight * emb)
         return float(emb.detach())
 

@@ -18,6 +18,15 @@ AGGREGATIONS = ("fedavg", "weighted", "median", "trimmed-mean")
 TRIM_FRACTION = 0.2  # trimmed-mean drops this share of values at each end (at least one of 3+)
 
 
+def aggregation_assumption(rule: str) -> str:
+    """What the run's privacy ledger says of the rule (a federated run's assumptions)."""
+    if rule == "weighted":
+        return ("aggregation weights each site's discriminator by its public record count (the count that sets its "
+                "sample rate): post-processing of public facts and DP outputs; a site that overstates its count "
+                "takes over the average (against hostile sites use median or trimmed-mean)")
+    return "aggregation uses equal weights, so no site's record count enters the model"
+
+
 def aggregate(states: list[dict[str, torch.Tensor]], rule: str = "fedavg",
               record_counts: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """Element-wise combination of state dicts with identical keys and shapes; ``record_counts``

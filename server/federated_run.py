@@ -36,10 +36,11 @@ from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none, spent_outside
 from fedpggan.privacy.mechanism import Mechanism, run_d_noise, site_mechanism
 from fedpggan.privacy.noise import SEEDED_NOISE_WARNING
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso, refuse_completed, resumed_with
+from fedpggan.train import mean_stats
 from fedpggan.wire import generator_arrays, site_error, train_content
 from pggan_model import CASES, GeneratorTrainer, load_checkpoint, save_checkpoint
-from pggan_model.mean_embedding import class_means, release_noise_ratio
-from server.aggregation import aggregate
+from pggan_model.mean_embedding import class_means, release_noise_ratio, vouched_classes
+from server.aggregation import aggregate, aggregation_assumption
 from server.secure_release import SecureSum, secure_sum
 from server.validation import outlier_problems, reply_problem, update_norm, update_problem
 
@@ -164,7 +165,8 @@ class FederatedRun:
         self.run_id = self.folder.root.resolve().name  # the folder's own name, also for --out .
         self.ledger = PrivacyLedger(self.run_id, cfg.dp, library_versions(),
                                     f"{mechanism_name(cfg.grad_sample_mode)} at each site" if cfg.dp else "none", cfg.to_flower(),
-                                    [SECURE_SUM_ASSUMPTION] if cfg.dp and cfg.release_aggregation == "secure" else [],
+                                    [aggregation_assumption(cfg.aggregation),
+                                     *([SECURE_SUM_ASSUMPTION] if cfg.dp and cfg.release_aggregation == "secure" else [])],
                                     cfg.noise_key)
         for node, site in self.sites.items():
             if cfg.dp:
@@ -191,6 +193,12 @@ class FederatedRun:
             print("warning: this run uses 'phantom', procedurally generated data: NOT medical data")
         if cfg.dp and cfg.noise_key == "seed":
             print(SEEDED_NOISE_WARNING)
+        small = [f"{self.site_id(n)} ({s['num-records']} images)" for n, s in self.sites.items() if int(s["num-records"]) <= cfg.batch_size]
+        if cfg.dp and small and len(small) < len(self.sites):
+            print(f"warning: site(s) {', '.join(small)} hold no more than --batch-size {cfg.batch_size} images: each DP step "
+                  "takes all of them (no sampling amplification), so their discriminators are far noisier than the others'"
+                  + ("" if cfg.aggregation == "weighted" else
+                     f"; --aggregation {cfg.aggregation} gives them a full site's say (--aggregation weighted counts each site by its size)"))
         return 1
 
     def release_record(self, num_records: int, share_made_for: int, sites: int) -> dict[str, Any]:
@@ -238,8 +246,7 @@ class FederatedRun:
         self.check_sites_match_ledger()
         self.releases = {site: released.double() for site, released in payload.get("releases", {}).items()}
         if self.releases:
-            self.use_release(sum(self.releases[s] for s in sorted(self.releases)),
-                             sum(self.release_sigma(s) ** 2 for s in self.releases))
+            self.use_pooled_releases()
         rows = [r for r in self.folder.read_metrics() if r["round"] <= entry["round"]]
         atomic_write_bytes(self.folder.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows).encode())  # a kill keeps the old rows
         self.run_info.update(status="running", resumed_at=resumed_at, resumed_from_round=entry["round"],
@@ -411,16 +418,18 @@ class FederatedRun:
         if self.cfg.generator_training == "local":  # a locally trained G is averaged too: one site must not own it
             g_problems = outlier_problems([update_norm(g, global_g) for _, _, g, _ in valid])
             problems = [d or (g and f"generators: {g}") for d, g in zip(problems, g_problems)]
-        d_states, g_states, counts = [], [], []
+        d_states, g_states, counts, released = [], [], [], False
         for (site, d_state, g_state, reply), problem in zip(valid, problems):
             if problem:
                 self.ledger.record_event(site, round_num, "rejected_update", problem)
                 continue
-            self.receive_release(site, round_num, reply)
+            released = self.receive_release(site, round_num, reply) or released
             d_states.append(d_state)
             counts.append(int(self.ledger.site(site)["public_num_records"]))
             if g_state is not None:
                 g_states.append(g_state)
+        if released:  # pooled once the round's replies are in, not after each of them
+            self.use_pooled_releases()
         return d_states, g_states, counts
 
     def check_unrecorded_spend(self, site: str, round_num: int, privacy: dict[str, float]) -> None:
@@ -439,30 +448,49 @@ class FederatedRun:
                                      "charged before a crash and then re-run with other inputs; counted, privacy first)")
             entry["events"][-1]["steps"] = extra
 
-    def receive_release(self, site: str, round_num: int, reply: Message) -> None:
-        """Keep each site's one-shot embedding release; the generators match the pooled class means."""
+    def receive_release(self, site: str, round_num: int, reply: Message) -> bool:
+        """Keep a site's one-shot embedding release (the generators then match the pooled class means,
+        use_pooled_releases); whether a new one was kept."""
         if self.cfg.embedding_weight <= 0 or "embedding" not in reply.content or site in self.releases:
-            return
+            return False
         if self.cfg.release_aggregation == "secure":  # the target is the secure sum: one site's plain share must not replace it
             self.ledger.record_event(site, round_num, "rejected_release", "a plain embedding release in a run whose releases are summed securely")
-            return
+            return False
         released = reply.content["embedding"].to_torch_state_dict()["sum"]
         expected = (self.features.dim + 1, len(self.class_names))
         if tuple(released.shape) != expected or not torch.isfinite(released).all():
             self.ledger.record_event(site, round_num, "rejected_release", f"embedding release of shape {tuple(released.shape)} (expected {expected}) or non-finite")
-            return
+            return False
         self.releases[site] = released.double()
+        return True
+
+    def use_pooled_releases(self) -> None:
+        """The plain releases received so far, pooled. Until every site's has arrived (--fraction < 1, a failed
+        round) a class may lie at sites not yet pooled: its count is then pure noise, so it gets no target."""
         pooled = sum(self.releases[s] for s in sorted(self.releases))
-        self.use_release(pooled, sum(self.release_sigma(s) ** 2 for s in self.releases))
+        variance = sum(self.release_sigma(s) ** 2 for s in self.releases)
+        classes = None
+        sites = len(self.run_info["sites"])  # every site of the run, also those not back after --resume
+        if len(self.releases) < sites:
+            classes = vouched_classes(pooled, self.cfg.embedding_count_share, variance)
+            if not bool(classes.all()):
+                missing = [name for name, ok in zip(self.class_names, classes.tolist()) if not ok]
+                print(f"embedding target: class(es) {', '.join(missing)} left out until more sites' releases arrive "
+                      f"({len(self.releases)} of {sites} pooled: their counts do not stand out of the noise)")
+        self.use_release(pooled, variance, classes)
 
     def release_sigma(self, site: str) -> float:
         """The noise multiplier of a site's whole release (public: from its size and the config); 0 without DP."""
         return self.mechanism_for(int(self.run_info["sites"][site]))[3] if self.cfg.dp else 0.0  # also a site not back after --resume
 
-    def use_release(self, pooled: torch.Tensor, noise_variance: float) -> None:
-        """The generators match the pooled class means; the gate reads its noise (post-processing)."""
+    def use_release(self, pooled: torch.Tensor, noise_variance: float, classes: torch.Tensor | None = None) -> None:
+        """The generators match the pooled class means (of ``classes``, all when None); the gate reads its
+        noise (post-processing)."""
         means, _ = class_means(pooled, self.cfg.embedding_count_share)
-        self.g_trainer.match_embedding(self.features, means.to(self.device), self.cfg.embedding_weight)
+        if classes is not None and bool(classes.all()):
+            classes = None
+        self.g_trainer.match_embedding(self.features, means.to(self.device), self.cfg.embedding_weight,
+                                       None if classes is None else classes.to(self.device))
         self.release_noise_ratio = release_noise_ratio(pooled, self.cfg.embedding_count_share, noise_variance)
 
     def secure_release(self) -> None:
@@ -534,7 +562,7 @@ class FederatedRun:
             return {**self.fit_embedding(), **self.fake_score()}
         stats = [self.g_trainer.step(self.cfg.g_batch_size, self.prior) for _ in range(self.g_steps)]
         keys = ("loss_g1", "loss_g2") + (("loss_embedding",) if "loss_embedding" in stats[0] else ()) if stats else ()
-        out = {"g_steps": len(stats), **{k: float(np.mean([s[k] for s in stats])) for k in keys}}
+        out = {"g_steps": len(stats), **mean_stats(stats, keys)}
         out.update({f"case_{c}": sum(s[f"case_{c}"] for s in stats) for c in CASES})
         out.update(self.fit_embedding())
         out.update(self.fake_score())

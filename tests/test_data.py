@@ -524,6 +524,7 @@ def test_quantity_sizes_vary_but_labels_stay_mixed():
     ({"num_sites": 3, "scheme": "pathological"}, "pathological"),
     ({"num_sites": 3, "scheme": "dirichlet", "alpha": 0.0}, "--alpha"),
     ({"num_sites": 3, "scheme": "quantity", "alpha": -1.0}, "--alpha"),
+    ({"num_sites": 3, "scheme": "quantity", "alpha": float("inf")}, "--alpha inf: must be a finite number > 0"),
 ])
 def test_partition_errors(kwargs, needle):
     with pytest.raises(FedPGGANError) as excinfo:

@@ -313,14 +313,55 @@ def test_the_server_decodes_releases_with_the_runs_count_share():
     server = object.__new__(FederatedRun)  # only what receive_release reads
     server.cfg = RunConfig(epsilon=float("inf"), embedding_count_share=0.3)
     server.features, server.class_names, server.releases, server.device = features, data.class_names, {}, "cpu"
-    server.g_trainer = GeneratorTrainer(PGGAN(SHAPE))
+    server.g_trainer, server.run_info = GeneratorTrainer(PGGAN(SHAPE)), {"sites": {"0": 40, "1": 24}}
     for site, part in enumerate((range(0, 40), range(40, 64))):
         total = release_sum(features, data.images[list(part)], data.labels[list(part)], 2, 0.3, None, None)
-        server.receive_release(str(site), 1, SimpleNamespace(content={"embedding": ArrayRecord({"sum": total.float()})}))
-    _, target, _ = server.g_trainer.embedding
+        assert server.receive_release(str(site), 1, SimpleNamespace(content={"embedding": ArrayRecord({"sum": total.float()})}))
+    server.use_pooled_releases()
+    _, target, _, classes = server.g_trainer.embedding
+    assert classes is None  # both sites' releases pooled: every class has its target
     for k in range(2):
         exact = features(data.images[data.labels == k].double()).mean(0)
         assert torch.allclose(target[:, k].double(), exact, atol=1e-5), k
+
+
+def test_a_class_no_pooled_release_holds_gets_no_embedding_target_until_one_does(capsys):
+    """--fraction < 1: releases arrive over rounds. A class held only by sites not yet pooled has a count of
+    pure noise and a "mean" far outside the data; the generators must not chase it."""
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord
+
+    from fedpggan.config import RunConfig
+    from fedpggan.privacy.feature_release import features_for, release_noise, release_sum
+    from pggan_model import GeneratorTrainer
+    from pggan_model.mean_embedding import embedding_loss
+    from server.federated_run import FederatedRun
+
+    data = open_dataset("phantom", image_size=28).subset(range(200))
+    features = features_for((1, 28, 28), 50, seed=0)
+    cfg = RunConfig(epsilon=10.0)
+    sigma = release_noise(cfg.epsilon, cfg.embedding_share, 1e-5, cfg.accountant)
+    server = object.__new__(FederatedRun)  # only what receive_release reads
+    server.cfg, server.features, server.class_names, server.releases, server.device = cfg, features, data.class_names, {}, "cpu"
+    server.g_trainer, server.run_info = GeneratorTrainer(PGGAN(SHAPE)), {"sites": {"0": 90, "1": 110}}
+    server.release_sigma = lambda site: sigma
+    generator = torch.Generator().manual_seed(0)
+    for site, k in enumerate((0, 1)):  # site 0 holds only class 0, site 1 only class 1
+        own = (data.labels == k).nonzero().flatten()
+        total = release_sum(features, data.images[own], data.labels[own], 2, cfg.embedding_count_share, None, None)
+        noisy = total + sigma * torch.randn(total.shape, generator=generator, dtype=total.dtype)
+        assert server.receive_release(str(site), site + 1, SimpleNamespace(content={"embedding": ArrayRecord({"sum": noisy.float()})}))
+        server.use_pooled_releases()  # after each round's replies
+        _, means, _, classes = server.g_trainer.embedding
+        if site == 0:
+            assert classes.tolist() == [True, False]
+            assert f"class(es) {data.class_names[1]} left out until more sites' releases arrive (1 of 2 pooled" in capsys.readouterr().out
+            images, labels = torch.zeros(4, 1, 28, 28), torch.tensor([1, 1, 1, 1])
+            assert embedding_loss(features, images, labels, means, classes) == 0  # no target for class 1 ...
+            assert embedding_loss(features, images, labels, means) > 1  # ... whose noise "mean" lies far outside the data
+        else:
+            assert classes is None  # every site pooled: every class has its target
 
 
 def test_a_plain_release_in_a_secure_run_is_rejected_not_used():
@@ -341,7 +382,7 @@ def test_a_plain_release_in_a_secure_run_is_rejected_not_used():
     server.releases, server.g_trainer = {}, GeneratorTrainer(PGGAN(SHAPE))
     server.ledger = SimpleNamespace(record_event=lambda *event: events.append(event))
     release = torch.ones(server.features.dim + 1, 2)
-    server.receive_release("3", 2, SimpleNamespace(content={"embedding": ArrayRecord({"sum": release})}))
+    assert not server.receive_release("3", 2, SimpleNamespace(content={"embedding": ArrayRecord({"sum": release})}))
     assert server.releases == {} and server.g_trainer.embedding is None
     assert events == [("3", 2, "rejected_release", "a plain embedding release in a run whose releases are summed securely")]
 
@@ -395,7 +436,8 @@ def test_embedding_steps_are_taken_only_while_the_release_is_clean(monkeypatch):
         for site, part in enumerate((range(0, 200), range(200, 400))):
             total = release_sum(features, data.images[list(part)], data.labels[list(part)], 2, 0.1, sigma,
                                 SeededNoise(site))
-            server.receive_release(str(site), 1, SimpleNamespace(content={"embedding": ArrayRecord({"sum": total.float()})}))
+            assert server.receive_release(str(site), 1, SimpleNamespace(content={"embedding": ArrayRecord({"sum": total.float()})}))
+        server.use_pooled_releases()
         calls.clear()
         row = server.fit_embedding()
         assert row["embedding_steps"] == expected_steps == len(calls), sigma

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -683,6 +684,13 @@ def test_weighted_aggregation_is_the_count_weighted_mean_and_needs_a_count_per_s
     assert averaged_d_noise(equal, 1, weighted=True) == pytest.approx(averaged_d_noise(equal, 1))
     skewed = [(noisy, 50), (quiet, 2000)]
     assert averaged_d_noise(skewed, 2, weighted=True) < averaged_d_noise(skewed, 2) / 5
+    # a fraction of the sites per round: one site averaged carries its own noise whatever its count
+    assert averaged_d_noise(skewed, 1, weighted=True) == pytest.approx(averaged_d_noise(skewed, 1))
+    many = [(noisy if i % 4 == 0 else quiet, 40 + 97 * i) for i in range(16)]  # C(16, 8) = 12870 sets: sampled
+    every_set = [sum((many[i][1] / sum(many[j][1] for j in chosen) * many[i][0].noise_multiplier
+                      / (many[i][1] * many[i][0].sample_rate)) ** 2 for i in chosen)
+                 for chosen in itertools.combinations(range(16), 8)]
+    assert averaged_d_noise(many, 8, weighted=True) == pytest.approx(math.sqrt(sum(every_set) / len(every_set)), rel=0.03)
 
 
 def test_a_reply_missing_a_record_or_with_a_non_finite_spend_is_unreadable_not_a_crash():

@@ -221,7 +221,7 @@ def test_a_secure_release_reaches_the_server_only_as_the_sum_of_all_sites(tmp_pa
         assert f"{value:.4g}" in note and "took the server's key list on trust" in note
 
 
-def test_weighted_aggregation_weighs_each_sites_discriminator_by_its_public_record_count(tmp_path):
+def test_weighted_aggregation_weighs_each_sites_discriminator_by_its_public_record_count(tmp_path, capsys):
     """--aggregation weighted: the global D is the count-weighted mean of the sites' replies, and the
     generator-step rule reads the noise of that weighted mean (under DP a small site's D is the noisy one)."""
     import torch
@@ -233,7 +233,12 @@ def test_weighted_aggregation_weighs_each_sites_discriminator_by_its_public_reco
     out = tmp_path / "run"
     replies, _ = simulate_recorded(out, epsilon=10.0, aggregation="weighted", partition="quantity", alpha=0.5, g_steps=0)
     sizes = {r.metadata.src_node_id: int(r.content["site"]["num-records"]) for r in replies if "site" in r.content}
-    assert len(set(sizes.values())) == 3  # the quantity split gives the sites different sizes
+    assert sorted(sizes.values()) == [11, 133, 1856]  # the quantity split gives the sites different sizes
+    printed = capsys.readouterr().out  # the 11-image site, below --batch-size 32, is named
+    assert "warning: site(s) 0 (11 images) hold no more than --batch-size 32 images" in printed
+    assert "--aggregation weighted counts" not in printed  # the hint is for equal-weight runs
+    ledger_text = (out / "privacy_ledger.json").read_text()
+    assert "weights each site's discriminator by its public record count" in ledger_text and "equal weights" not in ledger_text
     last = [r for r in replies if "d" in r.content and r.metadata.group_id == "2"]
     assert len(last) == 3
     counts = torch.tensor([float(sizes[r.metadata.src_node_id]) for r in last], dtype=torch.float64)

@@ -26,8 +26,8 @@ def partition(labels: np.ndarray | torch.Tensor, num_sites: int, scheme: str = "
         raise FedPGGANError(f"--clients must be >= 1 (got {num_sites})")
     if scheme not in SCHEMES:
         raise FedPGGANError(f"--partition {scheme!r}: unknown scheme; choose one of {', '.join(SCHEMES)}")
-    if scheme != "iid" and not alpha > 0:
-        raise FedPGGANError(f"--alpha {alpha}: must be > 0 (small = more skewed, large = closer to iid)")
+    if scheme != "iid" and not 0 < alpha < float("inf"):
+        raise FedPGGANError(f"--alpha {alpha}: must be a finite number > 0 (small = more skewed, large = closer to iid)")
     if need > n:
         raise FedPGGANError(f"--clients {num_sites} with --min-per-site {min_per_site} needs {need} records; "
                             f"the dataset has {n}: lower --clients or --min-per-site")

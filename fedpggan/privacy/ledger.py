@@ -22,7 +22,6 @@ ASSUMPTIONS = [
     "what everything but the count reveals; `fedpggan audit` also reports each site's epsilon under replace-one "
     "adjacency, which holds with the counts public)",
     "the class prior used for fake labels is public (uniform or given by the user), never the private label counts",
-    "aggregation uses equal weights, so no site's record count enters the model",
     "generator training and everything the server does touch no real data: post-processing of DP outputs",
 ]
 

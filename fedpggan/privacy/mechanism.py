@@ -7,15 +7,21 @@ a check made before a run starts fails exactly when the run would.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
+
+import numpy as np
 
 from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.privacy.accounting import calibrate_noise, default_delta
 from fedpggan.privacy.dp_discriminator import sample_rate
 from fedpggan.privacy.feature_release import release_history, release_noise
+
+# --aggregation weighted with a fraction of the sites per round: more possible sets than this are sampled
+WEIGHTED_NOISE_DRAWS = 5000
 
 
 class Mechanism(NamedTuple):
@@ -59,17 +65,27 @@ def averaged_d_noise(mechanisms: Iterable[tuple[Mechanism, int]], averaged_per_r
     """The noise std of the averaged discriminator's per-step gradient, relative to the clipping norm:
     each site's sigma / B (B = n q, the expected batch its noisy sum is divided by), root mean square over
     the ``(mechanism, n)`` of the sites, over sqrt(sites averaged per round). ``weighted`` (--aggregation
-    weighted): each site's term weighted by its share of the records, sqrt(sum_i (n_i / N)^2 (sigma_i / B_i)^2),
-    scaled by sqrt(sites / sites averaged per round); with equal counts both are the same. What --g-steps 0
-    decides by (RunConfig.generator_steps); 0 without DP. Computed from public facts (sizes, the config) only."""
+    weighted): the weighted mean of the k sites a round averages has noise sqrt(sum_S (n_i / N_S)^2 (sigma_i / B_i)^2);
+    its root mean square over the rounds' uniformly drawn sets S of k sites (every set while there are few, else
+    WEIGHTED_NOISE_DRAWS seeded draws). With equal counts both give the same. What --g-steps 0 decides by
+    (RunConfig.generator_steps); 0 without DP. Computed from public facts (sizes, the config) only."""
     sites = [(m.noise_multiplier / (n * m.sample_rate), n) for m, n in mechanisms]
     if not sites:
         return 0.0
-    averaged = max(averaged_per_round, 1)
-    if weighted:
-        total = sum(n for _, n in sites)
-        return math.sqrt(sum((n / total * x) ** 2 for x, n in sites) * len(sites) / averaged)
-    return math.sqrt(sum(x * x for x, _ in sites) / len(sites)) / math.sqrt(averaged)
+    if not weighted:
+        return math.sqrt(sum(x * x for x, _ in sites) / len(sites)) / math.sqrt(max(averaged_per_round, 1))
+    k = min(max(averaged_per_round, 1), len(sites))
+    if math.comb(len(sites), k) <= WEIGHTED_NOISE_DRAWS:
+        sets = list(itertools.combinations(range(len(sites)), k))
+    else:
+        rng = np.random.default_rng(0)
+        sets = [rng.choice(len(sites), size=k, replace=False) for _ in range(WEIGHTED_NOISE_DRAWS)]
+
+    def variance(chosen: Sequence[int]) -> float:
+        total = sum(sites[i][1] for i in chosen)
+        return sum((sites[i][1] / total * sites[i][0]) ** 2 for i in chosen)
+
+    return math.sqrt(sum(variance(s) for s in sets) / len(sets))
 
 
 def run_d_noise(cfg: RunConfig, sizes: Sequence[int], mechanism_for: Callable[[int], Mechanism]) -> float:
