@@ -95,6 +95,17 @@ BREAST_SECURE_HEADLINE = {"BreastMNIST federated 3 sites eps=10 secure release":
 DEFAULTS_2026_12_06 = dict(g_steps=0, embedding_noise_limit=1.0, grad_sample_mode="bookkeeping")
 HEADLINE_2026_12_06 = {"federated eps=10 with the defaults of 2026-12-06": 10.0,
                        "federated no DP with the defaults of 2026-12-06": math.inf}
+# The issue's Dirichlet row and loss rules at the headline length with the defaults of 2026-12-06 (measured as probes on
+# 2026-12-07, quality-probes-dirichlet-loss-rules-cpu-2026-12-07): label skew with equal weights and with the sites weighted
+# by their public record counts (--aggregation weighted); one generator instead of two; and, without DP, where the average
+# rule acts (under DP the averaged discriminator judges every generated pair fake, where it is the mean rule), the mean rule
+ROWS_2026_12_07 = {
+    "federated eps=10 dirichlet alpha=0.5 with the defaults of 2026-12-06": (10.0, dict(partition="dirichlet", alpha=0.5)),
+    "federated eps=10 dirichlet alpha=0.5, sites weighted by size": (10.0, dict(partition="dirichlet", alpha=0.5, aggregation="weighted")),
+    "federated eps=10 loss rule single with the defaults of 2026-12-06": (10.0, dict(loss_rule="single")),
+    "federated no DP loss rule mean with the defaults of 2026-12-06": (math.inf, dict(loss_rule="mean")),
+    "federated no DP loss rule single with the defaults of 2026-12-06": (math.inf, dict(loss_rule="single")),
+}
 # the eps-10 headline as trained before --embedding-steps (at eps 1 the gate keeps them off anyway)
 NO_EMBEDDING_STEPS = "federated eps=10 without embedding steps (earlier default)"
 
@@ -163,8 +174,10 @@ def row_specs(profile: dict[str, Any]) -> list[tuple[str, str, str, dict[str, An
         rows += [(training_seed_row(name, seed), kind, "main", dict(epsilon=eps, seed=seed, **settings))
                  for seed in range(profile["main_seeds"]) for name, eps in headline.items()]
     rows = [(name, kind, length, {**OPACUS_HOOKS, **overrides}) for name, kind, length, overrides in rows]
-    return rows + [(training_seed_row(name, seed), "federated", "main", dict(epsilon=eps, seed=seed, **DEFAULTS_2026_12_06))
-                   for seed in range(profile["main_seeds"]) for name, eps in HEADLINE_2026_12_06.items()]
+    rows += [(training_seed_row(name, seed), "federated", "main", dict(epsilon=eps, seed=seed, **DEFAULTS_2026_12_06))
+             for seed in range(profile["main_seeds"]) for name, eps in HEADLINE_2026_12_06.items()]
+    return rows + [(training_seed_row(name, seed), "federated", "main", dict(epsilon=eps, seed=seed, **DEFAULTS_2026_12_06, **settings))
+                   for seed in range(profile["main_seeds"]) for name, (eps, settings) in ROWS_2026_12_07.items()]
 
 
 def row_config(kind: str, length: str, overrides: dict[str, Any], base: RunConfig, profile: dict) -> RunConfig:
@@ -196,21 +209,22 @@ def run_gan_row(name: str, kind: str, length: str, overrides: dict[str, Any], ba
                           device=device, progress=False)
     tstr = result["tstr"]
     collapsed = result["diversity"]["collapsed"]
-    seconds = recorded_seconds(out)
+    seconds, info = recorded_seconds(out), RunFolder(out).read_run()
     return {
         "run": name, "kind": kind, "dataset": cfg.dataset, "sites": cfg.clients if kind == "federated" else 1,
         "eps": result["epsilon"], "delta": ledger_delta(out), "auc": tstr["auc"]["mean"], "auc_std": tstr["auc"]["std"],
         "accuracy": tstr["accuracy"]["mean"], "label_fidelity": result["label_fidelity"]["overall"],
         "fid": result["fid"], "collapsed_classes": collapsed, "trtr_auc": result["trtr"]["auc"]["mean"],
         "train_seconds": None if seconds is None else round(seconds, 1), "run_folder": str(out), "length": length,
-        "config": {k: v for k, v in saved_config(RunFolder(out).read_run()).items() if k in CONFIG_KEYS},
+        "config": {k: v for k, v in saved_config(info).items() if k in CONFIG_KEYS},
+        "generator_steps": (info.get("generator_steps") or {}).get("per_round"),  # what --g-steps 0 chose
     }
 
 
 CONFIG_KEYS = ("rounds", "local-steps", "g-steps", "epochs", "d-steps", "batch-size", "partition", "alpha", "loss-rule",
                "seed", "clients", "epsilon", "embedding-weight", "embedding-share", "embedding-frequencies", "embedding-blur",
                "embedding-count-share", "embedding-steps", "embedding-noise-limit", "d-spectral-norm", "fake-gradients",
-               "d-width", "release-aggregation", "grad-sample-mode")
+               "d-width", "release-aggregation", "grad-sample-mode", "aggregation")
 
 
 def classifier_rows(base: RunConfig, profile: dict, device: str) -> list[dict]:
@@ -313,7 +327,7 @@ def seed_summaries(rows: list[dict], settings: dict[str, Any]) -> dict[str, list
     """The runs repeated over training seeds: the headline rows and the [short] loss rules."""
     headline = {name: [training_seed_row(name, s) for s in range(settings["main_seeds"])]
                 for name in (*HEADLINE, NO_EMBEDDING_STEPS, *SECURE_HEADLINE, *CENTRAL_HEADLINE, *WIDE_D_SECURE_HEADLINE,
-                             *BREAST_HEADLINE, *BREAST_SECURE_HEADLINE, *HEADLINE_2026_12_06)}
+                             *BREAST_HEADLINE, *BREAST_SECURE_HEADLINE, *HEADLINE_2026_12_06, *ROWS_2026_12_07)}
     rules = {rule: [loss_rule_row(rule, s) for s in range(settings["ablation_seeds"])] for rule in LOSS_RULES}
     return {"Headline runs over training seeds": seed_summary(rows, headline),
             "Loss rules at eps=10 over training seeds": seed_summary(rows, rules)}

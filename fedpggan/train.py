@@ -164,7 +164,7 @@ def start(run: RunFolder, cfg: RunConfig, data, privacy: PrivacySettings | None,
 def mean_stats(stats: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
     """Per key, the mean over the steps that logged a number (D's accuracy on an empty Poisson batch is
     NaN); NaN, without numpy's warning, for a key no step logged (loss_g2 under --loss-rule single)."""
-    return {k: float(np.nanmean(v)) if np.isfinite(v := np.array([s[k] for s in stats], dtype=float)).any() else math.nan
+    return {k: float(np.nanmean(v)) if (~np.isnan(v := np.array([s[k] for s in stats], dtype=float))).any() else math.nan
             for k in keys}
 
 

@@ -465,33 +465,31 @@ class FederatedRun:
         return True
 
     def use_pooled_releases(self) -> None:
-        """The plain releases received so far, pooled. Until every site's has arrived (--fraction < 1, a failed
-        round) a class may lie at sites not yet pooled: its count is then pure noise, so it gets no target."""
+        """The plain releases received so far, pooled (they ride on each site's first round)."""
         pooled = sum(self.releases[s] for s in sorted(self.releases))
-        variance = sum(self.release_sigma(s) ** 2 for s in self.releases)
-        classes = None
-        sites = len(self.run_info["sites"])  # every site of the run, also those not back after --resume
-        if len(self.releases) < sites:
-            classes = vouched_classes(pooled, self.cfg.embedding_count_share, variance)
-            if not bool(classes.all()):
-                missing = [name for name, ok in zip(self.class_names, classes.tolist()) if not ok]
-                print(f"embedding target: class(es) {', '.join(missing)} left out until more sites' releases arrive "
-                      f"({len(self.releases)} of {sites} pooled: their counts do not stand out of the noise)")
-        self.use_release(pooled, variance, classes)
+        self.use_release(pooled, sum(self.release_sigma(s) ** 2 for s in self.releases), len(self.releases))
 
     def release_sigma(self, site: str) -> float:
         """The noise multiplier of a site's whole release (public: from its size and the config); 0 without DP."""
         return self.mechanism_for(int(self.run_info["sites"][site]))[3] if self.cfg.dp else 0.0  # also a site not back after --resume
 
-    def use_release(self, pooled: torch.Tensor, noise_variance: float, classes: torch.Tensor | None = None) -> None:
-        """The generators match the pooled class means (of ``classes``, all when None); the gate reads its
-        noise (post-processing)."""
-        means, _ = class_means(pooled, self.cfg.embedding_count_share)
+    def use_release(self, pooled: torch.Tensor, noise_variance: float, pooled_sites: int) -> None:
+        """The generators match the pooled class means; the gate reads its noise (post-processing). While the
+        pool lacks some sites' releases (--fraction < 1, a failed round, a site left out of the secure sum) a
+        class may lie only at those sites: its count is then pure noise and its "mean" far outside the data,
+        so a class whose pooled count does not stand out of the noise gets no target and the gate reads the others."""
+        share, sites = self.cfg.embedding_count_share, len(self.run_info["sites"])  # every site, also those not back after --resume
+        means, _ = class_means(pooled, share)
+        classes = vouched_classes(pooled, share, noise_variance) if pooled_sites < sites else None
         if classes is not None and bool(classes.all()):
             classes = None
+        if classes is not None:
+            missing = [name for name, ok in zip(self.class_names, classes.tolist()) if not ok]
+            print(f"embedding target: class(es) {', '.join(missing)} left out: their counts do not stand out of the noise "
+                  f"in the releases of {pooled_sites} of {sites} sites")
         self.g_trainer.match_embedding(self.features, means.to(self.device), self.cfg.embedding_weight,
                                        None if classes is None else classes.to(self.device))
-        self.release_noise_ratio = release_noise_ratio(pooled, self.cfg.embedding_count_share, noise_variance)
+        self.release_noise_ratio = release_noise_ratio(pooled if classes is None else pooled[:, classes], share, noise_variance)
 
     def secure_release(self) -> None:
         """Every site's release share as one pairwise-masked sum (server/secure_release.py): the
@@ -514,7 +512,7 @@ class FederatedRun:
         else:
             pooled = torch.load(self.folder.secure_release, weights_only=True)
         sites = info["sites"]  # each share carries sigma^2 / len(sites) of its site's release noise
-        self.use_release(pooled, sum(self.release_sigma(s) ** 2 for s in sites) / len(sites))
+        self.use_release(pooled, sum(self.release_sigma(s) ** 2 for s in sites) / len(sites), len(sites))
 
     def record_secure_sum(self, result: SecureSum) -> None:
         """The ledger states, per site, the sum its share went into (or why it was left out), the

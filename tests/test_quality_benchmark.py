@@ -97,8 +97,11 @@ def test_seed_summaries_pool_each_runs_training_seeds_with_the_reference_as_seed
     reference = dataclasses.replace(RunConfig(), **specs[quality.SHORT_REFERENCE])
     assert (reference.loss_rule, reference.seed) == ("average", 0)
     hooks = dict(grad_sample_mode="hooks")  # every committed row was clipped by Opacus' hooks, the default then
-    today = {quality.training_seed_row(name, s) for name in quality.HEADLINE_2026_12_06 for s in range(5)}
+    today = {quality.training_seed_row(name, s) for name in (*quality.HEADLINE_2026_12_06, *quality.ROWS_2026_12_07) for s in range(5)}
     assert all(overrides["grad_sample_mode"] == "hooks" for name, overrides in specs.items() if name not in today)
+    for name, (eps, settings) in quality.ROWS_2026_12_07.items():  # the probes of 2026-12-07: those defaults and their one change
+        assert [specs[quality.training_seed_row(name, s)] for s in range(5)] == [
+            dict(epsilon=eps, seed=s, g_steps=0, embedding_noise_limit=1.0, grad_sample_mode="bookkeeping", **settings) for s in range(5)]
     for name, eps in quality.HEADLINE_2026_12_06.items():  # the defaults of 2026-12-06, pinned: generator steps by noise
         assert [specs[quality.training_seed_row(name, s)] for s in range(5)] == [
             dict(epsilon=eps, seed=s, g_steps=0, embedding_noise_limit=1.0, grad_sample_mode="bookkeeping") for s in range(5)]
