@@ -24,7 +24,7 @@ def aggregation_assumption(rule: str) -> str:
         return ("aggregation weights each site's discriminator by its public record count (the count that sets its "
                 "sample rate): post-processing of public facts and DP outputs; a site that overstates its count "
                 "takes over the average (against hostile sites use median or trimmed-mean)")
-    return "aggregation uses equal weights, so no site's record count enters the model"
+    return f"aggregation ({rule}) gives every site the same say, so no site's record count enters the model"
 
 
 def aggregate(states: list[dict[str, torch.Tensor]], rule: str = "fedavg",

@@ -677,6 +677,10 @@ def test_weighted_aggregation_is_the_count_weighted_mean_and_needs_a_count_per_s
     for counts in (None, [100], [100, 0]):
         with pytest.raises(ValueError, match="one positive record count per state"):
             aggregate(states, "weighted", counts)
+    from server.aggregation import AGGREGATIONS, aggregation_assumption
+
+    said = {rule: aggregation_assumption(rule) for rule in AGGREGATIONS}  # what each run's ledger states
+    assert "public record count" in said["weighted"] and all(f"({rule})" in said[rule] for rule in ("fedavg", "median", "trimmed-mean"))
     # the generator-step rule's noise: the same as equal weights for equal counts, lower when a noisy site is small
     noisy, quiet = Mechanism(8.0, 1.0, 1e-5, None), Mechanism(1.0, 0.05, 1e-5, None)
     equal = [(noisy, 1000), (quiet, 1000)]
