@@ -124,11 +124,10 @@ def release_noise_ratio(released_sum: torch.Tensor, count_share: float, noise_va
     return float((noise_sq / nearest_sq).max().sqrt())
 
 
-def vouched_classes(released_sum: torch.Tensor, count_share: float, noise_variance: float, sigmas: float = 2.0) -> torch.Tensor:
-    """Per class, whether the pooled release's noisy count stands ``sigmas`` standard deviations above zero.
-    A class no pooled site holds has a count of pure noise, and its "mean" (noise over that count) is a
-    target far outside the data (post-processing of the release and the public noise levels)."""
-    _, counts = class_means(released_sum, count_share)
+def vouched_classes(counts: torch.Tensor, count_share: float, noise_variance: float, sigmas: float = 2.0) -> torch.Tensor:
+    """Per class, whether a pooled release's noisy count (``class_means``' counts) stands ``sigmas`` standard
+    deviations above zero. A class no pooled site holds has a count of pure noise, and its "mean" (noise over
+    that count) is a target far outside the data (post-processing of the release and the public noise levels)."""
     _, b = split_weights(count_share)
     return counts > max(sigmas * math.sqrt(noise_variance) / b, 0.5)
 

@@ -479,8 +479,8 @@ class FederatedRun:
         class may lie only at those sites: its count is then pure noise and its "mean" far outside the data,
         so a class whose pooled count does not stand out of the noise gets no target and the gate reads the others."""
         share, sites = self.cfg.embedding_count_share, len(self.run_info["sites"])  # every site, also those not back after --resume
-        means, _ = class_means(pooled, share)
-        classes = vouched_classes(pooled, share, noise_variance) if pooled_sites < sites else None
+        means, counts = class_means(pooled, share)
+        classes = vouched_classes(counts, share, noise_variance) if pooled_sites < sites else None
         if classes is not None and bool(classes.all()):
             classes = None
         if classes is not None:
