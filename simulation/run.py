@@ -12,11 +12,13 @@ one does). The ServerApp and ClientApps are the same as in deployment.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from fedpggan import config
@@ -97,7 +99,6 @@ def simulate(cfg: RunConfig | None, resume: str | None = None, client_app: Clien
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # One operator holds every simulated site's data: sites may derive their noise keys from
     # --seed (client/site_round.py), which makes a simulation reproducible and resumable bit for bit.
-    os.environ["FEDPGGAN_SIMULATION"] = "1"
     backend = {
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
         # Ray binds to loopback only (a simulation never listens on a network interface) unless
@@ -105,13 +106,33 @@ def simulate(cfg: RunConfig | None, resume: str | None = None, client_app: Clien
         "init_args": {"include_dashboard": False, "log_to_driver": True,
                       **({} if os.environ.get("RAY_ADDRESS") else {"_node_ip_address": "127.0.0.1"})},
     }
-    run_simulation(server_app=make_server_app(dataclasses.replace(cfg, out=str(folder.root)), resume=bool(resume)),
-                   client_app=client_app, num_supernodes=cfg.clients, backend_config=backend)
+    with simulation_marked():
+        run_simulation(server_app=make_server_app(dataclasses.replace(cfg, out=str(folder.root)), resume=bool(resume)),
+                       client_app=client_app, num_supernodes=cfg.clients, backend_config=backend)
     status = json.loads(folder.run_json.read_text()).get("status") if folder.run_json.exists() else None
     if status not in ("completed", "stopped"):
         raise FedPGGANError(f"{folder.root}: the simulation ended with status {status!r}; see the log above, then "
                             f"--resume {folder.root}")
     return folder.root
+
+
+@contextlib.contextmanager
+def simulation_marked() -> Iterator[None]:
+    """Set FEDPGGAN_SIMULATION=1 for the simulation's sites only, restoring it afterwards.
+
+    A site in a later run of the same process (a test, a notebook) must not inherit the mark:
+    it lets a site derive its noise key from --seed, which only one operator holding every
+    simulated site's data may do.
+    """
+    before = os.environ.get("FEDPGGAN_SIMULATION")
+    os.environ["FEDPGGAN_SIMULATION"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("FEDPGGAN_SIMULATION", None)
+        else:
+            os.environ["FEDPGGAN_SIMULATION"] = before
 
 
 def main(argv: list[str] | None = None) -> int:

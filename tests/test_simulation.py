@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -315,6 +316,28 @@ def test_a_second_server_of_a_run_still_training_is_refused_before_it_asks_any_s
     with folder.held(), pytest.raises(FedPGGANError, match="another process is training a run in this folder"):
         FederatedRun(None, tiny_config(tmp_path / "run"), resume=True).run()  # no grid: it must stop before using one
     folder.create()  # the lock a failed trainer leaves (e.g. no site connected) does not block a new run there
+
+
+def test_the_simulation_mark_does_not_outlive_the_simulation(tmp_path, monkeypatch):
+    """Sites may derive noise keys from --seed only inside a simulation: the mark is gone afterwards,
+    also after a failed one, so a later site in the same process is not taken for a simulated one."""
+    import simulation.run as sim
+
+    monkeypatch.delenv("FEDPGGAN_SIMULATION", raising=False)
+    seen = []
+
+    def failing_simulation(**_):
+        seen.append(os.environ.get("FEDPGGAN_SIMULATION"))
+        raise RuntimeError("a site failed")
+
+    monkeypatch.setattr("flwr.simulation.run_simulation", failing_simulation)
+    with pytest.raises(RuntimeError, match="a site failed"):
+        sim.simulate(tiny_config(tmp_path / "run", rounds=1))
+    assert seen == ["1"] and "FEDPGGAN_SIMULATION" not in os.environ
+    monkeypatch.setenv("FEDPGGAN_SIMULATION", "0")  # an operator's own value is restored, not dropped
+    with sim.simulation_marked():
+        assert os.environ["FEDPGGAN_SIMULATION"] == "1"
+    assert os.environ["FEDPGGAN_SIMULATION"] == "0"
 
 
 def test_a_stopped_simulation_exits_with_its_own_code_and_says_how_to_continue(tmp_path, monkeypatch, capsys):
