@@ -674,10 +674,18 @@ def test_site_device_errors_name_the_setting(monkeypatch, name):
         site_device({"device": name}, RunConfig())
 
 
-def test_site_check_rejects_an_unwritable_state_dir(site_toml, capsys, tmp_path):
+def test_site_check_rejects_an_unwritable_state_dir(site_toml, capsys, tmp_path, monkeypatch):
+    import tempfile
+
     (tmp_path / "taken").write_text("a file, not a folder")
     code, _, err = site_check(capsys, site_toml(state_dir=f'"{tmp_path / "taken"}"'))
     assert code == 2 and err.startswith(f"error: --config {tmp_path / 'site.toml'}: state-dir") and err.count("\n") == 1
+    assert "is not a folder" in err
+    (tmp_path / "read_only").mkdir()  # a folder the site cannot write to (as root, chmod would not stop the write)
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", lambda **_: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    code, _, err = site_check(capsys, site_toml(state_dir=f'"{tmp_path / "read_only"}"'))
+    assert code == 2 and err.count("\n") == 1
+    assert f"state-dir {tmp_path / 'read_only'}: not writable (Permission denied); mount a persistent, writable volume" in err
 
 
 def test_site_check_warns_about_no_dp_and_insecure(site_toml, capsys):

@@ -157,20 +157,25 @@ def test_a_checkpoint_is_read_as_data_never_run_as_code(tmp_path, monkeypatch):
 
 
 def test_embedding_loss_trains_the_mixture_of_both_generators():
+    import copy
+
     from pggan_model.mean_embedding import RandomFourierFeatures
 
     torch.manual_seed(0)
     gan = PGGAN(ModelShape(28, 1, 2, latent_dim=8, g_width=16, d_width=8))
-    trainer = GeneratorTrainer(gan)
     features = RandomFourierFeatures(28 * 28, 20, seed=0)
-    target = torch.zeros(features.dim, 2)
-    trainer.match_embedding(features, target, weight=5.0)
-    before = [p.clone() for p in (*gan.g1.parameters(), *gan.g2.parameters())]
-    stats = trainer.step(8)
-    assert stats["loss_embedding"] > 0
-    moved1 = any(not torch.equal(a, b) for a, b in zip(before, gan.g1.parameters()))
-    moved2 = any(not torch.equal(a, b) for a, b in zip(before[len(list(gan.g1.parameters())):], gan.g2.parameters()))
-    assert moved1 and moved2
+    stepped = {}
+    for weight in (0.0, 5.0):  # the same draws, with and without the embedding term
+        twin = copy.deepcopy(gan)
+        trainer = GeneratorTrainer(twin)
+        trainer.match_embedding(features, torch.zeros(features.dim, 2), weight=weight)
+        torch.manual_seed(1)
+        stats = trainer.step(8)
+        stepped[weight] = twin
+    assert "loss_embedding" not in GeneratorTrainer(gan).step(8) and stats["loss_embedding"] > 0
+    for g in ("g1", "g2"):  # the term reaches both generators' updates
+        plain, matched = (getattr(stepped[w], g).parameters() for w in (0.0, 5.0))
+        assert any(not torch.equal(a, b) for a, b in zip(plain, matched)), g
 
 
 def test_blurred_frequencies_read_image_structure_rather_than_pixel_noise():

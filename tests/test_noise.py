@@ -63,6 +63,14 @@ def test_the_optimizer_adds_noise_of_std_sigma_c_from_the_stream(mode):
     torch.manual_seed(0)  # PyTorch's generator does not drive the draws: the next ones differ
     trainer.optimizer.add_noise()
     assert not torch.equal(first, torch.cat([p.grad.flatten() for p in params]))
+    # the draws come from the key's stream: a second trainer on the same key redraws them, one on another key does not
+    for key, same in ((KEY, True), (bytes(32), False)):
+        again = DiscriminatorTrainer(PGGAN(SHAPE), data.images, data.labels, 16, PrivacySettings(sigma, clip, 1e-5, "prv", mode),
+                                     noise=SecretNoise(key, "std"))
+        for p in again.optimizer.params:
+            p.summed_grad = torch.zeros_like(p)
+        again.optimizer.add_noise()
+        assert torch.equal(first, torch.cat([p.grad.flatten() for p in again.optimizer.params])) == same
 
 
 def test_secret_noise_trains_and_accounts_like_opacus_own_draws():
@@ -89,9 +97,12 @@ def test_a_deployed_site_refuses_seeded_noise_and_a_simulation_makes_secret_keys
     ensure_noise_key(resumed, seeded, 0)  # its draws still derive from its own secret key
     assert resumed.noise_key == "5e" * 32
     monkeypatch.setenv("FEDPGGAN_SIMULATION", "1")
-    simulated = SiteState.load(tmp_path / "sim", "run")
-    ensure_noise_key(simulated, tiny_config(tmp_path / "run", epsilon=5.0), 0)
-    assert len(bytes.fromhex(simulated.noise_key)) == 32  # secret, not derived from --seed
+    keys = []
+    for name in ("sim", "sim_again"):  # the same run, site and --seed: a secret key differs every time
+        simulated = SiteState.load(tmp_path / name, "run")
+        ensure_noise_key(simulated, tiny_config(tmp_path / "run", epsilon=5.0), 0)
+        keys.append(simulated.noise_key)
+    assert all(len(bytes.fromhex(k)) == 32 for k in keys) and keys[0] != keys[1]  # secret, not derived from --seed
     reproducible = SiteState.load(tmp_path / "sim_seed", "run")
     ensure_noise_key(reproducible, seeded, 0)
     assert reproducible.noise_key == "simulation/0/0"

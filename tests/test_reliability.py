@@ -300,8 +300,12 @@ def test_an_exhausted_site_sends_nothing_computed_from_its_data(site_setup, tmp_
     state = fresh_state(tmp_path, "s")
     for r in range(1, cfg.rounds + 1):
         site_round(site_setup, state, r, f"round {r}")
-    refused, _ = site_round(site_setup, state, cfg.rounds + 1, "one more")
+    refused, sent_d = site_round(site_setup, state, cfg.rounds + 1, "one more")
     assert refused.status == "exhausted" and refused.embedding_release is None
+    # the reply carries D as the server sent it (client_app sends gan.d whatever the status): untouched by the data
+    received_d = site_setup[2].d.state_dict()
+    assert sent_d.keys() == received_d.keys()
+    assert all(torch.equal(sent_d[k], received_d[k]) for k in sent_d)
 
 
 def test_what_a_site_tells_the_coordinator_of_a_failure_names_neither_its_paths_nor_its_other_studies(tmp_path):
@@ -757,10 +761,10 @@ def test_a_resume_keeps_later_spend_and_lets_the_redone_rounds_decide_a_sites_st
 # --- bad input: one line, no traceback, nothing lost --------------------------------------
 @pytest.mark.parametrize("argv, needle", [
     (["simulate", "--clients", "0"], "--clients 0 is invalid"),
-    (["simulate", "--dataset", "{npz}"], "npz"),
+    (["simulate", "--dataset", "{npz}"], "corrupt.npz: unreadable or truncated npz"),
     (["simulate", "--resume", "{missing}"], "not found"),
     (["simulate", "--resume", "{missing}", "--rounds", "3"], "drop --rounds"),
-    (["simulate", "--config", "{toml}"], "config.toml"),
+    (["simulate", "--config", "{toml}"], "config.toml: invalid TOML"),
 ])
 def test_bad_input_is_one_line_without_traceback(argv, needle, tmp_path):
     npz = tmp_path / "corrupt.npz"

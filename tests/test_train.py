@@ -75,7 +75,7 @@ def test_nan_is_refused_for_every_decimal_option_also_from_python():
     [
         (["simulate", "--clients", "0"], "--clients 0 is invalid"),
         (["train", "--epochs", "0"], "--epochs 0 is invalid"),
-        (["train", "--dataset", "/nonexistent/file.npz"], "file.npz"),
+        (["train", "--dataset", "/nonexistent/file.npz"], "/nonexistent/file.npz: no such file or folder"),
         (["train", "--class-prior", "0.5,x"], "--class-prior"),
         (["train", "--epsilon", "-1"], "--epsilon -1.0 is invalid"),
         (["simulate", "--clients", "3", "--min-clients", "5"], "--min-clients 5 exceeds --clients 3"),
@@ -140,18 +140,24 @@ def test_what_training_would_reject_is_refused_before_the_run_folder_is_made(arg
     assert not out.exists()
 
 
-def test_toml_config_and_flag_precedence(tmp_path):
+def test_toml_config_and_flag_precedence(tmp_path, capsys):
+    from fedpggan import config
+    from fedpggan.cli import OneLineParser
+    from simulation.run import OPTIONS, add_arguments
+
     toml = tmp_path / "c.toml"
     toml.write_text('clients = 7\nrounds = 3\nloss-rule = "mean"\n')
-    from fedpggan.commands.train import OPTIONS  # noqa: F401  (the CLI builds from RunConfig)
-    from fedpggan.config import load_toml
-
-    cfg = RunConfig.from_dict({**load_toml(toml), "rounds": 9}, source=str(toml))
-    assert (cfg.clients, cfg.rounds, cfg.loss_rule) == (7, 9, "mean")
+    parser = OneLineParser(prog="simulate")
+    add_arguments(parser)
+    cfg = config.resolve(parser.parse_args(["--config", str(toml), "--rounds", "9"]), OPTIONS)
+    assert (cfg.clients, cfg.rounds, cfg.loss_rule) == (7, 9, "mean")  # the file over the defaults, the flag over the file
+    assert config.resolve(parser.parse_args(["--config", str(toml)]), OPTIONS).rounds == 3
     toml.write_text("clientz = 7\n")
     assert main(["simulate", "--config", str(toml)]) == 2
+    assert "unknown option 'clientz'" in capsys.readouterr().err
     toml.write_text("clients = [\n")
     assert main(["simulate", "--config", str(toml)]) == 2
+    assert f"--config {toml}: invalid TOML" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("argv", "message"), [
