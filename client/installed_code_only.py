@@ -10,7 +10,7 @@ This module, imported at interpreter start-up (a ``.pth`` line that ``python -m
 client.installed_code_only`` writes into the environment, as deploy/Dockerfile.site does and
 ``fedpggan site check`` asks for), puts a finder in front of Python's import system: a top-level module the
 bundle provides is imported from the site's own installation instead, and one the site does not
-have installed is refused. The bundle's files are never executed; its ``pyproject.toml`` still
+have installed is refused; so is a submodule that only a bundle's folder of a namespace package holds. The bundle's files are never executed; its ``pyproject.toml`` still
 carries the run's configuration, which the site's own code checks.
 """
 
@@ -47,12 +47,12 @@ def from_bundle(spec: importlib.machinery.ModuleSpec) -> bool:
 class InstalledCodeOnly(MetaPathFinder):
     """Resolves a top-level module that an app bundle on ``sys.path`` provides through the other finders
     (the site's installation: site-packages, or an editable install's own finder) without the bundle's
-    entries, or refuses it; submodules follow their package."""
+    entries, or refuses it; a submodule is looked up in its package's folders outside any bundle."""
 
     def find_spec(self, name: str, path: Sequence[str] | None = None,
                   target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
-        if path is not None:  # a submodule: found through its (installed) package's __path__
-            return None
+        if path is not None:
+            return self.find_submodule_spec(name, list(path))
         bundles = [e for e in sys.path if in_bundle(e)]
         if not bundles or importlib.machinery.PathFinder.find_spec(name, bundles) is None:
             return None  # nothing to shadow: the usual import
@@ -66,8 +66,27 @@ class InstalledCodeOnly(MetaPathFinder):
                 spec = finder.find_spec(name, None, target)
             if spec is not None and not from_bundle(spec):
                 return spec
-        raise ImportError(f"{name}: the coordinator's app bundle provides this module and this site has no installed "
-                          "copy of it; a site runs only the fedpggan it installed (deploy/Dockerfile.site)", name=name)
+        raise refusal(name)
+
+    @staticmethod
+    def find_submodule_spec(name: str, path: list[str]) -> importlib.machinery.ModuleSpec | None:
+        """A submodule of an installed package is found through its ``__path__``, which holds no bundle folder,
+        except for a namespace package (e.g. ``google``, which Flower has imported before it loads the app): its
+        ``__path__`` is recomputed from ``sys.path`` and so takes in the bundle's portion of it."""
+        bundles = [e for e in path if in_bundle(e)]
+        if not bundles:
+            return None  # the usual import
+        spec = importlib.machinery.PathFinder.find_spec(name, [e for e in path if not in_bundle(e)])
+        if spec is not None and not from_bundle(spec):
+            return spec
+        if importlib.machinery.PathFinder.find_spec(name, bundles) is not None:
+            raise refusal(name)
+        return None
+
+
+def refusal(name: str) -> ImportError:
+    return ImportError(f"{name}: the coordinator's app bundle provides this module and this site has no installed "
+                       "copy of it; a site runs only the fedpggan it installed (deploy/Dockerfile.site)", name=name)
 
 
 PTH_NAME = "fedpggan-installed-code-only.pth"

@@ -190,18 +190,21 @@ def check_ca_certificate(path: Path) -> tuple[str, list[str]]:
     return f"{path}: {', '.join(names)}", warnings
 
 
-def check_code_guard() -> tuple[str, list[str]]:
+def check_code_guard(insecure: bool) -> tuple[str, list[str]]:
     """Whether this Python environment loads client/installed_code_only.py at start-up (its .pth file):
-    without it, the ClientApp the SuperNode starts is the code in the coordinator's app bundle."""
+    without it, the ClientApp the SuperNode starts is the code in the coordinator's app bundle, so every
+    protection the site keeps is the coordinator's to change. Refused, except in an --insecure local test."""
     from client.installed_code_only import PTH_LINE, pth_file
 
     path = pth_file()
     if path.is_file() and path.read_text() == PTH_LINE:
         return f"this site's installed fedpggan ({path.name}: an app bundle's code is never imported)", []
-    return "the coordinator's app bundle", [
-        "the ClientApp would run the code inside the coordinator's app bundle (Flower puts it first on sys.path), so the "
-        "site's protections would be the coordinator's to change: run `python -m client.installed_code_only` once in this "
-        "environment (the site image does)"]
+    problem = ("the ClientApp would run the code inside the coordinator's app bundle (Flower puts it first on sys.path), "
+               "so the site's protections would be the coordinator's to change: run `python -m client.installed_code_only` "
+               "once in this environment (the site image does)")
+    if not insecure:
+        raise FedPGGANError(problem)
+    return "the coordinator's app bundle (--insecure)", [problem]
 
 
 def check_private_key(path: Path) -> str:

@@ -287,20 +287,24 @@ def test_a_site_image_runs_its_installed_code_never_the_coordinators_app_bundle(
     for package in ("client", "fedpggan", "pggan_model"):  # as `flwr build` packs them (pyproject fab-include)
         (bundle / package).mkdir(parents=True)
         (bundle / package / "__init__.py").write_text("raise SystemExit('the bundle ran its own code')\n")
-    for name in ("client/client_app.py", "exfiltrate.py"):
+    (bundle / "google").mkdir()  # a portion of a namespace package Flower has imported (protobuf's google)
+    for name in ("client/client_app.py", "exfiltrate.py", "google/exfiltrate.py"):
         (bundle / name).write_text("raise SystemExit('the bundle ran its own code')\n")
-    probe = (f"import site, sys\n{{}}sys.path.insert(0, {str(bundle)!r})\n"
+    probe = (f"import site, sys\n{{}}import google.protobuf\nsys.path.insert(0, {str(bundle)!r})\n"
              "import client.client_app\nprint(client.__file__)\n"
-             "try:\n    import exfiltrate\nexcept ImportError as exc:\n    print('refused:', exc)\n")
+             "for name in ('exfiltrate', 'google.exfiltrate'):\n"
+             "    try:\n        __import__(name)\n    except ImportError as exc:\n        print('refused:', exc)\n")
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr")}
     run = lambda guard: subprocess.run([sys.executable, "-c", probe.format(guard)], capture_output=True, text=True, env=env, timeout=300)
     unguarded = run("")  # what Flower does without the guard: the bundle's code runs
     assert "the bundle ran its own code" in unguarded.stderr
     guarded = run(f"site.addsitedir({str(tmp_path / 'site-packages')!r})\n")
     assert guarded.returncode == 0, guarded.stderr
-    installed, refused = guarded.stdout.splitlines()
+    installed, *refused = guarded.stdout.splitlines()
     assert bundle not in Path(installed).parents and (Path(installed).parent / "site_round.py").is_file()  # the real package
-    assert refused.startswith("refused: exfiltrate: the coordinator's app bundle provides this module")
+    assert refused == [f"refused: {name}: the coordinator's app bundle provides this module and this site has no installed "
+                       "copy of it; a site runs only the fedpggan it installed (deploy/Dockerfile.site)"
+                       for name in ("exfiltrate", "google.exfiltrate")]
 
 
 def test_the_server_certificate_is_renewed_with_the_sites_ca_kept(tmp_path):
@@ -472,13 +476,16 @@ def test_site_check_accepts_a_good_site_and_says_what_leaves(site_toml, capsys, 
     assert re.search(r"^  device +(cpu|cuda)", out, re.MULTILINE)
 
 
-def test_site_check_warns_where_the_coordinators_app_bundle_would_run(site_toml, capsys, tmp_path, monkeypatch):
+def test_site_check_refuses_an_environment_where_the_coordinators_app_bundle_would_run(site_toml, capsys, tmp_path,
+                                                                                     monkeypatch):
     from client import installed_code_only
 
-    config = site_toml()
     monkeypatch.setattr(installed_code_only, "pth_file", lambda: tmp_path / "missing.pth")
-    code, out, err = site_check(capsys, config)
-    assert code == 0 and re.search(r"^  code run +the coordinator's app bundle$", out, re.MULTILINE)
+    code, out, err = site_check(capsys, site_toml())
+    assert code == 2 and "ready to join" not in out and err.count("\n") == 1
+    assert "run `python -m client.installed_code_only` once" in err
+    code, out, err = site_check(capsys, site_toml(root_certificates=None), "--insecure")  # a local test: a warning
+    assert code == 0 and re.search(r"^  code run +the coordinator's app bundle \(--insecure\)$", out, re.MULTILINE)
     assert "run `python -m client.installed_code_only` once" in err
 
 

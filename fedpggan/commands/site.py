@@ -25,8 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "key, privacy budget and state directory; print what leaves the site and the SuperNode command.")
     check.add_argument("--config", required=True, metavar="FILE", help="the site's TOML configuration")
     check.add_argument("--insecure", action="store_true",
-                       help="allow a config without superlink.root-certificates (local tests only: traffic to the "
-                            "coordinator is then NOT encrypted)")
+                       help="allow a config without superlink.root-certificates and an environment without the import "
+                            "guard (local tests only: traffic to the coordinator is then NOT encrypted)")
     check.set_defaults(func=run)
 
 
@@ -74,7 +74,7 @@ def check_site(site: SiteConfig) -> tuple[list[tuple[str, str]], list[str], str]
     state_line = check_state_dir(site.state_dir)
     journal_line, journal_warnings = check_spend_journal(site)
     lifetime_line, lifetime_warnings = check_lifetime_left(site)
-    code_line, code_warnings = check_code_guard()
+    code_line, code_warnings = check_code_guard(insecure=site.root_certificates is None)
     warnings += budget_warnings + journal_warnings + lifetime_warnings + code_warnings
     lines = [("data", data_line), ("budget", budget_line), ("state dir", state_line), ("spend journal", journal_line),
              ("lifetime", lifetime_line), ("device", check_device(site)), ("CA certificate", cert_line),
