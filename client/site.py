@@ -51,8 +51,9 @@ def shared_error(exc: Exception, node_config: dict[str, Any]) -> str:
         paths.update({path: key for path in (value, str(Path(value).expanduser().resolve())) if value and path != "."})
     for path in sorted(paths, key=len, reverse=True):
         key, token = paths[path], rf"(?<![\w.~-]){re.escape(path)}"
-        # below the data path: image file names (a patient number?), spaces included, up to a quote, ": " or a line's end
-        files = r"/(?:(?!: |['\"\n]).)*"
+        # below the data path: image file names (a patient number?), spaces, quotes and ": " included, up to the
+        # line's last ": " (where an error's reason starts) or its end; a name is never cut short, the reason may be
+        files = r"/(?:.*(?=: )|.*)"
         if Path(path).is_absolute() or "/" in path:
             pattern = token + r"(?![\w.-])" + (f"(?:{files})?" if key == "data-path" else "")
         else:  # a bare relative name ("data") is this path only where a file below it follows
@@ -261,8 +262,16 @@ def _partition_cached(dataset: str, data_dir: str, image_size: int, seed: int, s
 def state_dir(node_config: dict[str, Any], config: dict[str, Any]) -> Path:
     """Where this site keeps its accountant: ``state-dir`` (deployment) or the run's sites/ folder."""
     if "state-dir" in node_config:
-        check_persistent(Path(str(node_config["state-dir"])), "state-dir")
-        return Path(str(node_config["state-dir"]))
+        path = Path(str(node_config["state-dir"]))
+        if not path.is_absolute():
+            raise FedPGGANError(f"state-dir {path}: a relative path is read against the folder the SuperNode happens to "
+                                "start in; set an absolute state-dir in the node config (fedpggan site check writes one)")
+        check_persistent(path, "state-dir")
+        if not path.is_dir():  # never made here: a mistyped path would start a new, empty accountant
+            raise FedPGGANError(f"state-dir {path}: {'is not a folder' if path.exists() else 'does not exist'}; a new "
+                                "accountant there would forget this site's earlier spend: fix state-dir in the node config "
+                                "(or create the folder on a persistent volume), then run 'fedpggan site check'")
+        return path
     if "data-path" in node_config:  # a real site: where its spend is kept is its own decision, not the coordinator's
         raise FedPGGANError("node config has 'data-path' but no 'state-dir': a site keeps its accountant in its own "
                             "persistent folder; add state-dir=\"/state\" (or write the node config with 'fedpggan site check')")

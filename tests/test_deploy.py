@@ -186,6 +186,7 @@ def federation(tmp_path_factory):
         fed = Federation(root, procs, port, cli_home, certs / "ca.crt")
         for i, site in enumerate(SITES):
             write_site_npz(root / f"{site}.npz", i)
+            fed.state_dir(site).mkdir(parents=True)  # a site's state dir exists before it joins (site check asks for it)
             node_config = (f'site-id="{site}" data-path="{root / f"{site}.npz"}" '
                            f'state-dir="{fed.state_dir(site)}" max-epsilon=10.0 max-epsilon-if-colluding=1000.0 '
                            f'peer-keys="{keys / "peers.pub"}" auth-private-key="{keys / site}"')
@@ -503,7 +504,22 @@ def test_in_the_site_image_a_state_dir_on_no_mounted_volume_is_refused(site_toml
     mounted = tmp_path / "state"
     monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == mounted)
     assert site_check(capsys, config)[0] == 0
+    (mounted / "sub").mkdir()
     assert state_dir({"site-id": "a", "data-path": "x", "state-dir": str(mounted / "sub")}, {}) == mounted / "sub"
+
+
+@pytest.mark.parametrize("given, says", [("relative/state", "a relative path is read against the folder"),
+                                         ("{tmp}/typo", "does not exist; a new accountant there would forget"),
+                                         ("{tmp}/a_file", "is not a folder; a new accountant there would forget")])
+def test_a_site_never_starts_its_accountant_in_a_state_dir_it_did_not_prepare(tmp_path, given, says):
+    """site check asks for an existing, absolute state-dir; the ClientApp holds to it too, so a mistyped node
+    config cannot start a fresh accountant that has forgotten the site's earlier spend."""
+    from client.site import state_dir
+
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(FedPGGANError, match=says):
+        state_dir({"site-id": "a", "data-path": "x", "state-dir": given.format(tmp=tmp_path)}, {})
+    assert not (tmp_path / "typo").exists() and not Path("relative").exists()
 
 
 def test_relative_paths_in_a_site_config_are_read_against_its_own_folder(site_toml, capsys, tmp_path, monkeypatch):

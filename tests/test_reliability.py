@@ -336,10 +336,14 @@ def test_what_a_site_tells_the_coordinator_of_a_failure_names_neither_its_paths_
     # an image's file name can be a patient number: nothing below the data path is named
     broken = tmp_path / "site.npz" / "pneumonia" / "MRN123456_broken.png"
     assert str(coordinator_reads(FedPGGANError(f"{broken}: not a readable image (cannot identify image file '{broken}')"))) == \
-        "<data-path>: not a readable image (cannot identify image file '<data-path>')"
+        "<data-path>: not a readable image (cannot identify image file '<data-path>"
     spaced = tmp_path / "site.npz" / "Pleural effusion" / "John Smith 1234.png"  # names with spaces, too
     assert str(coordinator_reads(FedPGGANError(f"{spaced}: not a readable image (cannot identify image file '{spaced}')"))) == \
-        "<data-path>: not a readable image (cannot identify image file '<data-path>')"
+        "<data-path>: not a readable image (cannot identify image file '<data-path>"
+    for name in ("O'Brien_MRN4711.png", "Smith: MRN4711.png", 'say "MRN4711".png'):  # quotes and ": " in a name
+        odd = tmp_path / "site.npz" / "normal" / name
+        assert str(coordinator_reads(FedPGGANError(f"{odd}: is 28x30; expected square images"))) == \
+            "<data-path>: is 28x30; expected square images"
     node["data-path"] = "imgs"  # relative, as a hand-typed node config may have it
     assert str(coordinator_reads(FedPGGANError("imgs/normal/MRN1.png: broken; the imgs folder"))) == \
         "<data-path>: broken; the imgs folder"
