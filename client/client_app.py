@@ -25,9 +25,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site import (SiteState, check_collusion_cap, check_lifetime_budget, check_node_config_keys, check_site_budget,
-                         load_site_data, peer_signing, shared_error, site_device, site_identity, site_lock, spend_journal,
-                         state_dir)
+from client.site import (RESTORE, SiteState, check_collusion_cap, check_lifetime_budget, check_node_config_keys,
+                         check_site_budget, load_site_data, load_state_file, peer_signing, shared_error, site_device,
+                         site_identity, site_lock, spend_journal, state_dir)
 from client.site_round import (ensure_mechanism, ensure_noise_key, ensure_release, public_facts, round_key,
                                run_site_round)
 from fedpggan.build import build_gan
@@ -122,7 +122,10 @@ def release_masked(msg: Message, context: Context) -> Message:
         if state.revealed_file.exists():
             raise FedPGGANError("secure release: this site already revealed its self-mask for another attempt of this run, "
                                 "so it takes part in no other; start a new run")
-        private = private_key_from(state.secure_key_file.read_bytes())
+        try:
+            private = private_key_from(state.secure_key_file.read_bytes())
+        except ValueError as exc:  # a truncated or overwritten key file
+            raise FedPGGANError(f"{state.secure_key_file}: not this site's X25519 key ({exc}); {RESTORE}") from exc
         check_key_list(public_key_of(private), publics)  # before anything is charged
         data = load_site_data(context.node_config, cfg)
         check_site_budget(context.node_config, cfg, len(data))
@@ -229,11 +232,11 @@ def replay(state: SiteState, round_num: int, key: str) -> RecordDict | None:
     client.site_round.round_key)."""
     if not state.reply_cache.exists():
         return None
-    cached = torch.load(state.reply_cache, weights_only=True)  # tensors and plain values only
+    cached = load_state_file(state.reply_cache)  # tensors and plain values only
     if cached["round"] != round_num or cached["input_sha"] != key:
         return None
     status = {**cached["status"], "replayed": True, "recovered": False}
     g_record = ArrayRecord(cached["g"]) if cached["g"] is not None else None
     plain = state.release_file.exists() and not state.release_share_of  # a secure share never leaves unmasked
-    release = torch.load(state.release_file, weights_only=True) if plain else None
+    release = load_state_file(state.release_file) if plain else None
     return reply_content(cached["d"], cached["privacy"], status, g_record, release)

@@ -306,6 +306,41 @@ def exclusive(path: Path) -> Iterator[None]:
         yield
 
 
+RESTORE = "restore the latest copy from backup -- never delete it, or the site's spend is forgotten"
+
+
+def load_state_file(path: Path) -> Any:
+    """A tensor file of the site's state (cached reply, release): a damaged copy is named, never a raw traceback."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # a truncated zip, a damaged pickle, another format: every way a copy can break
+        raise FedPGGANError(f"{path}: unreadable ({type(exc).__name__}); {RESTORE}") from exc
+
+
+def checked_state_fields(data: Any, path: Path) -> dict[str, Any]:
+    """The fields of a site_state.json, refused unless each has the shape this version writes: a field read
+    wrongly would misstate the site's spend (history rows are noise multiplier, sample rate, steps)."""
+    if not isinstance(data, dict):
+        raise FedPGGANError(f"{path}: site privacy state is corrupt (not a JSON object); {RESTORE}")
+    known = {f for f in SiteState.__dataclass_fields__ if f != "path"}
+    unknown = sorted(set(data) - known - {"path"})
+    if unknown:
+        raise FedPGGANError(f"{path}: written by a newer fedpggan (field(s) {', '.join(unknown)}); install that version "
+                            "on this site -- never edit or delete the file")
+    history, rounds, key = data.get("history", []), data.get("rounds", {}), data.get("noise_key", "")
+    problems = [] if isinstance(data.get("run_id"), str) else ["no 'run_id'"]
+    if not (isinstance(history, list) and all(isinstance(h, list) and len(h) == 3 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in h) for h in history)):
+        problems.append("'history' is not a list of [noise multiplier, sample rate, steps] rows")
+    if not (isinstance(rounds, dict) and all(isinstance(r, dict) for r in rounds.values())):
+        problems.append("'rounds' is not an object of round records")
+    if not isinstance(key, str) or (key and not key.startswith("simulation/") and not re.fullmatch(r"[0-9a-f]{64}", key)):
+        problems.append("'noise_key' is not 64 hex digits")
+    if problems:
+        raise FedPGGANError(f"{path}: site privacy state is corrupt ({'; '.join(problems)}); {RESTORE}")
+    return {k: v for k, v in data.items() if k != "path"}
+
+
 @dataclass
 class SiteState:
     """A site's privacy state for one run: mechanism, history, and what each round did."""
@@ -339,10 +374,9 @@ class SiteState:
         else:
             try:
                 data = json.loads(path.read_text())
-                state = cls(path=path, **{k: v for k, v in data.items() if k != "path"})
-            except (json.JSONDecodeError, TypeError, AttributeError) as exc:
-                raise FedPGGANError(f"{path}: site privacy state is corrupt ({exc}); restore the latest copy from backup -- "
-                                    "never delete it, or the site's spend is forgotten") from exc
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise FedPGGANError(f"{path}: site privacy state is corrupt ({exc}); {RESTORE}") from exc
+            state = cls(path=path, **checked_state_fields(data, path))
         state.check_not_behind()
         return state
 
@@ -356,7 +390,7 @@ class SiteState:
             if drawn.exists() and (not self.noise_key or (self.release_noise is not None and not self.history)):
                 behind[drawn.name] = "exists but no spend is recorded"
         if self.reply_cache.exists():
-            cached = torch.load(self.reply_cache, weights_only=True)
+            cached = load_state_file(self.reply_cache)
             done = self.rounds.get(str(cached["round"]), {})
             if done.get("status") != "done" or done.get("input_sha") != cached["input_sha"]:
                 behind[self.reply_cache.name] = f"holds round {cached['round']}, which it does not record as done"

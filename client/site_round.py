@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from client.site import SiteState, journal_used
+from client.site import SiteState, journal_used, load_state_file
 from fedpggan.build import prior_tensor
 from fedpggan.config import RunConfig
 from fedpggan.data import ImageDataset
@@ -155,7 +155,7 @@ def ensure_release(state: SiteState, cfg: RunConfig, data: ImageDataset, share_o
         raise FedPGGANError(f"this site's embedding release was made as a share of a secure sum over {made_for} sites and "
                             "cannot be sent plain: its noise would not cover it; start a new run")
     if state.release_file.exists():
-        released = torch.load(state.release_file, weights_only=True)
+        released = load_state_file(state.release_file)
     else:
         inputs = release_key(cfg, data, made_for or share_of)
         charged = state.release_noise is not None and as_floats(state.history[:1]) == as_floats([release_entry(state.release_noise)])

@@ -97,9 +97,11 @@ def check_state_dir(path: Path) -> str:
     """The accountant must persist across restarts, so the directory must exist and be writable now.
 
     It is not created here: a mistyped path would otherwise become a fresh, empty accountant."""
+    if path.exists() and not path.is_dir():
+        raise FedPGGANError(f"state-dir {path}: is not a folder; point 'state-dir' in the site config at a folder on a "
+                            "persistent, writable volume, then run 'fedpggan site check' again")
     if not path.is_dir():
-        what = "is not a folder" if path.exists() else "does not exist"
-        raise FedPGGANError(f"state-dir {path}: {what}; create it on a persistent, writable volume (mkdir -p "
+        raise FedPGGANError(f"state-dir {path}: does not exist; create it on a persistent, writable volume (mkdir -p "
                             f"{path}) or fix 'state-dir' in the site config, then run 'fedpggan site check' again")
     try:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):

@@ -140,14 +140,14 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
         if max_epsilon.strip().lower() != "none":
             raise get.error("privacy.max-epsilon", "a number > 0 or \"none\"")
         max_epsilon = math.inf
-    elif not max_epsilon > 0:
-        raise get.error("privacy.max-epsilon", "a number > 0 (e.g. 10) or \"none\"")
+    elif not 0 < max_epsilon < math.inf:  # inf (or nan) would read as "none", which also accepts runs without DP
+        raise get.error("privacy.max-epsilon", "a finite number > 0 (e.g. 10) or \"none\"")
     total = get.value(privacy, "privacy.max-total-epsilon", (int, float), required=False)
     if total is not None and not (math.isfinite(max_epsilon) and total >= max_epsilon):
         raise get.error("privacy.max-total-epsilon", "a number at least max-epsilon (which must then be a number: a run "
                                                      "without DP would pass any lifetime cap), or leave it out for no cap")
     colluding = get.value(privacy, "privacy.max-epsilon-if-colluding", (int, float), required=False)
-    if colluding is not None and not colluding > 0:
+    if colluding is not None and not 0 < colluding < math.inf:
         raise get.error("privacy.max-epsilon-if-colluding", "a number > 0 (e.g. 20), or leave it out to use max-epsilon")
     max_delta = get.value(privacy, "privacy.max-delta", (int, float), required=False)
     peer_keys = get.value(privacy, "privacy.peer-keys", str, required=False)

@@ -616,6 +616,8 @@ def test_a_sites_roster_of_peer_keys_is_checked_and_reaches_its_node_config(site
     ({"root-certificates": None}, "superlink.root-certificates"),
     ({"max-epsilon": "-1.0"}, "privacy.max-epsilon"),
     ({"max-epsilon": '"lots"'}, "privacy.max-epsilon"),
+    ({"max-epsilon": "inf"}, "'privacy.max-epsilon' must be a finite number > 0"),  # not read as "none"
+    ({"max-epsilon-if-colluding": "inf"}, "privacy.max-epsilon-if-colluding"),
     ({"max-delta": "0.5"}, "privacy.max-delta 0.5 is not below 1/n"),
     ({"max-epsilon-if-colluding": "0"}, "privacy.max-epsilon-if-colluding"),
     ({"max-epsilon-if-colluding": '"high"'}, "privacy.max-epsilon-if-colluding"),
@@ -627,6 +629,7 @@ def test_a_sites_roster_of_peer_keys_is_checked_and_reaches_its_node_config(site
     ({"extra_privacy": "max-total-delta = 0.5\n"}, "privacy.max-total-delta 0.5 is not below 1/n"),
     ({"extra_privacy": 'spend-journal = "/tmp/spend.jsonl"\n'}, "'privacy.spend-journal' must be left out, or set together"),
     ({"site-id": None}, "'site-id' is missing"),
+    ({"site-id": '"a\'b\\"c"'}, "holds both kinds of quote"),  # refused before "ready to join" is printed
     ({"auth-private-key": '"/nonexistent/site.key"'}, "superlink.auth-private-key /nonexistent/site.key: no such file; make one"),
     ({"device": '"gpu"'}, "'device' must be one of"),
     ({"extra_privacy": "max-detla = 1e-6\n"}, "unknown key 'max-detla' in [privacy]"),
@@ -703,7 +706,7 @@ def test_site_check_rejects_an_unwritable_state_dir(site_toml, capsys, tmp_path,
     (tmp_path / "taken").write_text("a file, not a folder")
     code, _, err = site_check(capsys, site_toml(state_dir=f'"{tmp_path / "taken"}"'))
     assert code == 2 and err.startswith(f"error: --config {tmp_path / 'site.toml'}: state-dir") and err.count("\n") == 1
-    assert "is not a folder" in err
+    assert "is not a folder; point 'state-dir' in the site config at a folder" in err and "mkdir" not in err
     (tmp_path / "read_only").mkdir()  # a folder the site cannot write to (as root, chmod would not stop the write)
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", lambda **_: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     code, _, err = site_check(capsys, site_toml(state_dir=f'"{tmp_path / "read_only"}"'))

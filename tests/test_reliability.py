@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import re
 import math
 import os
 import random
@@ -280,6 +281,31 @@ def test_a_missing_site_state_beside_proof_of_spend_is_refused(site_setup, tmp_p
     state.path.unlink()  # deleted, or a backup restored without it
     with pytest.raises(FedPGGANError, match="embedding_release.pt, last_reply.pt beside it show this site already spent"):
         SiteState.load(tmp_path / "s", "run")
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda state: state.path.write_bytes(b"\xff\xfe"), "site privacy state is corrupt"),
+    (lambda state: edit_state(state, history=[[1.0, 0.1]]), "'history' is not a list of"),
+    (lambda state: edit_state(state, rounds=None), "'rounds' is not an object"),
+    (lambda state: edit_state(state, noise_key="zz"), "'noise_key' is not 64 hex digits"),
+    (lambda state: edit_state(state, spent_elsewhere=1), "written by a newer fedpggan (field(s) spent_elsewhere)"),
+    (lambda state: state.reply_cache.write_bytes(state.reply_cache.read_bytes()[:100]), "last_reply.pt: unreadable"),
+])
+def test_a_damaged_site_state_is_named_with_its_fix_not_a_traceback(site_setup, tmp_path, damage, says):
+    """What a site reads its spend from is checked field by field: a damaged copy would misstate it."""
+    from client.site import SiteState
+
+    state = fresh_state(tmp_path, "s")
+    site_round(site_setup, state, 1, "weights")
+    torch.save({"round": 1, "input_sha": state.rounds["1"]["input_sha"]}, state.reply_cache)  # as client_app.remember does
+    damage(state)
+    with pytest.raises(FedPGGANError, match=re.escape(says)) as refused:
+        SiteState.load(tmp_path / "s", "run")
+    assert str(state.path.parent) in str(refused.value) and "\n" not in str(refused.value)
+
+
+def edit_state(state, **changes) -> None:
+    state.path.write_text(json.dumps({**json.loads(state.path.read_text()), **changes}))
 
 
 def test_a_round_answered_then_asked_again_with_other_inputs_and_interrupted_leaves_a_state_that_loads(site_setup, tmp_path):

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     site = load_site_config(args.config, insecure=args.insecure)
     try:
         lines, warnings, public_key = check_site(site)
+        command = site.supernode_command_line()  # before "ready": a value it cannot quote is refused here
     except FedPGGANError as exc:  # every problem names the config file it is to be fixed in
         raise (exc if str(exc).startswith("--config") else FedPGGANError(f"--config {site.path}: {exc}")) from None
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     print("will leave this site:\n" + "".join(f"  - {item}\n" for item in LEAVES), end="")
     print("will NOT leave this site:\n" + "".join(f"  - {item}\n" for item in STAYS), end="")
     print(f"send this public key to the coordinator (flwr supernode register):\n  {public_key}")
-    print(f"start the site with:\n  {site.supernode_command_line()}")
+    print(f"start the site with:\n  {command}")
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
