@@ -375,9 +375,14 @@ def config_to_resume(path: str | Path, kind: str = "federated", changes: dict[st
     if {"dataset", "data_dir"} & changes.keys() and not records_data_hash(folder, info):
         raise FedPGGANError(f"{folder.root}: the run recorded no content hash of its data, so --resume cannot check that "
                             "other paths hold the same records; resume without --dataset/--data-dir, from where the run started")
-    # run.json's config stays as the run began (its ledger holds its hash); a resume's new paths are kept beside it
+    return dataclasses.replace(RunConfig.from_saved(current_options(info)), out=str(folder.root), **changes)
+
+
+def current_options(info: dict[str, Any]) -> dict[str, Any]:
+    """The run's options as it trains now (flag names): run.json's config stays as the run began (its ledger
+    holds its hash), and a resume's new paths (e.g. a moved --data-dir) are kept beside it in ``resumed_with``."""
     moved = info.get("resumed_with") if isinstance(info.get("resumed_with"), dict) else {}
-    return dataclasses.replace(RunConfig.from_saved({**info["config"], **moved}), out=str(folder.root), **changes)
+    return {**(info.get("config") or {}), **moved}
 
 
 def resumed_with(cfg: RunConfig, info: dict[str, Any]) -> dict[str, Any]:

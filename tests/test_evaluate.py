@@ -297,6 +297,17 @@ def test_a_deployed_run_is_evaluated_on_the_data_its_sites_named_or_needs_real()
     assert real_dataset_spec({**deployed, "dataset": {"name": "site data"}}, "/data/test", "d") == ("/data/test", "d")
 
 
+def test_a_run_resumed_from_moved_data_is_evaluated_and_audited_where_the_data_are_now():
+    from fedpggan.audit.mia_data import run_data_config
+    from fedpggan.evaluation.suite import real_dataset_spec
+
+    moved = {"kind": "federated", "config": {"dataset": "pneumoniamnist", "data-dir": "/old/data", "image-size": 28},
+             "resumed_with": {"data-dir": "/new/data"}}  # what a resume with --data-dir /new/data records
+    assert real_dataset_spec(moved, None, None) == ("pneumoniamnist", "/new/data")
+    assert run_data_config(moved, None).data_dir == "/new/data"
+    assert real_dataset_spec(moved, None, "/given") == ("pneumoniamnist", "/given")  # --data-dir still wins
+
+
 def test_real_data_are_read_with_the_runs_class_ids_by_name(phantom):
     test = phantom["test"]
     trained = test.class_names[::-1]  # an ImageFolder numbers its classes alphabetically, a MedMNIST file by id

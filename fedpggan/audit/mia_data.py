@@ -17,11 +17,11 @@ from fedpggan.data import ImageDataset, open_dataset, partition
 from fedpggan.data.medmnist import MEDMNIST
 from fedpggan.data.partition import check_same_partition
 from fedpggan.errors import FedPGGANError
-from fedpggan.runs import RunFolder
+from fedpggan.runs import RunFolder, current_options
 
 
 def run_data_config(run: dict[str, Any], data_dir: str | None) -> RunConfig:
-    c = run["config"]
+    c = current_options(run)  # where a resume moved the data, not where the run began
     try:
         return RunConfig(dataset=str(c["dataset"]), data_dir=data_dir or str(c.get("data-dir") or ""),
                          image_size=int(c["image-size"]), seed=int(c.get("seed", 0)))
@@ -47,7 +47,7 @@ def member_sets(folder: RunFolder, run: dict[str, Any], site_ids: list[str], dat
                             "pass the data the run used")
     if run["kind"] == "centralised":
         return {"central": data}
-    c = run["config"]
+    c = current_options(run)  # where a resume moved the data, not where the run began
     try:
         parts = partition(data.labels, int(c["clients"]), str(c["partition"]), float(c["alpha"]),
                           int(c["min-per-site"]), int(c.get("seed", 0)))

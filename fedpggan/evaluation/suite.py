@@ -27,7 +27,8 @@ from fedpggan.evaluation.fidelity import NEAREST_K, class_diversity, frechet_dis
 from fedpggan.evaluation.report import save_comparison_grid, write_report
 from fedpggan.evaluation.utility import check_matches_gan, scores_over_seeds, seed_list, synthetic_set, tstr
 from fedpggan.io import sha256_file
-from fedpggan.runs import RunFolder, ledger_checkpoints, library_versions, now_iso, recorded_generator_steps
+from fedpggan.runs import (RunFolder, current_options, ledger_checkpoints, library_versions, now_iso,
+                           recorded_generator_steps)
 from pggan_model import PGGAN, gan_from_checkpoint
 
 CLASSIFIER = (f"SmallCNN: 3 x [conv3x3 stride 2, GroupNorm, ReLU] widths {WIDTHS}, global average pool, "
@@ -40,7 +41,7 @@ EVALUATION_SPLITS = ("test", "val")
 def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: str | None = None,
                  n_synthetic: int = EVALUATION_REPORT_SIZE["n_synthetic"],
                  seeds: int | Sequence[int] = EVALUATION_REPORT_SIZE["seeds"], generator: str = "both",
-                 budget: TrainingBudget = TrainingBudget(), device: str = "cpu", out: str | Path | None = None,
+                 budget: TrainingBudget = TrainingBudget(), device: str = "auto", out: str | Path | None = None,
                  checkpoint: str | Path | None = None, progress: bool = True, split: str = "test") -> dict[str, Any]:
     """Evaluate a run's EMA generators; write evaluation.json, EVALUATION.md and
     evaluation_grid.png to ``out`` (default: the run folder) and return the JSON dict.
@@ -182,7 +183,7 @@ def real_dataset_spec(info: dict[str, Any], real_spec: str | None, data_dir: str
     """``--real`` if given, else the dataset the run was trained on: run.json's ``dataset`` option, or
     for ``auto`` (a deployed coordinator's) the public name the sites reported. A hospital's own data
     ("site data") is not on the coordinator's machine, so it needs ``--real``."""
-    config = info.get("config") or {}
+    config = current_options(info)  # where a resume moved the data, not where the run began
     data_dir = data_dir or config.get("data-dir") or None
     if real_spec:
         return real_spec, data_dir
