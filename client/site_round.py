@@ -51,7 +51,6 @@ NOT_IN_ROUND_KEY = ("dataset", "data_dir", "out", "device", "round_timeout", "sa
 class RoundResult:
     status: str  # "trained" or "exhausted"
     privacy: dict[str, float]
-    generator_stats: list[dict[str, float]]
     embedding_release: torch.Tensor | None = None
     recovered: bool = False  # recomputed after a crash mid-round, under the spend reserved before it
 
@@ -263,14 +262,14 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
     previous = [tuple(h) for h in (reserved["history_before"] if recovering else state.history)]
     if cfg.dp:
         if state.exhausted:  # a refusal carries nothing computed from the data
-            return RoundResult("exhausted", spend(state, 0), [])
+            return RoundResult("exhausted", spend(state, 0))
         planned = extend_history(previous, state.noise_multiplier, state.sample_rate, cfg.local_steps)
         planned_epsilon = epsilon_of(planned, state.delta, state.accountant)
         if not recovering:
             if planned_epsilon > state.budget_epsilon + BUDGET_TOLERANCE:
                 state.exhausted = True
                 state.save()
-                return RoundResult("exhausted", spend(state, 0), [])
+                return RoundResult("exhausted", spend(state, 0))
             # Privacy first: record the spend before touching the data. The cached reply of an earlier
             # answer goes first: it could no longer be replayed, and beside a round reserved anew it
             # would make this state look older than its files (SiteState.check_not_behind).
@@ -293,15 +292,15 @@ def run_site_round(gan: PGGAN, data: ImageDataset, cfg: RunConfig, state: SiteSt
     trainer.train(cfg.local_steps)
     if privacy is not None and as_floats(trainer.history) != as_floats(state.history):
         raise FedPGGANError(f"site accountant mismatch: the trainer recorded {trainer.history}, the site reserved {state.history}")
-    g_stats = []
-    if cfg.generator_training == "local":
+    if cfg.generator_training == "local":  # the generators' weights go back in the reply, their losses stay here
         g_trainer = GeneratorTrainer(gan)
-        g_stats = [g_trainer.step(cfg.g_batch_size, prior) for _ in range(cfg.g_steps)]  # as the server resolved --g-steps 0
+        for _ in range(cfg.g_steps):  # as the server resolved --g-steps 0
+            g_trainer.step(cfg.g_batch_size, prior)
     if privacy is None:
-        return RoundResult("trained", {"epsilon": math.inf, "steps": cfg.local_steps}, g_stats, release)
+        return RoundResult("trained", {"epsilon": math.inf, "steps": cfg.local_steps}, release)
     state.rounds[str(round_num)].update(status="done", recovered=bool(recovering))
     state.save()
-    return RoundResult("trained", spend(state, cfg.local_steps, planned_epsilon), g_stats, release, bool(recovering))
+    return RoundResult("trained", spend(state, cfg.local_steps, planned_epsilon), release, bool(recovering))
 
 
 def as_floats(history: list) -> list[tuple[float, ...]]:

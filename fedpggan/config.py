@@ -131,7 +131,7 @@ class RunConfig:
             raise FedPGGANError(f"--delta {self.delta} is invalid: it must be < 1 (typically 1e-5)")
         if self.min_clients > self.clients:
             raise FedPGGANError(f"--min-clients {self.min_clients} exceeds --clients {self.clients}")
-        if self.min_clients > (selected := math.ceil(self.fraction * self.clients)):
+        if self.min_clients > (selected := sites_per_round(self.fraction, self.clients)):
             raise FedPGGANError(f"--min-clients {self.min_clients} exceeds the {selected} site(s) that --fraction "
                                 f"{self.fraction:g} selects of --clients {self.clients}: no round could succeed; lower "
                                 "--min-clients or raise --fraction")
@@ -211,6 +211,17 @@ EVALUATION_QUICK_SIZE = {"n_synthetic": 1000, "steps": 100, "seeds": 1}
 # decision) recognises almost none of the real test images of that class (EVALUATION.md and the datasheet say so);
 # measured there: 7 of 10 classes of an RGB phantom at epsilon 10 (docs/quality-findings.md)
 UNLEARNED_RECALL = 0.1
+
+
+def sites_per_round(fraction: float, sites: int) -> int:
+    """How many of ``sites`` a round with --fraction selects: ceil(fraction x sites), at least one (none of none)."""
+    return max(1, math.ceil(fraction * sites)) if sites else 0
+
+
+def replies_needed(min_clients: int, asked: int) -> int:
+    """Valid replies a round (or the secure sum) needs of the ``asked`` sites: --min-clients, or with 0 half of
+    them, rounded up, so that one failing site does not stall the run."""
+    return min_clients or math.ceil(asked / 2)
 
 
 def flag(name: str) -> str:

@@ -12,7 +12,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from fedpggan.build import (build_gan, open_training_data, pick_device, prior_tensor, seed_everything, with_resolved_dataset,
@@ -29,7 +28,7 @@ from fedpggan.privacy.mechanism import site_mechanism
 from fedpggan.privacy.noise import SEEDED_NOISE_WARNING, SecretNoise, SeededNoise, new_secret_key
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso
 from fedpggan.train_resume import restore
-from pggan_model import CASES, GeneratorTrainer, save_checkpoint
+from pggan_model import CASES, GeneratorTrainer, generator_step_summary, mean_stats, save_checkpoint
 from pggan_model.mean_embedding import class_means, release_noise_ratio
 
 CURVE_PANELS = {
@@ -110,8 +109,7 @@ def train_centralised(cfg: RunConfig, resume: bool = False) -> Path:
                 for _ in range(embedding_steps):  # post-processing of the release (see --embedding-noise-limit)
                     g_trainer.embedding_step(cfg.g_batch_size, prior)
             row = {"epoch": epoch, "embedding_steps": embedding_steps * g_steps_per_epoch, **mean_stats(d_stats, ("d_loss", "d_acc_real", "d_acc_fake")),
-                   **mean_stats(g_stats, ("loss_g1", "loss_g2") + (("loss_embedding",) if cfg.embedding_weight > 0 else ())),
-                   **{f"case_{c}": sum(s[f"case_{c}"] for s in g_stats) for c in CASES}}
+                   **generator_step_summary(g_stats)}
             if privacy is not None:
                 row["epsilon"] = d_trainer.epsilon()
                 ledger.record_round("central", epoch, steps=g_steps_per_epoch * cfg.d_steps,
@@ -159,13 +157,6 @@ def start(run: RunFolder, cfg: RunConfig, data, privacy: PrivacySettings | None,
     }
     run.save_ledger(ledger, run_info)
     return run_info, ledger
-
-
-def mean_stats(stats: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
-    """Per key, the mean over the steps that logged a number (D's accuracy on an empty Poisson batch is
-    NaN); NaN, without numpy's warning, for a key no step logged (loss_g2 under --loss-rule single)."""
-    return {k: float(np.nanmean(v)) if (~np.isnan(v := np.array([s[k] for s in stats], dtype=float))).any() else math.nan
-            for k in keys}
 
 
 def dataset_info(data) -> dict:

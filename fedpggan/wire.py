@@ -1,8 +1,8 @@
 """Everything that crosses the wire between the server and a site, in one place.
 
 Server -> site ("query"):  ConfigRecord "config" (run id, run options).
-Site -> server (query reply): ConfigRecord "site" with public facts only: site id, record
-    count (declared public), image size, channels, class names, dataset name.
+Site -> server (query reply): ConfigRecord "site" with public facts only (PUBLIC_SITE_FACTS): site id,
+    record count (declared public), image size, channels, class names, dataset name, whether it is medical.
 Server -> site ("train"): ArrayRecord "d" (global D), ArrayRecord "g" (G1/G2 weights,
     keys prefixed "g1." / "g2."), ConfigRecord "config" (run options + round + run id).
 Site -> server (train reply): ArrayRecord "d" (D after local DP-SGD), ArrayRecord "g" only
@@ -63,7 +63,11 @@ def generator_arrays(gan: PGGAN) -> ArrayRecord:
 
 
 def load_generators(gan: PGGAN, record: ArrayRecord) -> None:
-    state = record.to_torch_state_dict()
+    load_generator_state(gan, record.to_torch_state_dict())
+
+
+def load_generator_state(gan: PGGAN, state: dict[str, torch.Tensor]) -> None:
+    """G1 and G2 from one state dict whose keys are prefixed "g1." / "g2." (as generator_arrays writes them)."""
     gan.g1.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("g1.")})
     gan.g2.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("g2.")})
 

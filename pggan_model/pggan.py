@@ -8,6 +8,7 @@ the privacy mechanism (Opacus) lives in :mod:`fedpggan.privacy` and wraps D from
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -207,3 +208,19 @@ class GeneratorTrainer:
     def load_state_dict(self, state: dict) -> None:
         self.opt1.load_state_dict(state["opt1"])
         self.opt2.load_state_dict(state["opt2"])
+
+
+def mean_stats(stats: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
+    """Per key, the mean over the steps that logged a number (D's accuracy on an empty Poisson batch is
+    NaN); NaN for a key no step logged (loss_g2 under --loss-rule single)."""
+    means = {}
+    for key in keys:
+        logged = [float(s[key]) for s in stats if not math.isnan(s[key])]
+        means[key] = sum(logged) / len(logged) if logged else math.nan
+    return means
+
+
+def generator_step_summary(stats: list[dict[str, float]]) -> dict[str, float]:
+    """A round's (or an epoch's) generator steps, as metrics.jsonl logs them: mean losses, summed rule cases."""
+    keys = ("loss_g1", "loss_g2") + (("loss_embedding",) if stats and "loss_embedding" in stats[0] else ())
+    return {**mean_stats(stats, keys), **{f"case_{c}": sum(s[f"case_{c}"] for s in stats) for c in CASES}}

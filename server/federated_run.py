@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from tqdm import tqdm
 
 from fedpggan.build import build_gan, derived_seed, pick_device, prior_tensor, seed_everything
-from fedpggan.config import AUTO_G_STEPS_MAX_NOISE, RunConfig
+from fedpggan.config import AUTO_G_STEPS_MAX_NOISE, RunConfig, replies_needed, sites_per_round
 from fedpggan.data.sources import run_dataset_name
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes
@@ -36,9 +36,8 @@ from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none, spent_outside
 from fedpggan.privacy.mechanism import Mechanism, run_d_noise, site_mechanism
 from fedpggan.privacy.noise import SEEDED_NOISE_WARNING
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso, refuse_completed, resumed_with
-from fedpggan.train import mean_stats
-from fedpggan.wire import generator_arrays, site_error, train_content
-from pggan_model import CASES, GeneratorTrainer, load_checkpoint, save_checkpoint
+from fedpggan.wire import generator_arrays, load_generator_state, site_error, train_content
+from pggan_model import CASES, GeneratorTrainer, generator_step_summary, load_checkpoint, save_checkpoint
 from pggan_model.mean_embedding import class_means, release_noise_ratio, vouched_classes
 from server.aggregation import aggregate, aggregation_assumption
 from server.secure_release import SecureSum, secure_sum
@@ -296,7 +295,7 @@ class FederatedRun:
         """Why no round can reach --min-clients valid replies any more (fewer active sites, or fewer
         than --fraction selects), so that no site is charged for one; None while a round can."""
         active = len(self.active_nodes())
-        selectable = max(1, math.ceil(self.cfg.fraction * active)) if active else 0
+        selectable = sites_per_round(self.cfg.fraction, active)
         if active and selectable < self.cfg.min_clients:
             return (f"--fraction {self.cfg.fraction:g} of the {active} active site(s) selects {selectable}, fewer than "
                     f"--min-clients {self.cfg.min_clients} (the others exhausted their budgets or were excluded)")
@@ -325,7 +324,7 @@ class FederatedRun:
         global_d = {k: v.detach().cpu().clone() for k, v in self.gan.d.state_dict().items()}
         d_states, g_states, counts = self.accept_replies(round_num, selected, replies, global_d)
         compute = [c for c in (site_compute_seconds(r) for r in replies) if c is not None]
-        needed = cfg.min_clients or math.ceil(len(selected) / 2)  # one failing site must not stall the run
+        needed = replies_needed(cfg.min_clients, len(selected))
         t1 = time.perf_counter()
         row: dict[str, Any] = {"round": round_num, "selected": len(selected), "accepted": len(d_states)}
         if len(d_states) >= max(needed, 1):
@@ -499,7 +498,7 @@ class FederatedRun:
         if not self.folder.secure_release.exists():  # a new run (a resumable one has a checkpoint, made after the sum)
             config = ConfigRecord({**self.cfg.to_flower(), "run-id": self.run_id,
                                    "site-state-root": str((self.folder.root / "sites").resolve())})
-            needed = self.cfg.min_clients or math.ceil(len(self.sites) / 2)  # a sum of one share still carries sigma
+            needed = replies_needed(self.cfg.min_clients, len(self.sites))  # a sum of one share still carries sigma
             result = secure_sum(self.grid, {n: self.site_id(n) for n in self.sites}, config,
                                 (self.features.dim + 1, len(self.class_names)), needed, self.cfg.round_timeout)
             info.update(sites=result.sites, share_made_for=result.made_for, left_out=result.left_out)
@@ -553,15 +552,11 @@ class FederatedRun:
         """Server-side generator steps against the aggregated D (no real data involved)."""
         torch.manual_seed(derived_seed(self.cfg.seed, round_num, SERVER_STREAM))
         if self.cfg.generator_training == "local":
-            merged = aggregate(g_states, self.cfg.aggregation, counts)
-            self.gan.g1.load_state_dict({k[3:]: v for k, v in merged.items() if k.startswith("g1.")})
-            self.gan.g2.load_state_dict({k[3:]: v for k, v in merged.items() if k.startswith("g2.")})
+            load_generator_state(self.gan, aggregate(g_states, self.cfg.aggregation, counts))
             self.gan.update_ema()
             return {**self.fit_embedding(), **self.fake_score()}
         stats = [self.g_trainer.step(self.cfg.g_batch_size, self.prior) for _ in range(self.g_steps)]
-        keys = ("loss_g1", "loss_g2") + (("loss_embedding",) if "loss_embedding" in stats[0] else ()) if stats else ()
-        out = {"g_steps": len(stats), **mean_stats(stats, keys)}
-        out.update({f"case_{c}": sum(s[f"case_{c}"] for s in stats) for c in CASES})
+        out = {"g_steps": len(stats), **generator_step_summary(stats)}
         out.update(self.fit_embedding())
         out.update(self.fake_score())
         return out
@@ -624,7 +619,7 @@ def sample_sites(sites: dict[int, str], fraction: float, seed: int) -> list[int]
     sites (Flower draws new node IDs at every start), and as indices: node IDs are unsigned
     64-bit, and numpy would turn IDs above 2**63 into rounded floats."""
     nodes = sorted(sites, key=sites.__getitem__)
-    k = max(1, math.ceil(fraction * len(nodes))) if nodes else 0
+    k = sites_per_round(fraction, len(nodes))
     if k >= len(nodes):
         return sorted(nodes)
     picks = np.random.default_rng(seed).choice(len(nodes), size=k, replace=False)

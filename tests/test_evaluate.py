@@ -15,7 +15,7 @@ from fedpggan.cli import main
 from fedpggan.data import open_dataset
 from fedpggan.errors import FedPGGANError
 from fedpggan.evaluation import (ClassifierPrivacy, TrainingBudget, class_diversity, classification_scores,
-                                 classifier_auc, embed, frechet_distance, label_fidelity, memorisation,
+                                 embed, evaluate_classifier, frechet_distance, label_fidelity, memorisation,
                                  nearest_distance, prdc_scores, scores_over_seeds, synthetic_set, train_classifier,
                                  trtr)
 from fedpggan.evaluation import dcr
@@ -253,7 +253,7 @@ def test_dp_sgd_classifier_meets_its_budget(phantom):
     info = model.training_info
     assert info["dp"] and info["noise_multiplier"] > 0 and 0 < info["epsilon"] <= 2.0 * 1.02
     assert info["delta"] == pytest.approx(min(1e-5, 1 / (10 * len(train))))
-    assert 0 <= classifier_auc(model, test.images, test.labels) <= 1
+    assert 0 <= evaluate_classifier(model, test.images, test.labels)["auc"] <= 1
     model(test.images[:4]).sum().backward()   # Opacus' hooks are gone: a plain module again
     assert all(not hasattr(p, "grad_sample") for p in model.parameters())
     summary = trtr(train, test, seeds=1, budget=TrainingBudget(steps=3, batch_size=64),

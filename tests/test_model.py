@@ -215,3 +215,17 @@ def test_embedding_step_fits_the_target_without_touching_d():
     assert all(torch.equal(a, b) for a, b in zip(d_before, gan.d.parameters()))
     assert all(p.grad is None for p in gan.d.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(ema_before, gan.ema2.parameters()))  # both generators, and their EMA
+
+
+def test_step_stats_average_what_was_logged_and_sum_the_rule_cases():
+    import math
+
+    from pggan_model import CASES, generator_step_summary, mean_stats
+
+    d_steps = [{"d_acc_real": 0.5}, {"d_acc_real": math.nan}, {"d_acc_real": 1.0}]  # NaN: an empty Poisson batch
+    assert mean_stats(d_steps, ("d_acc_real",)) == {"d_acc_real": 0.75}
+    single = [{"loss_g1": 1.0, "loss_g2": math.nan, **{f"case_{c}": 2.0 for c in CASES}}] * 2  # --loss-rule single
+    summary = generator_step_summary(single)
+    assert summary["loss_g1"] == 1.0 and math.isnan(summary["loss_g2"]) and "loss_embedding" not in summary
+    assert all(summary[f"case_{c}"] == 4.0 for c in CASES)
+    assert generator_step_summary([{**s, "loss_embedding": 3.0} for s in single])["loss_embedding"] == 3.0

@@ -8,13 +8,13 @@ from fedpggan.evaluation.classifier import ClassifierPrivacy, SmallCNN, Training
 from fedpggan.evaluation.fidelity import (COLLAPSE_THRESHOLD, class_diversity, frechet_distance, label_fidelity,
                                           prdc_scores)
 from fedpggan.evaluation.dcr import memorisation, nearest_distance
-from fedpggan.evaluation.scores import classification_scores, classifier_auc, evaluate_classifier
+from fedpggan.evaluation.scores import classification_scores, evaluate_classifier
 from fedpggan.evaluation.suite import evaluate_run
 from fedpggan.evaluation.utility import scores_over_seeds, synthetic_set, trtr, tstr
 
 __all__ = [
     "COLLAPSE_THRESHOLD", "ClassifierPrivacy", "SmallCNN", "TrainingBudget", "class_diversity",
-    "classification_scores", "classifier_auc", "embed", "evaluate_classifier", "evaluate_run", "frechet_distance",
+    "classification_scores", "embed", "evaluate_classifier", "evaluate_run", "frechet_distance",
     "label_fidelity", "memorisation", "nearest_distance", "prdc_scores", "scores_over_seeds", "synthetic_set",
     "train_classifier", "trtr", "tstr",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fedpggan.config import AUTO_G_STEPS_MAX_NOISE, UNLEARNED_RECALL
+from fedpggan.config import AUTO_G_STEPS, AUTO_G_STEPS_MAX_NOISE, UNLEARNED_RECALL
 from fedpggan.io import atomic_write_bytes, atomic_write_json
 from fedpggan.plots import plt, save_figure, to_uint8
 
@@ -122,7 +122,7 @@ def unlearned_classes(result: dict[str, Any]) -> list[str]:
         low_noise = noise <= AUTO_G_STEPS_MAX_NOISE
     else:
         low_noise = eps >= 5 if eps is not None else result.get("ledger", "verified") == "verified"  # None: no DP
-    if isinstance(g_steps, int) and g_steps < 8 and low_noise:
+    if isinstance(g_steps, int) and g_steps < AUTO_G_STEPS["low noise"] and low_noise:
         lines[-1] += (f" The run took {g_steps} generator steps per round at a low DP noise; on an RGB phantom with 10 "
                       "classes at epsilon 10, 8 steps lifted TSTR AUC from 0.811 / 0.783 to 0.890 / 0.897 (two training "
                       "seeds; docs/quality-findings.md): train with `--g-steps 0` (the default since 2026-12-06, which "

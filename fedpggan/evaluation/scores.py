@@ -35,11 +35,6 @@ def macro_auc(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(aucs)) if aucs else math.nan
 
 
-def classifier_auc(model: SmallCNN, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """ROC AUC of ``model`` on (images, labels) (see the module docstring for >2 classes)."""
-    return evaluate_classifier(model, images, labels)["auc"]
-
-
 def evaluate_classifier(model: SmallCNN, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
     """Accuracy, AUC and per-class recall of ``model`` on (images, labels)."""
     probs, _ = embed(model, images)

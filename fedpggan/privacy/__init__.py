@@ -1,9 +1,9 @@
 """Differential privacy for the discriminator: accounting and the DP-SGD trainer."""
 
-from fedpggan.privacy.accounting import ACCOUNTANTS, calibrate_noise, default_delta, epsilon_of, extend_history
+from fedpggan.privacy.accounting import calibrate_noise, default_delta, epsilon_of, extend_history
 from fedpggan.privacy.dp_discriminator import GRAD_SAMPLE_MODES, DiscriminatorTrainer, PrivacySettings
 
 __all__ = [
-    "ACCOUNTANTS", "GRAD_SAMPLE_MODES", "DiscriminatorTrainer", "PrivacySettings", "calibrate_noise",
+    "GRAD_SAMPLE_MODES", "DiscriminatorTrainer", "PrivacySettings", "calibrate_noise",
     "default_delta", "epsilon_of", "extend_history",
 ]

@@ -22,7 +22,6 @@ from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json
 
-ACCOUNTANTS = ("prv", "rdp")
 History = list[tuple[float, float, int]]
 MAX_SIGMA = 2000.0
 EPSILON_TOLERANCE = 0.01

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fedpggan.config import RunConfig
+from fedpggan.config import RunConfig, sites_per_round
 from fedpggan.errors import FedPGGANError
 from fedpggan.privacy.accounting import calibrate_noise, default_delta
 from fedpggan.privacy.dp_discriminator import sample_rate
@@ -94,6 +94,6 @@ def run_d_noise(cfg: RunConfig, sizes: Sequence[int], mechanism_for: Callable[[i
     --generator-training local (each site's generators learn from its own D); --aggregation weighted weighs them by size."""
     if not cfg.dp:
         return 0.0
-    averaged = 1 if cfg.generator_training == "local" else max(1, math.ceil(cfg.fraction * len(sizes)))
+    averaged = 1 if cfg.generator_training == "local" else sites_per_round(cfg.fraction, len(sizes))
     return averaged_d_noise([(mechanism_for(n), n) for n in sizes], averaged,
                             weighted=cfg.aggregation == "weighted" and cfg.generator_training != "local")
