@@ -28,7 +28,7 @@ from fedpggan.data import ImageDataset, open_dataset, partition
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json
 from fedpggan.privacy import default_delta
-from fedpggan.privacy.lifetime import (JOURNAL_USED, append_reservation, check_journal_present, merge_budgets,
+from fedpggan.privacy.lifetime import (JOURNAL_USED, append_reservation, check_journal_present, merge_budgets, passes_cap,
                                        read_spend_journal, reserved_budgets)
 from fedpggan.privacy.peer_keys import PeerSigning, load_peer_signing
 from fedpggan.privacy.secure_sum import epsilon_if_all_other_sites_collude
@@ -171,7 +171,7 @@ def check_lifetime_budget(node_config: dict[str, Any], state: "SiteState", cfg: 
         for i, (name, value) in enumerate((("epsilon", asked[0]), ("delta", asked[1]))):
             cap = caps.get(name)
             earlier = sum(budget[i] for budget in others.values())
-            if cap is not None and earlier + value > cap * (1 + 1e-9):  # relative: deltas are ~1e-5
+            if cap is not None and passes_cap(earlier, value, cap):
                 runs = ", ".join(f"{run} ({budget[i]:g}{', in spend-journal only' if run in journal_only else ''})"
                                  for run, budget in others.items()) or "none"
                 asks = f"{name} {value:g}" if cfg.dp else f"no DP ({name} {value:g})"

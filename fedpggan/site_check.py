@@ -19,7 +19,7 @@ from fedpggan.data import ImageDataset, open_dataset
 from fedpggan.data.medmnist import MEDMNIST, search_dirs
 from fedpggan.errors import FedPGGANError
 from fedpggan.preflight import check_image_size
-from fedpggan.privacy.lifetime import check_journal_present, merge_budgets, read_spend_journal, reserved_budgets
+from fedpggan.privacy.lifetime import check_journal_present, merge_budgets, passes_cap, read_spend_journal, reserved_budgets
 from fedpggan.privacy.peer_keys import load_peer_signing, load_signing_key, openssh_public
 from fedpggan.site_config import SiteConfig, check_persistent, site_torch_device
 
@@ -161,7 +161,7 @@ def check_lifetime_left(site: SiteConfig) -> tuple[str, list[str]]:
         used = sum(budget[i] for budget in budgets.values())
         parts.append(f"{name} {used:g} of {cap:g} used by {len(budgets)} run(s), {max(cap - used, 0.0):g} left")
         per_run = site.max_epsilon if name == "epsilon" else site.max_delta
-        if per_run is not None and used + per_run > cap * (1 + 1e-9):
+        if per_run is not None and passes_cap(used, per_run, cap):
             warnings.append(f"privacy.max-total-{name}: {max(cap - used, 0.0):g} left, less than one run at this site's "
                             f"max-{name} {per_run:g}; such a run will be refused: raise max-total-{name} knowingly, or "
                             f"accept only runs with a smaller {name}")

@@ -283,6 +283,17 @@ def test_a_missing_site_state_beside_proof_of_spend_is_refused(site_setup, tmp_p
         SiteState.load(tmp_path / "s", "run")
 
 
+def test_the_lifetime_cap_reads_fields_the_site_state_writes():
+    """A SiteState field renamed without the reader would read as nothing spent."""
+    import inspect
+
+    from client.site import SiteState
+    from fedpggan.privacy import lifetime
+
+    read = set(re.findall(r'data\.get\("(\w+)"\)', inspect.getsource(lifetime._counted_budget)))
+    assert read == set(lifetime.STATE_FIELDS_READ) and read <= set(SiteState.__dataclass_fields__)
+
+
 @pytest.mark.parametrize("damage, says", [
     (lambda state: state.path.write_bytes(b"\xff\xfe"), "site privacy state is corrupt"),
     (lambda state: edit_state(state, history=[[1.0, 0.1]]), "'history' is not a list of"),

@@ -50,6 +50,12 @@ def reserved_budgets(root: Path) -> Budgets:
     return budgets
 
 
+# The fields of client.site.SiteState this module reads from each run's site_state.json (a test holds them
+# to SiteState's: a renamed field would read as nothing spent).
+STATE_FIELDS_READ = ("trained_without_dp", "budget_epsilon", "history", "lifetime_reserved", "lifetime_reserved_delta",
+                     "delta")
+
+
 def _counted_budget(data: dict) -> tuple[float, float] | None:
     """One run's counted (epsilon, delta) from its site_state.json, or None if it reserved and spent nothing."""
     if data.get("trained_without_dp"):  # whatever it reserved: its records were read without DP
@@ -69,6 +75,11 @@ def checked(value: object, name: str) -> float:
     if not number >= 0:
         raise ValueError(f"{name} {value!r} is not a number >= 0")
     return number
+
+
+def passes_cap(used: float, asked: float, cap: float) -> bool:
+    """Whether ``asked`` on top of ``used`` passes a lifetime cap; relative slack only for rounding (deltas ~1e-5)."""
+    return used + asked > cap * (1 + 1e-9)
 
 
 def merge_budgets(state_dir_budgets: Budgets, journal_budgets: Budgets) -> Budgets:
