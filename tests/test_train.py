@@ -580,3 +580,32 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
     first.mkdir(parents=True)
     second = runs.default_run_dir()
     assert (first.name, second.name) == ("20261206-120000", "20261206-120000-2")
+
+
+def test_command_line_defaults_are_the_option_classes_defaults():
+    """The commands keep their own defaults so that `fedpggan --help` starts without torch; they must say
+    what the classes that do the work would do when called from Python."""
+    import argparse
+    import inspect
+
+    from fedpggan.audit.mia import MiaOptions
+    from fedpggan.cli import build_parser
+    from fedpggan.evaluation.classifier import TrainingBudget
+    from fedpggan.evaluation.suite import evaluate_run
+    from fedpggan.export.options import DEFAULT_N, ExportOptions
+    from fedpggan.runs import RunFolder
+
+    parser = build_parser()
+    export, options = parser.parse_args(["export", "RUN", "--out", "X"]), ExportOptions()
+    assert (export.seed, export.device, export.chunk_size) == (options.seed, options.device, options.chunk_size)
+    assert export.split == "1" and options.split == (1.0, 0.0, 0.0)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    n_help = next(a.help for a in commands["export"]._actions if a.dest == "n")
+    assert n_help.endswith(f"(default {DEFAULT_N})")
+    audit, mia = parser.parse_args(["audit", "RUN"]), MiaOptions()
+    assert (audit.mia_records, audit.synthetic, audit.bootstraps, audit.device, audit.seed) == (
+        mia.max_records, mia.synthetic, mia.bootstraps, mia.device, mia.seed)
+    evaluate = parser.parse_args(["evaluate", "RUN"])
+    assert evaluate.batch_size == TrainingBudget().batch_size
+    assert inspect.signature(evaluate_run).parameters["device"].default == evaluate.device
+    assert inspect.signature(RunFolder).parameters["keep_checkpoints"].default == RunConfig().keep_checkpoints

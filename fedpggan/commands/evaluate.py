@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="real split the figures are measured on: test (default; what results report) or val (to "
                         "compare settings without choosing them on the split that is reported)")
-    p.add_argument("--quick", action="store_true", help="smoke check: 1000 images, 100 steps, 1 seed "
-                   "(explicit options still win)")
+    p.add_argument("--quick", action="store_true", help=f"smoke check: {QUICK['n_synthetic']} images, {QUICK['steps']} "
+                   f"steps, {QUICK['seeds']} seed(s) (explicit options still win)")
     p.set_defaults(func=run)
 
 
