@@ -183,6 +183,12 @@ class RunFolder:
                 raise FedPGGANError(f"{self.metrics_jsonl}: line {i + 1} is not a JSON object; restore the file from a backup")
         return rows
 
+    def keep_metrics_through(self, last: int, key: str) -> None:
+        """Drop the rows after round or epoch ``last`` (``key``: "round" or "epoch"), which a resume redoes;
+        written whole and atomically, so a kill keeps the old rows."""
+        rows = [r for r in self.read_metrics() if r[key] <= last]
+        atomic_write_bytes(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
     # --- checkpoints -----------------------------------------------------------------
     def checkpoint_index(self) -> list[dict[str, Any]]:
         """checkpoints/index.json's entries (round, file, sha256); a malformed index is a one-line error."""

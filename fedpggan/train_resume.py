@@ -9,7 +9,6 @@ takes no more steps than the noise was calibrated for.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,6 @@ import torch
 
 from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
-from fedpggan.io import atomic_write_bytes
 from fedpggan.privacy.accounting import History, extend_history
 from fedpggan.privacy.ledger import PrivacyLedger
 from fedpggan.runs import RunFolder, now_iso, refuse_completed, resumed_with
@@ -78,8 +76,7 @@ def restore(run: RunFolder, g_trainer: GeneratorTrainer, release: History, plann
         lost = f"epoch {last}" if last == entry["round"] + 1 else f"epochs {entry['round'] + 1}-{last}"
         print(f"warning: {lost}: trained after the newest verified checkpoint, weights lost; the privacy spend "
               f"stays charged, so training continues at epoch {last + 1} from epoch {entry['round']}'s weights")
-    rows = [r for r in run.read_metrics() if r["epoch"] <= last]
-    atomic_write_bytes(run.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows).encode())  # a kill keeps the old rows
+    run.keep_metrics_through(last, "epoch")
     info.update(status="running", resumed_at=now_iso(), resumed_from_epoch=entry["round"], resumed_with=resumed_with(cfg, info))
     for round_num in broken:  # in the ledger first, so that an interrupted resume leaves nothing unexplained
         ledger.discard_checkpoint(round_num, f"missing or failing its hash at the resume of {info['resumed_at']}")

@@ -10,7 +10,6 @@ exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
 from pathlib import Path
@@ -246,8 +245,7 @@ class FederatedRun:
         self.releases = {site: released.double() for site, released in payload.get("releases", {}).items()}
         if self.releases:
             self.use_pooled_releases()
-        rows = [r for r in self.folder.read_metrics() if r["round"] <= entry["round"]]
-        atomic_write_bytes(self.folder.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows).encode())  # a kill keeps the old rows
+        self.folder.keep_metrics_through(int(entry["round"]), "round")
         self.run_info.update(status="running", resumed_at=resumed_at, resumed_from_round=entry["round"],
                              resumed_with=resumed_with(self.cfg, self.run_info))
         self.folder.save_ledger(self.ledger, self.run_info)
