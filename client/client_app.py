@@ -25,7 +25,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site import (RESTORE, SiteState, check_collusion_cap, check_lifetime_budget, check_node_config_keys,
+from client.site import (DAMAGED_CACHE, SiteState, check_collusion_cap, check_lifetime_budget, check_node_config_keys,
                          check_site_budget, load_site_data, load_state_file, peer_signing, shared_error, site_device,
                          site_identity, site_lock, spend_journal, state_dir)
 from client.site_round import (ensure_mechanism, ensure_noise_key, ensure_release, public_facts, round_key,
@@ -125,7 +125,8 @@ def release_masked(msg: Message, context: Context) -> Message:
         try:
             private = private_key_from(state.secure_key_file.read_bytes())
         except ValueError as exc:  # a truncated or overwritten key file
-            raise FedPGGANError(f"{state.secure_key_file}: not this site's X25519 key ({exc}); {RESTORE}") from exc
+            raise FedPGGANError(f"{state.secure_key_file}: not an X25519 key ({exc}): this site cannot take part in this "
+                                "run's secure release any more; restore the file from backup, or start a new run") from exc
         check_key_list(public_key_of(private), publics)  # before anything is charged
         data = load_site_data(context.node_config, cfg)
         check_site_budget(context.node_config, cfg, len(data))
@@ -230,11 +231,11 @@ def remember(state: SiteState, round_num: int, key: str, content: RecordDict) ->
 def replay(state: SiteState, round_num: int, key: str) -> RecordDict | None:
     """The cached reply of ``round_num`` if it was computed from exactly these inputs (``key``:
     client.site_round.round_key)."""
-    if not state.reply_cache.exists():
+    cached = state.cached_reply()  # tensors and plain values only
+    if cached is None or cached["round"] != round_num or cached["input_sha"] != key:
         return None
-    cached = load_state_file(state.reply_cache)  # tensors and plain values only
-    if cached["round"] != round_num or cached["input_sha"] != key:
-        return None
+    if not {"d", "g", "privacy", "status"} <= cached.keys():
+        raise FedPGGANError(f"{state.reply_cache}: holds no whole reply to re-send; {DAMAGED_CACHE}")
     status = {**cached["status"], "replayed": True, "recovered": False}
     g_record = ArrayRecord(cached["g"]) if cached["g"] is not None else None
     plain = state.release_file.exists() and not state.release_share_of  # a secure share never leaves unmasked

@@ -16,6 +16,7 @@ carries the run's configuration, which the site's own code checks.
 
 from __future__ import annotations
 
+import functools
 import importlib.machinery
 import os
 import sys
@@ -29,15 +30,21 @@ from typing import Sequence
 def bundle_roots() -> tuple[Path, ...]:
     """Where a SuperNode unpacks app bundles, and where it would install one's project if runtime dependency
     installation were on (flwr.supercore.utils.get_flwr_home() / "apps", / "runtime-envs")."""
-    home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").absolute()
-    return home / "apps", home / "runtime-envs"
+    return _bundle_roots(os.environ.get("FLWR_HOME"), os.environ.get("HOME"))
+
+
+@functools.lru_cache(maxsize=8)
+def _bundle_roots(flwr_home: str | None, home: str | None) -> tuple[Path, ...]:
+    root = Path(os.path.abspath(flwr_home or Path.home() / ".flwr"))
+    return root / "apps", root / "runtime-envs"
 
 
 def in_bundle(location: str | None) -> bool:
+    """Whether ``location`` lies in a bundle folder; asked for every import, so a string comparison."""
     if location is None:
         return False
-    path = Path(location or ".").absolute()
-    return any(path == root or root in path.parents for root in bundle_roots())
+    path = os.path.abspath(location or ".")
+    return any(path == str(root) or path.startswith(str(root) + os.sep) for root in bundle_roots())
 
 
 def from_bundle(spec: importlib.machinery.ModuleSpec) -> bool:

@@ -43,7 +43,7 @@ def shared_error(exc: Exception, node_config: dict[str, Any]) -> str:
     """What the site tells the coordinator about a failure: the error's ``shared`` text, or its
     message, with the site's own paths, and everything below them (a file name can be a patient
     number), replaced by their node-config keys (Flower sends a ClientApp's exception text to the
-    coordinator verbatim; the site's log keeps it whole)."""
+    coordinator verbatim; the site's log keeps it whole). Text after a file below the data path goes too."""
     text = getattr(exc, "shared", None) or (str(exc) if isinstance(exc, FedPGGANError) else f"{type(exc).__name__}: {exc}")
     paths = {}
     for key in PATH_KEYS:
@@ -51,9 +51,10 @@ def shared_error(exc: Exception, node_config: dict[str, Any]) -> str:
         paths.update({path: key for path in (value, str(Path(value).expanduser().resolve())) if value and path != "."})
     for path in sorted(paths, key=len, reverse=True):
         key, token = paths[path], rf"(?<![\w.~-]){re.escape(path)}"
-        # below the data path: image file names (a patient number?), spaces, quotes and ": " included, up to the
-        # line's last ": " (where an error's reason starts) or its end; a name is never cut short, the reason may be
-        files = r"/(?:.*(?=: )|.*)"
+        # below the data path: an image's file name (a patient number?) may hold spaces, quotes and ": ", so no
+        # character can mark where it ends: the rest of the line goes (the data errors that name a file carry a
+        # shared text that names none)
+        files = r"/.*"
         if Path(path).is_absolute() or "/" in path:
             pattern = token + r"(?![\w.-])" + (f"(?:{files})?" if key == "data-path" else "")
         else:  # a bare relative name ("data") is this path only where a file below it follows
@@ -265,7 +266,8 @@ def state_dir(node_config: dict[str, Any], config: dict[str, Any]) -> Path:
         path = Path(str(node_config["state-dir"]))
         if not path.is_absolute():
             raise FedPGGANError(f"state-dir {path}: a relative path is read against the folder the SuperNode happens to "
-                                "start in; set an absolute state-dir in the node config (fedpggan site check writes one)")
+                                "start in; set an absolute state-dir in the node config (fedpggan site check writes one)",
+                                shared="the site's state-dir is a relative path; the site's log says how to fix it")
         check_persistent(path, "state-dir")
         if not path.is_dir():  # never made here: a mistyped path would start a new, empty accountant
             raise FedPGGANError(f"state-dir {path}: {'is not a folder' if path.exists() else 'does not exist'}; a new "
@@ -309,12 +311,23 @@ def exclusive(path: Path) -> Iterator[None]:
 RESTORE = "restore the latest copy from backup -- never delete it, or the site's spend is forgotten"
 
 
-def load_state_file(path: Path) -> Any:
-    """A tensor file of the site's state (cached reply, release): a damaged copy is named, never a raw traceback."""
+DAMAGED_CACHE = ("restore it from backup, or, if site_state.json is certainly the latest copy, move it aside (the round "
+                 "it holds is then recomputed and charged again if asked for)")
+
+
+def load_state_file(path: Path, fix: str = RESTORE) -> Any:
+    """A tensor file of the site's state (its release, its cached reply): a damaged copy is named with ``fix``,
+    never a raw traceback."""
     try:
         return torch.load(path, weights_only=True)
+    except OSError as exc:
+        raise FedPGGANError(f"{path}: cannot be read ({exc.strerror}); give the site's user read access to its state "
+                            "dir") from exc
     except Exception as exc:  # a truncated zip, a damaged pickle, another format: every way a copy can break
-        raise FedPGGANError(f"{path}: unreadable ({type(exc).__name__}); {RESTORE}") from exc
+        raise FedPGGANError(f"{path}: unreadable ({type(exc).__name__}); {fix}") from exc
+
+
+REPLY_FIELDS = {"round", "input_sha"}  # what identifies a reply client_app.remember cached
 
 
 def checked_state_fields(data: Any, path: Path) -> dict[str, Any]:
@@ -325,8 +338,8 @@ def checked_state_fields(data: Any, path: Path) -> dict[str, Any]:
     known = {f for f in SiteState.__dataclass_fields__ if f != "path"}
     unknown = sorted(set(data) - known - {"path"})
     if unknown:
-        raise FedPGGANError(f"{path}: written by a newer fedpggan (field(s) {', '.join(unknown)}); install that version "
-                            "on this site -- never edit or delete the file")
+        raise FedPGGANError(f"{path}: holds field(s) this fedpggan does not know ({', '.join(unknown)}): written by a "
+                            "newer version? Install the version that wrote it on this site -- never edit or delete the file")
     history, rounds, key = data.get("history", []), data.get("rounds", {}), data.get("noise_key", "")
     problems = [] if isinstance(data.get("run_id"), str) else ["no 'run_id'"]
     if not (isinstance(history, list) and all(isinstance(h, list) and len(h) == 3 and all(
@@ -380,6 +393,18 @@ class SiteState:
         state.check_not_behind()
         return state
 
+    def cached_reply(self) -> dict[str, Any] | None:
+        """The site's latest reply as client_app.remember kept it, or None. A damaged one is refused with what to do:
+        it may be set aside once site_state.json is known to be the latest copy (the cache only spares a recomputation:
+        a round asked again without it is recomputed with the same noise and charged again), but beside a state
+        restored from an older backup it is the record of a round that state forgot."""
+        if not self.reply_cache.exists():
+            return None
+        cached = load_state_file(self.reply_cache, DAMAGED_CACHE)
+        if not (isinstance(cached, dict) and REPLY_FIELDS <= cached.keys()):
+            raise FedPGGANError(f"{self.reply_cache}: not a reply this site cached; {DAMAGED_CACHE}")
+        return cached
+
     def check_not_behind(self) -> None:
         """Refuse a state that is missing or older than the files beside it (an earlier backup
         restored, a reset or deleted file): it would under-count the site's spend. Those files are
@@ -389,8 +414,9 @@ class SiteState:
         for drawn in (self.release_file, self.self_mask_file, self.revealed_file):
             if drawn.exists() and (not self.noise_key or (self.release_noise is not None and not self.history)):
                 behind[drawn.name] = "exists but no spend is recorded"
-        if self.reply_cache.exists():
-            cached = load_state_file(self.reply_cache)
+        if self.reply_cache.exists() and not self.path.exists():
+            behind[self.reply_cache.name] = "exists but no spend is recorded"
+        elif (cached := self.cached_reply()) is not None:
             done = self.rounds.get(str(cached["round"]), {})
             if done.get("status") != "done" or done.get("input_sha") != cached["input_sha"]:
                 behind[self.reply_cache.name] = f"holds round {cached['round']}, which it does not record as done"

@@ -387,8 +387,9 @@ def config_to_resume(path: str | Path, kind: str = "federated", changes: dict[st
 def current_options(info: dict[str, Any]) -> dict[str, Any]:
     """The run's options as it trains now (flag names): run.json's config stays as the run began (its ledger
     holds its hash), and a resume's new paths (e.g. a moved --data-dir) are kept beside it in ``resumed_with``."""
+    config = info.get("config") if isinstance(info.get("config"), dict) else {}  # a damaged run.json: what callers check
     moved = info.get("resumed_with") if isinstance(info.get("resumed_with"), dict) else {}
-    return {**(info.get("config") or {}), **moved}
+    return {**config, **moved}
 
 
 def resumed_with(cfg: RunConfig, info: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -299,8 +300,9 @@ def test_the_lifetime_cap_reads_fields_the_site_state_writes():
     (lambda state: edit_state(state, history=[[1.0, 0.1]]), "'history' is not a list of"),
     (lambda state: edit_state(state, rounds=None), "'rounds' is not an object"),
     (lambda state: edit_state(state, noise_key="zz"), "'noise_key' is not 64 hex digits"),
-    (lambda state: edit_state(state, spent_elsewhere=1), "written by a newer fedpggan (field(s) spent_elsewhere)"),
     (lambda state: state.reply_cache.write_bytes(state.reply_cache.read_bytes()[:100]), "last_reply.pt: unreadable"),
+    (lambda state: torch.save(torch.zeros(2), state.reply_cache), "last_reply.pt: not a reply this site cached"),
+    (lambda state: edit_state(state, spent_elsewhere=1), "does not know (spent_elsewhere): written by a newer version?"),
 ])
 def test_a_damaged_site_state_is_named_with_its_fix_not_a_traceback(site_setup, tmp_path, damage, says):
     """What a site reads its spend from is checked field by field: a damaged copy would misstate it."""
@@ -313,6 +315,8 @@ def test_a_damaged_site_state_is_named_with_its_fix_not_a_traceback(site_setup, 
     with pytest.raises(FedPGGANError, match=re.escape(says)) as refused:
         SiteState.load(tmp_path / "s", "run")
     assert str(state.path.parent) in str(refused.value) and "\n" not in str(refused.value)
+    if "last_reply" in says:  # only a spare copy: it may be moved aside, once the state is known to be the latest
+        assert "if site_state.json is certainly the latest copy, move it aside" in str(refused.value)
 
 
 def edit_state(state, **changes) -> None:
@@ -373,17 +377,27 @@ def test_what_a_site_tells_the_coordinator_of_a_failure_names_neither_its_paths_
     # an image's file name can be a patient number: nothing below the data path is named
     broken = tmp_path / "site.npz" / "pneumonia" / "MRN123456_broken.png"
     assert str(coordinator_reads(FedPGGANError(f"{broken}: not a readable image (cannot identify image file '{broken}')"))) == \
-        "<data-path>: not a readable image (cannot identify image file '<data-path>"
-    spaced = tmp_path / "site.npz" / "Pleural effusion" / "John Smith 1234.png"  # names with spaces, too
-    assert str(coordinator_reads(FedPGGANError(f"{spaced}: not a readable image (cannot identify image file '{spaced}')"))) == \
-        "<data-path>: not a readable image (cannot identify image file '<data-path>"
-    for name in ("O'Brien_MRN4711.png", "Smith: MRN4711.png", 'say "MRN4711".png'):  # quotes and ": " in a name
-        odd = tmp_path / "site.npz" / "normal" / name
-        assert str(coordinator_reads(FedPGGANError(f"{odd}: is 28x30; expected square images"))) == \
-            "<data-path>: is 28x30; expected square images"
+        "<data-path>"  # no character can mark where a file name ends: the rest of the line goes
+    assert str(coordinator_reads(FedPGGANError(f"{tmp_path / 'site.npz'}: not an npz archive"))) == \
+        "<data-path>: not an npz archive"  # the data path itself, with nothing below it, keeps its reason
     node["data-path"] = "imgs"  # relative, as a hand-typed node config may have it
-    assert str(coordinator_reads(FedPGGANError("imgs/normal/MRN1.png: broken; the imgs folder"))) == \
-        "<data-path>: broken; the imgs folder"
+    assert str(coordinator_reads(FedPGGANError("imgs/normal/MRN1.png: broken; the imgs folder"))) == "<data-path>"
+    # the data errors that name an image give the coordinator a text that names none, whatever the name holds
+    from fedpggan.data.folder import _read_one
+
+    node["data-path"] = str(tmp_path / "imgs")
+    for name in ("O'Brien_MRN4711.png", "Smith: MRN4711.png", 'say "MRN4711".png', "John Smith 1234.png"):
+        (tmp_path / "imgs" / "normal").mkdir(parents=True, exist_ok=True)
+        odd = tmp_path / "imgs" / "normal" / name
+        odd.write_bytes(b"not an image")
+        with pytest.raises(FedPGGANError) as unreadable:
+            _read_one(odd)
+        assert str(coordinator_reads(unreadable.value)) == \
+            "<data-path>: an image is not readable (UnidentifiedImageError); the site's log names the file"
+        Image.new("L", (30, 28)).save(odd, format="PNG")
+        with pytest.raises(FedPGGANError) as not_square:
+            _read_one(odd)
+        assert str(coordinator_reads(not_square.value)) == "<data-path>: an image is 30x28, not square; the site's log names the file"
 
 
 def test_a_mistyped_node_config_key_is_refused_not_ignored():

@@ -35,13 +35,18 @@ def run(args: argparse.Namespace) -> int:
     from fedpggan.site_check import LEAVES, STAYS
     from fedpggan.site_config import load_site_config
 
+    from fedpggan.site_check import check_code_guard
+
     site = load_site_config(args.config, insecure=args.insecure)
+    code_line, code_warnings = check_code_guard(args.insecure)  # this Python environment's, not the config file's
     try:
         lines, warnings, public_key = check_site(site)
         command = site.supernode_command_line()  # before "ready": a value it cannot quote is refused here
     except FedPGGANError as exc:  # every problem names the config file it is to be fixed in
         raise (exc if str(exc).startswith("--config") else FedPGGANError(f"--config {site.path}: {exc}")) from None
 
+    lines.append(("code run", code_line))
+    warnings += code_warnings
     print(f"site {site.site_id}: ready to join {site.superlink}")
     for label, line in lines:
         print(f"  {label:<15}{line}")
@@ -55,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_site(site: SiteConfig) -> tuple[list[tuple[str, str]], list[str], str]:
-    """Run every check: (report lines, warnings, the node's public key to register)."""
-    from fedpggan.site_check import (check_budget, check_ca_certificate, check_code_guard, check_data, check_device,
+    """Run every check of the site config: (report lines, warnings, the node's public key to register)."""
+    from fedpggan.site_check import (check_budget, check_ca_certificate, check_data, check_device,
                                      check_lifetime_left, check_peer_keys, check_private_key, check_spend_journal,
                                      check_state_dir)
 
@@ -75,9 +80,8 @@ def check_site(site: SiteConfig) -> tuple[list[tuple[str, str]], list[str], str]
     state_line = check_state_dir(site.state_dir)
     journal_line, journal_warnings = check_spend_journal(site)
     lifetime_line, lifetime_warnings = check_lifetime_left(site)
-    code_line, code_warnings = check_code_guard(insecure=site.root_certificates is None)
-    warnings += budget_warnings + journal_warnings + lifetime_warnings + code_warnings
+    warnings += budget_warnings + journal_warnings + lifetime_warnings
     lines = [("data", data_line), ("budget", budget_line), ("state dir", state_line), ("spend journal", journal_line),
              ("lifetime", lifetime_line), ("device", check_device(site)), ("CA certificate", cert_line),
-             ("node key", str(site.auth_private_key)), ("peer keys", peers_line), ("code run", code_line)]
+             ("node key", str(site.auth_private_key)), ("peer keys", peers_line)]
     return lines, warnings, public_key

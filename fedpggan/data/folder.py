@@ -25,6 +25,9 @@ SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testi
 CHUNK = 32  # images held at full size at a time (32 RGB scans of 1024x1024: 0.4 GB as float)
 
 
+# A file name can be a patient number: what a site tells the coordinator of a bad image names none (client/site.py).
+NAMED_IN_LOG = "the site's log names the file"
+
 def load_folder(root: str | Path, split: str, name: str, image_size: int) -> ImageDataset:
     """Load ``split``; grayscale (1 channel) when every training image has R == G == B, else RGB.
 
@@ -122,7 +125,8 @@ def _chunks(files: list[Path], size: int) -> Iterator[np.ndarray]:
                 h, w = arrays[-1].shape[:2]
                 h0, w0 = first[1][:2]
                 raise FedPGGANError(f"{f}: is {w}x{h} but {first[0]} is {w0}x{h0}; "
-                                    "resize all images of the folder to one size first")
+                                    "resize all images of the folder to one size first",
+                                    shared=f"<data-path>: an image is {w}x{h}, another {w0}x{h0}; {NAMED_IN_LOG}")
         yield np.stack(arrays)
 
 
@@ -132,11 +136,14 @@ def _read_one(f: Path) -> np.ndarray:
         with Image.open(f) as img:
             if img.mode not in EIGHT_BIT_MODES:  # converting would clip 16-bit values and zero floats silently
                 raise FedPGGANError(f"{f}: a {img.mode} image (more than 8 bits per channel); convert the folder's "
-                                    "images to 8-bit PNG first, with the window/level you want the model to see")
+                                    "images to 8-bit PNG first, with the window/level you want the model to see",
+                                    shared=f"<data-path>: an image has more than 8 bits per channel; {NAMED_IN_LOG}")
             array = np.asarray(img.convert("RGB"))
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise FedPGGANError(f"{f}: not a readable image ({exc}); fix or remove it") from exc
+        raise FedPGGANError(f"{f}: not a readable image ({exc}); fix or remove it",
+                            shared=f"<data-path>: an image is not readable ({type(exc).__name__}); {NAMED_IN_LOG}") from exc
     h, w = array.shape[:2]
     if h != w:
-        raise FedPGGANError(f"{f}: is {w}x{h}; expected square images: crop them first (resizing would distort them)")
+        raise FedPGGANError(f"{f}: is {w}x{h}; expected square images: crop them first (resizing would distort them)",
+                            shared=f"<data-path>: an image is {w}x{h}, not square; {NAMED_IN_LOG}")
     return array
