@@ -126,7 +126,8 @@ def release_masked(msg: Message, context: Context) -> Message:
             private = private_key_from(state.secure_key_file.read_bytes())
         except ValueError as exc:  # a truncated or overwritten key file
             raise FedPGGANError(f"{state.secure_key_file}: not an X25519 key ({exc}): this site cannot take part in this "
-                                "run's secure release any more; restore the file from backup, or start a new run") from exc
+                                "attempt of the run's secure release; the server restarts it without this site, or start "
+                                "a new run") from exc
         check_key_list(public_key_of(private), publics)  # before anything is charged
         data = load_site_data(context.node_config, cfg)
         check_site_budget(context.node_config, cfg, len(data))

@@ -30,12 +30,14 @@ from typing import Sequence
 def bundle_roots() -> tuple[Path, ...]:
     """Where a SuperNode unpacks app bundles, and where it would install one's project if runtime dependency
     installation were on (flwr.supercore.utils.get_flwr_home() / "apps", / "runtime-envs")."""
-    return _bundle_roots(os.environ.get("FLWR_HOME"), os.environ.get("HOME"))
+    flwr_home = os.environ.get("FLWR_HOME")
+    here = None if flwr_home is None or os.path.isabs(flwr_home) else os.getcwd()  # a relative one moves with the cwd
+    return _bundle_roots(flwr_home, os.environ.get("HOME"), here)
 
 
 @functools.lru_cache(maxsize=8)
-def _bundle_roots(flwr_home: str | None, home: str | None) -> tuple[Path, ...]:
-    root = Path(os.path.abspath(flwr_home or Path.home() / ".flwr"))
+def _bundle_roots(flwr_home: str | None, home: str | None, cwd: str | None) -> tuple[Path, ...]:
+    root = Path(os.path.abspath(os.path.join(cwd or "", flwr_home or Path.home() / ".flwr")))
     return root / "apps", root / "runtime-envs"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,7 +49,10 @@ def shared_error(exc: Exception, node_config: dict[str, Any]) -> str:
     paths = {}
     for key in PATH_KEYS:
         value = str(node_config.get(key) or "").rstrip("/")
-        paths.update({path: key for path in (value, str(Path(value).expanduser().resolve())) if value and path != "."})
+        if value:  # every form an error may name it in: as typed, as Path writes it ("./x" -> "x"), expanded, resolved
+            forms = (value, str(Path(value)), str(Path(value).expanduser()), os.path.abspath(os.path.expanduser(value)),
+                     str(Path(value).expanduser().resolve()))
+            paths.update({path: key for path in forms if path != "."})
     for path in sorted(paths, key=len, reverse=True):
         key, token = paths[path], rf"(?<![\w.~-]){re.escape(path)}"
         # below the data path: an image's file name (a patient number?) may hold spaces, quotes and ": ", so no
@@ -320,10 +324,10 @@ def load_state_file(path: Path, fix: str = RESTORE) -> Any:
     never a raw traceback."""
     try:
         return torch.load(path, weights_only=True)
-    except OSError as exc:
+    except PermissionError as exc:
         raise FedPGGANError(f"{path}: cannot be read ({exc.strerror}); give the site's user read access to its state "
                             "dir") from exc
-    except Exception as exc:  # a truncated zip, a damaged pickle, another format: every way a copy can break
+    except Exception as exc:  # a truncated zip, a damaged pickle, another format, a folder: every way a copy can break
         raise FedPGGANError(f"{path}: unreadable ({type(exc).__name__}); {fix}") from exc
 
 

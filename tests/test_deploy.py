@@ -486,10 +486,11 @@ def test_site_check_refuses_an_environment_where_the_coordinators_app_bundle_wou
     assert code == 2 and "ready to join" not in out and err.count("\n") == 1
     assert "run `python -m client.installed_code_only` once" in err
     assert err.startswith("error: the ClientApp would run the code inside")  # about the environment, not site.toml
-    for config in (site_toml(root_certificates=None), site_toml()):  # a local test, with or without a CA: a warning
-        code, out, err = site_check(capsys, config, "--insecure")
-        assert code == 0 and re.search(r"^  code run +the coordinator's app bundle \(--insecure\)$", out, re.MULTILINE)
-        assert "run `python -m client.installed_code_only` once" in err
+    code, out, err = site_check(capsys, site_toml(root_certificates=None), "--insecure")  # a local test: a warning
+    assert code == 0 and re.search(r"^  code run +the coordinator's app bundle \(--insecure\)$", out, re.MULTILINE)
+    assert "run `python -m client.installed_code_only` once" in err
+    code, _, err = site_check(capsys, site_toml(), "--insecure")  # with TLS it is a deployment: no bundle code
+    assert code == 2 and "run `python -m client.installed_code_only` once" in err
 
 
 def test_in_the_site_image_a_state_dir_on_no_mounted_volume_is_refused(site_toml, capsys, tmp_path, monkeypatch):

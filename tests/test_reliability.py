@@ -382,6 +382,10 @@ def test_what_a_site_tells_the_coordinator_of_a_failure_names_neither_its_paths_
         "<data-path>: not an npz archive"  # the data path itself, with nothing below it, keeps its reason
     node["data-path"] = "imgs"  # relative, as a hand-typed node config may have it
     assert str(coordinator_reads(FedPGGANError("imgs/normal/MRN1.png: broken; the imgs folder"))) == "<data-path>"
+    node["data-path"] = "./imgs"  # named "imgs/..." by the loaders (Path drops "./"), or absolute
+    assert str(coordinator_reads(PermissionError(13, "Permission denied", "imgs/normal/MRN1 Smith.png"))) == \
+        "PermissionError: [Errno 13] Permission denied: '<data-path>"
+    assert str(coordinator_reads(FedPGGANError(f"{os.path.abspath('imgs')}/MRN1: no images"))) == "<data-path>"
     # the data errors that name an image give the coordinator a text that names none, whatever the name holds
     from fedpggan.data.folder import _read_one
 
@@ -393,11 +397,11 @@ def test_what_a_site_tells_the_coordinator_of_a_failure_names_neither_its_paths_
         with pytest.raises(FedPGGANError) as unreadable:
             _read_one(odd)
         assert str(coordinator_reads(unreadable.value)) == \
-            "<data-path>: an image is not readable (UnidentifiedImageError); the site's log names the file"
+            "<data-path>: an image is not readable (UnidentifiedImageError); the site's log names it"
         Image.new("L", (30, 28)).save(odd, format="PNG")
         with pytest.raises(FedPGGANError) as not_square:
             _read_one(odd)
-        assert str(coordinator_reads(not_square.value)) == "<data-path>: an image is 30x28, not square; the site's log names the file"
+        assert str(coordinator_reads(not_square.value)) == "<data-path>: an image is 30x28, not square; the site's log names it"
 
 
 def test_a_mistyped_node_config_key_is_refused_not_ignored():

@@ -25,20 +25,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "key, privacy budget and state directory; print what leaves the site and the SuperNode command.")
     check.add_argument("--config", required=True, metavar="FILE", help="the site's TOML configuration")
     check.add_argument("--insecure", action="store_true",
-                       help="allow a config without superlink.root-certificates and an environment without the import "
-                            "guard (local tests only: traffic to the coordinator is then NOT encrypted)")
+                       help="allow a config without superlink.root-certificates, and then an environment without the "
+                            "import guard (local tests only: traffic to the coordinator is then NOT encrypted)")
     check.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from fedpggan.errors import FedPGGANError
-    from fedpggan.site_check import LEAVES, STAYS
+    from fedpggan.site_check import LEAVES, STAYS, check_code_guard
     from fedpggan.site_config import load_site_config
 
-    from fedpggan.site_check import check_code_guard
-
     site = load_site_config(args.config, insecure=args.insecure)
-    code_line, code_warnings = check_code_guard(args.insecure)  # this Python environment's, not the config file's
+    # this Python environment's, not the config file's; optional only in a local test, without TLS
+    code_line, code_warnings = check_code_guard(insecure=args.insecure and site.root_certificates is None)
     try:
         lines, warnings, public_key = check_site(site)
         command = site.supernode_command_line()  # before "ready": a value it cannot quote is refused here

@@ -26,7 +26,7 @@ CHUNK = 32  # images held at full size at a time (32 RGB scans of 1024x1024: 0.4
 
 
 # A file name can be a patient number: what a site tells the coordinator of a bad image names none (client/site.py).
-NAMED_IN_LOG = "the site's log names the file"
+NAMED_IN_LOG = "the site's log names it"
 
 def load_folder(root: str | Path, split: str, name: str, image_size: int) -> ImageDataset:
     """Load ``split``; grayscale (1 channel) when every training image has R == G == B, else RGB.
@@ -46,7 +46,8 @@ def load_folder(root: str | Path, split: str, name: str, image_size: int) -> Ima
     if extra := sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not _hidden(p.name)
                        and p.name not in class_names):
         raise FedPGGANError(f"{split_dir / extra[0]}: class '{extra[0]}' has no folder under {root / 'train'}, so the "
-                            "model cannot learn it; add its training images or remove the folder")
+                            "model cannot learn it; add its training images or remove the folder",
+                            shared=f"<data-path>: a folder of the '{split}' split is no training class; {NAMED_IN_LOG}")
     files, labels = _split_files(split_dir, class_names, split)
     # Read and resized CHUNK images at a time: a folder of full-size scans never sits in memory at full size.
     to_grey = None if split == "train" else _train_split_is_grey(str(root.resolve()), tuple(class_names))
@@ -69,11 +70,13 @@ def _split_files(split_dir: Path, class_names: list[str], split: str) -> tuple[l
         found = _images_in(split_dir / cls)
         if not found and split == "train":
             raise FedPGGANError(f"{split_dir / cls}: class '{cls}' has no images (read: {', '.join(sorted(EXTENSIONS))}); "
-                                "add images or remove the folder")
+                                "add images or remove the folder",
+                                shared=f"<data-path>: a training class has no images; {NAMED_IN_LOG}")
         files += found
         labels += [label] * len(found)
     if not files:
-        raise FedPGGANError(f"{split_dir}: no images found; expected one sub-folder of images per class")
+        raise FedPGGANError(f"{split_dir}: no images found; expected one sub-folder of images per class",
+                            shared=f"<data-path>: no images in the '{split}' split")
     return files, labels
 
 
@@ -89,11 +92,13 @@ def _is_grey(pixels: np.ndarray) -> bool:
 def _classes(folder: Path) -> list[str]:
     names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not _hidden(p.name))
     if not names:
-        raise FedPGGANError(f"{folder}: no class sub-folders; expected one sub-folder of images per class")
+        raise FedPGGANError(f"{folder}: no class sub-folders; expected one sub-folder of images per class",
+                            shared="<data-path>: no class sub-folders")
     if split_like := [n for n in names if n.lower() in SPLIT_NAMES]:
         # e.g. Training/ and Testing/: read as two classes they would merge every real class, and train on the test images
         raise FedPGGANError(f"{folder}: folder(s) {', '.join(split_like)} look like data splits, not classes; splits are read "
-                            "only from folders named train, val and test (lower case): rename them")
+                            "only from folders named train, val and test (lower case): rename them",
+                            shared=f"<data-path>: folder(s) {', '.join(split_like)} look like data splits, not classes")
     return names
 
 
@@ -103,9 +108,15 @@ def _images_in(folder: Path) -> list[Path]:
         return []
     if not os.access(folder, os.R_OK | os.X_OK):  # rglob would skip it silently and report no images
         raise FedPGGANError(f"{folder}: not readable by this user (uid {os.getuid()}); give it read access (a site "
-                            "container runs as uid 49999: chmod -R o+rX, or chown the data to that user)")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
-                  and not any(_hidden(part) for part in p.relative_to(folder).parts))
+                            "container runs as uid 49999: chmod -R o+rX, or chown the data to that user)",
+                            shared=f"<data-path>: a class folder is not readable by the site's user; {NAMED_IN_LOG}")
+    try:
+        return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
+                      and not any(_hidden(part) for part in p.relative_to(folder).parts))
+    except OSError as exc:  # a sub-folder readable but not searchable, a file gone mid-listing
+        raise FedPGGANError(f"{folder}: cannot be listed ({exc}); give the site's user read access to every folder below it",
+                            shared=f"<data-path>: a folder of images cannot be listed ({type(exc).__name__}); "
+                                   f"{NAMED_IN_LOG}") from exc
 
 
 def _hidden(name: str) -> bool:
