@@ -15,7 +15,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedpggan.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 torch.set_num_threads(2)
 # Ray, for the simulation tests: keep accelerator variables as they are for zero-GPU actors (and so
@@ -44,8 +43,15 @@ def write_ssh_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-@pytest.fixture
-def shared_data() -> Path:
-    if not (SHARED_DATA / "pneumoniamnist.npz").exists():
-        pytest.skip("../shared/data is not present")
-    return SHARED_DATA
+def fix_today(monkeypatch: pytest.MonkeyPatch, module, day: str = "2026-12-07") -> str:
+    """Make ``module``'s ``date.today()`` a fixed day, so a test that names today's results file cannot straddle
+    midnight (and start the real work a refusal would have spared); returns the day."""
+    import datetime
+
+    class FixedDate(datetime.date):
+        @classmethod
+        def today(cls):
+            return cls.fromisoformat(day)
+
+    monkeypatch.setattr(module, "date", FixedDate)
+    return day

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, fix_today
 from fedpggan.evaluation.utility import synthetic_set
 from pggan_model import PGGAN
 from pggan_model.networks import ModelShape
@@ -62,7 +62,7 @@ def test_a_centralised_run_is_described_by_its_own_settings_and_its_spent_epsilo
 
 def test_a_second_run_the_same_day_is_refused_before_any_run_is_measured(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(selection, "measure", lambda *a: pytest.fail("measured although the results would be refused"))
-    stem = tmp_path / f"discriminator-selection-cpu-{selection.date.today().isoformat()}"
+    stem = tmp_path / f"discriminator-selection-cpu-{fix_today(monkeypatch, selection)}"
     stem.with_suffix(".md").write_text("today's table")
     assert selection.main([str(tmp_path / "run"), "--results", str(tmp_path)]) == 2
     assert f"{stem}.md: already exists" in capsys.readouterr().err

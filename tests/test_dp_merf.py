@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from conftest import REPO
+from conftest import REPO, fix_today
 from fedpggan.data import open_dataset
 from pggan_model.mean_embedding import class_means, embedding_loss, record_sum
 
@@ -48,7 +48,8 @@ def test_the_generator_learns_the_released_target():
     assert loss(trained) < 0.5 * loss(untrained)
 
 
-def test_rows_per_setting_budget_and_seed_merge_across_invocations(tmp_path):
+def test_rows_per_setting_budget_and_seed_merge_across_invocations(tmp_path, monkeypatch):
+    fix_today(monkeypatch, merf)  # the calls merge into one day's file
     base = ["--dataset", "phantom", "--epsilons", "10,1", "--n-synthetic", "40", "--classifier-seeds", "1",
             "--results", str(tmp_path)]
     assert merf.main([*base, "--settings", "50:1e-3:2", "--training-seeds", "0"]) == 0

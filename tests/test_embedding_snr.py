@@ -6,14 +6,15 @@ import importlib.util
 import json
 import sys
 
-from conftest import REPO
+from conftest import REPO, fix_today
 
 _spec = importlib.util.spec_from_file_location("embedding_snr_under_test", REPO / "benchmarks" / "embedding_snr.py")
 snr = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(snr)
 
 
-def test_rows_per_blur_and_budget_and_the_blur_widens_the_noise_trap(tmp_path):
+def test_rows_per_blur_and_budget_and_the_blur_widens_the_noise_trap(tmp_path, monkeypatch):
+    fix_today(monkeypatch, snr)  # the second call is refused as the same day's
     args = ["--dataset", "phantom", "--sites", "2", "--frequencies", "50", "--blurs", "0,1", "--epsilons", "1,10",
             "--repeats", "1", "--results", str(tmp_path)]
     assert snr.main(args) == 0

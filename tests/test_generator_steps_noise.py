@@ -7,12 +7,11 @@ import importlib.util
 import json
 import math
 import sys
-from datetime import date
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, fix_today
 from fedpggan.config import RunConfig
 from server.federated_run import FederatedRun
 
@@ -30,11 +29,12 @@ def server_choice(cfg: RunConfig, sizes: list[int]) -> tuple[float, int]:
     return run.averaged_d_noise(), run.choose_generator_steps()
 
 
-def test_each_row_is_what_the_server_computes_and_more_budget_means_less_noise(tmp_path, capsys):
+def test_each_row_is_what_the_server_computes_and_more_budget_means_less_noise(tmp_path, capsys, monkeypatch):
+    today = fix_today(monkeypatch, script)
     args = ["--dataset", "phantom", "--sites", "3", "--rounds", "4", "--epsilons", "1,10", "--local-steps", "2,4",
             "--results", str(tmp_path)]
     assert script.main(args) == 0
-    saved = json.loads((tmp_path / f"generator-steps-noise-phantom-3sites-4rounds-{date.today().isoformat()}.json").read_text())
+    saved = json.loads((tmp_path / f"generator-steps-noise-phantom-3sites-4rounds-{today}.json").read_text())
     sizes, rows = saved["meta"]["site_sizes"], saved["rows"]
     assert len(sizes) == 3 and sum(sizes) == saved["meta"]["records"]
     assert [(r["eps"], r["local_steps"]) for r in rows] == [(1.0, 2), (1.0, 4), (10.0, 2), (10.0, 4)]

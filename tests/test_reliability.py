@@ -25,7 +25,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, tiny_config
+from conftest import REPO, fix_today, tiny_config
 from fedpggan.cli import main
 from fedpggan.config import RunConfig
 from fedpggan.errors import FedPGGANError
@@ -1113,12 +1113,12 @@ def test_every_site_handler_opens_the_sites_state_only_under_its_lock(tmp_path, 
     assert isinstance(caught.value.__cause__, Loaded) and seen == ["held"]
 
 
-def test_the_soak_refuses_to_replace_todays_results_before_it_trains(tmp_path, capsys):
+def test_the_soak_refuses_to_replace_todays_results_before_it_trains(tmp_path, capsys, monkeypatch):
     import importlib.util
     spec = importlib.util.spec_from_file_location("soak_under_test", REPO / "benchmarks" / "soak.py")
     soak = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(soak)
-    stem = tmp_path / f"soak-cpu-5x6-{soak.date.today().isoformat()}"  # a quick look has its own file: it never blocks the soak
+    stem = tmp_path / f"soak-cpu-5x6-{fix_today(monkeypatch, soak)}"  # a quick look has its own file: it never blocks the soak
     stem.with_suffix(".md").write_text("today's soak")
     with pytest.raises(SystemExit) as stopped:
         soak.main(["--sites", "5", "--rounds", "6", "--work", str(tmp_path / "work"), "--results", str(tmp_path)])

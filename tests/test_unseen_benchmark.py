@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, fix_today
 from fedpggan.data import open_dataset
 from fedpggan.errors import FedPGGANError
 from test_data import write_npz
@@ -54,7 +54,7 @@ def test_the_row_it_trains_is_in_the_quality_table(profile):
 
 def test_a_second_run_the_same_day_is_refused_before_the_folder_is_built(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(unseen, "build_folder", lambda *a: pytest.fail("built although the results would be refused"))
-    stem = tmp_path / f"quality-unseen-cpu-{unseen.date.today().isoformat()}"
+    stem = tmp_path / f"quality-unseen-cpu-{fix_today(monkeypatch, unseen)}"
     stem.with_suffix(".json").write_text("{}")
     assert unseen.main(["--data-dir", str(tmp_path), "--device", "cpu", "--work", str(tmp_path / "work"),
                         "--results", str(tmp_path)]) == 2
