@@ -174,6 +174,17 @@ def verified_signers(reply: RecordDict) -> list[str]:
     return sorted(_check(reply).get("verified-signers", []))
 
 
+def destinations(messages: list[Message]) -> dict[str, int]:
+    """Message id -> node of each sent message (the grid gives a message its id when it pushes it)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+
+
+def answering_node(reply: Message, sent: dict[str, int]) -> int:
+    """The node a reply answers for: the destination of the message it replies to. The SuperLink itself answers for a
+    node it lost (offline, or the message's time to live ran out) with its own node id as the source."""
+    return sent.get(getattr(reply.metadata, "reply_to_message_id", ""), reply.metadata.src_node_id)
+
+
 def site_error(reply: Message, limit: int = 300) -> str:
     """A failed site's own message: Flower wraps it as ``<class '...'>:<'message'>``, and a
     site's error names its fix, so the wrapper is dropped rather than the fix cut off. In a

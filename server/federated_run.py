@@ -35,7 +35,8 @@ from fedpggan.privacy.ledger import PrivacyLedger, finite_or_none, spent_outside
 from fedpggan.privacy.mechanism import Mechanism, run_d_noise, site_mechanism
 from fedpggan.privacy.noise import SEEDED_NOISE_WARNING
 from fedpggan.runs import RunFolder, default_run_dir, library_versions, now_iso, refuse_completed, resumed_with
-from fedpggan.wire import generator_arrays, load_generator_state, site_error, train_content
+from fedpggan.wire import (answering_node, destinations, generator_arrays, load_generator_state, site_error,
+                           train_content)
 from pggan_model import CASES, GeneratorTrainer, generator_step_summary, load_checkpoint, save_checkpoint
 from pggan_model.mean_embedding import class_means, release_noise_ratio, vouched_classes
 from server.aggregation import aggregate, aggregation_assumption
@@ -320,7 +321,7 @@ class FederatedRun:
         replies = list(self.grid.send_and_receive(messages, timeout=cfg.round_timeout))
         t_sites = time.perf_counter() - t0
         global_d = {k: v.detach().cpu().clone() for k, v in self.gan.d.state_dict().items()}
-        d_states, g_states, counts = self.accept_replies(round_num, selected, replies, global_d)
+        d_states, g_states, counts = self.accept_replies(round_num, selected, replies, global_d, destinations(messages))
         compute = [c for c in (site_compute_seconds(r) for r in replies) if c is not None]
         needed = replies_needed(cfg.min_clients, len(selected))
         t1 = time.perf_counter()
@@ -349,14 +350,16 @@ class FederatedRun:
         return f"{len(d_states)}/{len(selected)}"
 
     def accept_replies(self, round_num: int, selected: list[int], replies: list[Message],
-                       global_d: dict[str, torch.Tensor]) -> tuple[list, list, list[int]]:
+                       global_d: dict[str, torch.Tensor], sent: dict[str, int]) -> tuple[list, list, list[int]]:
         """Validate each reply, record its spend, and keep the valid updates, with their sites' public
-        record counts (the weights of --aggregation weighted)."""
+        record counts (the weights of --aggregation weighted). ``sent``: message id -> node of the round's messages."""
         global_g = generator_arrays(self.gan).to_torch_state_dict()
         valid: list[tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor] | None, Message]] = []
         answered = set()
-        for reply in sorted(replies, key=lambda r: self.site_id(r.metadata.src_node_id)):  # arrival order varies
-            node = reply.metadata.src_node_id
+        nodes = {id(r): answering_node(r, sent) for r in replies}
+        for reply in sorted((r for r in replies if nodes[id(r)] in selected),  # arrival order varies
+                            key=lambda r: self.site_id(nodes[id(r)])):
+            node = nodes[id(reply)]
             answered.add(node)
             site = self.site_id(node)
             if reply.has_error():
@@ -398,8 +401,12 @@ class FederatedRun:
                 self.ledger.record_event(site, round_num, "recovered",
                                          "the round was in flight at a crash: spent once (reserved before training), "
                                          "recomputed with the same seed and inputs")
-            d_state = reply.content["d"].to_torch_state_dict()
-            g_state = reply.content["g"].to_torch_state_dict() if "g" in reply.content else None
+            try:
+                d_state = reply.content["d"].to_torch_state_dict()
+                g_state = reply.content["g"].to_torch_state_dict() if "g" in reply.content else None
+            except (ValueError, TypeError, KeyError) as exc:  # arrays whose bytes decode to no tensor
+                self.ledger.record_event(site, round_num, "rejected_update", f"weights that do not decode ({exc})")
+                continue
             problem = update_problem(d_state, global_d)
             if not problem and self.cfg.generator_training == "local" and g_state is None:
                 problem = "no generators in the reply of a --generator-training local round"
@@ -453,7 +460,11 @@ class FederatedRun:
         if self.cfg.release_aggregation == "secure":  # the target is the secure sum: one site's plain share must not replace it
             self.ledger.record_event(site, round_num, "rejected_release", "a plain embedding release in a run whose releases are summed securely")
             return False
-        released = reply.content["embedding"].to_torch_state_dict()["sum"]
+        try:
+            released = reply.content["embedding"].to_torch_state_dict()["sum"]
+        except (ValueError, TypeError, KeyError) as exc:
+            self.ledger.record_event(site, round_num, "rejected_release", f"an embedding release that does not decode ({exc})")
+            return False
         expected = (self.features.dim + 1, len(self.class_names))
         if tuple(released.shape) != expected or not torch.isfinite(released).all():
             self.ledger.record_event(site, round_num, "rejected_release", f"embedding release of shape {tuple(released.shape)} (expected {expected}) or non-finite")

@@ -20,8 +20,8 @@ from flwr.serverapp import Grid
 
 from fedpggan.errors import FedPGGANError
 from fedpggan.privacy.secure_sum import check_public_key, seed_commitment, unmasked_sum
-from fedpggan.wire import (key_list_record, masked_vector, revealed_seed, seed_commitment_of, share_made_for, site_error,
-                           verified_signers)
+from fedpggan.wire import (answering_node, destinations, key_list_record, masked_vector, revealed_seed, seed_commitment_of,
+                           share_made_for, site_error, verified_signers)
 
 REVEAL_TRIES = 3  # asking a site again for the same seed is safe: a failed reveal is retried
 T = TypeVar("T")
@@ -136,8 +136,12 @@ def ask(grid: Grid, nodes: dict[int, str], message_type: str, content: RecordDic
     silent or sends what ``read`` cannot take is added to ``failed`` with the reason."""
     messages = [Message(content, dst_node_id=n, message_type=message_type, ttl=timeout) for n in nodes]  # never taken up late
     answers: dict[int, T] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    sent = destinations(messages)
+    for reply in replies:
+        node = answering_node(reply, sent)
+        if node not in nodes:  # no message of this step went there: nothing to take from it
+            continue
         if reply.has_error():
             failed[nodes[node]] = site_error(reply)
             continue

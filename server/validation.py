@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 # An update that moves D by more than this multiple of D's own norm is not a few DP-SGD
 # steps from the global model: it is broken or hostile. Local steps with Adam at the
@@ -22,17 +23,26 @@ MAX_UPDATE_VS_MEDIAN = 10.0
 SPEND_FIELDS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps")
 
 
+# Every record a train reply may carry, and its kind (fedpggan/wire.py); anything else is read nowhere.
+REPLY_RECORDS = {"status": ConfigRecord, "privacy": MetricRecord, "d": ArrayRecord, "g": ArrayRecord, "embedding": ArrayRecord}
+OPTIONAL_SPEND_FIELDS = ("total_steps", "budget_epsilon")  # sent by every site since they exist; numbers when present
+
+
 def reply_problem(content: Any, dp: bool) -> str | None:
     """None if a train reply carries every record and field the server reads, else the reason
     (a site on another version, or a broken one: the round goes on without it)."""
     for name in ("status", "privacy", "d"):
         if name not in content:
             return f"the reply lacks its '{name}' record"
+    for name, kind in REPLY_RECORDS.items():
+        if name in content and not isinstance(content[name], kind):
+            return f"its '{name}' record is a {type(content[name]).__name__} (expected {kind.__name__})"
     status = content["status"].get("status")
     if status not in ("trained", "exhausted"):
         return f"status {status!r} is neither 'trained' nor 'exhausted'"
     privacy = content["privacy"]
-    for name in SPEND_FIELDS if dp else ("steps",):
+    required = SPEND_FIELDS if dp else ("steps",)
+    for name in (*required, *(f for f in OPTIONAL_SPEND_FIELDS if f in privacy)):
         value = privacy.get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
             return f"privacy field '{name}' = {value!r} is not a finite number >= 0"

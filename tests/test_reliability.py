@@ -779,6 +779,35 @@ def test_a_reply_missing_a_record_or_with_a_non_finite_spend_is_unreadable_not_a
     no_dp = RecordDict({"d": ArrayRecord({"w": torch.zeros(2)}), "status": ConfigRecord({"status": "trained"}),
                         "privacy": MetricRecord({"steps": 8})})
     assert reply_problem(no_dp, dp=False) is None and "'epsilon'" in reply_problem(no_dp, dp=True)
+    # a hostile or broken site: records of the wrong kind, an unreadable step total (read to find unrecorded spend)
+    wrong_kind = RecordDict({**{k: v for k, v in reply().items()}, "d": ConfigRecord({"w": 1})})
+    assert reply_problem(wrong_kind, dp=True) == "its 'd' record is a ConfigRecord (expected ArrayRecord)"
+    assert "'total_steps' = nan" in reply_problem(reply(total_steps=math.nan), dp=True)
+
+
+def test_an_error_the_superlink_makes_for_a_lost_site_is_that_sites_failed_round_not_a_crash(tmp_path):
+    """A SuperNode gone offline, or a message past its time to live: the SuperLink answers with its own node id
+    (1) as the source; the reply is matched to the site by the message it replies to."""
+    from types import SimpleNamespace
+
+    from fedpggan.privacy.ledger import PrivacyLedger
+    from pggan_model import PGGAN, ModelShape
+    from server.federated_run import FederatedRun
+
+    run = FederatedRun.__new__(FederatedRun)
+    run.cfg = tiny_config(tmp_path, clients=2)
+    run.sites = {7: {"site-id": "a"}, 8: {"site-id": "b"}}
+    run.gan = PGGAN(ModelShape(28, 1, 2, latent_dim=8, g_width=8, d_width=8))
+    run.ledger = PrivacyLedger("run", True, {}, "mechanism", {})
+    for site in "ab":
+        run.ledger.register_site(site, public_num_records=10)
+    lost = SimpleNamespace(metadata=SimpleNamespace(src_node_id=1, reply_to_message_id="m7"), has_error=lambda: True,
+                           error=SimpleNamespace(reason="<class 'Exception'>:<'node 7 is unavailable'>"))
+    global_d = run.gan.d.state_dict()
+    assert run.accept_replies(3, [7, 8], [lost], global_d, {"m7": 7, "m8": 8}) == ([], [], [])
+    assert [(e["round"], e["event"]) for e in run.ledger.site("a")["events"]] == [(3, "failed")]
+    assert "node 7 is unavailable" in run.ledger.site("a")["events"][0]["reason"]
+    assert [(e["round"], e["event"]) for e in run.ledger.site("b")["events"]] == [(3, "no_reply")]
 
 
 def test_a_sites_epsilon_in_the_ledger_never_falls():

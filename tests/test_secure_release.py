@@ -217,8 +217,10 @@ class ProtocolSites:
     def reply(self, node, content=None, error=None):
         from types import SimpleNamespace
 
-        return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: error is not None,
-                               error=SimpleNamespace(reason=error), content=content)
+        # the SuperLink answers itself, as node 1, for a node it lost (offline, or the message's time to live ran out)
+        source = 1 if error is not None and error.startswith("superlink:") else node
+        return SimpleNamespace(metadata=SimpleNamespace(src_node_id=source, reply_to_message_id=f"m{node}"),
+                               has_error=lambda: error is not None, error=SimpleNamespace(reason=error), content=content)
 
     def answer(self, step: str, node: int, content):
         from types import SimpleNamespace
@@ -257,13 +259,20 @@ class ProtocolSites:
 
 
 def run_protocol(monkeypatch, sites: ProtocolSites, needed: int = 2):
+    from types import SimpleNamespace
+
     from flwr.app import ConfigRecord
 
     import server.secure_release
     from server.secure_release import secure_sum
 
-    # outside a Flower run a Message cannot be built: the fake grid reads (node, type, content)
-    monkeypatch.setattr(server.secure_release, "Message", lambda content, dst_node_id, message_type, **_: (dst_node_id, message_type, content))
+    class Sent(tuple):  # outside a Flower run a Message cannot be built: the fake grid reads (node, type, content)
+        def __new__(cls, content, dst_node_id, message_type, **_):
+            sent = super().__new__(cls, (dst_node_id, message_type, content))
+            sent.metadata = SimpleNamespace(dst_node_id=dst_node_id, message_id=f"m{dst_node_id}")  # as a grid's push sets it
+            return sent
+
+    monkeypatch.setattr(server.secure_release, "Message", Sent)
     nodes = {11: "hospital-a", 12: "hospital-b", 13: "hospital-c", 14: "hospital-d"}
     return secure_sum(sites, nodes, ConfigRecord({}), (5, 2), needed, 30)
 
@@ -281,6 +290,14 @@ def test_sites_that_fail_the_secure_release_are_left_out_and_the_rest_sum_again(
                                "hospital-b": ("cap exceeded: raise it. " * 20)[:300]}  # the site's words, not Flower's wrapper
     assert torch.allclose(result.pooled, shares[11] + shares[13], atol=2 * 2.0**-FRACTION_BITS, rtol=0)
     assert set(run_protocol(monkeypatch, ProtocolSites(shares, {})).sites) == {f"hospital-{c}" for c in "abcd"}
+
+
+def test_a_site_the_superlink_lost_is_left_out_by_the_reply_it_answers_not_its_source(monkeypatch):
+    shares = {n: torch.ones(5, 2, dtype=torch.float64) for n in (11, 12, 13, 14)}
+    sites = ProtocolSites(shares, {("masked", 1): (12, "superlink: the node is unavailable")})
+    result = run_protocol(monkeypatch, sites)
+    assert result.left_out == {"hospital-b": "superlink: the node is unavailable"}
+    assert result.sites == ["hospital-a", "hospital-c", "hospital-d"]
 
 
 def test_a_site_with_a_malformed_vector_is_left_out_not_the_run_stopped(monkeypatch):
