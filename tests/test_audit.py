@@ -499,12 +499,19 @@ def test_a_round_failed_after_the_last_report_counts_the_site_at_its_budget():
     site, facts = federated_site([1], [{"round": 2, "event": "no_reply", "reason": "timeout"}])
     facts = RunFacts("federated", facts.config, "completed", facts.num_records, end_round=2)
     assert any("counts the site at its budget" in n for n in check_rounds(site, facts)[1])
-    # a later report that a resume moved out of the rounds (its claim kept in the event) or an excluded reply's
-    # reported epsilon covers the lost round: no bound then
-    for later in ({"event": "spent_before_resume", "epsilon": 2.0, "steps": 2}, {"event": "excluded", "reported_epsilon": 2.0}):
-        entry = {"epsilon": 2.0, "budget_epsilon": 4.0, "rounds": [{"round": 1}],
-                 "events": [{"round": 2, "event": "no_reply"}, {"round": 3, **later}]}
-        assert unreported_round(entry) is None and epsilon_bound(entry) == 2.0
+    # a later report that a resume moved out of the rounds (its claim kept in the event) covers a round lost before
+    # that resume: no bound then
+    entry = {"epsilon": 2.0, "budget_epsilon": 4.0, "rounds": [{"round": 1}],
+             "events": [{"round": 2, "event": "no_reply", "before_resume": "t"},
+                        {"round": 3, "event": "spent_before_resume", "epsilon": 2.0, "steps": 2, "before_resume": "t"}]}
+    assert unreported_round(entry) is None and epsilon_bound(entry) == 2.0
+    # but not a round lost after it: round numbers repeat, and the redone round 2 was charged again
+    entry["events"].append({"round": 2, "event": "no_reply"})
+    assert unreported_round(entry) == 2 and epsilon_bound(entry) == 4.0
+    # an excluded reply's own claim covers nothing (its spend did not match the plan): the site is at its budget
+    excluded = {"epsilon": 2.0, "budget_epsilon": 4.0, "rounds": [{"round": 1}],
+                "events": [{"round": 2, "event": "no_reply"}, {"round": 3, "event": "excluded", "reported_epsilon": 0.5}]}
+    assert unreported_round(excluded) == 3 and epsilon_bound(excluded) == 4.0
 
 
 def test_a_site_whose_only_round_was_lost_after_its_release_passes_at_its_budget():

@@ -39,19 +39,27 @@ def spent_outside_rounds(event: dict[str, Any]) -> bool:
 
 
 def unreported_round(entry: dict[str, Any]) -> int | None:
-    """The round of a site's failed or unanswered round after its last reported one, if any.
+    """The round of a site's failed, unanswered or excluded round that no later report covers, if any.
 
     A site reserves a round's spend before it touches its data, so a round whose reply never came
     back may have been spent; a later reply's cumulative epsilon covers it, but when none follows,
-    the site's recorded epsilon is too low by up to that round."""
+    the site's recorded epsilon is too low by up to that round. An excluded reply's own claim is no
+    report: its spend did not match the plan, so it may understate what the site spent. Round numbers
+    repeat after a resume: a report recorded before a resume (a ``spent_before_resume`` event) covers
+    only failures from before it (marked ``before_resume``), never one in a round redone since."""
     rounds, events = (x if isinstance(x := entry.get(key), list) else [] for key in ("rounds", "events"))
-    # a report: a recorded round, a round recorded before a resume (its claim kept in the event), an excluded reply's
-    reports = [*rounds, *(e for e in events if isinstance(e, dict) and (
-        (e.get("event") == SPENT_BEFORE_RESUME and e.get("epsilon") is not None)
-        or (e.get("event") == "excluded" and e.get("reported_epsilon") is not None)))]
-    last = max((n for r in reports if isinstance(r, dict) and (n := _round_number(r)) is not None), default=0)
-    pending = [n for e in events if isinstance(e, dict) and e.get("event") in ("failed", "no_reply")
-               and (n := _round_number(e)) is not None and n > last]
+    recorded = [n for r in rounds if isinstance(r, dict) and (n := _round_number(r)) is not None]
+    before_resume = [n for e in events if isinstance(e, dict) and e.get("event") == SPENT_BEFORE_RESUME
+                     and e.get("epsilon") is not None and (n := _round_number(e)) is not None]
+    pending = []
+    for e in events:
+        if not isinstance(e, dict) or e.get("event") not in ("failed", "no_reply", "excluded"):
+            continue
+        if (n := _round_number(e)) is None:
+            continue
+        covering = recorded + (before_resume if e.get("before_resume") else [])
+        if not any(m > n for m in covering):
+            pending.append(n)
     return max(pending, default=None)
 
 
@@ -189,5 +197,6 @@ class PrivacyLedger:
         unreported = {site: n for site, s in self.data["sites"].items() if (n := unreported_round(s)) is not None}
         if unreported and self.data["dp"]:
             self.data["guarantee"]["counted_at_budget"] = {
-                "sites": unreported, "why": "each listed site's round (the value) failed or went unanswered after its last "
-                                            "reported round and may have been spent: the site is counted at its budget"}
+                "sites": unreported, "why": "each listed site's round (the value) failed, went unanswered or was excluded "
+                                            "after its last reported round and may have been spent: the site is counted at "
+                                            "its budget"}
