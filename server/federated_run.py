@@ -41,7 +41,7 @@ from pggan_model import CASES, GeneratorTrainer, generator_step_summary, load_ch
 from pggan_model.mean_embedding import class_means, release_noise_ratio, vouched_classes
 from server.aggregation import aggregate, aggregation_assumption
 from server.secure_release import SecureSum, secure_sum
-from server.validation import outlier_problems, reply_problem, update_norm, update_problem
+from server.validation import release_problem, outlier_problems, reply_problem, update_norm, update_problem
 
 # Rounds in a row with fewer than --min-clients valid replies before the run stops.
 MAX_FAILED_ROUNDS = 3
@@ -468,6 +468,11 @@ class FederatedRun:
         expected = (self.features.dim + 1, len(self.class_names))
         if tuple(released.shape) != expected or not torch.isfinite(released).all():
             self.ledger.record_event(site, round_num, "rejected_release", f"embedding release of shape {tuple(released.shape)} (expected {expected}) or non-finite")
+            return False
+        problem = release_problem(released.double(), int(self.run_info["sites"][site]), self.release_sigma(site),
+                                  self.cfg.embedding_count_share)
+        if problem:  # one site's release would otherwise set the target of every class
+            self.ledger.record_event(site, round_num, "rejected_release", problem)
             return False
         self.releases[site] = released.double()
         return True

@@ -86,3 +86,28 @@ def outlier_problems(norms: list[float], factor: float = MAX_UPDATE_VS_MEDIAN) -
     median = sorted(norms)[len(norms) // 2]
     return [f"update norm {n:.3g} exceeds {factor}x the round's median update norm {median:.3g}"
             if n > factor * median else None for n in norms]
+
+
+# How many noise standard deviations a release may lie from what its site's public record count allows: an honest
+# release passes all but with probability ~1e-9, and a scaled one (a site taking over the embedding target) does not.
+RELEASE_NOISE_SLACK = 6.0
+
+
+def release_problem(released: torch.Tensor, num_records: int, sigma: float, count_share: float) -> str | None:
+    """None if a site's embedding release is one its public record count allows, else the reason.
+
+    Each record adds a vector of norm exactly 1 ([a phi, b] in its class's column, a^2 + b^2 = 1), and the
+    release adds Gaussian noise of std ``sigma`` per entry: so the sum's norm is at most n plus the noise's,
+    and its count row adds up to b n plus noise (pggan_model/mean_embedding.py)."""
+    noise_norm = sigma * (math.sqrt(released.numel()) + RELEASE_NOISE_SLACK)
+    norm = float(released.norm())
+    if norm > num_records + noise_norm + 1e-6 * num_records:
+        return (f"embedding release of norm {norm:.4g}, above what {num_records} records of norm 1 and the release's "
+                f"noise allow ({num_records + noise_norm:.4g})")
+    b = math.sqrt(count_share)
+    counted = float(released[-1].sum())
+    allowed = RELEASE_NOISE_SLACK * sigma * math.sqrt(released.shape[1]) + 1e-6 * num_records
+    if abs(counted - b * num_records) > allowed:
+        return (f"embedding release counting {counted / b:.4g} records, not the {num_records} the site declared "
+                f"(beyond {RELEASE_NOISE_SLACK:g} noise standard deviations)")
+    return None

@@ -1153,3 +1153,25 @@ def test_the_soak_refuses_to_replace_todays_results_before_it_trains(tmp_path, c
         soak.main(["--sites", "5", "--rounds", "6", "--work", str(tmp_path / "work"), "--results", str(tmp_path)])
     assert stopped.value.code == 2 and f"{stem}.md: already exists" in capsys.readouterr().err
     assert stem.with_suffix(".md").read_text() == "today's soak" and not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("sigma", [0.0, 25.0])
+def test_a_release_its_sites_record_count_does_not_allow_is_rejected(sigma):
+    """One site's release sets every class's target unless it is bounded: an honest one (norm-1 records plus noise)
+    passes, one scaled up or counting other records than the site declared does not."""
+    from fedpggan.data import open_dataset
+    from fedpggan.privacy.feature_release import features_for, release_sum
+    from fedpggan.privacy.noise import SeededNoise
+    from server.validation import release_problem
+
+    data = open_dataset("phantom", "train").subset(np.arange(200))
+    features = features_for((1, 28, 28), 500, seed=0)
+    honest = release_sum(features, data.images, data.labels, 2, 0.1, sigma or None, SeededNoise(0)).double()
+    assert release_problem(honest, 200, sigma, 0.1) is None
+    assert "above what 200 records of norm 1" in release_problem(honest * 3, 200, sigma, 0.1)
+    if not sigma:  # 200 records, 100 declared: without noise that shows (under noise this large it need not)
+        assert "above what 100 records of norm 1" in release_problem(honest, 100, sigma, 0.1)
+    miscounted = honest.clone()
+    miscounted[-1] += 1000 * math.sqrt(0.1)  # 1000 records more per class than the site holds: every mean shrinks
+    refused = release_problem(miscounted, 200, sigma, 0.1)
+    assert "not the 200 the site declared" in refused if sigma else "above what 200 records" in refused
