@@ -41,7 +41,7 @@ from pggan_model import CASES, GeneratorTrainer, generator_step_summary, load_ch
 from pggan_model.mean_embedding import class_means, release_noise_ratio, vouched_classes
 from server.aggregation import aggregate, aggregation_assumption
 from server.secure_release import SecureSum, secure_sum
-from server.validation import release_problem, outlier_problems, reply_problem, update_norm, update_problem
+from server.validation import release_problem, site_facts_problem, outlier_problems, reply_problem, update_norm, update_problem
 
 # Rounds in a row with fewer than --min-clients valid replies before the run stops.
 MAX_FAILED_ROUNDS = 3
@@ -131,6 +131,11 @@ class FederatedRun:
         for reply in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
             if reply.has_error():
                 failures.append(f"node {reply.metadata.src_node_id}: {site_error(reply, 160)}")
+                print(f"warning: {failures[-1]}")
+                continue
+            problem = site_facts_problem(reply.content)
+            if problem:  # a broken or hostile site: left out of the run, named
+                failures.append(f"node {reply.metadata.src_node_id}: {problem}")
                 print(f"warning: {failures[-1]}")
                 continue
             sites[reply.metadata.src_node_id] = dict(reply.content["site"])

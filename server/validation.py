@@ -111,3 +111,22 @@ def release_problem(released: torch.Tensor, num_records: int, sigma: float, coun
         return (f"embedding release counting {counted / b:.4g} records, not the {num_records} the site declared "
                 f"(beyond {RELEASE_NOISE_SLACK:g} noise standard deviations)")
     return None
+
+
+def site_facts_problem(content: Any) -> str | None:
+    """None if a site's answer to the server's query holds the public facts the run is built from, else the
+    reason: a broken or hostile site must not crash the server before round 1 (and again at every resume)."""
+    facts = content.get("site") if hasattr(content, "get") else None
+    if not isinstance(facts, ConfigRecord):
+        return "its answer holds no 'site' record"
+    expected = {"site-id": str, "num-records": int, "image-size": int, "channels": int, "class-names": list}
+    for key, kind in expected.items():
+        value = facts.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return f"'{key}' = {value!r} is not a {kind.__name__}"
+    if facts["num-records"] < 1 or facts["image-size"] < 1 or facts["channels"] not in (1, 3):
+        return (f"{facts['num-records']} records of {facts['image-size']} px and {facts['channels']} channel(s) "
+                "is no data set")
+    if len(facts["class-names"]) < 1 or not all(isinstance(c, str) for c in facts["class-names"]):
+        return "'class-names' is not a list of names"
+    return None

@@ -998,7 +998,10 @@ def discovered(tmp_path, monkeypatch, facts: dict[int, dict], **options):
 
     sent = []
     monkeypatch.setattr(server.federated_run, "Message", lambda content, **kw: sent.append(kw) or kw["dst_node_id"])
-    replies = [SimpleNamespace(metadata=SimpleNamespace(src_node_id=n), has_error=lambda: False, content={"site": f})
+    from flwr.app import ConfigRecord, RecordDict
+
+    replies = [SimpleNamespace(metadata=SimpleNamespace(src_node_id=n), has_error=lambda: False,
+                               content=RecordDict({"site": ConfigRecord(f)}) if isinstance(f, dict) else f)
                for n, f in facts.items()]
     run = FederatedRun.__new__(FederatedRun)
     run.cfg = tiny_config(tmp_path, **options)
@@ -1008,6 +1011,17 @@ def discovered(tmp_path, monkeypatch, facts: dict[int, dict], **options):
 
 def site_facts(site_id: str, records: int = 50, size: int = 28) -> dict:
     return {"site-id": site_id, "num-records": records, "image-size": size, "channels": 1, "class-names": ["a", "b"]}
+
+
+def test_a_site_describing_no_data_set_is_left_out_not_a_crash(tmp_path, monkeypatch, capsys):
+    from flwr.app import RecordDict
+
+    broken = {8: site_facts("B", records=0), 9: RecordDict({}), 10: {**site_facts("D"), "class-names": "a,b"}}
+    sites, _ = discovered(tmp_path, monkeypatch, {7: site_facts("A"), **broken}, clients=4, round_timeout=5.0)
+    assert sorted(sites) == [7]
+    printed = capsys.readouterr().out
+    assert "node 8: 0 records of 28 px and 1 channel(s) is no data set" in printed
+    assert "node 9: its answer holds no 'site' record" in printed and "node 10: 'class-names' = 'a,b' is not a list" in printed
 
 
 def test_sites_are_refused_before_any_spend_when_no_round_could_use_them(tmp_path, monkeypatch):
