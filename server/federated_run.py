@@ -25,7 +25,7 @@ from fedpggan.build import build_gan, derived_seed, pick_device, prior_tensor, s
 from fedpggan.config import AUTO_G_STEPS_MAX_NOISE, RunConfig, replies_needed, sites_per_round
 from fedpggan.data.sources import run_dataset_name
 from fedpggan.errors import FedPGGANError
-from fedpggan.io import atomic_write_bytes
+from fedpggan.io import atomic_write_bytes, sha256_bytes
 from fedpggan.plots import save_curves, save_sample_grid
 from fedpggan.privacy import epsilon_of
 from fedpggan.privacy.dp_discriminator import mechanism_name
@@ -238,6 +238,10 @@ class FederatedRun:
         (PrivacyLedger.resume_after; a site given the same inputs replays its reply without a new charge)."""
         self.run_info = self.folder.read_run()
         refuse_completed(self.folder.root, self.run_info)
+        for key, kind in (("run_id", str), ("sites", dict)):  # what the resumed rounds read from it
+            if not isinstance(self.run_info.get(key), kind):
+                raise FedPGGANError(f"{self.folder.run_json}: has no '{key}' {kind.__name__}; restore run.json from a backup "
+                                    "of the run folder")
         recorded = self.folder.read_verified_ledger(self.run_info, "a resume")  # never build on a lost spend record
         path, entry = self.folder.latest_checkpoint()
         payload = load_checkpoint(path, self.gan)
@@ -514,21 +518,30 @@ class FederatedRun:
         server never sees a single site's share. Made once before round 1; a resumed run reuses it.
         Sites that fail are left out and the rest start again, down to --min-clients sites."""
         info = self.run_info.setdefault("secure_release", {})
-        if not self.folder.secure_release.exists():  # a new run (a resumable one has a checkpoint, made after the sum)
+        path = self.folder.secure_release
+        if not path.exists() and "sites" in info:  # the sites revealed their seeds once: the sum cannot be made again
+            raise FedPGGANError(f"{path}: missing, but this run made its secure sum (run.json); restore the file from a "
+                                "backup of the run folder, or start a new run")
+        if not path.exists():  # a new run (a resumable one has a checkpoint, made after the sum)
             config = ConfigRecord({**self.cfg.to_flower(), "run-id": self.run_id,
                                    "site-state-root": str((self.folder.root / "sites").resolve())})
             needed = replies_needed(self.cfg.min_clients, len(self.sites))  # a sum of one share still carries sigma
             result = secure_sum(self.grid, {n: self.site_id(n) for n in self.sites}, config,
                                 (self.features.dim + 1, len(self.class_names)), needed, self.cfg.round_timeout)
-            info.update(sites=result.sites, share_made_for=result.made_for, left_out=result.left_out)
-            self.record_secure_sum(result)
-            self.folder.write_run(self.run_info)
             buffer = io.BytesIO()
             torch.save(result.pooled, buffer)
-            atomic_write_bytes(self.folder.secure_release, buffer.getvalue())
+            info.update(sites=result.sites, share_made_for=result.made_for, left_out=result.left_out,
+                        sha256=sha256_bytes(buffer.getvalue()))
+            self.record_secure_sum(result)
+            atomic_write_bytes(path, buffer.getvalue())  # before run.json names it: a resume then finds it
+            self.folder.write_run(self.run_info)
             pooled = result.pooled
         else:
-            pooled = torch.load(self.folder.secure_release, weights_only=True)
+            raw = path.read_bytes()
+            if info.get("sha256") not in (None, sha256_bytes(raw)):  # None: a run from before the hash was kept
+                raise FedPGGANError(f"{path}: not the secure sum this run made (its SHA-256 differs from run.json's); "
+                                    "restore the file from a backup of the run folder")
+            pooled = torch.load(io.BytesIO(raw), weights_only=True)
         sites = info["sites"]  # each share carries sigma^2 / len(sites) of its site's release noise
         self.use_release(pooled, sum(self.release_sigma(s) ** 2 for s in sites) / len(sites), len(sites))
 

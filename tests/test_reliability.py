@@ -1189,3 +1189,18 @@ def test_a_release_its_sites_record_count_does_not_allow_is_rejected(sigma):
     miscounted[-1] += 1000 * math.sqrt(0.1)  # 1000 records more per class than the site holds: every mean shrinks
     refused = release_problem(miscounted, 200, sigma, 0.1)
     assert "not the 200 the site declared" in refused if sigma else "above what 200 records" in refused
+
+
+def test_a_resume_refuses_a_missing_or_swapped_secure_sum(tmp_path):
+    """The sites revealed their seeds once: the sum cannot be made again, and another file would change the target."""
+    from fedpggan.runs import RunFolder
+    from server.federated_run import FederatedRun
+
+    run = FederatedRun.__new__(FederatedRun)
+    run.folder = RunFolder(tmp_path)
+    run.run_info = {"secure_release": {"sites": ["a", "b"], "sha256": "0" * 64}}
+    with pytest.raises(FedPGGANError, match="secure_release_sum.pt: missing, but this run made its secure sum"):
+        run.secure_release()
+    torch.save(torch.zeros(3, 2), run.folder.secure_release)
+    with pytest.raises(FedPGGANError, match="not the secure sum this run made"):
+        run.secure_release()
