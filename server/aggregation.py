@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from server.validation import ROBUST_MIN_UPDATES
+
 AGGREGATIONS = ("fedavg", "weighted", "median", "trimmed-mean")
 TRIM_FRACTION = 0.2  # trimmed-mean drops this share of values at each end (at least one of 3+)
 
@@ -51,7 +53,7 @@ def aggregate(states: list[dict[str, torch.Tensor]], rule: str = "fedavg",
         elif rule == "median":
             value = stacked.median(0).values if len(states) % 2 else stacked.quantile(0.5, dim=0)
         elif rule == "trimmed-mean":
-            k = max(1, int(TRIM_FRACTION * len(states))) if len(states) >= 3 else 0
+            k = max(1, int(TRIM_FRACTION * len(states))) if len(states) >= ROBUST_MIN_UPDATES else 0
             value = stacked.sort(0).values[k : len(states) - k].mean(0)
         else:
             raise ValueError(f"unknown aggregation {rule!r}; choose one of {AGGREGATIONS}")

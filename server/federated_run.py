@@ -41,7 +41,7 @@ from pggan_model import CASES, GeneratorTrainer, generator_step_summary, load_ch
 from pggan_model.mean_embedding import class_means, release_noise_ratio, vouched_classes
 from server.aggregation import aggregate, aggregation_assumption
 from server.secure_release import SecureSum, secure_sum
-from server.validation import release_problem, site_facts_problem, outlier_problems, reply_problem, update_norm, update_problem
+from server.validation import ROBUST_MIN_UPDATES, release_problem, site_facts_problem, outlier_problems, reply_problem, update_norm, update_problem
 
 # Rounds in a row with fewer than --min-clients valid replies before the run stops.
 MAX_FAILED_ROUNDS = 3
@@ -203,6 +203,10 @@ class FederatedRun:
                   "takes all of them (no sampling amplification), so their discriminators are far noisier than the others'"
                   + ("" if cfg.aggregation == "weighted" else
                      f"; --aggregation {cfg.aggregation} gives them a full site's say (--aggregation weighted counts each site by its size)"))
+        if (per_round := sites_per_round(cfg.fraction, len(self.sites))) < ROBUST_MIN_UPDATES:
+            print(f"warning: {per_round} site(s) per round: with fewer than {ROBUST_MIN_UPDATES} updates a round, "
+                  f"--aggregation median and trimmed-mean are the mean and the 10x-median check is off, so nothing bounds a "
+                  "hostile update below 2x the model's norm")
         return 1
 
     def release_record(self, num_records: int, share_made_for: int, sites: int) -> dict[str, Any]:

@@ -17,6 +17,7 @@ MAX_RELATIVE_UPDATE = 2.0
 # rate and clipping, so honest norms agree within a small factor): a scaled, model-replacement
 # style update. Needs three or more updates for the median to be trustworthy.
 MAX_UPDATE_VS_MEDIAN = 10.0
+ROBUST_MIN_UPDATES = 3  # below it the median check is off, and median / trimmed mean are the plain mean
 
 
 # What every train reply's privacy record holds: with DP the whole spend, without DP the steps.
@@ -81,7 +82,7 @@ def update_norm(update: dict[str, torch.Tensor], reference: dict[str, torch.Tens
 
 def outlier_problems(norms: list[float], factor: float = MAX_UPDATE_VS_MEDIAN) -> list[str | None]:
     """For each of a round's update norms: None, or why it is far longer than the round's median."""
-    if len(norms) < 3:
+    if len(norms) < ROBUST_MIN_UPDATES:
         return [None] * len(norms)
     median = sorted(norms)[len(norms) // 2]
     return [f"update norm {n:.3g} exceeds {factor}x the round's median update norm {median:.3g}"
