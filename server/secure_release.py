@@ -41,6 +41,7 @@ def secure_sum(grid: Grid, nodes: dict[int, str], config: ConfigRecord, shape: t
     """Run the protocol with ``nodes`` (node id -> site id). Nothing is unmasked unless every
     site of an attempt sent its vector and its seed."""
     left_out: dict[str, str] = {}
+    first_list: dict[int, int] = {}  # node -> the size of the first key list the server sent it (what its share is made for)
     while True:
         enough(nodes, needed, left_out)
         keys = ask(grid, nodes, "query.release_keys", RecordDict({"config": config}), read_key, left_out, timeout)
@@ -49,16 +50,22 @@ def secure_sum(grid: Grid, nodes: dict[int, str], config: ConfigRecord, shape: t
         enough(nodes, needed, left_out)
         order = sorted(nodes)
         content = RecordDict({"config": config, "keys": key_list_record([keys[n] for n in order])})
+        for n in order:
+            first_list.setdefault(n, len(order))
         vectors = ask(grid, nodes, "query.release_masked", content, functools.partial(read_vector, size=math.prod(shape)),
                       left_out, timeout)
+        for n in [n for n in vectors if vectors[n].made_for != first_list[n]]:  # before anyone reveals
+            left_out[nodes[n]] = (f"says its share was made for {vectors[n].made_for} sites, but the first key list it "
+                                  f"was sent had {first_list[n]}: its noise would be misstated")
+            del vectors[n]
         if len(vectors) == len(order):
             break
         # This attempt's vectors hold masks towards the failed sites: start again without them.
         nodes = {n: s for n, s in nodes.items() if n in vectors}
     seeds = reveal(grid, nodes, content, {n: vectors[n].commitment for n in order}, timeout)
     pooled = unmasked_sum([vectors[n].masked for n in order], [seeds[n] for n in order], shape)
-    # The site's own word for the N its share was made for (the first key list it saw); this sum's size is the floor.
-    made_for = {nodes[n]: max(vectors[n].made_for, len(order)) for n in order}
+    # The N each share was made for: the first key list the server sent that site (the site's word was checked against it)
+    made_for = {nodes[n]: first_list[n] for n in order}
     return SecureSum(pooled, sorted(nodes.values()), made_for, left_out, {nodes[n]: vectors[n].signers for n in order})
 
 

@@ -300,6 +300,18 @@ def test_a_site_the_superlink_lost_is_left_out_by_the_reply_it_answers_not_its_s
     assert result.sites == ["hospital-a", "hospital-c", "hospital-d"]
 
 
+def test_a_site_misstating_the_sum_its_share_was_made_for_is_left_out_before_anyone_reveals(monkeypatch):
+    """The ledger's worst case for a site rests on the N its share was made for: the server's own record of the
+    first key list it sent, never the site's word (10 000 would also stop the accountant after every reveal)."""
+    shares = {n: torch.ones(5, 2, dtype=torch.float64) for n in (11, 12, 13, 14)}
+    sites = ProtocolSites(shares, {})
+    sites.made_for[12] = 10_000
+    result = run_protocol(monkeypatch, sites)
+    assert result.left_out == {"hospital-b": "says its share was made for 10000 sites, but the first key list it was "
+                                             "sent had 4: its noise would be misstated"}
+    assert result.made_for == {"hospital-a": 4, "hospital-c": 4, "hospital-d": 4} and sites.revealed == {11: 2, 13: 2, 14: 2}
+
+
 def test_a_site_with_a_malformed_vector_is_left_out_not_the_run_stopped(monkeypatch):
     shares = {n: torch.ones(5, 2, dtype=torch.float64) for n in (11, 12, 13, 14)}
     sites = ProtocolSites(shares, {})
