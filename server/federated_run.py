@@ -41,7 +41,8 @@ from pggan_model import CASES, GeneratorTrainer, generator_step_summary, load_ch
 from pggan_model.mean_embedding import class_means, release_noise_ratio, vouched_classes
 from server.aggregation import aggregate, aggregation_assumption
 from server.secure_release import SecureSum, secure_sum
-from server.validation import ROBUST_MIN_UPDATES, release_problem, site_facts_problem, outlier_problems, reply_problem, update_norm, update_problem
+from server.validation import (ROBUST_MIN_UPDATES, outlier_problems, release_problem, reply_problem, site_facts_problem,
+                               update_norm, update_problem)
 
 # Rounds in a row with fewer than --min-clients valid replies before the run stops.
 MAX_FAILED_ROUNDS = 3
@@ -369,10 +370,8 @@ class FederatedRun:
         global_g = generator_arrays(self.gan).to_torch_state_dict()
         valid: list[tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor] | None, Message]] = []
         answered = set()
-        nodes = {id(r): answering_node(r, sent) for r in replies}
-        for reply in sorted((r for r in replies if nodes[id(r)] in selected),  # arrival order varies
-                            key=lambda r: self.site_id(nodes[id(r)])):
-            node = nodes[id(reply)]
+        attributed = [(node, r) for r in replies if (node := answering_node(r, sent)) in selected]
+        for node, reply in sorted(attributed, key=lambda nr: self.site_id(nr[0])):  # arrival order varies
             answered.add(node)
             site = self.site_id(node)
             if reply.has_error():
@@ -536,8 +535,8 @@ class FederatedRun:
             torch.save(result.pooled, buffer)
             info.update(sites=result.sites, share_made_for=result.made_for, left_out=result.left_out,
                         sha256=sha256_bytes(buffer.getvalue()))
-            self.record_secure_sum(result)
-            atomic_write_bytes(path, buffer.getvalue())  # before run.json names it: a resume then finds it
+            self.record_secure_sum(result)  # the ledger first (privacy first): a kill before the file is written
+            atomic_write_bytes(path, buffer.getvalue())  # leaves a run whose resume says to start a new one
             self.folder.write_run(self.run_info)
             pooled = result.pooled
         else:
