@@ -129,17 +129,16 @@ class FederatedRun:
         messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type="query", ttl=self.cfg.round_timeout)
                     for n in nodes]
         sites, failures = {}, []
-        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
-            if reply.has_error():
-                failures.append(f"node {reply.metadata.src_node_id}: {site_error(reply, 160)}")
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+        sent = destinations(messages)
+        for reply in replies:
+            node = answering_node(reply, sent)
+            problem = site_error(reply, 160) if reply.has_error() else site_facts_problem(reply.content)
+            if problem:  # a failed, broken or hostile site: left out of the run, named
+                failures.append(f"node {node}: {problem}")
                 print(f"warning: {failures[-1]}")
                 continue
-            problem = site_facts_problem(reply.content)
-            if problem:  # a broken or hostile site: left out of the run, named
-                failures.append(f"node {reply.metadata.src_node_id}: {problem}")
-                print(f"warning: {failures[-1]}")
-                continue
-            sites[reply.metadata.src_node_id] = dict(reply.content["site"])
+            sites[node] = dict(reply.content["site"])
         if not sites:
             first = failures[0] if failures else f"no answer within --round-timeout {self.cfg.round_timeout}s"
             raise FedPGGANError(f"no site could describe its data ({first}); fix what the sites report "
@@ -153,6 +152,9 @@ class FederatedRun:
         shapes: dict[tuple, list[str]] = {}
         for facts in sites.values():
             shapes.setdefault((facts["image-size"], facts["channels"], tuple(facts["class-names"])), []).append(str(facts["site-id"]))
+        if len({bool(f["is-medical"]) for f in sites.values()}) > 1:  # the run's datasheet says one or the other
+            raise FedPGGANError("sites disagree on whether their data are medical (phantom data beside patient data?); "
+                                "give every site data of one kind")
         if len(shapes) > 1:
             kinds = "; ".join(f"{', '.join(sorted(ids))}: {size} px, {channels} channel(s), classes {list(names)}"
                               for (size, channels, names), ids in sorted(shapes.items(), key=lambda kv: sorted(kv[1])))
@@ -416,7 +418,7 @@ class FederatedRun:
             try:
                 d_state = reply.content["d"].to_torch_state_dict()
                 g_state = reply.content["g"].to_torch_state_dict() if "g" in reply.content else None
-            except (ValueError, TypeError, KeyError) as exc:  # arrays whose bytes decode to no tensor
+            except Exception as exc:  # arrays whose bytes decode to no tensor (empty bytes: EOFError), whatever the error
                 self.ledger.record_event(site, round_num, "rejected_update", f"weights that do not decode ({exc})")
                 continue
             problem = update_problem(d_state, global_d)
@@ -474,7 +476,7 @@ class FederatedRun:
             return False
         try:
             released = reply.content["embedding"].to_torch_state_dict()["sum"]
-        except (ValueError, TypeError, KeyError) as exc:
+        except Exception as exc:  # as for the weights: a site's bytes must not stop the server
             self.ledger.record_event(site, round_num, "rejected_release", f"an embedding release that does not decode ({exc})")
             return False
         expected = (self.features.dim + 1, len(self.class_names))
@@ -546,7 +548,13 @@ class FederatedRun:
                                     "restore the file from a backup of the run folder")
             pooled = torch.load(io.BytesIO(raw), weights_only=True)
         sites = info["sites"]  # each share carries sigma^2 / len(sites) of its site's release noise
-        self.use_release(pooled, sum(self.release_sigma(s) ** 2 for s in sites) / len(sites), len(sites))
+        variance = sum(self.release_sigma(s) ** 2 for s in sites) / len(sites)
+        problem = release_problem(pooled.double(), sum(int(self.run_info["sites"][s]) for s in sites), math.sqrt(variance),
+                                  self.cfg.embedding_count_share)
+        if problem:  # a hostile share: the sum cannot say whose, so no target is taken from it
+            raise FedPGGANError(f"secure release: the sum of {len(sites)} sites' shares is not one their records allow "
+                                f"({problem}); a site sent a share its records cannot give: start a new run without it")
+        self.use_release(pooled, variance, len(sites))
 
     def record_secure_sum(self, result: SecureSum) -> None:
         """The ledger states, per site, the sum its share went into (or why it was left out), the

@@ -105,12 +105,20 @@ def release_problem(released: torch.Tensor, num_records: int, sigma: float, coun
     if norm > num_records + noise_norm + 1e-6 * num_records:
         return (f"embedding release of norm {norm:.4g}, above what {num_records} records of norm 1 and the release's "
                 f"noise allow ({num_records + noise_norm:.4g})")
-    b = math.sqrt(count_share)
+    a, b = math.sqrt(1.0 - count_share), math.sqrt(count_share)
     counted = float(released[-1].sum())
     allowed = RELEASE_NOISE_SLACK * sigma * math.sqrt(released.shape[1]) + 1e-6 * num_records
     if abs(counted - b * num_records) > allowed:
         return (f"embedding release counting {counted / b:.4g} records, not the {num_records} the site declared "
                 f"(beyond {RELEASE_NOISE_SLACK:g} noise standard deviations)")
+    # per class: its feature sum holds one unit-norm phi per record it counts, so its norm is at most a/b times its count
+    feature_noise = sigma * (math.sqrt(released.shape[0] - 1) + RELEASE_NOISE_SLACK)
+    count_noise = RELEASE_NOISE_SLACK * sigma
+    for k in range(released.shape[1]):
+        norm_k, count_k = float(released[:-1, k].norm()), float(released[-1, k])
+        if norm_k > (a / b) * (max(count_k, 0.0) + count_noise) + feature_noise + 1e-6 * num_records:
+            return (f"embedding release whose class {k} features (norm {norm_k:.4g}) are more than its count "
+                    f"({count_k / b:.4g} records) allows: one site would set that class's target")
     return None
 
 
@@ -120,10 +128,11 @@ def site_facts_problem(content: Any) -> str | None:
     facts = content.get("site") if hasattr(content, "get") else None
     if not isinstance(facts, ConfigRecord):
         return "its answer holds no 'site' record"
-    expected = {"site-id": str, "num-records": int, "image-size": int, "channels": int, "class-names": list}
+    expected = {"site-id": str, "num-records": int, "image-size": int, "channels": int, "class-names": list,
+                "dataset": str, "is-medical": bool}
     for key, kind in expected.items():
         value = facts.get(key)
-        if isinstance(value, bool) or not isinstance(value, kind):
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
             return f"'{key}' = {value!r} is not a {kind.__name__}"
     if facts["num-records"] < 1 or facts["image-size"] < 1 or facts["channels"] not in (1, 3):
         return (f"{facts['num-records']} records of {facts['image-size']} px and {facts['channels']} channel(s) "

@@ -508,6 +508,18 @@ def test_a_round_failed_after_the_last_report_counts_the_site_at_its_budget():
     # but not a round lost after it: round numbers repeat, and the redone round 2 was charged again
     entry["events"].append({"round": 2, "event": "no_reply"})
     assert unreported_round(entry) == 2 and epsilon_bound(entry) == 4.0
+    # a round recorded after that covers both losses
+    entry["rounds"].append({"round": 3})
+    assert unreported_round(entry) is None
+    # a round lost before a resume is covered by the same round redone since (later in time, though not a later number)
+    redone = {"epsilon": 2.0, "budget_epsilon": 4.0, "rounds": [{"round": 1}, {"round": 5}],
+              "events": [{"round": 5, "event": "no_reply", "before_resume": "t"}]}
+    assert unreported_round(redone) is None
+    # a report of an earlier stretch (another resume's) does not cover a loss of a later one
+    two = {"epsilon": 2.0, "budget_epsilon": 4.0, "rounds": [{"round": 1}],
+           "events": [{"round": 5, "event": "spent_before_resume", "epsilon": 2.0, "before_resume": "first"},
+                      {"round": 4, "event": "no_reply", "before_resume": "second"}]}
+    assert unreported_round(two) == 4
     # an excluded reply's own claim covers nothing (its spend did not match the plan): the site is at its budget
     excluded = {"epsilon": 2.0, "budget_epsilon": 4.0, "rounds": [{"round": 1}],
                 "events": [{"round": 2, "event": "no_reply"}, {"round": 3, "event": "excluded", "reported_epsilon": 0.5}]}

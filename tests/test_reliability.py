@@ -977,7 +977,8 @@ def test_when_no_site_can_describe_itself_the_error_quotes_a_site_not_a_guess(tm
     from server.federated_run import FederatedRun
 
     # outside a Flower run a Message cannot be built; what is sent does not matter here
-    monkeypatch.setattr(server.federated_run, "Message", lambda content, dst_node_id, message_type, **_: dst_node_id)
+    monkeypatch.setattr(server.federated_run, "Message", lambda content, dst_node_id, message_type, **_: SimpleNamespace(
+        metadata=SimpleNamespace(dst_node_id=dst_node_id, message_id=f"m{dst_node_id}")))
     failed = SimpleNamespace(metadata=SimpleNamespace(src_node_id=7), has_error=lambda: True,
                              error=SimpleNamespace(reason="<class 'ray.exceptions.OutOfMemoryError'>:<'worker killed: "
                                                           "the node is low on memory'>"))
@@ -997,7 +998,8 @@ def discovered(tmp_path, monkeypatch, facts: dict[int, dict], **options):
     from server.federated_run import FederatedRun
 
     sent = []
-    monkeypatch.setattr(server.federated_run, "Message", lambda content, **kw: sent.append(kw) or kw["dst_node_id"])
+    monkeypatch.setattr(server.federated_run, "Message", lambda content, **kw: sent.append(kw) or SimpleNamespace(
+        metadata=SimpleNamespace(dst_node_id=kw["dst_node_id"], message_id=f"m{kw['dst_node_id']}")))
     from flwr.app import ConfigRecord, RecordDict
 
     replies = [SimpleNamespace(metadata=SimpleNamespace(src_node_id=n), has_error=lambda: False,
@@ -1010,7 +1012,8 @@ def discovered(tmp_path, monkeypatch, facts: dict[int, dict], **options):
 
 
 def site_facts(site_id: str, records: int = 50, size: int = 28) -> dict:
-    return {"site-id": site_id, "num-records": records, "image-size": size, "channels": 1, "class-names": ["a", "b"]}
+    return {"site-id": site_id, "num-records": records, "image-size": size, "channels": 1, "class-names": ["a", "b"],
+            "dataset": "site data", "is-medical": True}
 
 
 def test_a_site_describing_no_data_set_is_left_out_not_a_crash(tmp_path, monkeypatch, capsys):
@@ -1022,6 +1025,8 @@ def test_a_site_describing_no_data_set_is_left_out_not_a_crash(tmp_path, monkeyp
     printed = capsys.readouterr().out
     assert "node 8: 0 records of 28 px and 1 channel(s) is no data set" in printed
     assert "node 9: its answer holds no 'site' record" in printed and "node 10: 'class-names' = 'a,b' is not a list" in printed
+    with pytest.raises(FedPGGANError, match="sites disagree on whether their data are medical"):
+        discovered(tmp_path, monkeypatch, {7: site_facts("A"), 8: {**site_facts("B"), "is-medical": False}}, clients=2)
 
 
 def test_sites_are_refused_before_any_spend_when_no_round_could_use_them(tmp_path, monkeypatch):
@@ -1189,6 +1194,11 @@ def test_a_release_its_sites_record_count_does_not_allow_is_rejected(sigma):
     miscounted[-1] += 1000 * math.sqrt(0.1)  # 1000 records more per class than the site holds: every mean shrinks
     refused = release_problem(miscounted, 200, sigma, 0.1)
     assert "not the 200 the site declared" in refused if sigma else "above what 200 records" in refused
+    if not sigma:  # every feature in class 0, every count in class 1: class 0's "mean" would be huge (hidden by noise this large)
+        shifted = honest.clone()
+        shifted[:-1, 0], shifted[:-1, 1] = honest[:-1].sum(1), 0.0
+        shifted[-1, 0], shifted[-1, 1] = 0.0, honest[-1].sum()
+        assert "class 0 features" in release_problem(shifted, 200, sigma, 0.1)
 
 
 def test_a_resume_refuses_a_missing_or_swapped_secure_sum(tmp_path):

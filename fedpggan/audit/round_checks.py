@@ -57,8 +57,8 @@ def check_rounds(site: Site, facts: RunFacts) -> tuple[list[Finding], list[str]]
     unrecorded = sorted(int(number(e.get("round")) or 0) for e in site.events if spent_outside_rounds(e))
     trailing = site.unreported_round
     if trailing is not None:
-        notes.append(f"{p}: round {trailing} failed or went unanswered after the site's last report; any spend reserved "
-                     "then is in no claim, so the guarantee counts the site at its budget")
+        notes.append(f"{p}: round {trailing} failed, went unanswered or was excluded after the site's last report; any "
+                     "spend reserved then is in no claim it can be held to, so the guarantee counts the site at its budget")
     elif unrecorded:
         notes.append(f"{p}: round(s) {spans(unrecorded)} failed or were excluded; any spend reserved then is not in the "
                      "recorded rounds (the site's later cumulative claims include it)")

@@ -205,7 +205,7 @@ def budget_note(guarantee: dict[str, Any]) -> str:
     if not counted:
         return ""
     return ("; site(s) " + ", ".join(f"{site} (round {n})" for site, n in counted.items())
-            + " counted at their budget: a round failed after their last report and may have been spent")
+            + " counted at their budget: a round failed or was excluded after their last report and may have been spent")
 
 
 def replace_one_cell(site: dict[str, Any], audit: dict[str, Any]) -> str:

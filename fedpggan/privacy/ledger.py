@@ -49,7 +49,7 @@ def unreported_round(entry: dict[str, Any]) -> int | None:
     only failures from before it (marked ``before_resume``), never one in a round redone since."""
     rounds, events = (x if isinstance(x := entry.get(key), list) else [] for key in ("rounds", "events"))
     recorded = [n for r in rounds if isinstance(r, dict) and (n := _round_number(r)) is not None]
-    before_resume = [n for e in events if isinstance(e, dict) and e.get("event") == SPENT_BEFORE_RESUME
+    before_resume = [(n, e.get("before_resume")) for e in events if isinstance(e, dict) and e.get("event") == SPENT_BEFORE_RESUME
                      and e.get("epsilon") is not None and (n := _round_number(e)) is not None]
     pending = []
     for e in events:
@@ -57,8 +57,13 @@ def unreported_round(entry: dict[str, Any]) -> int | None:
             continue
         if (n := _round_number(e)) is None:
             continue
-        covering = recorded + (before_resume if e.get("before_resume") else [])
-        if not any(m > n for m in covering):
+        if marker := e.get("before_resume"):
+            # lost before a resume, after its checkpoint: a round recorded since (the same number redone counts) or a
+            # later report of that same stretch covers it
+            covered = any(m >= n for m in recorded) or any(m > n and seen == marker for m, seen in before_resume)
+        else:
+            covered = any(m > n for m in recorded)
+        if not covered:
             pending.append(n)
     return max(pending, default=None)
 
