@@ -133,7 +133,8 @@ class FederatedRun:
         sent = destinations(messages)
         for reply in replies:
             node = answering_node(reply, sent)
-            problem = site_error(reply, 160) if reply.has_error() else site_facts_problem(reply.content)
+            problem = ((site_error(reply, 160) or "failed with an error that has no message") if reply.has_error()
+                       else site_facts_problem(reply.content))
             if problem:  # a failed, broken or hostile site: left out of the run, named
                 failures.append(f"node {node}: {problem}")
                 print(f"warning: {failures[-1]}")
@@ -388,16 +389,15 @@ class FederatedRun:
             if status["status"] == "exhausted":
                 self.ledger.record_event(site, round_num, "budget_exhausted",
                                          "the next round would exceed the site's budget; the site refused to train", "exhausted")
+                self.adopt_higher_claim(site, privacy)  # its running total: a round lost in flight may be in it alone
                 continue
             problem = self.spend_problem(node, privacy) if self.cfg.dp else None
             if problem:  # its update is discarded, but it was received: what the site says it spent is kept
                 self.ledger.record_event(site, round_num, "excluded", f"{problem}; its update was received and discarded "
                                          "(the spend it reported: reported_epsilon, reported_total_steps)", "excluded")
-                entry = self.ledger.site(site)
-                entry["events"][-1].update(reported_epsilon=privacy.get("epsilon"), reported_total_steps=privacy.get("total_steps"))
-                reported = finite_or_none(privacy.get("epsilon"))
-                if reported is not None and reported > (finite_or_none(entry.get("epsilon")) or 0.0):
-                    entry["epsilon"] = reported  # privacy first: what it says it spent counts, its update discarded or not
+                self.ledger.site(site)["events"][-1].update(reported_epsilon=privacy.get("epsilon"),
+                                                            reported_total_steps=privacy.get("total_steps"))
+                self.adopt_higher_claim(site, privacy)  # privacy first: what it says it spent counts, its update discarded or not
                 continue
             if self.cfg.dp:
                 self.ledger.record_round(site, round_num, steps=int(privacy["steps"]),
@@ -449,6 +449,14 @@ class FederatedRun:
         if released:  # pooled once the round's replies are in, not after each of them
             self.use_pooled_releases()
         return d_states, g_states, counts
+
+    def adopt_higher_claim(self, site: str, privacy: dict[str, float]) -> None:
+        """A site's reported epsilon where it is above the ledger's: a reply the round does not record (a refusal, an
+        excluded update) still carries the site's running total, which may hold a round whose reply was lost."""
+        entry = self.ledger.site(site)
+        reported = finite_or_none(privacy.get("epsilon"))
+        if self.cfg.dp and reported is not None and reported > (finite_or_none(entry.get("epsilon")) or 0.0):
+            entry["epsilon"] = reported
 
     def check_unrecorded_spend(self, site: str, round_num: int, privacy: dict[str, float]) -> None:
         """A site that died mid-round and was then sent different inputs charged that round anyway

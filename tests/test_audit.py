@@ -493,6 +493,8 @@ def test_a_round_failed_after_the_last_report_counts_the_site_at_its_budget():
     assert check_guarantee(ledger.data) == []
     stale = {**ledger.data, "guarantee": {**ledger.data["guarantee"], "epsilon": 1.5}}  # what the ledger said before
     assert [f.field for f in check_guarantee(stale)] == ["guarantee.epsilon"]
+    cautious = {**ledger.data, "guarantee": {**ledger.data["guarantee"], "epsilon": 9.0}}  # above the bound: safe
+    assert check_guarantee(cautious) == []
     ledger.record_round("1", 3, steps=2, epsilon=2.5)  # a later cumulative claim covers round 2
     ledger.update_guarantee()
     assert ledger.data["guarantee"]["epsilon"] == 2.5 and "counted_at_budget" not in ledger.data["guarantee"]

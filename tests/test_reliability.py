@@ -810,6 +810,32 @@ def test_an_error_the_superlink_makes_for_a_lost_site_is_that_sites_failed_round
     assert [(e["round"], e["event"]) for e in run.ledger.site("b")["events"]] == [(3, "no_reply")]
 
 
+def test_a_refusal_carries_the_sites_running_total_into_the_ledger(tmp_path):
+    """A round spent and then lost with the server (no event records it) is in the site's running total, which its
+    refusal of the redone round reports: the ledger must not stay below it."""
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from fedpggan.privacy.ledger import PrivacyLedger
+    from pggan_model import PGGAN, ModelShape
+    from server.federated_run import FederatedRun
+
+    run = FederatedRun.__new__(FederatedRun)
+    run.cfg = tiny_config(tmp_path, clients=1, epsilon=10.0)
+    run.sites = {7: {"site-id": "a"}}
+    run.gan = PGGAN(ModelShape(28, 1, 2, latent_dim=8, g_width=8, d_width=8))
+    run.ledger = PrivacyLedger("run", True, {}, "mechanism", {})
+    run.ledger.register_site("a", public_num_records=10, budget_epsilon=10.0)
+    run.ledger.record_round("a", 8, steps=8, epsilon=9.0)
+    spend = {"epsilon": 10.0, "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 0, "total_steps": 80}
+    refusal = SimpleNamespace(metadata=SimpleNamespace(src_node_id=7, reply_to_message_id="m7"), has_error=lambda: False,
+                              content=RecordDict({"d": ArrayRecord(run.gan.d.state_dict()), "privacy": MetricRecord(spend),
+                                                  "status": ConfigRecord({"status": "exhausted"})}))
+    run.accept_replies(9, [7], [refusal], run.gan.d.state_dict(), {"m7": 7})
+    assert run.ledger.site("a")["epsilon"] == 10.0 and run.ledger.site("a")["status"] == "exhausted"
+
+
 def test_a_sites_epsilon_in_the_ledger_never_falls():
     from fedpggan.privacy.ledger import PrivacyLedger
 
@@ -1002,7 +1028,8 @@ def discovered(tmp_path, monkeypatch, facts: dict[int, dict], **options):
         metadata=SimpleNamespace(dst_node_id=kw["dst_node_id"], message_id=f"m{kw['dst_node_id']}")))
     from flwr.app import ConfigRecord, RecordDict
 
-    replies = [SimpleNamespace(metadata=SimpleNamespace(src_node_id=n), has_error=lambda: False,
+    replies = [f if hasattr(f, "metadata") else  # a whole reply given (a failed one), else the content of a good one
+               SimpleNamespace(metadata=SimpleNamespace(src_node_id=n), has_error=lambda: False,
                                content=RecordDict({"site": ConfigRecord(f)}) if isinstance(f, dict) else f)
                for n, f in facts.items()]
     run = FederatedRun.__new__(FederatedRun)
@@ -1017,12 +1044,17 @@ def site_facts(site_id: str, records: int = 50, size: int = 28) -> dict:
 
 
 def test_a_site_describing_no_data_set_is_left_out_not_a_crash(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
     from flwr.app import RecordDict
 
-    broken = {8: site_facts("B", records=0), 9: RecordDict({}), 10: {**site_facts("D"), "class-names": "a,b"}}
-    sites, _ = discovered(tmp_path, monkeypatch, {7: site_facts("A"), **broken}, clients=4, round_timeout=5.0)
+    broken = {8: site_facts("B", records=0), 9: RecordDict({}), 10: {**site_facts("D"), "class-names": "a,b"},
+              11: SimpleNamespace(metadata=SimpleNamespace(src_node_id=11), has_error=lambda: True, content=None,
+                                  error=SimpleNamespace(reason="<class 'MemoryError'>:<''>"))}  # an error with no message
+    sites, _ = discovered(tmp_path, monkeypatch, {7: site_facts("A"), **broken}, clients=5, round_timeout=5.0)
     assert sorted(sites) == [7]
     printed = capsys.readouterr().out
+    assert "node 11: failed with an error that has no message" in printed
     assert "node 8: 0 records of 28 px and 1 channel(s) is no data set" in printed
     assert "node 9: its answer holds no 'site' record" in printed and "node 10: 'class-names' = 'a,b' is not a list" in printed
     with pytest.raises(FedPGGANError, match="sites disagree on whether their data are medical"):
