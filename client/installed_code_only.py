@@ -10,8 +10,9 @@ This module, imported at interpreter start-up (a ``.pth`` line that ``python -m
 client.installed_code_only`` writes into the environment, as deploy/Dockerfile.site does and
 ``fedpggan site check`` asks for), puts a finder in front of Python's import system: a top-level module the
 bundle provides is imported from the site's own installation instead, and one the site does not
-have installed is refused; so is a submodule that only a bundle's folder of a namespace package holds. The bundle's files are never executed; its ``pyproject.toml`` still
-carries the run's configuration, which the site's own code checks.
+have installed is refused; so is a submodule that only a bundle's folder of a namespace package holds.
+The bundle's files are never executed; its ``pyproject.toml`` still carries the run's configuration,
+which the site's own code checks.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class InstalledCodeOnly(MetaPathFinder):
         bundles = [e for e in path if in_bundle(e)]
         if not bundles:
             return None  # the usual import
-        spec = importlib.machinery.PathFinder.find_spec(name, [e for e in path if not in_bundle(e)])
+        spec = importlib.machinery.PathFinder.find_spec(name, [e for e in path if e not in bundles])
         if spec is not None and not from_bundle(spec):
             return spec
         if importlib.machinery.PathFinder.find_spec(name, bundles) is not None:

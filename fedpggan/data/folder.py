@@ -28,6 +28,7 @@ CHUNK = 32  # images held at full size at a time (32 RGB scans of 1024x1024: 0.4
 # A file name can be a patient number: what a site tells the coordinator of a bad image names none (client/site.py).
 NAMED_IN_LOG = "the site's log names it"
 
+
 def load_folder(root: str | Path, split: str, name: str, image_size: int) -> ImageDataset:
     """Load ``split``; grayscale (1 channel) when every training image has R == G == B, else RGB.
 
