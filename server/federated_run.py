@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from fedpggan.build import build_gan, derived_seed, pick_device, prior_tensor, seed_everything
 from fedpggan.config import AUTO_G_STEPS_MAX_NOISE, RunConfig, replies_needed, sites_per_round
-from fedpggan.data.sources import run_dataset_name
+from fedpggan.data.sources import common_public_name, run_dataset_name
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes, sha256_bytes
 from fedpggan.plots import save_curves, save_sample_grid
@@ -94,7 +94,11 @@ class FederatedRun:
             self.finish("stopped", why)
             return self.folder.root
         if cfg.release_aggregation == "secure" and cfg.embedding_weight > 0:
-            self.secure_release()
+            try:
+                self.secure_release()
+            except FedPGGANError as exc:  # run.json must not say "running", nor the ledger hide the release's spend
+                self.finish("failed", str(exc), announce=False)
+                raise
         bar = tqdm(range(first_round, cfg.rounds + 1), desc="rounds", unit="round", initial=first_round - 1, total=cfg.rounds)
         for round_num in bar:
             if why := self.no_round_can_succeed():
@@ -188,7 +192,8 @@ class FederatedRun:
                 self.ledger.register_site(self.site_id(node), public_num_records=int(site["num-records"]))
         self.run_info = {
             "run_id": self.run_id, "kind": "federated", "config": cfg.to_flower(),
-            "dataset": {"name": run_dataset_name(facts["dataset"], bool(facts["is-medical"])),
+            "dataset": {"name": run_dataset_name(common_public_name(str(s["dataset"]) for s in self.sites.values()),
+                                                 bool(facts["is-medical"])),
                         "is_medical": bool(facts["is-medical"]), "num_classes": len(self.class_names),
                         "class_names": self.class_names, "image_size": int(facts["image-size"]),
                         "channels": int(facts["channels"]),
@@ -539,6 +544,7 @@ class FederatedRun:
             config = ConfigRecord({**self.cfg.to_flower(), "run-id": self.run_id,
                                    "site-state-root": str((self.folder.root / "sites").resolve())})
             needed = replies_needed(self.cfg.min_clients, len(self.sites))  # a sum of one share still carries sigma
+            self.charge_releases([self.site_id(n) for n in self.sites])  # before any site makes its share
             result = secure_sum(self.grid, {n: self.site_id(n) for n in self.sites}, config,
                                 (self.features.dim + 1, len(self.class_names)), needed, self.cfg.round_timeout)
             buffer = io.BytesIO()
@@ -581,7 +587,16 @@ class FederatedRun:
             record.update(key_list={"verified": True, "signers": signers} if signers else
                           {"verified": False, "why": "the site has no peer-keys: it took the server's key list on trust"})
             self.ledger.site(site)["feature_release"] = record
-        for site in [*result.sites, *result.left_out]:  # spent now, also by a site --fraction never selects
+        self.folder.save_ledger(self.ledger, self.run_info)
+
+    def charge_releases(self, sites: list[str]) -> None:
+        """Raise each site's ledger epsilon to its release's (spent then, also by a site --fraction never
+        selects) and save the ledger. A secure sum charges every site before the protocol starts: a site
+        spends its release when it makes its share, so a sum that then fails, or a server killed midway,
+        leaves the spend on record (a site left out before making one is charged all the same: an upper bound)."""
+        if not self.cfg.dp:
+            return
+        for site in sites:
             _, _, delta, release = self.mechanism_for(int(self.run_info["sites"][site]))
             entry = self.ledger.site(site)
             entry["epsilon"] = max(entry["epsilon"], epsilon_of(release_history(release), delta, self.cfg.accountant))
@@ -649,7 +664,9 @@ class FederatedRun:
         self.folder.save_ledger(self.ledger, self.run_info)
         self.folder.record_checkpoint(round_num, sha)  # listed only once the ledger vouches for it
 
-    def finish(self, status: str, reason: str) -> None:
+    def finish(self, status: str, reason: str, announce: bool = True) -> None:
+        """Write the curves, the guarantee and the run's end into run.json; ``announce`` prints it (an
+        error that ends the run prints itself)."""
         rows = self.folder.read_metrics()
         save_curves(rows, "round", CURVE_PANELS, self.folder.curves / "training.png")
         eps_keys = sorted({k for r in rows for k in r if k.startswith("epsilon_site_")})
@@ -660,7 +677,8 @@ class FederatedRun:
         self.run_info.update(status=status, reason=reason, ended=now_iso(), final_epsilon=self.ledger.data["guarantee"]["epsilon"])
         self.folder.save_ledger(self.ledger, self.run_info)
         eps = self.ledger.data["guarantee"]["epsilon"]
-        print(f"{status}: {reason}; run folder {self.folder.root}; epsilon (max over sites) = "
+        if announce:
+            print(f"{status}: {reason}; run folder {self.folder.root}; epsilon (max over sites) = "
               f"{'no DP' if not self.cfg.dp else 'not recorded (see privacy_ledger.json)' if eps is None else format(eps, '.4g')}")
 
 

@@ -578,6 +578,16 @@ def test_a_site_tells_the_coordinator_its_dataset_by_public_name_never_by_path(t
     assert not any(str(tmp_path) in str(v) or "hiv" in str(v) for f in facts.values() for v in f.values())
 
 
+def test_sites_naming_their_data_differently_are_recorded_as_site_data():
+    """run.json's name feeds the datasheet and `evaluate`'s default test data: one site's benchmark name must
+    not stand for a hospital's own images beside it."""
+    from fedpggan.data.sources import common_public_name
+
+    assert common_public_name(["pneumoniamnist"] * 3) == "pneumoniamnist"
+    assert common_public_name(["pneumoniamnist", "pneumoniamnist", "site data"]) == "site data"
+    assert common_public_name(["pneumoniamnist", "breastmnist"]) == "site data"
+
+
 def test_a_deployed_site_missing_its_data_names_the_node_config_key(tmp_path):
     from client.site import load_site_data
     from fedpggan.config import RunConfig

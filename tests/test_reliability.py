@@ -693,6 +693,29 @@ def test_a_site_failing_the_secure_release_is_left_out_and_the_others_sum_again(
     assert any(n.startswith("sites.0: the embedding release was summed securely over 2 sites") for n in audit["notes"])
 
 
+def test_a_secure_release_that_fails_leaves_the_runs_spend_on_record(tmp_path, monkeypatch):
+    """Every site made its share (and charged its release) before site 2 withheld its seed: the run
+    stops, and neither run.json ("running") nor the ledger (epsilon 0) may say otherwise."""
+    from fedpggan.privacy.accounting import epsilon_of
+    from fedpggan.privacy.feature_release import release_history
+
+    monkeypatch.setenv("FEDPGGAN_FAULT_RELEASE", "reveal:2")
+    with pytest.raises(FedPGGANError, match="site 2 did not reveal its self-mask"):
+        simulate_with_hostile_site(tmp_path, monkeypatch, "none", epsilon=1.0, release_aggregation="secure")
+    run = tmp_path / "run"
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "failed" and "site 2 did not reveal its self-mask" in info["reason"]
+    assert not (run / "secure_release_sum.pt").exists() and not RunFolder(run).read_metrics()  # no round began
+    ledger = json.loads((run / "privacy_ledger.json").read_text())
+    for site_id, site in ledger["sites"].items():
+        state = json.loads((run / "sites" / f"site_{site_id}" / "run" / "site_state.json").read_text())
+        assert state["history"] == [[site["feature_release"]["noise_multiplier"], 1.0, 1]]  # what the site charged itself
+        spent = epsilon_of(release_history(site["feature_release"]["noise_multiplier"]), site["delta"], site["accountant"])
+        assert site["epsilon"] == pytest.approx(spent) and spent > 0.1
+    assert ledger["guarantee"]["epsilon"] == pytest.approx(max(s["epsilon"] for s in ledger["sites"].values()))
+    assert info["final_epsilon"] == ledger["guarantee"]["epsilon"]
+
+
 def model_norm(state: dict[str, torch.Tensor]) -> float:
     """L2 norm of a state dict's floating-point arrays: the validator's norm, from zero."""
     return update_norm(state, {k: torch.zeros_like(v) for k, v in state.items()})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from fedpggan.data.dataset import ImageDataset
@@ -48,6 +49,13 @@ def run_dataset_name(name: str, is_medical: bool) -> str:
 
 
 SITE_DATA = "site data"  # what public_name calls a hospital's own data
+
+
+def common_public_name(names: Iterable[str]) -> str:
+    """One name for the sites' data: the name they all give, else "site data" (one site's
+    benchmark name would misstate the others' data in run.json, the datasheet and `evaluate`)."""
+    unique = set(names)
+    return unique.pop() if len(unique) == 1 else SITE_DATA
 
 
 def public_name(spec: str) -> str:
