@@ -34,6 +34,7 @@ from fedpggan.evaluation import ClassifierPrivacy, TrainingBudget, evaluate_run,
 from fedpggan.io import atomic_write_bytes, atomic_write_json
 from fedpggan.runs import RunFolder, library_versions
 from fedpggan.train import train_centralised
+from pggan_model import LOSS_RULES
 from simulation.run import simulate
 
 # Training lengths per profile. "gpu" is the configuration the targets are meant for; "cpu"
@@ -61,7 +62,6 @@ EMBEDDING_OFF = dict(embedding_weight=0.0, embedding_share=0.3)  # the share, as
 # keep them explicitly so that re-running them reproduces the committed table.
 EMBEDDING_10 = dict(embedding_weight=10.0, embedding_share=0.3)
 SHORT_REFERENCE = "[short] federated eps=10 (reference for the rows below)"
-LOSS_RULES = ("average", "mean", "single")
 HEADLINE = {"federated eps=10": 10.0, "federated eps=1": 1.0}  # the target rows, run over training seeds
 # the same with the releases summed securely (--release-aggregation secure: another trust model, see README Privacy)
 SECURE_HEADLINE = {"federated eps=10 secure release": 10.0, "federated eps=1 secure release": 1.0}

@@ -35,11 +35,10 @@ import torch
 from tqdm import tqdm
 
 from fedpggan.build import build_gan, pick_device, seed_everything
-from fedpggan.config import RunConfig
+from fedpggan.config import FAKE_GRADIENTS, GRAD_SAMPLE_MODES, RunConfig
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_bytes, atomic_write_json
 from fedpggan.privacy import DiscriminatorTrainer, PrivacySettings
-from fedpggan.privacy.dp_discriminator import FAKE_GRADIENTS, GRAD_SAMPLE_MODES
 from fedpggan.privacy.feature_release import features_for
 from fedpggan.privacy.noise import NOISE_KEYS, SecretNoise, new_secret_key
 from fedpggan.runs import library_versions, recorded_generator_steps

@@ -20,6 +20,13 @@ from fedpggan.errors import FedPGGANError
 # at 64x64 RGB are 2 GB, beyond which a run fails on memory, not on an error message.
 MAX_EMBEDDING_FREQUENCIES = 20_000
 
+# Choices other modules also iterate over, defined once here (this module imports no torch).
+GRAD_SAMPLE_MODES = ("bookkeeping", "hooks", "functorch", "ghost")  # ours, then Opacus'
+FAKE_GRADIENTS = ("clipped", "exact")
+AGGREGATIONS = ("fedavg", "weighted", "median", "trimmed-mean")
+# pggan_model.losses.LOSS_RULES: the model library imports nothing of fedpggan, so a test keeps the two equal
+LOSS_RULES = ("average", "mean", "single")
+
 
 def opt(default: Any, help: str, choices: tuple | None = None, group: str = "run") -> Any:
     return field(default=default, metadata={"help": help, "choices": choices, "group": group})
@@ -43,7 +50,7 @@ class RunConfig:
     local_steps: int = opt(8, "DP-SGD steps on D at each site per round", group="federation")
     g_steps: int = opt(0, "generator steps on the server per round; 0 = by the averaged discriminator's DP noise: 8 where it is low (without DP, or e.g. PneumoniaMNIST's 5 sites at epsilon 10), 2 where it is high (epsilon 1, small sites), since the generators otherwise learn that noise; the run prints and records its choice (2 at every budget in runs before 2026-12-06)", group="federation")
     generator_training: str = opt("server", "where G1/G2 learn: 'server' (default) or 'local' at each site, then averaged", ("server", "local"), group="federation")
-    aggregation: str = opt("fedavg", "how D updates are combined: 'fedavg' (equal weights), 'weighted' (each site's public record count: under DP a small site's noisy D counts for less), 'median', 'trimmed-mean' (robust to a hostile site)", ("fedavg", "weighted", "median", "trimmed-mean"), group="federation")
+    aggregation: str = opt("fedavg", "how D updates are combined: 'fedavg' (equal weights), 'weighted' (each site's public record count: under DP a small site's noisy D counts for less), 'median', 'trimmed-mean' (robust to a hostile site)", AGGREGATIONS, group="federation")
     round_timeout: float = opt(600.0, "seconds to wait for a round's replies", group="federation")
     sample_every: int = opt(25, "write a sample grid every N rounds (and at the end)", group="federation")
     checkpoint_every: int = opt(1, "write a checkpoint every N rounds/epochs (and at the end); with 1, --resume loses no work", group="federation")
@@ -59,7 +66,7 @@ class RunConfig:
     lr_d: float = opt(2e-4, "discriminator learning rate (Adam)", group="optimisation")
     lr_g: float = opt(2e-4, "generator learning rate (Adam)", group="optimisation")
     ema_decay: float = opt(0.995, "EMA decay of the sampling generators", group="optimisation")
-    loss_rule: str = opt("average", "generator loss rule", ("average", "mean", "single"), group="optimisation")
+    loss_rule: str = opt("average", "generator loss rule", LOSS_RULES, group="optimisation")
     latent_dim: int = opt(64, "generator latent size", group="optimisation")
     g_width: int = opt(32, "generator base width", group="optimisation")
     d_width: int = opt(32, "discriminator base width", group="optimisation")
@@ -77,8 +84,8 @@ class RunConfig:
     delta: float = opt(0.0, "per-site delta (0 = min(1e-5, 1/(10 n_site)))", group="privacy")
     max_grad_norm: float = opt(1.0, "per-sample gradient clipping norm C", group="privacy")
     accountant: str = opt("prv", "Opacus accountant", ("prv", "rdp"), group="privacy")
-    grad_sample_mode: str = opt("bookkeeping", "how per-sample gradients are clipped: 'bookkeeping' (the same clipped sum as Opacus' in one pass, without storing a gradient per record: faster; Opacus accounts) or an Opacus mode (hooks, the default until 2026-12-04; functorch; ghost)", ("bookkeeping", "hooks", "functorch", "ghost"), group="privacy")
-    fake_gradients: str = opt("exact", "D's gradient on fakes under DP: 'exact' (fakes in a plain pass, neither clipped nor noised: post-processing, and only real rows pay for per-sample gradients) or 'clipped' (one pass, fakes clipped per sample with the real rows; the default before 2026-11-23)", ("clipped", "exact"), group="privacy")
+    grad_sample_mode: str = opt("bookkeeping", "how per-sample gradients are clipped: 'bookkeeping' (the same clipped sum as Opacus' in one pass, without storing a gradient per record: faster; Opacus accounts) or an Opacus mode (hooks, the default until 2026-12-04; functorch; ghost)", GRAD_SAMPLE_MODES, group="privacy")
+    fake_gradients: str = opt("exact", "D's gradient on fakes under DP: 'exact' (fakes in a plain pass, neither clipped nor noised: post-processing, and only real rows pay for per-sample gradients) or 'clipped' (one pass, fakes clipped per sample with the real rows; the default before 2026-11-23)", FAKE_GRADIENTS, group="privacy")
     noise_key: str = opt("secret", "where DP noise comes from: 'secret' (a fresh secret key per site, expanded by AES-256-CTR: nobody else can regenerate the noise) or 'seed' (PyTorch's generator seeded from --seed, as simulated and centralised runs drew before 2026-12-04: reproducible, but anyone who knows the seed can regenerate the noise, so the guarantee does not hold against them; for benchmarks only, and refused by deployed sites for a new run)", ("secret", "seed"), group="privacy")
     # --- run -------------------------------------------------------------------------
     device: str = opt("auto", "where to train", ("auto", "cpu", "cuda"))

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
+from fedpggan.config import AGGREGATIONS
 from server.validation import ROBUST_MIN_UPDATES
 
-AGGREGATIONS = ("fedavg", "weighted", "median", "trimmed-mean")
 TRIM_FRACTION = 0.2  # trimmed-mean drops this share of values at each end (at least one of 3+)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -56,6 +57,15 @@ def test_mean_and_single_rules():
     assert g1 == pytest.approx(d_nonsat(1.5)) and g2 == 0.0
     with pytest.raises(ValueError):
         rule_weights(torch.zeros(1), torch.zeros(1), "bogus")
+
+
+def test_the_options_offer_exactly_the_rules_the_model_knows():
+    """fedpggan.config keeps its own copy (it imports no torch, the model library no fedpggan)."""
+    from fedpggan.config import LOSS_RULES, RunConfig
+    from pggan_model import LOSS_RULES as MODEL_RULES
+
+    assert LOSS_RULES == MODEL_RULES
+    assert next(f for f in dataclasses.fields(RunConfig) if f.name == "loss_rule").metadata["choices"] == MODEL_RULES
 
 
 def test_rule_gradients_reach_only_the_learning_generator():

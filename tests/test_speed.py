@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from fedpggan.config import RunConfig
+from fedpggan.config import FAKE_GRADIENTS, GRAD_SAMPLE_MODES, RunConfig
 from fedpggan.errors import FedPGGANError
-from fedpggan.privacy.dp_discriminator import FAKE_GRADIENTS, GRAD_SAMPLE_MODES
 from fedpggan.privacy.noise import NOISE_KEYS
 
 # benchmarks/ is no package (and a PyPI 'benchmarks' may shadow it): load the script by path.

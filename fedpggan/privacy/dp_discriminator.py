@@ -34,15 +34,13 @@ from opacus.accountants import create_accountant
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedpggan.config import FAKE_GRADIENTS
 from fedpggan.privacy.accounting import History, epsilon_of
 from fedpggan.privacy.bookkeeping import BookkeepingClipper
 from fedpggan.privacy.noise import SecretNoise
 from pggan_model import PGGAN, discriminator_loss
 from pggan_model.losses import real_fake_targets
 
-OPACUS_MODES = ("hooks", "functorch", "ghost")
-GRAD_SAMPLE_MODES = (*OPACUS_MODES, "bookkeeping")
-FAKE_GRADIENTS = ("clipped", "exact")
 
 
 def sample_rate(num_records: int, batch_size: int) -> float:
