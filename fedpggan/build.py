@@ -14,6 +14,7 @@ from fedpggan.data import ImageDataset, open_dataset
 from fedpggan.data.medmnist import search_dirs
 from fedpggan.errors import FedPGGANError
 from pggan_model import PGGAN, GANConfig, ModelShape
+from pggan_model.networks import upsampling_plan
 
 
 def warn_without_dp(cfg: RunConfig) -> None:
@@ -29,6 +30,21 @@ def warn_single_class(data: ImageDataset) -> None:
         print(f"warning: {data.name} has one class ({data.class_names[0]}): the generators learn it unconditionally, "
               "and `fedpggan evaluate` cannot measure utility (TSTR), only fidelity and memorisation",
               file=sys.stderr)
+
+
+def warn_if_resized(data: ImageDataset, image_size: int) -> None:
+    """Images stored at another size are resized to --image-size (28 unless set): say so, since
+    everything the run writes describes them at that size."""
+    stored = data.stored_size
+    if stored == image_size:
+        return
+    try:
+        upsampling_plan(stored)
+        own = f"; pass --image-size {stored} to train at the data's own size"
+    except FedPGGANError:
+        own = ""
+    print(f"warning: {data.name}: {stored}x{stored} images are resized to {image_size}x{image_size} "
+          f"(--image-size {image_size}){own}", file=sys.stderr)
 
 
 def open_training_data(cfg: RunConfig, split: str = "train") -> ImageDataset:

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from fedpggan.build import (build_gan, open_training_data, pick_device, prior_tensor, seed_everything, with_resolved_dataset,
-                            warn_single_class, warn_without_dp)
+                            warn_if_resized, warn_single_class, warn_without_dp)
 from fedpggan.config import RunConfig
 from fedpggan.data.sources import run_dataset_name
 from fedpggan.errors import FedPGGANError
@@ -68,6 +68,7 @@ def train_centralised(cfg: RunConfig, resume: bool = False) -> Path:
     with run.held():  # one trainer per run folder: a second one would take the same steps again
         warn_without_dp(cfg)
         warn_single_class(data)
+        warn_if_resized(data, cfg.image_size)
         if resume:
             planned = None if privacy is None else {"noise_multiplier": privacy.noise_multiplier, "sample_rate": q,
                                                     "delta": privacy.delta, "planned_steps": total_d_steps,

@@ -22,14 +22,15 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from fedpggan import config
-from fedpggan.build import open_training_data, prior_tensor, warn_single_class, warn_without_dp, with_resolved_dataset
+from fedpggan.build import (open_training_data, prior_tensor, warn_if_resized, warn_single_class, warn_without_dp,
+                            with_resolved_dataset)
 from fedpggan.config import RunConfig
 from fedpggan.data import partition, partition_summary, partition_table
 from fedpggan.data.partition import check_same_partition, site_sha256
 from fedpggan.errors import FedPGGANError
 from fedpggan.io import atomic_write_json
 from fedpggan.preflight import check_federated_budget, check_image_size, check_simulation_resources
-from fedpggan.runs import RunFolder, config_to_resume, default_run_dir, refuse_options_with_resume, resume_changes
+from fedpggan.runs import RunFolder, config_to_resume, current_options, default_run_dir, refuse_options_with_resume, resume_changes
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -56,6 +57,7 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, list[dict]]:
     check_federated_budget(cfg, map(len, parts))
     warn_without_dp(cfg)
     warn_single_class(data)
+    warn_if_resized(data, cfg.image_size)
     print(f"dataset: {data.name}{'' if data.is_medical else ' (NOT medical data)'} -- {len(data)} training images, "
           f"{data.num_classes} classes, {data.channels}x{data.image_size}x{data.image_size}")
     print(partition_table(data.labels.numpy(), parts, data.class_names))
@@ -71,8 +73,10 @@ def check_resumable(cfg: RunConfig, folder: RunFolder) -> None:
         return
     data = open_training_data(cfg)
     parts = partition(data.labels.numpy(), cfg.clients, cfg.partition, cfg.alpha, cfg.min_per_site, cfg.seed)
+    trained = current_options(folder.read_run())  # where the run last trained, before this resume's --dataset/--data-dir
+    where = str(trained.get("dataset")) + (f" in {trained['data-dir']}" if trained.get("data-dir") else "")
     check_same_partition(folder.read_json(folder.root / "partition.json"), data, parts,
-                         f"restore the data the run was started with ({cfg.dataset}) or start a new run")
+                         f"resume with the data the run trained on ({where}) or start a new run")
 
 
 def simulate(cfg: RunConfig | None, resume: str | None = None, client_app: ClientApp | None = None,

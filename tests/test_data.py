@@ -612,3 +612,44 @@ def test_a_simulated_actor_reads_the_data_once_however_many_sites_it_serves(monk
     cfg = RunConfig(dataset="phantom", seed=12345)
     sizes = [[len(site.load_site_data({"partition-id": p, "num-partitions": 6}, cfg)) for p in range(6)] for _ in range(3)]
     assert loads == ["phantom"] and sizes[0] == sizes[2] and sum(sizes[0]) == 2000
+
+
+def test_a_resume_on_other_data_names_the_data_the_run_trained_on(tmp_path):
+    """Not the path just given (the wrong data), which the run's options already hold at this point."""
+    import dataclasses
+    import json
+    import re
+
+    import simulation.run as sim
+    from conftest import tiny_config
+    from fedpggan.runs import RunFolder
+
+    first, other = (write_npz(tmp_path / f"{name}.npz", n=(60, 4, 6), seed=seed) for name, seed in (("a", 0), ("b", 1)))
+    cfg, summary = sim.prepare(tiny_config(tmp_path / "run", dataset=str(first), min_per_site=5))
+    folder = RunFolder(tmp_path / "run")
+    folder.root.mkdir()
+    (folder.root / "partition.json").write_text(json.dumps(summary))
+    (folder.root / "run.json").write_text(json.dumps({"config": cfg.to_flower()}))
+    sim.check_resumable(cfg, folder)  # the same data: nothing to say
+    with pytest.raises(FedPGGANError, match=f"resume with the data the run trained on \\({re.escape(str(first))}\\) or start"):
+        sim.check_resumable(dataclasses.replace(cfg, dataset=str(other)), folder)
+
+
+def test_images_stored_at_another_size_are_resized_with_a_warning(tmp_path, capsys):
+    """README: the run trains at --image-size (28 unless set); data of another size must not be shrunk silently."""
+    from fedpggan.build import warn_if_resized
+
+    npz = open_dataset(str(write_npz(tmp_path / "scans.npz", n=(4, 2, 2), size=32)), "train", None, 28, 0)
+    folder = tmp_path / "xrays" / "train"
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(folder / label / "0.png")
+    images = open_dataset(str(folder.parent), "train", None, 28, 0)
+    assert (npz.stored_size, npz.image_size, images.stored_size, images.image_size) == (32, 28, 64, 28)
+    warn_if_resized(npz, 28)
+    assert "32x32 images are resized to 28x28 (--image-size 28); pass --image-size 32 to train at the data's own size" \
+        in capsys.readouterr().err
+    warn_if_resized(open_dataset(str(write_npz(tmp_path / "odd.npz", n=(4, 2, 2), size=30)), "train", None, 28, 0), 28)
+    assert "30x30 images are resized to 28x28 (--image-size 28)\n" in capsys.readouterr().err  # 30 px cannot be built
+    warn_if_resized(open_dataset(str(write_npz(tmp_path / "own.npz", n=(4, 2, 2), size=32)), "train", None, 32, 0), 32)
+    assert capsys.readouterr().err == ""

@@ -22,7 +22,7 @@ class ImageDataset(Dataset):
     """In-memory labelled images. ``__getitem__`` -> (float32 tensor (C,H,W) in [-1,1], int label)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
-                 name: str, is_medical: bool, source: str) -> None:
+                 name: str, is_medical: bool, source: str, stored_size: int | None = None) -> None:
         if images.ndim != 4 or len(images) != len(labels):
             raise ValueError(f"images {tuple(images.shape)} and labels {tuple(labels.shape)} do not match")
         self.images = images.to(torch.float32)
@@ -32,6 +32,7 @@ class ImageDataset(Dataset):
         self.name = name
         self.is_medical = is_medical
         self.source = source
+        self.stored_size = stored_size or self.image_size  # the images' side in their files, before any resize
 
     @property
     def channels(self) -> int:

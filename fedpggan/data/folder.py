@@ -52,8 +52,9 @@ def load_folder(root: str | Path, split: str, name: str, image_size: int) -> Ima
     files, labels = _split_files(split_dir, class_names, split)
     # Read and resized CHUNK images at a time: a folder of full-size scans never sits in memory at full size.
     to_grey = None if split == "train" else _train_split_is_grey(str(root.resolve()), tuple(class_names))
-    parts, all_grey = [], True
+    parts, all_grey, stored_size = [], True, None
     for pixels in _chunks(files, CHUNK):
+        stored_size = pixels.shape[1]
         grey = _is_grey(pixels)
         all_grey = all_grey and grey  # the train split is grey if every one of its images is
         if to_grey or (to_grey is None and all_grey):
@@ -62,7 +63,8 @@ def load_folder(root: str | Path, split: str, name: str, image_size: int) -> Ima
     if to_grey is None and not all_grey:  # the train split's chunks read before its first colour image
         parts = [p.expand(-1, 3, -1, -1) if p.shape[1] == 1 else p for p in parts]
     images = torch.cat(parts)
-    return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), class_names, name, True, str(root.resolve()))
+    return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), class_names, name, True, str(root.resolve()),
+                        stored_size)
 
 
 def _split_files(split_dir: Path, class_names: list[str], split: str) -> tuple[list[Path], list[int]]:

@@ -63,7 +63,7 @@ def load_npz(path: str | Path, split: str, name: str, image_size: int | None) ->
         raise FedPGGANError(f"{path}: class {int(missing[0])} has no train images; "
                             "renumber labels to 0..K-1 without gaps")
     return ImageDataset(to_model_range(images, image_size), torch.from_numpy(labels),
-                        names or [f"class_{k}" for k in range(num_classes)], name, True, str(path.resolve()))
+                        names or [f"class_{k}" for k in range(num_classes)], name, True, str(path.resolve()), images.shape[1])
 
 
 def _labels(path: Path, key: str, lab: np.ndarray) -> np.ndarray:
