@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     return run_reporting_errors(lambda: args.func(args), args.debug)
 
 
+INTERRUPTED = ("interrupted: what was saved is kept (checkpoints, the ledger, finished reports); an unfinished "
+               "export is removed, an earlier one left as it was")
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for a Ctrl-C
+
+
 def run_reporting_errors(func, debug: bool) -> int:
     """Run ``func``; turn user errors into one line on stderr and exit code 2."""
     if not debug:
@@ -81,9 +86,8 @@ def run_reporting_errors(func, debug: bool) -> int:
               "permissions, free space)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: what was saved is kept (checkpoints, the ledger, finished reports); an unfinished "
-              "export is removed, an earlier one left as it was", file=sys.stderr)
-        return 130
+        print(INTERRUPTED, file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

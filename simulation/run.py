@@ -17,13 +17,15 @@ import dataclasses
 import json
 import os
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedpggan import config
 from fedpggan.build import (open_training_data, prior_tensor, warn_if_resized, warn_single_class, warn_without_dp,
                             with_resolved_dataset)
+from fedpggan.cli import INTERRUPTED, INTERRUPTED_EXIT_CODE
 from fedpggan.config import RunConfig
 from fedpggan.data import partition, partition_summary, partition_table
 from fedpggan.data.partition import check_same_partition, site_sha256
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
 OPTIONS = [f.name for f in dataclasses.fields(RunConfig) if f.name not in ("epochs", "d_steps")]
+T = TypeVar("T")
 STOPPED_EXIT_CODE = 3  # a run that stopped cleanly (too few sites): neither success (0) nor a user error (2)
 
 
@@ -120,6 +123,37 @@ def simulate(cfg: RunConfig | None, resume: str | None = None, client_app: Clien
     return folder.root
 
 
+def interruptible(func: Callable[[], T]) -> T:
+    """``func()`` on a daemon thread, which a Ctrl-C can end. Flower's runtime would block the main
+    thread in a join that ignores Ctrl-C, and its ServerApp thread would hold the exit until the
+    round timed out; so after a Ctrl-C the local Ray cluster is stopped and the process exits at
+    once. Nothing is left half-written: the run replaces its files atomically (a resume continues)."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = func()
+        except BaseException as exc:  # re-raised on the main thread: one-line errors as before
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="simulation", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.2)  # a short wait: the main thread stays free to take the Ctrl-C
+    except KeyboardInterrupt:
+        import ray
+
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        if ray.is_initialized():
+            ray.shutdown()
+        sys.stdout.flush()
+        os._exit(INTERRUPTED_EXIT_CODE)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 @contextlib.contextmanager
 def simulation_marked() -> Iterator[None]:
     """Set FEDPGGAN_SIMULATION=1 for the simulation's sites only, restoring it afterwards.
@@ -153,7 +187,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.resume:
         refuse_options_with_resume(args, OPTIONS)
     cfg = None if args.resume else config.resolve(args, OPTIONS)
-    root = simulate(cfg, args.resume, changes=resume_changes(args) if args.resume else None)
+    root = interruptible(lambda: simulate(cfg, args.resume, changes=resume_changes(args) if args.resume else None))
     if json.loads((root / "run.json").read_text()).get("status") == "stopped":  # resumable, but not what was asked
         print(f"error: {root}: the run stopped before its planned end (the reason is above and in run.json); "
               f"continue it with --resume {root}", file=sys.stderr)

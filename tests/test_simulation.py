@@ -358,3 +358,31 @@ def test_a_resume_may_move_the_data_and_the_device_but_change_nothing_else(tmp_p
     assert "drop --rounds" in capsys.readouterr().err
     assert sim.main(["--resume", str(tmp_path / "nowhere"), "--device", "cpu", "--data-dir", str(tmp_path)]) == 2
     assert "run.json: not found" in capsys.readouterr().err  # past the option check, to the missing run
+
+
+def test_a_ctrl_c_ends_a_simulation_at_once_keeping_what_it_saved(tmp_path):
+    """Flower's runtime blocks the main thread in a join a Ctrl-C cannot end, and its ServerApp thread holds the
+    exit until a round times out: the runner must still stop within seconds, with the interrupted exit code."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    log = tmp_path / "log"
+    with log.open("w") as out:
+        sim = subprocess.Popen([sys.executable, "simulation/run.py", "--dataset", "phantom", "--clients", "2", "--rounds", "50",
+                                "--local-steps", "1", "--g-width", "16", "--d-width", "8", "--latent-dim", "16",
+                                "--epsilon", "none", "--out", str(tmp_path / "run")], cwd=REPO, stdout=out, stderr=out)
+        try:
+            deadline = time.monotonic() + 300
+            while "rounds:" not in log.read_text() and time.monotonic() < deadline and sim.poll() is None:
+                time.sleep(1)  # the round loop has begun: Flower's runtime is running
+            time.sleep(5)
+            sim.send_signal(signal.SIGINT)
+            assert sim.wait(timeout=60) == 130
+        finally:
+            sim.kill()
+    assert "interrupted: what was saved is kept" in log.read_text()
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["kind"] == "federated"  # the folder stays
