@@ -1,10 +1,12 @@
 """Train a small CNN on a fedpggan export, test it on real images ("train synthetic, test real").
 
     python examples/train_on_synthetic.py --export DIR --real path/to/pneumoniamnist.npz
+    python examples/train_on_synthetic.py --export DIR --real path/to/images   (an ImageFolder: test/ or itself)
 
 Uses only numpy, torch and torchvision -- what a recipient of the export has -- and reads the
 export's ImageFolder tree (``images/`` or ``images/train/``); the folder prefixes make
-ImageFolder's class ids equal the npz labels, so the real ``test_labels`` match directly.
+ImageFolder's class ids equal the npz labels, so the real ``test_labels`` match directly; a real
+ImageFolder's classes are matched to the export's by name.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from torchvision import datasets, transforms
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--export", required=True, help="folder written by `fedpggan export`")
-    p.add_argument("--real", required=True, help="real MedMNIST-layout npz with test_images/test_labels")
+    p.add_argument("--real", required=True, help="real test data: a MedMNIST-layout npz (test_images, test_labels) or "
+                                                 "an ImageFolder (its test/ folder, or the folder itself)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -31,15 +34,19 @@ def main(argv: list[str] | None = None) -> float:
     if not images.is_dir():
         p.error(f"--export {args.export}: no images/ folder; export with --format imagefolder (part of the default "
                 "npz,imagefolder), or load an npz-only export's synthetic.npz with numpy")
-    if not Path(args.real).is_file():
-        p.error(f"--real {args.real}: no such file; pass a MedMNIST-layout npz with test_images and test_labels")
-
-    with np.load(args.real) as real:
-        test_x, test_y = real["test_images"], real["test_labels"].reshape(-1).astype(np.int64)
+    if not Path(args.real).exists():
+        p.error(f"--real {args.real}: not found; pass a MedMNIST-layout npz (test_images, test_labels) or an ImageFolder")
+    test_x, test_y, names = real_test_split(Path(args.real))
     channels = 1 if test_x.ndim == 3 else 3
     to_tensor = transforms.Compose([transforms.Grayscale() if channels == 1 else transforms.Lambda(lambda x: x),
                                     transforms.ToTensor(), transforms.Normalize([0.5] * channels, [0.5] * channels)])
     train = datasets.ImageFolder(images / "train" if (images / "train").is_dir() else images, to_tensor)
+    if names is not None:  # a real ImageFolder numbers its classes by name: give each the export's id ("<id>_<name>")
+        ids = {folder.split("_", 1)[1]: k for k, folder in enumerate(train.classes)}
+        if unknown := sorted(set(names) - set(ids)):
+            p.error(f"--real {args.real}: class folder(s) {', '.join(unknown)} are not classes of the export "
+                    f"({', '.join(ids)})")
+        test_y = np.array([ids[names[y]] for y in test_y], dtype=np.int64)
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True)
 
     net = nn.Sequential(nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -61,6 +68,19 @@ def main(argv: list[str] | None = None) -> float:
     print(f"trained on {len(train)} synthetic images ({', '.join(train.classes)}); "
           f"accuracy on {len(test_y)} real test images: {accuracy:.3f} (majority class: {baseline:.3f})")
     return accuracy
+
+
+def real_test_split(real: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """uint8 images (N, H, W) or (N, H, W, 3), int64 labels (N,) of the real test split, and the class
+    names the labels index (an ImageFolder's; None for an npz, whose labels are the export's ids)."""
+    if real.is_file():
+        with np.load(real) as data:
+            return data["test_images"], data["test_labels"].reshape(-1).astype(np.int64), None
+    folder = datasets.ImageFolder(real / "test" if (real / "test").is_dir() else real)
+    images = [np.asarray(image.convert("RGB")) for image, _ in folder]
+    grey = all((image[..., :1] == image).all() for image in images)
+    return (np.stack([image[..., 0] if grey else image for image in images]), np.array(folder.targets, dtype=np.int64),
+            folder.classes)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 
 from fedpggan.config import RunConfig, class_prior
 from fedpggan.data import ImageDataset, open_dataset
+from fedpggan.data.folder import EXTENSIONS
 from fedpggan.data.medmnist import search_dirs
 from fedpggan.errors import FedPGGANError
 from pggan_model import PGGAN, GANConfig, ModelShape
@@ -30,6 +31,14 @@ def warn_single_class(data: ImageDataset) -> None:
         print(f"warning: {data.name} has one class ({data.class_names[0]}): the generators learn it unconditionally, "
               "and `fedpggan evaluate` cannot measure utility (TSTR), only fidelity and memorisation",
               file=sys.stderr)
+
+
+def refuse_classes_without_images(data: ImageDataset) -> None:
+    """Data that are all of a run's training data (one holder, or a simulation's pool) must hold every class it
+    names; a single site of a federated run need not (its empty class folder keeps the class list the same)."""
+    if empty := [name for name, n in zip(data.class_names, data.class_counts()) if n == 0]:
+        raise FedPGGANError(f"{data.source}: class '{empty[0]}' has no training images (read: "
+                            f"{', '.join(sorted(EXTENSIONS))}); add images or remove its folder")
 
 
 def warn_if_resized(data: ImageDataset, image_size: int) -> None:

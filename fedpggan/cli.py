@@ -31,6 +31,14 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """argparse reports an option no sub-command knows from the top parser: point to the command's help."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = [name for dest in ("command", "site_command") if (name := getattr(parsed, dest, None))]
+            self.exit(2, f"error: unrecognized arguments: {' '.join(extras)}; see {' '.join([self.prog, *command])} --help\n")
+        return parsed
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(

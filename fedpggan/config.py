@@ -325,7 +325,10 @@ def resolve(args: argparse.Namespace, names: list[str], defaults: dict[str, Any]
         from_file = load_toml(args.config)
         known = {f.name for f in fields(RunConfig)}
         for key in from_file:  # an option of another command would otherwise be ignored without a word
-            if key.replace("-", "_") in known and key.replace("-", "_") not in names:
+            if key.replace("-", "_") not in known:
+                raise FedPGGANError(f"--config {args.config}: unknown option '{key}'; the keys are the option names "
+                                    "(see this command's --help)")
+            if key.replace("-", "_") not in names:
                 raise FedPGGANError(f"--config {args.config}: option '{key}' does not apply to this command; remove it "
                                     "(see this command's --help for its options)")
         values.update(from_file)

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from fedpggan.build import (build_gan, open_training_data, pick_device, prior_tensor, seed_everything, with_resolved_dataset,
-                            warn_if_resized, warn_single_class, warn_without_dp)
+                            refuse_classes_without_images, warn_if_resized, warn_single_class, warn_without_dp)
 from fedpggan.config import RunConfig
 from fedpggan.data.sources import run_dataset_name
 from fedpggan.errors import FedPGGANError
@@ -47,6 +47,7 @@ def train_centralised(cfg: RunConfig, resume: bool = False) -> Path:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     data = open_training_data(cfg)
+    refuse_classes_without_images(data)
     cfg = with_resolved_dataset(cfg, data)
     run = RunFolder(cfg.out or default_run_dir(), cfg.keep_checkpoints)
     gan = build_gan(cfg, data.image_size, data.channels, data.num_classes).to(device)

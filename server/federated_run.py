@@ -514,14 +514,15 @@ class FederatedRun:
         return self.mechanism_for(int(self.run_info["sites"][site]))[3] if self.cfg.dp else 0.0  # also a site not back after --resume
 
     def use_release(self, pooled: torch.Tensor, noise_variance: float, pooled_sites: int) -> None:
-        """The generators match the pooled class means; the gate reads its noise (post-processing). While the
-        pool lacks some sites' releases (--fraction < 1, a failed round, a site left out of the secure sum) a
-        class may lie only at those sites: its count is then pure noise and its "mean" far outside the data,
-        so a class whose pooled count does not stand out of the noise gets no target and the gate reads the others."""
+        """The generators match the pooled class means; the gate reads its noise (post-processing). A class whose
+        pooled count does not stand out of the noise gets no target and the gate reads the others: its "mean" would
+        be noise far outside the data. So is a class no pooled site holds (while the pool lacks some sites' releases:
+        --fraction < 1, a failed round, a site left out of the secure sum; or no site at all), and every class at a
+        budget too small for the release (e.g. epsilon 0.05)."""
         share, sites = self.cfg.embedding_count_share, len(self.run_info["sites"])  # every site, also those not back after --resume
         means, counts = class_means(pooled, share)
-        classes = vouched_classes(counts, share, noise_variance) if pooled_sites < sites else None
-        if classes is not None and bool(classes.all()):
+        classes = vouched_classes(counts, share, noise_variance)
+        if bool(classes.all()):
             classes = None
         if classes is not None:
             missing = [name for name, ok in zip(self.class_names, classes.tolist()) if not ok]

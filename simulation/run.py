@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedpggan import config
-from fedpggan.build import (open_training_data, prior_tensor, warn_if_resized, warn_single_class, warn_without_dp,
+from fedpggan.build import (open_training_data, prior_tensor, refuse_classes_without_images, warn_if_resized, warn_single_class, warn_without_dp,
                             with_resolved_dataset)
 from fedpggan.cli import INTERRUPTED, INTERRUPTED_EXIT_CODE
 from fedpggan.config import RunConfig
@@ -54,6 +54,7 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, list[dict]]:
     check_image_size(cfg.image_size)
     check_simulation_resources(cfg)
     data = open_training_data(cfg)
+    refuse_classes_without_images(data)
     prior_tensor(cfg, data.num_classes)  # the ServerApp's check, made before Flower starts
     cfg = with_resolved_dataset(cfg, data)
     parts = partition(data.labels.numpy(), cfg.clients, cfg.partition, cfg.alpha, cfg.min_per_site, cfg.seed)

@@ -386,7 +386,7 @@ def test_a_class_folder_this_user_cannot_read_says_so_not_that_it_is_empty(tmp_p
         open_dataset(str(tmp_path), image_size=10)
 
 
-@pytest.mark.parametrize("case", ["mixed sizes", "empty class", "not an image", "16-bit", "float", "not square",
+@pytest.mark.parametrize("case", ["mixed sizes", "not an image", "16-bit", "float", "not square",
                                   "class only in test", "splits named otherwise"])
 def test_bad_image_folder(tmp_path, case):
     save_images(tmp_path / "a", 2)
@@ -414,9 +414,6 @@ def test_bad_image_folder(tmp_path, case):
             save_images(tmp_path / split_name / "glioma", 2)
             save_images(tmp_path / split_name / "meningioma", 2, seed=1)
         needle, named = "Testing, Training look like data splits", str(tmp_path)
-    elif case == "empty class":
-        (tmp_path / "b").mkdir()
-        needle, named = "no images", str(tmp_path / "b")
     else:
         (tmp_path / "b").mkdir()
         (tmp_path / "b" / "broken.png").write_bytes(b"not a png")

@@ -477,6 +477,28 @@ def test_site_check_accepts_a_good_site_and_says_what_leaves(site_toml, capsys, 
     assert re.search(r"^  device +(cpu|cuda)", out, re.MULTILINE)
 
 
+def test_a_site_holding_no_image_of_a_class_joins_with_its_empty_folder(site_toml, capsys, tmp_path):
+    """Label skew between hospitals: the class list must match every site's, so the empty folder stays; the holder
+    of all a run's data (a simulation, `fedpggan train`) is refused such a class."""
+    from PIL import Image
+
+    from conftest import tiny_config
+    from simulation.run import prepare
+
+    folder = tmp_path / "images" / "train"
+    for label in ("benign", "malignant", "normal"):
+        (folder / label).mkdir(parents=True)
+    for i in range(6):
+        for label in ("benign", "normal"):
+            Image.fromarray(np.full((28, 28), 30 * i, np.uint8)).save(folder / label / f"{i}.png")
+    code, out, _ = site_check(capsys, site_toml(data=f'"{folder.parent}"'))
+    assert code == 0 and "12 images, 3 classes (benign, malignant, normal)" in out
+    assert "no images of malignant here (allowed: the other sites' images teach it; keep the empty folder" in out
+    with pytest.raises(FedPGGANError, match=r"images: class 'malignant' has no training images .*; add images or remove its folder"):
+        prepare(tiny_config(tmp_path / "run", dataset=str(folder.parent), min_per_site=2))
+    assert not (tmp_path / "run").exists()
+
+
 def test_site_check_refuses_an_environment_where_the_coordinators_app_bundle_would_run(site_toml, capsys, tmp_path,
                                                                                      monkeypatch):
     from client import installed_code_only

@@ -595,9 +595,23 @@ def test_example_script_trains_on_the_export_and_tests_on_real_data(gray_run, tm
     assert len(steps) == 2 * 3  # it trains: 48 synthetic images in batches of 16, twice
     assert "trained on 48 synthetic images" in printed  # and scores the real test split, as it says
     assert f"accuracy on 64 real test images: {accuracy:.3f}" in printed
+    # the same real images as an ImageFolder, whose alphabetical class ids ("lesion" before "no lesion") are not the run's
+    names = [c.split("_", 1)[1] for c in sorted(p.name for p in (tmp_path / "export" / "images" / "train").iterdir())]
+    assert sorted(names) != names
+    with np.load(real) as data:
+        test_images, test_labels = data["test_images"], data["test_labels"][:, 0]
+    for i, (pixels, label) in enumerate(zip(test_images, test_labels)):
+        (tmp_path / "folder" / "test" / names[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / "folder" / "test" / names[label] / f"{i}.png")
+    torch.manual_seed(0)
+    again = example.main(["--export", str(tmp_path / "export"), "--real", str(tmp_path / "folder"), "--epochs", "2", "--batch-size", "16"])
+    assert again == pytest.approx(accuracy)  # the same classifier (seed 0) on the same images, labelled by name
+    (tmp_path / "folder" / "test" / "cyst").mkdir()
+    Image.fromarray(test_images[0]).save(tmp_path / "folder" / "test" / "cyst" / "0.png")
     export_run(gray_run, tmp_path / "npz_only", ExportOptions(n=8, formats=("npz",)))
     for export, given_real, says in ((tmp_path / "npz_only", real, "no images/ folder; export with --format imagefolder"),
-                                     (tmp_path / "export", tmp_path / "none.npz", "none.npz: no such file")):
+                                     (tmp_path / "export", tmp_path / "none.npz", "none.npz: not found"),
+                                     (tmp_path / "export", tmp_path / "folder", "class folder(s) cyst are not classes of the export")):
         with pytest.raises(SystemExit) as stopped:  # a plausible slip: one line, not a traceback
             example.main(["--export", str(export), "--real", str(given_real)])
         assert stopped.value.code == 2 and says in capsys.readouterr().err

@@ -366,6 +366,24 @@ def test_a_class_no_pooled_release_holds_gets_no_embedding_target_until_one_does
             assert classes is None and server.release_noise_ratio < 1  # every site pooled: every class has its target
 
 
+def test_a_class_no_site_holds_gets_no_embedding_target_also_with_every_release_pooled(capsys):
+    """Label skew in a deployment: every site lists the class (an empty folder), none holds an image of it."""
+    from fedpggan.config import RunConfig
+    from fedpggan.privacy.feature_release import features_for, release_sum
+    from pggan_model import GeneratorTrainer
+    from server.federated_run import FederatedRun
+
+    data = open_dataset("phantom", image_size=28).subset(range(200))
+    features = features_for((1, 28, 28), 50, seed=0)
+    server = object.__new__(FederatedRun)
+    server.cfg, server.features, server.class_names, server.device = RunConfig(epsilon=math.inf), features, ["a", "b", "c"], "cpu"
+    server.g_trainer, server.run_info = GeneratorTrainer(PGGAN(SHAPE)), {"sites": {"0": 200}}
+    released = release_sum(features, data.images, data.labels, 3, server.cfg.embedding_count_share, None, None)
+    server.use_release(released.double(), 0.0, 1)
+    assert server.g_trainer.embedding[3].tolist() == [True, True, False]
+    assert "class(es) c left out: their counts do not stand out of the noise in the releases of 1 of 1 sites" in capsys.readouterr().out
+
+
 def test_a_plain_release_in_a_secure_run_is_rejected_not_used():
     """One site's share must not replace the securely summed target (a hostile or outdated site)."""
     from types import SimpleNamespace

@@ -105,7 +105,7 @@ def test_an_option_is_never_read_as_a_longer_one_it_abbreviates(argv, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(argv)
     err = capsys.readouterr().err.strip()
-    assert stopped.value.code == 2 and err == f"error: unrecognized arguments: {' '.join(argv[1:])}; see fedpggan --help"
+    assert stopped.value.code == 2 and err == f"error: unrecognized arguments: {' '.join(argv[1:])}; see fedpggan {argv[0]} --help"
 
 
 PHANTOM_SIM = ["simulate", "--dataset", "phantom", "--clients", "2", "--rounds", "2", "--local-steps", "2"]
@@ -154,7 +154,7 @@ def test_toml_config_and_flag_precedence(tmp_path, capsys):
     assert config.resolve(parser.parse_args(["--config", str(toml)]), OPTIONS).rounds == 3
     toml.write_text("clientz = 7\n")
     assert main(["simulate", "--config", str(toml)]) == 2
-    assert "unknown option 'clientz'" in capsys.readouterr().err
+    assert f"error: --config {toml}: unknown option 'clientz'; the keys are the option names" in capsys.readouterr().err
     toml.write_text("clients = [\n")
     assert main(["simulate", "--config", str(toml)]) == 2
     assert f"--config {toml}: invalid TOML" in capsys.readouterr().err

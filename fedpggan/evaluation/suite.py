@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpggan.build import pick_device
+from fedpggan.build import pick_device, refuse_classes_without_images
 from fedpggan.config import EVALUATION_REPORT_SIZE
 from fedpggan.data import ImageDataset, open_dataset
 from fedpggan.data.sources import SITE_DATA, public_name
@@ -74,6 +74,7 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
                    for part in ("train", split))
     for real in (train, test):
         check_matches_gan(real, gan)
+    refuse_classes_without_images(train)  # TRTR, the reference, must learn every class
     check_enough_test_images(test, spec)
 
     utility = tstr(gan, None, test, n_synthetic, seeds, generator, budget, dev, progress)
