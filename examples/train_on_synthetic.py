@@ -6,12 +6,13 @@
 Uses only numpy, torch and torchvision -- what a recipient of the export has -- and reads the
 export's ImageFolder tree (``images/`` or ``images/train/``); the folder prefixes make
 ImageFolder's class ids equal the npz labels, so the real ``test_labels`` match directly; a real
-ImageFolder's classes are matched to the export's by name.
+ImageFolder's class folders are matched by name to the class names in the export's datasheet.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,11 @@ def main(argv: list[str] | None = None) -> float:
     to_tensor = transforms.Compose([transforms.Grayscale() if channels == 1 else transforms.Lambda(lambda x: x),
                                     transforms.ToTensor(), transforms.Normalize([0.5] * channels, [0.5] * channels)])
     train = datasets.ImageFolder(images / "train" if (images / "train").is_dir() else images, to_tensor)
-    if names is not None:  # a real ImageFolder numbers its classes by name: give each the export's id ("<id>_<name>")
-        ids = {folder.split("_", 1)[1]: k for k, folder in enumerate(train.classes)}
+    if names is not None:  # a real ImageFolder numbers its classes alphabetically: give each the export's id
+        datasheet = Path(args.export) / "datasheet.json"
+        if not datasheet.is_file():
+            p.error(f"--export {args.export}: no datasheet.json, which names the export's classes; pass the whole export")
+        ids = {name: k for k, name in enumerate(json.loads(datasheet.read_text())["dataset"]["class_names"])}
         if unknown := sorted(set(names) - set(ids)):
             p.error(f"--real {args.real}: class folder(s) {', '.join(unknown)} are not classes of the export "
                     f"({', '.join(ids)})")
@@ -76,8 +80,9 @@ def real_test_split(real: Path) -> tuple[np.ndarray, np.ndarray, list[str] | Non
     if real.is_file():
         with np.load(real) as data:
             return data["test_images"], data["test_labels"].reshape(-1).astype(np.int64), None
-    folder = datasets.ImageFolder(real / "test" if (real / "test").is_dir() else real)
-    images = [np.asarray(image.convert("RGB")) for image, _ in folder]
+    folder = datasets.ImageFolder(real / "test" if (real / "test").is_dir() else real, allow_empty=True)
+    size = min(min(image.size) for image, _ in folder)  # one size to stack; resized to the export's below anyway
+    images = [np.asarray(image.convert("RGB").resize((size, size))) for image, _ in folder]
     grey = all((image[..., :1] == image).all() for image in images)
     return (np.stack([image[..., 0] if grey else image for image in images]), np.array(folder.targets, dtype=np.int64),
             folder.classes)

@@ -33,12 +33,15 @@ def warn_single_class(data: ImageDataset) -> None:
               file=sys.stderr)
 
 
-def refuse_classes_without_images(data: ImageDataset) -> None:
+def refuse_classes_without_images(data: ImageDataset, fix: str = "add images or remove its folder") -> None:
     """Data that are all of a run's training data (one holder, or a simulation's pool) must hold every class it
     names; a single site of a federated run need not (its empty class folder keeps the class list the same)."""
     if empty := [name for name, n in zip(data.class_names, data.class_counts()) if n == 0]:
         raise FedPGGANError(f"{data.source}: class '{empty[0]}' has no training images (read: "
-                            f"{', '.join(sorted(EXTENSIONS))}); add images or remove its folder")
+                            f"{', '.join(sorted(EXTENSIONS))}); {fix}")
+
+
+MEASURED_SIZES_UP_TO = 64  # the benchmarks ran at 28 and 64 px
 
 
 def warn_if_resized(data: ImageDataset, image_size: int) -> None:
@@ -47,11 +50,13 @@ def warn_if_resized(data: ImageDataset, image_size: int) -> None:
     stored = data.stored_size
     if stored == image_size:
         return
-    try:
-        upsampling_plan(stored)
-        own = f"; pass --image-size {stored} to train at the data's own size"
-    except FedPGGANError:
-        own = ""
+    own = ""
+    if stored <= MEASURED_SIZES_UP_TO:  # larger sizes build, but nothing here was measured at them
+        try:
+            upsampling_plan(stored)
+            own = f"; pass --image-size {stored} to train at the data's own size"
+        except FedPGGANError:
+            pass
     print(f"warning: {data.name}: {stored}x{stored} images are resized to {image_size}x{image_size} "
           f"(--image-size {image_size}){own}", file=sys.stderr)
 

@@ -56,6 +56,8 @@ def check_data(site: SiteConfig) -> tuple[ImageDataset, str]:
                             f"{', '.join(map(str, folders))}; set 'data' to the path of the site's own .npz file or "
                             "image folder") from None
     kind = "" if data.is_medical else " -- NOT medical data"
+    if data.stored_size != data.image_size:
+        kind += f" (stored at {data.stored_size}x{data.stored_size}, resized)"
     if empty := [name for name, n in zip(data.class_names, data.class_counts()) if n == 0]:
         kind += (f"; no images of {', '.join(empty)} here (allowed: the other sites' images teach "
                  f"{'it' if len(empty) == 1 else 'them'}; keep the empty folder, so every site lists the same classes)")

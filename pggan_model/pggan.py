@@ -189,6 +189,8 @@ class GeneratorTrainer:
             images = torch.cat([images, gan.g2(gan.latent(batch_size, device), labels)])
             labels = torch.cat([labels, labels])
         emb = embedding_loss(features, images, labels, means, classes)
+        if not emb.requires_grad:  # no class of the batch has a target (``classes``): nothing to learn from
+            return 0.0
         self.update(weight * emb)
         return float(emb.detach())
 

@@ -40,7 +40,7 @@ from fedpggan.wire import (answering_node, destinations, generator_arrays, load_
 from pggan_model import CASES, GeneratorTrainer, generator_step_summary, load_checkpoint, save_checkpoint
 from pggan_model.mean_embedding import class_means, release_noise_ratio, vouched_classes
 from server.aggregation import aggregate, aggregation_assumption
-from server.secure_release import SecureSum, secure_sum
+from server.secure_release import SecureSum, SecureSumFailed, secure_sum
 from server.validation import (ROBUST_MIN_UPDATES, outlier_problems, release_problem, reply_problem, site_facts_problem,
                                update_norm, update_problem)
 
@@ -96,8 +96,8 @@ class FederatedRun:
         if cfg.release_aggregation == "secure" and cfg.embedding_weight > 0:
             try:
                 self.secure_release()
-            except FedPGGANError as exc:  # run.json must not say "running", nor the ledger hide the release's spend
-                self.finish("failed", str(exc), announce=False)
+            except Exception as exc:  # run.json must not say "running" (the ledger charged the release before the protocol)
+                self.finish("failed", str(exc) or type(exc).__name__, announce=False)
                 raise
         bar = tqdm(range(first_round, cfg.rounds + 1), desc="rounds", unit="round", initial=first_round - 1, total=cfg.rounds)
         for round_num in bar:
@@ -546,8 +546,12 @@ class FederatedRun:
                                    "site-state-root": str((self.folder.root / "sites").resolve())})
             needed = replies_needed(self.cfg.min_clients, len(self.sites))  # a sum of one share still carries sigma
             self.charge_releases([self.site_id(n) for n in self.sites])  # before any site makes its share
-            result = secure_sum(self.grid, {n: self.site_id(n) for n in self.sites}, config,
-                                (self.features.dim + 1, len(self.class_names)), needed, self.cfg.round_timeout)
+            try:
+                result = secure_sum(self.grid, {n: self.site_id(n) for n in self.sites}, config,
+                                    (self.features.dim + 1, len(self.class_names)), needed, self.cfg.round_timeout)
+            except SecureSumFailed as exc:
+                self.record_failed_secure_sum(str(exc), exc.made_for)
+                raise
             buffer = io.BytesIO()
             torch.save(result.pooled, buffer)
             info.update(sites=result.sites, share_made_for=result.made_for, left_out=result.left_out,
@@ -588,6 +592,20 @@ class FederatedRun:
             record.update(key_list={"verified": True, "signers": signers} if signers else
                           {"verified": False, "why": "the site has no peer-keys: it took the server's key list on trust"})
             self.ledger.site(site)["feature_release"] = record
+        self.folder.save_ledger(self.ledger, self.run_info)
+
+    def record_failed_secure_sum(self, reason: str, made_for: dict[str, int]) -> None:
+        """No sum was made: every site is left out of it (charged all the same, charge_releases), with the
+        worst case of the least noisy share it may have sent (made for the first key list it was sent)."""
+        if not self.cfg.dp:
+            return
+        why = f"the protocol stopped before any sum was unmasked: {reason[:300]}"
+        for site, records in self.run_info["sites"].items():
+            entry = self.ledger.site(site)
+            if site in made_for:
+                entry["feature_release"] = self.release_record(int(records), made_for[site], len(self.run_info["sites"]))
+            entry["feature_release"]["left_out"] = why
+            self.ledger.record_event(site, 0, "left_out_of_secure_release", why)
         self.folder.save_ledger(self.ledger, self.run_info)
 
     def charge_releases(self, sites: list[str]) -> None:

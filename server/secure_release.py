@@ -27,6 +27,15 @@ REVEAL_TRIES = 3  # asking a site again for the same seed is safe: a failed reve
 T = TypeVar("T")
 
 
+class SecureSumFailed(FedPGGANError):
+    """The protocol stopped before the sum was unmasked. ``made_for``: per site that was sent a key list,
+    the N its share was first made for (its least noisy share, had it made one, carries sigma / sqrt(N))."""
+
+    def __init__(self, message: str, made_for: dict[str, int]) -> None:
+        super().__init__(message)
+        self.made_for = made_for
+
+
 @dataclass
 class SecureSum:
     pooled: torch.Tensor  # the sum of the shares of ``sites``: all the server learns
@@ -39,9 +48,18 @@ class SecureSum:
 def secure_sum(grid: Grid, nodes: dict[int, str], config: ConfigRecord, shape: tuple[int, ...], needed: int,
                timeout: float) -> SecureSum:
     """Run the protocol with ``nodes`` (node id -> site id). Nothing is unmasked unless every
-    site of an attempt sent its vector and its seed."""
-    left_out: dict[str, str] = {}
+    site of an attempt sent its vector and its seed; a stop raises :class:`SecureSumFailed`."""
     first_list: dict[int, int] = {}  # node -> the size of the first key list the server sent it (what its share is made for)
+    try:
+        return _attempts(grid, dict(nodes), config, shape, needed, timeout, first_list)
+    except FedPGGANError as exc:
+        raise SecureSumFailed(str(exc), {nodes[n]: size for n, size in first_list.items()}) from exc
+
+
+def _attempts(grid: Grid, nodes: dict[int, str], config: ConfigRecord, shape: tuple[int, ...], needed: int, timeout: float,
+              first_list: dict[int, int]) -> SecureSum:
+    """:func:`secure_sum`'s attempts, filling ``first_list`` as key lists go out."""
+    left_out: dict[str, str] = {}
     while True:
         enough(nodes, needed, left_out)
         keys = ask(grid, nodes, "query.release_keys", RecordDict({"config": config}), read_key, left_out, timeout)

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -80,7 +81,7 @@ def check_resumable(cfg: RunConfig, folder: RunFolder) -> None:
     trained = current_options(folder.read_run())  # where the run last trained, before this resume's --dataset/--data-dir
     where = str(trained.get("dataset")) + (f" in {trained['data-dir']}" if trained.get("data-dir") else "")
     check_same_partition(folder.read_json(folder.root / "partition.json"), data, parts,
-                         f"resume with the data the run trained on ({where}) or start a new run")
+                         f"the run trained on {where}: resume with those data, as they were, or start a new run")
 
 
 def simulate(cfg: RunConfig | None, resume: str | None = None, client_app: ClientApp | None = None,
@@ -145,6 +146,7 @@ def interruptible(func: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         import ray
 
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break off the clean-up below
         print(INTERRUPTED, file=sys.stderr, flush=True)
         if ray.is_initialized():
             ray.shutdown()

@@ -628,7 +628,7 @@ def test_a_resume_on_other_data_names_the_data_the_run_trained_on(tmp_path):
     (folder.root / "partition.json").write_text(json.dumps(summary))
     (folder.root / "run.json").write_text(json.dumps({"config": cfg.to_flower()}))
     sim.check_resumable(cfg, folder)  # the same data: nothing to say
-    with pytest.raises(FedPGGANError, match=f"resume with the data the run trained on \\({re.escape(str(first))}\\) or start"):
+    with pytest.raises(FedPGGANError, match=f"the run trained on {re.escape(str(first))}: resume with those data, as they were, or start"):
         sim.check_resumable(dataclasses.replace(cfg, dataset=str(other)), folder)
 
 

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import tiny_config
 
 from fedpggan.cli import main
@@ -147,6 +148,15 @@ def test_cli_errors_are_one_line(run_dir, tmp_path, capsys):
     np.savez(npz, **{f"{s}_images": rng.integers(0, 256, (9, 28, 28), dtype=np.uint8) for s in ("train", "val", "test")},
              **{f"{s}_labels": (np.arange(9) % 3)[:, None] for s in ("train", "val", "test")})
     assert "3 classes" in error_of(str(run_dir), "--real", str(npz), *TINY)
+    folder = tmp_path / "site_folder"  # one site's own images (label skew): no training image of one class
+    for split, classes in (("train", ("no lesion",)), ("test", ("no lesion", "lesion"))):
+        for name in ("no lesion", "lesion"):
+            (folder / split / name).mkdir(parents=True)
+        for name in classes:
+            for i in range(6):
+                Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(folder / split / name / f"{i}.png")
+    assert ("class 'lesion' has no training images (read: .bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp); pass --real "
+            "data that hold every class") in error_of(str(run_dir), "--real", str(folder), *TINY)
     assert "--seeds 0" in error_of(str(run_dir), "--seeds", "0")
     assert "--n-synthetic 3: PRDC's 5 nearest neighbours need more" in error_of(str(run_dir), "--n-synthetic", "3")
     assert "--checkpoint 7: no such checkpoint file or round" in error_of(str(run_dir), "--checkpoint", "7")

@@ -225,6 +225,11 @@ def test_embedding_step_fits_the_target_without_touching_d():
     assert all(torch.equal(a, b) for a, b in zip(d_before, gan.d.parameters()))
     assert all(p.grad is None for p in gan.d.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(ema_before, gan.ema2.parameters()))  # both generators, and their EMA
+    # no class with a target (a budget too small for the release): the steps learn nothing, and do not fail
+    trainer.match_embedding(features, torch.zeros(features.dim, 2), weight=5.0, classes=torch.tensor([False, False]))
+    g_before = [p.clone() for p in gan.g1.parameters()]
+    assert trainer.embedding_step(16) == 0.0 and trainer.step(16)["loss_embedding"] == 0.0
+    assert any(not torch.equal(a, b) for a, b in zip(g_before, gan.g1.parameters()))  # the adversarial step still learns
 
 
 def test_step_stats_average_what_was_logged_and_sum_the_rule_cases():

@@ -696,6 +696,7 @@ def test_a_site_failing_the_secure_release_is_left_out_and_the_others_sum_again(
 def test_a_secure_release_that_fails_leaves_the_runs_spend_on_record(tmp_path, monkeypatch):
     """Every site made its share (and charged its release) before site 2 withheld its seed: the run
     stops, and neither run.json ("running") nor the ledger (epsilon 0) may say otherwise."""
+    from fedpggan.audit import audit_run
     from fedpggan.privacy.accounting import epsilon_of
     from fedpggan.privacy.feature_release import release_history
 
@@ -714,6 +715,14 @@ def test_a_secure_release_that_fails_leaves_the_runs_spend_on_record(tmp_path, m
         assert site["epsilon"] == pytest.approx(spent) and spent > 0.1
     assert ledger["guarantee"]["epsilon"] == pytest.approx(max(s["epsilon"] for s in ledger["sites"].values()))
     assert info["final_epsilon"] == ledger["guarantee"]["epsilon"]
+    for site in ledger["sites"].values():  # no sum was made: each is left out of it, its share's worst case stated
+        release = site["feature_release"]
+        assert release["left_out"].startswith("the protocol stopped before any sum was unmasked: secure release: site 2 did not")
+        assert release["share_made_for"] == 4 and site["events"][-1]["event"] == "left_out_of_secure_release"
+    audit = audit_run(run)
+    assert audit["passed"], audit["violations"]
+    assert sum(n.startswith("sites.") and "left out of the secure sum of the embedding releases (the protocol stopped before "
+               "any sum was unmasked" in n and "if a share it sent is unmasked" in n for n in audit["notes"]) == 4
 
 
 def model_norm(state: dict[str, torch.Tensor]) -> float:

@@ -359,9 +359,11 @@ def test_a_secure_release_with_too_few_sites_left_stops_naming_them(monkeypatch)
     shares = {n: torch.zeros(5, 2, dtype=torch.float64) for n in (11, 12, 13, 14)}
     sites = ProtocolSites(shares, {("masked", 1): (12, "disk full"), ("masked", 2): (13, "out of memory")})
     with pytest.raises(FedPGGANError, match=r"2 site\(s\) left, fewer than the 3 it needs .*site hospital-b: disk full; "
-                                            r"site hospital-c: out of memory; fix those sites.*nothing was revealed"):
+                                            r"site hospital-c: out of memory; fix those sites.*nothing was revealed") as stopped:
         run_protocol(monkeypatch, sites, needed=3)
     assert sites.attempt == 2  # it gave up before a third attempt, which could not reach 3 sites
+    # what the ledger's worst cases rest on: the first key list each site was sent (a share made for 4)
+    assert stopped.value.made_for == {f"hospital-{c}": 4 for c in "abcd"}
 
 
 def test_a_reveal_is_retried_and_one_that_keeps_failing_stops_the_secure_release_with_the_sum_still_masked(monkeypatch):

@@ -99,6 +99,20 @@ def test_bad_options_give_one_line_errors(argv, message, capsys):
     assert "\n" not in err and "Traceback" not in err
 
 
+def test_one_holder_of_all_the_data_is_refused_a_class_without_images(tmp_path, capsys):
+    """Allowed at a deployed site (label skew); here no one holds an image of the class, so it cannot be learned."""
+    import numpy as np
+    from PIL import Image
+
+    for name in ("normal", "pneumonia"):
+        (tmp_path / "xrays" / name).mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray(np.full((28, 28), 20 * i, np.uint8)).save(tmp_path / "xrays" / "normal" / f"{i}.png")
+    assert main(["train", "--dataset", str(tmp_path / "xrays"), "--out", str(tmp_path / "run")]) == 2
+    assert "xrays: class 'pneumonia' has no training images" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("argv", [["simulate", "--generator", "1"], ["train", "--epoch", "1"]])
 def test_an_option_is_never_read_as_a_longer_one_it_abbreviates(argv, capsys):
     """An option removed since a command was written must fail as unknown, not run as another."""

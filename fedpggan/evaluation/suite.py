@@ -74,7 +74,8 @@ def evaluate_run(run_dir: str | Path, real_spec: str | None = None, data_dir: st
                    for part in ("train", split))
     for real in (train, test):
         check_matches_gan(real, gan)
-    refuse_classes_without_images(train)  # TRTR, the reference, must learn every class
+    # TRTR, the reference, must learn every class (a site's own folder may lack one: label skew)
+    refuse_classes_without_images(train, "pass --real data that hold every class, e.g. the pooled or public data")
     check_enough_test_images(test, spec)
 
     utility = tstr(gan, None, test, n_synthetic, seeds, generator, budget, dev, progress)
