@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import signal
 import sys
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fedpggan import config
 from fedpggan.build import (open_training_data, prior_tensor, refuse_classes_without_images, warn_if_resized, warn_single_class, warn_without_dp,
                             with_resolved_dataset)
-from fedpggan.cli import INTERRUPTED, INTERRUPTED_EXIT_CODE
+from fedpggan.cli import INTERRUPTED
 from fedpggan.config import RunConfig
 from fedpggan.data import partition, partition_summary, partition_table
 from fedpggan.data.partition import check_same_partition, site_sha256
@@ -126,10 +127,10 @@ def simulate(cfg: RunConfig | None, resume: str | None = None, client_app: Clien
 
 
 def interruptible(func: Callable[[], T]) -> T:
-    """``func()`` on a daemon thread, which a Ctrl-C can end. Flower's runtime would block the main
-    thread in a join that ignores Ctrl-C, and its ServerApp thread would hold the exit until the
-    round timed out; so after a Ctrl-C the local Ray cluster is stopped and the process exits at
-    once. Nothing is left half-written: the run replaces its files atomically (a resume continues)."""
+    """``func()`` on a daemon thread, which a Ctrl-C or SIGTERM can end. Flower's runtime would block
+    the main thread in a join that ignores Ctrl-C, and its ServerApp thread would hold the exit until
+    the round timed out; so on either signal the process exits at once (Ray's processes end with
+    their driver). Nothing is left half-written: the run replaces its files atomically (a resume continues)."""
     outcome: dict[str, Any] = {}
 
     def target() -> None:
@@ -138,23 +139,36 @@ def interruptible(func: Callable[[], T]) -> T:
         except BaseException as exc:  # re-raised on the main thread: one-line errors as before
             outcome["error"] = exc
 
+    def terminate(signum: int, frame: Any) -> None:  # Ray sets its own SIGTERM handler only on the main thread
+        outcome["signal"] = signum
+        raise KeyboardInterrupt
+
     thread = threading.Thread(target=target, name="simulation", daemon=True)
+    previous = signal.signal(signal.SIGTERM, terminate)
+    ray_says_so = logging.getLogger("ray._private.worker")  # ... and says so, for the handler set here
+    quiet = NotOnMainThread()
+    ray_says_so.addFilter(quiet)
     thread.start()
     try:
         while thread.is_alive():
-            thread.join(0.2)  # a short wait: the main thread stays free to take the Ctrl-C
+            thread.join(0.2)  # a short wait: the main thread stays free to take the signal
     except KeyboardInterrupt:
-        import ray
-
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break off the clean-up below
         print(INTERRUPTED, file=sys.stderr, flush=True)
-        if ray.is_initialized():
-            ray.shutdown()
         sys.stdout.flush()
-        os._exit(INTERRUPTED_EXIT_CODE)
+        os._exit(128 + outcome.get("signal", signal.SIGINT))  # 130 for a Ctrl-C, 143 for SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ray_says_so.removeFilter(quiet)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+class NotOnMainThread(logging.Filter):
+    """Drops Ray's warning that it set no SIGTERM handler off the main thread (:func:`interruptible` sets one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
 
 
 @contextlib.contextmanager

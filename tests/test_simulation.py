@@ -360,9 +360,10 @@ def test_a_resume_may_move_the_data_and_the_device_but_change_nothing_else(tmp_p
     assert "run.json: not found" in capsys.readouterr().err  # past the option check, to the missing run
 
 
-def test_a_ctrl_c_ends_a_simulation_at_once_keeping_what_it_saved(tmp_path):
+@pytest.mark.parametrize("stop, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_ctrl_c_or_sigterm_ends_a_simulation_at_once_keeping_what_it_saved(tmp_path, stop, code):
     """Flower's runtime blocks the main thread in a join a Ctrl-C cannot end, and its ServerApp thread holds the
-    exit until a round times out: the runner must still stop within seconds, with the interrupted exit code."""
+    exit until a round times out: the runner must still stop within seconds, with the signal's exit code."""
     import signal
     import subprocess
     import sys
@@ -380,9 +381,10 @@ def test_a_ctrl_c_ends_a_simulation_at_once_keeping_what_it_saved(tmp_path):
             while "rounds:" not in log.read_text() and time.monotonic() < deadline and sim.poll() is None:
                 time.sleep(1)  # the round loop has begun: Flower's runtime is running
             time.sleep(5)
-            sim.send_signal(signal.SIGINT)
-            assert sim.wait(timeout=60) == 130
+            sim.send_signal(getattr(signal, stop))
+            assert sim.wait(timeout=60) == code
         finally:
             sim.kill()
     assert "interrupted: what was saved is kept" in log.read_text()
+    assert "SIGTERM handler is not set" not in log.read_text()  # Ray's warning about the handler the runner sets
     assert json.loads((tmp_path / "run" / "run.json").read_text())["kind"] == "federated"  # the folder stays
