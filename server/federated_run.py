@@ -698,7 +698,7 @@ class FederatedRun:
         eps = self.ledger.data["guarantee"]["epsilon"]
         if announce:
             print(f"{status}: {reason}; run folder {self.folder.root}; epsilon (max over sites) = "
-              f"{'no DP' if not self.cfg.dp else 'not recorded (see privacy_ledger.json)' if eps is None else format(eps, '.4g')}")
+                  f"{'no DP' if not self.cfg.dp else 'not recorded (see privacy_ledger.json)' if eps is None else format(eps, '.4g')}")
 
 
 def sample_sites(sites: dict[int, str], fraction: float, seed: int) -> list[int]:

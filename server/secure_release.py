@@ -52,8 +52,9 @@ def secure_sum(grid: Grid, nodes: dict[int, str], config: ConfigRecord, shape: t
     first_list: dict[int, int] = {}  # node -> the size of the first key list the server sent it (what its share is made for)
     try:
         return _attempts(grid, dict(nodes), config, shape, needed, timeout, first_list)
-    except FedPGGANError as exc:
-        raise SecureSumFailed(str(exc), {nodes[n]: size for n, size in first_list.items()}) from exc
+    except Exception as exc:  # also the grid's own errors: the ledger must say what each site may have sent
+        message = str(exc) if isinstance(exc, FedPGGANError) else f"secure release: {type(exc).__name__}: {exc}"
+        raise SecureSumFailed(message, {nodes[n]: size for n, size in first_list.items()}) from exc
 
 
 def _attempts(grid: Grid, nodes: dict[int, str], config: ConfigRecord, shape: tuple[int, ...], needed: int, timeout: float,

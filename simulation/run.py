@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedpggan import config
-from fedpggan.build import (open_training_data, prior_tensor, refuse_classes_without_images, warn_if_resized, warn_single_class, warn_without_dp,
-                            with_resolved_dataset)
+from fedpggan.build import (open_training_data, prior_tensor, refuse_classes_without_images, warn_if_resized,
+                            warn_single_class, warn_without_dp, with_resolved_dataset)
 from fedpggan.cli import INTERRUPTED
 from fedpggan.config import RunConfig
 from fedpggan.data import partition, partition_summary, partition_table
@@ -131,6 +131,8 @@ def interruptible(func: Callable[[], T]) -> T:
     the main thread in a join that ignores Ctrl-C, and its ServerApp thread would hold the exit until
     the round timed out; so on either signal the process exits at once (Ray's processes end with
     their driver). Nothing is left half-written: the run replaces its files atomically (a resume continues)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        return func()
     outcome: dict[str, Any] = {}
 
     def target() -> None:
@@ -157,7 +159,7 @@ def interruptible(func: Callable[[], T]) -> T:
         sys.stdout.flush()
         os._exit(128 + outcome.get("signal", signal.SIGINT))  # 130 for a Ctrl-C, 143 for SIGTERM
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         ray_says_so.removeFilter(quiet)
     if "error" in outcome:
         raise outcome["error"]
