@@ -37,17 +37,21 @@ def main(argv: list[str] | None = None) -> float:
                 "npz,imagefolder), or load an npz-only export's synthetic.npz with numpy")
     if not Path(args.real).exists():
         p.error(f"--real {args.real}: not found; pass a MedMNIST-layout npz (test_images, test_labels) or an ImageFolder")
-    test_x, test_y, names = real_test_split(Path(args.real))
+    synthetic = images / "train" if (images / "train").is_dir() else images
+    size = datasets.ImageFolder(synthetic)[0][0].size[0]  # the export's image size (square)
+    test_x, test_y, names = real_test_split(Path(args.real), size)
+    if not len(test_y):
+        p.error(f"--real {args.real}: no test images found")
     channels = 1 if test_x.ndim == 3 else 3
     to_tensor = transforms.Compose([transforms.Grayscale() if channels == 1 else transforms.Lambda(lambda x: x),
                                     transforms.ToTensor(), transforms.Normalize([0.5] * channels, [0.5] * channels)])
-    train = datasets.ImageFolder(images / "train" if (images / "train").is_dir() else images, to_tensor)
+    train = datasets.ImageFolder(synthetic, to_tensor)
     if names is not None:  # a real ImageFolder numbers its classes alphabetically: give each the export's id
         datasheet = Path(args.export) / "datasheet.json"
         if not datasheet.is_file():
             p.error(f"--export {args.export}: no datasheet.json, which names the export's classes; pass the whole export")
         ids = {name: k for k, name in enumerate(json.loads(datasheet.read_text())["dataset"]["class_names"])}
-        if unknown := sorted(set(names) - set(ids)):
+        if unknown := sorted({names[y] for y in test_y} - set(ids)):  # an empty folder holds nothing to label
             p.error(f"--real {args.real}: class folder(s) {', '.join(unknown)} are not classes of the export "
                     f"({', '.join(ids)})")
         test_y = np.array([ids[names[y]] for y in test_y], dtype=np.int64)
@@ -74,18 +78,18 @@ def main(argv: list[str] | None = None) -> float:
     return accuracy
 
 
-def real_test_split(real: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+def real_test_split(real: Path, size: int) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """uint8 images (N, H, W) or (N, H, W, 3), int64 labels (N,) of the real test split, and the class
-    names the labels index (an ImageFolder's; None for an npz, whose labels are the export's ids)."""
+    names the labels index (an ImageFolder's, its images resized to ``size``; None for an npz, whose
+    labels are the export's ids). An empty class folder is allowed (torchvision >= 0.18)."""
     if real.is_file():
         with np.load(real) as data:
             return data["test_images"], data["test_labels"].reshape(-1).astype(np.int64), None
     folder = datasets.ImageFolder(real / "test" if (real / "test").is_dir() else real, allow_empty=True)
-    size = min(min(image.size) for image, _ in folder)  # one size to stack; resized to the export's below anyway
     images = [np.asarray(image.convert("RGB").resize((size, size))) for image, _ in folder]
     grey = all((image[..., :1] == image).all() for image in images)
-    return (np.stack([image[..., 0] if grey else image for image in images]), np.array(folder.targets, dtype=np.int64),
-            folder.classes)
+    pixels = np.stack([image[..., 0] if grey else image for image in images]) if images else np.zeros((0, size, size), np.uint8)
+    return pixels, np.array(folder.targets, dtype=np.int64), folder.classes
 
 
 if __name__ == "__main__":

@@ -167,8 +167,8 @@ class GeneratorTrainer:
         d.requires_grad_(True)
         d.train(was_training)
         out = {"loss_g1": float(losses.loss_g1), "loss_g2": float(losses.loss_g2)}
-        if self.embedding is not None:
-            out["loss_embedding"] = float(emb.detach())
+        if self.embedding is not None:  # NaN, not 0, where no class of the batch had a target: nothing was fitted
+            out["loss_embedding"] = float(emb.detach()) if has_target(classes, labels) else math.nan
         if gan.single:
             out["loss_g2"] = float("nan")
         out.update({f"case_{k}": float(losses.cases[k]) for k in CASES})
@@ -184,13 +184,13 @@ class GeneratorTrainer:
         device = next(gan.parameters()).device
         gan.g1.train(), gan.g2.train()
         labels = gan.draw_labels(batch_size, prior, device)
+        if not has_target(classes, labels):  # nothing to learn from (a budget too small for the release)
+            return math.nan
         images = gan.g1(gan.latent(batch_size, device), labels)
         if not gan.single:
             images = torch.cat([images, gan.g2(gan.latent(batch_size, device), labels)])
             labels = torch.cat([labels, labels])
         emb = embedding_loss(features, images, labels, means, classes)
-        if not emb.requires_grad:  # no class of the batch has a target (``classes``): nothing to learn from
-            return 0.0
         self.update(weight * emb)
         return float(emb.detach())
 
@@ -210,6 +210,11 @@ class GeneratorTrainer:
     def load_state_dict(self, state: dict) -> None:
         self.opt1.load_state_dict(state["opt1"])
         self.opt2.load_state_dict(state["opt2"])
+
+
+def has_target(classes: torch.Tensor | None, labels: torch.Tensor) -> bool:
+    """Whether any of ``labels`` is a class the embedding loss has a target for (``classes``: None = all)."""
+    return classes is None or bool(classes[labels].any())
 
 
 def mean_stats(stats: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:

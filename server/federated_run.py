@@ -97,8 +97,10 @@ class FederatedRun:
             try:
                 self.secure_release()
             except Exception as exc:  # run.json must not say "running" (the ledger charged the release before the protocol)
-                self.finish("failed", str(exc) or type(exc).__name__, announce=False)
-                raise
+                try:
+                    self.finish("failed", str(exc) or type(exc).__name__, announce=False)
+                finally:
+                    raise exc  # the protocol's error, also if writing the run's end failed too
         bar = tqdm(range(first_round, cfg.rounds + 1), desc="rounds", unit="round", initial=first_round - 1, total=cfg.rounds)
         for round_num in bar:
             if why := self.no_round_can_succeed():
@@ -599,7 +601,7 @@ class FederatedRun:
         worst case of the least noisy share it may have sent (made for the first key list it was sent)."""
         if not self.cfg.dp:
             return
-        why = f"the protocol stopped before any sum was unmasked: {reason[:300]}"
+        why = f"the secure sum failed: {reason[:300]}"
         for site, records in self.run_info["sites"].items():
             entry = self.ledger.site(site)
             if site in made_for:

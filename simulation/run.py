@@ -150,11 +150,13 @@ def interruptible(func: Callable[[], T]) -> T:
     ray_says_so = logging.getLogger("ray._private.worker")  # ... and says so, for the handler set here
     quiet = NotOnMainThread()
     ray_says_so.addFilter(quiet)
-    thread.start()
     try:
+        thread.start()
         while thread.is_alive():
             thread.join(0.2)  # a short wait: the main thread stays free to take the signal
     except KeyboardInterrupt:
+        for name in (signal.SIGINT, signal.SIGTERM):  # a second signal must not break off the exit below
+            signal.signal(name, signal.SIG_IGN)
         print(INTERRUPTED, file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(128 + outcome.get("signal", signal.SIGINT))  # 130 for a Ctrl-C, 143 for SIGTERM

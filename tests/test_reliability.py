@@ -717,12 +717,12 @@ def test_a_secure_release_that_fails_leaves_the_runs_spend_on_record(tmp_path, m
     assert info["final_epsilon"] == ledger["guarantee"]["epsilon"]
     for site in ledger["sites"].values():  # no sum was made: each is left out of it, its share's worst case stated
         release = site["feature_release"]
-        assert release["left_out"].startswith("the protocol stopped before any sum was unmasked: secure release: site 2 did not")
+        assert release["left_out"].startswith("the secure sum failed: secure release: site 2 did not")
         assert release["share_made_for"] == 4 and site["events"][-1]["event"] == "left_out_of_secure_release"
     audit = audit_run(run)
     assert audit["passed"], audit["violations"]
-    assert sum(n.startswith("sites.") and "left out of the secure sum of the embedding releases (the protocol stopped before "
-               "any sum was unmasked" in n and "if a share it sent is unmasked" in n for n in audit["notes"]) == 4
+    assert sum(n.startswith("sites.") and "left out of the secure sum of the embedding releases (the secure sum failed: "
+               "secure release: site 2 did not" in n and "if a share it sent is unmasked" in n for n in audit["notes"]) == 4
 
 
 def model_norm(state: dict[str, torch.Tensor]) -> float:

@@ -366,6 +366,21 @@ def test_a_secure_release_with_too_few_sites_left_stops_naming_them(monkeypatch)
     assert stopped.value.made_for == {f"hospital-{c}": 4 for c in "abcd"}
 
 
+def test_a_grid_error_mid_protocol_stops_it_saying_what_each_share_was_made_for(monkeypatch):
+    """The ledger's worst case for each site rests on ``made_for``: an error of Flower's own (not a site's) must carry it too."""
+    from server.secure_release import SecureSumFailed
+
+    class LinkDown(ProtocolSites):
+        def send_and_receive(self, messages, timeout):
+            if messages[0][1] == "query.release_masked":
+                raise RuntimeError("the SuperLink went away")
+            return super().send_and_receive(messages, timeout)
+
+    with pytest.raises(SecureSumFailed, match="^secure release: RuntimeError: the SuperLink went away$") as stopped:
+        run_protocol(monkeypatch, LinkDown({n: torch.ones(5, 2, dtype=torch.float64) for n in (11, 12, 13, 14)}, {}))
+    assert stopped.value.made_for == {f"hospital-{c}": 4 for c in "abcd"}
+
+
 def test_a_reveal_is_retried_and_one_that_keeps_failing_stops_the_secure_release_with_the_sum_still_masked(monkeypatch):
     shares = {n: torch.ones(5, 2, dtype=torch.float64) for n in (11, 12, 13, 14)}
     flaky = ProtocolSites(shares, {("reveal", 1): (13, "disk full")})
