@@ -373,11 +373,13 @@ def test_a_ctrl_c_or_sigterm_ends_a_simulation_at_once_keeping_what_it_saved(tmp
 
     log = tmp_path / "log"
     with log.open("w") as out:
-        sim = subprocess.Popen([sys.executable, "simulation/run.py", "--dataset", "phantom", "--clients", "2", "--rounds", "50",
-                                "--local-steps", "1", "--g-width", "16", "--d-width", "8", "--latent-dim", "16",
-                                "--epsilon", "none", "--out", str(tmp_path / "run")], cwd=REPO, stdout=out, stderr=out,
-                               # as a terminal starts it: a background job (CI's nohup ... &) inherits SIGINT ignored
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        # Ctrl-C's handler as a terminal leaves it: a background job (CI's `nohup ... &`) inherits SIGINT ignored
+        as_from_a_terminal = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                              "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+        sim = subprocess.Popen([sys.executable, "-c", as_from_a_terminal, "simulation/run.py", "--dataset", "phantom",
+                                "--clients", "2", "--rounds", "50", "--local-steps", "1", "--g-width", "16", "--d-width", "8",
+                                "--latent-dim", "16", "--epsilon", "none", "--out", str(tmp_path / "run")],
+                               cwd=REPO, stdout=out, stderr=out)
         try:
             deadline = time.monotonic() + 300
             while "rounds:" not in log.read_text() and time.monotonic() < deadline and sim.poll() is None:
